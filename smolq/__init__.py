@@ -1,0 +1,5 @@
+"""smolq: convert Hugging Face checkpoints into GGUF and legacy ggml files, and quantize them."""
+
+__version__ = "0.1.0"
+
+from smolq.errors import SmolqError, FormatError, InputError  # noqa: E402,F401

@@ -1,0 +1,5 @@
+import sys
+
+from smolq.cli import main
+
+sys.exit(main())
