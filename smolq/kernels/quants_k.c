@@ -1,23 +1,862 @@
-/* K-quants: STUB until the real implementation lands (keeps the link green).
- * Every function here zero-fills its output. */
+/* K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: quantize and dequantize, byte for
+ * byte what llama.cpp's ggml-quants.c writes and reads.
+ *
+ * Without an importance matrix each quantizer follows quantize_row_qX_K_ref;
+ * with one it follows quantize_qX_K's quant_weights path (quantize_row_qX_K_impl).
+ * Layouts: formats.md 5.2.4.
+ *
+ * Bit-exactness rests on doing the same IEEE float operations in the same
+ * order as ggml, so:
+ *  - every sum is accumulated left to right, one element at a time, exactly as
+ *    ggml writes it (GCC keeps that order without -ffast-math; never add it);
+ *  - products and sums are grouped as in ggml's source, e.g. w*l*l is (w*l)*l;
+ *  - no fused multiply-add: setup.py builds with -std=c99, for which GCC
+ *    defaults to -ffp-contract=off (ggml's own CPU-independent build has no
+ *    FMA either);
+ *  - integer narrowing (int -> uint8_t/int8_t) happens where ggml narrows, even
+ *    where it only matters for degenerate input.
+ * The search helpers below are written only for the argument combinations the
+ * K-quant quantizers use; each says which ggml function and mode it is. */
+#include <math.h>
 #include <string.h>
 #include "smolq_kernel.h"
+#include "fp16.h"
 
-#define STUB_Q(name, bytes) \
-    void name(const float *x, void *y, int64_t n, const float *imatrix) { (void)x; (void)imatrix; memset(y, 0, (size_t)(n / 256) * (bytes)); }
-#define STUB_D(name) \
-    void name(const void *x, float *y, int64_t n) { (void)x; memset(y, 0, (size_t)n * sizeof(float)); }
+#define QK_K 256
+/* Below this a group counts as all zero (ggml's GROUP_MAX_EPS). */
+#define GROUP_MAX_EPS 1e-15f
 
-STUB_Q(smolq_quantize_row_q2_K, 84)
-STUB_Q(smolq_quantize_row_q3_K, 110)
-STUB_Q(smolq_quantize_row_q4_K, 144)
-STUB_Q(smolq_quantize_row_q5_K, 176)
-STUB_Q(smolq_quantize_row_q6_K, 210)
-STUB_D(smolq_dequantize_row_q2_K)
-STUB_D(smolq_dequantize_row_q3_K)
-STUB_D(smolq_dequantize_row_q4_K)
-STUB_D(smolq_dequantize_row_q5_K)
-STUB_D(smolq_dequantize_row_q6_K)
+/* ggml's macros, same argument order (matters only for NaN). */
+#define KQ_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define KQ_MAX(a, b) ((a) > (b) ? (a) : (b))
+
+/* Block structs: byte arrays only, so no padding and no alignment demands on
+ * the caller's buffer. fp16 fields are read and written through f16_get/put. */
+typedef struct { uint8_t scales[16]; uint8_t qs[64]; uint8_t d[2]; uint8_t dmin[2]; } block_q2_K;
+typedef struct { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; uint8_t d[2]; } block_q3_K;
+typedef struct { uint8_t d[2]; uint8_t dmin[2]; uint8_t scales[12]; uint8_t qs[128]; } block_q4_K;
+typedef struct { uint8_t d[2]; uint8_t dmin[2]; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } block_q5_K;
+typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint8_t d[2]; } block_q6_K;
+
+typedef char assert_q2_K_size[sizeof(block_q2_K) == 84 ? 1 : -1];
+typedef char assert_q3_K_size[sizeof(block_q3_K) == 110 ? 1 : -1];
+typedef char assert_q4_K_size[sizeof(block_q4_K) == 144 ? 1 : -1];
+typedef char assert_q5_K_size[sizeof(block_q5_K) == 176 ? 1 : -1];
+typedef char assert_q6_K_size[sizeof(block_q6_K) == 210 ? 1 : -1];
+
+/* ------------------------------------------------------------------ fp16 */
+
+static inline float f16_get(const uint8_t h[2]) {
+    uint16_t v;
+    memcpy(&v, h, 2);
+    return smolq_fp16_to_fp32(v);
+}
+
+/* ggml's ggml_compute_fp32_to_fp16 rounds to nearest even like fp16.h, but
+ * turns every NaN into the one quiet NaN 0x7e00 (keeping the sign). */
+static inline void f16_put(uint8_t h[2], float f) {
+    uint16_t v;
+    if (f != f) v = (uint16_t)(((smolq_f32_bits(f) >> 16) & 0x8000) | 0x7e00);
+    else v = smolq_fp32_to_fp16(f);
+    memcpy(h, &v, 2);
+}
+
+/* Round through fp16 and back: what ggml does when it stores d and reads it. */
+static inline float f16_store_load(uint8_t h[2], float f) {
+    f16_put(h, f);
+    return f16_get(h);
+}
+
+/* --------------------------------------------------------- search helpers */
+
+/* ggml's nearest_int: round half to even via the 1.5*2^23 trick. Defined bit
+ * pattern for every input, so out-of-range values also match ggml. */
+static inline int nearest_int(float fval) {
+    float val = fval + 12582912.f;
+    int i;
+    memcpy(&i, &val, sizeof(int));
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+/* Weight of element i in the symmetric searches: the importance weight when
+ * given, else x^2 (ggml's rmse_type 1). */
+static inline float sym_weight(const float *qw, const float *x, int i) {
+    return qw ? qw[i] : x[i] * x[i];
+}
+
+/* ggml make_qx_quants with rmse_type = 1 (the only mode K-quants use):
+ * symmetric quants L in [0, 2*nmax) around nmax, scale by weighted least
+ * squares over 19 candidate inverse scales. */
+static float make_qx_quants(int n, int nmax, const float *x, int8_t *L, const float *qw) {
+    float max = 0;
+    float amax = 0;
+    for (int i = 0; i < n; ++i) {
+        float ax = fabsf(x[i]);
+        if (ax > amax) { amax = ax; max = x[i]; }
+    }
+    if (amax < GROUP_MAX_EPS) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        return 0.f;
+    }
+    float iscale = -nmax / max;
+    float sumlx = 0;
+    float suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = nearest_int(iscale * x[i]);
+        l = KQ_MAX(-nmax, KQ_MIN(nmax - 1, l));
+        L[i] = (int8_t)(l + nmax);
+        float w = sym_weight(qw, x, i);
+        sumlx += w * x[i] * l;
+        suml2 += w * l * l;
+    }
+    float scale = suml2 ? sumlx / suml2 : 0.0f;
+    float best = scale * sumlx;
+    for (int is = -9; is <= 9; ++is) {
+        if (is == 0) continue;
+        iscale = -(nmax + 0.1f * is) / max;
+        sumlx = suml2 = 0;
+        for (int i = 0; i < n; ++i) {
+            int l = nearest_int(iscale * x[i]);
+            l = KQ_MAX(-nmax, KQ_MIN(nmax - 1, l));
+            float w = sym_weight(qw, x, i);
+            sumlx += w * x[i] * l;
+            suml2 += w * l * l;
+        }
+        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+            for (int i = 0; i < n; ++i) {
+                int l = nearest_int(iscale * x[i]);
+                L[i] = (int8_t)(nmax + KQ_MAX(-nmax, KQ_MIN(nmax - 1, l)));
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    return scale;
+}
+
+/* ggml make_q3_quants with do_rmse = true (Q3_K's reference path): start from
+ * the max-abs scale, then up to 5 passes of coordinate descent, each element
+ * trying the level that the least-squares scale without it suggests. */
+static float make_q3_quants(int n, int nmax, const float *x, int8_t *L) {
+    float max = 0;
+    float amax = 0;
+    for (int i = 0; i < n; ++i) {
+        float ax = fabsf(x[i]);
+        if (ax > amax) { amax = ax; max = x[i]; }
+    }
+    if (amax < GROUP_MAX_EPS) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        return 0.f;
+    }
+    float iscale = -nmax / max;
+    float sumlx = 0;
+    float suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = nearest_int(iscale * x[i]);
+        l = KQ_MAX(-nmax, KQ_MIN(nmax - 1, l));
+        L[i] = (int8_t)l;
+        float w = x[i] * x[i];
+        sumlx += w * x[i] * l;
+        suml2 += w * l * l;
+    }
+    for (int itry = 0; itry < 5; ++itry) {
+        int n_changed = 0;
+        for (int i = 0; i < n; ++i) {
+            float w = x[i] * x[i];
+            float slx = sumlx - w * x[i] * L[i];
+            if (slx > 0) {
+                float sl2 = suml2 - w * L[i] * L[i];
+                int new_l = nearest_int(x[i] * sl2 / slx);
+                new_l = KQ_MAX(-nmax, KQ_MIN(nmax - 1, new_l));
+                if (new_l != L[i]) {
+                    slx += w * x[i] * new_l;
+                    sl2 += w * new_l * new_l;
+                    if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
+                        L[i] = (int8_t)new_l;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        ++n_changed;
+                    }
+                }
+            }
+        }
+        if (!n_changed) break;
+    }
+    for (int i = 0; i < n; ++i) L[i] = (int8_t)(L[i] + nmax);
+    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+/* ggml make_qkx2_quants, and make_qkx3_quants with non-NULL weights (the two
+ * are then the same function: qkx3 tests max <= min where qkx2 tests
+ * max == min, and after min is clamped to <= 0, max < min cannot happen).
+ * Asymmetric quants L in [0, nmax] with x ~ scale*L - the_min; tries nstep+1
+ * inverse scales around nmax/(max-min), refitting scale and min by weighted
+ * least squares, and keeps the lowest weighted error (abs if use_mad). */
+static float make_qkx_quants(int n, int nmax, const float *x, const float *weights,
+                             uint8_t *L, float *the_min, uint8_t *Laux,
+                             float rmin, float rdelta, int nstep, int use_mad) {
+    float min = x[0];
+    float max = x[0];
+    float sum_w = weights[0];
+    float sum_x = sum_w * x[0];
+    for (int i = 1; i < n; ++i) {
+        if (x[i] < min) min = x[i];
+        if (x[i] > max) max = x[i];
+        float w = weights[i];
+        sum_w += w;
+        sum_x += w * x[i];
+    }
+    if (min > 0) min = 0;
+    if (max == min) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        *the_min = -min;
+        return 0.f;
+    }
+    float iscale = nmax / (max - min);
+    float scale = 1 / iscale;
+    float best_error = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = nearest_int(iscale * (x[i] - min));
+        L[i] = (uint8_t)KQ_MAX(0, KQ_MIN(nmax, l));
+        float diff = scale * L[i] + min - x[i];
+        diff = use_mad ? fabsf(diff) : diff * diff;
+        best_error += weights[i] * diff;
+    }
+    for (int is = 0; is <= nstep; ++is) {
+        iscale = (rmin + rdelta * is + nmax) / (max - min);
+        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+        for (int i = 0; i < n; ++i) {
+            int l = nearest_int(iscale * (x[i] - min));
+            l = KQ_MAX(0, KQ_MIN(nmax, l));
+            Laux[i] = (uint8_t)l;
+            float w = weights[i];
+            sum_l += w * l;
+            sum_l2 += w * l * l;
+            sum_xl += w * l * x[i];
+        }
+        float D = sum_w * sum_l2 - sum_l * sum_l;
+        if (D > 0) {
+            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+            if (this_min > 0) {
+                this_min = 0;
+                this_scale = sum_xl / sum_l2;
+            }
+            float cur_error = 0;
+            for (int i = 0; i < n; ++i) {
+                float diff = this_scale * Laux[i] + this_min - x[i];
+                diff = use_mad ? fabsf(diff) : diff * diff;
+                cur_error += weights[i] * diff;
+            }
+            if (cur_error < best_error) {
+                for (int i = 0; i < n; ++i) L[i] = Laux[i];
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    *the_min = -min;
+    return scale;
+}
+
+/* ggml make_qp_quants: quantize non-negative values (sub-block scales or
+ * mins) to [0, nmax] with a weighted search, for the imatrix paths. L is
+ * uint8_t as in ggml, so a negative level wraps exactly as it does there. */
+static float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *quant_weights) {
+    float max = 0;
+    for (int i = 0; i < n; ++i) max = KQ_MAX(max, x[i]);
+    if (max < GROUP_MAX_EPS) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        return 0.f;
+    }
+    float iscale = nmax / max;
+    for (int i = 0; i < n; ++i) L[i] = (uint8_t)nearest_int(iscale * x[i]);
+    float scale = 1 / iscale;
+    float best_mse = 0;
+    for (int i = 0; i < n; ++i) {
+        float diff = x[i] - scale * L[i];
+        float w = quant_weights[i];
+        best_mse += w * diff * diff;
+    }
+    for (int is = -4; is <= 4; ++is) {
+        if (is == 0) continue;
+        float iscale_is = (0.1f * is + nmax) / max;
+        float scale_is = 1 / iscale_is;
+        float mse = 0;
+        for (int i = 0; i < n; ++i) {
+            int l = nearest_int(iscale_is * x[i]);
+            l = KQ_MIN(nmax, l);
+            float diff = x[i] - scale_is * l;
+            float w = quant_weights[i];
+            mse += w * diff * diff;
+        }
+        if (mse < best_mse) {
+            best_mse = mse;
+            iscale = iscale_is;
+        }
+    }
+    float sumlx = 0;
+    float suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = nearest_int(iscale * x[i]);
+        l = KQ_MIN(nmax, l);
+        L[i] = (uint8_t)l;
+        float w = quant_weights[i];
+        sumlx += w * x[i] * l;
+        suml2 += w * l * l;
+    }
+    for (int itry = 0; itry < 5; ++itry) {
+        int n_changed = 0;
+        for (int i = 0; i < n; ++i) {
+            float w = quant_weights[i];
+            float slx = sumlx - w * x[i] * L[i];
+            float sl2 = suml2 - w * L[i] * L[i];
+            if (slx > 0 && sl2 > 0) {
+                int new_l = nearest_int(x[i] * sl2 / slx);
+                new_l = KQ_MIN(nmax, new_l);
+                if (new_l != L[i]) {
+                    slx += w * x[i] * new_l;
+                    sl2 += w * new_l * new_l;
+                    if (slx * slx * suml2 > sumlx * sumlx * sl2) {
+                        L[i] = (uint8_t)new_l;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        ++n_changed;
+                    }
+                }
+            }
+        }
+        if (!n_changed) break;
+    }
+    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+/* Sum of squares of one super-block, left to right. */
+static inline float sum_squares(const float *x, int n) {
+    float s = 0;
+    for (int i = 0; i < n; ++i) s += x[i] * x[i];
+    return s;
+}
+
+/* ---------------------------------------------- shared packing and decoding */
+
+/* 2-bit levels of a super-block into qs[64]: byte 32h+l holds elements
+ * 128h+l, +32, +64, +96 in bit pairs 0, 2, 4, 6 (Q2_K and Q3_K). */
+static void pack_2bit(const uint8_t *L, uint8_t *qs) {
+    for (int j = 0; j < QK_K; j += 128) {
+        for (int l = 0; l < 32; ++l) {
+            qs[j / 4 + l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
+        }
+    }
+}
+
+/* Q3_K: put 6-bit scale code l (0..63) of sub-block j into the 12 bytes.
+ * Must be called for j = 0..15 in order on zeroed bytes (j < 8 assigns). */
+static void q3_put_scale(uint8_t *scales, int j, int l) {
+    if (j < 8) scales[j] = (uint8_t)(l & 0xF);
+    else scales[j - 8] |= (uint8_t)((l & 0xF) << 4);
+    l >>= 4;
+    scales[j % 4 + 8] |= (uint8_t)(l << (2 * (j / 4)));
+}
+
+/* Q3_K: signed scale (code - 32) of sub-block j. */
+static inline int q3_get_scale(const uint8_t *scales, int j) {
+    int8_t sc = (int8_t)(j < 8 ? scales[j] & 0xF : scales[j - 8] >> 4);
+    sc = (int8_t)((sc | (((scales[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32);
+    return sc;
+}
+
+/* Q4_K/Q5_K: put 6-bit scale ls and min lm of sub-block j into the 12 bytes.
+ * Must be called for j = 0..7 in order (j < 4 assigns what j >= 4 ORs into). */
+static void k4_put_scale_min(uint8_t *s, int j, uint8_t ls, uint8_t lm) {
+    if (j < 4) {
+        s[j] = ls;
+        s[j + 4] = lm;
+    } else {
+        s[j + 4] = (uint8_t)((ls & 0xF) | ((lm & 0xF) << 4));
+        s[j - 4] |= (uint8_t)((ls >> 4) << 6);
+        s[j - 0] |= (uint8_t)((lm >> 4) << 6);
+    }
+}
+
+/* ggml get_scale_min_k4. */
+static inline void k4_get_scale_min(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
+    if (j < 4) {
+        *d = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *d = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j - 0] >> 6) << 4));
+    }
+}
+
+/* ===================================================================== Q2_K */
+
+/* With the final d, dmin and sub-block codes fixed, re-round every element
+ * (sub-blocks with a zero scale keep the search's levels), then pack. */
+static void q2_K_finish(const float *x, block_q2_K *y, uint8_t *L) {
+    const float dall = f16_get(y->d);
+    const float mall = f16_get(y->dmin);
+    for (int j = 0; j < QK_K / 16; ++j) {
+        const float d = dall * (y->scales[j] & 0xF);
+        if (!d) continue;
+        const float m = mall * (y->scales[j] >> 4);
+        for (int ii = 0; ii < 16; ++ii) {
+            int l = nearest_int((x[16 * j + ii] + m) / d);
+            L[16 * j + ii] = (uint8_t)KQ_MAX(0, KQ_MIN(3, l));
+        }
+    }
+    pack_2bit(L, y->qs);
+}
+
+/* quantize_row_q2_K_ref, one super-block. */
+static void q2_K_ref_block(const float *x, block_q2_K *y) {
+    uint8_t L[QK_K], Laux[16];
+    float weights[16], mins[QK_K / 16], scales[QK_K / 16];
+    const float q4scale = 15.f;
+    float max_scale = 0, max_min = 0;
+    for (int j = 0; j < QK_K / 16; ++j) {
+        for (int l = 0; l < 16; ++l) weights[l] = fabsf(x[16 * j + l]);
+        scales[j] = make_qkx_quants(16, 3, x + 16 * j, weights, L + 16 * j, &mins[j], Laux, -0.5f, 0.1f, 15, 1);
+        if (scales[j] > max_scale) max_scale = scales[j];
+        if (mins[j] > max_min) max_min = mins[j];
+    }
+    if (max_scale > 0) {
+        float iscale = q4scale / max_scale;
+        for (int j = 0; j < QK_K / 16; ++j) y->scales[j] = (uint8_t)nearest_int(iscale * scales[j]);
+        f16_put(y->d, max_scale / q4scale);
+    } else {
+        for (int j = 0; j < QK_K / 16; ++j) y->scales[j] = 0;
+        f16_put(y->d, 0.f);
+    }
+    if (max_min > 0) {
+        float iscale = q4scale / max_min;
+        for (int j = 0; j < QK_K / 16; ++j) {
+            int l = nearest_int(iscale * mins[j]);
+            y->scales[j] = (uint8_t)(y->scales[j] | (l << 4));
+        }
+        f16_put(y->dmin, max_min / q4scale);
+    } else {
+        f16_put(y->dmin, 0.f);
+    }
+    q2_K_finish(x, y, L);
+}
+
+/* quantize_row_q2_K_impl (imatrix), one super-block; qw = its 256 weights. */
+static void q2_K_imatrix_block(const float *x, block_q2_K *y, const float *qw) {
+    uint8_t L[QK_K], Laux[16], Ls[QK_K / 16], Lm[QK_K / 16];
+    float mins[QK_K / 16], scales[QK_K / 16], sw[QK_K / 16], weight[16];
+    const float sigma2 = sum_squares(x, QK_K) / QK_K;
+    for (int j = 0; j < QK_K / 16; ++j) {
+        for (int l = 0; l < 16; ++l) weight[l] = qw[16 * j + l] * sqrtf(sigma2 + x[16 * j + l] * x[16 * j + l]);
+        sw[j] = 0;
+        for (int l = 0; l < 16; ++l) sw[j] += weight[l];
+        scales[j] = make_qkx_quants(16, 3, x + 16 * j, weight, L + 16 * j, &mins[j], Laux, -0.9f, 0.05f, 36, 0);
+    }
+    float dm = make_qp_quants(QK_K / 16, 15, scales, Ls, sw);
+    float mm = make_qp_quants(QK_K / 16, 15, mins, Lm, sw);
+    f16_put(y->d, dm);
+    f16_put(y->dmin, mm);
+    for (int j = 0; j < QK_K / 16; ++j) y->scales[j] = (uint8_t)(Ls[j] | (Lm[j] << 4));
+    q2_K_finish(x, y, L);
+}
+
+/* ===================================================================== Q3_K */
+
+/* Re-round every element with the final scales (zero-scale sub-blocks keep
+ * the search's levels), split off the high bit into hmask, pack the rest. */
+static void q3_K_finish(const float *x, block_q3_K *y, int8_t *L) {
+    const float dall = f16_get(y->d);
+    for (int j = 0; j < QK_K / 16; ++j) {
+        const float d = dall * q3_get_scale(y->scales, j);
+        if (!d) continue;
+        for (int ii = 0; ii < 16; ++ii) {
+            int l = nearest_int(x[16 * j + ii] / d);
+            L[16 * j + ii] = (int8_t)(KQ_MAX(-4, KQ_MIN(3, l)) + 4);
+        }
+    }
+    /* High bit of element j goes to hmask[j % 32], bit j / 32. */
+    memset(y->hmask, 0, QK_K / 8);
+    for (int j = 0; j < QK_K; ++j) {
+        if (L[j] > 3) {
+            y->hmask[j % (QK_K / 8)] |= (uint8_t)(1u << (j / (QK_K / 8)));
+            L[j] -= 4;
+        }
+    }
+    pack_2bit((const uint8_t *)L, y->qs); /* levels are 0..3 here */
+}
+
+/* quantize_row_q3_K_ref, one super-block. */
+static void q3_K_ref_block(const float *x, block_q3_K *y) {
+    int8_t L[QK_K];
+    float scales[QK_K / 16];
+    float max_scale = 0, amax = 0;
+    for (int j = 0; j < QK_K / 16; ++j) {
+        scales[j] = make_q3_quants(16, 4, x + 16 * j, L + 16 * j);
+        float scale = fabsf(scales[j]);
+        if (scale > amax) {
+            amax = scale;
+            max_scale = scales[j];
+        }
+    }
+    memset(y->scales, 0, 12);
+    if (max_scale) {
+        float iscale = -32.f / max_scale;
+        for (int j = 0; j < QK_K / 16; ++j) {
+            int8_t l = (int8_t)nearest_int(iscale * scales[j]);
+            l = (int8_t)(KQ_MAX(-32, KQ_MIN(31, l)) + 32);
+            q3_put_scale(y->scales, j, l);
+        }
+        f16_put(y->d, 1 / iscale);
+    } else {
+        f16_put(y->d, 0.f);
+    }
+    q3_K_finish(x, y, L);
+}
+
+/* quantize_row_q3_K_impl (imatrix), one super-block. */
+static void q3_K_imatrix_block(const float *x, block_q3_K *y, const float *qw) {
+    int8_t L[QK_K], Ls[QK_K / 16];
+    float scales[QK_K / 16], weight[16], sw[QK_K / 16];
+    const float sigma2 = 2 * sum_squares(x, QK_K) / QK_K;
+    for (int j = 0; j < QK_K / 16; ++j) {
+        for (int l = 0; l < 16; ++l) weight[l] = qw[16 * j + l] * sqrtf(sigma2 + x[16 * j + l] * x[16 * j + l]);
+        float sumw = 0;
+        for (int l = 0; l < 16; ++l) sumw += weight[l];
+        sw[j] = sumw;
+        scales[j] = make_qx_quants(16, 4, x + 16 * j, L + 16 * j, weight);
+    }
+    memset(y->scales, 0, 12);
+    float d_block = make_qx_quants(QK_K / 16, 32, scales, Ls, sw);
+    for (int j = 0; j < QK_K / 16; ++j) q3_put_scale(y->scales, j, Ls[j]);
+    f16_put(y->d, d_block);
+    q3_K_finish(x, y, L);
+}
+
+/* ============================================================ Q4_K and Q5_K */
+
+/* Shared by Q4_K (nmax 15) and Q5_K (nmax 31): the 6-bit scales/mins, d and
+ * dmin of one super-block, from the search's float scales and mins. */
+
+/* Reference path: scale codes relative to the largest scale and min. */
+static void k4_ref_scales(const float *x, int nmax, float rmin, float rdelta, int nstep,
+                          uint8_t *L, uint8_t *scales12, uint8_t d16[2], uint8_t dmin16[2]) {
+    uint8_t Laux[32];
+    float weights[32], mins[QK_K / 32], scales[QK_K / 32];
+    float max_scale = 0, max_min = 0;
+    for (int j = 0; j < QK_K / 32; ++j) {
+        float sum_x2 = sum_squares(x + 32 * j, 32);
+        float av_x = sqrtf(sum_x2 / 32);
+        for (int l = 0; l < 32; ++l) weights[l] = av_x + fabsf(x[32 * j + l]);
+        scales[j] = make_qkx_quants(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, rmin, rdelta, nstep, 0);
+        if (scales[j] > max_scale) max_scale = scales[j];
+        if (mins[j] > max_min) max_min = mins[j];
+    }
+    float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
+    float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
+    for (int j = 0; j < QK_K / 32; ++j) {
+        uint8_t ls = (uint8_t)nearest_int(inv_scale * scales[j]);
+        uint8_t lm = (uint8_t)nearest_int(inv_min * mins[j]);
+        ls = KQ_MIN(63, ls);
+        lm = KQ_MIN(63, lm);
+        k4_put_scale_min(scales12, j, ls, lm);
+    }
+    f16_put(d16, max_scale / 63.f);
+    f16_put(dmin16, max_min / 63.f);
+}
+
+/* imatrix path (quantize_row_q4_K_impl / q5_K_impl). ggml's Q5_K clamps the
+ * codes to 63 and Q4_K does not; codes only exceed 63 for degenerate input. */
+static void k4_imatrix_scales(const float *x, const float *qw, int nmax, int clamp63,
+                              uint8_t *L, uint8_t *scales12, uint8_t d16[2], uint8_t dmin16[2]) {
+    uint8_t Laux[32], Ls[QK_K / 32], Lm[QK_K / 32];
+    float weights[32], sw[QK_K / 32], mins[QK_K / 32], scales[QK_K / 32];
+    const float sigma2 = 2 * sum_squares(x, QK_K) / QK_K;
+    for (int j = 0; j < QK_K / 32; ++j) {
+        for (int l = 0; l < 32; ++l) weights[l] = qw[32 * j + l] * sqrtf(sigma2 + x[32 * j + l] * x[32 * j + l]);
+        float sumw = 0;
+        for (int l = 0; l < 32; ++l) sumw += weights[l];
+        sw[j] = sumw;
+        scales[j] = make_qkx_quants(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, -0.9f, 0.05f, 36, 0);
+    }
+    float d_block = make_qp_quants(QK_K / 32, 63, scales, Ls, sw);
+    float m_block = make_qp_quants(QK_K / 32, 63, mins, Lm, sw);
+    for (int j = 0; j < QK_K / 32; ++j) {
+        uint8_t ls = Ls[j], lm = Lm[j];
+        if (clamp63) {
+            ls = KQ_MIN(63, ls);
+            lm = KQ_MIN(63, lm);
+        }
+        k4_put_scale_min(scales12, j, ls, lm);
+    }
+    f16_put(d16, d_block);
+    f16_put(dmin16, m_block);
+}
+
+/* Re-round every element to [0, nmax] with the final scales and mins
+ * (zero-scale sub-blocks keep the search's levels). */
+static void k4_requantize(const float *x, int nmax, const uint8_t *scales12,
+                          const uint8_t d16[2], const uint8_t dmin16[2], uint8_t *L) {
+    const float dall = f16_get(d16);
+    const float mall = f16_get(dmin16);
+    for (int j = 0; j < QK_K / 32; ++j) {
+        uint8_t sc, m;
+        k4_get_scale_min(j, scales12, &sc, &m);
+        const float d = dall * sc;
+        if (!d) continue;
+        const float dm = mall * m;
+        for (int ii = 0; ii < 32; ++ii) {
+            int l = nearest_int((x[32 * j + ii] + dm) / d);
+            L[32 * j + ii] = (uint8_t)KQ_MAX(0, KQ_MIN(nmax, l));
+        }
+    }
+}
+
+/* Q4_K nibbles: byte 32c+l holds element 64c+l (low) and 64c+32+l (high). */
+static void q4_K_pack(const uint8_t *L, block_q4_K *y) {
+    uint8_t *q = y->qs;
+    for (int j = 0; j < QK_K; j += 64) {
+        for (int l = 0; l < 32; ++l) q[l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 4));
+        q += 32;
+    }
+}
+
+/* Q5_K: low nibbles as Q4_K; fifth bits in qh[l], bit 2c (low) / 2c+1 (high). */
+static void q5_K_pack(const uint8_t *L, block_q5_K *y) {
+    uint8_t *qh = y->qh;
+    uint8_t *ql = y->qs;
+    memset(qh, 0, QK_K / 8);
+    uint8_t m1 = 1, m2 = 2;
+    for (int n = 0; n < QK_K; n += 64) {
+        for (int j = 0; j < 32; ++j) {
+            int l1 = L[n + j];
+            if (l1 > 15) { l1 -= 16; qh[j] |= m1; }
+            int l2 = L[n + j + 32];
+            if (l2 > 15) { l2 -= 16; qh[j] |= m2; }
+            ql[j] = (uint8_t)(l1 | (l2 << 4));
+        }
+        m1 = (uint8_t)(m1 << 2);
+        m2 = (uint8_t)(m2 << 2);
+        ql += 32;
+    }
+}
+
+static void q4_K_block(const float *x, block_q4_K *y, const float *qw) {
+    uint8_t L[QK_K];
+    if (qw) k4_imatrix_scales(x, qw, 15, 0, L, y->scales, y->d, y->dmin);
+    else k4_ref_scales(x, 15, -1.f, 0.1f, 20, L, y->scales, y->d, y->dmin);
+    k4_requantize(x, 15, y->scales, y->d, y->dmin, L);
+    q4_K_pack(L, y);
+}
+
+static void q5_K_block(const float *x, block_q5_K *y, const float *qw) {
+    uint8_t L[QK_K];
+    if (qw) k4_imatrix_scales(x, qw, 31, 1, L, y->scales, y->d, y->dmin);
+    else k4_ref_scales(x, 31, -0.5f, 0.1f, 15, L, y->scales, y->d, y->dmin);
+    k4_requantize(x, 31, y->scales, y->d, y->dmin, L);
+    q5_K_pack(L, y);
+}
+
+/* ===================================================================== Q6_K */
+
+/* quantize_row_q6_K_ref (qw NULL) and quantize_row_q6_K_impl (qw = the
+ * block's raw importance weights, used as-is), one super-block. */
+static void q6_K_block(const float *x, block_q6_K *y, const float *qw) {
+    int8_t L[QK_K];
+    float scales[QK_K / 16];
+    float max_scale = 0, max_abs_scale = 0;
+    for (int ib = 0; ib < QK_K / 16; ++ib) {
+        const float scale = make_qx_quants(16, 32, x + 16 * ib, L + 16 * ib, qw ? qw + 16 * ib : NULL);
+        scales[ib] = scale;
+        const float abs_scale = fabsf(scale);
+        if (abs_scale > max_abs_scale) {
+            max_abs_scale = abs_scale;
+            max_scale = scale;
+        }
+    }
+    if (max_abs_scale < GROUP_MAX_EPS) {
+        memset(y, 0, sizeof(*y));
+        f16_put(y->d, 0.f);
+        return;
+    }
+    float iscale = -128.f / max_scale;
+    const float dall = f16_store_load(y->d, 1 / iscale);
+    for (int ib = 0; ib < QK_K / 16; ++ib) y->scales[ib] = (int8_t)KQ_MIN(127, nearest_int(iscale * scales[ib]));
+    for (int j = 0; j < QK_K / 16; ++j) {
+        float d = dall * y->scales[j];
+        if (!d) continue;
+        for (int ii = 0; ii < 16; ++ii) {
+            int l = nearest_int(x[16 * j + ii] / d);
+            L[16 * j + ii] = (int8_t)(KQ_MAX(-32, KQ_MIN(31, l)) + 32);
+        }
+    }
+    /* Low nibbles: ql[64h+l] holds elements 128h+l (low) and +64 (high),
+     * ql[64h+32+l] holds +32 and +96; qh[32h+l] holds the four top bit pairs. */
+    uint8_t *ql = y->ql;
+    uint8_t *qh = y->qh;
+    for (int j = 0; j < QK_K; j += 128) {
+        for (int l = 0; l < 32; ++l) {
+            const uint8_t q1 = L[j + l + 0] & 0xF;
+            const uint8_t q2 = L[j + l + 32] & 0xF;
+            const uint8_t q3 = L[j + l + 64] & 0xF;
+            const uint8_t q4 = L[j + l + 96] & 0xF;
+            ql[l + 0] = (uint8_t)(q1 | (q3 << 4));
+            ql[l + 32] = (uint8_t)(q2 | (q4 << 4));
+            qh[l] = (uint8_t)((L[j + l] >> 4) | ((L[j + l + 32] >> 4) << 2) | ((L[j + l + 64] >> 4) << 4) | ((L[j + l + 96] >> 4) << 6));
+        }
+        ql += 64;
+        qh += 32;
+    }
+}
+
+/* =========================================================== row entry points */
+
+/* imatrix, when given, has one weight per element of the row; super-block i
+ * uses weights [256 i, 256 i + 256), as quantize_qX_K does for every row. */
+
+void smolq_quantize_row_q2_K(const float *x, void *vy, int64_t n, const float *imatrix) {
+    block_q2_K *y = (block_q2_K *)vy;
+    for (int64_t i = 0; i < n / QK_K; ++i) {
+        if (imatrix) q2_K_imatrix_block(x + QK_K * i, y + i, imatrix + QK_K * i);
+        else q2_K_ref_block(x + QK_K * i, y + i);
+    }
+}
+
+void smolq_quantize_row_q3_K(const float *x, void *vy, int64_t n, const float *imatrix) {
+    block_q3_K *y = (block_q3_K *)vy;
+    for (int64_t i = 0; i < n / QK_K; ++i) {
+        if (imatrix) q3_K_imatrix_block(x + QK_K * i, y + i, imatrix + QK_K * i);
+        else q3_K_ref_block(x + QK_K * i, y + i);
+    }
+}
+
+void smolq_quantize_row_q4_K(const float *x, void *vy, int64_t n, const float *imatrix) {
+    block_q4_K *y = (block_q4_K *)vy;
+    for (int64_t i = 0; i < n / QK_K; ++i) q4_K_block(x + QK_K * i, y + i, imatrix ? imatrix + QK_K * i : NULL);
+}
+
+void smolq_quantize_row_q5_K(const float *x, void *vy, int64_t n, const float *imatrix) {
+    block_q5_K *y = (block_q5_K *)vy;
+    for (int64_t i = 0; i < n / QK_K; ++i) q5_K_block(x + QK_K * i, y + i, imatrix ? imatrix + QK_K * i : NULL);
+}
+
+void smolq_quantize_row_q6_K(const float *x, void *vy, int64_t n, const float *imatrix) {
+    block_q6_K *y = (block_q6_K *)vy;
+    for (int64_t i = 0; i < n / QK_K; ++i) q6_K_block(x + QK_K * i, y + i, imatrix ? imatrix + QK_K * i : NULL);
+}
+
+/* ============================================================== dequantize */
+
+/* Every dequantizer computes value = (d * sub-scale) * q - (dmin * sub-min)
+ * in float, as ggml's dequantize_row_qX_K and gguf.quants do. */
+
+/* Q2_K and Q3_K share the element order: half h (128 elements) uses qs bytes
+ * 32h..32h+31; shift pair jj gives 32 elements, 16 from bytes 32h+l and 16
+ * from bytes 32h+16+l, each 16 with its own sub-block scale 8h+2jj(+1). */
+
+void smolq_dequantize_row_q2_K(const void *vx, float *y, int64_t n) {
+    const block_q2_K *x = (const block_q2_K *)vx;
+    for (int64_t i = 0; i < n / QK_K; ++i) {
+        const float d = f16_get(x[i].d);
+        const float dmin = f16_get(x[i].dmin);
+        for (int e = 0; e < QK_K; e += 16) {
+            const int h = e / 128, jj = (e % 128) / 32, half16 = (e % 32) / 16;
+            const uint8_t sc = x[i].scales[e / 16];
+            const float dl = d * (sc & 0xF);
+            const float ml = dmin * (sc >> 4);
+            const uint8_t *q = x[i].qs + 32 * h + 16 * half16;
+            for (int l = 0; l < 16; ++l) *y++ = dl * ((q[l] >> (2 * jj)) & 3) - ml;
+        }
+    }
+}
+
+void smolq_dequantize_row_q3_K(const void *vx, float *y, int64_t n) {
+    const block_q3_K *x = (const block_q3_K *)vx;
+    for (int64_t i = 0; i < n / QK_K; ++i) {
+        const float d_all = f16_get(x[i].d);
+        for (int e = 0; e < QK_K; e += 16) {
+            const int h = e / 128, jj = (e % 128) / 32, half16 = (e % 32) / 16;
+            const float dl = d_all * q3_get_scale(x[i].scales, e / 16);
+            const uint8_t *q = x[i].qs + 32 * h + 16 * half16;
+            const uint8_t *hm = x[i].hmask + 16 * half16;
+            const uint8_t bit = (uint8_t)(1u << (4 * h + jj));
+            for (int l = 0; l < 16; ++l) {
+                const int v = ((q[l] >> (2 * jj)) & 3) - ((hm[l] & bit) ? 0 : 4);
+                *y++ = dl * v;
+            }
+        }
+    }
+}
+
+void smolq_dequantize_row_q4_K(const void *vx, float *y, int64_t n) {
+    const block_q4_K *x = (const block_q4_K *)vx;
+    for (int64_t i = 0; i < n / QK_K; ++i) {
+        const float d = f16_get(x[i].d);
+        const float dmin = f16_get(x[i].dmin);
+        const uint8_t *q = x[i].qs;
+        for (int c = 0; c < 4; ++c) {
+            uint8_t sc, m;
+            k4_get_scale_min(2 * c, x[i].scales, &sc, &m);
+            const float d1 = d * sc, m1 = dmin * m;
+            k4_get_scale_min(2 * c + 1, x[i].scales, &sc, &m);
+            const float d2 = d * sc, m2 = dmin * m;
+            for (int l = 0; l < 32; ++l) *y++ = d1 * (q[l] & 0xF) - m1;
+            for (int l = 0; l < 32; ++l) *y++ = d2 * (q[l] >> 4) - m2;
+            q += 32;
+        }
+    }
+}
+
+void smolq_dequantize_row_q5_K(const void *vx, float *y, int64_t n) {
+    const block_q5_K *x = (const block_q5_K *)vx;
+    for (int64_t i = 0; i < n / QK_K; ++i) {
+        const float d = f16_get(x[i].d);
+        const float dmin = f16_get(x[i].dmin);
+        const uint8_t *ql = x[i].qs;
+        const uint8_t *qh = x[i].qh;
+        for (int c = 0; c < 4; ++c) {
+            uint8_t sc, m;
+            k4_get_scale_min(2 * c, x[i].scales, &sc, &m);
+            const float d1 = d * sc, m1 = dmin * m;
+            k4_get_scale_min(2 * c + 1, x[i].scales, &sc, &m);
+            const float d2 = d * sc, m2 = dmin * m;
+            const uint8_t u1 = (uint8_t)(1u << (2 * c)), u2 = (uint8_t)(2u << (2 * c));
+            for (int l = 0; l < 32; ++l) *y++ = d1 * ((ql[l] & 0xF) + (qh[l] & u1 ? 16 : 0)) - m1;
+            for (int l = 0; l < 32; ++l) *y++ = d2 * ((ql[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - m2;
+            ql += 32;
+        }
+    }
+}
+
+void smolq_dequantize_row_q6_K(const void *vx, float *y, int64_t n) {
+    const block_q6_K *x = (const block_q6_K *)vx;
+    for (int64_t i = 0; i < n / QK_K; ++i) {
+        const float d = f16_get(x[i].d);
+        const uint8_t *ql = x[i].ql;
+        const uint8_t *qh = x[i].qh;
+        const int8_t *sc = x[i].scales;
+        for (int h = 0; h < 2; ++h) {
+            for (int l = 0; l < 32; ++l) {
+                const int is = l / 16;
+                const int q1 = ((ql[l + 0] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                const int q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                const int q3 = ((ql[l + 0] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                y[l + 0] = d * sc[is + 0] * q1;
+                y[l + 32] = d * sc[is + 2] * q2;
+                y[l + 64] = d * sc[is + 4] * q3;
+                y[l + 96] = d * sc[is + 6] * q4;
+            }
+            y += 128;
+            ql += 64;
+            qh += 32;
+            sc += 8;
+        }
+    }
+}
+
+/* ============================================================ fast variants */
 
 smolq_quantize_row_fn smolq_kquant_fast_quantize(int type) { (void)type; return NULL; }
 smolq_dequantize_row_fn smolq_kquant_fast_dequantize(int type) { (void)type; return NULL; }
