@@ -23,6 +23,7 @@ guess.
 from __future__ import annotations
 
 import mmap
+import operator
 import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
@@ -144,7 +145,10 @@ def _normalize_scalar(t: GGUFValueType, v: Any) -> Any:
     if t in INT_RANGES:
         if isinstance(v, (bool, np.bool_)) or isinstance(v, float):
             raise ValueError(f"{t.name} needs an int, got {v!r}")
-        v = int(v.__index__())
+        try:
+            v = operator.index(v)
+        except TypeError:
+            raise ValueError(f"{t.name} needs an int, got {type(v).__name__}") from None
         lo, hi = INT_RANGES[t]
         if not lo <= v <= hi:
             raise ValueError(f"{v} is out of range for {t.name}")
@@ -214,6 +218,8 @@ class MetaValue:
            item_type: GGUFValueType | int | str | None = None) -> "MetaValue":
         """A value with an explicit type, or inferred as gguf-py does when `vtype` is None.
 
+        A list/tuple/ndarray with a scalar `vtype` is an ARRAY of that type:
+        MetaValue.of([1, 2], "u16") == MetaValue.array([1, 2], "u16").
         Inference: bool -> BOOL, int -> INT32 (INT64 beyond its range), float ->
         FLOAT32, str/bytes -> STRING, list -> ARRAY of the (common) inferred
         type of its items; nested lists -> arrays of arrays.
@@ -223,6 +229,8 @@ class MetaValue:
         if vtype is None:
             return _infer(value)
         t = value_type(vtype)
+        if t != V.ARRAY and isinstance(value, (list, tuple, np.ndarray)):
+            t, item_type = V.ARRAY, t
         if t == V.ARRAY:
             if item_type is None:
                 inferred = _infer(value)
