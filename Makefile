@@ -37,7 +37,7 @@ smolq/kernels/.built: $(KERNEL_SRC) setup.py
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
-demo: setup
+demo: $(VENV)/.installed kernel
 	$(VENV)/bin/smolq demo
 
 test: setup
