@@ -436,8 +436,8 @@ class _Cursor:
         at = self.pos
         n = self.unpack(code, what)
         if n * min_item_size > self.remaining:
-            raise self.error(f"{what} at offset {at} claims {n} items, more than the "
-                             f"{self.remaining} bytes left in the file can hold")
+            raise self.error(f"truncated or corrupt: {what} at offset {at} claims {n} items, more than "
+                             f"the {self.remaining} bytes left in the file can hold")
         return n
 
     def raw(self, n: int, what: str) -> bytes:
@@ -502,13 +502,13 @@ def _read_numeric_items(cur: _Cursor, it: GGUFValueType, n: int, what: str) -> l
     dtype = np.dtype(cur.endian + SCALAR_CODES[it])
     at = cur.pos
     cur.need(n * dtype.itemsize, f"items of {what}")
-    arr = np.frombuffer(cur.buf, dtype=dtype, count=n, offset=cur.pos)
+    items = np.frombuffer(cur.buf, dtype=dtype, count=n, offset=cur.pos).tolist()  # no view outlives this line
     cur.pos += n * dtype.itemsize
     if it == V.BOOL:
-        if n and int(arr.max()) > 1:
+        if any(x > 1 for x in items):
             raise cur.error(f"{what} at offset {at}: BOOL array holds a byte other than 0 or 1")
-        return [bool(x) for x in arr.tolist()]
-    return arr.tolist()
+        return [bool(x) for x in items]
+    return items
 
 
 def _read_value(cur: _Cursor, version: GGUFVersion, t: GGUFValueType, what: str) -> MetaValue:
@@ -616,10 +616,7 @@ class GGUFFile:
     def close(self) -> None:
         mm, self._mm = self._mm, None
         if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass  # tensor views still alive; the map closes when the last one goes
+            _close_map(mm)
 
     def tensor(self, name: str) -> TensorEntry:
         for t in self.tensors:
@@ -666,8 +663,15 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     try:
         return _parse(path, mm, size)
     except BaseException:
-        mm.close()
+        _close_map(mm)
         raise
+
+
+def _close_map(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:
+        pass  # numpy views still alive (tensor loads, a traceback's frames); it closes when they go
 
 
 def _parse(path: Path, mm: mmap.mmap, size: int) -> GGUFFile:
