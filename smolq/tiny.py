@@ -1,0 +1,624 @@
+"""Tiny random Hugging Face checkpoints, made offline, for tests and demos.
+
+`make_tiny_model("llama", out_dir)` writes a directory that looks like a real
+checkpoint of that family (config.json, safetensors or pytorch .bin shards
+with an index, a tokenizer) but holds a 2-layer model with hidden size 64.
+Everything is deterministic for a seed: the weights come from a seeded
+generator and the tokenizers are built from a fixed text by a fixed
+procedure, so two runs write identical tensors and vocabularies.
+
+Weights are drawn with a scale that gives logits of order one (not the
+0.02-std initialisation of a fresh model, whose logits are nearly flat), and
+norm weights and biases are not the trivial 1 / 0, so that a converter that
+drops a bias or a norm weight changes the logits visibly.
+
+Legacy GPT4All loaders recognise a family by its vocabulary size; pass
+`vocab_size="legacy"` to get LLaMA 32000, GPT-J 50400 or MPT 50432 (the
+tokenizer is padded with pieces no input ever produces).
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+FAMILIES = ("llama", "gptj", "mpt")
+DEFAULT_VOCAB = {"llama": 384, "gptj": 320, "mpt": 320}
+LEGACY_VOCAB = {"llama": 32000, "gptj": 50400, "mpt": 50432}
+TINY_CONTEXT = 128
+LLAMA_ROPE_THETA = 50000.0  # deliberately not a common default, so a dropped RoPE base shows
+LLAMA_N_MULT = 32  # legacy LLaMA headers store n_mult; intermediate_size is rebuilt from it
+
+# A fixed text for the tokenizers: a few paragraphs of plain English with
+# digits, punctuation, newlines and a little non-ASCII, so byte fallback and
+# multi-byte pieces occur.
+TINY_TEXT = """\
+The quick brown fox jumps over the lazy dog. A small model is still a model:
+it has an embedding, a few layers of attention and a feed-forward network,
+and a head that turns the last hidden state into one score per token.
+Converting a checkpoint means reading each tensor, renaming it, sometimes
+permuting its rows, and writing it in the layout that the loader expects.
+Quantization keeps the shape of a tensor but stores its numbers in blocks
+of 32 or 256 values with a shared scale. Rounding to the nearest level is
+the simplest method; GPTQ corrects the error of each column in the columns
+that follow. In 2023 the files were called ggml, ggmf and ggjt; later GGUF
+replaced them with a self-describing header of keys and values.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 1024 3.14159 -7 +12 50% $5.
+Punctuation: ( ) [ ] { } < > / \\ | @ # & * _ = ~ ` ^ ' " ; : ! ? , .
+Accents and symbols: café, naïve, über, résumé, 東京, Ελληνικά, — and … too.
+Tokenizers split text into pieces; frequent pieces become single tokens,
+rare ones fall back to bytes. The dog sleeps while the fox runs again.
+"""
+
+Family = Literal["llama", "gptj", "mpt"]
+
+
+def make_tiny_model(
+    family: Family,
+    out_dir: str | Path,
+    *,
+    gqa: bool = False,
+    tied: bool = False,
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+    shards: int = 1,
+    weights: Literal["safetensors", "bin"] = "safetensors",
+    vocab_size: int | Literal["legacy"] | None = None,
+    seed: int = 0,
+    rope_params_style: Literal["top", "nested"] = "nested",
+    hidden_size: int = 64,
+    n_layers: int = 2,
+    config_overrides: Mapping[str, Any] | None = None,
+    legacy_buffers: bool = False,
+) -> Path:
+    """Write a tiny random checkpoint of `family` into `out_dir` and return it.
+
+    gqa: LLaMA only; 8 query heads share 2 KV heads (8 // 2 != 2, so a K
+        permutation keyed on n_head // n_head_kv is caught).
+    tied: LLaMA only (tie_word_embeddings, no lm_head in the checkpoint).
+        MPT is always tied; GPT-J never is.
+    shards: number of weight files (an index json is written when > 1).
+    weights: "safetensors" (via save_pretrained) or "bin" (torch.save).
+    rope_params_style: LLaMA: "nested" keeps rope_theta inside
+        rope_parameters (transformers 5); "top" writes it at the top level
+        of config.json as transformers 4 did.
+    config_overrides: extra config fields (e.g. {"attn_config": {...}} for
+        MPT clip_qkv, or n_heads) applied before the model is built.
+    legacy_buffers: GPT-J only; add the attn.bias / attn.masked_bias
+        buffers that old GPT-J checkpoints carry (converters must skip them).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if gqa and family != "llama":
+        raise ValueError("gqa is only available for llama")
+    if tied and family == "gptj":
+        raise ValueError("GPT-J checkpoints are never tied (lm_head has its own weight and bias)")
+    if shards < 1:
+        raise ValueError("shards must be >= 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_vocab = _resolve_vocab_size(family, vocab_size)
+
+    config = _build_config(family, n_vocab, hidden_size, n_layers, gqa, tied, config_overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _fill_weights(model, seed)
+    model = model.to(getattr(torch, dtype))
+    model.config.dtype = dtype
+
+    if weights == "safetensors":
+        _save_safetensors(model, out, shards)
+    elif weights == "bin":
+        model.config.save_pretrained(out)
+        _save_bin(_checkpoint_state_dict(model), out, shards)
+    else:
+        raise ValueError(f"weights must be 'safetensors' or 'bin', not {weights!r}")
+    if legacy_buffers:
+        if family != "gptj":
+            raise ValueError("legacy_buffers is only meaningful for gptj")
+        _add_gptj_legacy_buffers(out, config)
+    if family == "llama":
+        _rewrite_rope_params(out / "config.json", rope_params_style)
+        _write_llama_tokenizer(out, n_vocab)
+    else:
+        _write_bpe_tokenizer(out, family, n_vocab)
+    return out
+
+
+def _resolve_vocab_size(family: str, vocab_size: int | str | None) -> int:
+    if vocab_size is None:
+        return DEFAULT_VOCAB[family]
+    if vocab_size == "legacy":
+        return LEGACY_VOCAB[family]
+    n = int(vocab_size)
+    floor = 300 if family == "llama" else 280  # room for bytes, specials and a few merges
+    if n < floor:
+        raise ValueError(f"vocab_size {n} is too small for {family} (minimum {floor})")
+    return n
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _build_config(family, n_vocab, hidden, n_layers, gqa, tied, overrides):
+    from transformers import GPTJConfig, LlamaConfig, MptConfig
+
+    overrides = dict(overrides or {})
+    if family == "llama":
+        n_head, n_kv = (8, 2) if gqa else (4, 4)
+        kwargs = dict(
+            vocab_size=n_vocab,
+            hidden_size=hidden,
+            intermediate_size=_llama_ffn_size(hidden, LLAMA_N_MULT),
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_head,
+            num_key_value_heads=n_kv,
+            max_position_embeddings=TINY_CONTEXT,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": LLAMA_ROPE_THETA},
+            tie_word_embeddings=tied,
+            bos_token_id=1,
+            eos_token_id=2,
+            architectures=["LlamaForCausalLM"],
+        )
+        kwargs.update(overrides)
+        return LlamaConfig(**kwargs)
+    if family == "gptj":
+        eot = _bpe_layout("gptj", n_vocab)["eot_id"]
+        kwargs = dict(
+            vocab_size=n_vocab,
+            n_positions=TINY_CONTEXT,
+            n_embd=hidden,
+            n_layer=n_layers,
+            n_head=4,
+            rotary_dim=hidden // 4 // 2,  # partial rotary: half of each 16-wide head
+            layer_norm_epsilon=1e-5,
+            activation_function="gelu_new",
+            bos_token_id=eot,
+            eos_token_id=eot,
+            tie_word_embeddings=False,
+            architectures=["GPTJForCausalLM"],
+        )
+        kwargs.update(overrides)
+        return GPTJConfig(**kwargs)
+    attn = {"alibi": True, "alibi_bias_max": 8, "clip_qkv": None, "attn_impl": "torch"}
+    attn.update(overrides.pop("attn_config", {}))
+    kwargs = dict(
+        d_model=hidden,
+        n_heads=4,
+        n_layers=n_layers,
+        expansion_ratio=4,
+        max_seq_len=TINY_CONTEXT,
+        vocab_size=n_vocab,
+        layer_norm_epsilon=1e-5,
+        no_bias=True,
+        attn_config=attn,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        architectures=["MPTForCausalLM"],
+    )
+    kwargs.update(overrides)
+    return MptConfig(**kwargs)
+
+
+def _llama_ffn_size(n_embd: int, n_mult: int) -> int:
+    """n_ff as legacy LLaMA loaders rebuild it from n_mult (formats.md 2.1)."""
+    return ((2 * (4 * n_embd) // 3 + n_mult - 1) // n_mult) * n_mult
+
+
+def _rewrite_rope_params(config_path: Path, style: str) -> None:
+    """Move rope_theta to the top level, as configs saved by transformers 4 have it."""
+    if style == "nested":
+        return
+    if style != "top":
+        raise ValueError(f"rope_params_style must be 'top' or 'nested', not {style!r}")
+    cfg = json.loads(config_path.read_text())
+    params = cfg.pop("rope_parameters", None) or {}
+    cfg["rope_theta"] = params.get("rope_theta", LLAMA_ROPE_THETA)
+    cfg["rope_scaling"] = None
+    config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _fill_weights(model, seed: int) -> None:
+    """Overwrite every parameter from a seeded generator, in name order.
+
+    Matrices get std 1/sqrt(fan_in) (logits of order one); embeddings std 1;
+    norm weights 1 + 0.1·N(0,1); biases 0.1·N(0,1).
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            if name.endswith("bias"):
+                value = 0.1 * noise
+            elif param.ndim == 1:
+                value = 1.0 + 0.1 * noise
+            elif _is_embedding(name):
+                value = noise
+            else:
+                value = noise / math.sqrt(param.shape[1])
+            param.copy_(value)
+
+
+def _is_embedding(name: str) -> bool:
+    return name.endswith(("embed_tokens.weight", "wte.weight"))
+
+
+def _checkpoint_state_dict(model) -> dict:
+    """The tensors a checkpoint holds: persistent ones, tied lm_head left out."""
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def _shard_limit(state: Mapping[str, Any], shards: int) -> int:
+    """A max_shard_size for which transformers' splitter makes `shards` files
+    (or as close as whole tensors allow): start at total/shards and grow."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    limit = max(1, math.ceil(total / shards))
+    while limit < total:
+        plan = split_torch_state_dict_into_shards(state, max_shard_size=limit)
+        if len(plan.filename_to_tensors) <= shards:
+            break
+        limit = int(limit * 1.05) + 1
+    return limit
+
+
+def _save_safetensors(model, out: Path, shards: int) -> None:
+    from transformers.utils import logging as hf_logging
+
+    state = _checkpoint_state_dict(model)
+    limit = _shard_limit(state, shards) if shards > 1 else "50GB"
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # tests and the demo print their own progress
+    try:
+        model.save_pretrained(out, max_shard_size=limit)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _save_bin(state: dict, out: Path, shards: int) -> None:
+    """pytorch_model.bin (or -0000i-of-0000n.bin shards with an index), as transformers 4 wrote them."""
+    import torch
+
+    groups = _split_evenly(list(state.items()), shards)
+    if len(groups) == 1:
+        torch.save(dict(groups[0]), out / "pytorch_model.bin")
+        return
+    weight_map, total = {}, 0
+    for i, group in enumerate(groups, start=1):
+        fname = f"pytorch_model-{i:05d}-of-{len(groups):05d}.bin"
+        torch.save(dict(group), out / fname)
+        for name, tensor in group:
+            weight_map[name] = fname
+            total += tensor.numel() * tensor.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _split_evenly(items: list, n: int) -> list[list]:
+    n = min(n, len(items))
+    size = math.ceil(len(items) / n)
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _add_gptj_legacy_buffers(out: Path, config) -> None:
+    """Old GPT-J checkpoints store the causal mask and masked_bias per layer."""
+    import torch
+
+    n = config.n_positions
+    extra = {}
+    for layer in range(config.n_layer):
+        mask = torch.tril(torch.ones((n, n), dtype=torch.bool)).view(1, 1, n, n)
+        extra[f"transformer.h.{layer}.attn.bias"] = mask
+        extra[f"transformer.h.{layer}.attn.masked_bias"] = torch.tensor(-1e9)
+    fname = "pytorch_model-legacy-buffers.bin" if (out / "pytorch_model.bin.index.json").exists() else None
+    _merge_extra_tensors(out, extra, fname)
+
+
+def _merge_extra_tensors(out: Path, extra: dict, shard_name: str | None) -> None:
+    """Add tensors to an existing single-file or sharded checkpoint."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = out / index_name
+        if index_path.exists():
+            index = json.loads(index_path.read_text())
+            is_st = index_name.startswith("model.safetensors")
+            fname = "model-legacy-buffers.safetensors" if is_st else (shard_name or "extra.bin")
+            if is_st:
+                save_file(extra, str(out / fname), metadata={"format": "pt"})
+            else:
+                torch.save(extra, out / fname)
+            index["weight_map"].update({k: fname for k in extra})
+            index_path.write_text(json.dumps(index, indent=2) + "\n")
+            return
+    if (out / "model.safetensors").exists():
+        state = load_file(str(out / "model.safetensors"))
+        state.update(extra)
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        state = torch.load(out / "pytorch_model.bin", weights_only=True)
+        state.update(extra)
+        torch.save(state, out / "pytorch_model.bin")
+
+
+# --------------------------------------------------------------------------- SentencePiece (LLaMA)
+
+SPM_NORMAL, SPM_UNKNOWN, SPM_CONTROL, SPM_USER_DEFINED, SPM_UNUSED, SPM_BYTE = 1, 2, 3, 4, 5, 6
+
+
+def _write_llama_tokenizer(out: Path, n_vocab: int) -> None:
+    proto = build_sentencepiece_model(n_vocab)
+    (out / "tokenizer.model").write_bytes(proto)
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    config = {
+        **special,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "pad_token": None,
+        "model_max_length": TINY_CONTEXT,
+        "tokenizer_class": "LlamaTokenizer",
+        "legacy": True,
+        "clean_up_tokenization_spaces": False,
+    }
+    _write_json(out / "tokenizer_config.json", config)
+    _write_json(out / "special_tokens_map.json", special)
+
+
+def build_sentencepiece_model(n_vocab: int) -> bytes:
+    """A LLaMA-style SentencePiece BPE model (byte fallback, <unk>/<s>/</s> at 0/1/2)
+    with exactly `n_vocab` pieces, as serialized ModelProto bytes.
+
+    Trained on TINY_TEXT with the sentencepiece trainer (single thread, so
+    deterministic); if the text cannot support n_vocab pieces, pieces
+    "<extra_N>" with the lowest scores are appended.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TINY_TEXT.splitlines()),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=min(n_vocab, DEFAULT_VOCAB["llama"]),
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    proto = buf.getvalue()
+    processor = spm.SentencePieceProcessor(model_proto=proto)
+    have = processor.get_piece_size()
+    if have > n_vocab:
+        raise ValueError(f"vocab_size {n_vocab} is smaller than the {have} pieces the tiny text needs")
+    existing = {processor.id_to_piece(i) for i in range(have)}
+    lowest = min(processor.get_score(i) for i in range(have))
+    extra = _padding_names("<extra_{}>", n_vocab - have, existing)
+    pieces = [_encode_spm_piece(p, lowest - 1.0 - i, SPM_NORMAL) for i, p in enumerate(extra)]
+    return _append_pieces(proto, pieces)
+
+
+def _padding_names(pattern: str, count: int, existing: set[str]) -> list[str]:
+    names, i = [], 0
+    while len(names) < count:
+        name = pattern.format(i)
+        if name not in existing:
+            names.append(name)
+        i += 1
+    return names
+
+
+# Minimal protobuf wire encoding, enough to add SentencePiece pieces
+# (ModelProto.pieces = field 1; SentencePiece: piece = 1, score = 2, type = 3).
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _encode_spm_piece(piece: str, score: float, kind: int) -> bytes:
+    import struct
+
+    text = piece.encode("utf-8")
+    body = b"\x0a" + _varint(len(text)) + text + b"\x15" + struct.pack("<f", score) + b"\x18" + _varint(kind)
+    return b"\x0a" + _varint(len(body)) + body
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _append_pieces(proto: bytes, pieces: list[bytes]) -> bytes:
+    """Re-emit the ModelProto with `pieces` after the existing pieces (field 1)
+    and before the other top-level fields, so the message stays in field order."""
+    if not pieces:
+        return proto
+    head, tail, pos = [], [], 0
+    while pos < len(proto):
+        start = pos
+        key, pos = _read_varint(proto, pos)
+        wire = key & 7
+        if wire == 2:
+            length, pos = _read_varint(proto, pos)
+            pos += length
+        elif wire == 0:
+            _, pos = _read_varint(proto, pos)
+        elif wire == 5:
+            pos += 4
+        elif wire == 1:
+            pos += 8
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        (head if key >> 3 == 1 else tail).append(proto[start:pos])
+    return b"".join(head) + b"".join(pieces) + b"".join(tail)
+
+
+# --------------------------------------------------------------------------- byte-level BPE (GPT-J, MPT)
+
+EOT = "<|endoftext|>"
+
+
+def _bpe_layout(family: str, n_vocab: int) -> dict[str, int]:
+    """How the model's vocab splits into BPE vocabulary and added tokens.
+
+    GPT-J: BPE vocabulary with <|endoftext|> last (50257 tokens for the real
+    one), then added "<|extratoken_N|>" up to vocab_size (143 for the real one).
+    MPT: <|endoftext|> at id 0 and a tokenizer smaller than vocab_size
+    (50254 tokens for 50432 in MPT-7B); the model's extra rows have no token.
+    """
+    if family == "gptj":
+        n_added = 143 if n_vocab == LEGACY_VOCAB["gptj"] else n_vocab // 16
+        n_bpe = n_vocab - n_added
+        return {"n_bpe": n_bpe, "n_added": n_added, "eot_id": n_bpe - 1}
+    n_unused = 178 if n_vocab == LEGACY_VOCAB["mpt"] else n_vocab // 16
+    return {"n_bpe": n_vocab - n_unused, "n_added": 0, "eot_id": 0}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map.
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes map to
+    U+0100 onwards in byte order.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _alphabet_in_gpt2_order() -> list[str]:
+    """The 256 byte characters in GPT-2 vocab order (printable bytes first)."""
+    table = bytes_to_unicode()
+    printable = [table[b] for b in range(256) if table[b] == chr(b)]
+    return printable + [table[b] for b in range(256) if table[b] != chr(b)]
+
+
+def train_byte_bpe(text: str, n_merges: int) -> list[tuple[str, str]]:
+    """A plain BPE trainer over GPT-2 byte-level words: merge the most
+    frequent adjacent pair, ties broken by the pair's text, until n_merges
+    merges or no pair occurs twice. Deterministic by construction."""
+    from tokenizers import pre_tokenizers
+
+    splitter = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    words = Counter(word for word, _ in splitter.pre_tokenize_str(text))
+    segmented = {tuple(word): count for word, count in words.items()}
+    merges: list[tuple[str, str]] = []
+    while len(merges) < n_merges:
+        pairs: Counter = Counter()
+        for symbols, count in segmented.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best, freq = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        if freq < 2:
+            break
+        merges.append(best)
+        segmented = {_merge_pair(symbols, best): count for symbols, count in segmented.items()}
+    return merges
+
+
+def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return tuple(out)
+
+
+def build_bpe_vocab(family: str, n_vocab: int) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """(BPE vocabulary in id order, merges, added tokens) for a tiny GPT-J/MPT tokenizer."""
+    layout = _bpe_layout(family, n_vocab)
+    alphabet = _alphabet_in_gpt2_order()
+    n_merges = layout["n_bpe"] - len(alphabet) - 1
+    merges = train_byte_bpe(TINY_TEXT, n_merges)
+    learned = [a + b for a, b in merges]
+    base = alphabet + [t for t in dict.fromkeys(learned) if t not in alphabet]
+    existing = set(base) | {EOT}
+    # Unreachable pieces (no merge produces them) keep the vocab at its size.
+    pad = _padding_names("Ġ<pad{}>", layout["n_bpe"] - 1 - len(base), existing)
+    base += pad
+    vocab = base + [EOT] if family == "gptj" else [EOT] + base
+    added = [f"<|extratoken_{i}|>" for i in range(1, layout["n_added"] + 1)]
+    return vocab, merges, added
+
+
+def _write_bpe_tokenizer(out: Path, family: str, n_vocab: int) -> None:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab, merges, added = build_bpe_vocab(family, n_vocab)
+    ids = {tok: i for i, tok in enumerate(vocab)}
+    tok = Tokenizer(models.BPE(vocab=ids, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(EOT, special=True)])
+    if added:
+        tok.add_tokens([AddedToken(t, special=False) for t in added])
+    tok.save(str(out / "tokenizer.json"))
+
+    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+    tokenizer_class = "GPT2Tokenizer" if family == "gptj" else "GPTNeoXTokenizer"
+    config = {**special, "add_prefix_space": False, "model_max_length": TINY_CONTEXT, "tokenizer_class": tokenizer_class}
+    _write_json(out / "tokenizer_config.json", config)
+    _write_json(out / "special_tokens_map.json", special)
+    if family == "gptj":
+        # GPT-J repositories ship the slow-tokenizer files too; legacy converters read them.
+        _write_json(out / "vocab.json", ids)
+        merge_lines = "".join(f"{a} {b}\n" for a, b in merges)
+        (out / "merges.txt").write_text("#version: 0.2\n" + merge_lines, encoding="utf-8")
+        _write_json(out / "added_tokens.json", {t: len(vocab) + i for i, t in enumerate(added)})
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
