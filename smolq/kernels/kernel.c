@@ -1,3 +1,394 @@
-/* Placeholder until the kernel lands: keeps the build green. */
-#include "smolq_kernel.h"
-int smolq_kernel_abi_version(void) { return 1; }
+/* Whole-tensor entry points: type dispatch, row threading, relayout, GPTQ
+ * word packing, round-trip statistics and checksums. Blocks of numbers only;
+ * this file never knows about files. */
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kernel_internal.h"
+
+#define ABI_VERSION 1
+
+int smolq_kernel_abi_version(void) { return ABI_VERSION; }
+
+/* ------------------------------------------------------------------------ */
+/* Threads: a parallel for over [0, n) in contiguous ranges. Each item is
+ * computed the same way whichever thread gets it, so results never depend
+ * on the split. The calling thread takes the last range.                    */
+
+typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
+
+typedef struct {
+    range_fn fn;
+    void *ctx;
+    int64_t begin, end;
+} range_job;
+
+static void *run_range(void *arg) {
+    range_job *j = arg;
+    j->fn(j->ctx, j->begin, j->end);
+    return NULL;
+}
+
+static int resolve_threads(int nthreads) {
+    if (nthreads > 0) return nthreads;
+    const long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
+#define MAX_THREADS 256
+
+/* min_items: fewest items worth a thread of their own. */
+static void parallel_for(int64_t n, int64_t min_items, int nthreads, range_fn fn, void *ctx) {
+    if (n <= 0) return;
+    int nt = resolve_threads(nthreads);
+    if (nt > MAX_THREADS) nt = MAX_THREADS;
+    if (min_items < 1) min_items = 1;
+    if ((int64_t)nt > n / min_items) nt = (int)(n / min_items);
+    if (nt <= 1) {
+        fn(ctx, 0, n);
+        return;
+    }
+    range_job jobs[MAX_THREADS];
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS];
+    const int64_t per = n / nt, extra = n % nt;
+    int64_t at = 0;
+    for (int t = 0; t < nt; t++) {
+        const int64_t len = per + (t < extra ? 1 : 0);
+        jobs[t] = (range_job){fn, ctx, at, at + len};
+        at += len;
+    }
+    for (int t = 0; t < nt - 1; t++) started[t] = pthread_create(&tids[t], NULL, run_range, &jobs[t]) == 0;
+    run_range(&jobs[nt - 1]);
+    for (int t = 0; t < nt - 1; t++) {
+        if (started[t])
+            pthread_join(tids[t], NULL);
+        else
+            run_range(&jobs[t]); /* no thread to be had: do it here */
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Type dispatch: non-K types from quants.c, K-quants from quants_k.c.      */
+
+typedef struct {
+    int type, bytes;
+    smolq_quantize_row_fn quant;
+    smolq_dequantize_row_fn dequant;
+} kquant_entry;
+
+static const kquant_entry KQUANTS[] = {
+    {SMOLQ_T_Q2_K, 84, smolq_quantize_row_q2_K, smolq_dequantize_row_q2_K},
+    {SMOLQ_T_Q3_K, 110, smolq_quantize_row_q3_K, smolq_dequantize_row_q3_K},
+    {SMOLQ_T_Q4_K, 144, smolq_quantize_row_q4_K, smolq_dequantize_row_q4_K},
+    {SMOLQ_T_Q5_K, 176, smolq_quantize_row_q5_K, smolq_dequantize_row_q5_K},
+    {SMOLQ_T_Q6_K, 210, smolq_quantize_row_q6_K, smolq_dequantize_row_q6_K},
+};
+
+/* Fills *ops for (type, layout); 0 on success, SMOLQ_ERR_TYPE otherwise. */
+static int lookup_ops(int type, int layout, smolq_type_ops *ops) {
+    if (layout < 1 || layout > 3) return SMOLQ_ERR_TYPE;
+    const smolq_type_ops *o = smolq_find_nonk_ops(type, layout);
+    if (o) {
+        *ops = *o;
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof(KQUANTS) / sizeof(KQUANTS[0]); i++) {
+        const kquant_entry *k = &KQUANTS[i];
+        if (k->type != type) continue;
+        smolq_quantize_row_fn fq = smolq_kquant_fast_quantize(type);
+        smolq_dequantize_row_fn fd = smolq_kquant_fast_dequantize(type);
+        *ops = (smolq_type_ops){type, 0, 256, k->bytes, {k->quant, fq ? fq : k->quant},
+                                {k->dequant, fd ? fd : k->dequant}};
+        return 0;
+    }
+    return SMOLQ_ERR_TYPE;
+}
+
+int64_t smolq_row_size(int type, int layout, int64_t n_per_row) {
+    smolq_type_ops ops;
+    const int err = lookup_ops(type, layout, &ops);
+    if (err) return err;
+    if (n_per_row < 0) return SMOLQ_ERR_ARG;
+    if (n_per_row % ops.block) return SMOLQ_ERR_ROWLEN;
+    return n_per_row / ops.block * ops.bytes;
+}
+
+typedef struct {
+    smolq_quantize_row_fn quant;
+    smolq_dequantize_row_fn dequant;
+    const float *fsrc;
+    const uint8_t *qsrc;
+    float *fdst;
+    uint8_t *qdst;
+    int64_t n_per_row, row_bytes;
+    const float *imatrix;
+} rows_job;
+
+static void quantize_rows(void *ctx, int64_t begin, int64_t end) {
+    const rows_job *j = ctx;
+    for (int64_t r = begin; r < end; r++)
+        j->quant(j->fsrc + r * j->n_per_row, j->qdst + r * j->row_bytes, j->n_per_row, j->imatrix);
+}
+
+static void dequantize_rows(void *ctx, int64_t begin, int64_t end) {
+    const rows_job *j = ctx;
+    for (int64_t r = begin; r < end; r++)
+        j->dequant(j->qsrc + r * j->row_bytes, j->fdst + r * j->n_per_row, j->n_per_row);
+}
+
+/* Enough elements per thread that starting it pays off. */
+#define MIN_ELEMS_PER_THREAD (1 << 16)
+
+static int64_t rows_per_thread(int64_t n_per_row) {
+    return n_per_row > 0 ? (MIN_ELEMS_PER_THREAD + n_per_row - 1) / n_per_row : 1;
+}
+
+int64_t smolq_quantize(int type, int layout, const float *src, void *dst, int64_t nrows, int64_t n_per_row,
+                       const float *imatrix, int nthreads, int impl) {
+    smolq_type_ops ops;
+    const int err = lookup_ops(type, layout, &ops);
+    if (err) return err;
+    if (nrows < 0 || n_per_row < 0 || (impl != 0 && impl != 1)) return SMOLQ_ERR_ARG;
+    if (n_per_row % ops.block) return SMOLQ_ERR_ROWLEN;
+    if (!ops.quant[0]) return SMOLQ_ERR_TYPE;
+    const int64_t row_bytes = n_per_row / ops.block * ops.bytes;
+    if (nrows == 0 || n_per_row == 0) return 0;
+    if (!src || !dst) return SMOLQ_ERR_ARG;
+    rows_job j = {ops.quant[impl], NULL, src, NULL, NULL, dst, n_per_row, row_bytes, imatrix};
+    parallel_for(nrows, rows_per_thread(n_per_row), nthreads, quantize_rows, &j);
+    return nrows * row_bytes;
+}
+
+int64_t smolq_dequantize(int type, int layout, const void *src, float *dst, int64_t nrows, int64_t n_per_row,
+                         int nthreads, int impl) {
+    smolq_type_ops ops;
+    const int err = lookup_ops(type, layout, &ops);
+    if (err) return err;
+    if (nrows < 0 || n_per_row < 0 || (impl != 0 && impl != 1)) return SMOLQ_ERR_ARG;
+    if (n_per_row % ops.block) return SMOLQ_ERR_ROWLEN;
+    const int64_t row_bytes = n_per_row / ops.block * ops.bytes;
+    if (nrows == 0 || n_per_row == 0) return 0;
+    if (!src || !dst) return SMOLQ_ERR_ARG;
+    rows_job j = {NULL, ops.dequant[impl], NULL, src, dst, NULL, n_per_row, row_bytes, NULL};
+    parallel_for(nrows, rows_per_thread(n_per_row), nthreads, dequantize_rows, &j);
+    return nrows * n_per_row;
+}
+
+/* ------------------------------------------------------------------------ */
+
+int64_t smolq_relayout(int type, int src_layout, int dst_layout, const void *src, void *dst, int64_t nblocks,
+                       int *lossless_out) {
+    return smolq_relayout_blocks(type, src_layout, dst_layout, src, dst, nblocks, lossless_out);
+}
+
+/* ------------------------------------------------------------------------ */
+/* GPTQ words. Value i of a packed line starts at bit i*bits of the line's
+ * little-endian bit stream; word w holds stream bits [32w, 32w + 32).       */
+
+static int gptq_shape_ok(int64_t rows, int64_t cols, int bits, int axis) {
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return 0;
+    if (rows < 0 || cols < 0 || (axis != 0 && axis != 1)) return 0;
+    const int64_t len = axis == 0 ? rows : cols;
+    return (len * bits) % 32 == 0;
+}
+
+/* Packs one line of n values (stride vstride) into words (stride wstride). */
+static void pack_line(const int32_t *v, int64_t vstride, uint32_t *w, int64_t wstride, int64_t n, int bits) {
+    const uint32_t mask = (1u << bits) - 1;
+    for (int64_t k = 0; k < n * bits / 32; k++) w[k * wstride] = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t x = (uint32_t)v[i * vstride] & mask;
+        const int64_t pos = i * bits, word = pos / 32;
+        const int sh = (int)(pos % 32);
+        w[word * wstride] |= x << sh;
+        if (sh + bits > 32) w[(word + 1) * wstride] |= x >> (32 - sh);
+    }
+}
+
+static void unpack_line(const uint32_t *w, int64_t wstride, int32_t *v, int64_t vstride, int64_t n, int bits) {
+    const uint32_t mask = (1u << bits) - 1;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t pos = i * bits, word = pos / 32;
+        const int sh = (int)(pos % 32);
+        uint32_t x = w[word * wstride] >> sh;
+        if (sh + bits > 32) x |= w[(word + 1) * wstride] << (32 - sh);
+        v[i * vstride] = (int32_t)(x & mask);
+    }
+}
+
+int64_t smolq_gptq_pack(const int32_t *values, int32_t *packed, int64_t rows, int64_t cols, int bits, int axis) {
+    if (!gptq_shape_ok(rows, cols, bits, axis)) return SMOLQ_ERR_ARG;
+    const int64_t words = rows * cols * bits / 32;
+    if (words == 0) return 0;
+    if (!values || !packed) return SMOLQ_ERR_ARG;
+    uint32_t *w = (uint32_t *)packed;
+    if (axis == 0) /* each column is a line; packed is [rows*bits/32, cols] */
+        for (int64_t c = 0; c < cols; c++) pack_line(values + c, cols, w + c, cols, rows, bits);
+    else /* each row is a line; packed is [rows, cols*bits/32] */
+        for (int64_t r = 0; r < rows; r++) pack_line(values + r * cols, 1, w + r * (cols * bits / 32), 1, cols, bits);
+    return words;
+}
+
+int64_t smolq_gptq_unpack(const int32_t *packed, int32_t *values, int64_t rows, int64_t cols, int bits, int axis) {
+    if (!gptq_shape_ok(rows, cols, bits, axis)) return SMOLQ_ERR_ARG;
+    if (rows * cols == 0) return 0;
+    if (!values || !packed) return SMOLQ_ERR_ARG;
+    const uint32_t *w = (const uint32_t *)packed;
+    if (axis == 0)
+        for (int64_t c = 0; c < cols; c++) unpack_line(w + c, cols, values + c, cols, rows, bits);
+    else
+        for (int64_t r = 0; r < rows; r++)
+            unpack_line(w + r * (cols * bits / 32), 1, values + r * cols, 1, cols, bits);
+    return rows * cols;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Round-trip statistics in fixed chunks (deterministic for any nthreads).  */
+
+#define STAT_CHUNK (1 << 16)
+
+typedef struct {
+    double err2, maxabs, ref2, test2, dot;
+} stat_sums;
+
+typedef struct {
+    const float *ref, *test;
+    int64_t n;
+    stat_sums *chunks;
+} stats_job;
+
+static void stats_chunks(void *ctx, int64_t begin, int64_t end) {
+    const stats_job *j = ctx;
+    for (int64_t c = begin; c < end; c++) {
+        const int64_t lo = c * STAT_CHUNK, hi = lo + STAT_CHUNK < j->n ? lo + STAT_CHUNK : j->n;
+        stat_sums s = {0, 0, 0, 0, 0};
+        for (int64_t i = lo; i < hi; i++) {
+            const double r = j->ref[i], t = j->test[i], e = r - t;
+            s.err2 += e * e;
+            s.ref2 += r * r;
+            s.test2 += t * t;
+            s.dot += r * t;
+            const double a = fabs(e);
+            if (!(a <= s.maxabs)) s.maxabs = a; /* NaN propagates */
+        }
+        j->chunks[c] = s;
+    }
+}
+
+int smolq_error_stats(const float *ref, const float *test, int64_t n, int nthreads, double out[4]) {
+    if (n < 0 || !out || (n > 0 && (!ref || !test))) return SMOLQ_ERR_ARG;
+    const int64_t nchunks = (n + STAT_CHUNK - 1) / STAT_CHUNK;
+    stat_sums *chunks = calloc(nchunks > 0 ? (size_t)nchunks : 1, sizeof(stat_sums));
+    if (!chunks) return SMOLQ_ERR_ARG;
+    stats_job j = {ref, test, n, chunks};
+    parallel_for(nchunks, 1, nthreads, stats_chunks, &j);
+    stat_sums s = {0, 0, 0, 0, 0};
+    for (int64_t c = 0; c < nchunks; c++) {
+        s.err2 += chunks[c].err2;
+        s.ref2 += chunks[c].ref2;
+        s.test2 += chunks[c].test2;
+        s.dot += chunks[c].dot;
+        if (!(chunks[c].maxabs <= s.maxabs)) s.maxabs = chunks[c].maxabs;
+    }
+    free(chunks);
+    out[0] = n > 0 ? sqrt(s.err2 / (double)n) : 0.0;
+    out[1] = s.maxabs;
+    out[2] = s.err2 == 0.0 ? INFINITY : 10.0 * log10(s.ref2 / s.err2);
+    if (s.ref2 == 0.0 && s.test2 == 0.0)
+        out[3] = 1.0;
+    else if (s.ref2 == 0.0 || s.test2 == 0.0)
+        out[3] = 0.0;
+    else
+        out[3] = s.dot / (sqrt(s.ref2) * sqrt(s.test2));
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Checksum: FNV-1a 64 per 1 MiB chunk, then over the chunk hashes + length. */
+
+#define FNV_OFFSET 0xcbf29ce484222325ull
+#define FNV_PRIME 0x100000001b3ull
+#define HASH_CHUNK ((int64_t)1 << 20)
+
+static uint64_t fnv1a(uint64_t h, const uint8_t *p, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= FNV_PRIME;
+    }
+    return h;
+}
+
+static uint64_t fnv1a_u64le(uint64_t h, uint64_t v) {
+    uint8_t b[8];
+    for (int i = 0; i < 8; i++) b[i] = (uint8_t)(v >> (8 * i));
+    return fnv1a(h, b, 8);
+}
+
+typedef struct {
+    const uint8_t *buf;
+    int64_t n;
+    uint64_t *hashes;
+} hash_job;
+
+static void hash_chunks(void *ctx, int64_t begin, int64_t end) {
+    const hash_job *j = ctx;
+    for (int64_t c = begin; c < end; c++) {
+        const int64_t lo = c * HASH_CHUNK, len = j->n - lo < HASH_CHUNK ? j->n - lo : HASH_CHUNK;
+        j->hashes[c] = fnv1a(FNV_OFFSET, j->buf + lo, len);
+    }
+}
+
+uint64_t smolq_checksum(const void *buf, int64_t nbytes, int nthreads) {
+    if (nbytes < 0 || (nbytes > 0 && !buf)) return 0;
+    const int64_t nchunks = (nbytes + HASH_CHUNK - 1) / HASH_CHUNK;
+    uint64_t h = FNV_OFFSET;
+    if (nchunks > 0) {
+        uint64_t *hashes = malloc((size_t)nchunks * sizeof(uint64_t));
+        if (!hashes) return 0;
+        hash_job j = {buf, nbytes, hashes};
+        parallel_for(nchunks, 1, nthreads, hash_chunks, &j);
+        for (int64_t c = 0; c < nchunks; c++) h = fnv1a_u64le(h, hashes[c]);
+        free(hashes);
+    }
+    return fnv1a_u64le(h, (uint64_t)nbytes);
+}
+
+/* ------------------------------------------------------------------------ */
+
+typedef struct {
+    const float *x;
+    int64_t n;
+    int64_t *counts;
+} finite_job;
+
+static void count_nonfinite_chunks(void *ctx, int64_t begin, int64_t end) {
+    const finite_job *j = ctx;
+    for (int64_t c = begin; c < end; c++) {
+        const int64_t lo = c * STAT_CHUNK, hi = lo + STAT_CHUNK < j->n ? lo + STAT_CHUNK : j->n;
+        int64_t bad = 0;
+        for (int64_t i = lo; i < hi; i++) {
+            uint32_t u;
+            memcpy(&u, j->x + i, 4);
+            bad += (u & 0x7f800000u) == 0x7f800000u;
+        }
+        j->counts[c] = bad;
+    }
+}
+
+int64_t smolq_count_nonfinite(const float *x, int64_t n, int nthreads) {
+    if (n < 0 || (n > 0 && !x)) return SMOLQ_ERR_ARG;
+    const int64_t nchunks = (n + STAT_CHUNK - 1) / STAT_CHUNK;
+    if (nchunks == 0) return 0;
+    int64_t *counts = calloc((size_t)nchunks, sizeof(int64_t));
+    if (!counts) return SMOLQ_ERR_ARG;
+    finite_job j = {x, n, counts};
+    parallel_for(nchunks, 16, nthreads, count_nonfinite_chunks, &j);
+    int64_t total = 0;
+    for (int64_t c = 0; c < nchunks; c++) total += counts[c];
+    free(counts);
+    return total;
+}

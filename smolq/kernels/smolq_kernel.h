@@ -53,4 +53,42 @@ void smolq_dequantize_row_q6_K(const void *x, float *y, int64_t n);
 smolq_quantize_row_fn smolq_kquant_fast_quantize(int type);
 smolq_dequantize_row_fn smolq_kquant_fast_dequantize(int type);
 
+/* ---- additions by the kernel (kernel.c); the declarations above are fixed ---- */
+
+/* Bumped when a signature below changes; the binding checks it. */
+int smolq_kernel_abi_version(void);
+
+/* Re-layout nblocks blocks of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 between layouts 1, 2
+ * and 3 (src and dst must not overlap). Nibble moves are exact; *lossless_out
+ * (may be NULL) is 1 unless some f32 scale had no exact f16 (v1/v2 -> v3).
+ * Returns the bytes written to dst, or < 0. */
+int64_t smolq_relayout(int type, int src_layout, int dst_layout, const void *src, void *dst,
+                       int64_t nblocks, int *lossless_out);
+
+/* GPTQ integer packing (AutoGPTQ / GPTQModel "gptq" layout): along `axis` of
+ * a row-major rows x cols array of values in [0, 2^bits), value i sits at bit
+ * i*bits of a little-endian bit stream cut into int32 words (so 3-bit values
+ * 10 and 21 of each 32 straddle words). axis 0 packs rows (qweight:
+ * [in, out] -> [in*bits/32, out]); axis 1 packs columns (qzeros:
+ * [G, out] -> [G, out*bits/32]). rows/cols are the UNPACKED shape; the packed
+ * length along axis must be a whole number of words. bits: 2, 3, 4 or 8.
+ * Returns the number of int32 words written, or < 0. */
+int64_t smolq_gptq_pack(const int32_t *values, int32_t *packed, int64_t rows, int64_t cols, int bits, int axis);
+int64_t smolq_gptq_unpack(const int32_t *packed, int32_t *values, int64_t rows, int64_t cols, int bits, int axis);
+
+/* Round-trip error of `test` against `ref` (n floats), in double precision:
+ * out[0] rmse, out[1] max |ref - test|, out[2] SNR dB = 10 log10(sum ref^2 /
+ * sum err^2) (+inf when err is 0), out[3] cosine similarity (1 when both are
+ * all zero, 0 when one is). Summed in fixed chunks of 65536 elements combined
+ * in order, so the result does not depend on nthreads. Returns 0 or < 0. */
+int smolq_error_stats(const float *ref, const float *test, int64_t n, int nthreads, double out[4]);
+
+/* 64-bit checksum of raw bytes: FNV-1a 64 of every 1 MiB chunk, then FNV-1a 64
+ * over the chunk hashes (8 bytes LE each) followed by the total length (8
+ * bytes LE). Independent of nthreads. */
+uint64_t smolq_checksum(const void *buf, int64_t nbytes, int nthreads);
+
+/* Number of NaN / inf values among n floats. */
+int64_t smolq_count_nonfinite(const float *x, int64_t n, int nthreads);
+
 #endif

@@ -1,0 +1,313 @@
+"""numpy binding of the smolq C kernel.
+
+The kernel is a plain shared library (built by setup.py next to this file)
+loaded with ctypes; ctypes releases the GIL for the length of every call, so
+Python threads can overlap kernel work. Every size and type is checked here,
+before C sees it: bad input raises ValueError / TypeError, never a crash.
+
+Layouts are "v1", "v2", "v3" (formats.md 5.2); they matter only for Q4_0,
+Q4_1, Q5_0, Q5_1 and Q8_0, and every other type accepts any of them.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from smolq.quantize.types import LAYOUTS, TYPE_INFO, VERSIONED_TYPES, GGMLType, type_size
+
+__all__ = [
+    "KERNEL_TYPES", "QUANTIZE_TYPES", "DEQUANTIZE_TYPES", "quantize", "dequantize", "row_size", "relayout",
+    "gptq_pack", "gptq_unpack", "error_stats", "checksum", "count_nonfinite",
+]
+
+_ABI_VERSION = 1
+_ERRORS = {-1: "type/layout not supported", -2: "row length not a multiple of the block size", -3: "bad argument"}
+
+
+def _load_library() -> ctypes.CDLL:
+    here = Path(__file__).resolve().parent
+    candidates = sorted(here.glob("_smolq_kernel*.so")) + sorted(here.glob("_smolq_kernel*.pyd"))
+    if not candidates:
+        raise ImportError(f"smolq C kernel is not built (no _smolq_kernel*.so in {here}); run `make kernel`")
+    lib = ctypes.CDLL(str(candidates[0]))
+    if not hasattr(lib, "smolq_kernel_abi_version") or lib.smolq_kernel_abi_version() != _ABI_VERSION:
+        raise ImportError(f"smolq C kernel at {candidates[0]} is stale (ABI mismatch); run `make kernel`")
+    return lib
+
+
+_lib = _load_library()
+
+_i64, _int, _vp, _u64 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64
+_SIGNATURES = {
+    "smolq_quantize": (_i64, [_int, _int, _vp, _vp, _i64, _i64, _vp, _int, _int]),
+    "smolq_dequantize": (_i64, [_int, _int, _vp, _vp, _i64, _i64, _int, _int]),
+    "smolq_row_size": (_i64, [_int, _int, _i64]),
+    "smolq_relayout": (_i64, [_int, _int, _int, _vp, _vp, _i64, ctypes.POINTER(_int)]),
+    "smolq_gptq_pack": (_i64, [_vp, _vp, _i64, _i64, _int, _int]),
+    "smolq_gptq_unpack": (_i64, [_vp, _vp, _i64, _i64, _int, _int]),
+    "smolq_error_stats": (_int, [_vp, _vp, _i64, _int, ctypes.POINTER(ctypes.c_double)]),
+    "smolq_checksum": (_u64, [_vp, _i64, _int]),
+    "smolq_count_nonfinite": (_i64, [_vp, _i64, _int]),
+}
+for _name, (_res, _args) in _SIGNATURES.items():
+    _fn = getattr(_lib, _name)
+    _fn.restype, _fn.argtypes = _res, _args
+
+T = GGMLType
+_FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
+_QUANTIZABLE = frozenset({T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
+                          T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.TQ1_0, T.TQ2_0})
+_READ_ONLY_V1 = frozenset({T.Q4_2, T.Q4_3})  # removed 2023 types: decoded from v1 files only
+
+
+def _pairs(types: frozenset[GGMLType]) -> frozenset[tuple[GGMLType, str]]:
+    return frozenset((t, lay) for t in types for lay in LAYOUTS)
+
+
+#: (type, layout) pairs the kernel quantizes (and dequantizes).
+QUANTIZE_TYPES: frozenset[tuple[GGMLType, str]] = _pairs(_QUANTIZABLE)
+#: (type, layout) pairs the kernel dequantizes: the above plus Q4_2/Q4_3 in v1.
+DEQUANTIZE_TYPES: frozenset[tuple[GGMLType, str]] = QUANTIZE_TYPES | frozenset((t, "v1") for t in _READ_ONLY_V1)
+#: Everything the kernel handles in either direction.
+KERNEL_TYPES = DEQUANTIZE_TYPES
+
+
+# --------------------------------------------------------------------------- argument checks
+
+def _qtype(qtype: Any) -> GGMLType:
+    if isinstance(qtype, str):
+        return GGMLType.from_name(qtype)
+    try:
+        return GGMLType(int(qtype))
+    except (ValueError, TypeError):
+        raise ValueError(f"unknown ggml type {qtype!r}") from None
+
+
+def _layout(layout: str) -> int:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
+    return LAYOUTS.index(layout) + 1
+
+
+def _impl(impl: str) -> int:
+    if impl not in ("ref", "fast"):
+        raise ValueError(f"impl must be 'ref' or 'fast', not {impl!r}")
+    return 0 if impl == "ref" else 1
+
+
+def _threads(threads: int) -> int:
+    threads = int(threads)
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 = all cores), not {threads}")
+    return min(threads, 256)
+
+
+def _check_pair(t: GGMLType, layout: str, allowed: frozenset, what: str) -> None:
+    if (t, layout) not in allowed:
+        raise ValueError(f"the kernel cannot {what} {t.name} in layout {layout}")
+
+
+def _block_bytes(t: GGMLType, layout: str) -> tuple[int, int]:
+    return TYPE_INFO[t].block_size, type_size(t, layout)
+
+
+def _raise_on(code: int, what: str) -> int:
+    if code < 0:
+        raise ValueError(f"{what}: {_ERRORS.get(code, f'error {code}')}")
+    return code
+
+
+def _as_bytes(data: Any) -> np.ndarray:
+    """A flat, contiguous uint8 view (no copy when possible) of bytes-like data or an array."""
+    if isinstance(data, np.ndarray):
+        return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    try:
+        return np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+    except TypeError:
+        raise TypeError(f"expected bytes-like data or a numpy array, not {type(data).__name__}") from None
+
+
+def _ptr(a: np.ndarray) -> int | None:
+    return a.ctypes.data if a.size else None
+
+
+# --------------------------------------------------------------------------- quantize / dequantize
+
+def row_size(qtype: Any, n_per_row: int, layout: str = "v3") -> int:
+    """Bytes of one row of n_per_row elements."""
+    t = _qtype(qtype)
+    _check_pair(t, layout, DEQUANTIZE_TYPES, "handle")
+    return _raise_on(_lib.smolq_row_size(int(t), _layout(layout), int(n_per_row)), f"{t.name} row of {n_per_row}")
+
+
+def quantize(x: np.ndarray, qtype: Any, layout: str = "v3", imatrix: np.ndarray | None = None,
+             threads: int = 0, impl: str = "fast") -> np.ndarray:
+    """Quantize rows (the last dimension) of float data; returns uint8 (nrows, row_bytes).
+
+    imatrix: None (llama.cpp's reference quantizer) or one importance weight per
+    column (llama.cpp's quantize_* with quant_weights; ignored by Q8_0, TQ and
+    the float types)."""
+    t = _qtype(qtype)
+    _check_pair(t, layout, QUANTIZE_TYPES, "quantize to")
+    x = np.asarray(x)
+    if x.ndim < 1:
+        raise ValueError("quantize needs at least a 1-D array (the last dimension is the row)")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"quantize needs float data, not {x.dtype}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_per_row = x.shape[-1]
+    nrows = math.prod(x.shape[:-1])
+    block, bpb = _block_bytes(t, layout)
+    if n_per_row % block:
+        raise ValueError(f"row of {n_per_row} elements is not a multiple of {t.name}'s block of {block}")
+    if t not in _FLOAT_TYPES and count_nonfinite(x, threads):
+        raise ValueError(f"cannot quantize NaN or infinite values to {t.name}")
+    w = None
+    if imatrix is not None:
+        w = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+        if w.size != n_per_row:
+            raise ValueError(f"imatrix has {w.size} weights for rows of {n_per_row} elements")
+        if count_nonfinite(w) or (w < 0).any():
+            raise ValueError("imatrix weights must be finite and >= 0")
+    out = np.empty((nrows, n_per_row // block * bpb), dtype=np.uint8)
+    _raise_on(_lib.smolq_quantize(int(t), _layout(layout), _ptr(x), _ptr(out), nrows, n_per_row,
+                                  _ptr(w) if w is not None else None, _threads(threads), _impl(impl)),
+              f"quantize to {t.name}")
+    return out
+
+
+def dequantize(data: Any, qtype: Any, shape: Sequence[int], layout: str = "v3", threads: int = 0,
+               impl: str = "fast") -> np.ndarray:
+    """Decode a tensor of `shape` (PyTorch order, last dimension contiguous) to float32."""
+    t = _qtype(qtype)
+    _check_pair(t, layout, DEQUANTIZE_TYPES, "dequantize")
+    shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"negative dimension in shape {shape}")
+    n_per_row = shape[-1] if shape else 1
+    nrows = math.prod(shape[:-1])
+    block, bpb = _block_bytes(t, layout)
+    if n_per_row % block:
+        raise ValueError(f"row of {n_per_row} elements is not a multiple of {t.name}'s block of {block}")
+    raw = _as_bytes(data)
+    need = nrows * (n_per_row // block) * bpb
+    if raw.size != need:
+        raise ValueError(f"{t.name} ({layout}) tensor of shape {shape} needs {need} bytes, got {raw.size}")
+    out = np.empty(shape, dtype=np.float32)
+    _raise_on(_lib.smolq_dequantize(int(t), _layout(layout), _ptr(raw), _ptr(out), nrows, n_per_row,
+                                    _threads(threads), _impl(impl)), f"dequantize {t.name}")
+    return out
+
+
+# --------------------------------------------------------------------------- relayout
+
+def relayout(data: Any, qtype: Any, src_layout: str, dst_layout: str) -> tuple[np.ndarray, bool]:
+    """Move blocks of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 from one ggjt-era layout to another.
+
+    Returns (bytes, lossless): lossless is False when some f32 scale had no exact
+    f16 (v1/v2 -> v3); nibble reordering and f16 -> f32 are always exact."""
+    t = _qtype(qtype)
+    if t not in VERSIONED_TYPES:
+        raise ValueError(f"{t.name} has one layout; nothing to relayout")
+    src_n, dst_n = _layout(src_layout), _layout(dst_layout)
+    raw = _as_bytes(data)
+    sb, db = type_size(t, src_layout), type_size(t, dst_layout)
+    if raw.size % sb:
+        raise ValueError(f"{raw.size} bytes is not a whole number of {t.name} {src_layout} blocks of {sb} bytes")
+    nblocks = raw.size // sb
+    out = np.empty(nblocks * db, dtype=np.uint8)
+    lossless = ctypes.c_int(1)
+    _raise_on(_lib.smolq_relayout(int(t), src_n, dst_n, _ptr(raw), _ptr(out), nblocks, ctypes.byref(lossless)),
+              f"relayout {t.name}")
+    return out, bool(lossless.value)
+
+
+# --------------------------------------------------------------------------- GPTQ words
+
+_GPTQ_BITS = (2, 3, 4, 8)
+
+
+def _gptq_axis(axis: int) -> int:
+    if axis not in (0, 1, -1, -2):
+        raise ValueError(f"axis must be 0 (pack rows, qweight) or 1 (pack columns, qzeros), not {axis}")
+    return axis % 2
+
+
+def _gptq_bits(bits: int) -> int:
+    if bits not in _GPTQ_BITS:
+        raise ValueError(f"GPTQ packing supports bits {_GPTQ_BITS}, not {bits}")
+    return bits
+
+
+def gptq_pack(values: np.ndarray, bits: int, axis: int = 0) -> np.ndarray:
+    """Pack a 2-D array of integers in [0, 2**bits) into int32 words along `axis`.
+
+    axis 0: qweight style, [in, out] -> [in*bits/32, out]; axis 1: qzeros style,
+    [G, out] -> [G, out*bits/32]. Values are packed as given (apply the GPTQ v1
+    "zero - 1" yourself)."""
+    bits, ax = _gptq_bits(bits), _gptq_axis(axis)
+    v = np.asarray(values)
+    if v.ndim != 2:
+        raise ValueError(f"gptq_pack needs a 2-D array, got shape {v.shape}")
+    if not np.issubdtype(v.dtype, np.integer):
+        raise TypeError(f"gptq_pack needs integers, not {v.dtype}")
+    if v.size and (v.min() < 0 or v.max() >= 1 << bits):
+        raise ValueError(f"values must be in [0, {1 << bits}) for {bits}-bit packing")
+    n = v.shape[ax]
+    if n * bits % 32:
+        raise ValueError(f"{n} values of {bits} bits along axis {ax} do not fill whole int32 words")
+    v = np.ascontiguousarray(v, dtype=np.int32)
+    shape = list(v.shape)
+    shape[ax] = n * bits // 32
+    out = np.zeros(shape, dtype=np.int32)
+    _raise_on(_lib.smolq_gptq_pack(_ptr(v), _ptr(out), v.shape[0], v.shape[1], bits, ax), "gptq_pack")
+    return out
+
+
+def gptq_unpack(packed: np.ndarray, bits: int, n: int, axis: int = 0) -> np.ndarray:
+    """Inverse of gptq_pack: n is the unpacked length along `axis`."""
+    bits, ax = _gptq_bits(bits), _gptq_axis(axis)
+    p = np.asarray(packed)
+    if p.ndim != 2:
+        raise ValueError(f"gptq_unpack needs a 2-D array, got shape {p.shape}")
+    if p.dtype not in (np.int32, np.uint32):
+        raise TypeError(f"gptq_unpack needs int32 words, not {p.dtype}")
+    n = int(n)
+    if n < 0 or n * bits % 32 or p.shape[ax] != n * bits // 32:
+        raise ValueError(f"{n} values of {bits} bits need {n * bits / 32:g} words along axis {ax}, "
+                         f"packed has {p.shape[ax]}")
+    p = np.ascontiguousarray(p).view(np.int32)
+    shape = list(p.shape)
+    shape[ax] = n
+    out = np.empty(shape, dtype=np.int32)
+    _raise_on(_lib.smolq_gptq_unpack(_ptr(p), _ptr(out), shape[0], shape[1], bits, ax), "gptq_unpack")
+    return out
+
+
+# --------------------------------------------------------------------------- verification
+
+def error_stats(ref: np.ndarray, test: np.ndarray, threads: int = 0) -> dict[str, float]:
+    """rmse, max_abs, snr_db and cosine of `test` against `ref` (double accumulation)."""
+    r = np.ascontiguousarray(ref, dtype=np.float32).reshape(-1)
+    s = np.ascontiguousarray(test, dtype=np.float32).reshape(-1)
+    if r.size != s.size:
+        raise ValueError(f"error_stats: {r.size} reference values vs {s.size} test values")
+    out = (ctypes.c_double * 4)()
+    _raise_on(_lib.smolq_error_stats(_ptr(r), _ptr(s), r.size, _threads(threads), out), "error_stats")
+    return {"rmse": out[0], "max_abs": out[1], "snr_db": out[2], "cosine": out[3]}
+
+
+def checksum(buf: Any, threads: int = 0) -> int:
+    """64-bit checksum of raw bytes (FNV-1a 64 per 1 MiB chunk, combined; see smolq_kernel.h)."""
+    raw = _as_bytes(buf)
+    return int(_lib.smolq_checksum(_ptr(raw), raw.size, _threads(threads)))
+
+
+def count_nonfinite(x: np.ndarray, threads: int = 0) -> int:
+    """Number of NaN / inf values in float32 data."""
+    a = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    return _raise_on(_lib.smolq_count_nonfinite(_ptr(a), a.size, _threads(threads)), "count_nonfinite")

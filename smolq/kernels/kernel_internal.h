@@ -1,0 +1,34 @@
+/* Internal interface between kernel.c (dispatch, threads, tensors) and
+ * quants.c (row kernels of every non-K type). Not part of the public C API. */
+#ifndef SMOLQ_KERNEL_INTERNAL_H
+#define SMOLQ_KERNEL_INTERNAL_H
+
+#include "smolq_kernel.h"
+
+/* Row kernels of one (type, layout): [0] the scalar reference, [1] the fast
+ * path (may be the same function). quant is NULL for read-only types. */
+typedef struct {
+    int type;
+    int layout;                 /* 1, 2, 3; 0 = the same bytes in every layout */
+    int block;                  /* elements per block */
+    int bytes;                  /* bytes per block */
+    smolq_quantize_row_fn quant[2];
+    smolq_dequantize_row_fn dequant[2];
+} smolq_type_ops;
+
+/* The ops of a non-K (type, layout) (quants.c) or NULL. */
+const smolq_type_ops *smolq_find_nonk_ops(int type, int layout);
+
+/* Relayout of the 32-element ggjt-era block types (quants.c). */
+int64_t smolq_relayout_blocks(int type, int src_layout, int dst_layout,
+                              const void *src, void *dst, int64_t nblocks, int *lossless_out);
+
+enum {
+    SMOLQ_T_F32 = 0, SMOLQ_T_F16 = 1, SMOLQ_T_Q4_0 = 2, SMOLQ_T_Q4_1 = 3,
+    SMOLQ_T_Q4_2 = 4, SMOLQ_T_Q4_3 = 5, SMOLQ_T_Q5_0 = 6, SMOLQ_T_Q5_1 = 7,
+    SMOLQ_T_Q8_0 = 8, SMOLQ_T_Q2_K = 10, SMOLQ_T_Q3_K = 11, SMOLQ_T_Q4_K = 12,
+    SMOLQ_T_Q5_K = 13, SMOLQ_T_Q6_K = 14, SMOLQ_T_BF16 = 30,
+    SMOLQ_T_TQ1_0 = 34, SMOLQ_T_TQ2_0 = 35
+};
+
+#endif
