@@ -1,0 +1,167 @@
+"""What every architecture module provides: names, hyperparameters, transforms.
+
+An architecture never writes bytes. It tells the pipeline, for one config:
+- which checkpoint tensor becomes which GGUF / legacy tensor, with which
+  expected shape and which row transform (TensorMap);
+- the GGUF `<arch>.*` metadata and the legacy header fields;
+- the fixed legacy-name <-> GGUF-name table (NameTable), which needs no config
+  and is what the reference forward pass and `migrate` use.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from smolq.errors import FormatError, InputError
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """One output tensor and where it comes from.
+
+    `shape` is the PyTorch-order shape the checkpoint tensor `source` must
+    have; `transform` (HF layout -> ggml layout, same shape) is applied to its
+    float data. `gguf`/`legacy` are the output names, None where that
+    container does not carry the tensor. `keep_f32` marks tensors that stay
+    F32 whatever the out-type (1-D, norms); `legacy_f32` adds tensors that
+    a legacy loader insists on reading as F32 (GPT4All MPT's wte).
+    """
+
+    source: str
+    shape: tuple[int, ...]
+    gguf: str | None
+    legacy: str | None
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+    keep_f32: bool = False
+    legacy_f32: bool = False
+
+
+class NameTable:
+    """Legacy <-> GGUF tensor names, from (gguf pattern, legacy pattern) pairs with `{i}` for the block."""
+
+    def __init__(self, pairs: list[tuple[str, str]]):
+        self.pairs = pairs
+        self._to_legacy = [(_pattern(g), l) for g, l in pairs]
+        self._to_gguf = [(_pattern(l), g) for g, l in pairs]
+
+    def to_legacy(self, gguf_name: str) -> str | None:
+        return _translate(self._to_legacy, gguf_name)
+
+    def to_gguf(self, legacy_name: str) -> str | None:
+        return _translate(self._to_gguf, legacy_name)
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+def _translate(table: list[tuple[re.Pattern[str], str]], name: str) -> str | None:
+    for pattern, target in table:
+        m = pattern.match(name)
+        if m:
+            return target.replace("{i}", m.group("i")) if "i" in m.groupdict() else target
+    return None
+
+
+@dataclass(frozen=True)
+class LegacyTarget:
+    """A legacy container an architecture can be written to."""
+
+    container: str  # "ggml" | "ggmf" | "ggjt" | "ggmm"
+    version: int | None
+    dialect: str  # "llama.cpp" | "ggml-examples" | "gpt4all"
+    layout: str  # block layout of Q4_0/Q4_1/Q5_x/Q8_0 in this file: "v1" | "v2" | "v3"
+
+
+class Arch:
+    """Base class; one subclass per family, bound to one config."""
+
+    family: ClassVar[str]
+    gguf_arch: ClassVar[str]
+    hf_architectures: ClassVar[tuple[str, ...]]
+    model_types: ClassVar[tuple[str, ...]]
+    names: ClassVar[NameTable]
+    # Legacy formats this family exists in, by --format name; the first is the default for .bin.
+    legacy_targets: ClassVar[dict[str, LegacyTarget]]
+    default_legacy: ClassVar[str]
+    # Checkpoint tensors that are buffers, not weights (rotary caches, causal masks).
+    skip_suffixes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: dict[str, Any], config_path: Path):
+        self.config = config
+        self.config_path = Path(config_path)
+        self.guesses: list[str] = []  # hyperparameters not in config.json, filled with a default
+        self.notes: list[str] = []  # other things a user should know
+        self.read_hparams()
+
+    # -- config helpers
+    def need(self, key: str, where: dict[str, Any] | None = None) -> Any:
+        source = self.config if where is None else where
+        value = source.get(key)
+        if value is None:
+            raise FormatError(self.config_path, f"missing {key} (needed for {self.family})")
+        return value
+
+    def default(self, key: str, value: Any, why: str = "", where: dict[str, Any] | None = None) -> Any:
+        """config[key], or `value` recorded as a guess (never silently)."""
+        source = self.config if where is None else where
+        if source.get(key) is not None:
+            return source[key]
+        self.guesses.append(f"{key} not in config.json; using {value}{' (' + why + ')' if why else ''}")
+        return value
+
+    # -- to implement
+    def read_hparams(self) -> None:
+        raise NotImplementedError
+
+    def tensor_maps(self, available: set[str]) -> list[TensorMap]:
+        """Output tensors in write order, given the names the checkpoint holds."""
+        raise NotImplementedError
+
+    def gguf_metadata(self) -> dict[str, Any]:
+        """`<arch>.*` keys as name -> MetaValue."""
+        raise NotImplementedError
+
+    def legacy_hparams(self, target: LegacyTarget) -> dict[str, int | float]:
+        """Header fields (formats.md 2) other than ftype."""
+        raise NotImplementedError
+
+    @property
+    def n_vocab(self) -> int:
+        raise NotImplementedError
+
+    # -- shared
+    def skip(self, name: str) -> bool:
+        return name.endswith(self.skip_suffixes)
+
+    def legacy_target(self, fmt: str, path: Path) -> LegacyTarget:
+        target = self.legacy_targets.get(fmt)
+        if target is None:
+            known = ", ".join(self.legacy_targets)
+            raise InputError(path, f"{self.family} cannot be written as {fmt}; legacy formats for it: {known}")
+        return target
+
+    def check_tensors(self, maps: list[TensorMap], tensors: dict[str, Any], file_of: Callable[[str], Path]) -> None:
+        """Every mapped source present with its expected shape; nothing unaccounted for."""
+        used: set[str] = set()
+        for m in maps:
+            t = tensors.get(m.source)
+            if t is None:
+                raise FormatError(self.config_path.parent, f"checkpoint has no tensor {m.source} ({self.family} needs it)")
+            if tuple(t.shape) != tuple(m.shape):
+                raise FormatError(file_of(m.source), f"tensor {m.source} has shape {list(t.shape)}, config.json implies {list(m.shape)}")
+            used.add(m.source)
+        for name in tensors:
+            if name not in used and not self.skip(name):
+                raise FormatError(file_of(name), f"unexpected tensor {name} for {self.family} (not part of the architecture)")
+
+
+def meta(kind: str, value: Any, item: str | None = None):
+    """A GGUF MetaValue, imported lazily so arch modules load without the format module."""
+    from smolq.formats.gguf import MetaValue
+
+    return MetaValue(kind, value, item)

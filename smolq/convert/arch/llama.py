@@ -1,0 +1,172 @@
+"""LLaMA (LlamaForCausalLM, incl. GQA; GPT4All-13b-snoozy): GGUF `llama` and legacy Meta names.
+
+Transforms: q_proj/k_proj rows go from HF's rotate-half order back to Meta's
+interleaved order (formats.md 6.7), K with n_head_kv heads (GQA-aware).
+Tied embeddings: GGUF has no output.weight (llama.cpp reuses token_embd);
+legacy loaders require output.weight, so it is written from the embedding.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from smolq.convert.arch.base import Arch, LegacyTarget, NameTable, TensorMap, meta
+from smolq.convert.checkpoint import rope_scaling, rope_theta
+from smolq.errors import InputError
+
+DEFAULT_ROPE_THETA = 10000.0  # llama.cpp's default when llama.rope.freq_base is absent
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF rows -> Meta/ggml rows: per head, (2, hd/2) -> (hd/2, 2). ggml[h*hd+2i+s] = hf[h*hd+s*hd/2+i]."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Meta/ggml rows -> HF rows (inverse of permute_qk)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+LLAMA_NAMES = NameTable([
+    ("token_embd.weight", "tok_embeddings.weight"),
+    ("output_norm.weight", "norm.weight"),
+    ("output.weight", "output.weight"),
+    ("blk.{i}.attn_norm.weight", "layers.{i}.attention_norm.weight"),
+    ("blk.{i}.attn_q.weight", "layers.{i}.attention.wq.weight"),
+    ("blk.{i}.attn_k.weight", "layers.{i}.attention.wk.weight"),
+    ("blk.{i}.attn_v.weight", "layers.{i}.attention.wv.weight"),
+    ("blk.{i}.attn_output.weight", "layers.{i}.attention.wo.weight"),
+    ("blk.{i}.ffn_norm.weight", "layers.{i}.ffn_norm.weight"),
+    ("blk.{i}.ffn_gate.weight", "layers.{i}.feed_forward.w1.weight"),
+    ("blk.{i}.ffn_down.weight", "layers.{i}.feed_forward.w2.weight"),
+    ("blk.{i}.ffn_up.weight", "layers.{i}.feed_forward.w3.weight"),
+])
+
+# (HF name under model.layers.N., GGUF name under blk.N.); Q/K handled separately for the permutation.
+_LAYER_TENSORS = (
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("self_attn.q_proj.weight", "attn_q.weight"),
+    ("self_attn.k_proj.weight", "attn_k.weight"),
+    ("self_attn.v_proj.weight", "attn_v.weight"),
+    ("self_attn.o_proj.weight", "attn_output.weight"),
+    ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    ("mlp.down_proj.weight", "ffn_down.weight"),
+    ("mlp.up_proj.weight", "ffn_up.weight"),
+)
+
+
+class Llama(Arch):
+    family = "llama"
+    gguf_arch = "llama"
+    hf_architectures = ("LlamaForCausalLM",)
+    model_types = ("llama",)
+    names = LLAMA_NAMES
+    legacy_targets = {
+        "ggjt-v3": LegacyTarget("ggjt", 3, "llama.cpp", "v3"),
+        "ggjt-v2": LegacyTarget("ggjt", 2, "llama.cpp", "v2"),
+        "ggjt-v1": LegacyTarget("ggjt", 1, "llama.cpp", "v1"),
+        "ggmf": LegacyTarget("ggmf", 1, "llama.cpp", "v1"),
+        "ggml": LegacyTarget("ggml", None, "llama.cpp", "v1"),
+    }
+    default_legacy = "ggjt-v3"
+    skip_suffixes = (".rotary_emb.inv_freq",)
+
+    def read_hparams(self) -> None:
+        c = self.config
+        self.vocab_size = int(self.need("vocab_size"))
+        self.n_embd = int(self.need("hidden_size"))
+        self.n_ff = int(self.need("intermediate_size"))
+        self.n_layer = int(self.need("num_hidden_layers"))
+        self.n_head = int(self.need("num_attention_heads"))
+        self.n_head_kv = int(self.default("num_key_value_heads", self.n_head, "no GQA"))
+        self.head_dim = int(c.get("head_dim") or self.n_embd // self.n_head)
+        self.n_ctx = int(self.default("max_position_embeddings", 2048, "LLaMA-1 context"))
+        self.rms_eps = float(self.default("rms_norm_eps", 1e-6, "LlamaConfig default"))
+        theta = rope_theta(c)
+        if theta is None:
+            self.guesses.append(f"rope_theta not in config.json (neither top level nor rope_parameters); using {DEFAULT_ROPE_THETA}")
+            theta = DEFAULT_ROPE_THETA
+        self.rope_theta = theta
+        self.tied = bool(c.get("tie_word_embeddings", False))
+        self.rope_scaling = rope_scaling(c)
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind != "linear":
+                raise InputError(self.config_path, f"RoPE scaling type {kind!r} is not supported (only linear)")
+        if self.n_head % self.n_head_kv:
+            raise InputError(self.config_path, f"num_attention_heads {self.n_head} is not a multiple of num_key_value_heads {self.n_head_kv}")
+
+    @property
+    def n_vocab(self) -> int:
+        return self.vocab_size
+
+    def tensor_maps(self, available: set[str]) -> list[TensorMap]:
+        E, F, V, hd = self.n_embd, self.n_ff, self.vocab_size, self.head_dim
+        q_rows, kv_rows = self.n_head * hd, self.n_head_kv * hd
+        shapes = {
+            "input_layernorm.weight": (E,), "post_attention_layernorm.weight": (E,),
+            "self_attn.q_proj.weight": (q_rows, E), "self_attn.k_proj.weight": (kv_rows, E),
+            "self_attn.v_proj.weight": (kv_rows, E), "self_attn.o_proj.weight": (E, q_rows),
+            "mlp.gate_proj.weight": (F, E), "mlp.up_proj.weight": (F, E), "mlp.down_proj.weight": (E, F),
+        }
+        transforms = {
+            "self_attn.q_proj.weight": partial(permute_qk, n_heads=self.n_head),
+            "self_attn.k_proj.weight": partial(permute_qk, n_heads=self.n_head_kv),
+        }
+        maps = [self._map("model.embed_tokens.weight", (V, E), "token_embd.weight")]
+        for i in range(self.n_layer):
+            for hf, gg in _LAYER_TENSORS:
+                maps.append(self._map(f"model.layers.{i}.{hf}", shapes[hf], f"blk.{i}.{gg}", transforms.get(hf)))
+        maps.append(self._map("model.norm.weight", (E,), "output_norm.weight"))
+        if "lm_head.weight" in available:
+            maps.append(self._map("lm_head.weight", (V, E), "output.weight"))
+        else:
+            # Tied: GGUF omits output.weight; legacy loaders need it, so copy the embedding there.
+            maps.append(TensorMap("model.embed_tokens.weight", (V, E), None, "output.weight"))
+        return maps
+
+    def _map(self, source: str, shape: tuple[int, ...], gguf: str, transform=None) -> TensorMap:
+        return TensorMap(source, shape, gguf, self.names.to_legacy(gguf), transform, keep_f32=len(shape) == 1)
+
+    def gguf_metadata(self) -> dict[str, Any]:
+        a = self.gguf_arch
+        md = {
+            f"{a}.vocab_size": meta("u32", self.vocab_size),
+            f"{a}.context_length": meta("u32", self.n_ctx),
+            f"{a}.embedding_length": meta("u32", self.n_embd),
+            f"{a}.block_count": meta("u32", self.n_layer),
+            f"{a}.feed_forward_length": meta("u32", self.n_ff),
+            f"{a}.rope.dimension_count": meta("u32", self.head_dim),
+            f"{a}.attention.head_count": meta("u32", self.n_head),
+            f"{a}.attention.head_count_kv": meta("u32", self.n_head_kv),
+            f"{a}.attention.layer_norm_rms_epsilon": meta("f32", self.rms_eps),
+            f"{a}.rope.freq_base": meta("f32", self.rope_theta),
+        }
+        if self.config.get("head_dim") is not None:
+            md[f"{a}.attention.key_length"] = meta("u32", self.head_dim)
+            md[f"{a}.attention.value_length"] = meta("u32", self.head_dim)
+        if self.rope_scaling is not None:
+            md[f"{a}.rope.scaling.type"] = meta("str", "linear")
+            md[f"{a}.rope.scaling.factor"] = meta("f32", float(self.rope_scaling["factor"]))
+        return md
+
+    def legacy_hparams(self, target: LegacyTarget) -> dict[str, int | float]:
+        if self.head_dim * self.n_head != self.n_embd:
+            raise InputError(self.config_path, "legacy LLaMA headers assume head_dim = hidden_size / num_attention_heads")
+        from smolq.formats.legacy import find_n_mult
+
+        try:
+            n_mult = find_n_mult(self.n_embd, self.n_ff)
+        except InputError as exc:
+            raise InputError(self.config_path, exc.message) from None
+        if self.n_head_kv != self.n_head:
+            self.notes.append(f"legacy LLaMA headers have no n_head_kv: loaders need --gqa {self.n_head // self.n_head_kv}")
+        return {
+            "n_vocab": self.vocab_size, "n_embd": self.n_embd, "n_mult": n_mult,
+            "n_head": self.n_head, "n_layer": self.n_layer, "n_rot": self.n_embd // self.n_head,
+        }

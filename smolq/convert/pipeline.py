@@ -1,0 +1,295 @@
+"""HF checkpoint -> GGUF or legacy ggml file, one tensor at a time.
+
+    source (checkpoint.py) -> arch (names, shapes, transforms) -> plan (types)
+    -> quantizer (numpy for f32/f16, the C kernel for bf16 and block types)
+    -> sink (formats.gguf / formats.legacy, which call each entry's load()).
+
+Peak memory is a few copies of the largest tensor: each output entry's
+load() maps its source tensor, transforms and converts it, and the writer
+drops the result before asking for the next.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from smolq.convert.arch import Arch, LegacyTarget, TensorMap, arch_for_config
+from smolq.convert.checkpoint import Checkpoint, SourceTensor, open_checkpoint
+from smolq.convert.vocab import Vocab, load_vocab
+from smolq.errors import InputError
+from smolq.formats.base import TensorEntry
+from smolq.quantize.types import GGMLType, is_quantized, tensor_nbytes
+
+T = GGMLType
+
+GGUF_FORMATS = {"gguf": 3, "gguf-v1": 1, "gguf-v2": 2, "gguf-v3": 3}
+LEGACY_FORMATS = ("ggml", "ggmf", "ggjt-v1", "ggjt-v2", "ggjt-v3", "ggmm")
+FORMAT_ALIASES = {"ggjt": "ggjt-v3", "gguf3": "gguf-v3", "gguf2": "gguf-v2", "gguf1": "gguf-v1"}
+ALL_FORMATS = tuple(GGUF_FORMATS) + LEGACY_FORMATS
+GGML_QUANT_VERSION = 2  # general.quantization_version written by llama.cpp
+SOURCE_TYPES = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16, "F64": T.F32}
+
+
+@dataclass(frozen=True)
+class Target:
+    format: str  # canonical --format name
+    gguf_version: int | None = None
+    legacy: LegacyTarget | None = None
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_version is not None
+
+    @property
+    def layout(self) -> str:
+        return self.legacy.layout if self.legacy else "v3"
+
+
+@dataclass
+class Step:
+    """One output tensor: where it comes from and what it becomes."""
+
+    name: str
+    map: TensorMap
+    source: SourceTensor
+    type: GGMLType
+    fallback: bool = False
+    layout: str = "v3"
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.type, self.map.shape, self.layout)
+
+
+# ------------------------------------------------------------------ choosing the target
+
+def resolve_target(fmt: str | None, out_path: Path, arch: Arch) -> Target:
+    if fmt is None:
+        suffix = out_path.suffix.lower()
+        if suffix == ".gguf":
+            fmt = "gguf"
+        elif suffix == ".bin":
+            fmt = arch.default_legacy
+        else:
+            raise InputError(out_path, "cannot tell the format from the suffix (.gguf or .bin); pass --format")
+    key = FORMAT_ALIASES.get(fmt.lower(), fmt.lower())
+    if key in GGUF_FORMATS:
+        return Target(key if key != "gguf" else "gguf-v3", gguf_version=GGUF_FORMATS[key])
+    if key in LEGACY_FORMATS:
+        return Target(key, legacy=arch.legacy_target(key, out_path))
+    raise InputError(out_path, f"unknown format {fmt!r} (choose one of {', '.join(ALL_FORMATS)})")
+
+
+def _gguf_name(arch: Arch, m: TensorMap) -> str:
+    return m.gguf or arch.names.to_gguf(m.legacy or "") or m.source
+
+
+def plan_types(arch: Arch, maps: list[TensorMap], target: Target, outtype: str, path: Path) -> tuple[list[tuple[GGMLType, bool]], Any]:
+    """Per-tensor (type, fell back) with llama.cpp's rules: 1-D and norms stay F32 (plan.py)."""
+    from smolq.quantize.plan import ModelInfo, plan_tensor_types, resolve_preset
+
+    preset = resolve_preset(type_name=outtype)
+    info = ModelInfo(arch=arch.gguf_arch, n_layer=getattr(arch, "n_layer", 0),
+                     n_head=getattr(arch, "n_head", 0), n_head_kv=getattr(arch, "n_head_kv", 0))
+    rows = [(_gguf_name(arch, m), T.F32, m.shape) for m in maps]
+    plan = plan_tensor_types(rows, preset, info)
+    out = []
+    for m, tp in zip(maps, plan.tensors):
+        t = tp.dst_type
+        if m.keep_f32 or (target.legacy and target.legacy.container == "ggmm" and m.legacy_f32):
+            t = T.F32
+        out.append((t, tp.fallback))
+    return out, preset
+
+
+def _check_storable(arch: Arch, target: Target, steps: list[Step], path: Path) -> None:
+    if target.legacy is None:
+        if any(s.type in (T.Q4_2, T.Q4_3) for s in steps):
+            raise InputError(path, "GGUF cannot hold Q4_2/Q4_3")
+        return
+    from smolq.formats.legacy import storable_types
+
+    lt = target.legacy
+    qntvr = {"v1": 0, "v2": 1, "v3": 2}[lt.layout] if lt.dialect == "ggml-examples" else None
+    allowed = storable_types(lt.container, lt.version, arch.family, lt.dialect, qntvr)
+    for s in steps:
+        if s.type not in allowed:
+            holds = ", ".join(sorted(t.name for t in allowed))
+            raise InputError(path, f"{target.format} ({arch.family}, {lt.dialect}) cannot hold {s.type.name} "
+                                   f"for {s.name}; it holds {holds}")
+
+
+# ------------------------------------------------------------------ tensor data
+
+def _to_bf16(x: np.ndarray) -> np.ndarray:
+    from smolq.kernels import quantize
+
+    return quantize(x.reshape(-1, x.shape[-1]), T.BF16)
+
+
+def convert_tensor(x: np.ndarray, dst: GGMLType, layout: str = "v3") -> np.ndarray:
+    """Float data (HF-layout already transformed) -> the bytes of `dst` in `layout`."""
+    if dst == T.F32:
+        return np.ascontiguousarray(x, dtype="<f4")
+    if dst == T.F16:
+        return np.ascontiguousarray(x, dtype="<f2")
+    from smolq.kernels import quantize
+
+    n = x.shape[-1] if x.ndim else 1
+    return quantize(np.asarray(x, dtype=np.float32).reshape(-1, n), dst, layout=layout)
+
+
+def _loader(step: Step, layout: str) -> Callable[[], Any]:
+    src, m, dst = step.source, step.map, step.type
+
+    def load():
+        if m.transform is None and SOURCE_TYPES.get(src.dtype) == dst and src.dtype != "F64":
+            return src.load_raw()  # same type, no transform: the mapped bytes as they are
+        x = src.load()
+        if m.transform is not None:
+            x = m.transform(x)
+        return convert_tensor(x, dst, layout)
+
+    return load
+
+
+def _entries(steps: list[Step], layout: str) -> list[TensorEntry]:
+    return [TensorEntry(s.name, s.type, tuple(s.map.shape), _loader(s, layout), layout) for s in steps]
+
+
+# ------------------------------------------------------------------ metadata
+
+def _model_name(ckpt: Checkpoint) -> str:
+    name = ckpt.config.get("_name_or_path")
+    if isinstance(name, str) and name.strip():
+        return Path(name.rstrip("/")).name
+    return ckpt.path.resolve().name
+
+
+def gguf_metadata(arch: Arch, vocab: Vocab, ckpt: Checkpoint, file_type: int | None) -> dict[str, Any]:
+    from smolq.convert.arch.base import meta
+
+    md: dict[str, Any] = {
+        "general.architecture": meta("str", arch.gguf_arch),
+        "general.type": meta("str", "model"),
+        "general.name": meta("str", _model_name(ckpt)),
+    }
+    md.update(arch.gguf_metadata())
+    if file_type is not None:
+        md["general.file_type"] = meta("u32", file_type)
+    md["general.quantization_version"] = meta("u32", GGML_QUANT_VERSION)
+    md.update(vocab.gguf_metadata(arch.family))
+    return md
+
+
+# ------------------------------------------------------------------ the command
+
+def _progress_event(on_progress, **event) -> None:
+    if on_progress is not None:
+        on_progress(event)
+
+
+def build_steps(arch: Arch, ckpt: Checkpoint, target: Target, outtype: str, out_path: Path):
+    maps = arch.tensor_maps(set(ckpt.tensors))
+    arch.check_tensors(maps, ckpt.tensors, ckpt.file_of)
+    maps = [m for m in maps if (m.gguf if target.is_gguf else m.legacy) is not None]
+    types, preset = plan_types(arch, maps, target, outtype, out_path)
+    steps = [Step(m.gguf if target.is_gguf else m.legacy, m, ckpt.tensors[m.source], t, fb, target.layout)
+             for m, (t, fb) in zip(maps, types)]
+    _check_storable(arch, target, steps, out_path)
+    return steps, preset
+
+
+def convert(
+    src_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    format: str | None = None,
+    outtype: str = "f16",
+    vocab_only: bool = False,
+    dry_run: bool = False,
+    quiet: bool = True,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Convert a Hugging Face checkpoint directory; returns a summary dict.
+
+    format: "gguf" / "gguf-v1|v2|v3" / "ggml" / "ggmf" / "ggjt-v1|v2|v3" / "ggmm",
+    or None to pick from the suffix (.gguf -> GGUF v3; .bin -> the newest
+    legacy format GPT4All's legacy backend loads for the family). outtype:
+    f32, f16, bf16, q8_0, any RTN type or a llama.cpp mix (q4_k_m ...).
+    on_progress(event) gets {"event": "start"|"tensor"|"done", ...}.
+    """
+    started = time.perf_counter()
+    out = Path(out_path)
+    ckpt = open_checkpoint(src_dir)
+    try:
+        arch = arch_for_config(ckpt.config, ckpt.path / "config.json")
+        target = resolve_target(format, out, arch)
+        steps, preset = build_steps(arch, ckpt, target, outtype, out)
+        hparams = arch.legacy_hparams(target.legacy) if target.legacy else None  # refuses early
+        if vocab_only:
+            steps = []
+        vocab = load_vocab(ckpt.path, arch.n_vocab, arch.family, ckpt.config)
+        summary = _summary(ckpt, arch, target, outtype, steps, vocab, out)
+        if dry_run:
+            summary["dry_run"] = True
+            return summary
+        _progress_event(on_progress, event="start", n_tensors=len(steps), n_bytes=summary["tensor_bytes"])
+
+        def on_tensor(entry: TensorEntry, *_: Any) -> None:
+            _progress_event(on_progress, event="tensor", name=entry.name, nbytes=entry.nbytes)
+
+        if target.is_gguf:
+            file_type = preset.ftype
+            md = gguf_metadata(arch, vocab, ckpt, file_type)
+            from smolq.formats.gguf import write_gguf
+
+            size = write_gguf(out, md, _entries(steps, "v3"), version=target.gguf_version, on_tensor=on_tensor)
+        else:
+            size = _write_legacy_file(out, arch, target, hparams, vocab, steps, preset, on_tensor)
+        summary.update(bytes=size, seconds=round(time.perf_counter() - started, 3))
+        _progress_event(on_progress, event="done", bytes=size)
+        return summary
+    finally:
+        ckpt.close()
+
+
+def _write_legacy_file(out: Path, arch: Arch, target: Target, hparams: dict, vocab: Vocab, steps: list[Step], preset, on_tensor) -> int:
+    from smolq.formats.legacy import write_legacy
+
+    lt = target.legacy
+    assert lt is not None
+    tokens = vocab.legacy_tokens(arch.family, lt.container, lt.dialect)
+    # LLaMA headers hold LLAMA_FTYPE (a mix has its own value); other dialects: the writer infers it.
+    ftype = preset.ftype if arch.family == "llama" and preset.ftype is not None else None
+    write_legacy(
+        out, lt.container, lt.version, arch.family, hparams, [(text, score) for text, score, _ in tokens],
+        _entries(steps, lt.layout), dialect=lt.dialect, ftype=ftype, on_tensor=on_tensor,
+        special_tokens=[i for i, (_, _, special) in enumerate(tokens) if special],
+    )
+    return out.stat().st_size
+
+
+def _summary(ckpt: Checkpoint, arch: Arch, target: Target, outtype: str, steps: list[Step], vocab: Vocab, out: Path) -> dict[str, Any]:
+    tensors = [{
+        "name": s.name, "source": s.map.source, "source_dtype": s.source.dtype,
+        "shape": list(s.map.shape), "type": s.type.name, "bytes": s.nbytes,
+        **({"fallback": True} if s.fallback else {}),
+    } for s in steps]
+    notes = list(arch.notes) + list(vocab.notes)
+    if target.legacy and arch.family == "llama" and not 32000 <= arch.n_vocab <= 32100:
+        notes.append(f"n_vocab {arch.n_vocab} is outside [32000, 32100]: GPT4All will not recognise this as LLaMA")
+    if target.legacy and arch.family == "gptj" and not 50300 <= arch.n_vocab <= 50400:
+        notes.append(f"n_vocab {arch.n_vocab} is outside [50300, 50400]: GPT4All will not recognise this as GPT-J")
+    return {
+        "source": str(ckpt.path), "output": str(out), "format": target.format,
+        "architecture": arch.family, "hf_architecture": (ckpt.config.get("architectures") or [None])[0],
+        "checkpoint": ckpt.kind, "outtype": outtype, "n_tensors": len(steps),
+        "tensor_bytes": sum(s.nbytes for s in steps), "n_vocab": len(vocab),
+        "guesses": list(arch.guesses), "notes": notes, "tensors": tensors,
+        "n_quantized": sum(is_quantized(s.type) for s in steps),
+    }

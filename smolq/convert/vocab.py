@@ -1,0 +1,365 @@
+"""Vocabularies: SentencePiece (tokenizer.model) and BPE (tokenizer.json / vocab.json + merges.txt).
+
+One `Vocab` per checkpoint, padded or trimmed to the model's n_vocab, that
+renders itself two ways:
+- GGUF `tokenizer.ggml.*` keys (formats.md 6.5, llamacpp.md 1.5): SentencePiece
+  pieces stay raw ("▁", "<0x0A>"); byte-level BPE tokens stay in GPT-2's
+  byte->unicode encoding ("Ġthe"), except GPT-J, whose only GGUF reader
+  (GPT4All) wants the decoded bytes;
+- legacy vocab entries (formats.md 3): (bytes, score, special) per token, with
+  each family's text rules.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from smolq.errors import FormatError, InputError
+
+# tokenizer.ggml.token_type values (formats.md 6.5)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+ADDED_TOKEN_SCORE = -1000.0  # convert.py / convert_hf_to_gguf.py score for added tokens
+UNK_LEGACY_TEXT = " \u2047 ".encode("utf-8")  # what ggjt-era converters stored for <unk>
+SPIECE_SPACE = "\u2581"
+SPECIAL_KINDS = ("bos", "eos", "unk", "pad", "sep")
+
+
+@lru_cache(maxsize=1)
+def byte_encoder() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode character map."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+@lru_cache(maxsize=1)
+def byte_decoder() -> dict[str, int]:
+    return {c: b for b, c in byte_encoder().items()}
+
+
+def decode_byte_level(token: str) -> bytes:
+    """Undo the GPT-2 byte map; characters outside it (added tokens) stay UTF-8."""
+    dec = byte_decoder()
+    out = bytearray()
+    for ch in token:
+        if ch in dec:
+            out.append(dec[ch])
+        else:
+            out += ch.encode("utf-8")
+    return bytes(out)
+
+
+@dataclass
+class Vocab:
+    model: str  # tokenizer.ggml.model: "llama" (SentencePiece-style) or "gpt2" (byte-level BPE)
+    tokens: list[str]  # as upstream GGUF stores them
+    types: list[int]
+    scores: list[float] | None
+    merges: list[str]
+    special_ids: dict[str, int]
+    add_bos: bool | None = None
+    add_eos: bool | None = None
+    chat_template: str | None = None
+    pre: str | None = None
+    source: Path | None = None
+    notes: list[str] = field(default_factory=list)
+    n_base: int = 0  # ids below this are the base tokenizer's; the rest were added
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def byte_level(self) -> bool:
+        return self.model == "gpt2"
+
+    # ---------------------------------------------------------- GGUF
+    def gguf_metadata(self, family: str) -> dict[str, Any]:
+        from smolq.convert.arch.base import meta
+
+        raw = family == "gptj"  # GPT4All's GPT-J reader: decoded bytes, no types or scores
+        tokens: list[Any] = [self.raw_bytes(i) for i in range(len(self))] if raw else self.tokens
+        md: dict[str, Any] = {"tokenizer.ggml.model": meta("str", self.model)}
+        if self.pre and not raw:
+            md["tokenizer.ggml.pre"] = meta("str", self.pre)
+        md["tokenizer.ggml.tokens"] = meta("array", tokens, "str")
+        if self.scores is not None and not raw:
+            md["tokenizer.ggml.scores"] = meta("array", self.scores, "f32")
+        if not raw:
+            md["tokenizer.ggml.token_type"] = meta("array", self.types, "i32")
+        if self.merges:
+            md["tokenizer.ggml.merges"] = meta("array", self.merges, "str")
+        key_names = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding", "sep": "seperator"}
+        for kind in SPECIAL_KINDS:
+            if kind in self.special_ids:
+                md[f"tokenizer.ggml.{key_names[kind]}_token_id"] = meta("u32", self.special_ids[kind])
+        if self.add_bos is not None:
+            md["tokenizer.ggml.add_bos_token"] = meta("bool", self.add_bos)
+        if self.add_eos is not None:
+            md["tokenizer.ggml.add_eos_token"] = meta("bool", self.add_eos)
+        if self.chat_template:
+            md["tokenizer.chat_template"] = meta("str", self.chat_template)
+        return md
+
+    # ---------------------------------------------------------- bytes of a token
+    def raw_bytes(self, i: int) -> bytes:
+        """The bytes token i stands for (byte tokens as the byte, '▁' as space, BPE map undone)."""
+        text, kind = self.tokens[i], self.types[i]
+        if self.byte_level:
+            return text.encode("utf-8") if kind in (CONTROL, USER_DEFINED, UNUSED) else decode_byte_level(text)
+        if kind == BYTE and len(text) == 6 and text.startswith("<0x"):
+            return bytes([int(text[3:5], 16)])
+        return text.replace(SPIECE_SPACE, " ").encode("utf-8")
+
+    # ---------------------------------------------------------- legacy
+    def legacy_tokens(self, family: str, container: str, dialect: str) -> list[tuple[bytes, float, bool]]:
+        """(text bytes, score, special) per token, by the rules of formats.md 3."""
+        if family == "llama":
+            return [self._llama_legacy(i) for i in range(len(self))]
+        if family == "mpt" and container == "ggml":
+            return self._mpt_examples_legacy()
+        out = []
+        for i in range(len(self)):
+            text = self.raw_bytes(i)
+            if family == "mpt":  # 'ggmm': decode(['.', i])[1:], so partial UTF-8 becomes U+FFFD
+                text = text.decode("utf-8", "replace").encode("utf-8")
+            out.append((text, 0.0, self.types[i] == CONTROL))
+        return out
+
+    def _llama_legacy(self, i: int) -> tuple[bytes, float, bool]:
+        kind = self.types[i]
+        score = self.scores[i] if self.scores is not None else -float(i)
+        special = kind == CONTROL
+        if kind == UNKNOWN:
+            return UNK_LEGACY_TEXT, score, special
+        if kind == CONTROL and i < self.n_base:
+            return b"", score, special  # the tokenizer's own <s>, </s>
+        return self.raw_bytes(i), score, special
+
+    def _mpt_examples_legacy(self) -> list[tuple[bytes, float, bool]]:
+        # Each byte b of the token is stored as the UTF-8 of chr(b) (Latin-1 as UTF-8);
+        # added tokens keep their text; padding repeats the last real token.
+        out: list[tuple[bytes, float, bool]] = []
+        for i in range(len(self)):
+            if self.types[i] == UNUSED and out:
+                out.append(out[-1])
+                continue
+            if self.types[i] in (CONTROL, USER_DEFINED):
+                text = self.tokens[i].encode("utf-8")
+            else:
+                text = "".join(chr(b) for b in self.raw_bytes(i)).encode("utf-8")
+            out.append((text, 0.0, False))
+        return out
+
+
+# ====================================================================== loading
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(path, f"not valid JSON: {exc}") from None
+
+
+def _added_tokens(directory: Path, tokenizer_json: dict | None) -> dict[int, tuple[str, bool]]:
+    """id -> (content, special) from tokenizer.json, tokenizer_config.json and added_tokens.json."""
+    added: dict[int, tuple[str, bool]] = {}
+    for path_name in ("added_tokens.json",):
+        data = _read_json(directory / path_name)
+        if isinstance(data, dict):
+            for content, tid in data.items():
+                added[int(tid)] = (content, False)
+    config = _read_json(directory / "tokenizer_config.json") or {}
+    for tid, info in (config.get("added_tokens_decoder") or {}).items():
+        if isinstance(info, dict) and "content" in info:
+            added[int(tid)] = (info["content"], bool(info.get("special", False)))
+    for info in (tokenizer_json or {}).get("added_tokens") or []:
+        if isinstance(info, dict) and "content" in info and "id" in info:
+            added[int(info["id"])] = (info["content"], bool(info.get("special", False)))
+    return added
+
+
+def _token_content(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _special_settings(directory: Path, token_to_id: dict[str, int], model_config: dict[str, Any], vocab: Vocab) -> None:
+    tok_config = _read_json(directory / "tokenizer_config.json") or {}
+    special_map = _read_json(directory / "special_tokens_map.json") or {}
+    for kind in SPECIAL_KINDS:
+        content = _token_content(tok_config.get(f"{kind}_token")) or _token_content(special_map.get(f"{kind}_token"))
+        if content is not None and content in token_to_id:
+            vocab.special_ids[kind] = token_to_id[content]
+        elif isinstance(model_config.get(f"{kind}_token_id"), int):
+            vocab.special_ids[kind] = model_config[f"{kind}_token_id"]
+    for kind in list(vocab.special_ids):
+        if not 0 <= vocab.special_ids[kind] < len(vocab):
+            vocab.notes.append(f"{kind} token id {vocab.special_ids.pop(kind)} is outside the vocabulary; dropped")
+    if isinstance(tok_config.get("add_bos_token"), bool):
+        vocab.add_bos = tok_config["add_bos_token"]
+    if isinstance(tok_config.get("add_eos_token"), bool):
+        vocab.add_eos = tok_config["add_eos_token"]
+    template = tok_config.get("chat_template")
+    if isinstance(template, str):
+        vocab.chat_template = template
+
+
+def _fit(vocab_tokens: list[str], types: list[int], scores: list[float] | None, n_vocab: int, notes: list[str]):
+    """Pad with [PAD{i}] (UNUSED) up to n_vocab, or drop ids the embedding has no row for."""
+    if len(vocab_tokens) > n_vocab:
+        notes.append(f"tokenizer has {len(vocab_tokens)} tokens but the model {n_vocab}; ids >= {n_vocab} dropped")
+        del vocab_tokens[n_vocab:], types[n_vocab:]
+        if scores is not None:
+            del scores[n_vocab:]
+    for i in range(len(vocab_tokens), n_vocab):
+        vocab_tokens.append(f"[PAD{i}]")
+        types.append(UNUSED)
+        if scores is not None:
+            scores.append(ADDED_TOKEN_SCORE)
+
+
+def _place_added(tokens: list[str], types: list[int], scores: list[float] | None, added: dict[int, tuple[str, bool]], n_base: int) -> None:
+    for tid in sorted(added):
+        content, special = added[tid]
+        if tid < n_base:
+            if special and types[tid] == NORMAL:
+                types[tid] = CONTROL
+            continue
+        while len(tokens) < tid:
+            tokens.append(f"[PAD{len(tokens)}]")
+            types.append(UNUSED)
+            if scores is not None:
+                scores.append(ADDED_TOKEN_SCORE)
+        if len(tokens) == tid:
+            tokens.append(content)
+            types.append(CONTROL if special else USER_DEFINED)
+            if scores is not None:
+                scores.append(ADDED_TOKEN_SCORE)
+        else:
+            tokens[tid] = content
+            types[tid] = CONTROL if special else USER_DEFINED
+
+
+def _sentencepiece_vocab(path: Path) -> tuple[list[str], list[int], list[float]]:
+    try:
+        import sentencepiece
+    except ImportError:
+        raise InputError(path, "reading tokenizer.model needs the sentencepiece package") from None
+    sp = sentencepiece.SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(path.read_bytes())
+    except Exception as exc:  # sentencepiece raises plain RuntimeError/OSError variants
+        raise FormatError(path, f"not a SentencePiece model: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    tokens, types, scores = [], [], []
+    for i in range(sp.GetPieceSize()):
+        tokens.append(sp.IdToPiece(i))
+        scores.append(float(sp.GetScore(i)))
+        if sp.IsUnknown(i):
+            types.append(UNKNOWN)
+        elif sp.IsControl(i):
+            types.append(CONTROL)
+        elif sp.IsUnused(i):
+            types.append(UNUSED)
+        elif sp.IsByte(i):
+            types.append(BYTE)
+        else:
+            types.append(NORMAL)
+    return tokens, types, scores
+
+
+def _merge_strings(merges: list[Any]) -> list[str]:
+    """tokenizers keeps merges as "a b" strings (old) or [a, b] pairs (new); GGUF wants "a b"."""
+    return [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
+def _bpe_from_tokenizer_json(path: Path, data: dict) -> tuple[str, dict[str, int], list[str]]:
+    """(ggml model, token->id, merges) of a tokenizers BPE model."""
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise InputError(path, f"tokenizer model {model.get('type')!r} is not supported (SentencePiece or BPE)")
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict):
+        raise FormatError(path, "BPE model without a vocab")
+    text = json.dumps(data.get("pre_tokenizer")) + json.dumps(data.get("decoder"))
+    kind = "gpt2" if "ByteLevel" in text else "llama"  # SentencePiece-style BPE with byte fallback
+    return kind, vocab, _merge_strings(model.get("merges") or [])
+
+
+def _bpe_from_files(directory: Path) -> tuple[str, dict[str, int], list[str]]:
+    vocab = _read_json(directory / "vocab.json")
+    merges_path = directory / "merges.txt"
+    merges = []
+    if merges_path.is_file():
+        lines = merges_path.read_text(encoding="utf-8").splitlines()
+        merges = [ln for ln in lines if ln and not ln.startswith("#version")]
+    return "gpt2", vocab, merges
+
+
+def load_vocab(directory: str | Path, n_vocab: int, family: str, model_config: dict[str, Any] | None = None) -> Vocab:
+    """Read the checkpoint's tokenizer and fit it to n_vocab ids."""
+    directory = Path(directory)
+    model_config = model_config or {}
+    tokenizer_json = _read_json(directory / "tokenizer.json")
+    added = _added_tokens(directory, tokenizer_json)
+    sp_path = directory / "tokenizer.model"
+    notes: list[str] = []
+    if family == "llama" and sp_path.is_file():
+        tokens, types, scores = _sentencepiece_vocab(sp_path)
+        model, merges, source, pre = "llama", [], sp_path, "default"
+    else:
+        if tokenizer_json is not None:
+            model, token_to_id, merges = _bpe_from_tokenizer_json(directory / "tokenizer.json", tokenizer_json)
+            source = directory / "tokenizer.json"
+        elif (directory / "vocab.json").is_file():
+            model, token_to_id, merges = _bpe_from_files(directory)
+            source = directory / "vocab.json"
+        else:
+            raise InputError(directory, "no tokenizer found (tokenizer.model, tokenizer.json or vocab.json)")
+        tokens, types, scores = _tokens_by_id(source, token_to_id, model)
+        pre = {"mpt": "mpt", "llama": "default" if model == "llama" else "gpt-2"}.get(family)
+        if model == "llama":
+            merges = []  # SentencePiece-style: llama.cpp merges by score
+    n_base = len(tokens)
+    _place_added(tokens, types, scores, added, n_base)
+    _fit(tokens, types, scores, n_vocab, notes)
+    vocab = Vocab(model, tokens, types, scores, merges, {}, pre=pre, source=source, notes=notes, n_base=n_base)
+    _special_settings(directory, {t: i for i, t in enumerate(tokens)}, model_config, vocab)
+    return vocab
+
+
+def _tokens_by_id(source: Path, token_to_id: dict[str, int], model: str) -> tuple[list[str], list[int], list[float] | None]:
+    if not token_to_id:
+        raise FormatError(source, "empty vocabulary")
+    size = max(token_to_id.values()) + 1
+    if size > 10 * len(token_to_id) + 1000:
+        raise FormatError(source, f"token ids reach {size - 1} for {len(token_to_id)} tokens")
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [UNUSED] * size
+    for text, tid in token_to_id.items():
+        tokens[tid] = text
+        types[tid] = NORMAL
+    if model == "gpt2":
+        return tokens, types, None
+    # SentencePiece-style BPE from tokenizer.json: byte tokens and <unk>, scores in vocab order
+    # (SentencePiece keeps pieces sorted by score, so -id ranks merges the same way).
+    scores = []
+    for i, text in enumerate(tokens):
+        if text.startswith("<0x") and text.endswith(">") and len(text) == 6:
+            types[i] = BYTE
+        elif text == "<unk>":
+            types[i] = UNKNOWN
+        scores.append(0.0 if types[i] != NORMAL else -float(i))
+    return tokens, types, scores
