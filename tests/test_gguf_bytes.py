@@ -367,6 +367,17 @@ def test_big_endian_detected_without_flag(tmp_path):
         assert f.tensors[0].shape == (8,)
 
 
+def test_non_utf8_string_values_survive_a_round_trip(tmp_path):
+    """String values are raw bytes in GGUF (nominally UTF-8); old vocabularies hold broken UTF-8."""
+    src, out = tmp_path / "src.gguf", tmp_path / "out.gguf"
+    src.write_bytes(small_spec_file(kvs=[S3.kv("k", T_STR, S3.string(b"a\xff")),
+                                         S3.kv("t", T_ARR, S3.array(T_STR, 1, S3.string(b"\xc3")))]))
+    with read_gguf(src) as f:
+        assert f.metadata["k"].value.encode("utf-8", "surrogateescape") == b"a\xff"
+        write_gguf(out, f.metadata, f.tensors)
+    assert out.read_bytes() == src.read_bytes()
+
+
 def test_missing_file_is_format_error(tmp_path):
     with pytest.raises(FormatError, match="cannot open"):
         read_gguf(tmp_path / "nope.gguf")
@@ -397,6 +408,8 @@ BAD_WRITES = {
     "version": (dict(metadata={}, tensors=[], version=4), "unsupported GGUF version 4"),
     "endian": (dict(metadata={}, tensors=[], endian="middle"), "endian"),
     "five dims": (dict(metadata={}, tensors=[entry(shape=(1, 1, 1, 1, 8))]), "GGUF allows 4"),
+    "key not utf-8": (dict(metadata={"\udcff": MetaValue.u8(1)}, tensors=[]), "cannot be encoded as UTF-8"),
+    "name not utf-8": (dict(metadata={}, tensors=[entry("\udcff")]), "cannot be encoded as UTF-8"),
 }
 
 

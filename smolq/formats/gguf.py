@@ -231,15 +231,9 @@ class MetaValue:
         t = value_type(vtype)
         if t != V.ARRAY and isinstance(value, (list, tuple, np.ndarray)):
             t, item_type = V.ARRAY, t
-        if t == V.ARRAY:
-            if item_type is None:
-                inferred = _infer(value)
-                return inferred
-            it = value_type(item_type)
-            if it == V.ARRAY:
-                return cls(V.ARRAY, [x if isinstance(x, MetaValue) else _infer(x) for x in value], it)
-            return cls(V.ARRAY, value, it)
-        return cls(t, value)
+        if t == V.ARRAY and item_type is None:
+            return _infer(value)
+        return cls(t, value, None if item_type is None else value_type(item_type))
 
     @classmethod
     def array(cls, values: Sequence[Any], item_type: GGUFValueType | int | str) -> "MetaValue":
@@ -745,7 +739,10 @@ class _Packer:
                              f"{_struct('<', code).size * 8}-bit field") from None
 
     def string(self, s: str, what: str, errors: str = "surrogateescape") -> None:
-        b = s.encode("utf-8", errors)
+        try:
+            b = s.encode("utf-8", errors)
+        except UnicodeEncodeError:
+            raise self.error(f"{what} cannot be encoded as UTF-8") from None
         self.pack(self.version.length, len(b), f"length of {what}")
         self.out += b
 
@@ -794,7 +791,7 @@ def _effective_metadata(path: Path, metadata: Mapping[str, MetaValue], alignment
 
 
 def _check_tensor(path: Path, entry: TensorEntry) -> None:
-    name_bytes = entry.name.encode("utf-8")
+    name_bytes = entry.name.encode("utf-8", "surrogateescape")  # strictness is checked when packing
     if len(name_bytes) > MAX_NAME_BYTES:
         raise InputError(path, f"tensor name {entry.name!r} is {len(name_bytes)} bytes; "
                                f"ggml allows at most {MAX_NAME_BYTES}")
@@ -821,9 +818,9 @@ def _encode_head(path: Path, version: GGUFVersion, endian: str, meta: Metadata,
     p.pack(version.count, len(tensors), "tensor count")
     p.pack(version.count, len(meta), "metadata KV count")
     for key, mv in meta.items():
+        p.string(key, f"key {key!r}", errors="strict")
         if len(key.encode("utf-8")) > MAX_KEY_BYTES:
             raise p.error(f"metadata key {key[:40]!r}... is longer than {MAX_KEY_BYTES} bytes")
-        p.string(key, f"key {key!r}", errors="strict")
         p.value_type(mv.type, f"key {key!r}")
         p.value(mv, f"key {key!r}")
     offset = 0
