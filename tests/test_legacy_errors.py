@@ -243,3 +243,10 @@ def test_writer_accepts_numpy_and_memoryview_data(tmp_path):
     lf = read_legacy(path)
     for t in lf.tensors:
         np.testing.assert_array_equal(t.load().view(np.float32), arr)
+
+
+def test_error_about_a_strange_tensor_name_stays_one_line(tmp_path):
+    path = ggjt_file(tmp_path, tensors=[entry("evil\nname")])
+    data = path.read_bytes()
+    message = expect_format_error(patched(tmp_path, data[:-1]), "truncated")
+    assert "'evil\\nname'" in message

@@ -324,23 +324,30 @@ def _read_tensor(cur: _Cursor, era: Era, aligned: bool, index: int, fmt: str) ->
         name = raw_name.decode("utf-8")
     except UnicodeDecodeError:
         raise cur.fail(f"tensor record #{index} at offset {start}: name is not UTF-8 ({raw_name[:40]!r})") from None
+    shown = _shown(name)
     if any(d < 1 for d in ne):
-        raise cur.fail(f"tensor {name}: bad dimensions {list(ne)}")
+        raise cur.fail(f"tensor {shown}: bad dimensions {list(ne)}")
     ggml_type = era.type_ids[type_id]
     shape = tuple(reversed(ne))
     if shape[-1] % block_size(ggml_type):
-        raise cur.fail(f"tensor {name}: row of {ne[0]} elements is not a multiple of "
+        raise cur.fail(f"tensor {shown}: row of {ne[0]} elements is not a multiple of "
                        f"{ggml_type.name}'s block of {block_size(ggml_type)}")
     if aligned:
-        _skip_padding(cur, name)
+        _skip_padding(cur, shown)
     nbytes = tensor_nbytes(ggml_type, shape, era.layout)
     if nbytes > cur.remaining:
-        raise cur.fail(f"tensor {name}: data of {nbytes} bytes at offset {cur.pos} is truncated "
+        raise cur.fail(f"tensor {shown}: data of {nbytes} bytes at offset {cur.pos} is truncated "
                        f"({cur.remaining} bytes left)")
     entry = TensorEntry(name=name, type=ggml_type, shape=shape, layout=era.layout, offset=cur.pos,
                         extra={"file_type_id": type_id})
     entry.load = _mmap_view(cur.buf, cur.pos, nbytes)
     return entry, nbytes
+
+
+def _shown(name: str) -> str:
+    """A tensor name fit for a one-line message (names come from untrusted files)."""
+    shown = name if name.isprintable() else repr(name)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
 def _skip_padding(cur: _Cursor, name: str) -> None:
@@ -371,7 +378,7 @@ def _parse(buf, path: str, spec: FormatSpec, container: str, version: int | None
     while cur.remaining:
         entry, nbytes = _read_tensor(cur, era, CONTAINERS[container].aligned, len(tensors), fmt)
         if entry.name in seen:
-            raise cur.fail(f"tensor {entry.name} appears twice")
+            raise cur.fail(f"tensor {_shown(entry.name)} appears twice")
         seen.add(entry.name)
         tensors.append(entry)
         cur.pos += nbytes
