@@ -1,0 +1,75 @@
+"""`smolq convert SRC OUT`: a Hugging Face checkpoint directory -> GGUF or legacy ggml."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def convert(
+        src: Path = typer.Argument(..., help="Hugging Face checkpoint directory (config.json + weights + tokenizer)."),
+        out: Path = typer.Argument(..., help="Output file; .gguf -> GGUF v3, .bin -> the family's GPT4All legacy format."),
+        format: Optional[str] = typer.Option(
+            None, "--format", "-f",
+            help="gguf, gguf-v1, gguf-v2, gguf-v3, ggml, ggmf, ggjt-v1, ggjt-v2, ggjt-v3, ggmm (default: from OUT's suffix).",
+        ),
+        outtype: str = typer.Option("f16", "--outtype", "-t", help="f32, f16, bf16, q8_0, any RTN type (q4_0, q6_k ...) or a mix (q4_k_m ...)."),
+        vocab_only: bool = typer.Option(False, "--vocab-only", help="Write the header and vocabulary only, no tensors."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensor, source dtype, target type, bytes) and write nothing."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes."),
+        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    ) -> None:
+        """Convert a Hugging Face checkpoint (LLaMA, GPT-J, MPT) into GGUF or a legacy ggml file."""
+        from smolq.convert.pipeline import convert as run_convert
+        from smolq.progress import WorkProgress, emit_json, note
+
+        bar_holder: dict[str, WorkProgress] = {}
+
+        def on_progress(event: dict) -> None:
+            if event["event"] == "start":
+                bar = WorkProgress(event["n_tensors"], event["n_bytes"], "convert", quiet=quiet or json_out)
+                bar.__enter__()
+                bar_holder["bar"] = bar
+            elif event["event"] == "tensor" and "bar" in bar_holder:
+                bar_holder["bar"].start(event["name"])
+                bar_holder["bar"].done(event["nbytes"])
+
+        try:
+            summary = run_convert(src, out, format=format, outtype=outtype, vocab_only=vocab_only,
+                                  dry_run=dry_run, quiet=quiet, on_progress=on_progress)
+        finally:
+            if "bar" in bar_holder:
+                bar_holder["bar"].__exit__(None, None, None)
+
+        for line in summary["guesses"]:
+            note(f"guess: {line}", quiet)
+        for line in summary["notes"]:
+            note(f"note: {line}", quiet)
+        if json_out:
+            emit_json(summary)
+        elif dry_run:
+            _print_plan(summary)
+        elif not quiet:
+            note(f"wrote {summary['output']}: {summary['format']}, {summary['n_tensors']} tensors, "
+                 f"{summary['bytes']} bytes in {summary['seconds']} s")
+
+
+def _print_plan(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from smolq.progress import human_bytes
+
+    table = Table(title=f"{summary['source']} -> {summary['output']} ({summary['format']}, {summary['outtype']})")
+    for col in ("tensor", "source", "source dtype", "shape", "type", "bytes"):
+        table.add_column(col, justify="right" if col == "bytes" else "left")
+    for t in summary["tensors"]:
+        table.add_row(t["name"], t["source"], t["source_dtype"], "x".join(map(str, t["shape"])),
+                      t["type"] + (" (fallback)" if t.get("fallback") else ""), str(t["bytes"]))
+    console = Console(highlight=False)
+    console.print(table)
+    console.print(f"{summary['n_tensors']} tensors, {human_bytes(summary['tensor_bytes'])} of tensor data, "
+                  f"{summary['n_vocab']} tokens", markup=False)
