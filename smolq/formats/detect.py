@@ -64,6 +64,7 @@ class ModelFile:
     alignment: int | None = None  # GGUF data alignment; 32 for ggjt; None: unaligned
     layout: str = "v3"  # block layout of Q4_0/Q4_1/Q5_x/Q8_0 tensors
     ftype: int | None = None  # general.file_type / the header's ftype
+    header: dict[str, Any] = field(default_factory=dict)  # container-level fields for `inspect`
     raw: Any = None  # the reader's own object (GGUFFile or LegacyFile)
 
     @property
@@ -115,6 +116,7 @@ def _from_gguf(path: Path) -> ModelFile:
         alignment=gf.alignment,
         layout="v3",
         ftype=meta.get("general.file_type"),
+        header={"n_tensors": len(gf.tensors), "n_kv": len(gf.metadata)},
         raw=gf,
     )
 
@@ -140,10 +142,12 @@ def _from_legacy(path: Path, family: str | None) -> ModelFile:
         architecture=lf.family,
         tensors=list(lf.tensors),
         metadata=dict(lf.hparams),
-        vocab_size=len(lf.vocab) if lf.vocab is not None else None,
+        vocab_size=len(lf.vocab) if lf.vocab else lf.hparams.get("n_vocab"),
         endian="little",
         alignment=ALIGNMENT if container is not None and container.aligned else None,
         layout=getattr(lf, "layout", "v1"),
         ftype=lf.ftype,
+        header={"family": lf.family, "dialect": lf.dialect, "ftype": lf.ftype, "qntvr": lf.qntvr,
+                "n_tensors": len(lf.tensors), "n_vocab": len(lf.vocab)},
         raw=lf,
     )

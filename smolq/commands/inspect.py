@@ -1,0 +1,174 @@
+"""`smolq inspect FILE`: container, version, header, metadata and tensor table of any model file."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from smolq.formats.detect import ModelFile, open_model
+from smolq.quantize.plan import FTYPE_NAME
+
+ARRAY_PREVIEW = 8  # items of a long array shown unless --all
+STRING_PREVIEW = 160  # characters of a long string shown in the table unless --all
+
+EPILOG = (
+    "Examples:\n\n"
+    "  smolq inspect model.gguf\n\n"
+    "  smolq inspect old-ggjt-v3.bin --json | jq '.tensors[0]'\n\n"
+    "  smolq inspect model.gguf --all   (every array item, every tensor detail)"
+)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(epilog=EPILOG)
+    def inspect(
+        file: Path = typer.Argument(..., help="A GGUF (v1-v3) or legacy ggml/ggmf/ggjt/ggmm model file."),
+        json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+        show_all: bool = typer.Option(False, "--all", help="Do not shorten long arrays and strings."),
+    ) -> None:
+        """Show a model file's container, version, header, metadata and tensors."""
+        with open_model(file) as mf:
+            report = describe(mf, full=show_all)
+        if json_out:
+            from smolq.progress import emit_json
+
+            emit_json(report)
+        else:
+            render(report, full=show_all)
+
+
+# --- the data ------------------------------------------------------------------------------
+
+def describe(mf: ModelFile, full: bool = False) -> dict[str, Any]:
+    """Everything `inspect` shows, as plain JSON-able data (long arrays shortened unless `full`)."""
+    report: dict[str, Any] = {
+        "file": str(mf.path),
+        "container": mf.container,
+        "version": mf.version,
+        "format": mf.format_name,
+        "endian": mf.endian,
+        "alignment": mf.alignment,
+        "architecture": mf.architecture,
+        "vocab_size": mf.vocab_size,
+        "file_type": mf.ftype,
+        "file_type_name": FTYPE_NAME.get(mf.ftype) if isinstance(mf.ftype, int) else None,
+        "header": dict(mf.header),
+    }
+    if mf.is_gguf:
+        report["metadata"] = {k: _meta_entry(mv, full) for k, mv in mf.raw.metadata.items()}
+    else:
+        report["hyperparameters"] = dict(mf.metadata)
+        report["vocab"] = _legacy_vocab(mf.raw.vocab, full)
+    report["tensors"] = [_tensor_row(t) for t in mf.tensors]
+    types = Counter(t.type.name for t in mf.tensors)
+    report["summary"] = {
+        "n_tensors": len(mf.tensors),
+        "n_bytes": sum(t.nbytes for t in mf.tensors),
+        "n_elements": sum(t.n_elements for t in mf.tensors),
+        "types": dict(sorted(types.items())),
+    }
+    return report
+
+
+def _meta_entry(mv: Any, full: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {"type": mv.type.name}
+    value = mv.to_python()
+    if mv.type.name == "ARRAY":
+        entry["item_type"] = mv.item_type.name
+        entry["count"] = len(value)
+        if not full and len(value) > ARRAY_PREVIEW:
+            value = value[:ARRAY_PREVIEW]
+            entry["truncated"] = True
+    entry["value"] = value
+    return entry
+
+
+def _legacy_vocab(vocab: list[tuple[bytes, float | None]], full: bool) -> dict[str, Any]:
+    shown = vocab if full else vocab[:ARRAY_PREVIEW]
+    out: dict[str, Any] = {
+        "count": len(vocab),
+        "tokens": [tok.decode("utf-8", "backslashreplace") for tok, _ in shown],
+        "scores": [score for _, score in shown] if vocab and vocab[0][1] is not None else None,
+    }
+    if len(shown) < len(vocab):
+        out["truncated"] = True
+    return out
+
+
+def _tensor_row(t: Any) -> dict[str, Any]:
+    return {
+        "name": t.name,
+        "type": t.type.name,
+        "shape": list(t.shape),
+        "offset": t.offset,
+        "bytes": t.nbytes,
+    }
+
+
+# --- the tables ----------------------------------------------------------------------------
+
+def _short(value: Any, count: int | None, full: bool) -> str:
+    if isinstance(value, list):
+        text = "[" + ", ".join(repr(v) if isinstance(v, str) else str(v) for v in value)
+        if count is not None and count > len(value):
+            return text + ", …] … (" + f"{count} items)"
+        return text + "]"
+    text = str(value)
+    if not full and len(text) > STRING_PREVIEW:
+        return text[:STRING_PREVIEW].replace("\n", "\\n") + f"… ({len(text)} chars)"
+    return text
+
+
+def render(report: dict[str, Any], full: bool = False) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(highlight=False)
+    head = Table(title=f"{report['file']}", show_header=False, title_justify="left")
+    head.add_column("field", style="bold")
+    head.add_column("value")
+    rows = [("format", report["format"]), ("endian", report["endian"]),
+            ("alignment", report["alignment"] if report["alignment"] is not None else "none"),
+            ("architecture", report["architecture"]), ("vocab size", report["vocab_size"])]
+    if report["file_type"] is not None:
+        name = report["file_type_name"]
+        rows.append(("file type", f"{report['file_type']}" + (f" ({name})" if name else "")))
+    rows += [(k, v) for k, v in report["header"].items() if k not in ("ftype",)]
+    summary = report["summary"]
+    rows.append(("tensors", f"{summary['n_tensors']}, {summary['n_bytes']:,} bytes, "
+                            f"{summary['n_elements']:,} parameters"))
+    rows.append(("types", ", ".join(f"{k} x{v}" for k, v in summary["types"].items())))
+    for k, v in rows:
+        head.add_row(Text(str(k)), Text(str(v)))
+    console.print(head)
+
+    if "metadata" in report:
+        meta = Table(title="metadata", title_justify="left")
+        meta.add_column("key", style="bold", overflow="fold")
+        meta.add_column("type")
+        meta.add_column("value", overflow="fold")
+        for key, e in report["metadata"].items():
+            vtype = e["type"] + (f"[{e['item_type']}]" if "item_type" in e else "")
+            meta.add_row(Text(key), Text(vtype), Text(_short(e["value"], e.get("count"), full)))
+        console.print(meta)
+    else:
+        hp = Table(title="hyperparameters", title_justify="left", show_header=False)
+        hp.add_column("field", style="bold")
+        hp.add_column("value")
+        for k, v in report["hyperparameters"].items():
+            hp.add_row(Text(k), Text(str(v)))
+        vocab = report["vocab"]
+        hp.add_row(Text("vocab"), Text(_short(vocab["tokens"], vocab["count"], full)))
+        console.print(hp)
+
+    tensors = Table(title="tensors", title_justify="left")
+    for col, just in (("#", "right"), ("name", "left"), ("type", "left"), ("shape", "left"),
+                      ("offset", "right"), ("bytes", "right")):
+        tensors.add_column(col, justify=just, overflow="fold")
+    for i, t in enumerate(report["tensors"]):
+        offset = "" if t["offset"] is None else f"{t['offset']:,}"
+        tensors.add_row(str(i), Text(t["name"]), t["type"], Text(str(t["shape"])), offset, f"{t['bytes']:,}")
+    console.print(tensors)
