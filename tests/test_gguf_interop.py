@@ -206,10 +206,28 @@ def test_real_file_rewrites_byte_identical(smollm2_gguf, tmp_path):
     out = tmp_path / "copy.gguf"
     with read_gguf(smollm2_gguf) as f:
         write_gguf(out, f.metadata, f.tensors)
-    assert out.stat().st_size == smollm2_gguf.stat().st_size
-    with open(out, "rb") as a, open(smollm2_gguf, "rb") as b:
+    assert_same_bytes(out, smollm2_gguf)
+
+
+def test_gemma_q4_k_m_rewrites_byte_identical(gemma_gguf, tmp_path):
+    """A llama.cpp Q4_K_M file (K-quants, Q5_0, Q8_0, 262k-token vocabulary) survives read + write exactly.
+
+    (gguf-py's reader needs about a minute for this vocabulary, so here the
+    file itself, as llama.cpp wrote it, is the independent reference.)
+    """
+    out = tmp_path / "copy.gguf"
+    with read_gguf(gemma_gguf) as f:
+        assert f.version == 3 and f.metadata.value("general.architecture") == "gemma3"
+        assert {t.type for t in f.tensors} >= {GGMLType.Q4_K, GGMLType.Q6_K}
+        write_gguf(out, f.metadata, f.tensors)
+    assert_same_bytes(out, gemma_gguf)
+
+
+def assert_same_bytes(a, b):
+    assert a.stat().st_size == b.stat().st_size
+    with open(a, "rb") as x, open(b, "rb") as y:
         while True:
-            x, y = a.read(1 << 22), b.read(1 << 22)
-            assert x == y
-            if not x:
+            u, v = x.read(1 << 22), y.read(1 << 22)
+            assert u == v
+            if not u:
                 break
