@@ -229,7 +229,8 @@ def _rewrite_rope_params(config_path: Path, style: str) -> None:
 def _fill_weights(model, seed: int) -> None:
     """Overwrite every parameter from a seeded generator, in name order.
 
-    Matrices get std 1/sqrt(fan_in) (logits of order one); embeddings std 1;
+    Matrices get std 1/sqrt(fan_in) (logits of order one); embeddings std
+    2/sqrt(hidden) (a tied head then gives logits of std ~2, not ~sqrt(hidden));
     norm weights 1 + 0.1·N(0,1); biases 0.1·N(0,1).
     """
     import torch
@@ -243,7 +244,7 @@ def _fill_weights(model, seed: int) -> None:
             elif param.ndim == 1:
                 value = 1.0 + 0.1 * noise
             elif _is_embedding(name):
-                value = noise
+                value = noise * (2.0 / math.sqrt(param.shape[1]))
             else:
                 value = noise / math.sqrt(param.shape[1])
             param.copy_(value)
