@@ -569,7 +569,7 @@ def _read_alignment(path: Path, meta: Metadata) -> int:
     return a
 
 
-def _detect_endian(path: Path, buf: Any) -> tuple[str, int]:
+def _detect_endian(buf: Any) -> tuple[str, int]:
     """(endian, version) as gguf-py decides: a version whose low 16 bits read 0 is big-endian."""
     le = _struct("<", "I").unpack_from(buf, 4)[0]
     if le & 0xFFFF == 0:
@@ -671,7 +671,7 @@ def _close_map(mm: mmap.mmap) -> None:
 def _parse(path: Path, mm: mmap.mmap, size: int) -> GGUFFile:
     if mm[:4] != MAGIC:
         raise FormatError(path, f"not a GGUF file (magic {bytes(mm[:4])!r}, expected b'GGUF')")
-    endian, number = _detect_endian(path, mm)
+    endian, number = _detect_endian(mm)
     version = VERSIONS.get(number)
     if version is None:
         raise FormatError(path, f"unsupported GGUF version {number} (smolq reads versions 1, 2 and 3)")
