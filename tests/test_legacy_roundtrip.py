@@ -16,7 +16,7 @@ from smolq.formats.legacy import (
 from smolq.formats.legacy_tables import FORMAT_SPECS
 from smolq.quantize.types import GGMLType as T
 from smolq.quantize.types import tensor_nbytes
-from smolq.errors import InputError
+from smolq.errors import FormatError, InputError
 
 HPARAMS = {
     "llama": {"n_vocab": 6, "n_embd": 256, "n_mult": 32, "n_head": 8, "n_layer": 2, "n_rot": 32},
@@ -138,3 +138,42 @@ def test_llama_n_mult():
         assert all(llama_n_ff(n_embd, m) != n_ff for m in range(n_mult + 1, 8193))
     with pytest.raises(InputError, match="no n_mult"):
         find_n_mult(4096, 100)
+
+
+def test_multi_part_llama_is_merged(tmp_path):
+    """Two 'ggmf' parts (formats.md 4.3): tok_embeddings/wo/w2 split by columns, others by rows, 1-D copied."""
+    rng = np.random.default_rng(5)
+    hp = {"n_vocab": 2, "n_embd": 64, "n_mult": 16, "n_head": 4, "n_layer": 1, "n_rot": 16}
+    vocab = [(b"a", 0.0), (b"b", 1.0)]
+    full = {  # PyTorch shapes of the whole model, and the split dim
+        "tok_embeddings.weight": ((2, 64), T.F16, 1),
+        "norm.weight": ((64,), T.F32, None),
+        "layers.0.attention.wq.weight": ((64, 64), T.Q4_0, 0),
+        "layers.0.attention.wo.weight": ((64, 64), T.Q4_0, 1),
+    }
+    data = {}
+    for name, (shape, t, _) in full.items():
+        rows = shape[0] if len(shape) == 2 else 1
+        data[name] = rng.integers(0, 256, tensor_nbytes(t, shape, "v1"), dtype=np.uint8).reshape(rows, -1)
+    for k in range(2):
+        entries = []
+        for name, (shape, t, axis) in full.items():
+            d = data[name]
+            if axis is None:
+                part, pshape = d, shape
+            elif axis == 0:
+                part, pshape = np.split(d, 2, axis=0)[k], (shape[0] // 2, shape[1])
+            else:
+                part, pshape = np.split(d, 2, axis=1)[k], (shape[0], shape[1] // 2)
+            entries.append(TensorEntry(name, t, pshape, load=lambda p=np.ascontiguousarray(part): p, layout="v1"))
+        write_legacy(tmp_path / ("m.bin" if k == 0 else "m.bin.1"), "ggmf", 1, "llama", hp, vocab, entries, ftype=2)
+    lf = read_legacy(tmp_path / "m.bin")
+    assert lf.parts == (str(tmp_path / "m.bin.1"),)
+    for name, (shape, t, _) in full.items():
+        got = lf.tensor(name)
+        assert (got.shape, got.type) == (shape, t)
+        np.testing.assert_array_equal(np.asarray(got.load()).reshape(-1), data[name].reshape(-1))
+    lf.close()
+    (tmp_path / "m.bin.1").unlink()
+    with pytest.raises(FormatError, match="part 1 .* is missing"):
+        read_legacy(tmp_path / "m.bin")

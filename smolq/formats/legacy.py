@@ -87,7 +87,9 @@ class LegacyFile:
     tensors: list[TensorEntry]
     layout: str = "v1"
     special_tokens: frozenset[int] = frozenset()
+    parts: tuple[str, ...] = ()  # paths of parts 1.. of a multi-part LLaMA model
     _mmap: Any = field(default=None, repr=False, compare=False)
+    _part_files: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def n_vocab(self) -> int:
@@ -110,11 +112,10 @@ class LegacyFile:
 
     def close(self) -> None:
         """Release the mmap now, unless tensor views are still alive (then the GC does)."""
+        for part in self._part_files:
+            part.close()
         if self._mmap is not None:
-            try:
-                self._mmap.close()
-            except BufferError:
-                pass
+            _close_quietly(self._mmap)
             self._mmap = None
 
     def __enter__(self) -> "LegacyFile":
@@ -452,10 +453,25 @@ def read_legacy(path: str | os.PathLike, family: str | None = None, dialect: str
     'ggml' file is tried as GPT-J (GPT4All's n_vocab rule first), MPT and LLaMA
     in order of plausibility; the first that parses to the exact end of the
     file wins. `family=` / `dialect=` override the guess.
+
+    A multi-part LLaMA model (`<path>`, `<path>.1`, ...; March 2023) is read
+    as one: its tensors are merged, and their load() then assembles a copy.
     """
     path = os.fspath(path)
     if family is not None and family not in FAMILIES:
         raise InputError(path, f"unknown family {family!r} (known: {', '.join(FAMILIES)})")
+    first = _read_one(path, family, dialect)
+    n_parts = _n_parts(first)
+    if n_parts == 1:
+        return first
+    try:
+        return _merge_parts(first, n_parts)
+    except BaseException:
+        first.close()
+        raise
+
+
+def _read_one(path: str, family: str | None, dialect: str | None) -> LegacyFile:
     buf = _open_mmap(path)
     try:
         container, version = _read_magic(_Cursor(buf, path))
@@ -481,6 +497,86 @@ def _close_quietly(buf) -> None:
         buf.close()
     except BufferError:
         pass
+
+
+# --- multi-part LLaMA files (formats.md 4.3) ---------------------------------------------------
+
+MULTI_PART_FORMATS = {("ggml", None), ("ggmf", 1), ("ggjt", 1)}  # ggjt v1 via llama.cpp's 04-08 loader
+
+
+def _n_parts(lf: LegacyFile) -> int:
+    """llama.cpp's rule: n_parts = n_embd / ne[0] of the tok_embeddings.weight shard."""
+    if lf.family != "llama" or (lf.container, lf.version) not in MULTI_PART_FORMATS:
+        return 1
+    try:
+        shard_cols = lf.tensor("tok_embeddings.weight").shape[-1]
+    except KeyError:
+        return 1
+    n_embd = int(lf.hparams["n_embd"])
+    if shard_cols >= n_embd:
+        return 1
+    if n_embd % shard_cols:
+        raise FormatError(lf.path, f"tok_embeddings.weight has {shard_cols} columns, not a part of n_embd {n_embd}")
+    return n_embd // shard_cols
+
+
+def _split_dim(name: str, shape: tuple[int, ...]) -> int | None:
+    """PyTorch dim a multi-part model split this tensor along: 1 = ne[0] (columns), 0 = rows, None = copied."""
+    if len(shape) == 1:
+        return None
+    if name.startswith("tok_embeddings") or ".attention.wo." in name or ".feed_forward.w2." in name:
+        return 1
+    return 0
+
+
+def _merge_parts(first: LegacyFile, n_parts: int) -> LegacyFile:
+    parts = [first]
+    for k in range(1, n_parts):
+        part_path = f"{first.path}.{k}"
+        if not os.path.exists(part_path):
+            raise FormatError(first.path, f"tok_embeddings.weight holds 1/{n_parts} of n_embd, so this is part 0 "
+                                          f"of a {n_parts}-part model, but part {k} ({part_path}) is missing")
+        part = _read_one(part_path, first.family, first.dialect)
+        parts.append(part)
+        same = (part.container, part.version, part.hparams, part.ftype, part.vocab)
+        if same != (first.container, first.version, first.hparams, first.ftype, first.vocab):
+            raise FormatError(part_path, f"header or vocabulary differs from part 0 ({first.path})")
+        if [t.name for t in part.tensors] != [t.name for t in first.tensors]:
+            raise FormatError(part_path, f"tensor names differ from part 0 ({first.path})")
+    merged = [_merge_tensor([p.tensors[i] for p in parts], parts) for i in range(len(first.tensors))]
+    first.tensors = merged
+    first.parts = tuple(p.path for p in parts[1:])
+    first._part_files = parts[1:]
+    return first
+
+
+def _merge_tensor(shards: list[TensorEntry], parts: list[LegacyFile]) -> TensorEntry:
+    head = shards[0]
+    axis = _split_dim(head.name, head.shape)
+    for shard, part in zip(shards, parts):
+        fixed = [d for i, d in enumerate(shard.shape) if i != axis]
+        if shard.type != head.type or fixed != [d for i, d in enumerate(head.shape) if i != axis]:
+            raise FormatError(part.path, f"tensor {_shown(head.name)}: shard {shard.type.name} {list(shard.shape)} "
+                                         f"does not fit part 0's {head.type.name} {list(head.shape)}")
+    if axis is None:
+        return head
+    shape = list(head.shape)
+    shape[axis] = sum(s.shape[axis] for s in shards)
+    n_rows = shape[0]
+    loads = [s.load for s in shards]
+
+    def load() -> np.ndarray:
+        views = [f() for f in loads]
+        if axis == 0:
+            return np.concatenate(views)
+        return np.concatenate([v.reshape(n_rows, -1) for v in views], axis=1).reshape(-1)
+
+    entry = TensorEntry(name=head.name, type=head.type, shape=tuple(shape), load=load, layout=head.layout,
+                        offset=None, extra={"file_type_id": head.extra["file_type_id"],
+                                            "parts": [(p.path, s.offset) for p, s in zip(parts, shards)]})
+    if shape[-1] % block_size(head.type):
+        raise FormatError(parts[0].path, f"tensor {_shown(head.name)}: merged rows do not fit its blocks")
+    return entry
 
 
 # --- writing ----------------------------------------------------------------------------------

@@ -206,6 +206,7 @@ def find_spec(family: str, container: str, dialect: str | None = None) -> Format
     return None
 
 
-# GPT4All's family rules (gpt4all-backend magic_match, formats.md 1).
+# GPT4All's family rules (gpt4all-backend magic_match, formats.md 1). smolq reads every
+# 'ggjt' file as LLaMA; GPT4All's own loader accepts one only with n_vocab in this range.
 GPT4ALL_LLAMA_VOCAB = range(32000, 32101)
 GPT4ALL_GPTJ_VOCAB = range(50300, 50401)
