@@ -1,0 +1,169 @@
+"""The GPTQ solver (Frantar et al.; IST-DASLab gptq.py), torch, CPU or CUDA, float32.
+
+Given one linear layer's weight W [out, in] and the Hessian H = 2XXᵀ/n of its
+inputs, quantize the columns one at a time onto a pluggable grid
+(smolq.quantize.grids) and push each column's rounding error onto the columns
+not yet quantized, through the upper Cholesky factor of H⁻¹ (gptq.md 1.1-1.7).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from smolq.quantize.grids import Grid
+
+log = logging.getLogger("smolq.gptq")
+
+MAX_DAMP = 1.0  # relative to mean(diag H); past this the layer's Hessian is hopeless
+
+
+class HessianAccumulator:
+    """Running H = (2/n_seq) Σ x xᵀ in float32, n counting sequences (gptq.md 1.1).
+
+    `add(x)` takes inputs [batch, tokens, in] (or [tokens, in] as one
+    sequence); an optional mask [batch, tokens] drops padding tokens.
+    """
+
+    def __init__(self, n_in: int, device="cpu"):
+        self.H = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        if x.dim() == 2:
+            x = x[None]
+            mask = None if mask is None else mask.reshape(1, -1)
+        b = x.shape[0]
+        x = x.to(self.H.device, torch.float32)
+        if mask is not None:
+            x = x[mask.to(self.H.device).bool()]
+        x = x.reshape(-1, x.shape[-1])
+        self.H *= self.n / (self.n + b)
+        self.n += b
+        x = x * (2.0 / self.n) ** 0.5
+        self.H.addmm_(x.T, x)
+
+
+@dataclass
+class SolveResult:
+    Q: torch.Tensor  # dequantized weights, [out, in], original column order
+    loss: float  # Σ (w-q)²/d²/2 over columns (the reference's reported loss)
+    damp: float  # relative dampening that finally gave a positive-definite H
+    perm: torch.Tensor  # processing order
+
+
+def inverse_cholesky_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp·mean(diag H).
+
+    When a factorisation fails the dampening grows (×2, +0.01) and the retry
+    is logged, as GPTQModel's "damp recovery" does (gptq.md 1.3).
+    """
+    mean_diag = torch.mean(torch.diag(H))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    while True:
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                return U, damp
+        new = damp * 2 + 0.01
+        if new > MAX_DAMP:
+            raise ValueError(f"Hessian not positive definite even with damp {damp:.3g}")
+        log.warning("Cholesky failed with damp %.3g; retrying with damp %.3g", damp, new)
+        damp = new
+
+
+def _block_size(grid: Grid, blocksize: int, n_cols: int) -> int:
+    """Lazy-batch width, a multiple of the grid's outer group when that is small.
+
+    Then every group lies inside one lazy block, so its parameters are chosen
+    from weights that carry every earlier column's error update.
+    """
+    outer = grid.levels[0]
+    if 0 < outer < n_cols and outer <= 1024:
+        return -(-blocksize // outer) * outer
+    return blocksize
+
+
+def gptq_solve(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int = 128, damp: float = 0.01,
+               act_order: bool = False, static_groups: bool = False) -> SolveResult:
+    """Quantize W onto `grid` minimising tr((W−Ŵ)H(W−Ŵ)ᵀ) the GPTQ way.
+
+    act_order: process columns by decreasing diag(H) (block grids keep whole
+    blocks together); static_groups: choose every group up front from the
+    original W on contiguous columns, then process in act-order.
+    W and H are not modified.
+    """
+    W = W.to(torch.float32).clone()
+    H = H.to(torch.float32, copy=True).to(W.device)
+    n_cols = W.shape[1]
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    hdiag = torch.diag(H).clone()
+
+    if static_groups:
+        grid.choose_static(W, hdiag)
+        perm = torch.argsort(hdiag, descending=True, stable=True) if act_order else torch.arange(n_cols, device=W.device)
+    else:
+        perm = grid.order(hdiag, act_order)
+    perm_list = perm.tolist()
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    hp = hdiag[perm]
+    Hinv, damp_used = inverse_cholesky_upper(H, damp)
+    del H
+
+    Q = torch.zeros_like(W)
+    loss = torch.zeros((), dtype=torch.float32, device=W.device)
+    B = _block_size(grid, blocksize, n_cols)
+    levels = [s if s > 0 else n_cols for s in grid.levels]
+    for i1 in range(0, n_cols, B):
+        i2 = min(i1 + B, n_cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            p = i1 + i
+            if not static_groups:
+                for level, size in enumerate(levels):
+                    if p % size == 0:
+                        _choose_group(grid, level, perm, p, min(p + size, n_cols), W, W1, i1, i2, hp)
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q = grid.quantize(perm_list[p], w)
+            Q[:, p] = q
+            err = (w - q) / d
+            loss += (err * err).sum() / 2
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    return SolveResult(Q=Q[:, inv], loss=float(loss), damp=damp_used, perm=perm)
+
+
+def _choose_group(grid, level, perm, a, b, W, W1, i1, i2, hp):
+    """Hand the grid the group's current weights: in-block columns from W1."""
+    inside = min(b, i2)
+    cur = W1[:, a - i1:inside - i1]
+    if b > i2:
+        cur = torch.cat([cur, W[:, i2:b]], dim=1)
+    grid.choose(level, perm[a:b], cur, hp[a:b])
+
+
+def rtn_solve(W: torch.Tensor, grid: Grid, hdiag: torch.Tensor | None = None) -> torch.Tensor:
+    """Round to nearest on `grid` (no error propagation); scales still chosen
+    with `hdiag` weights when given (llama.cpp imatrix-style RTN)."""
+    W = W.to(torch.float32)
+    h = torch.ones(W.shape[1], device=W.device) if hdiag is None else hdiag.to(W.device, torch.float32)
+    grid.choose_static(W, h)
+    return torch.stack([grid.quantize(c, W[:, c]) for c in range(W.shape[1])], dim=1)
+
+
+def layer_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """tr((W−Q) H (W−Q)ᵀ): the layer's output error on the calibration inputs."""
+    D = (W - Q).to(torch.float64)
+    return float(torch.einsum("ij,jk,ik->", D, H.to(torch.float64), D))

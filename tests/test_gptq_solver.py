@@ -1,0 +1,144 @@
+"""GPTQ solver on small random layers with a known Hessian."""
+from __future__ import annotations
+
+import logging
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from smolq.quantize.gptq import HessianAccumulator, gptq_solve, inverse_cholesky_upper, layer_error, rtn_solve
+from smolq.quantize.grids import IntGrid, fp16_round, make_grid
+from smolq.quantize.types import GGMLType
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: intra-op threads only add overhead (and fight other jobs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def _layer(rows=48, cols=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    # correlated inputs with uneven feature scales: a realistic, strongly non-diagonal H
+    X = torch.randn(1024, cols, generator=g) * (0.2 + 3 * torch.rand(cols, generator=g))
+    X = X + torch.randn(1024, 8, generator=g) @ torch.randn(8, cols, generator=g)
+    H = 2 * X.T @ X / X.shape[0]
+    return W, H
+
+
+GRIDS = {
+    "int4-sym-g128": dict(bits=4, group_size=128, sym=True),
+    "int4-asym-g128": dict(bits=4, group_size=128, sym=False),
+    "int3-sym-g128": dict(bits=3, group_size=128, sym=True),
+    "int3-asym-g-1": dict(bits=3, group_size=-1, sym=False),
+    "Q4_0": dict(qtype=GGMLType.Q4_0),
+    "Q4_K": dict(qtype=GGMLType.Q4_K),
+    "Q3_K": dict(qtype=GGMLType.Q3_K),
+}
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["natural", "act-order"])
+@pytest.mark.parametrize("name", list(GRIDS))
+def test_gptq_beats_rtn_on_the_same_grid(name, act_order):
+    W, H = _layer(seed=len(name))
+    rows, cols = W.shape
+    res = gptq_solve(W, H, make_grid(rows, cols, **GRIDS[name]), act_order=act_order)
+    rtn = rtn_solve(W, make_grid(rows, cols, **GRIDS[name]))
+    e_gptq, e_rtn = layer_error(W, res.Q, H), layer_error(W, rtn, H)
+    assert e_gptq < 0.95 * e_rtn, (e_gptq, e_rtn)
+
+
+def test_diagonal_hessian_is_rtn_byte_for_byte_q4_0():
+    W, _ = _layer(16, 256, seed=3)
+    H = torch.diag(torch.rand(256, generator=torch.Generator().manual_seed(4)) + 0.1)
+    grid = make_grid(16, 256, qtype=GGMLType.Q4_0, rule="plain")
+    gptq_solve(W, H, grid, act_order=True)
+    expected = gguf.quants.quantize(W.numpy(), gguf.GGMLQuantizationType.Q4_0)
+    np.testing.assert_array_equal(grid.to_bytes(), expected)
+
+
+@pytest.mark.parametrize("spec", [dict(qtype=GGMLType.Q4_K), dict(bits=3, group_size=64, sym=False)])
+def test_diagonal_hessian_equals_weighted_rtn(spec):
+    W, _ = _layer(16, 512, seed=5)
+    hd = torch.rand(512, generator=torch.Generator().manual_seed(6)) + 0.1
+    res = gptq_solve(W, torch.diag(hd), make_grid(16, 512, **spec))
+    rtn = rtn_solve(W, make_grid(16, 512, **spec), hd)
+    torch.testing.assert_close(res.Q, rtn, rtol=0, atol=0)
+
+
+def test_int_grid_conventions_hand_computed():
+    # one row, one group, 4-bit: sym -> zero 8, scale = 2*absmax/15; asym -> zero = round(-min/scale)
+    w = torch.tensor([[-1.0, 0.5, 0.25, 3.0]])
+    g = IntGrid(1, 4, 4, group_size=-1, sym=True)
+    g.choose_static(w, torch.ones(4))
+    assert float(g.zeros[0, 0]) == 8
+    assert float(g.scales[0, 0]) == float(fp16_round(torch.tensor(6.0 / 15)))
+    g = IntGrid(1, 4, 4, group_size=-1, sym=False)
+    g.choose_static(w, torch.ones(4))
+    s = float(fp16_round(torch.tensor(4.0 / 15)))
+    assert float(g.scales[0, 0]) == s and float(g.zeros[0, 0]) == round(1.0 / s)
+    q = [float(g.quantize(c, w[:, c])[0]) for c in range(4)]
+    assert q == [s * (min(max(round(x / s) + round(1.0 / s), 0), 15) - round(1.0 / s)) for x in w[0].tolist()]
+
+
+def test_asym_zero_never_zero_so_v1_storage_works():
+    w = torch.rand(4, 64) + 0.5  # all positive: the min-max zero would be 0
+    g = IntGrid(4, 64, 4, group_size=32, sym=False)
+    g.choose_static(w, torch.ones(64))
+    assert float(g.zeros.min()) >= 1
+
+
+def test_static_groups_give_contiguous_g_idx_and_act_order_permutes():
+    W, H = _layer(16, 256, seed=8)
+    g = make_grid(16, 256, bits=4, group_size=64)
+    gptq_solve(W, H, g, act_order=True, static_groups=True)
+    assert g.g_idx.tolist() == [c // 64 for c in range(256)]
+    g2 = make_grid(16, 256, bits=4, group_size=64)
+    res = gptq_solve(W, H, g2, act_order=True)
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+    # without static groups, group k is the k-th run of 64 columns in processing order
+    assert torch.equal(res.perm, perm)
+    assert g2.g_idx[perm].tolist() == [p // 64 for p in range(256)]
+    torch.testing.assert_close(g2.dequantized(), res.Q, rtol=0, atol=0)
+
+
+def test_dead_columns_are_zeroed():
+    W, H = _layer(8, 128, seed=9)
+    H[5, :] = 0
+    H[:, 5] = 0
+    res = gptq_solve(W, H, make_grid(8, 128, bits=4, group_size=32))
+    assert torch.all(res.Q[:, 5] == 0)
+    assert torch.all(W[:, 5] != 0)  # the caller's W is untouched
+
+
+def test_damp_retry_is_logged(caplog):
+    H = torch.tensor([[1.0, 1.05], [1.05, 1.0]])  # indefinite: needs damp > 0.05
+    with caplog.at_level(logging.WARNING, logger="smolq.gptq"):
+        U, damp = inverse_cholesky_upper(H, 0.01)
+    assert damp > 0.05 and "retrying" in caplog.text
+    Hd = H + damp * torch.eye(2)
+    torch.testing.assert_close(U.T @ U, torch.linalg.inv(Hd), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not positive definite"):
+        inverse_cholesky_upper(torch.tensor([[1.0, 3.0], [3.0, 1.0]]), 0.01)
+
+
+def test_hessian_accumulator_matches_direct_formula_and_masks():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, generator=g)
+    acc = HessianAccumulator(4)
+    acc.add(x[:2])
+    acc.add(x[2:])
+    flat = x.reshape(-1, 4)
+    torch.testing.assert_close(acc.H, 2 * flat.T @ flat / 3)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    acc = HessianAccumulator(4)
+    acc.add(x, mask)
+    kept = x[mask]
+    torch.testing.assert_close(acc.H, 2 * kept.T @ kept / 3)
