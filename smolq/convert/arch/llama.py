@@ -83,7 +83,7 @@ class Llama(Arch):
         self.n_ff = int(self.need("intermediate_size"))
         self.n_layer = int(self.need("num_hidden_layers"))
         self.n_head = int(self.need("num_attention_heads"))
-        self.n_head_kv = int(self.default("num_key_value_heads", self.n_head, "no GQA"))
+        self.n_head_kv = int(c.get("num_key_value_heads") or self.n_head)  # absent means no GQA (HF definition)
         self.head_dim = int(c.get("head_dim") or self.n_embd // self.n_head)
         self.n_ctx = int(self.default("max_position_embeddings", 2048, "LLaMA-1 context"))
         self.rms_eps = float(self.default("rms_norm_eps", 1e-6, "LlamaConfig default"))
