@@ -812,7 +812,7 @@ int64_t smolq_relayout_blocks(int type, int src_layout, int dst_layout, const vo
     const block_fmt *fs = find_fmt(type, src_layout);
     const block_fmt *fd = find_fmt(type, dst_layout);
     if (!fs || !fd || fs->qk != fd->qk) return SMOLQ_ERR_TYPE;
-    if (!src || !dst || nblocks < 0) return SMOLQ_ERR_ARG;
+    if (nblocks < 0 || (nblocks > 0 && (!src || !dst))) return SMOLQ_ERR_ARG;
     int lossless = 1;
     const uint8_t *s = src;
     uint8_t *d = dst;
