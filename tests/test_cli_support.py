@@ -7,6 +7,7 @@ smolq's writer); the CLI is driven through smolq.cli.main, which is what the
 from __future__ import annotations
 
 import importlib.util
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +88,40 @@ def smollm2_file() -> Path | None:
         for p in sorted(Path(root).glob("*.gguf")):
             return p
     return None
+
+
+def ggjt_by_hand(path, version=3, n_embd=32, seed=1):
+    """An F32 LLaMA ggjt file packed from formats.md 1, 2.1, 3.1, 4.1 (not smolq's writer).
+
+    Returns ({name: float32 array}, {name: absolute data offset})."""
+    n_vocab, n_mult, n_head, n_layer = 4, 32, 1, 1
+    out = bytearray(struct.pack("<II", 0x67676A74, version))
+    out += struct.pack("<7I", n_vocab, n_embd, n_mult, n_head, n_layer, n_embd // n_head, 0)
+    tokens = [b"<unk>", b"<s>", b"</s>", b"\xe2\x96\x81a"]
+    for i, tok in enumerate(tokens):
+        out += struct.pack("<I", len(tok)) + tok + struct.pack("<f", -float(i))
+    rng = np.random.default_rng(seed)
+    offsets = {}
+    tensors = {"tok_embeddings.weight": rng.standard_normal((n_vocab, n_embd)).astype(np.float32),
+               "norm.weight": np.ones(n_embd, np.float32),
+               "output.weight": rng.standard_normal((n_vocab, n_embd)).astype(np.float32)}
+    n_ff = ((2 * (4 * n_embd) // 3 + n_mult - 1) // n_mult) * n_mult
+    for name, shape in (("layers.0.attention_norm.weight", (n_embd,)),
+                        ("layers.0.attention.wq.weight", (n_embd, n_embd)),
+                        ("layers.0.attention.wk.weight", (n_embd, n_embd)),
+                        ("layers.0.attention.wv.weight", (n_embd, n_embd)),
+                        ("layers.0.attention.wo.weight", (n_embd, n_embd)),
+                        ("layers.0.ffn_norm.weight", (n_embd,)),
+                        ("layers.0.feed_forward.w1.weight", (n_ff, n_embd)),
+                        ("layers.0.feed_forward.w2.weight", (n_embd, n_ff)),
+                        ("layers.0.feed_forward.w3.weight", (n_ff, n_embd))):
+        tensors[name] = rng.standard_normal(shape).astype(np.float32)
+    for name, arr in tensors.items():
+        raw = name.encode()
+        ne = list(reversed(arr.shape))
+        out += struct.pack("<3I", len(ne), len(raw), 0) + struct.pack(f"<{len(ne)}I", *ne) + raw
+        out += b"\0" * (-len(out) % 32)
+        offsets[name] = len(out)
+        out += arr.tobytes()
+    path.write_bytes(bytes(out))
+    return tensors, offsets

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-import struct
-
 import numpy as np
 import pytest
 
-from tests.test_cli_support import llama_tensors, run_cli, smollm2_file, write_gguf_with_gguf_py
+from tests.test_cli_support import ggjt_by_hand, llama_tensors, run_cli, smollm2_file, write_gguf_with_gguf_py
 
 gguf = pytest.importorskip("gguf")
 
@@ -89,44 +87,9 @@ def test_table_output_shortens_arrays(capsys, small_gguf, monkeypatch):
     assert "tok19" in out and "(20 items)" not in out
 
 
-def _ggjt_v3_by_hand(path):
-    """A LLaMA ggjt v3 file packed from formats.md 1, 2.1, 3.1, 4.1 (not smolq's writer)."""
-    n_vocab, n_embd, n_mult, n_head, n_layer = 4, 32, 32, 1, 1
-    out = bytearray(struct.pack("<II", 0x67676A74, 3))
-    out += struct.pack("<7I", n_vocab, n_embd, n_mult, n_head, n_layer, n_embd // n_head, 0)
-    tokens = [b"<unk>", b"<s>", b"</s>", b"\xe2\x96\x81a"]
-    for i, tok in enumerate(tokens):
-        out += struct.pack("<I", len(tok)) + tok + struct.pack("<f", -float(i))
-    rng = np.random.default_rng(1)
-    offsets = {}
-    tensors = {"tok_embeddings.weight": rng.standard_normal((n_vocab, n_embd)).astype(np.float32),
-               "norm.weight": np.ones(n_embd, np.float32),
-               "output.weight": rng.standard_normal((n_vocab, n_embd)).astype(np.float32)}
-    n_ff = ((2 * (4 * n_embd) // 3 + n_mult - 1) // n_mult) * n_mult
-    for name, shape in (("layers.0.attention_norm.weight", (n_embd,)),
-                        ("layers.0.attention.wq.weight", (n_embd, n_embd)),
-                        ("layers.0.attention.wk.weight", (n_embd, n_embd)),
-                        ("layers.0.attention.wv.weight", (n_embd, n_embd)),
-                        ("layers.0.attention.wo.weight", (n_embd, n_embd)),
-                        ("layers.0.ffn_norm.weight", (n_embd,)),
-                        ("layers.0.feed_forward.w1.weight", (n_ff, n_embd)),
-                        ("layers.0.feed_forward.w2.weight", (n_embd, n_ff)),
-                        ("layers.0.feed_forward.w3.weight", (n_ff, n_embd))):
-        tensors[name] = rng.standard_normal(shape).astype(np.float32)
-    for name, arr in tensors.items():
-        raw = name.encode()
-        ne = list(reversed(arr.shape))
-        out += struct.pack("<3I", len(ne), len(raw), 0) + struct.pack(f"<{len(ne)}I", *ne) + raw
-        out += b"\0" * (-len(out) % 32)
-        offsets[name] = len(out)
-        out += arr.tobytes()
-    path.write_bytes(bytes(out))
-    return tensors, offsets
-
-
 def test_json_on_hand_packed_ggjt_v3(capsys, tmp_path):
     path = tmp_path / "model.bin"
-    tensors, offsets = _ggjt_v3_by_hand(path)
+    tensors, offsets = ggjt_by_hand(path, version=3)
     rc, out, err = run_cli(capsys, "inspect", path, "--json")
     assert rc == 0, err
     report = json.loads(out)
