@@ -255,6 +255,12 @@ typedef struct {
     double err2, maxabs, ref2, test2, dot;
 } stat_sums;
 
+/* max that keeps a NaN once it has seen one (like numpy's max). */
+static inline double nan_max(double m, double a) {
+    if (m != m) return m;
+    return a <= m ? m : a; /* a NaN a fails the test and is taken */
+}
+
 typedef struct {
     const float *ref, *test;
     int64_t n;
@@ -272,8 +278,7 @@ static void stats_chunks(void *ctx, int64_t begin, int64_t end) {
             s.ref2 += r * r;
             s.test2 += t * t;
             s.dot += r * t;
-            const double a = fabs(e);
-            if (!(a <= s.maxabs)) s.maxabs = a; /* NaN propagates */
+            s.maxabs = nan_max(s.maxabs, fabs(e));
         }
         j->chunks[c] = s;
     }
@@ -292,7 +297,7 @@ int smolq_error_stats(const float *ref, const float *test, int64_t n, int nthrea
         s.ref2 += chunks[c].ref2;
         s.test2 += chunks[c].test2;
         s.dot += chunks[c].dot;
-        if (!(chunks[c].maxabs <= s.maxabs)) s.maxabs = chunks[c].maxabs;
+        s.maxabs = nan_max(s.maxabs, chunks[c].maxabs);
     }
     free(chunks);
     out[0] = n > 0 ? sqrt(s.err2 / (double)n) : 0.0;
