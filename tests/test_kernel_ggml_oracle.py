@@ -1,0 +1,73 @@
+"""Byte identity with llama.cpp's own C quantizers (ggml-quants.c), imatrix
+paths included. Skipped unless SMOLQ_GGML_QUANTS_LIB names a shared library
+built from llama.cpp's ggml/src/ggml-quants.c, for example:
+
+    pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/ggml
+    tar xzf /tmp/ggml/llama_cpp_python-*.tar.gz -C /tmp/ggml
+    cd /tmp/ggml/llama_cpp_python-*/vendor/llama.cpp/ggml
+    # ggml-quants.c needs ggml_abort, ggml_row_size, ggml_type_size, ggml_type_name
+    gcc -O2 -std=c11 -fPIC -shared -Iinclude -Isrc src/ggml-quants.c stubs.c -o libquants.so -lm
+
+(stubs.c: ggml_abort -> abort(); ggml_row_size(t, n) = bytes_per_block(t) * n / block(t).)
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import numpy as np
+import pytest
+
+import smolq.kernels as K
+
+from test_kernel_quant import hard_rows
+
+LIB = os.environ.get("SMOLQ_GGML_QUANTS_LIB")
+pytestmark = pytest.mark.skipif(not LIB, reason="SMOLQ_GGML_QUANTS_LIB not set (llama.cpp ggml-quants oracle)")
+
+TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0"]
+
+
+@pytest.fixture(scope="module")
+def ggml():
+    return ctypes.CDLL(LIB)
+
+
+def ggml_quantize(lib, name, x, imatrix):
+    fn = getattr(lib, f"quantize_{name.lower()}")
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    out = np.zeros((x.shape[0], K.row_size(name, x.shape[1])), dtype=np.uint8)
+    fn(x.ctypes.data, out.ctypes.data, x.shape[0], x.shape[1], imatrix.ctypes.data if imatrix is not None else None)
+    return out
+
+
+def ggml_dequantize(lib, name, raw, n):
+    fn = getattr(lib, f"dequantize_row_{name.lower()}")
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    out = np.empty(n, dtype=np.float32)
+    fn(raw.ctypes.data, out.ctypes.data, n)
+    return out
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_quantize_matches_llama_cpp(ggml, name, weighted):
+    x = hard_rows(seed=21)
+    x = x[np.abs(x).max(axis=1) < 1e20]  # ggml asserts finite scales in its weighted search
+    imatrix = np.random.default_rng(3).gamma(0.7, 1.0, x.shape[1]).astype(np.float32) if weighted else None
+    want = ggml_quantize(ggml, name, x, imatrix)
+    for impl in ("ref", "fast"):
+        got = K.quantize(x, name, imatrix=imatrix, impl=impl, threads=2)
+        assert np.array_equal(got, want), (impl, np.nonzero((got != want).any(axis=1))[0].tolist())
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_dequantize_matches_llama_cpp(ggml, name):
+    x = hard_rows(seed=22)
+    raw = np.ascontiguousarray(K.quantize(x, name))
+    want = ggml_dequantize(ggml, name, raw, x.size).reshape(x.shape)
+    for impl in ("ref", "fast"):
+        got = K.dequantize(raw, name, x.shape, impl=impl)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), impl
