@@ -70,6 +70,7 @@ def _print_plan(summary: dict) -> None:
         table.add_row(t["name"], t["source"], t["source_dtype"], "x".join(map(str, t["shape"])),
                       t["type"] + (" (fallback)" if t.get("fallback") else ""), str(t["bytes"]))
     console = Console(highlight=False)
+    console.width = max(console.width, 150)  # full tensor names even when piped
     console.print(table)
     console.print(f"{summary['n_tensors']} tensors, {human_bytes(summary['tensor_bytes'])} of tensor data, "
                   f"{summary['n_vocab']} tokens", markup=False)
