@@ -61,7 +61,14 @@ def register(app: typer.Typer) -> None:
         tensor_type: Optional[List[str]] = typer.Option(None, "--tensor-type", help="REGEX=TYPE for matching tensors (repeatable; wins over the mix)."),
         allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Allow quantizing tensors that are already quantized (loses quality)."),
         threads: int = typer.Option(0, "--threads", help="Kernel threads (0 = all cores)."),
-        calib: Optional[Path] = typer.Option(None, "--calib", help="GPTQ calibration text (file or .jsonl)."),
+        calib: Optional[Path] = typer.Option(None, "--calib", help="GPTQ: calibration text (file or .jsonl); default: sampled from the model."),
+        group_size: int = typer.Option(128, "--group-size", help="GPTQ: columns per group (-1: one group per row)."),
+        act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns in order of decreasing Hessian diagonal."),
+        asym: bool = typer.Option(False, "--asym", help="GPTQ: asymmetric grid (zero point) instead of symmetric."),
+        damp: float = typer.Option(0.01, "--damp", help="GPTQ: dampening, a fraction of the mean Hessian diagonal."),
+        nsamples: int = typer.Option(128, "--nsamples", help="GPTQ: calibration sequences."),
+        seqlen: int = typer.Option(2048, "--seqlen", help="GPTQ: tokens per calibration sequence."),
+        device: str = typer.Option("cpu", "--device", help="GPTQ: torch device (cpu, cuda, auto)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and total size; write nothing."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes."),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
@@ -77,8 +84,10 @@ def register(app: typer.Typer) -> None:
             token_embedding_type=parse_type(token_embedding_type, "token embedding type") if token_embedding_type else None,
             tensor_types=parse_tensor_type_overrides(tensor_type or []),
         )
+        gptq = {"group_size": group_size, "act_order": act_order, "sym": not asym, "damp": damp,
+                "nsamples": nsamples, "seqlen": seqlen, "device": device}
         request = Request(src, out, preset, opts, method.lower(), fmt, allow_requantize, threads, calib,
-                          dry_run, quiet or json_out)
+                          dry_run, quiet or json_out, gptq)
         summary = run(request)
         for line in summary.get("notes", []):
             note(f"note: {line}", quiet or json_out)
@@ -107,6 +116,12 @@ class Request:
     calib: Path | None = None
     dry_run: bool = False
     quiet: bool = True
+    gptq: dict[str, Any] | None = None  # GPTQ solver settings, passed through to the pipeline
+
+
+# Defaults of the GPTQ-only options: anything else given with --method rtn is a mistake.
+GPTQ_DEFAULTS = {"group_size": 128, "act_order": False, "sym": True, "damp": 0.01, "nsamples": 128,
+                 "seqlen": 2048, "device": "cpu"}
 
 
 def run(req: Request) -> dict[str, Any]:
@@ -114,7 +129,10 @@ def run(req: Request) -> dict[str, Any]:
         raise InputError(None, f"unknown --method {req.method!r}; choose rtn or gptq")
     if not req.src.exists():
         raise InputError(req.src, "no such file or directory")
-    _check_paths(req.src, req.out)
+    if req.method == "rtn" and (req.calib is not None or _changed_gptq_options(req)):
+        names = ", ".join(["--calib"] * (req.calib is not None) + [f"--{k.replace('_', '-')}" for k in _changed_gptq_options(req)])
+        raise InputError(None, f"{names} apply to --method gptq only")
+    _check_paths(req.src, req.out, out_is_dir=_writes_directory(req))
     if req.src.is_dir():
         return _from_hf(req)
     if req.method == "gptq":
@@ -125,15 +143,27 @@ def run(req: Request) -> dict[str, Any]:
     return quantize_file(req)
 
 
+def _changed_gptq_options(req: Request) -> list[str]:
+    given = req.gptq or {}
+    return [k for k, default in GPTQ_DEFAULTS.items() if k in given and given[k] != default]
+
+
+def _writes_directory(req: Request) -> bool:
+    """GPTQ checkpoints are directories (--format gptq, or an OUT without a suffix)."""
+    if req.method != "gptq":
+        return False
+    return (req.fmt or "").lower() == "gptq" or (req.fmt is None and req.out.suffix == "")
+
+
 # --- paths ---------------------------------------------------------------------------------
 
-def _check_paths(src: Path, out: Path) -> None:
+def _check_paths(src: Path, out: Path, out_is_dir: bool = False) -> None:
     """IN == OUT and unwritable outputs are refused before any work."""
-    same = out.exists() and os.path.samefile(src, out) if not src.is_dir() else False
+    same = out.exists() and os.path.samefile(src, out)
     if same or src.resolve() == out.resolve():
-        raise InputError(out, "output is the input file; choose another output path")
+        raise InputError(out, "output is the input; choose another output path")
     parent = out.parent if str(out.parent) else Path(".")
-    if out.is_dir():
+    if out.is_dir() and not out_is_dir:
         raise InputError(out, "output is a directory; give a file name")
     if not parent.is_dir():
         raise InputError(out, f"cannot write output: directory {parent} does not exist")
@@ -194,7 +224,7 @@ def _gptq_from_hf(req: Request) -> dict[str, Any]:
     if entry is None:
         raise InputError(req.src, "GPTQ pipeline has no quantize_hf()/run() entry point")
     return entry(src=req.src, out=req.out, preset=req.preset.name, fmt=req.fmt, calib=req.calib,
-                 threads=req.threads, dry_run=req.dry_run, quiet=req.quiet)
+                 threads=req.threads, dry_run=req.dry_run, quiet=req.quiet, **(req.gptq or {}))
 
 
 # --- GGUF / legacy files ---------------------------------------------------------------------
