@@ -1,0 +1,171 @@
+"""Calibration sequences for GPTQ: from a text file, a jsonl file, or the model itself.
+
+- Plain text: the whole file is tokenized once and `nsamples` random windows
+  of `seqlen` tokens are cut from it (the reference's C4/wikitext recipe,
+  gptq.md 1.9). A text shorter than one window gives one short sample.
+- jsonl (one JSON object per line with a "text" field): random records; a
+  record longer than `seqlen` contributes a random window, a shorter one is
+  kept whole. Each sample is its own sequence of its own length, run as a
+  batch of one, so no padding is ever needed; `attention_mask` is still
+  returned (all ones) for callers that batch.
+- No file: data-free. Sequences are sampled from the unquantized model
+  itself (temperature 1, starting from BOS). Cheaper than real text and
+  slightly worse; the summary says so.
+
+`seqlen` is capped by the model's context length. Everything is
+deterministic for a given seed.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from smolq.errors import InputError
+
+DATA_FREE_MAX_SEQLEN = 512  # sampling from the model costs one forward per token
+
+
+@dataclass
+class Calibration:
+    samples: list  # LongTensor [1, L] each
+    source: str  # "file:<path>", "jsonl:<path>" or "data-free"
+    seqlen: int
+    notes: list[str] = field(default_factory=list)
+
+    def attention_mask(self, i: int):
+        import torch
+
+        return torch.ones_like(self.samples[i])
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(int(s.shape[1]) for s in self.samples)
+
+
+def model_context_length(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def load_calibration(model, tokenizer, calib: str | Path | None, *, nsamples: int = 128, seqlen: int = 2048,
+                     seed: int = 0) -> Calibration:
+    if nsamples < 1 or seqlen < 2:
+        raise InputError(calib, "--nsamples must be >= 1 and --seqlen >= 2")
+    notes = []
+    ctx = model_context_length(model.config)
+    if ctx is not None and seqlen > ctx:
+        notes.append(f"seqlen {seqlen} capped at the model's context length {ctx}")
+        seqlen = ctx
+    rng = random.Random(seed)
+    if calib is None:
+        n = min(seqlen, DATA_FREE_MAX_SEQLEN)
+        if n < seqlen:
+            notes.append(f"data-free calibration: sequences of {n} tokens sampled from the model")
+        else:
+            notes.append("data-free calibration: sequences sampled from the unquantized model")
+        return Calibration(sample_from_model(model, tokenizer, nsamples, n, seed), "data-free", n, notes)
+    path = Path(calib)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(path, "calibration file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"cannot read calibration text: {exc}") from None
+    records = _jsonl_texts(path, text)
+    if records is not None:
+        samples = _from_records(tokenizer, records, nsamples, seqlen, rng, path)
+        return Calibration(samples, f"jsonl:{path}", seqlen, notes)
+    samples = _from_text(tokenizer, text, nsamples, seqlen, rng, path)
+    if len(samples) == 1 and samples[0].shape[1] < seqlen:
+        notes.append(f"calibration text has only {samples[0].shape[1]} tokens: one short sample")
+    return Calibration(samples, f"file:{path}", seqlen, notes)
+
+
+def _jsonl_texts(path: Path, text: str) -> list[str] | None:
+    """The "text" fields when the file is jsonl, else None (plain text)."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines or not lines[0].lstrip().startswith("{"):
+        return None
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            if n == 1:
+                return None  # plain text that happens to start with "{"
+            raise InputError(path, f"line {n}: not valid JSON") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise InputError(path, f"line {n}: expected an object with a \"text\" string")
+        if obj["text"]:
+            out.append(obj["text"])
+    if not out:
+        raise InputError(path, "no non-empty \"text\" records")
+    return out
+
+
+def _encode(tokenizer, text: str):
+    import torch
+
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
+    return ids.to(torch.long)
+
+
+def _from_text(tokenizer, text, nsamples, seqlen, rng, path):
+    ids = _encode(tokenizer, text)
+    n = ids.shape[1]
+    if n < 2:
+        raise InputError(path, "calibration text is empty")
+    if n <= seqlen:
+        return [ids]
+    out = []
+    for _ in range(nsamples):
+        start = rng.randrange(0, n - seqlen + 1)
+        out.append(ids[:, start:start + seqlen])
+    return out
+
+
+def _from_records(tokenizer, records, nsamples, seqlen, rng, path):
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    out = []
+    for i in (order * (nsamples // len(order) + 1))[:nsamples]:
+        ids = _encode(tokenizer, records[i])
+        if ids.shape[1] > seqlen:
+            start = rng.randrange(0, ids.shape[1] - seqlen + 1)
+            ids = ids[:, start:start + seqlen]
+        if ids.shape[1] >= 2:
+            out.append(ids)
+    if not out:
+        raise InputError(path, "every record is shorter than 2 tokens")
+    return out
+
+
+def sample_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int, batch: int = 16):
+    """Data-free calibration: sequences the model writes itself, from BOS."""
+    import torch
+
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        bos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for b0 in range(0, nsamples, batch):
+            nb = min(batch, nsamples - b0)
+            ids = torch.full((nb, 1), bos, dtype=torch.long, device=device)
+            past = None
+            step = ids
+            for _ in range(seqlen - 1):
+                res = model(input_ids=step, past_key_values=past, use_cache=True)
+                past = res.past_key_values
+                probs = torch.softmax(res.logits[:, -1].float(), dim=-1).cpu()
+                step = torch.multinomial(probs, 1, generator=gen).to(device)
+                ids = torch.cat([ids, step], dim=1)
+            out.extend(ids[i:i + 1].cpu() for i in range(nb))
+    return out

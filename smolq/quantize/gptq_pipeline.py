@@ -1,0 +1,564 @@
+"""GPTQ over a whole HF model, one transformer block at a time (gptq.md 1.9).
+
+    calibration tokens -> inputs of block 0 (captured by a hook that stops the model)
+    for each block: hooks collect each Linear's Hessian -> solve -> the block's
+    Linear weights become the dequantized result -> the quantized block's
+    outputs are the next block's inputs.
+
+With true-sequential the Linears of a block are solved in groups, re-running
+the block between groups so later groups see the quantized earlier ones.
+Every finished block is saved (its grids' integer results) under a work
+directory beside the output; `resume=True` replays saved blocks instead of
+solving them again. The output is written only after the last block:
+- format "gptq": an HF GPTQ directory (formats/gptq_ckpt.py), v1 zeros;
+- GGUF / legacy: the convert pipeline's tensors, with every planned block-type
+  Linear replaced by its GPTQ-on-ggml-grid blocks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from smolq.errors import InputError
+from smolq.quantize.types import GGMLType
+
+log = logging.getLogger("smolq.gptq")
+T = GGMLType
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    blocks: str  # attribute path of the block list
+    groups: tuple[tuple[str, ...], ...]  # true-sequential groups of Linear names inside a block
+
+
+# AutoGPTQ's per-architecture lists (gptq.md 1.9).
+FAMILIES = {
+    "llama": FamilyLayout("model.layers", (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))),
+    "gptj": FamilyLayout("transformer.h", (
+        ("attn.q_proj", "attn.k_proj", "attn.v_proj"), ("attn.out_proj",), ("mlp.fc_in",), ("mlp.fc_out",))),
+    "mpt": FamilyLayout("transformer.blocks", (
+        ("attn.Wqkv",), ("attn.out_proj",), ("ffn.up_proj",), ("ffn.down_proj",))),
+}
+MODEL_TYPES = {"llama": "llama", "mistral": "llama", "gptj": "gptj", "mpt": "mpt"}
+
+
+@dataclass
+class Settings:
+    format: str
+    qtype: str | None
+    bits: int
+    group_size: int
+    act_order: bool
+    sym: bool
+    true_sequential: bool
+    damp: float
+    calib: str | None
+    nsamples: int
+    seqlen: int
+    seed: int
+    static_groups: bool = False
+    scale_rule: str = "weighted"
+
+    def fingerprint(self, src: Path) -> str:
+        d = dict(self.__dict__, src=str(src.resolve()))
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _StopForward(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# the public entry
+# ---------------------------------------------------------------------------
+
+
+def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | None = None, bits: int = 4,
+                     group_size: int = 128, act_order: bool = False, sym: bool = True, true_sequential: bool = True,
+                     damp: float = 0.01, calib=None, nsamples: int = 128, seqlen: int = 2048, device: str = "cpu",
+                     seed: int = 0, resume: bool = False, quiet: bool = False, static_groups: bool = False,
+                     scale_rule: str = "weighted") -> dict[str, Any]:
+    """GPTQ-quantize the HF checkpoint `src_dir` into `out_path`; returns a summary.
+
+    format "gptq": HF GPTQ directory with `bits` 2/3/4/8 and `group_size`.
+    Otherwise a GGUF / legacy format name (as `smolq convert --format`):
+    `qtype` is a type or llama.cpp mix ("q4_k_m"); without it `bits` picks
+    the default mix for that width. Linears whose planned type is a ggml
+    block type are GPTQ-rounded onto that type's grid.
+    """
+    import torch
+
+    started = time.perf_counter()
+    src, out = Path(src_dir), Path(out_path)
+    fmt = (format or "gptq").lower()
+    if fmt != "gptq" and qtype is None:
+        from smolq.quantize.plan import BITS_PRESETS
+
+        if bits not in BITS_PRESETS:
+            raise InputError(out, f"--bits {bits} has no ggml preset; choose one of {sorted(BITS_PRESETS)}")
+        qtype = BITS_PRESETS[bits]
+    if fmt == "gptq" and bits not in (2, 3, 4, 8):
+        raise InputError(out, f"GPTQ checkpoints hold 2, 3, 4 or 8 bits, not {bits}")
+    if group_size != -1 and group_size < 1:
+        raise InputError(out, f"--group-size must be -1 or positive, not {group_size}")
+    dev = _device(device)
+    settings = Settings(fmt, qtype, bits, group_size, act_order, sym, true_sequential, damp,
+                        None if calib is None else str(Path(calib).resolve()), nsamples, seqlen, seed,
+                        static_groups, scale_rule)
+
+    torch.manual_seed(seed)
+    model, tokenizer, family = _load_model(src)
+    plan = _plan_types(src, out, fmt, qtype, model, family)
+    from smolq.quantize.calib import load_calibration
+
+    cal = load_calibration(model, tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    work = _work_dir(out, settings, src, resume)
+    stats = _quantize_blocks(model, family, cal, plan, settings, dev, work, quiet)
+
+    if fmt == "gptq":
+        size = _write_gptq_dir(model, family, src, out, work, settings)
+    else:
+        size = _write_ggml_file(src, out, fmt, qtype, model, family, work)
+    shutil.rmtree(work, ignore_errors=True)
+    return {
+        "source": str(src), "output": str(out), "format": fmt, "method": "gptq", "family": family,
+        "qtype": qtype, "bits": bits if fmt == "gptq" else None, "group_size": group_size if fmt == "gptq" else None,
+        "act_order": act_order, "sym": sym, "true_sequential": true_sequential, "damp": damp,
+        "calibration": cal.source, "n_samples": len(cal.samples), "n_tokens": cal.n_tokens,
+        "seqlen": cal.seqlen, "notes": cal.notes + stats["notes"], "n_layers_quantized": stats["n_linears"],
+        "damp_raised": stats["damp_raised"], "bytes": size, "seconds": round(time.perf_counter() - started, 3),
+        "device": str(dev),
+    }
+
+
+def quantize_hf(*, src, out, preset: str | None = None, fmt: str | None = None, calib=None, threads: int = 0,
+                dry_run: bool = False, quiet: bool = True, **extra) -> dict[str, Any]:
+    """Adapter for `smolq quantize --method gptq`: preset names like "Q4_K_M";
+    `fmt` "gptq" makes a GPTQ directory with the preset's width in bits."""
+    fmt = (fmt or ("gptq" if Path(out).suffix == "" else "gguf")).lower()
+    if dry_run:
+        raise InputError(out, "--dry-run is not available with --method gptq")
+    if fmt == "gptq":
+        m = re.search(r"(\d)", preset or "Q4")
+        return quantize_hf_gptq(src, out, format="gptq", bits=int(m.group(1)) if m else 4, calib=calib,
+                                quiet=quiet, **extra)
+    return quantize_hf_gptq(src, out, format=fmt, qtype=preset, calib=calib, quiet=quiet, **extra)
+
+
+run = quantize_hf
+
+
+# ---------------------------------------------------------------------------
+# setup
+# ---------------------------------------------------------------------------
+
+
+def _device(name: str):
+    import torch
+
+    name = (name or "cpu").lower()
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(None, f"--device {name} requested but CUDA is not available here; use --device cpu")
+        torch.backends.cuda.matmul.allow_tf32 = False  # the reference disables TF32 (gptq.md 1.1)
+        torch.backends.cudnn.allow_tf32 = False
+        return torch.device(name)
+    if name != "cpu":
+        raise InputError(None, f"unknown --device {name!r}; choose cpu or cuda")
+    return torch.device("cpu")
+
+
+def _load_model(src: Path):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not (src / "config.json").is_file():
+        raise InputError(src, "not a Hugging Face checkpoint directory (no config.json)")
+    config = AutoConfig.from_pretrained(src)
+    family = MODEL_TYPES.get(getattr(config, "model_type", ""))
+    if family is None:
+        raise InputError(src / "config.json", f"GPTQ supports LLaMA, GPT-J and MPT, not model_type "
+                                              f"{getattr(config, 'model_type', None)!r}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as exc:
+        raise InputError(src, f"transformers cannot load it: {exc}") from None
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer, family
+
+
+def _blocks(model, family):
+    obj = model
+    for part in FAMILIES[family].blocks.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _linears(family):
+    return [name for group in FAMILIES[family].groups for name in group]
+
+
+def _plan_types(src, out, fmt, qtype, model, family) -> dict[str, GGMLType | None]:
+    """HF Linear weight name -> ggml block type to GPTQ onto (None: GPTQ int grid / not GPTQ'd)."""
+    names = [f"{FAMILIES[family].blocks}.{i}.{lin}.weight"
+             for i in range(len(_blocks(model, family))) for lin in _linears(family)]
+    if fmt == "gptq":
+        return {n: None for n in names}
+    from smolq.convert.arch import arch_for_config
+    from smolq.convert.checkpoint import open_checkpoint
+    from smolq.convert.pipeline import build_steps, resolve_target
+    from smolq.quantize.grids import BLOCK_SPECS
+
+    with open_checkpoint(src) as ckpt:
+        arch = arch_for_config(ckpt.config, ckpt.path / "config.json")
+        target = resolve_target(fmt, out, arch)
+        steps, _ = build_steps(arch, ckpt, target, qtype, out)
+    by_source = {s.map.source: s.type for s in steps}
+    return {n: by_source.get(n) if by_source.get(n) in BLOCK_SPECS else "skip" for n in names}
+
+
+def _work_dir(out: Path, settings: Settings, src: Path, resume: bool) -> Path:
+    work = out.parent / f".{out.name}.gptq-work"
+    fp = settings.fingerprint(src)
+    stamp = work / "settings.json"
+    if work.exists():
+        same = stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fp
+        if resume and not same:
+            raise InputError(work, "--resume: the saved blocks were made with other settings or another model")
+        if not resume:
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps({"fingerprint": fp, "settings": settings.__dict__}, indent=2))
+    return work
+
+
+# ---------------------------------------------------------------------------
+# the block loop
+# ---------------------------------------------------------------------------
+
+
+def _capture_block_inputs(model, family, cal):
+    """Per sample: (args, kwargs) of block 0's call, stopped right there."""
+    import torch
+
+    blocks = _blocks(model, family)
+    captured = []
+
+    def hook(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i, ids in enumerate(cal.samples):
+                try:
+                    model(input_ids=ids, attention_mask=cal.attention_mask(i), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hidden_of(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args, kwargs, hidden):
+    if args:
+        return (hidden,) + tuple(args[1:]), kwargs
+    return args, dict(kwargs, hidden_states=hidden)
+
+
+def _to(obj, dev):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dev)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, dev) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, dev) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, dev) for k, v in obj.items()}
+    return obj
+
+
+def _run_block(block, inputs, dev):
+    """Outputs of `block` for every captured input (moved to `dev` for the call)."""
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            a, k = _to(args, dev), _to(kwargs, dev)
+            k = {key: v for key, v in k.items() if key not in ("past_key_values", "past_key_value", "layer_past")}
+            k["use_cache"] = False
+            res = block(*a, **k)
+            outs.append((res[0] if isinstance(res, (tuple, list)) else res).cpu())
+    return outs
+
+
+def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Path, quiet: bool) -> dict:
+    import torch
+
+    from smolq.progress import note
+
+    blocks = _blocks(model, family)
+    inputs = _capture_block_inputs(model, family, cal)
+    groups = FAMILIES[family].groups if settings.true_sequential else (tuple(_linears(family)),)
+    n_linears, damp_raised, notes = 0, [], []
+    for i, block in enumerate(blocks):
+        t0 = time.perf_counter()
+        prefix = f"{FAMILIES[family].blocks}.{i}"
+        block.to(dev)
+        saved = work / f"block-{i:04d}.safetensors"
+        if saved.is_file():
+            _restore_block(block, saved)
+            what = "restored"
+        else:
+            records = {}
+            for group in groups:
+                todo = [n for n in group if plan.get(f"{prefix}.{n}.weight") != "skip"]
+                if not todo:
+                    continue
+                hessians = _collect_hessians(block, todo, inputs, dev)
+                for name in todo:
+                    rec, damp_used = _solve_linear(block.get_submodule(name), hessians.pop(name),
+                                                   plan.get(f"{prefix}.{name}.weight"), settings, dev)
+                    records.update({f"{name}.{k}": v for k, v in rec.items()})
+                    n_linears += 1
+                    if damp_used > settings.damp:
+                        damp_raised.append(f"{prefix}.{name}: damp {damp_used:.3g}")
+            _save_block(saved, records)
+            what = "quantized"
+        outs = _run_block(block, inputs, dev)
+        inputs = [_with_hidden(a, k, h) for (a, k), h in zip(inputs, outs)]
+        block.to("cpu")
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        note(f"block {i + 1}/{len(blocks)} {what} in {time.perf_counter() - t0:.1f}s", quiet=quiet)
+    if damp_raised:
+        notes.append("dampening raised for " + ", ".join(damp_raised))
+    return {"n_linears": n_linears, "damp_raised": damp_raised, "notes": notes}
+
+
+def _collect_hessians(block, names, inputs, dev):
+    from smolq.quantize.gptq import HessianAccumulator
+
+    accs, handles = {}, []
+    for name in names:
+        lin = block.get_submodule(name)
+        accs[name] = HessianAccumulator(lin.weight.shape[1], device=dev)
+
+        def hook(_m, args, _out, acc=accs[name]):
+            acc.add(args[0].detach())
+
+        handles.append(lin.register_forward_hook(hook))
+    try:
+        _run_block(block, inputs, dev)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: a.H for n, a in accs.items()}
+
+
+def _solve_linear(lin, H, qtype, settings: Settings, dev):
+    """GPTQ one Linear; its weight becomes the dequantized result. Returns (record, damp)."""
+    import torch
+
+    from smolq.quantize.gptq import gptq_solve
+    from smolq.quantize.grids import make_grid
+
+    W = lin.weight.data.to(dev, torch.float32)
+    rows, cols = W.shape
+    grid = make_grid(rows, cols, qtype=qtype, bits=settings.bits, group_size=settings.group_size,
+                     sym=settings.sym, rule=settings.scale_rule, device=dev)
+    res = gptq_solve(W, H, grid, damp=settings.damp, act_order=settings.act_order,
+                     static_groups=settings.static_groups)
+    lin.weight.data.copy_(res.Q.to(lin.weight.device, lin.weight.dtype))
+    if qtype is None:
+        rec = {"qint": grid.qint.cpu().numpy(), "scales": grid.scales.cpu().numpy(),
+               "zeros": grid.zeros.cpu().numpy().astype(np.int32), "g_idx": grid.g_idx.cpu().numpy().astype(np.int32)}
+    else:
+        rec = {"blocks": grid.to_bytes(), "qtype": np.array([int(qtype)], dtype=np.int32)}
+    return rec, res.damp
+
+
+def _save_block(path: Path, records: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save
+
+    from smolq.atomic import atomic_output
+
+    with atomic_output(path) as fh:
+        fh.write(save({k: np.ascontiguousarray(v) for k, v in records.items()}))
+
+
+def _load_records(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """{linear name: {field: array}} from a saved block."""
+    from safetensors.numpy import load_file
+
+    flat = load_file(str(path))
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, v in flat.items():
+        name, fld = key.rsplit(".", 1)
+        out.setdefault(name, {})[fld] = v
+    return out
+
+
+def record_weights(rec: dict[str, np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """The dequantized [out, in] float32 weight a saved record stands for."""
+    if "blocks" in rec:
+        import gguf
+
+        t = gguf.GGMLQuantizationType(int(rec["qtype"][0]))
+        return gguf.quants.dequantize(rec["blocks"], t).reshape(shape)
+    from smolq.formats.gptq_ckpt import GPTQLayer
+
+    return GPTQLayer(rec["qint"], rec["scales"], rec["zeros"].astype(np.int64), rec["g_idx"].astype(np.int64),
+                     bits=0).dequantize()
+
+
+def _restore_block(block, path: Path) -> None:
+    import torch
+
+    for name, rec in _load_records(path).items():
+        lin = block.get_submodule(name)
+        w = record_weights(rec, tuple(lin.weight.shape))
+        lin.weight.data.copy_(torch.from_numpy(w).to(lin.weight.device, lin.weight.dtype))
+
+
+# ---------------------------------------------------------------------------
+# outputs
+# ---------------------------------------------------------------------------
+
+
+def _write_gptq_dir(model, family, src: Path, out: Path, work: Path, s: Settings) -> int:
+    from smolq.atomic import atomic_directory
+    from smolq.formats import gptq_ckpt
+    from smolq.formats.gptq_ckpt import GPTQLayer
+
+    blocks = _blocks(model, family)
+    n_shards = len(blocks) + 1
+    state = model.state_dict()
+    quantized = set()
+    weight_map: dict[str, str] = {}
+    qcfg = gptq_ckpt.quantize_config(s.bits, s.group_size, sym=s.sym, desc_act=s.act_order,
+                                     static_groups=s.static_groups, true_sequential=s.true_sequential, damp=s.damp)
+    with atomic_directory(out) as tmp:
+        for i in range(len(blocks)):
+            prefix = f"{FAMILIES[family].blocks}.{i}"
+            tensors = {}
+            for name, rec in _load_records(work / f"block-{i:04d}.safetensors").items():
+                layer = GPTQLayer(rec["qint"], rec["scales"], rec["zeros"].astype(np.int64),
+                                  rec["g_idx"].astype(np.int64), s.bits)
+                for fld, arr in layer.packed("gptq").items():
+                    tensors[f"{prefix}.{name}.{fld}"] = arr
+                quantized.add(f"{prefix}.{name}.weight")
+            for key, v in state.items():
+                if key.startswith(prefix + ".") and key not in quantized:
+                    tensors[key] = v.detach().cpu().to(dtype=_f16()).numpy()
+            weight_map.update(gptq_ckpt.write_shard(tmp, i + 1, n_shards, tensors))
+        rest = {k: v.detach().cpu().to(dtype=_f16()).numpy() for k, v in state.items()
+                if not k.startswith(FAMILIES[family].blocks + ".")}
+        if getattr(model.config, "tie_word_embeddings", False):
+            rest.pop("lm_head.weight", None)
+        weight_map.update(gptq_ckpt.write_shard(tmp, 0, n_shards, rest))
+        gptq_ckpt.finish_dir(tmp, src, weight_map, qcfg)
+    return sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+
+
+def _f16():
+    import torch
+
+    return torch.float16
+
+
+def _row_permutation(transform, rows: int) -> np.ndarray | None:
+    """The arch's row transform as an index permutation (None: no transform)."""
+    if transform is None:
+        return None
+    idx = transform(np.arange(rows, dtype=np.float64)[:, None] * np.ones((1, 2)))[:, 0]
+    perm = idx.astype(np.int64)
+    if not np.array_equal(np.sort(perm), np.arange(rows)):
+        raise InputError(None, "an architecture transform that is not a row permutation cannot carry GPTQ blocks")
+    return perm
+
+
+def _write_ggml_file(src: Path, out: Path, fmt: str, qtype: str, model, family, work: Path) -> int:
+    from smolq.convert import pipeline as cp
+    from smolq.convert.arch import arch_for_config
+    from smolq.convert.checkpoint import open_checkpoint
+    from smolq.convert.vocab import load_vocab
+    from smolq.formats.base import TensorEntry
+
+    blocks = _blocks(model, family)
+    records: dict[str, tuple[Path, str]] = {}
+    for i in range(len(blocks)):
+        path = work / f"block-{i:04d}.safetensors"
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as st:
+            for key in st.keys():
+                if key.endswith(".blocks"):
+                    records[f"{FAMILIES[family].blocks}.{i}.{key[:-len('.blocks')]}.weight"] = (path, key)
+
+    def gptq_loader(step, path, key, layout):
+        def load():
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as st:
+                data = st.get_tensor(key)
+            perm = _row_permutation(step.map.transform, data.shape[0])
+            if perm is not None:
+                data = data[perm]
+            if layout != "v3":
+                from smolq.kernels import relayout
+
+                data, _ = relayout(data, step.type, "v3", layout)
+            return np.ascontiguousarray(data).reshape(-1)
+        return load
+
+    with open_checkpoint(src) as ckpt:
+        arch = arch_for_config(ckpt.config, ckpt.path / "config.json")
+        target = cp.resolve_target(fmt, out, arch)
+        steps, preset = cp.build_steps(arch, ckpt, target, qtype, out)
+        entries = []
+        for st in steps:
+            e = cp._entries([st], target.layout)[0]
+            if st.map.source in records:
+                path, key = records[st.map.source]
+                e = TensorEntry(st.name, st.type, tuple(st.map.shape), gptq_loader(st, path, key, target.layout),
+                                target.layout)
+            entries.append(e)
+        vocab = load_vocab(ckpt.path, arch.n_vocab, arch.family, ckpt.config)
+        if target.is_gguf:
+            from smolq.formats.gguf import write_gguf
+
+            md = cp.gguf_metadata(arch, vocab, ckpt, preset.ftype)
+            return write_gguf(out, md, entries, version=target.gguf_version)
+        from smolq.formats.legacy import write_legacy
+
+        lt = target.legacy
+        hparams = arch.legacy_hparams(lt)
+        tokens = vocab.legacy_tokens(arch.family, lt.container, lt.dialect)
+        ftype = preset.ftype if arch.family == "llama" and preset.ftype is not None else None
+        write_legacy(out, lt.container, lt.version, arch.family, hparams, [(t, sc) for t, sc, _ in tokens], entries,
+                     dialect=lt.dialect, ftype=ftype,
+                     special_tokens=[i for i, (_, _, sp) in enumerate(tokens) if sp])
+        return out.stat().st_size
