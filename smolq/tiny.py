@@ -366,6 +366,9 @@ SPM_NORMAL, SPM_UNKNOWN, SPM_CONTROL, SPM_USER_DEFINED, SPM_UNUSED, SPM_BYTE = 1
 def _write_llama_tokenizer(out: Path, n_vocab: int) -> None:
     proto = build_sentencepiece_model(n_vocab)
     (out / "tokenizer.model").write_bytes(proto)
+    # Real LLaMA repos ship tokenizer.json too; transformers 5 needs protobuf
+    # to read tokenizer.model by itself, so this keeps AutoTokenizer working.
+    sentencepiece_to_tokenizer_json(proto).save(str(out / "tokenizer.json"))
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     config = {
         **special,
@@ -423,6 +426,39 @@ def build_sentencepiece_model(n_vocab: int) -> bytes:
     extra = _padding_names("<extra_{}>", n_vocab - have, existing)
     pieces = [_encode_spm_piece(p, lowest - 1.0 - i, SPM_NORMAL) for i, p in enumerate(extra)]
     return _append_pieces(proto, pieces)
+
+
+def sentencepiece_to_tokenizer_json(proto: bytes):
+    """A `tokenizers` BPE equivalent to a SentencePiece BPE model (byte
+    fallback, dummy prefix), built the way HF's LLaMA fast tokenizer is:
+    every normal piece that splits into two pieces gives a merge, ranked by
+    the piece's score (SentencePiece merges the highest-scoring pair first)."""
+    import sentencepiece as spm
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    ranked = []
+    for i, piece in enumerate(pieces):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i):
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-sp.get_score(i), i, vocab[left], (left, right)))
+    merges = [pair for *_, pair in sorted(ranked)]
+    unk = pieces[sp.unk_id()]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([
+        decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
+    ])
+    bos = pieces[sp.bos_id()]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, sp.bos_id())])
+    tok.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False) for i in (sp.unk_id(), sp.bos_id(), sp.eos_id())])
+    return tok
 
 
 def _padding_names(pattern: str, count: int, existing: set[str]) -> list[str]:

@@ -195,3 +195,19 @@ def test_sentencepiece_padding_pieces_are_valid_protobuf(tmp_path):
     blob = (d / "tokenizer.model").read_bytes()
     body = b"\x0a" + bytes([len(last)]) + last.encode() + b"\x15" + struct.pack("<f", sp.get_score(399)) + b"\x18\x01"
     assert b"\x0a" + bytes([len(body)]) + body in blob
+
+
+@pytest.mark.parametrize("n_vocab", [None, LEGACY_VOCAB["llama"]])
+def test_llama_tokenizer_json_encodes_like_sentencepiece(tmp_path, n_vocab):
+    from tokenizers import Tokenizer
+
+    from smolq.tiny import TINY_TEXT
+
+    d = make_tiny_model("llama", tmp_path / "l", vocab_size=n_vocab)
+    sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+    fast = Tokenizer.from_file(str(d / "tokenizer.json"))
+    assert fast.get_vocab_size() == sp.get_piece_size()
+    for text in [*TINY_TEXT.splitlines(), "  two  spaces", "unseen: \u2603 \U0001F642", ""]:
+        ids = fast.encode(text).ids
+        assert ids == [sp.bos_id(), *sp.encode(text)], text
+        assert fast.decode(ids, skip_special_tokens=True) == text
