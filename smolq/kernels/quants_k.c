@@ -339,6 +339,40 @@ static inline float sum_squares(const float *x, int n) {
     return s;
 }
 
+/* The two searches that dominate the time, over all sub-blocks of a
+ * super-block at once: nsub sub-blocks of n elements, stored one after the
+ * other in x (and in weights / qw / L), results in scales[] and mins[].
+ * Sub-blocks are independent, so the reference runs them one by one and the
+ * fast variant (quants_k_fast.h) side by side in vector lanes, same bytes. */
+typedef void (*qkx_batch_fn)(int nsub, int n, int nmax, const float *x, const float *weights,
+                             uint8_t *L, float *scales, float *mins,
+                             float rmin, float rdelta, int nstep, int use_mad);
+typedef void (*qx_batch_fn)(int nsub, int n, int nmax, const float *x, int8_t *L,
+                            const float *qw, float *scales);
+typedef struct { qkx_batch_fn qkx; qx_batch_fn qx; } kq_search;
+
+static void qkx_batch_ref(int nsub, int n, int nmax, const float *x, const float *weights,
+                          uint8_t *L, float *scales, float *mins,
+                          float rmin, float rdelta, int nstep, int use_mad) {
+    uint8_t Laux[32];
+    for (int j = 0; j < nsub; ++j) {
+        scales[j] = make_qkx_quants(n, nmax, x + n * j, weights + n * j, L + n * j, &mins[j], Laux,
+                                    rmin, rdelta, nstep, use_mad);
+    }
+}
+
+static void qx_batch_ref(int nsub, int n, int nmax, const float *x, int8_t *L,
+                         const float *qw, float *scales) {
+    for (int j = 0; j < nsub; ++j) scales[j] = make_qx_quants(n, nmax, x + n * j, L + n * j, qw ? qw + n * j : NULL);
+}
+
+static const kq_search REF_SEARCH = { qkx_batch_ref, qx_batch_ref };
+
+#include "quants_k_fast.h"
+#ifdef SMOLQ_KQ_HAVE_FAST
+static const kq_search FAST_SEARCH = { qkx_batch_fast, qx_batch_fast };
+#endif
+
 /* ---------------------------------------------- shared packing and decoding */
 
 /* 2-bit levels of a super-block into qs[64]: byte 32h+l holds elements
@@ -411,14 +445,14 @@ static void q2_K_finish(const float *x, block_q2_K *y, uint8_t *L) {
 }
 
 /* quantize_row_q2_K_ref, one super-block. */
-static void q2_K_ref_block(const float *x, block_q2_K *y) {
-    uint8_t L[QK_K], Laux[16];
-    float weights[16], mins[QK_K / 16], scales[QK_K / 16];
+static void q2_K_ref_block(const float *x, block_q2_K *y, const kq_search *s) {
+    uint8_t L[QK_K];
+    float weights[QK_K], mins[QK_K / 16], scales[QK_K / 16];
     const float q4scale = 15.f;
+    for (int l = 0; l < QK_K; ++l) weights[l] = fabsf(x[l]);
+    s->qkx(QK_K / 16, 16, 3, x, weights, L, scales, mins, -0.5f, 0.1f, 15, 1);
     float max_scale = 0, max_min = 0;
     for (int j = 0; j < QK_K / 16; ++j) {
-        for (int l = 0; l < 16; ++l) weights[l] = fabsf(x[16 * j + l]);
-        scales[j] = make_qkx_quants(16, 3, x + 16 * j, weights, L + 16 * j, &mins[j], Laux, -0.5f, 0.1f, 15, 1);
         if (scales[j] > max_scale) max_scale = scales[j];
         if (mins[j] > max_min) max_min = mins[j];
     }
@@ -444,16 +478,17 @@ static void q2_K_ref_block(const float *x, block_q2_K *y) {
 }
 
 /* quantize_row_q2_K_impl (imatrix), one super-block; qw = its 256 weights. */
-static void q2_K_imatrix_block(const float *x, block_q2_K *y, const float *qw) {
-    uint8_t L[QK_K], Laux[16], Ls[QK_K / 16], Lm[QK_K / 16];
-    float mins[QK_K / 16], scales[QK_K / 16], sw[QK_K / 16], weight[16];
+static void q2_K_imatrix_block(const float *x, block_q2_K *y, const float *qw, const kq_search *s) {
+    uint8_t L[QK_K], Ls[QK_K / 16], Lm[QK_K / 16];
+    float mins[QK_K / 16], scales[QK_K / 16], sw[QK_K / 16], weight[QK_K];
     const float sigma2 = sum_squares(x, QK_K) / QK_K;
     for (int j = 0; j < QK_K / 16; ++j) {
-        for (int l = 0; l < 16; ++l) weight[l] = qw[16 * j + l] * sqrtf(sigma2 + x[16 * j + l] * x[16 * j + l]);
+        float *w = weight + 16 * j;
+        for (int l = 0; l < 16; ++l) w[l] = qw[16 * j + l] * sqrtf(sigma2 + x[16 * j + l] * x[16 * j + l]);
         sw[j] = 0;
-        for (int l = 0; l < 16; ++l) sw[j] += weight[l];
-        scales[j] = make_qkx_quants(16, 3, x + 16 * j, weight, L + 16 * j, &mins[j], Laux, -0.9f, 0.05f, 36, 0);
+        for (int l = 0; l < 16; ++l) sw[j] += w[l];
     }
+    s->qkx(QK_K / 16, 16, 3, x, weight, L, scales, mins, -0.9f, 0.05f, 36, 0);
     float dm = make_qp_quants(QK_K / 16, 15, scales, Ls, sw);
     float mm = make_qp_quants(QK_K / 16, 15, mins, Lm, sw);
     f16_put(y->d, dm);
@@ -516,17 +551,18 @@ static void q3_K_ref_block(const float *x, block_q3_K *y) {
 }
 
 /* quantize_row_q3_K_impl (imatrix), one super-block. */
-static void q3_K_imatrix_block(const float *x, block_q3_K *y, const float *qw) {
+static void q3_K_imatrix_block(const float *x, block_q3_K *y, const float *qw, const kq_search *s) {
     int8_t L[QK_K], Ls[QK_K / 16];
-    float scales[QK_K / 16], weight[16], sw[QK_K / 16];
+    float scales[QK_K / 16], weight[QK_K], sw[QK_K / 16];
     const float sigma2 = 2 * sum_squares(x, QK_K) / QK_K;
     for (int j = 0; j < QK_K / 16; ++j) {
-        for (int l = 0; l < 16; ++l) weight[l] = qw[16 * j + l] * sqrtf(sigma2 + x[16 * j + l] * x[16 * j + l]);
+        float *w = weight + 16 * j;
+        for (int l = 0; l < 16; ++l) w[l] = qw[16 * j + l] * sqrtf(sigma2 + x[16 * j + l] * x[16 * j + l]);
         float sumw = 0;
-        for (int l = 0; l < 16; ++l) sumw += weight[l];
+        for (int l = 0; l < 16; ++l) sumw += w[l];
         sw[j] = sumw;
-        scales[j] = make_qx_quants(16, 4, x + 16 * j, L + 16 * j, weight);
     }
+    s->qx(QK_K / 16, 16, 4, x, L, weight, scales);
     memset(y->scales, 0, 12);
     float d_block = make_qx_quants(QK_K / 16, 32, scales, Ls, sw);
     for (int j = 0; j < QK_K / 16; ++j) q3_put_scale(y->scales, j, Ls[j]);
@@ -540,16 +576,17 @@ static void q3_K_imatrix_block(const float *x, block_q3_K *y, const float *qw) {
  * dmin of one super-block, from the search's float scales and mins. */
 
 /* Reference path: scale codes relative to the largest scale and min. */
-static void k4_ref_scales(const float *x, int nmax, float rmin, float rdelta, int nstep,
+static void k4_ref_scales(const float *x, int nmax, float rmin, float rdelta, int nstep, const kq_search *s,
                           uint8_t *L, uint8_t *scales12, uint8_t d16[2], uint8_t dmin16[2]) {
-    uint8_t Laux[32];
-    float weights[32], mins[QK_K / 32], scales[QK_K / 32];
-    float max_scale = 0, max_min = 0;
+    float weights[QK_K], mins[QK_K / 32], scales[QK_K / 32];
     for (int j = 0; j < QK_K / 32; ++j) {
         float sum_x2 = sum_squares(x + 32 * j, 32);
         float av_x = sqrtf(sum_x2 / 32);
-        for (int l = 0; l < 32; ++l) weights[l] = av_x + fabsf(x[32 * j + l]);
-        scales[j] = make_qkx_quants(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, rmin, rdelta, nstep, 0);
+        for (int l = 0; l < 32; ++l) weights[32 * j + l] = av_x + fabsf(x[32 * j + l]);
+    }
+    s->qkx(QK_K / 32, 32, nmax, x, weights, L, scales, mins, rmin, rdelta, nstep, 0);
+    float max_scale = 0, max_min = 0;
+    for (int j = 0; j < QK_K / 32; ++j) {
         if (scales[j] > max_scale) max_scale = scales[j];
         if (mins[j] > max_min) max_min = mins[j];
     }
@@ -568,18 +605,19 @@ static void k4_ref_scales(const float *x, int nmax, float rmin, float rdelta, in
 
 /* imatrix path (quantize_row_q4_K_impl / q5_K_impl). ggml's Q5_K clamps the
  * codes to 63 and Q4_K does not; codes only exceed 63 for degenerate input. */
-static void k4_imatrix_scales(const float *x, const float *qw, int nmax, int clamp63,
+static void k4_imatrix_scales(const float *x, const float *qw, int nmax, int clamp63, const kq_search *s,
                               uint8_t *L, uint8_t *scales12, uint8_t d16[2], uint8_t dmin16[2]) {
-    uint8_t Laux[32], Ls[QK_K / 32], Lm[QK_K / 32];
-    float weights[32], sw[QK_K / 32], mins[QK_K / 32], scales[QK_K / 32];
+    uint8_t Ls[QK_K / 32], Lm[QK_K / 32];
+    float weights[QK_K], sw[QK_K / 32], mins[QK_K / 32], scales[QK_K / 32];
     const float sigma2 = 2 * sum_squares(x, QK_K) / QK_K;
     for (int j = 0; j < QK_K / 32; ++j) {
-        for (int l = 0; l < 32; ++l) weights[l] = qw[32 * j + l] * sqrtf(sigma2 + x[32 * j + l] * x[32 * j + l]);
+        float *w = weights + 32 * j;
+        for (int l = 0; l < 32; ++l) w[l] = qw[32 * j + l] * sqrtf(sigma2 + x[32 * j + l] * x[32 * j + l]);
         float sumw = 0;
-        for (int l = 0; l < 32; ++l) sumw += weights[l];
+        for (int l = 0; l < 32; ++l) sumw += w[l];
         sw[j] = sumw;
-        scales[j] = make_qkx_quants(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, -0.9f, 0.05f, 36, 0);
     }
+    s->qkx(QK_K / 32, 32, nmax, x, weights, L, scales, mins, -0.9f, 0.05f, 36, 0);
     float d_block = make_qp_quants(QK_K / 32, 63, scales, Ls, sw);
     float m_block = make_qp_quants(QK_K / 32, 63, mins, Lm, sw);
     for (int j = 0; j < QK_K / 32; ++j) {
@@ -642,18 +680,18 @@ static void q5_K_pack(const uint8_t *L, block_q5_K *y) {
     }
 }
 
-static void q4_K_block(const float *x, block_q4_K *y, const float *qw) {
+static void q4_K_block(const float *x, block_q4_K *y, const float *qw, const kq_search *s) {
     uint8_t L[QK_K];
-    if (qw) k4_imatrix_scales(x, qw, 15, 0, L, y->scales, y->d, y->dmin);
-    else k4_ref_scales(x, 15, -1.f, 0.1f, 20, L, y->scales, y->d, y->dmin);
+    if (qw) k4_imatrix_scales(x, qw, 15, 0, s, L, y->scales, y->d, y->dmin);
+    else k4_ref_scales(x, 15, -1.f, 0.1f, 20, s, L, y->scales, y->d, y->dmin);
     k4_requantize(x, 15, y->scales, y->d, y->dmin, L);
     q4_K_pack(L, y);
 }
 
-static void q5_K_block(const float *x, block_q5_K *y, const float *qw) {
+static void q5_K_block(const float *x, block_q5_K *y, const float *qw, const kq_search *s) {
     uint8_t L[QK_K];
-    if (qw) k4_imatrix_scales(x, qw, 31, 1, L, y->scales, y->d, y->dmin);
-    else k4_ref_scales(x, 31, -0.5f, 0.1f, 15, L, y->scales, y->d, y->dmin);
+    if (qw) k4_imatrix_scales(x, qw, 31, 1, s, L, y->scales, y->d, y->dmin);
+    else k4_ref_scales(x, 31, -0.5f, 0.1f, 15, s, L, y->scales, y->d, y->dmin);
     k4_requantize(x, 31, y->scales, y->d, y->dmin, L);
     q5_K_pack(L, y);
 }
@@ -662,17 +700,16 @@ static void q5_K_block(const float *x, block_q5_K *y, const float *qw) {
 
 /* quantize_row_q6_K_ref (qw NULL) and quantize_row_q6_K_impl (qw = the
  * block's raw importance weights, used as-is), one super-block. */
-static void q6_K_block(const float *x, block_q6_K *y, const float *qw) {
+static void q6_K_block(const float *x, block_q6_K *y, const float *qw, const kq_search *s) {
     int8_t L[QK_K];
     float scales[QK_K / 16];
+    s->qx(QK_K / 16, 16, 32, x, L, qw, scales);
     float max_scale = 0, max_abs_scale = 0;
     for (int ib = 0; ib < QK_K / 16; ++ib) {
-        const float scale = make_qx_quants(16, 32, x + 16 * ib, L + 16 * ib, qw ? qw + 16 * ib : NULL);
-        scales[ib] = scale;
-        const float abs_scale = fabsf(scale);
+        const float abs_scale = fabsf(scales[ib]);
         if (abs_scale > max_abs_scale) {
             max_abs_scale = abs_scale;
-            max_scale = scale;
+            max_scale = scales[ib];
         }
     }
     if (max_abs_scale < GROUP_MAX_EPS) {
@@ -715,36 +752,57 @@ static void q6_K_block(const float *x, block_q6_K *y, const float *qw) {
 /* imatrix, when given, has one weight per element of the row; super-block i
  * uses weights [256 i, 256 i + 256), as quantize_qX_K does for every row. */
 
-void smolq_quantize_row_q2_K(const float *x, void *vy, int64_t n, const float *imatrix) {
+static void quantize_q2_K(const float *x, void *vy, int64_t n, const float *imatrix, const kq_search *s) {
     block_q2_K *y = (block_q2_K *)vy;
     for (int64_t i = 0; i < n / QK_K; ++i) {
-        if (imatrix) q2_K_imatrix_block(x + QK_K * i, y + i, imatrix + QK_K * i);
-        else q2_K_ref_block(x + QK_K * i, y + i);
+        if (imatrix) q2_K_imatrix_block(x + QK_K * i, y + i, imatrix + QK_K * i, s);
+        else q2_K_ref_block(x + QK_K * i, y + i, s);
     }
 }
 
-void smolq_quantize_row_q3_K(const float *x, void *vy, int64_t n, const float *imatrix) {
+static void quantize_q3_K(const float *x, void *vy, int64_t n, const float *imatrix, const kq_search *s) {
     block_q3_K *y = (block_q3_K *)vy;
     for (int64_t i = 0; i < n / QK_K; ++i) {
-        if (imatrix) q3_K_imatrix_block(x + QK_K * i, y + i, imatrix + QK_K * i);
+        if (imatrix) q3_K_imatrix_block(x + QK_K * i, y + i, imatrix + QK_K * i, s);
         else q3_K_ref_block(x + QK_K * i, y + i);
     }
 }
 
-void smolq_quantize_row_q4_K(const float *x, void *vy, int64_t n, const float *imatrix) {
+static void quantize_q4_K(const float *x, void *vy, int64_t n, const float *imatrix, const kq_search *s) {
     block_q4_K *y = (block_q4_K *)vy;
-    for (int64_t i = 0; i < n / QK_K; ++i) q4_K_block(x + QK_K * i, y + i, imatrix ? imatrix + QK_K * i : NULL);
+    for (int64_t i = 0; i < n / QK_K; ++i) q4_K_block(x + QK_K * i, y + i, imatrix ? imatrix + QK_K * i : NULL, s);
 }
 
-void smolq_quantize_row_q5_K(const float *x, void *vy, int64_t n, const float *imatrix) {
+static void quantize_q5_K(const float *x, void *vy, int64_t n, const float *imatrix, const kq_search *s) {
     block_q5_K *y = (block_q5_K *)vy;
-    for (int64_t i = 0; i < n / QK_K; ++i) q5_K_block(x + QK_K * i, y + i, imatrix ? imatrix + QK_K * i : NULL);
+    for (int64_t i = 0; i < n / QK_K; ++i) q5_K_block(x + QK_K * i, y + i, imatrix ? imatrix + QK_K * i : NULL, s);
 }
 
-void smolq_quantize_row_q6_K(const float *x, void *vy, int64_t n, const float *imatrix) {
+static void quantize_q6_K(const float *x, void *vy, int64_t n, const float *imatrix, const kq_search *s) {
     block_q6_K *y = (block_q6_K *)vy;
-    for (int64_t i = 0; i < n / QK_K; ++i) q6_K_block(x + QK_K * i, y + i, imatrix ? imatrix + QK_K * i : NULL);
+    for (int64_t i = 0; i < n / QK_K; ++i) q6_K_block(x + QK_K * i, y + i, imatrix ? imatrix + QK_K * i : NULL, s);
 }
+
+/* The exported reference quantizers, and their fast twins. */
+#define KQ_ENTRY_POINTS(name)                                                                   \
+    void smolq_quantize_row_##name(const float *x, void *y, int64_t n, const float *imatrix) { \
+        quantize_##name(x, y, n, imatrix, &REF_SEARCH);                                          \
+    }                                                                                            \
+    static void fast_quantize_row_##name(const float *x, void *y, int64_t n, const float *imatrix) { \
+        quantize_##name(x, y, n, imatrix, FAST_OR_REF);                                          \
+    }
+
+#ifdef SMOLQ_KQ_HAVE_FAST
+#define FAST_OR_REF (&FAST_SEARCH)
+#else
+#define FAST_OR_REF (&REF_SEARCH)
+#endif
+
+KQ_ENTRY_POINTS(q2_K)
+KQ_ENTRY_POINTS(q3_K)
+KQ_ENTRY_POINTS(q4_K)
+KQ_ENTRY_POINTS(q5_K)
+KQ_ENTRY_POINTS(q6_K)
 
 /* ============================================================== dequantize */
 
@@ -858,5 +916,22 @@ void smolq_dequantize_row_q6_K(const void *vx, float *y, int64_t n) {
 
 /* ============================================================ fast variants */
 
-smolq_quantize_row_fn smolq_kquant_fast_quantize(int type) { (void)type; return NULL; }
+/* Fast quantizers: same bytes, the scale searches run candidates in vector
+ * lanes. Q3_K without an imatrix has no lane-parallel search (its make_q3_quants
+ * is a sequential coordinate descent) and runs the reference code. There is
+ * no separate fast dequantizer: the reference loops already vectorize. */
+smolq_quantize_row_fn smolq_kquant_fast_quantize(int type) {
+#ifdef SMOLQ_KQ_HAVE_FAST
+    switch (type) {
+    case 10: return fast_quantize_row_q2_K;
+    case 11: return fast_quantize_row_q3_K;
+    case 12: return fast_quantize_row_q4_K;
+    case 13: return fast_quantize_row_q5_K;
+    case 14: return fast_quantize_row_q6_K;
+    }
+#endif
+    (void)type;
+    return NULL;
+}
+
 smolq_dequantize_row_fn smolq_kquant_fast_dequantize(int type) { (void)type; return NULL; }
