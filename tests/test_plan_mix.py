@@ -190,6 +190,17 @@ def test_gqa_bumps_q2_k_attn_v():
     assert {t.dst_type for t in plan.tensors if "attn_v" in t.name} == {T.Q4_K}
 
 
+def test_legacy_header_kv_heads_from_attn_k_rows():
+    # A legacy LLaMA header has n_embd/n_head but no KV head count; attn_k has n_head_kv * head_dim rows.
+    hp = {"n_vocab": 32000, "n_embd": 4096, "n_mult": 256, "n_head": 32, "n_layer": 32, "n_rot": 128}
+    legacy = to_legacy(gguf_llama(n_kv=1024))
+    info = ModelInfo.from_metadata("llama", hp, [(n, s) for n, _, s in legacy])
+    assert (info.n_head, info.n_head_kv, info.n_gqa, info.n_layer) == (32, 8, 4, 32)
+    plan = plan_tensor_types(legacy, resolve_preset("Q2_K"), info)
+    assert {t.dst_type for t in plan.tensors if ".attention.wv." in t.name} == {T.Q4_K}
+    assert ModelInfo.from_metadata("llama", hp).n_gqa == 1  # nothing to go on: no GQA
+
+
 def test_tied_embeddings_take_the_output_rule():
     plan = plan_tensor_types(gguf_llama(tied=True), resolve_preset("Q4_K_M"), LLAMA7B)
     assert by_role(plan)[("token_embd", None)] == T.Q6_K

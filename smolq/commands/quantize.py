@@ -313,8 +313,8 @@ def tensor_fits(t: GGMLType, shape: tuple[int, ...]) -> bool:
 def make_plan(mf: Any, req: Request) -> QuantPlan:
     from smolq.quantize.plan import ModelInfo, plan_tensor_types
 
-    info = ModelInfo.from_metadata(mf.architecture, mf.metadata)
     rows = [(t.name, t.type, tuple(t.shape)) for t in mf.tensors]
+    info = ModelInfo.from_metadata(mf.architecture, mf.metadata, [(name, shape) for name, _, shape in rows])
     return plan_tensor_types(rows, req.preset, info, req.opts)
 
 

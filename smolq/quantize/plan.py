@@ -197,8 +197,13 @@ class ModelInfo:
         return self.arch == "llama" and self.n_layer == 80 and self.n_gqa > 1
 
     @classmethod
-    def from_metadata(cls, arch: str, meta: Mapping[str, object]) -> "ModelInfo":
-        """From GGUF keys ("llama.block_count") or legacy hparams ("n_layer", "n_layers")."""
+    def from_metadata(cls, arch: str, meta: Mapping[str, object],
+                      tensors: Iterable[tuple[str, Sequence[int]]] = ()) -> "ModelInfo":
+        """From GGUF keys ("llama.block_count") or legacy hparams ("n_layer", "n_layers").
+
+        Legacy LLaMA headers have no KV head count (70B took it from the command
+        line), so without one it is read off attn_k's rows, given (name, shape) pairs.
+        """
 
         def first(*keys: str) -> int:
             for key in keys:
@@ -210,14 +215,24 @@ class ModelInfo:
             return 0
 
         n_head = first(f"{arch}.attention.head_count", "n_head", "n_heads")
-        n_head_kv = first(f"{arch}.attention.head_count_kv", "n_head_kv") or n_head
+        n_embd = first(f"{arch}.embedding_length", "n_embd", "d_model")
+        n_head_kv = first(f"{arch}.attention.head_count_kv", "n_head_kv")
+        if not n_head_kv and n_head and n_embd:
+            n_head_kv = _kv_heads_from_attn_k(tensors, n_embd // n_head) or n_head
         return cls(
             arch=arch,
             n_layer=first(f"{arch}.block_count", "n_layer", "n_layers"),
             n_head=n_head,
-            n_head_kv=n_head_kv,
+            n_head_kv=n_head_kv or n_head,
             n_expert=first(f"{arch}.expert_count", "n_expert"),
         )
+
+
+def _kv_heads_from_attn_k(tensors: Iterable[tuple[str, Sequence[int]]], head_dim: int) -> int:
+    for name, shape in tensors:
+        if canonical_name(name) == "blk.0.attn_k.weight" and len(shape) == 2 and head_dim:
+            return int(shape[0]) // head_dim
+    return 0
 
 
 # --- options and the result ----------------------------------------------------------------
