@@ -91,13 +91,13 @@ def _gguf_name(arch: Arch, m: TensorMap) -> str:
 
 def plan_types(arch: Arch, maps: list[TensorMap], target: Target, outtype: str, path: Path) -> tuple[list[tuple[GGMLType, bool]], Any]:
     """Per-tensor (type, fell back) with llama.cpp's rules: 1-D and norms stay F32 (plan.py)."""
-    from smolq.quantize.plan import ModelInfo, plan_tensor_types, resolve_preset
+    from smolq.quantize.plan import ModelInfo, PlanOptions, plan_tensor_types, resolve_preset
 
     preset = resolve_preset(type_name=outtype)
     info = ModelInfo(arch=arch.gguf_arch, n_layer=getattr(arch, "n_layer", 0),
                      n_head=getattr(arch, "n_head", 0), n_head_kv=getattr(arch, "n_head_kv", 0))
     rows = [(_gguf_name(arch, m), T.F32, m.shape) for m in maps]
-    plan = plan_tensor_types(rows, preset, info)
+    plan = plan_tensor_types(rows, preset, info, PlanOptions(pure=_predates_k_quants(arch, target)))
     out = []
     for m, tp in zip(maps, plan.tensors):
         t = tp.dst_type
@@ -107,16 +107,28 @@ def plan_types(arch: Arch, maps: list[TensorMap], target: Target, outtype: str, 
     return out, preset
 
 
+def _predates_k_quants(arch: Arch, target: Target) -> bool:
+    """Containers from before June 2023: their quantizers gave every matrix the
+    file's type. The mix rules (output.weight -> Q6_K, ...) came with K-quants,
+    so applying them would ask for types these files cannot hold."""
+    return target.legacy is not None and T.Q6_K not in _storable_types(arch, target)
+
+
+def _storable_types(arch: Arch, target: Target) -> frozenset:
+    from smolq.formats.legacy import storable_types
+
+    lt = target.legacy
+    qntvr = {"v1": 0, "v2": 1, "v3": 2}[lt.layout] if lt.dialect == "ggml-examples" else None
+    return frozenset(storable_types(lt.container, lt.version, arch.family, lt.dialect, qntvr))
+
+
 def _check_storable(arch: Arch, target: Target, steps: list[Step], path: Path) -> None:
     if target.legacy is None:
         if any(s.type in (T.Q4_2, T.Q4_3) for s in steps):
             raise InputError(path, "GGUF cannot hold Q4_2/Q4_3")
         return
-    from smolq.formats.legacy import storable_types
-
     lt = target.legacy
-    qntvr = {"v1": 0, "v2": 1, "v3": 2}[lt.layout] if lt.dialect == "ggml-examples" else None
-    allowed = storable_types(lt.container, lt.version, arch.family, lt.dialect, qntvr)
+    allowed = _storable_types(arch, target)
     for s in steps:
         if s.type not in allowed:
             holds = ", ".join(sorted(t.name for t in allowed))
