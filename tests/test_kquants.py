@@ -5,8 +5,8 @@ Checked against two independent implementations:
   on random blocks, on smolq's own output, and on the real Gemma-3 Q4_K_M file;
 - llama.cpp's ggml (libggml-base.so shipped by llama-cpp-python) for the
   quantizers: quantize_row_qX_K_ref without an importance matrix,
-  ggml_quantize_chunk with one. Those tests are marked slow (the library comes
-  from a long build) and skip with a reason when it is absent.
+  ggml_quantize_chunk with one. `make test` installs llama-cpp-python (a long
+  build); these tests skip with a reason when it is absent.
 
 The kernel's K-quant functions are loaded with ctypes straight from the built
 library, so these tests do not depend on the Python binding.
@@ -44,7 +44,7 @@ FP16_FIELDS = {
 VP = ctypes.c_void_p
 QUANT_FN = ctypes.CFUNCTYPE(None, VP, VP, ctypes.c_int64, VP)
 DEQUANT_FN = ctypes.CFUNCTYPE(None, VP, VP, ctypes.c_int64)
-NO_LIBGGML = "libggml from llama-cpp-python not installed; run make test-slow"
+NO_LIBGGML = "libggml from llama-cpp-python not installed (make setup installs it)"
 
 
 def _ptr(a: np.ndarray | None) -> VP | None:
@@ -347,14 +347,13 @@ def test_fast_dequantize_is_bit_identical(kernel, t):
     assert np.array_equal(_bits(fast), _bits(kernel.dequantize(t, blocks)))
 
 
-# ----------------------------------------------- against ggml (slow marker)
+# ----------------------------------------------- against ggml
 
 def _first_diff(a: np.ndarray, b: np.ndarray) -> str:
     rows = np.nonzero((a != b).any(axis=1))[0]
     return f"{len(rows)} of {a.shape[0]} rows differ, first row {rows[0]}" if len(rows) else "equal"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("t", KTYPES, ids=IDS)
 def test_quantize_matches_ggml_reference(kernel, ggml, t):
     for name, x in input_cases().items():
@@ -366,7 +365,6 @@ def test_quantize_matches_ggml_reference(kernel, ggml, t):
         assert np.array_equal(ours, ggml.quantize_chunk(t, x, None)), name
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("t", KTYPES, ids=IDS)
 def test_quantize_with_imatrix_matches_ggml(kernel, ggml, t):
     assert not ggml.lib.ggml_quantize_requires_imatrix(int(t))
@@ -379,7 +377,6 @@ def test_quantize_with_imatrix_matches_ggml(kernel, ggml, t):
         assert np.array_equal(ours, theirs), f"{name}: {_first_diff(ours, theirs)}"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("t", KTYPES, ids=IDS)
 def test_quantize_real_weights_matches_ggml(kernel, ggml, gemma_k_tensors, t):
     """Real weight rows: Gemma-3's Q4_K and Q6_K tensors, dequantized, requantized."""
@@ -392,7 +389,6 @@ def test_quantize_real_weights_matches_ggml(kernel, ggml, gemma_k_tensors, t):
         assert np.array_equal(kernel.quantize(t, x, imatrix), ggml.quantize_chunk(t, x, imatrix)), name
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("t", KTYPES, ids=IDS)
 def test_dequantize_ggml_output_matches_gguf_and_ggml(kernel, ggml, t):
     for name, x in input_cases().items():
