@@ -511,33 +511,48 @@ static inline float first_equal(const float *x, int n, float v) {
     return v;
 }
 
-FAST_FN static void q4_0_v3_fast(const float *restrict x, void *restrict vy, int64_t n, const float *imatrix) {
-    if (imatrix) { q4_0_v3_quant(x, vy, n, imatrix); return; }
-    uint8_t *restrict y = vy;
-    const int64_t nb = n / 32;
-    for (int64_t i = 0; i < nb; i++, x += 32, y += 18) {
+/* C roundf (half away from zero), exactly, from floors that vectorize:
+ * a - floor(a) is exact, so 2*(a - floor(a)) >= 1 tells the halves apart
+ * without the 0.49999997 + 0.5 == 1.0 trap. (gguf's np_roundf does the same.) */
+static inline float round_half_away(float v) {
+    const float a = fabsf(v);
+    const float f = floorf(a);
+    return copysignf(f + floorf(2.0f * (a - f)), v);
+}
+
+/* Q4_0 / Q5_0 (bits 4 / 5) in the v3 layout: d f16; [qh u32]; qs[16]. */
+static inline void sym_v3_fast(const float *restrict x, uint8_t *restrict y, int64_t n, int bits) {
+    const int off = 1 << (bits - 1), qmax = (1 << bits) - 1;
+    const int qh_bytes = bits == 5 ? 4 : 0, bytes = 2 + qh_bytes + 16;
+    const float bias = (float)off + 0.5f;
+    for (int64_t i = 0; i < n / 32; i++, x += 32, y += bytes) {
         const uint32_t am = block_absmax_bits(x);
-        float max = 0.0f;
-        if (am)
-            for (int j = 0; j < 32; j++)
-                if (abs_bits(x[j]) == am) { max = x[j]; break; }
-        const float d = max / -8;
+        /* the first element reaching the maximum, found without a branch per element */
+        uint32_t hits = 0;
+        for (int j = 0; j < 32; j++) hits |= (uint32_t)(abs_bits(x[j]) == am) << j;
+        const float max = am ? x[__builtin_ctz(hits)] : 0.0f; /* the reference keeps 0.0f for all-zero blocks */
+        const float d = max / -off;
         const float id = d ? 1.0f / d : 0.0f;
         wr16(y, smolq_fp32_to_fp16(d));
         int32_t q[32];
         for (int j = 0; j < 32; j++) {
-            const int32_t v = (int32_t)(x[j] * id + 8.5f);
-            q[j] = v < 15 ? v : 15;
+            const int32_t v = (int32_t)(x[j] * id + bias);
+            q[j] = v < qmax ? v : qmax;
         }
-        for (int j = 0; j < 16; j++) y[2 + j] = (uint8_t)(q[j] | (q[j + 16] << 4));
+        if (qh_bytes) {
+            uint32_t qh = 0;
+            for (int j = 0; j < 32; j++) qh |= (uint32_t)((q[j] >> 4) & 1) << j;
+            wr32(y + 2, qh);
+        }
+        for (int j = 0; j < 16; j++) y[2 + qh_bytes + j] = (uint8_t)((q[j] & 15) | ((q[j + 16] & 15) << 4));
     }
 }
 
-FAST_FN static void q4_1_v3_fast(const float *restrict x, void *restrict vy, int64_t n, const float *imatrix) {
-    if (imatrix) { q4_1_v3_quant(x, vy, n, imatrix); return; }
-    uint8_t *restrict y = vy;
-    const int64_t nb = n / 32;
-    for (int64_t i = 0; i < nb; i++, x += 32, y += 20) {
+/* Q4_1 / Q5_1 in the v3 layout: d f16; m f16; [qh u32]; qs[16]. */
+static inline void asym_v3_fast(const float *restrict x, uint8_t *restrict y, int64_t n, int bits) {
+    const int qmax = (1 << bits) - 1;
+    const int qh_bytes = bits == 5 ? 4 : 0, bytes = 4 + qh_bytes + 16;
+    for (int64_t i = 0; i < n / 32; i++, x += 32, y += bytes) {
         int32_t kmin = INT32_MAX, kmax = INT32_MIN;
         for (int j = 0; j < 32; j++) {
             const int32_t k = order_key(x[j]);
@@ -546,18 +561,35 @@ FAST_FN static void q4_1_v3_fast(const float *restrict x, void *restrict vy, int
         }
         const float min = first_equal(x, 32, from_order_key(kmin));
         const float max = first_equal(x, 32, from_order_key(kmax));
-        const float d = (max - min) / 15;
+        const float d = (max - min) / qmax;
         const float id = d ? 1.0f / d : 0.0f;
         wr16(y, smolq_fp32_to_fp16(d));
         wr16(y + 2, smolq_fp32_to_fp16(min));
         int32_t q[32];
         for (int j = 0; j < 32; j++) {
             const int32_t v = (int32_t)((x[j] - min) * id + 0.5f);
-            q[j] = v < 15 ? v : 15;
+            q[j] = v < qmax ? v : qmax;
         }
-        for (int j = 0; j < 16; j++) y[4 + j] = (uint8_t)(q[j] | (q[j + 16] << 4));
+        if (qh_bytes) {
+            uint32_t qh = 0;
+            for (int j = 0; j < 32; j++) qh |= (uint32_t)((q[j] >> 4) & 1) << j;
+            wr32(y + 4, qh);
+        }
+        for (int j = 0; j < 16; j++) y[4 + qh_bytes + j] = (uint8_t)((q[j] & 15) | ((q[j + 16] & 15) << 4));
     }
 }
+
+/* With an imatrix the fast entry points hand over to the reference rows. */
+#define FAST_V3(name, encoder, bits)                                                                       \
+    FAST_FN static void name##_v3_fast(const float *restrict x, void *restrict y, int64_t n, const float *w) { \
+        if (w) { name##_v3_quant(x, y, n, w); return; }                                                   \
+        encoder(x, y, n, bits);                                                                           \
+    }
+
+FAST_V3(q4_0, sym_v3_fast, 4)
+FAST_V3(q5_0, sym_v3_fast, 5)
+FAST_V3(q4_1, asym_v3_fast, 4)
+FAST_V3(q5_1, asym_v3_fast, 5)
 
 FAST_FN static void q8_0_v3_fast(const float *restrict x, void *restrict vy, int64_t n, const float *imatrix) {
     (void)imatrix; /* llama.cpp's quantize_q8_0 ignores quant_weights */
@@ -568,34 +600,33 @@ FAST_FN static void q8_0_v3_fast(const float *restrict x, void *restrict vy, int
         const float d = amax / 127;
         const float id = d ? 1.0f / d : 0.0f;
         wr16(y, smolq_fp32_to_fp16(d));
-        for (int j = 0; j < 32; j++) y[2 + j] = (uint8_t)(int8_t)roundf(x[j] * id);
+        int32_t q[32];
+        for (int j = 0; j < 32; j++) q[j] = (int32_t)round_half_away(x[j] * id);
+        for (int j = 0; j < 32; j++) y[2 + j] = (uint8_t)(int8_t)q[j];
     }
 }
 
-FAST_FN static void q4_0_v3_dequant_fast(const void *restrict vx, float *restrict y, int64_t n) {
-    const uint8_t *restrict x = vx;
-    const int64_t nb = n / 32;
-    for (int64_t i = 0; i < nb; i++, x += 18, y += 32) {
+/* Q5_0/Q5_1 v3 blocks: unpack the codes, then one float loop. (For the 4-bit
+ * types the generic decoder above already vectorizes best.) */
+static inline void q5_v3_dequant(const uint8_t *restrict x, float *restrict y, int64_t n, int has_min) {
+    const int head = 2 + 2 * has_min + 4, bytes = head + 16;
+    for (int64_t i = 0; i < n / 32; i++, x += bytes, y += 32) {
         const float d = smolq_fp16_to_fp32(rd16(x));
-        for (int j = 0; j < 16; j++) {
-            y[j] = (float)((x[2 + j] & 15) - 8) * d;
-            y[j + 16] = (float)((x[2 + j] >> 4) - 8) * d;
-        }
+        const float m = has_min ? smolq_fp16_to_fp32(rd16(x + 2)) : 0.0f;
+        const uint32_t qh = rd32(x + 2 + 2 * has_min);
+        int32_t q[32];
+        for (int j = 0; j < 16; j++) q[j] = x[head + j] & 15;
+        for (int j = 0; j < 16; j++) q[j + 16] = x[head + j] >> 4;
+        for (int j = 0; j < 32; j++) q[j] |= (int32_t)((qh >> j) & 1) << 4;
+        if (has_min)
+            for (int j = 0; j < 32; j++) y[j] = (float)q[j] * d + m;
+        else /* (no "+ 0.0f" here: it would turn -0.0 into +0.0) */
+            for (int j = 0; j < 32; j++) y[j] = (float)(q[j] - 16) * d;
     }
 }
 
-FAST_FN static void q4_1_v3_dequant_fast(const void *restrict vx, float *restrict y, int64_t n) {
-    const uint8_t *restrict x = vx;
-    const int64_t nb = n / 32;
-    for (int64_t i = 0; i < nb; i++, x += 20, y += 32) {
-        const float d = smolq_fp16_to_fp32(rd16(x));
-        const float m = smolq_fp16_to_fp32(rd16(x + 2));
-        for (int j = 0; j < 16; j++) {
-            y[j] = (float)(x[4 + j] & 15) * d + m;
-            y[j + 16] = (float)(x[4 + j] >> 4) * d + m;
-        }
-    }
-}
+FAST_FN static void q5_0_v3_dequant_fast(const void *restrict x, float *restrict y, int64_t n) { q5_v3_dequant(x, y, n, 0); }
+FAST_FN static void q5_1_v3_dequant_fast(const void *restrict x, float *restrict y, int64_t n) { q5_v3_dequant(x, y, n, 1); }
 
 FAST_FN static void q8_0_v3_dequant_fast(const void *restrict vx, float *restrict y, int64_t n) {
     const uint8_t *restrict x = vx;
@@ -694,31 +725,39 @@ static float ternary_scale(const float *x, float *id) {
     return amax;
 }
 
-/* -1, 0, 1 -> 0, 1, 2 (lroundf rounds half away from zero, like roundf). */
-static inline int trit(float v, float id) { return (int)lroundf(v * id) + 1; }
+/* -1, 0, 1 -> 0, 1, 2. The reference rounds with lroundf; the fast rows with
+ * round_half_away, the same function without the libm call. */
+static inline int trit(float v, float id, int fast) {
+    return (fast ? (int)round_half_away(v * id) : (int)lroundf(v * id)) + 1;
+}
 
 /* n trits, most significant first, scaled so the first is the top trit of a
  * byte: ceil(q * 256 / 243), TQ1_0's "fixed point" base-3 digits. */
-static inline uint8_t trit_byte(const float *x, int stride, int n, int extra_shift, float id) {
+static inline uint8_t trit_byte(const float *x, int stride, int n, int extra_shift, float id, int fast) {
     uint8_t q = 0;
-    for (int k = 0; k < n; k++) q = (uint8_t)(q * 3 + trit(x[k * stride], id));
+    for (int k = 0; k < n; k++) q = (uint8_t)(q * 3 + trit(x[k * stride], id, fast));
     if (extra_shift) q = (uint8_t)(q * 3);
     return (uint8_t)(((uint16_t)q * 256 + (243 - 1)) / 243);
 }
 
-static void tq1_0_quant(const float *x, void *vy, int64_t n, const float *w) {
-    (void)w;
+static inline void tq1_0_rows(const float *x, void *vy, int64_t n, int fast) {
     uint8_t *y = vy;
     for (int64_t i = 0; i < n / QK_K; i++, x += QK_K, y += 54) {
         float id;
         const float d = ternary_scale(x, &id);
         /* qs[0..31]: elements m + 32k (k < 5); qs[32..47]: 160 + m + 16k;
          * qh[0..3]: 240 + m + 4k (k < 4). */
-        for (int m = 0; m < 32; m++) y[m] = trit_byte(x + m, 32, 5, 0, id);
-        for (int m = 0; m < 16; m++) y[32 + m] = trit_byte(x + 160 + m, 16, 5, 0, id);
-        for (int m = 0; m < 4; m++) y[48 + m] = trit_byte(x + 240 + m, 4, 4, 1, id);
+        for (int m = 0; m < 32; m++) y[m] = trit_byte(x + m, 32, 5, 0, id, fast);
+        for (int m = 0; m < 16; m++) y[32 + m] = trit_byte(x + 160 + m, 16, 5, 0, id, fast);
+        for (int m = 0; m < 4; m++) y[48 + m] = trit_byte(x + 240 + m, 4, 4, 1, id, fast);
         wr16(y + 52, smolq_fp32_to_fp16(d));
     }
+}
+
+static void tq1_0_quant(const float *x, void *y, int64_t n, const float *w) { (void)w; tq1_0_rows(x, y, n, 0); }
+FAST_FN static void tq1_0_quant_fast(const float *x, void *y, int64_t n, const float *w) {
+    (void)w;
+    tq1_0_rows(x, y, n, 1);
 }
 
 static inline float trit_value(uint8_t byte, int k, float d) {
@@ -741,8 +780,7 @@ static void tq1_0_dequant(const void *vx, float *y, int64_t n) {
     }
 }
 
-static void tq2_0_quant(const float *x, void *vy, int64_t n, const float *w) {
-    (void)w;
+static inline void tq2_0_rows(const float *x, void *vy, int64_t n, int fast) {
     uint8_t *y = vy;
     for (int64_t i = 0; i < n / QK_K; i++, x += QK_K, y += 66) {
         float id;
@@ -751,11 +789,17 @@ static void tq2_0_quant(const float *x, void *vy, int64_t n, const float *w) {
         for (int c = 0; c < 2; c++)
             for (int m = 0; m < 32; m++) {
                 uint8_t q = 0;
-                for (int k = 0; k < 4; k++) q |= (uint8_t)((trit(x[128 * c + m + 32 * k], id) & 3) << (2 * k));
+                for (int k = 0; k < 4; k++) q |= (uint8_t)((trit(x[128 * c + m + 32 * k], id, fast) & 3) << (2 * k));
                 y[32 * c + m] = q;
             }
         wr16(y + 64, smolq_fp32_to_fp16(d));
     }
+}
+
+static void tq2_0_quant(const float *x, void *y, int64_t n, const float *w) { (void)w; tq2_0_rows(x, y, n, 0); }
+FAST_FN static void tq2_0_quant_fast(const float *x, void *y, int64_t n, const float *w) {
+    (void)w;
+    tq2_0_rows(x, y, n, 1);
 }
 
 static void tq2_0_dequant(const void *vx, float *y, int64_t n) {
@@ -778,23 +822,23 @@ static const smolq_type_ops OPS[] = {
     {SMOLQ_T_BF16, 0, 1, 2, {bf16_quant, bf16_quant}, {bf16_dequant, bf16_dequant}},
     {SMOLQ_T_Q4_0, 1, 32, 20, {q4_0_v1_quant, q4_0_v1_quant}, {q4_0_v1_dequant, q4_0_v1_dequant}},
     {SMOLQ_T_Q4_0, 2, 32, 20, {q4_0_v2_quant, q4_0_v2_quant}, {q4_0_v2_dequant, q4_0_v2_dequant}},
-    {SMOLQ_T_Q4_0, 3, 32, 18, {q4_0_v3_quant, q4_0_v3_fast}, {q4_0_v3_dequant, q4_0_v3_dequant_fast}},
+    {SMOLQ_T_Q4_0, 3, 32, 18, {q4_0_v3_quant, q4_0_v3_fast}, {q4_0_v3_dequant, q4_0_v3_dequant}},
     {SMOLQ_T_Q4_1, 1, 32, 24, {q4_1_v1_quant, q4_1_v1_quant}, {q4_1_v1_dequant, q4_1_v1_dequant}},
     {SMOLQ_T_Q4_1, 2, 32, 24, {q4_1_v2_quant, q4_1_v2_quant}, {q4_1_v2_dequant, q4_1_v2_dequant}},
-    {SMOLQ_T_Q4_1, 3, 32, 20, {q4_1_v3_quant, q4_1_v3_fast}, {q4_1_v3_dequant, q4_1_v3_dequant_fast}},
+    {SMOLQ_T_Q4_1, 3, 32, 20, {q4_1_v3_quant, q4_1_v3_fast}, {q4_1_v3_dequant, q4_1_v3_dequant}},
     {SMOLQ_T_Q5_0, 1, 32, 22, {q5_0_v1_quant, q5_0_v1_quant}, {q5_0_v1_dequant, q5_0_v1_dequant}},
     {SMOLQ_T_Q5_0, 2, 32, 22, {q5_0_v2_quant, q5_0_v2_quant}, {q5_0_v2_dequant, q5_0_v2_dequant}},
-    {SMOLQ_T_Q5_0, 3, 32, 22, {q5_0_v3_quant, q5_0_v3_quant}, {q5_0_v3_dequant, q5_0_v3_dequant}},
+    {SMOLQ_T_Q5_0, 3, 32, 22, {q5_0_v3_quant, q5_0_v3_fast}, {q5_0_v3_dequant, q5_0_v3_dequant_fast}},
     {SMOLQ_T_Q5_1, 1, 32, 24, {q5_1_v1_quant, q5_1_v1_quant}, {q5_1_v1_dequant, q5_1_v1_dequant}},
     {SMOLQ_T_Q5_1, 2, 32, 24, {q5_1_v2_quant, q5_1_v2_quant}, {q5_1_v2_dequant, q5_1_v2_dequant}},
-    {SMOLQ_T_Q5_1, 3, 32, 24, {q5_1_v3_quant, q5_1_v3_quant}, {q5_1_v3_dequant, q5_1_v3_dequant}},
+    {SMOLQ_T_Q5_1, 3, 32, 24, {q5_1_v3_quant, q5_1_v3_fast}, {q5_1_v3_dequant, q5_1_v3_dequant_fast}},
     {SMOLQ_T_Q8_0, 1, 32, 36, {q8_0_v1_quant, q8_0_v1_quant}, {q8_0_v1_dequant, q8_0_v1_dequant}},
     {SMOLQ_T_Q8_0, 2, 32, 36, {q8_0_v2_quant, q8_0_v2_quant}, {q8_0_v2_dequant, q8_0_v2_dequant}},
     {SMOLQ_T_Q8_0, 3, 32, 34, {q8_0_v3_quant, q8_0_v3_fast}, {q8_0_v3_dequant, q8_0_v3_dequant_fast}},
     {SMOLQ_T_Q4_2, 1, 16, 10, {NULL, NULL}, {q4_2_dequant, q4_2_dequant}},
     {SMOLQ_T_Q4_3, 1, 16, 12, {NULL, NULL}, {q4_3_dequant, q4_3_dequant}},
-    {SMOLQ_T_TQ1_0, 0, QK_K, 54, {tq1_0_quant, tq1_0_quant}, {tq1_0_dequant, tq1_0_dequant}},
-    {SMOLQ_T_TQ2_0, 0, QK_K, 66, {tq2_0_quant, tq2_0_quant}, {tq2_0_dequant, tq2_0_dequant}},
+    {SMOLQ_T_TQ1_0, 0, QK_K, 54, {tq1_0_quant, tq1_0_quant_fast}, {tq1_0_dequant, tq1_0_dequant}},
+    {SMOLQ_T_TQ2_0, 0, QK_K, 66, {tq2_0_quant, tq2_0_quant_fast}, {tq2_0_dequant, tq2_0_dequant}},
 };
 
 const smolq_type_ops *smolq_find_nonk_ops(int type, int layout) {
