@@ -71,3 +71,14 @@ def test_dequantize_matches_llama_cpp(ggml, name):
     for impl in ("ref", "fast"):
         got = K.dequantize(raw, name, x.shape, impl=impl)
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), impl
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_signed_zeros_and_ties_match_llama_cpp(ggml, name):
+    rng = np.random.default_rng(9)
+    pool = np.array([-0.0, 0.0, 1.0, -1.0, 2.0, -2.0], dtype=np.float32)
+    x = pool[rng.integers(0, 6, (128, 256))]
+    x[:32] = pool[rng.integers(0, 2, (32, 256))]
+    want = ggml_quantize(ggml, name, x, None)
+    for impl in ("ref", "fast"):
+        assert np.array_equal(K.quantize(x, name, impl=impl), want), impl

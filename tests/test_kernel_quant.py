@@ -170,3 +170,27 @@ def test_bad_input_raises_clear_errors(call, message):
 def test_empty_tensors():
     assert K.quantize(np.zeros((0, 64), np.float32), "Q4_0").shape == (0, 36)
     assert K.dequantize(b"", "Q4_0", (0, 64)).shape == (0, 64)
+
+
+def test_signed_zeros_and_ties_ref_equals_fast():
+    """Blocks drawn from {-0.0, +0.0, ±1, ±2}: many equal extremes and zero
+    extremes of either sign, where the fast paths' integer max/min tricks must
+    pick the element the reference loops pick."""
+    rng = np.random.default_rng(9)
+    pool = np.array([-0.0, 0.0, 1.0, -1.0, 2.0, -2.0], dtype=np.float32)
+    x = pool[rng.integers(0, 6, (256, 256))]
+    x[:64] = pool[rng.integers(0, 2, (64, 256))]  # zeros only, mixed signs
+    for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0", "F16", "BF16"):
+        assert np.array_equal(K.quantize(x, name, impl="ref"), K.quantize(x, name, impl="fast")), name
+
+
+def test_q4_1_zero_block_keeps_first_zero_sign():
+    """llama.cpp: min starts at FLT_MAX and takes v only when v < min, so an
+    all-zero block keeps its first zero: m = -0.0 (f16 0x8000) when x[0] is -0.0."""
+    x = np.zeros((2, 32), dtype=np.float32)
+    x[0, 0] = -0.0
+    x[1, 1] = -0.0
+    for impl in ("ref", "fast"):
+        q = K.quantize(x, "Q4_1", impl=impl)
+        assert q[0, 2:4].tobytes() == np.float16(-0.0).tobytes()
+        assert q[1, 2:4].tobytes() == np.float16(0.0).tobytes()
