@@ -337,14 +337,7 @@ def test_fast_quantize_is_byte_identical(kernel, t):
         assert np.array_equal(kernel.quantize(t, x, w, fn=fast), kernel.quantize(t, x, w)), name
 
 
-@pytest.mark.parametrize("t", KTYPES, ids=IDS)
-def test_fast_dequantize_is_bit_identical(kernel, t):
-    addr = kernel.lib.smolq_kquant_fast_dequantize(int(t))
-    if not addr:
-        pytest.skip(f"no fast dequantizer for {t.name}")
-    blocks = _random_blocks(t, 512, seed=11).reshape(32, -1)
-    fast = kernel.dequantize(t, blocks, fn=DEQUANT_FN(addr))
-    assert np.array_equal(_bits(fast), _bits(kernel.dequantize(t, blocks)))
+# No fast K-quant dequantizer exists: the reference loops already vectorise.
 
 
 # ----------------------------------------------- against ggml
