@@ -150,6 +150,10 @@ def quantize_hf(*, src, out, preset: str | None = None, fmt: str | None = None, 
     fmt = (fmt or ("gptq" if Path(out).suffix == "" else "gguf")).lower()
     if dry_run:
         raise InputError(out, "--dry-run is not available with --method gptq")
+    if threads and threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
     if fmt == "gptq":
         m = re.search(r"(\d)", preset or "Q4")
         return quantize_hf_gptq(src, out, format="gptq", bits=int(m.group(1)) if m else 4, calib=calib,
@@ -169,6 +173,8 @@ def _device(name: str):
     import torch
 
     name = (name or "cpu").lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise InputError(None, f"--device {name} requested but CUDA is not available here; use --device cpu")
@@ -176,7 +182,7 @@ def _device(name: str):
         torch.backends.cudnn.allow_tf32 = False
         return torch.device(name)
     if name != "cpu":
-        raise InputError(None, f"unknown --device {name!r}; choose cpu or cuda")
+        raise InputError(None, f"unknown --device {name!r}; choose cpu, cuda or auto")
     return torch.device("cpu")
 
 

@@ -1,0 +1,234 @@
+"""GPTQ over a tiny LLaMA: GPTQ directory read back with a dequantizer written
+here from gptq.md, logits through transformers, GGUF output through the
+reference forward pass, resume and determinism."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from smolq.errors import InputError
+from smolq.quantize import gptq_pipeline
+from smolq.quantize.gptq_pipeline import quantize_hf_gptq
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+FAST = dict(nsamples=4, seqlen=32, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from smolq.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("gptq")
+    hf = make_tiny_model("llama", root / "hf", hidden_size=64, n_layers=2, seed=3)
+    text = " ".join(f"the {w} sat on mat {i % 17}" for i, w in enumerate(["cat", "dog", "bird"] * 150))
+    (root / "calib.txt").write_text(text)
+    return root, hf
+
+
+def _tensors(directory: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _spec_unpack(words: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Rows of `bits`-bit values, 32/bits per int32 word, least significant first (gptq.md 2.2)."""
+    w = words.view(np.uint32).astype(np.int64)
+    per = 32 // bits
+    return np.stack([(w >> (bits * k)) & ((1 << bits) - 1) for k in range(per)], axis=1).reshape(n, -1)
+
+
+def _spec_dequantize(t: dict[str, np.ndarray], prefix: str, bits: int) -> np.ndarray:
+    qweight, qzeros = t[f"{prefix}.qweight"], t[f"{prefix}.qzeros"]
+    scales, g_idx = t[f"{prefix}.scales"].astype(np.float32), t[f"{prefix}.g_idx"]
+    n_in, n_out = g_idx.shape[0], scales.shape[1]
+    q = _spec_unpack(qweight, bits, n_in)  # [in, out]
+    z = _spec_unpack(qzeros.T.copy(), bits, n_out).T + 1  # [G, out]; v1 stores zero - 1
+    return (scales[g_idx] * (q - z[g_idx])).T.astype(np.float32)  # [out, in]
+
+
+def _hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=torch.as_tensor(tokens)[None], use_cache=False).logits[0].double().numpy()
+
+
+def _kl(p_logits, q_logits):
+    lp = torch.log_softmax(torch.as_tensor(p_logits), -1)
+    lq = torch.log_softmax(torch.as_tensor(q_logits), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+def test_gptq_dir_reads_back_by_spec_and_runs_in_transformers(tiny):
+    from transformers import AutoModelForCausalLM
+
+    from smolq.commands.eval import load_gptq_as_hf
+    from smolq.formats.gptq_ckpt import read_gptq_dir
+
+    root, hf = tiny
+    out = root / "int4-g32-act"
+    summary = quantize_hf_gptq(hf, out, format="gptq", bits=4, group_size=32, act_order=True,
+                               calib=root / "calib.txt", **FAST)
+    assert summary["n_layers_quantized"] == 14 and summary["calibration"].startswith("file:")
+    qcfg = json.loads((out / "quantize_config.json").read_text())
+    assert qcfg["bits"] == 4 and qcfg["group_size"] == 32 and qcfg["desc_act"] is True
+    assert qcfg["checkpoint_format"] == "gptq" and qcfg["quant_method"] == "gptq"
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == qcfg
+    assert (out / "tokenizer.model").is_file() and (out / "model.safetensors.index.json").is_file()
+    assert not list(root.glob(".*gptq-work"))  # the work directory is gone after success
+
+    t = _tensors(out)
+    _, loaders = read_gptq_dir(out)
+    src = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    spec_model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    for i in range(2):
+        for lin in LINEARS:
+            prefix = f"model.layers.{i}.{lin}"
+            n_out, n_in = src.get_submodule(prefix).weight.shape
+            assert t[f"{prefix}.qweight"].shape == (n_in * 4 // 32, n_out)
+            assert t[f"{prefix}.qzeros"].shape == (n_in // 32, n_out * 4 // 32)
+            assert t[f"{prefix}.scales"].shape == (n_in // 32, n_out) and t[f"{prefix}.scales"].dtype == np.float16
+            g_idx = t[f"{prefix}.g_idx"]
+            assert sorted(np.bincount(g_idx).tolist()) == [32] * (n_in // 32)  # act-order: scattered groups
+            w = _spec_dequantize(t, prefix, 4)
+            np.testing.assert_array_equal(w, loaders[f"{prefix}.weight"]())
+            spec_model.get_submodule(prefix).weight.data = torch.from_numpy(w)
+    for name, p in spec_model.named_parameters():  # the rest is the source in fp16
+        if not any(name.startswith(f"model.layers.{i}.{lin}") for i in range(2) for lin in LINEARS):
+            p.data = torch.from_numpy(t[name].astype(np.float32))
+
+    tokens = np.arange(1, 40) * 7 % 384
+    ours = _hf_logits(load_gptq_as_hf(out), tokens)
+    theirs = _hf_logits(spec_model, tokens)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-3 * np.abs(theirs).max())
+    # and the quantized model is still the model (random tiny weights: 4-bit costs ~0.1 nats here;
+    # wrong dequantization costs several)
+    assert _kl(_hf_logits(src, tokens), ours) < 0.3
+
+
+def test_gptq_dir_3bit_shapes_and_values(tiny):
+    from smolq.formats.gptq_ckpt import read_gptq_dir
+    from tests.test_gptq_packing import spec_unpack_rows
+
+    root, hf = tiny
+    out = root / "int3"
+    quantize_hf_gptq(hf, out, format="gptq", bits=3, group_size=64, sym=False, calib=root / "calib.txt", **FAST)
+    t = _tensors(out)
+    _, loaders = read_gptq_dir(out)
+    prefix = "model.layers.1.mlp.down_proj"  # in 192, out 64
+    assert t[f"{prefix}.qweight"].shape == (192 * 3 // 32, 64)
+    assert t[f"{prefix}.qzeros"].shape == (3, 64 * 3 // 32)
+    q = spec_unpack_rows(t[f"{prefix}.qweight"], 3)
+    z = spec_unpack_rows(t[f"{prefix}.qzeros"].T.copy(), 3).T + 1
+    s = t[f"{prefix}.scales"].astype(np.float32)
+    g = t[f"{prefix}.g_idx"]
+    np.testing.assert_array_equal(g, np.arange(192) // 64)
+    np.testing.assert_array_equal((s[g] * (q - z[g])).T.astype(np.float32), loaders[f"{prefix}.weight"]())
+
+
+def test_gguf_output_beats_rtn_on_calibration_domain_text(tiny):
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smolq.convert.pipeline import convert
+    from smolq.convert.reference import hf_hparams, logits_from_file
+
+    root, hf = tiny
+    out = root / "gptq-q4_0.gguf"
+    quantize_hf_gptq(hf, out, format="gguf", qtype="q4_0", calib=root / "calib.txt", **FAST)
+    reader = gguf.GGUFReader(out)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_0" and types["blk.1.ffn_down.weight"] == "Q4_0"
+    rtn = root / "rtn-q4_0.gguf"
+    convert(hf, rtn, outtype="q4_0")
+
+    text = (root / "calib.txt").read_text()
+    tokens = np.array(AutoTokenizer.from_pretrained(hf)(text)["input_ids"][100:164])
+    ref = _hf_logits(AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32), tokens)
+    kl = {p.name: _kl(ref, logits_from_file(p, tokens[None], hparams_override=hf_hparams(hf))[0]) for p in (out, rtn)}
+    # a wrong Q/K row permutation or a misplaced block would cost far more than RTN
+    assert kl[out.name] < kl[rtn.name] < 0.3, kl
+
+
+def test_resume_replays_saved_blocks_and_is_deterministic(tiny, monkeypatch):
+    root, hf = tiny
+    kw = dict(format="gptq", bits=4, group_size=32, calib=root / "calib.txt", seed=5, **FAST)
+    fresh = root / "fresh"
+    quantize_hf_gptq(hf, fresh, **kw)
+
+    out = root / "resumed"
+    real = gptq_pipeline._write_gptq_dir
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gptq_pipeline, "_write_gptq_dir", crash)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_hf_gptq(hf, out, **kw)
+    work = root / ".resumed.gptq-work"
+    assert sorted(p.name for p in work.glob("block-*")) == ["block-0000.safetensors", "block-0001.safetensors"]
+    assert not out.exists()
+    (work / "block-0001.safetensors").unlink()  # as if it died during the second block
+    monkeypatch.setattr(gptq_pipeline, "_write_gptq_dir", real)
+    solved = []
+    orig_solve = gptq_pipeline._solve_linear
+    monkeypatch.setattr(gptq_pipeline, "_solve_linear", lambda lin, *a: solved.append(lin) or orig_solve(lin, *a))
+    quantize_hf_gptq(hf, out, resume=True, **kw)
+    assert len(solved) == 7  # only block 1 was solved again
+    a, b = _tensors(fresh), _tensors(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_resume_refuses_other_settings(tiny):
+    root, hf = tiny
+    out = root / "other"
+    work = root / ".other.gptq-work"
+    work.mkdir()
+    (work / "settings.json").write_text(json.dumps({"fingerprint": "nope"}))
+    with pytest.raises(InputError, match="other settings"):
+        quantize_hf_gptq(hf, out, format="gptq", resume=True, calib=root / "calib.txt", **FAST)
+
+
+def test_data_free_calibration_and_device_errors(tiny):
+    root, hf = tiny
+    s = quantize_hf_gptq(hf, root / "free", format="gptq", bits=8, group_size=-1, nsamples=2, seqlen=16, quiet=True)
+    assert s["calibration"] == "data-free"
+    assert any("data-free" in n for n in s["notes"])
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            quantize_hf_gptq(hf, root / "x", format="gptq", device="cuda", calib=root / "calib.txt", **FAST)
+
+
+def test_calibration_files(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smolq.quantize.calib import load_calibration
+
+    _, hf = tiny
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    tok = AutoTokenizer.from_pretrained(hf)
+    jl = tmp_path / "c.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": t}) for t in ["short one", "a much longer record " * 40, ""]))
+    cal = load_calibration(model, tok, jl, nsamples=6, seqlen=20, seed=1)
+    lengths = sorted(int(s.shape[1]) for s in cal.samples)
+    assert len(lengths) == 6 and max(lengths) == 20 and min(lengths) < 20  # short records kept whole
+    assert cal.attention_mask(0).shape == cal.samples[0].shape
+    again = load_calibration(model, tok, jl, nsamples=6, seqlen=20, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(cal.samples, again.samples))
+    capped = load_calibration(model, tok, jl, nsamples=2, seqlen=100000, seed=1)
+    assert capped.seqlen == model.config.max_position_embeddings and capped.notes
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"nope": 1}\n')
+    with pytest.raises(InputError, match="line 2"):
+        load_calibration(model, tok, bad, nsamples=2, seqlen=20)
+    with pytest.raises(InputError, match="not found"):
+        load_calibration(model, tok, tmp_path / "missing.txt", nsamples=2, seqlen=20)
