@@ -1,0 +1,95 @@
+"""`smolq migrate IN OUT`: any GGUF / legacy ggml model file -> GGUF v3 or another container/version."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def migrate(
+        src: Path = typer.Argument(..., help="Model file: GGUF v1-v3, 'ggml', 'ggmf', 'ggjt' v1-v3 or GPT4All 'ggmm'."),
+        out: Path = typer.Argument(..., help="Output file."),
+        format: Optional[str] = typer.Option(
+            None, "--format", "-f",
+            help="gguf (v3, default), gguf-v1, gguf-v2, gguf-v3, ggml, ggmf, ggjt-v1, ggjt-v2, ggjt-v3, ggmm.",
+        ),
+        config: Optional[Path] = typer.Option(
+            None, "--config", "-c",
+            help="HF checkpoint directory or config.json: context length, eps, RoPE base, tokenizer ... "
+                 "that legacy headers never stored (otherwise guessed, and listed).",
+        ),
+        type: Optional[str] = typer.Option(
+            None, "--type", "-t",
+            help="Type for tensors that cannot be carried exactly (default: the nearest type the target holds; "
+                 "f32 makes the migration lossless).",
+        ),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes."),
+        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    ) -> None:
+        """Migrate a model file between GGUF and legacy ggml containers and versions (LLaMA, GPT-J, MPT)."""
+        from smolq.migrate import migrate as run_migrate
+        from smolq.progress import WorkProgress, emit_json, note
+
+        bars: dict[str, WorkProgress] = {}
+
+        def on_progress(event: dict) -> None:
+            if event["event"] == "start":
+                bars["bar"] = WorkProgress(event["n_tensors"], event["n_bytes"], "migrate", quiet=quiet or json_out)
+                bars["bar"].__enter__()
+            elif event["event"] == "tensor" and "bar" in bars:
+                bars["bar"].start(event["name"])
+                bars["bar"].done(event["nbytes"])
+
+        try:
+            summary = run_migrate(src, out, format=format, config=config, type=type, dry_run=dry_run,
+                                  on_progress=on_progress)
+        finally:
+            if "bar" in bars:
+                bars["bar"].__exit__(None, None, None)
+
+        quiet_notes = quiet or json_out
+        for g in summary["guesses"]:
+            note(f"guess: {g['key']} = {g['value']} ({g['why']})", quiet_notes)
+        for line in summary["notes"]:
+            note(f"note: {line}", quiet_notes)
+        if json_out:
+            emit_json(summary)
+            return
+        if dry_run:
+            _print_table(summary, plan=True)
+            return
+        if not quiet:
+            _print_table(summary, plan=False)
+            note(f"wrote {summary['output']}: {summary['format']}, {summary['n_tensors']} tensors "
+                 f"({summary['n_copied']} copied, {summary['n_lossless']} lossless, {summary['n_lossy']} lossy), "
+                 f"{summary['bytes']} bytes in {summary['seconds']} s")
+
+
+def _print_table(summary: dict, plan: bool) -> None:
+    """The plan (all tensors) or the report (tensors that were not plain copies)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = summary["tensors"] if plan else [t for t in summary["tensors"] if t["action"] != "copy"]
+    if not rows:
+        return
+    title = f"{summary['source']} ({summary['source_format']}) -> {summary['output']} ({summary['format']})"
+    table = Table(title=title)
+    cols = ["tensor", "from", "to", "action"] + ([] if plan else ["lossless", "rmse", "max_abs", "snr_db"])
+    for col in cols:
+        table.add_column(col)
+    for t in rows:
+        row = [t["name"], f"{t['source_type']} ({t['source_layout']})", f"{t['type']} ({t['layout']})", t["action"]]
+        if not plan:
+            stats = t.get("stats") or {}
+            row += ["yes" if t["lossless"] else "no"] + [_fmt(stats.get(k)) for k in ("rmse", "max_abs", "snr_db")]
+        table.add_row(*row)
+    Console(stderr=True, highlight=False).print(table)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
