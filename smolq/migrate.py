@@ -184,7 +184,11 @@ def resolve_target(fmt: str | None, out: Path, family: str | None) -> Target:
         raise InputError(out, f"unknown format {fmt!r} (choose one of {', '.join(ALL_FORMATS)})")
     if family is None:
         raise InputError(out, f"{key} holds only LLaMA, GPT-J and MPT models; the source is none of them")
-    return Target(key, legacy=family_arch(family).legacy_target(key, out))
+    legacy = family_arch(family).legacy_targets.get(key)
+    if legacy is None:
+        known = ", ".join(family_arch(family).legacy_targets)
+        raise InputError(out, f"{family} cannot be written as {key}; legacy formats for it: {known}")
+    return Target(key, legacy=legacy)
 
 
 def _storable(target: Target, family: str | None) -> frozenset[GGMLType]:
@@ -825,6 +829,8 @@ def _plan_with_arch(plan: Plan, model, user, user_path, tok_dir, force) -> None:
     if family == "llama":
         cfg["tie_word_embeddings"] = tied
     arch = arch_cls(cfg, user_path or model.path)
+    if target.legacy is not None:
+        arch.legacy_target(target.format, plan.source_path)  # the family's own refusals (MPT with GQA)
     plan.guesses += [Guess("?", None, g) for g in arch.guesses]  # none expected: every key is filled above
     plan.steps = _plan_family(model, arch, target, force, tied, plan.notes)
     vocab = _vocab(plan, model, arch, user, tok_dir)
