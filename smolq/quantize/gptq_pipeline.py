@@ -119,6 +119,11 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
                         static_groups, scale_rule)
 
     torch.manual_seed(seed)
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     model, tokenizer, family = _load_model(src)
     plan = _plan_types(src, out, fmt, qtype, model, family)
     from smolq.quantize.calib import load_calibration
