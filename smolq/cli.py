@@ -26,6 +26,12 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
+@app.callback()
+def _root() -> None:
+    """smolq: convert, quantize, inspect, verify and migrate model files."""
+    # An explicit callback keeps `smolq COMMAND` even if only one command registers.
+
+
 # Commands in the order `smolq --help` lists them.
 COMMAND_MODULES = ("convert", "quantize", "inspect", "verify", "migrate", "eval", "zoo", "demo")
 
