@@ -16,8 +16,6 @@ crosses a process boundary) returning a JSON-able result dict:
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -119,23 +117,11 @@ def _reference_perplexity(req: dict[str, Any], src: Path, fp: dict[str, Any], re
         return {"ppl_key": ppl_key, "ppl": previous.get("ppl"), "ppl_note": previous.get("ppl_note")}
     if dry:
         raise NeedsWork("reference perplexity")
+    from smolq.zoo.metrics import perplexity
+
     emit({"event": "phase", "phase": "reference perplexity"})
-    ppl, note = measure_perplexity(Path(ref["path"]), src if fp["kind"] == "hf" else None, ev)
+    ppl, note = perplexity(Path(ref["path"]), src if fp["kind"] == "hf" else None, Path(ev["path"]), int(ev["ctx"]))
     return {"ppl_key": ppl_key, "ppl": ppl, "ppl_note": note}
-
-
-def measure_perplexity(model: Path, hf_dir: Path | None, ev: dict[str, Any]) -> tuple[float | None, str | None]:
-    """(perplexity, None) or (None, why it could not be measured)."""
-    from smolq.zoo import metrics
-
-    if hf_dir is None:
-        return None, "perplexity needs the HF tokenizer (the source is a model file)"
-    tokens = metrics.tokenize(hf_dir, ev["text"])
-    if tokens is None:
-        return None, f"{hf_dir} has no tokenizer.json or tokenizer.model"
-    from smolq.convert.reference import hf_hparams
-
-    return metrics.perplexity(model, tokens, int(ev["ctx"]), hparams_override=hf_hparams(hf_dir)), None
 
 
 # --------------------------------------------------------------------------- outputs
@@ -183,30 +169,19 @@ def _build(req: dict[str, Any], out: Path, emit: Emit) -> dict[str, Any]:
 
 
 def _build_gptq(req: dict[str, Any], src: Path, out: Path, emit: Emit) -> dict[str, Any]:
-    """GPTQ through smolq.quantize.gptq_pipeline; only the options it accepts are passed."""
+    """GPTQ through smolq.quantize.gptq_pipeline.quantize_hf_gptq."""
     if req["source_kind"] != "hf":
         raise InputError(src, "GPTQ needs an HF checkpoint (calibration runs the model)")
-    try:
-        pipeline = importlib.import_module("smolq.quantize.gptq_pipeline")
-    except ModuleNotFoundError as exc:
-        if exc.name != "smolq.quantize.gptq_pipeline":
-            raise
-        raise InputError(src, "GPTQ is not available in this build (smolq.quantize.gptq_pipeline is missing)") from None
-    fn = getattr(pipeline, "quantize_hf_gptq")
+    from smolq.quantize.gptq_pipeline import quantize_hf_gptq
+
     opts = req["output"]
     gptq = dict(opts.get("gptq") or {})
     container = opts["container"]
-    args: dict[str, Any] = {"src": src, "out": out, "fmt": "gptq" if container == "gptq" else container,
-                            "calib": Path(req["calibration"]) if req.get("calibration") else None,
-                            "quiet": True, "on_progress": _tensor_events(emit), **gptq}
-    if container != "gptq":
-        args["preset"] = opts["type"]
-    accepted = inspect.signature(fn).parameters
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in accepted.values())
-    unknown = [k for k in gptq if k not in accepted and not takes_any]
-    if unknown:
-        raise InputError(None, f"{req['id']}: the GPTQ pipeline has no option {unknown[0]!r}")
-    return fn(**{k: v for k, v in args.items() if takes_any or k in accepted}) or {}
+    if container == "gptq":
+        gptq.setdefault("bits", int(opts["type"].removeprefix("int")))
+    calib = Path(req["calibration"]) if req.get("calibration") else None
+    return quantize_hf_gptq(src, out, format=container, qtype=None if container == "gptq" else opts["type"],
+                            calib=calib, quiet=True, **gptq)
 
 
 def _measure(req: dict[str, Any], out: Path, emit: Emit) -> dict[str, Any]:
@@ -214,20 +189,21 @@ def _measure(req: dict[str, Any], out: Path, emit: Emit) -> dict[str, Any]:
     from smolq.zoo import metrics
 
     m: dict[str, Any] = {"notes": []}
-    if out.is_dir():
-        m["notes"].append("GPTQ directories are not measured yet (no GPTQ reader for verify)")
-        return m
+    hf_dir = Path(req["source_path"]) if req["source_kind"] == "hf" else None
     ref = req.get("reference")
     emit({"event": "phase", "phase": "verify"})
-    errors = metrics.tensor_errors(out, ref["path"] if ref else None)
-    m.update({k: errors[k] for k in ("max_rmse", "max_rmse_tensor", "rmse_overall", "problems", "n_params",
-                                     "tensor_bytes")})
-    m["tensor_rmse"] = errors["tensors"]
-    if req.get("eval") is not None:
+    if out.is_dir():
+        errors = metrics.gptq_tensor_errors(out, hf_dir) if hf_dir else None
+    else:
+        errors = metrics.tensor_errors(out, ref["path"] if ref else None)
+    if errors is not None:
+        m.update({k: errors[k] for k in ("max_rmse", "max_rmse_tensor", "rmse_overall", "problems", "n_params",
+                                         "tensor_bytes")})
+        m["tensor_rmse"] = errors["tensors"]
+    ev = req.get("eval")
+    if ev is not None:
         emit({"event": "phase", "phase": "perplexity"})
-        hf_dir = Path(req["source_path"]) if req["source_kind"] == "hf" else None
-        ppl, note = measure_perplexity(out, hf_dir, req["eval"])
-        m["ppl"] = ppl
+        m["ppl"], note = metrics.perplexity(out, hf_dir, Path(ev["path"]), int(ev["ctx"]))
         if note:
             m["notes"].append(note)
     return m

@@ -41,8 +41,9 @@ CONTAINERS = ("gguf", "gguf-v1", "gguf-v2", "gguf-v3", "ggml", "ggmf", "ggjt", "
 METHODS = ("rtn", "gptq")
 REFERENCE_TYPES = ("f32", "f16", "none")
 GATE_KEYS = ("max_rmse", "max_ppl_increase", "max_ppl_increase_pct", "max_size")
+# quantize_hf_gptq's options, passed through as they are
 GPTQ_KEYS = ("bits", "group_size", "act_order", "sym", "damp", "nsamples", "seqlen", "seed", "true_sequential",
-             "device")
+             "static_groups", "scale_rule", "device")
 OUTPUT_KEYS = ("name", "container", "format", "version", "type", "mix", "method", "calibration", "gates",
                "allow_requantize") + GPTQ_KEYS
 MODEL_KEYS = ("name", "source", "tiny", "outputs", "gates")

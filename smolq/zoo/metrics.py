@@ -1,32 +1,27 @@
-"""Quality numbers for a zoo row: per-tensor RMSE against the reference, and perplexity.
+"""Quality numbers for a zoo row, from the commands that own them.
 
-RMSE is `smolq verify`'s: one tensor of the output and its counterpart in
-the reference are decoded and compared, then dropped (legacy names are
-matched by role, so a ggjt output compares with a GGUF reference).
-
-Perplexity runs the reference numpy forward pass (smolq.convert.reference)
-over non-overlapping windows of the evaluation text: exp of the mean
-next-token negative log-likelihood. When `smolq eval` (smolq.commands.eval)
-provides a perplexity function, it is used instead, so the zoo and `smolq
-eval` report the same number.
+- Per-tensor RMSE of a GGUF / legacy output against the reference file:
+  `smolq verify`'s verify_file (one tensor pair decoded at a time; legacy
+  names matched by role, so a ggjt output compares with a GGUF reference).
+- Per-tensor RMSE of a GPTQ directory: its dequantized linears against the
+  HF source's tensors of the same names (GPTQ keeps HF names and layout).
+- Perplexity: `smolq eval`'s evaluate (non-overlapping windows, exp of the
+  mean NLL), with the HF source's tokenizer, so the zoo and `smolq eval`
+  report the same number.
 """
 from __future__ import annotations
 
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
-
-
-# --------------------------------------------------------------------------- RMSE
 
 def tensor_errors(output: str | os.PathLike, reference: str | os.PathLike | None) -> dict[str, Any]:
-    """Per-tensor RMSE of `output` against `reference` through `smolq verify` (so the two agree).
+    """Per-tensor RMSE of a model file against `reference`, plus decode / NaN problems.
 
-    Returns {"tensors": {name: rmse}, "max_rmse", "max_rmse_tensor", "problems": [...]};
-    with no reference only the decode / NaN checks run.
+    Returns {"tensors": {name: rmse}, "max_rmse", "max_rmse_tensor", "rmse_overall",
+    "problems", "n_params", "tensor_bytes"}.
     """
     from smolq.commands.verify import verify_file
 
@@ -34,72 +29,47 @@ def tensor_errors(output: str | os.PathLike, reference: str | os.PathLike | None
     per_tensor = {r["name"]: r["rmse"] for r in report["tensors"] if r.get("rmse") is not None}
     problems = [f"{r['name']}: {p}" for r in report["tensors"] for p in r["problems"]]
     summary = report["summary"]
-    n_params = sum(math.prod(r["shape"]) for r in report["tensors"])
-    return {"tensors": per_tensor, "n_params": n_params, "tensor_bytes": summary["n_bytes"], "max_rmse": summary.get("rmse_max"),
+    return {"tensors": per_tensor, "max_rmse": summary.get("rmse_max"),
             "max_rmse_tensor": summary.get("rmse_max_tensor"), "rmse_overall": summary.get("rmse_overall"),
-            "problems": problems}
+            "problems": problems, "n_params": sum(math.prod(r["shape"]) for r in report["tensors"]),
+            "tensor_bytes": summary["n_bytes"]}
 
 
-# --------------------------------------------------------------------------- perplexity
+def gptq_tensor_errors(gptq_dir: Path, hf_dir: Path) -> dict[str, Any]:
+    """Per-tensor RMSE of a GPTQ directory's dequantized weights against the HF checkpoint's."""
+    import numpy as np
 
-def tokenize(hf_dir: Path, text: str) -> np.ndarray | None:
-    """Token ids of `text` with the checkpoint's own tokenizer; None when it has none we can run."""
-    tokenizer_json = hf_dir / "tokenizer.json"
-    if tokenizer_json.is_file():
-        from tokenizers import Tokenizer
+    from smolq.convert.checkpoint import open_checkpoint
+    from smolq.formats.gptq_ckpt import read_gptq_dir
+    from smolq.kernels import error_stats
 
-        return np.asarray(Tokenizer.from_file(str(tokenizer_json)).encode(text, add_special_tokens=False).ids,
-                          dtype=np.int64)
-    sp_model = hf_dir / "tokenizer.model"
-    if sp_model.is_file():
-        import sentencepiece
-
-        return np.asarray(sentencepiece.SentencePieceProcessor(model_file=str(sp_model)).encode(text),
-                          dtype=np.int64)
-    return None
-
-
-def windows(tokens: np.ndarray, ctx: int) -> Iterator[np.ndarray]:
-    """Non-overlapping windows of `ctx` tokens (a shorter last window if it has two or more)."""
-    for start in range(0, len(tokens), ctx):
-        w = tokens[start:start + ctx]
-        if len(w) >= 2:
-            yield w
-
-
-def mean_nll(logits: np.ndarray, tokens: np.ndarray) -> tuple[float, int]:
-    """Sum of -log p(token[t+1] | ..token[t]) over one window, and the count of predictions."""
-    x = np.asarray(logits, dtype=np.float64)[:-1]
-    m = x.max(axis=-1, keepdims=True)
-    log_z = (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[:, 0]
-    picked = x[np.arange(len(x)), tokens[1:]]
-    return float(np.sum(log_z - picked)), len(x)
-
-
-def perplexity(model: str | os.PathLike, tokens: np.ndarray, ctx: int,
-               hparams_override: dict[str, Any] | None = None) -> float:
-    """Perplexity of a GGUF / legacy file on `tokens` (windows of `ctx`)."""
-    external = _eval_perplexity()
-    if external is not None:
-        return float(external(model, tokens, ctx=ctx, hparams_override=hparams_override))
-    from smolq.convert.reference import forward, read_model
-
-    arch, tensors, hparams = read_model(model)
-    merged = {**dict(hparams_override or {}), **hparams}
-    total, count = 0.0, 0
-    for w in windows(tokens, ctx):
-        logits = forward(arch, tensors, merged, w[None, :], dtype=np.float32)[0]
-        nll, n = mean_nll(logits, w)
-        total, count = total + nll, count + n
-    if count == 0:
-        raise ValueError("the evaluation text has fewer than two tokens")
-    return math.exp(total / count)
-
-
-def _eval_perplexity():
-    """`smolq eval`'s token-level perplexity function, once it exists (same number as the command)."""
+    _, loaders = read_gptq_dir(gptq_dir)
+    per_tensor: dict[str, float] = {}
+    problems: list[str] = []
+    ckpt = open_checkpoint(hf_dir)
     try:
-        from smolq.commands import eval as eval_cmd  # noqa: A004
-    except ImportError:
-        return None
-    return getattr(eval_cmd, "perplexity_of_tokens", None)
+        for name in sorted(loaders):
+            source = ckpt.tensors.get(name)
+            values = np.asarray(loaders[name](), dtype=np.float32)
+            if source is None or tuple(source.shape) != values.shape:
+                problems.append(f"{name}: not in the source checkpoint with shape {list(values.shape)}")
+                continue
+            per_tensor[name] = float(error_stats(source.load(), values, threads=1)["rmse"])
+    finally:
+        ckpt.close()
+    worst = max(per_tensor, key=per_tensor.__getitem__) if per_tensor else None
+    return {"tensors": per_tensor, "max_rmse": per_tensor.get(worst) if worst else None, "max_rmse_tensor": worst,
+            "rmse_overall": None, "problems": problems, "n_params": None, "tensor_bytes": None}
+
+
+def perplexity(model: Path, hf_dir: Path | None, text_file: Path, ctx: int) -> tuple[float | None, str | None]:
+    """(perplexity, None), or (None, why it could not be measured)."""
+    from smolq.commands.eval import evaluate
+    from smolq.errors import SmolqError
+
+    if hf_dir is None:
+        return None, "perplexity needs the HF tokenizer (the source is a model file)"
+    try:
+        return float(evaluate(model, text_file, ctx=ctx, tokenizer=hf_dir)["ppl"]), None
+    except SmolqError as exc:
+        return None, f"perplexity not measured: {exc.message}"

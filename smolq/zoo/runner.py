@@ -187,7 +187,7 @@ class _Scheduler:
                  progress: "ZooProgress"):
         self.state, self.opts, self.progress = state, opts, progress
         self.selected = selected
-        self.eval = _eval_request(state.manifest)
+        self.eval = _eval_request(state.manifest, state.out)
         self.pending: list[Job] = []
         self.running: list[Job] = []
         self.budget = opts.max_memory or int(available_memory() * 0.9)
@@ -277,6 +277,7 @@ class _Scheduler:
     def _start(self, job: Job) -> None:
         from smolq.zoo.worker import run_job
 
+        job.request["log"] = str(self.state.out / _log_relpath(job.label))
         parent, child = self.ctx.Pipe(duplex=False)
         threads = max(1, (os.cpu_count() or 1) // max(self.opts.jobs, 1))
         job.process = self.ctx.Process(target=run_job, args=(job.kind, job.request, child, threads), daemon=True)
@@ -313,12 +314,13 @@ class _Scheduler:
             if error is None:
                 self._prepared(job.request["model"], result)
             else:
-                self._model_failed(job.request["model"], error)
+                self._model_failed(job.request["model"], {**error, "message": f"{error['message']} "
+                                                                              f"(log: {_log_relpath(job.label)})"})
             return
         if error is None:
             self._output_done(job, result)
         else:
-            self._output_failed(job.output, error)
+            self._output_failed(job.output, error, _log_relpath(job.label))
 
     def _output_done(self, job: Job, result: dict[str, Any]) -> None:
         req = job.request
@@ -338,8 +340,9 @@ class _Scheduler:
                                                        self.state.models.get(job.output.model)):
             self.state.stop = True
 
-    def _output_failed(self, spec: OutputSpec, error: dict[str, Any]) -> None:
-        self.state.status[spec.id] = {"status": "failed", "error": error["message"],
+    def _output_failed(self, spec: OutputSpec, error: dict[str, Any], log: str | None = None) -> None:
+        message = error["message"] + (f" (log: {log})" if log else "")
+        self.state.status[spec.id] = {"status": "failed", "error": message,
                                       "traceback": error.get("traceback")}
         self.progress.finished(spec.id, "failed", detail=error["message"])
         if self.opts.fail_fast:
@@ -356,9 +359,26 @@ class _Scheduler:
             self.state.status[spec.id] = {"status": "not run", "error": "stopped by --fail-fast"}
 
 
-def _eval_request(manifest: Manifest) -> dict[str, Any] | None:
+def _log_relpath(label: str) -> str:
+    """A job's log file, relative to the output directory."""
+    import re
+
+    return f"{CACHE_DIR}/logs/{re.sub(r'[^A-Za-z0-9._+-]+', '-', label).strip('-')}.log"
+
+
+def _eval_request(manifest: Manifest, out: Path) -> dict[str, Any] | None:
+    """The evaluation text as a file under the cache (`smolq eval` reads files), named by its digest."""
     ev = manifest.eval
-    return None if ev is None else {"text": ev.text, "ctx": ev.ctx, "digest": ev.digest}
+    if ev is None:
+        return None
+    path = out / CACHE_DIR / "eval" / f"{ev.digest[:16]}.txt"
+    if not path.is_file():
+        from smolq.atomic import atomic_output
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path) as fh:
+            fh.write(ev.text.encode("utf-8"))
+    return {"path": str(path), "ctx": ev.ctx, "digest": ev.digest}
 
 
 def _mp_context() -> Any:

@@ -22,6 +22,8 @@ def run_job(kind: str, request: dict[str, Any], conn: Any, threads: int = 0) -> 
     if threads > 0:
         for name in THREAD_VARIABLES:
             os.environ.setdefault(name, str(threads))
+    if request.get("log"):
+        _redirect_output(request["log"])
     from smolq.errors import SmolqError
     from smolq.zoo import build
 
@@ -38,3 +40,17 @@ def run_job(kind: str, request: dict[str, Any], conn: Any, threads: int = 0) -> 
         conn.send(("error", {"message": last, "traceback": traceback.format_exc()}))
     finally:
         conn.close()
+
+
+def _redirect_output(log_path: str) -> None:
+    """Libraries' prints and warnings go to the job's log file, not through the zoo's display."""
+    import os
+    import sys
+
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
