@@ -81,6 +81,11 @@ NEAREST: dict[GGMLType, tuple[GGMLType, ...]] = {
 GGML_FTYPE_TO_LLAMA = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 7: 7, 8: 8, 9: 9, 10: 10, 11: 12, 12: 15, 13: 17, 14: 18}
 
 
+# LLAMA_FTYPE values that name a mix or a removed type -> their main weight type (formats.md 7).
+FTYPE_MIXES = {4: T.Q4_1, 5: T.Q4_2, 6: T.Q4_3, 11: T.Q3_K, 12: T.Q3_K, 13: T.Q3_K, 14: T.Q4_K, 15: T.Q4_K,
+               16: T.Q5_K, 17: T.Q5_K}
+
+
 # ====================================================================== report types
 
 @dataclass
@@ -773,9 +778,12 @@ def _file_type(model, steps: list[Step]) -> int | None:
         ftype = model.ftype
     else:
         ftype = GGML_FTYPE_TO_LLAMA.get(model.ftype)
-    before, after = _main_type(s.source for s in steps), _main_type(_as_out(s) for s in steps)
-    if before != after and after is not None:
-        ftype = PLAIN_FTYPE.get(after)
+    # A file type whose weight type no longer occurs (MOSTLY_Q4_2 after requantizing) is recomputed.
+    named = {v: k for k, v in PLAIN_FTYPE.items()} | FTYPE_MIXES
+    out_types = {s.type for s in steps}
+    if ftype is not None and named.get(ftype) not in out_types:
+        after = _main_type(_as_out(s) for s in steps)
+        ftype = PLAIN_FTYPE.get(after) if after is not None else ftype
     return ftype
 
 
