@@ -22,6 +22,14 @@ def load_json(path: Path, default: Any) -> Any:
 
 
 def save_json(path: Path, obj: Any) -> None:
+    """Write atomically; a file that already holds exactly this is left alone (so a run that
+    changes nothing leaves the lock file's mtime, and any tool watching it, undisturbed)."""
+    data = json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False).encode("utf-8") + b"\n"
+    try:
+        if path.read_bytes() == data:
+            return
+    except OSError:
+        pass
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as fh:
-        fh.write(json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False).encode("utf-8") + b"\n")
+        fh.write(data)
