@@ -19,6 +19,7 @@ with a reference's logits while tolerating only genuine near-ties.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -203,12 +204,19 @@ def llama_cpp_greedy(llm, prompt: Sequence[int], n: int) -> list[int]:
 # --------------------------------------------------------------------------- the transformers side
 
 
-def hf_greedy(hf_dir: str | os.PathLike, prompt: Sequence[int], n: int) -> list[int]:
-    """transformers' greedy continuation (float32, no sampling, no EOS stop)."""
+@functools.lru_cache(maxsize=2)
+def _hf_model(hf_dir: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
+def hf_greedy(hf_dir: str | os.PathLike, prompt: Sequence[int], n: int) -> list[int]:
+    """transformers' greedy continuation (float32, no sampling, no EOS stop)."""
+    import torch
+
+    model = _hf_model(str(hf_dir))
     ids = torch.tensor([list(prompt)], dtype=torch.long)
     with torch.no_grad():
         for _ in range(n):

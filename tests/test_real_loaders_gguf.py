@@ -44,6 +44,8 @@ LLAMA_VARIANTS = {"llama": {}, "llama-gqa": {"gqa": True}, "llama-tied": {"tied"
 MPT_VARIANTS = {"mpt": {}, "mpt-clip": {"config_overrides": {"attn_config": {"clip_qkv": 0.5}}}}
 FLOAT_TOL = {("llama", "f32"): 1e-4, ("mpt", "f32"): 2e-2, ("llama", "f16"): 6e-2, ("mpt", "f16"): 6e-2}
 QUANT_TOL, QUANT_KL = 0.5, 5e-3
+# GPT-J: the default tiny vocab, and GPT-J-6B's 50400 (50257 BPE + 143 added tokens).
+GPTJ_VARIANTS = {"gptj": {}, "gptj-50400": {"vocab_size": "legacy"}}
 SEQ_LEN = 24
 
 
@@ -61,7 +63,7 @@ def tiny(tmp_path_factory):
 
     def get(name: str):
         if name not in made:
-            kwargs = {**LLAMA_VARIANTS, **MPT_VARIANTS, "gptj": {}}[name]
+            kwargs = {**LLAMA_VARIANTS, **MPT_VARIANTS, **GPTJ_VARIANTS}[name]
             made[name] = make_tiny_model(_family(name), root / name, **kwargs)
         return made[name]
 
@@ -210,18 +212,20 @@ GPTJ_TOL = {"f32": 6e-2, "f16": 6e-2}  # GPT4All's GPT-J keeps its KV cache in F
 N_PREDICT = 10
 
 
-@pytest.mark.parametrize("outtype", ["f32", "f16"])
-def test_gpt4all_gptj_gguf_greedy_matches_transformers(converted, tiny, outtype):
+@pytest.mark.parametrize("name,outtype", [("gptj", "f32"), ("gptj", "f16"), ("gptj-50400", "f16")])
+def test_gpt4all_gptj_gguf_greedy_matches_transformers(converted, tiny, name, outtype):
     g4a = require_gpt4all("2.5.1")
     from transformers import AutoTokenizer
 
-    src = tiny("gptj")
-    gens = run_gpt4all(g4a, converted("gptj", outtype), GPTJ_PROMPTS, N_PREDICT, threads=1)
+    src = tiny(name)
+    gens = run_gpt4all(g4a, converted(name, outtype), GPTJ_PROMPTS, N_PREDICT, threads=1)
     hf_tok = AutoTokenizer.from_pretrained(src)
     for gen in gens:
-        # GPT4All tokenizes with its own greedy longest-match over smolq's vocab
-        # strings (not BPE merges), so the ids may differ from transformers', but
-        # they must spell the prompt: the vocab bytes are right.
+        # GPT4All does not use the merges: it matches the longest vocab string,
+        # and (ggml's old gpt_tokenize) emits the next byte on its own after
+        # every match ("There" -> T h er e, where BPE gives T he re). So its ids
+        # differ from transformers', but they must spell the prompt through the
+        # HF vocab: smolq's vocab strings are the right bytes.
         assert hf_tok.decode(gen.prompt_tokens) == gen.prompt, (gen.prompt, gen.prompt_tokens)
         assert len(gen.tokens) == N_PREDICT, gen
         want = hf_greedy(src, gen.prompt_tokens, N_PREDICT)
@@ -239,10 +243,18 @@ def test_gpt4all_gptj_gguf_quantized_matches_reference(converted, outtype):
     g4a = require_gpt4all("2.5.1")
     path = converted("gptj", outtype)
     for gen in run_gpt4all(g4a, path, GPTJ_PROMPTS, N_PREDICT, threads=1):
+        assert len(gen.tokens) == N_PREDICT, gen
         seq = np.asarray([gen.prompt_tokens + gen.tokens])
         logits = logits_from_file(path, seq)[0, len(gen.prompt_tokens) - 1:-1]
         check = check_choices(logits, gen.tokens)
         assert check.worst_gap <= QUANT_TOL, (gen.prompt, gen.tokens, str(check))
+
+
+def test_gpt4all_gptj_gguf_v2_generates_as_v3(converted):
+    g4a = require_gpt4all("2.5.1")
+    v3 = run_gpt4all(g4a, converted("gptj", "f16", "gguf-v3"), GPTJ_PROMPTS[:2], N_PREDICT)
+    v2 = run_gpt4all(g4a, converted("gptj", "f16", "gguf-v2"), GPTJ_PROMPTS[:2], N_PREDICT)
+    assert v2 == v3
 
 
 def test_gpt4all_dir_lookup_reports_absence(monkeypatch, tmp_path):
