@@ -46,7 +46,7 @@ from smolq.convert.vocab import (
 from smolq.errors import FormatError, InputError
 from smolq.formats.base import TensorEntry
 from smolq.quantize.types import (
-    TYPE_INFO, VERSIONED_TYPES, GGMLType, block_size, is_quantized, tensor_nbytes, type_size,
+    VERSIONED_TYPES, GGMLType, block_size, is_quantized, tensor_nbytes,
 )
 
 T = GGMLType
@@ -969,8 +969,16 @@ def _produce(step: Step) -> np.ndarray:
     return data
 
 
+def _produce_or_explain(step: Step, path: Path) -> np.ndarray:
+    try:
+        return _produce(step)
+    except ValueError as exc:  # the kernel's refusals (a NaN to quantize, a type it cannot decode)
+        raise InputError(path, f"tensor {step.source.name}: {exc}") from None
+
+
 def _entries(plan: Plan) -> list[TensorEntry]:
-    return [TensorEntry(s.name, s.type, s.shape, (lambda s=s: _produce(s)), s.layout) for s in plan.steps]
+    return [TensorEntry(s.name, s.type, s.shape, (lambda s=s: _produce_or_explain(s, plan.source_path)), s.layout)
+            for s in plan.steps]
 
 
 # ====================================================================== the command

@@ -21,6 +21,7 @@ families (formats.md 1).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -96,13 +97,18 @@ def run_gpt4all(tmp_path: Path, **args) -> dict:
 
 
 def hf_greedy(hf_dir: Path, ids: list[int], n: int) -> list[int]:
+    return list(_hf_greedy(str(hf_dir), tuple(ids), n))
+
+
+@functools.lru_cache(maxsize=8)
+def _hf_greedy(hf_dir: str, ids: tuple[int, ...], n: int) -> tuple[int, ...]:
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0,
                          attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
+    return tuple(out[0, len(ids):].tolist())
 
 
 def _variant_lib(name: str) -> Path:

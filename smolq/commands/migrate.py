@@ -79,14 +79,15 @@ def _print_table(summary: dict, plan: bool) -> None:
         return
     title = f"{summary['source']} ({summary['source_format']}) -> {summary['output']} ({summary['format']})"
     table = Table(title=title)
-    cols = ["tensor", "from", "to", "action"] + ([] if plan else ["lossless", "rmse", "max_abs", "snr_db"])
+    cols = ["tensor", "change", "action"] + ([] if plan else ["lossless", "max_abs", "snr_db"])
     for col in cols:
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "tensor")
     for t in rows:
-        row = [t["name"], f"{t['source_type']} ({t['source_layout']})", f"{t['type']} ({t['layout']})", t["action"]]
+        change = f"{t['source_type']} {t['source_layout']} -> {t['type']} {t['layout']}"
+        row = [t["name"], change, t["action"]]
         if not plan:
             stats = t.get("stats") or {}
-            row += ["yes" if t["lossless"] else "no"] + [_fmt(stats.get(k)) for k in ("rmse", "max_abs", "snr_db")]
+            row += ["yes" if t["lossless"] else "no", _fmt(stats.get("max_abs")), _fmt(stats.get("snr_db"))]
         table.add_row(*row)
     Console(stderr=True, highlight=False).print(table)
 
