@@ -10,6 +10,12 @@ from typing import BinaryIO, Iterator
 from smolq.errors import InputError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Yield a binary file that becomes `path` only if the block finishes.
@@ -25,6 +31,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
     except OSError as exc:
         raise InputError(target, f"cannot write output: {exc.strerror or exc}") from None
     try:
+        # mkstemp creates 0600; give the output the mode a plain open() would.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
@@ -46,6 +54,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         if target.exists():
             shutil.rmtree(target)
