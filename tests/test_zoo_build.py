@@ -205,6 +205,24 @@ def test_changing_one_option_rebuilds_only_that_output(full, sources, tmp_path):
     assert gguf.GGMLQuantizationType.Q5_K in kinds and gguf.GGMLQuantizationType.Q4_K not in kinds
 
 
+def test_a_new_reference_remeasures_without_rebuilding(full, sources, tmp_path):
+    out = copy_build(full[0], tmp_path)
+    before = read_lock(out)
+    m = manifest(tmp_path, sources)
+    m.write_text(m.read_text().replace('out = "unused"', 'out = "unused"\nreference = "f16"'))
+    rep = run(m, out, jobs=2)
+    assert set(statuses(rep).values()) == {"measured"}
+    after = read_lock(out)
+    for oid, entry in after["outputs"].items():
+        assert entry["files"] == before["outputs"][oid]["files"] and entry["key"] == before["outputs"][oid]["key"]
+        assert entry["metrics_key"] != before["outputs"][oid]["metrics_key"]
+        assert entry["timing"]["build_s"] == before["outputs"][oid]["timing"]["build_s"]  # not rebuilt
+    # against an f16 reference of f32 weights the errors change a little (f16 rounding), not a lot
+    a = before["outputs"]["llama/q4_0"]["metrics"]["tensor_rmse"]["token_embd.weight"]
+    b = after["outputs"]["llama/q4_0"]["metrics"]["tensor_rmse"]["token_embd.weight"]
+    assert a != b and b == pytest.approx(a, rel=0.05)
+
+
 def test_impossible_gate_and_broken_model_fail_the_run_naming_rows(full, sources, tmp_path):
     out = copy_build(full[0], tmp_path)
     broken = tmp_path / "broken.gguf"

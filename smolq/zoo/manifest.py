@@ -209,10 +209,11 @@ class _Ctx:
             raise self.fail(f"{where} = {value!r}: choose one of {', '.join(choices)}")
         return text
 
-    def number(self, value: Any, where: str, integer: bool = False) -> float:
+    def number(self, value: Any, where: str, integer: bool = False, signed: bool = False) -> float:
         ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok or value < 0:
-            raise self.fail(f"{where} must be a non-negative {'integer' if integer else 'number'}, not {value!r}")
+        if isinstance(value, bool) or not ok or (value < 0 and not signed):
+            kind = "integer" if integer else "number"
+            raise self.fail(f"{where} must be a {kind if signed else 'non-negative ' + kind}, not {value!r}")
         return value
 
     def name(self, value: Any, where: str) -> str:
@@ -265,8 +266,8 @@ def _gates(ctx: _Ctx, value: Any, where: str) -> Gates:
     ctx.only_keys(table, GATE_KEYS, where)
     args: dict[str, Any] = {}
     for key in ("max_rmse", "max_ppl_increase", "max_ppl_increase_pct"):
-        if key in table:
-            args[key] = float(ctx.number(table[key], f"{where}.{key}"))
+        if key in table:  # a perplexity limit may be negative: "must improve by at least"
+            args[key] = float(ctx.number(table[key], f"{where}.{key}", signed=key != "max_rmse"))
     if "max_size" in table:
         args["max_size"] = parse_size(table["max_size"], f"{where}.max_size", ctx.path)
     return Gates(**args)
