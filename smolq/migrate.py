@@ -39,6 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from smolq.convert.arch import Arch, LegacyTarget, TensorMap, family_arch
+from smolq.convert.pipeline import Target  # one target description for convert and migrate
 from smolq.convert.vocab import (
     BYTE, CONTROL, NORMAL, UNK_LEGACY_TEXT, UNKNOWN, UNUSED, USER_DEFINED, SPIECE_SPACE, Vocab,
     byte_encoder, decode_byte_level,
@@ -133,21 +134,6 @@ class Step:
         if self.stats is not None:
             d["stats"] = self.stats
         return d
-
-
-@dataclass
-class Target:
-    format: str
-    gguf_version: int | None = None
-    legacy: LegacyTarget | None = None
-
-    @property
-    def is_gguf(self) -> bool:
-        return self.gguf_version is not None
-
-    @property
-    def layout(self) -> str:
-        return self.legacy.layout if self.legacy else "v3"
 
 
 @dataclass
