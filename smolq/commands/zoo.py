@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
     def zoo(
         manifest: str = typer.Argument(..., metavar="MANIFEST", help="Zoo manifest (TOML), or the word 'report' to merge shard reports."),
         shard_dirs: Optional[List[Path]] = typer.Argument(None, metavar="[SHARD_DIRS]...", help="With 'report': the output directories of the shards."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: the manifest's [zoo].out); with 'report': where the merged report goes."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: the manifest's zoo.out); with 'report': where the merged report goes."),
         jobs: int = typer.Option(1, "--jobs", "-j", help="Outputs built at once (worker processes); memory permitting."),
         shard: Optional[str] = typer.Option(None, "--shard", help="K/N: build only this stable share of the outputs (CI matrices)."),
         fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed output or gate."),
