@@ -188,6 +188,16 @@ def test_second_run_skips_everything_and_changes_nothing(full, sources, tmp_path
     assert (out / LOCK_NAME).read_bytes() == lock_before
 
 
+def test_cli_json_prints_the_report(full, sources, tmp_path, capsys):
+    from smolq.cli import main
+
+    out = copy_build(full[0], tmp_path)
+    assert main(["zoo", str(manifest(tmp_path, sources)), "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((out / "report.json").read_text())
+    assert printed["ok"] and printed["summary"]["skipped"] == N_OUTPUTS
+
+
 def test_changing_one_option_rebuilds_only_that_output(full, sources, tmp_path):
     import gguf
 
@@ -255,6 +265,31 @@ def test_fail_fast_stops_after_the_first_failure(sources, tmp_path):
     assert not (tmp_path / "ff" / "mpt" / "q8_0.gguf").exists()
     rep = run(m, tmp_path / "ff", jobs=1)  # without --fail-fast the healthy model is built
     assert statuses(rep) == {"broken/q4_0": "failed", "mpt/q8_0": "built"}
+
+
+def test_model_file_sources_are_requantized_against_themselves(sources, tmp_path):
+    import gguf
+    from gguf.quants import dequantize
+
+    from smolq.convert.pipeline import convert
+
+    f16 = tmp_path / "llama-f16.gguf"
+    convert(sources / "llama", f16, outtype="f16")
+    m = tmp_path / "zoo.toml"
+    m.write_text('[zoo]\neval = { inline = "some text", ctx = 8 }\n[[models]]\nname = "f"\nsource = "llama-f16.gguf"\n'
+                 '  [[models.outputs]]\n  type = "q8_0"\n')
+    rep = run(m, tmp_path / "out")
+    row = zreport.rows_of(rep)[0]
+    assert row["status"] == "built" and row["ok"]
+    assert "perplexity needs the HF tokenizer" in " ".join(row["notes"])
+    src = {t.name: t for t in gguf.GGUFReader(f16).tensors}
+    out = {t.name: t for t in gguf.GGUFReader(tmp_path / "out" / "f" / "q8_0.gguf").tensors}
+    name = "blk.0.ffn_up.weight"
+    assert out[name].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    a = np.asarray(src[name].data, dtype=np.float64).reshape(-1)
+    b = dequantize(out[name].data, out[name].tensor_type).astype(np.float64).reshape(-1)
+    metrics = read_lock(tmp_path / "out")["outputs"]["f/q8_0"]["metrics"]
+    assert metrics["tensor_rmse"][name] == pytest.approx(float(np.sqrt(np.mean((a - b) ** 2))), rel=1e-6)
 
 
 # --------------------------------------------------------------------------- shards

@@ -22,6 +22,7 @@ def run_job(kind: str, request: dict[str, Any], conn: Any, threads: int = 0) -> 
     if threads > 0:
         for name in THREAD_VARIABLES:
             os.environ.setdefault(name, str(threads))
+    _die_with_parent()
     if request.get("log"):
         _redirect_output(request["log"])
     from smolq.errors import SmolqError
@@ -54,3 +55,19 @@ def _redirect_output(log_path: str) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when its parent (the fork server, which exits with the zoo
+    process) goes, so that a killed zoo leaves no orphan still writing outputs."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
