@@ -198,6 +198,20 @@ def test_cli_json_prints_the_report(full, sources, tmp_path, capsys):
     assert printed["ok"] and printed["summary"]["skipped"] == N_OUTPUTS
 
 
+def test_a_damaged_output_is_rebuilt_with_verify_outputs(full, sources, tmp_path):
+    out = copy_build(full[0], tmp_path)
+    target = out / "llama" / "q4_k_m.gguf"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF  # same size, different bytes: only a checksum notices
+    target.write_bytes(bytes(data))
+    m = manifest(tmp_path, sources)
+    assert set(statuses(run(m, out)).values()) == {"skipped"}
+    rep = run(m, out, verify_outputs=True, max_memory=1)  # a tiny budget: one job at a time, still done
+    st = statuses(rep)
+    assert st.pop("llama/q4_k_m") == "built" and set(st.values()) == {"skipped"}
+    assert target.read_bytes() == (full[0] / "llama" / "q4_k_m.gguf").read_bytes()
+
+
 def test_changing_one_option_rebuilds_only_that_output(full, sources, tmp_path):
     import gguf
 

@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         shard: Optional[str] = typer.Option(None, "--shard", help="K/N: build only this stable share of the outputs (CI matrices)."),
         fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed output or gate."),
         max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget for concurrent jobs, e.g. '8 GiB' (default: 90% of what is available)."),
+        verify_outputs: bool = typer.Option(False, "--verify-outputs", help="Re-checksum up-to-date outputs before skipping them (a restored CI cache, a disk you do not trust); a changed file is rebuilt."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; only failures."),
         json_out: bool = typer.Option(False, "--json", help="Print report.json on stdout."),
     ) -> None:
@@ -43,7 +44,7 @@ def register(app: typer.Typer) -> None:
         else:
             if shard_dirs:
                 raise InputError(None, f"unexpected argument {shard_dirs[0]} (did you mean `smolq zoo report`?)")
-            result = _run(Path(manifest), out, jobs, shard, fail_fast, max_memory, quiet or json_out)
+            result = _run(Path(manifest), out, jobs, shard, fail_fast, max_memory, verify_outputs, quiet or json_out)
         print_summary(result, quiet or json_out)
         if json_out:
             emit_json(result)
@@ -52,7 +53,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _run(manifest: Path, out: Optional[Path], jobs: int, shard: Optional[str], fail_fast: bool,
-         max_memory: Optional[str], quiet: bool) -> dict:
+         max_memory: Optional[str], verify_outputs: bool, quiet: bool) -> dict:
     from smolq.zoo.keys import parse_shard
     from smolq.zoo.manifest import load_manifest, parse_size
     from smolq.zoo.runner import RunOptions, run_zoo
@@ -60,7 +61,8 @@ def _run(manifest: Path, out: Optional[Path], jobs: int, shard: Optional[str], f
     if jobs < 1:
         raise InputError(None, f"--jobs {jobs}: must be at least 1")
     opts = RunOptions(jobs=jobs, shard=parse_shard(shard) if shard else None, fail_fast=fail_fast, quiet=quiet,
-                      max_memory=parse_size(max_memory, "--max-memory") if max_memory else None)
+                      max_memory=parse_size(max_memory, "--max-memory") if max_memory else None,
+                      verify_outputs=verify_outputs)
     return run_zoo(load_manifest(manifest, out), opts)
 
 

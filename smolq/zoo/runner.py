@@ -45,6 +45,7 @@ class RunOptions:
     fail_fast: bool = False
     quiet: bool = False
     max_memory: int | None = None  # bytes; None: what the machine has available now
+    verify_outputs: bool = False  # re-checksum up-to-date outputs (not just their sizes) before skipping
 
 
 @dataclass
@@ -89,18 +90,20 @@ def fits(running: list[int], estimate: int, budget: int) -> bool:
 
 
 def estimate_prepare(model: Any, eval_on: bool) -> int:
+    """Tiny models are built with torch; perplexity (torch too) holds the reference in float32."""
     if model.tiny is not None:
         return TORCH_JOB_BYTES
     size = keys.tree_bytes(model.source) if model.source.exists() else 0
-    return BASE_JOB_BYTES + size * (4 if eval_on else 1)
+    return TORCH_JOB_BYTES + 4 * size if eval_on else BASE_JOB_BYTES + size
 
 
 def estimate_output(spec: OutputSpec, fp: dict[str, Any], eval_on: bool) -> int:
     """Streaming RTN holds a few copies of the largest tensor; GPTQ and perplexity hold the model."""
     if spec.method == "gptq":
         return TORCH_JOB_BYTES + 2 * fp["f32_bytes"]
-    whole = 2 * fp["f32_bytes"] if eval_on else 0
-    return BASE_JOB_BYTES + max(4 * fp["largest_f32_bytes"], whole)
+    if eval_on:
+        return TORCH_JOB_BYTES + max(4 * fp["largest_f32_bytes"], 2 * fp["f32_bytes"])
+    return BASE_JOB_BYTES + 4 * fp["largest_f32_bytes"]
 
 
 # --------------------------------------------------------------------------- the run
@@ -238,7 +241,8 @@ class _Scheduler:
         entry = self.state.lock["outputs"].get(spec.id)
         path = self.state.out / spec.relpath
         fresh = (entry is not None and entry.get("key") == build_key and entry.get("path") == spec.relpath
-                 and path.exists() and keys.tree_bytes(path) == entry.get("bytes"))
+                 and path.exists() and keys.tree_bytes(path) == entry.get("bytes")
+                 and (not self.opts.verify_outputs or keys.tree_checksum(path) == entry.get("files")))
         if fresh and entry.get("metrics_key") == mkey:
             self.state.status[spec.id] = {"status": "skipped"}
             self.progress.finished(spec.id, "skipped")
