@@ -22,15 +22,19 @@ import smolq.kernels as K
 
 from test_kernel_quant import hard_rows
 
-LIB = os.environ.get("SMOLQ_GGML_QUANTS_LIB")
-pytestmark = pytest.mark.skipif(not LIB, reason="SMOLQ_GGML_QUANTS_LIB not set (llama.cpp ggml-quants oracle)")
+from ggml_lib import NO_LIBGGML, find_libggml
+
+# $SMOLQ_GGML_QUANTS_LIB: a library built from ggml-quants.c alone (see above);
+# otherwise the libggml-base that llama-cpp-python builds.
+LIB = os.environ.get("SMOLQ_GGML_QUANTS_LIB") or find_libggml()
+pytestmark = pytest.mark.skipif(not LIB, reason=NO_LIBGGML)
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0"]
 
 
 @pytest.fixture(scope="module")
 def ggml():
-    return ctypes.CDLL(LIB)
+    return ctypes.CDLL(str(LIB))
 
 
 def ggml_quantize(lib, name, x, imatrix):

@@ -44,7 +44,7 @@ FP16_FIELDS = {
 VP = ctypes.c_void_p
 QUANT_FN = ctypes.CFUNCTYPE(None, VP, VP, ctypes.c_int64, VP)
 DEQUANT_FN = ctypes.CFUNCTYPE(None, VP, VP, ctypes.c_int64)
-NO_LIBGGML = "libggml from llama-cpp-python not installed (make setup installs it)"
+from ggml_lib import NO_LIBGGML, find_libggml
 
 
 def _ptr(a: np.ndarray | None) -> VP | None:
@@ -117,22 +117,6 @@ def kernel() -> Kernel:
     if path is None:
         pytest.fail("smolq C kernel not built (python setup.py build_ext --inplace)")
     return Kernel(ctypes.CDLL(str(path)))
-
-
-def find_libggml() -> Path | None:
-    """libggml-base from llama-cpp-python (or $SMOLQ_LIBGGML), else None."""
-    env = os.environ.get("SMOLQ_LIBGGML")
-    if env:
-        return Path(env)
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None:
-        return None
-    for root in spec.submodule_search_locations or []:
-        for name in ("libggml-base.so", "libggml-base.dylib"):
-            p = Path(root) / "lib" / name
-            if p.exists():
-                return p
-    return None
 
 
 class Ggml:
