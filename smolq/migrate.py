@@ -499,7 +499,12 @@ def vocab_from_legacy(lf, guesses: list[Guess], notes: list[str]) -> Vocab:
     if family == "mpt":
         guesses.append(Guess("tokenizer.ggml.token_type", "normal/control/unused", "rebuilt from the legacy vocabulary"))
     guesses.append(Guess("tokenizer.ggml.merges", None, "legacy files store no BPE merges; pass --config with the tokenizer"))
-    vocab = Vocab("gpt2", tokens, types, None, [], {}, pre="mpt" if family == "mpt" else None, n_base=n)
+    # A GPT-2 byte-level tokenizer (ByteLevel post-processor) adds no BOS/EOS; convert writes that as
+    # add_bos/add_eos = false, as llama.cpp's converter does.
+    vocab = Vocab("gpt2", tokens, types, None, [], {}, add_bos=False, add_eos=False,
+                  pre="mpt" if family == "mpt" else None, n_base=n)
+    guesses.append(Guess("tokenizer.ggml.add_bos_token", False, "GPT-2 byte-level BPE adds no BOS"))
+    guesses.append(Guess("tokenizer.ggml.add_eos_token", False, "GPT-2 byte-level BPE adds no EOS"))
     eot = "<|endoftext|>"
     if family == "mpt":
         guesses.append(Guess("tokenizer.ggml.pre", "mpt", "the pre-tokenizer smolq convert writes for MPT"))
@@ -550,7 +555,9 @@ def _llama_vocab_from_legacy(lf, guesses: list[Guess]) -> Vocab:
         guesses.append(Guess(f"tokenizer.ggml.{key}_token_id", i, "llama.cpp's default for SentencePiece LLaMA"))
     guesses.append(Guess("tokenizer.ggml.add_bos_token", True, "LLaMA's SentencePiece tokenizer adds <s>"))
     guesses.append(Guess("tokenizer.ggml.add_eos_token", False, "LLaMA's SentencePiece tokenizer adds no </s>"))
-    return Vocab("llama", tokens, types, scores, [], dict(special), add_bos=True, add_eos=False, pre="default",
+    guesses.append(Guess("tokenizer.ggml.add_sep_token", False, "LLaMA's tokenizer adds no separator"))
+    return Vocab("llama", tokens, types, scores, [], dict(special), add_bos=True, add_eos=False, add_sep=False,
+                 pre="default",
                  n_base=len(tokens))
 
 

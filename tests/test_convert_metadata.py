@@ -77,6 +77,9 @@ def test_llama_metadata_table(models, tmp_path):
         "tokenizer.ggml.unknown_token_id": (V.UINT32, 0),
         "tokenizer.ggml.add_bos_token": (V.BOOL, True),
         "tokenizer.ggml.add_eos_token": (V.BOOL, False),
+        # tokenizer.json's pair template "<s> $A <s> $B" has no sep/eos between A and B:
+        # llama.cpp's converter (gguf-py SpecialVocab) then writes add_sep_token = false.
+        "tokenizer.ggml.add_sep_token": (V.BOOL, False),
     }
     for key, (t, value) in expected.items():
         assert key in kv, key

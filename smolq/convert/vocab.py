@@ -69,6 +69,7 @@ class Vocab:
     special_ids: dict[str, int]
     add_bos: bool | None = None
     add_eos: bool | None = None
+    add_sep: bool | None = None
     chat_template: str | None = None
     pre: str | None = None
     source: Path | None = None
@@ -102,10 +103,9 @@ class Vocab:
         for kind in SPECIAL_KINDS:
             if kind in self.special_ids:
                 md[f"tokenizer.ggml.{key_names[kind]}_token_id"] = meta("u32", self.special_ids[kind])
-        if self.add_bos is not None:
-            md["tokenizer.ggml.add_bos_token"] = meta("bool", self.add_bos)
-        if self.add_eos is not None:
-            md["tokenizer.ggml.add_eos_token"] = meta("bool", self.add_eos)
+        for kind, flag in (("bos", self.add_bos), ("sep", self.add_sep), ("eos", self.add_eos)):
+            if flag is not None:
+                md[f"tokenizer.ggml.add_{kind}_token"] = meta("bool", flag)
         if self.chat_template:
             md["tokenizer.chat_template"] = meta("str", self.chat_template)
         return md
@@ -196,7 +196,8 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _special_settings(directory: Path, token_to_id: dict[str, int], model_config: dict[str, Any], vocab: Vocab) -> None:
+def _special_settings(directory: Path, token_to_id: dict[str, int], model_config: dict[str, Any], vocab: Vocab,
+                      tokenizer_json: dict | None) -> None:
     tok_config = _read_json(directory / "tokenizer_config.json") or {}
     special_map = _read_json(directory / "special_tokens_map.json") or {}
     for kind in SPECIAL_KINDS:
@@ -208,13 +209,94 @@ def _special_settings(directory: Path, token_to_id: dict[str, int], model_config
     for kind in list(vocab.special_ids):
         if not 0 <= vocab.special_ids[kind] < len(vocab):
             vocab.notes.append(f"{kind} token id {vocab.special_ids.pop(kind)} is outside the vocabulary; dropped")
-    if isinstance(tok_config.get("add_bos_token"), bool):
-        vocab.add_bos = tok_config["add_bos_token"]
-    if isinstance(tok_config.get("add_eos_token"), bool):
-        vocab.add_eos = tok_config["add_eos_token"]
+    flags = add_token_flags(tokenizer_json, tok_config)
+    vocab.add_bos, vocab.add_eos, vocab.add_sep = flags.get("bos"), flags.get("eos"), flags.get("sep")
     template = tok_config.get("chat_template")
     if isinstance(template, str):
         vocab.chat_template = template
+
+
+def add_token_flags(tokenizer_json: Any, tok_config: dict | None) -> dict[str, bool]:
+    """{"bos"|"eos"|"sep": add it?} for tokenizer.ggml.add_*_token; a kind left out is unknown.
+
+    The post-processor in tokenizer.json is what the tokenizer actually does, so it
+    wins; tokenizer_config.json's add_*_token only fills the gaps (the precedence
+    of llama.cpp's converter, gguf-py SpecialVocab).
+    """
+    tok_config = tok_config or {}
+    flags = _post_processor_flags(tokenizer_json, tok_config)
+    for kind in ("bos", "eos", "sep"):
+        if kind not in flags and isinstance(tok_config.get(f"add_{kind}_token"), bool):
+            flags[kind] = tok_config[f"add_{kind}_token"]
+    return flags
+
+
+def _template_special(item: Any) -> str | None:
+    """The token of a TemplateProcessing item {"SpecialToken": {"id": "<s>"}}, None for a sequence."""
+    special = item.get("SpecialToken") if isinstance(item, dict) else None
+    return special.get("id") if isinstance(special, dict) else None
+
+
+def _template_sequence(item: Any) -> str | None:
+    sequence = item.get("Sequence") if isinstance(item, dict) else None
+    return sequence.get("id") if isinstance(sequence, dict) else None
+
+
+def _post_processor_flags(tokenizer_json: Any, tok_config: dict) -> dict[str, bool]:
+    """add_bos / add_eos / add_sep as tokenizer.json's post-processor implies them.
+
+    Written from the rules of llama.cpp's converter (gguf-py SpecialVocab), so the
+    GGUF carries the same tokenizer.ggml.add_*_token keys: ByteLevel adds nothing
+    (bos/eos False unless set otherwise); RobertaProcessing adds all three; a
+    TemplateProcessing adds BOS when its single template starts with the bos (or
+    cls) token, EOS when it ends with a special token, and SEP when its pair
+    template puts sep/eos between $A and $B. Unlike llama.cpp we do not re-assign
+    the eos token to a different trailing special token; we only report adding it.
+    """
+    post = tokenizer_json.get("post_processor") if isinstance(tokenizer_json, dict) else None
+    if not isinstance(post, dict):
+        return {}
+    names = {k: _token_content(tok_config.get(f"{k}_token")) for k in ("bos", "eos", "cls", "sep")}
+    names["bos"] = names["bos"] or names["cls"]
+    names["eos"] = names["eos"] or names["sep"]
+    flags: dict[str, bool] = {}
+    for proc in post.get("processors") or [post]:
+        kind = proc.get("type") if isinstance(proc, dict) else None
+        if kind == "ByteLevel":
+            flags.setdefault("bos", False)
+            flags.setdefault("eos", False)
+        elif kind == "RobertaProcessing":
+            flags.update(bos=True, eos=True, sep=True)
+        elif kind == "TemplateProcessing":
+            flags.update(_template_flags(proc, names, has_config=bool(tok_config)))
+    return flags
+
+
+def _template_flags(proc: dict, names: dict[str, str | None], has_config: bool) -> dict[str, bool]:
+    single, pair = proc.get("single") or [], proc.get("pair") or []
+    flags: dict[str, bool] = {}
+    first = _template_special(single[0]) if len(single) > 1 else None
+    last = _template_special(single[-1]) if len(single) > 1 else None
+    if first:
+        # A leading special token that is neither bos nor cls becomes whichever of them is unset.
+        known = (names["bos"], names["cls"])
+        flags["bos"] = not has_config or first in known or not names["bos"] or not names["cls"]
+    if last:
+        flags["eos"] = True  # llama.cpp: the trailing special token is (or becomes) eos
+        names = {**names, "eos": last}
+    middle = list(pair)
+    if first and middle and _template_special(middle[0]) == first:
+        middle = middle[1:]
+    if last and middle and _template_special(middle[-1]) == last:
+        middle = middle[:-1]
+    if len(middle) > 2 and _template_sequence(middle[0]) == "A" and _template_sequence(middle[-1]) == "B":
+        between = [_template_special(x) for x in middle[1:-1]]
+        separators = (names["sep"], names["eos"])
+        add_sep = bool(between[0] in separators and between[0] and not last)
+        if len(between) == 2 and between[1] and between[1] in separators:
+            add_sep = True
+        flags["sep"] = add_sep
+    return flags
 
 
 def _fit(vocab_tokens: list[str], types: list[int], scores: list[float] | None, n_vocab: int, notes: list[str]):
@@ -336,7 +418,7 @@ def load_vocab(directory: str | Path, n_vocab: int, family: str, model_config: d
     _place_added(tokens, types, scores, added, n_base)
     _fit(tokens, types, scores, n_vocab, notes)
     vocab = Vocab(model, tokens, types, scores, merges, {}, pre=pre, source=source, notes=notes, n_base=n_base)
-    _special_settings(directory, {t: i for i, t in enumerate(tokens)}, model_config, vocab)
+    _special_settings(directory, {t: i for i, t in enumerate(tokens)}, model_config, vocab, tokenizer_json)
     return vocab
 
 
