@@ -17,11 +17,8 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "fp16.h"
 #include "kernel_internal.h"
-
-#define MIN(a, b) ((a) < (b) ? (a) : (b))
-#define MAX(a, b) ((a) > (b) ? (a) : (b))
+#include "quants_common.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__clang__)
 #define SMOLQ_X86 1
@@ -33,19 +30,6 @@
 #define SMOLQ_X86 0
 #define FAST_FN
 #endif
-
-/* ------------------------------------------------------------------------ */
-/* Little-endian field access (the files are little-endian whatever the host). */
-
-static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-static inline uint32_t rd32(const uint8_t *p) {
-    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-}
-static inline void wr16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
-static inline void wr32(uint8_t *p, uint32_t v) {
-    p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); p[2] = (uint8_t)(v >> 16); p[3] = (uint8_t)(v >> 24);
-}
-static inline float rdf32(const uint8_t *p) { return smolq_bits_f32(rd32(p)); }
 
 /* ------------------------------------------------------------------------ */
 /* The ggjt-era block layouts (formats.md 5.2.1-5.2.3) as data.             */
@@ -107,11 +91,11 @@ typedef struct {
 
 static void unpack_block(const block_fmt *f, const uint8_t *p, qblock *b) {
     const int sb = f->scale_bytes;
-    b->d = sb == 4 ? rdf32(p) : smolq_fp16_to_fp32(rd16(p));
+    b->d = sb == 4 ? rdf32(p) : f16_load(p);
     p += sb;
     b->m = 0.0f;
     if (f->has_min) {
-        b->m = sb == 4 ? rdf32(p) : smolq_fp16_to_fp32(rd16(p));
+        b->m = sb == 4 ? rdf32(p) : f16_load(p);
         p += sb;
     }
     uint32_t qh = 0;
@@ -278,149 +262,26 @@ static void encode_block(const encoder_entry *e, const float *x, int n, qblock *
 /* Importance-weighted encoders: llama.cpp's quantize_row_q{4,5}_{0,1}_impl
  * with quant_weights (make_qx_quants / make_qkx3_quants), same float ops.   */
 
-#define GROUP_MAX_EPS 1e-15f
-
-/* ggml's nearest_int: round half to even through the float adder. */
-static inline int nearest_int(float fval) {
-    float val = fval + 12582912.f;
-    int i;
-    memcpy(&i, &val, sizeof(int));
-    return (i & 0x007fffff) - 0x00400000;
-}
-
-/* make_qx_quants with rmse_type 1 and weights: L[i] in [0, 2*nmax). */
-static float make_qx_quants_w(int n, int nmax, const float *x, int *L, const float *qw) {
-    float max = 0, amax = 0;
-    for (int i = 0; i < n; ++i) {
-        const float ax = fabsf(x[i]);
-        if (ax > amax) { amax = ax; max = x[i]; }
-    }
-    if (amax < GROUP_MAX_EPS) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
-        return 0.f;
-    }
-    float iscale = -nmax / max;
-    float sumlx = 0, suml2 = 0;
-    for (int i = 0; i < n; ++i) {
-        int l = nearest_int(iscale * x[i]);
-        l = MAX(-nmax, MIN(nmax - 1, l));
-        L[i] = l + nmax;
-        const float w = qw[i];
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
-    }
-    float scale = suml2 ? sumlx / suml2 : 0.0f;
-    float best = scale * sumlx;
-    for (int is = -9; is <= 9; ++is) {
-        if (is == 0) continue;
-        iscale = -(nmax + 0.1f * is) / max;
-        sumlx = suml2 = 0;
-        for (int i = 0; i < n; ++i) {
-            int l = nearest_int(iscale * x[i]);
-            l = MAX(-nmax, MIN(nmax - 1, l));
-            const float w = qw[i];
-            sumlx += w * x[i] * l;
-            suml2 += w * l * l;
-        }
-        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-            for (int i = 0; i < n; ++i) {
-                const int l = nearest_int(iscale * x[i]);
-                L[i] = nmax + MAX(-nmax, MIN(nmax - 1, l));
-            }
-            scale = sumlx / suml2;
-            best = scale * sumlx;
-        }
-    }
-    return scale;
-}
-
-/* make_qkx3_quants with weights, use_mad false; *the_min = -min. */
-static float make_qkx3_quants_w(int n, int nmax, const float *x, const float *weights, int *L, float *the_min,
-                                float rmin, float rdelta, int nstep) {
-    int Laux[32];
-    float min = x[0], max = x[0];
-    float sum_w = weights[0];
-    float sum_x = sum_w * x[0];
-    for (int i = 1; i < n; ++i) {
-        if (x[i] < min) min = x[i];
-        if (x[i] > max) max = x[i];
-        const float w = weights[i];
-        sum_w += w;
-        sum_x += w * x[i];
-    }
-    if (min > 0) min = 0;
-    if (max <= min) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
-        *the_min = -min;
-        return 0.f;
-    }
-    float iscale = nmax / (max - min);
-    float scale = 1 / iscale;
-    float best_mad = 0;
-    for (int i = 0; i < n; ++i) {
-        const int l = nearest_int(iscale * (x[i] - min));
-        L[i] = MAX(0, MIN(nmax, l));
-        float diff = scale * L[i] + min - x[i];
-        diff = diff * diff;
-        best_mad += weights[i] * diff;
-    }
-    for (int is = 0; is <= nstep; ++is) {
-        iscale = (rmin + rdelta * is + nmax) / (max - min);
-        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
-        for (int i = 0; i < n; ++i) {
-            int l = nearest_int(iscale * (x[i] - min));
-            l = MAX(0, MIN(nmax, l));
-            Laux[i] = l;
-            const float w = weights[i];
-            sum_l += w * l;
-            sum_l2 += w * l * l;
-            sum_xl += w * l * x[i];
-        }
-        const float D = sum_w * sum_l2 - sum_l * sum_l;
-        if (D > 0) {
-            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
-            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-            if (this_min > 0) {
-                this_min = 0;
-                this_scale = sum_xl / sum_l2;
-            }
-            float mad = 0;
-            for (int i = 0; i < n; ++i) {
-                float diff = this_scale * Laux[i] + this_min - x[i];
-                diff = diff * diff;
-                mad += weights[i] * diff;
-            }
-            if (mad < best_mad) {
-                for (int i = 0; i < n; ++i) L[i] = Laux[i];
-                best_mad = mad;
-                scale = this_scale;
-                min = this_min;
-            }
-        }
-    }
-    *the_min = -min;
-    return scale;
-}
-
-/* One block with importance weights; sigma2 is the row's mean square. */
+/* One block with importance weights; sigma2 is the row's mean square. The
+ * searches write byte levels (their K-quant callers' type); qblock holds ints. */
 static void encode_weighted(int type, const float *x, const float *qw, float sigma2, qblock *b) {
     float weight[32];
-    for (int j = 0; j < 32; ++j) weight[j] = qw[j] * sqrtf(sigma2 + x[j] * x[j]);
+    imatrix_weights(x, qw, sigma2, 32, weight);
     b->m = 0.0f;
     if (type == SMOLQ_T_Q4_0 || type == SMOLQ_T_Q5_0) {
-        b->d = make_qx_quants_w(32, type == SMOLQ_T_Q4_0 ? 8 : 16, x, b->q, weight);
+        int8_t L[32];
+        b->d = make_qx_quants(32, type == SMOLQ_T_Q4_0 ? 8 : 16, x, L, weight);
+        for (int j = 0; j < 32; ++j) b->q[j] = L[j];
     } else {
+        uint8_t L[32], Laux[32];
         float min;
-        b->d = make_qkx3_quants_w(32, type == SMOLQ_T_Q4_1 ? 15 : 31, x, weight, b->q, &min, -0.9f, 0.05f, 36);
+        b->d = make_qkx_quants(32, type == SMOLQ_T_Q4_1 ? 15 : 31, x, weight, L, &min, Laux, -0.9f, 0.05f, 36, 0);
         b->m = -min;
+        for (int j = 0; j < 32; ++j) b->q[j] = L[j];
     }
 }
 
-static float row_mean_square(const float *x, int64_t n) {
-    float sum_x2 = 0;
-    for (int64_t j = 0; j < n; ++j) sum_x2 += x[j] * x[j];
-    return sum_x2 / n;
-}
+static float row_mean_square(const float *x, int64_t n) { return sum_squares(x, n) / n; }
 
 /* ------------------------------------------------------------------------ */
 /* Generic reference rows for the ggjt-era types.                            */
@@ -533,7 +394,7 @@ static inline void sym_v3_fast(const float *restrict x, uint8_t *restrict y, int
         const float max = am ? x[__builtin_ctz(hits)] : 0.0f; /* the reference keeps 0.0f for all-zero blocks */
         const float d = max / -off;
         const float id = d ? 1.0f / d : 0.0f;
-        wr16(y, smolq_fp32_to_fp16(d));
+        f16_store(y, d);
         int32_t q[32];
         for (int j = 0; j < 32; j++) {
             const int32_t v = (int32_t)(x[j] * id + bias);
@@ -563,8 +424,8 @@ static inline void asym_v3_fast(const float *restrict x, uint8_t *restrict y, in
         const float max = first_equal(x, 32, from_order_key(kmax));
         const float d = (max - min) / qmax;
         const float id = d ? 1.0f / d : 0.0f;
-        wr16(y, smolq_fp32_to_fp16(d));
-        wr16(y + 2, smolq_fp32_to_fp16(min));
+        f16_store(y, d);
+        f16_store(y + 2, min);
         int32_t q[32];
         for (int j = 0; j < 32; j++) {
             const int32_t v = (int32_t)((x[j] - min) * id + 0.5f);
@@ -599,7 +460,7 @@ FAST_FN static void q8_0_v3_fast(const float *restrict x, void *restrict vy, int
         const float amax = smolq_bits_f32(block_absmax_bits(x));
         const float d = amax / 127;
         const float id = d ? 1.0f / d : 0.0f;
-        wr16(y, smolq_fp32_to_fp16(d));
+        f16_store(y, d);
         int32_t q[32];
         for (int j = 0; j < 32; j++) q[j] = (int32_t)round_half_away(x[j] * id);
         for (int j = 0; j < 32; j++) y[2 + j] = (uint8_t)(int8_t)q[j];
@@ -611,8 +472,8 @@ FAST_FN static void q8_0_v3_fast(const float *restrict x, void *restrict vy, int
 static inline void q5_v3_dequant(const uint8_t *restrict x, float *restrict y, int64_t n, int has_min) {
     const int head = 2 + 2 * has_min + 4, bytes = head + 16;
     for (int64_t i = 0; i < n / 32; i++, x += bytes, y += 32) {
-        const float d = smolq_fp16_to_fp32(rd16(x));
-        const float m = has_min ? smolq_fp16_to_fp32(rd16(x + 2)) : 0.0f;
+        const float d = f16_load(x);
+        const float m = has_min ? f16_load(x + 2) : 0.0f;
         const uint32_t qh = rd32(x + 2 + 2 * has_min);
         int32_t q[32];
         for (int j = 0; j < 16; j++) q[j] = x[head + j] & 15;
@@ -632,7 +493,7 @@ FAST_FN static void q8_0_v3_dequant_fast(const void *restrict vx, float *restric
     const uint8_t *restrict x = vx;
     const int64_t nb = n / 32;
     for (int64_t i = 0; i < nb; i++, x += 34, y += 32) {
-        const float d = smolq_fp16_to_fp32(rd16(x));
+        const float d = f16_load(x);
         for (int j = 0; j < 32; j++) y[j] = (float)(int8_t)x[2 + j] * d;
     }
 }
@@ -646,11 +507,11 @@ static void f32_dequant(const void *x, float *y, int64_t n) { memcpy(y, x, (size
 static void f16_quant(const float *x, void *vy, int64_t n, const float *w) {
     (void)w;
     uint8_t *y = vy;
-    for (int64_t i = 0; i < n; i++) wr16(y + 2 * i, smolq_fp32_to_fp16(x[i]));
+    for (int64_t i = 0; i < n; i++) f16_store(y + 2 * i, x[i]);
 }
 static void f16_dequant(const void *vx, float *y, int64_t n) {
     const uint8_t *x = vx;
-    for (int64_t i = 0; i < n; i++) y[i] = smolq_fp16_to_fp32(rd16(x + 2 * i));
+    for (int64_t i = 0; i < n; i++) y[i] = f16_load(x + 2 * i);
 }
 
 #if SMOLQ_X86
@@ -662,7 +523,7 @@ __attribute__((target("avx,f16c"))) static void f16_quant_f16c(const float *x, u
         const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT);
         _mm_storeu_si128((__m128i *)(y + 2 * i), h);
     }
-    for (; i < n; i++) wr16(y + 2 * i, smolq_fp32_to_fp16(x[i]));
+    for (; i < n; i++) f16_store(y + 2 * i, x[i]);
 }
 /* F16C quiets signaling NaNs on the way up; fp16.h (and numpy) keep their
  * bits, so chunks holding one (exponent 31, quiet bit 0x200 clear, mantissa
@@ -676,12 +537,12 @@ __attribute__((target("avx,f16c"))) static void f16_dequant_f16c(const uint8_t *
         const __m128i a = _mm_and_si128(h, magnitude);
         const __m128i snan = _mm_and_si128(_mm_cmpgt_epi16(a, inf), _mm_cmplt_epi16(a, quiet));
         if (_mm_movemask_epi8(snan)) {
-            for (int k = 0; k < 8; k++) y[i + k] = smolq_fp16_to_fp32(rd16(x + 2 * (i + k)));
+            for (int k = 0; k < 8; k++) y[i + k] = f16_load(x + 2 * (i + k));
         } else {
             _mm256_storeu_ps(y + i, _mm256_cvtph_ps(h));
         }
     }
-    for (; i < n; i++) y[i] = smolq_fp16_to_fp32(rd16(x + 2 * i));
+    for (; i < n; i++) y[i] = f16_load(x + 2 * i);
 }
 static int have_f16c(void) {
     static int cached = -1;
@@ -716,8 +577,6 @@ FAST_FN static void bf16_dequant(const void *restrict vx, float *restrict y, int
 /* ------------------------------------------------------------------------ */
 /* Ternary TQ1_0 / TQ2_0 (llama.cpp quantize_row_tq{1,2}_0_ref).            */
 
-#define QK_K 256
-
 static float ternary_scale(const float *x, float *id) {
     float amax = 0.0f;
     for (int j = 0; j < QK_K; j++) amax = MAX(amax, fabsf(x[j]));
@@ -750,7 +609,7 @@ static inline void tq1_0_rows(const float *x, void *vy, int64_t n, int fast) {
         for (int m = 0; m < 32; m++) y[m] = trit_byte(x + m, 32, 5, 0, id, fast);
         for (int m = 0; m < 16; m++) y[32 + m] = trit_byte(x + 160 + m, 16, 5, 0, id, fast);
         for (int m = 0; m < 4; m++) y[48 + m] = trit_byte(x + 240 + m, 4, 4, 1, id, fast);
-        wr16(y + 52, smolq_fp32_to_fp16(d));
+        f16_store(y + 52, d);
     }
 }
 
@@ -770,7 +629,7 @@ static inline float trit_value(uint8_t byte, int k, float d) {
 static void tq1_0_dequant(const void *vx, float *y, int64_t n) {
     const uint8_t *x = vx;
     for (int64_t i = 0; i < n / QK_K; i++, x += 54, y += QK_K) {
-        const float d = smolq_fp16_to_fp32(rd16(x + 52));
+        const float d = f16_load(x + 52);
         for (int k = 0; k < 5; k++)
             for (int m = 0; m < 32; m++) y[32 * k + m] = trit_value(x[m], k, d);
         for (int k = 0; k < 5; k++)
@@ -792,7 +651,7 @@ static inline void tq2_0_rows(const float *x, void *vy, int64_t n, int fast) {
                 for (int k = 0; k < 4; k++) q |= (uint8_t)((trit(x[128 * c + m + 32 * k], id, fast) & 3) << (2 * k));
                 y[32 * c + m] = q;
             }
-        wr16(y + 64, smolq_fp32_to_fp16(d));
+        f16_store(y + 64, d);
     }
 }
 
@@ -805,7 +664,7 @@ FAST_FN static void tq2_0_quant_fast(const float *x, void *y, int64_t n, const f
 static void tq2_0_dequant(const void *vx, float *y, int64_t n) {
     const uint8_t *x = vx;
     for (int64_t i = 0; i < n / QK_K; i++, x += 66, y += QK_K) {
-        const float d = smolq_fp16_to_fp32(rd16(x + 64));
+        const float d = f16_load(x + 64);
         for (int c = 0; c < 2; c++)
             for (int k = 0; k < 4; k++)
                 for (int m = 0; m < 32; m++)

@@ -20,18 +20,10 @@
 #include <math.h>
 #include <string.h>
 #include "smolq_kernel.h"
-#include "fp16.h"
-
-#define QK_K 256
-/* Below this a group counts as all zero (ggml's GROUP_MAX_EPS). */
-#define GROUP_MAX_EPS 1e-15f
-
-/* ggml's macros, same argument order (matters only for NaN). */
-#define KQ_MIN(a, b) ((a) < (b) ? (a) : (b))
-#define KQ_MAX(a, b) ((a) > (b) ? (a) : (b))
+#include "quants_common.h"
 
 /* Block structs: byte arrays only, so no padding and no alignment demands on
- * the caller's buffer. fp16 fields are read and written through f16_get/put. */
+ * the caller's buffer. fp16 fields are read and written through f16_load/f16_put. */
 typedef struct { uint8_t scales[16]; uint8_t qs[64]; uint8_t d[2]; uint8_t dmin[2]; } block_q2_K;
 typedef struct { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; uint8_t d[2]; } block_q3_K;
 typedef struct { uint8_t d[2]; uint8_t dmin[2]; uint8_t scales[12]; uint8_t qs[128]; } block_q4_K;
@@ -46,93 +38,20 @@ typedef char assert_q6_K_size[sizeof(block_q6_K) == 210 ? 1 : -1];
 
 /* ------------------------------------------------------------------ fp16 */
 
-static inline float f16_get(const uint8_t h[2]) {
-    uint16_t v;
-    memcpy(&v, h, 2);
-    return smolq_fp16_to_fp32(v);
-}
-
 /* ggml's ggml_compute_fp32_to_fp16 rounds to nearest even like fp16.h, but
  * turns every NaN into the one quiet NaN 0x7e00 (keeping the sign). */
 static inline void f16_put(uint8_t h[2], float f) {
-    uint16_t v;
-    if (f != f) v = (uint16_t)(((smolq_f32_bits(f) >> 16) & 0x8000) | 0x7e00);
-    else v = smolq_fp32_to_fp16(f);
-    memcpy(h, &v, 2);
+    if (f != f) wr16(h, (uint16_t)(((smolq_f32_bits(f) >> 16) & 0x8000) | 0x7e00));
+    else f16_store(h, f);
 }
 
 /* Round through fp16 and back: what ggml does when it stores d and reads it. */
 static inline float f16_store_load(uint8_t h[2], float f) {
     f16_put(h, f);
-    return f16_get(h);
+    return f16_load(h);
 }
 
 /* --------------------------------------------------------- search helpers */
-
-/* ggml's nearest_int: round half to even via the 1.5*2^23 trick. Defined bit
- * pattern for every input, so out-of-range values also match ggml. */
-static inline int nearest_int(float fval) {
-    float val = fval + 12582912.f;
-    int i;
-    memcpy(&i, &val, sizeof(int));
-    return (i & 0x007fffff) - 0x00400000;
-}
-
-/* Weight of element i in the symmetric searches: the importance weight when
- * given, else x^2 (ggml's rmse_type 1). */
-static inline float sym_weight(const float *qw, const float *x, int i) {
-    return qw ? qw[i] : x[i] * x[i];
-}
-
-/* ggml make_qx_quants with rmse_type = 1 (the only mode K-quants use):
- * symmetric quants L in [0, 2*nmax) around nmax, scale by weighted least
- * squares over 19 candidate inverse scales. */
-static float make_qx_quants(int n, int nmax, const float *x, int8_t *L, const float *qw) {
-    float max = 0;
-    float amax = 0;
-    for (int i = 0; i < n; ++i) {
-        float ax = fabsf(x[i]);
-        if (ax > amax) { amax = ax; max = x[i]; }
-    }
-    if (amax < GROUP_MAX_EPS) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
-        return 0.f;
-    }
-    float iscale = -nmax / max;
-    float sumlx = 0;
-    float suml2 = 0;
-    for (int i = 0; i < n; ++i) {
-        int l = nearest_int(iscale * x[i]);
-        l = KQ_MAX(-nmax, KQ_MIN(nmax - 1, l));
-        L[i] = (int8_t)(l + nmax);
-        float w = sym_weight(qw, x, i);
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
-    }
-    float scale = suml2 ? sumlx / suml2 : 0.0f;
-    float best = scale * sumlx;
-    for (int is = -9; is <= 9; ++is) {
-        if (is == 0) continue;
-        iscale = -(nmax + 0.1f * is) / max;
-        sumlx = suml2 = 0;
-        for (int i = 0; i < n; ++i) {
-            int l = nearest_int(iscale * x[i]);
-            l = KQ_MAX(-nmax, KQ_MIN(nmax - 1, l));
-            float w = sym_weight(qw, x, i);
-            sumlx += w * x[i] * l;
-            suml2 += w * l * l;
-        }
-        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-            for (int i = 0; i < n; ++i) {
-                int l = nearest_int(iscale * x[i]);
-                L[i] = (int8_t)(nmax + KQ_MAX(-nmax, KQ_MIN(nmax - 1, l)));
-            }
-            scale = sumlx / suml2;
-            best = scale * sumlx;
-        }
-    }
-    return scale;
-}
 
 /* ggml make_q3_quants with do_rmse = true (Q3_K's reference path): start from
  * the max-abs scale, then up to 5 passes of coordinate descent, each element
@@ -153,7 +72,7 @@ static float make_q3_quants(int n, int nmax, const float *x, int8_t *L) {
     float suml2 = 0;
     for (int i = 0; i < n; ++i) {
         int l = nearest_int(iscale * x[i]);
-        l = KQ_MAX(-nmax, KQ_MIN(nmax - 1, l));
+        l = MAX(-nmax, MIN(nmax - 1, l));
         L[i] = (int8_t)l;
         float w = x[i] * x[i];
         sumlx += w * x[i] * l;
@@ -167,7 +86,7 @@ static float make_q3_quants(int n, int nmax, const float *x, int8_t *L) {
             if (slx > 0) {
                 float sl2 = suml2 - w * L[i] * L[i];
                 int new_l = nearest_int(x[i] * sl2 / slx);
-                new_l = KQ_MAX(-nmax, KQ_MIN(nmax - 1, new_l));
+                new_l = MAX(-nmax, MIN(nmax - 1, new_l));
                 if (new_l != L[i]) {
                     slx += w * x[i] * new_l;
                     sl2 += w * new_l * new_l;
@@ -186,86 +105,12 @@ static float make_q3_quants(int n, int nmax, const float *x, int8_t *L) {
     return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
 }
 
-/* ggml make_qkx2_quants, and make_qkx3_quants with non-NULL weights (the two
- * are then the same function: qkx3 tests max <= min where qkx2 tests
- * max == min, and after min is clamped to <= 0, max < min cannot happen).
- * Asymmetric quants L in [0, nmax] with x ~ scale*L - the_min; tries nstep+1
- * inverse scales around nmax/(max-min), refitting scale and min by weighted
- * least squares, and keeps the lowest weighted error (abs if use_mad). */
-static float make_qkx_quants(int n, int nmax, const float *x, const float *weights,
-                             uint8_t *L, float *the_min, uint8_t *Laux,
-                             float rmin, float rdelta, int nstep, int use_mad) {
-    float min = x[0];
-    float max = x[0];
-    float sum_w = weights[0];
-    float sum_x = sum_w * x[0];
-    for (int i = 1; i < n; ++i) {
-        if (x[i] < min) min = x[i];
-        if (x[i] > max) max = x[i];
-        float w = weights[i];
-        sum_w += w;
-        sum_x += w * x[i];
-    }
-    if (min > 0) min = 0;
-    if (max == min) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
-        *the_min = -min;
-        return 0.f;
-    }
-    float iscale = nmax / (max - min);
-    float scale = 1 / iscale;
-    float best_error = 0;
-    for (int i = 0; i < n; ++i) {
-        int l = nearest_int(iscale * (x[i] - min));
-        L[i] = (uint8_t)KQ_MAX(0, KQ_MIN(nmax, l));
-        float diff = scale * L[i] + min - x[i];
-        diff = use_mad ? fabsf(diff) : diff * diff;
-        best_error += weights[i] * diff;
-    }
-    for (int is = 0; is <= nstep; ++is) {
-        iscale = (rmin + rdelta * is + nmax) / (max - min);
-        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
-        for (int i = 0; i < n; ++i) {
-            int l = nearest_int(iscale * (x[i] - min));
-            l = KQ_MAX(0, KQ_MIN(nmax, l));
-            Laux[i] = (uint8_t)l;
-            float w = weights[i];
-            sum_l += w * l;
-            sum_l2 += w * l * l;
-            sum_xl += w * l * x[i];
-        }
-        float D = sum_w * sum_l2 - sum_l * sum_l;
-        if (D > 0) {
-            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
-            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-            if (this_min > 0) {
-                this_min = 0;
-                this_scale = sum_xl / sum_l2;
-            }
-            float cur_error = 0;
-            for (int i = 0; i < n; ++i) {
-                float diff = this_scale * Laux[i] + this_min - x[i];
-                diff = use_mad ? fabsf(diff) : diff * diff;
-                cur_error += weights[i] * diff;
-            }
-            if (cur_error < best_error) {
-                for (int i = 0; i < n; ++i) L[i] = Laux[i];
-                best_error = cur_error;
-                scale = this_scale;
-                min = this_min;
-            }
-        }
-    }
-    *the_min = -min;
-    return scale;
-}
-
 /* ggml make_qp_quants: quantize non-negative values (sub-block scales or
  * mins) to [0, nmax] with a weighted search, for the imatrix paths. L is
  * uint8_t as in ggml, so a negative level wraps exactly as it does there. */
 static float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *quant_weights) {
     float max = 0;
-    for (int i = 0; i < n; ++i) max = KQ_MAX(max, x[i]);
+    for (int i = 0; i < n; ++i) max = MAX(max, x[i]);
     if (max < GROUP_MAX_EPS) {
         for (int i = 0; i < n; ++i) L[i] = 0;
         return 0.f;
@@ -286,7 +131,7 @@ static float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const f
         float mse = 0;
         for (int i = 0; i < n; ++i) {
             int l = nearest_int(iscale_is * x[i]);
-            l = KQ_MIN(nmax, l);
+            l = MIN(nmax, l);
             float diff = x[i] - scale_is * l;
             float w = quant_weights[i];
             mse += w * diff * diff;
@@ -300,7 +145,7 @@ static float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const f
     float suml2 = 0;
     for (int i = 0; i < n; ++i) {
         int l = nearest_int(iscale * x[i]);
-        l = KQ_MIN(nmax, l);
+        l = MIN(nmax, l);
         L[i] = (uint8_t)l;
         float w = quant_weights[i];
         sumlx += w * x[i] * l;
@@ -314,7 +159,7 @@ static float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const f
             float sl2 = suml2 - w * L[i] * L[i];
             if (slx > 0 && sl2 > 0) {
                 int new_l = nearest_int(x[i] * sl2 / slx);
-                new_l = KQ_MIN(nmax, new_l);
+                new_l = MIN(nmax, new_l);
                 if (new_l != L[i]) {
                     slx += w * x[i] * new_l;
                     sl2 += w * new_l * new_l;
@@ -330,13 +175,6 @@ static float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const f
         if (!n_changed) break;
     }
     return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
-}
-
-/* Sum of squares of one super-block, left to right. */
-static inline float sum_squares(const float *x, int n) {
-    float s = 0;
-    for (int i = 0; i < n; ++i) s += x[i] * x[i];
-    return s;
 }
 
 /* The two searches that dominate the time, over all sub-blocks of a
@@ -430,15 +268,15 @@ static inline void k4_get_scale_min(int j, const uint8_t *q, uint8_t *d, uint8_t
 /* With the final d, dmin and sub-block codes fixed, re-round every element
  * (sub-blocks with a zero scale keep the search's levels), then pack. */
 static void q2_K_finish(const float *x, block_q2_K *y, uint8_t *L) {
-    const float dall = f16_get(y->d);
-    const float mall = f16_get(y->dmin);
+    const float dall = f16_load(y->d);
+    const float mall = f16_load(y->dmin);
     for (int j = 0; j < QK_K / 16; ++j) {
         const float d = dall * (y->scales[j] & 0xF);
         if (!d) continue;
         const float m = mall * (y->scales[j] >> 4);
         for (int ii = 0; ii < 16; ++ii) {
             int l = nearest_int((x[16 * j + ii] + m) / d);
-            L[16 * j + ii] = (uint8_t)KQ_MAX(0, KQ_MIN(3, l));
+            L[16 * j + ii] = (uint8_t)MAX(0, MIN(3, l));
         }
     }
     pack_2bit(L, y->qs);
@@ -484,7 +322,7 @@ static void q2_K_imatrix_block(const float *x, block_q2_K *y, const float *qw, c
     const float sigma2 = sum_squares(x, QK_K) / QK_K;
     for (int j = 0; j < QK_K / 16; ++j) {
         float *w = weight + 16 * j;
-        for (int l = 0; l < 16; ++l) w[l] = qw[16 * j + l] * sqrtf(sigma2 + x[16 * j + l] * x[16 * j + l]);
+        imatrix_weights(x + 16 * j, qw + 16 * j, sigma2, 16, w);
         sw[j] = 0;
         for (int l = 0; l < 16; ++l) sw[j] += w[l];
     }
@@ -502,13 +340,13 @@ static void q2_K_imatrix_block(const float *x, block_q2_K *y, const float *qw, c
 /* Re-round every element with the final scales (zero-scale sub-blocks keep
  * the search's levels), split off the high bit into hmask, pack the rest. */
 static void q3_K_finish(const float *x, block_q3_K *y, int8_t *L) {
-    const float dall = f16_get(y->d);
+    const float dall = f16_load(y->d);
     for (int j = 0; j < QK_K / 16; ++j) {
         const float d = dall * q3_get_scale(y->scales, j);
         if (!d) continue;
         for (int ii = 0; ii < 16; ++ii) {
             int l = nearest_int(x[16 * j + ii] / d);
-            L[16 * j + ii] = (int8_t)(KQ_MAX(-4, KQ_MIN(3, l)) + 4);
+            L[16 * j + ii] = (int8_t)(MAX(-4, MIN(3, l)) + 4);
         }
     }
     /* High bit of element j goes to hmask[j % 32], bit j / 32. */
@@ -540,7 +378,7 @@ static void q3_K_ref_block(const float *x, block_q3_K *y) {
         float iscale = -32.f / max_scale;
         for (int j = 0; j < QK_K / 16; ++j) {
             int8_t l = (int8_t)nearest_int(iscale * scales[j]);
-            l = (int8_t)(KQ_MAX(-32, KQ_MIN(31, l)) + 32);
+            l = (int8_t)(MAX(-32, MIN(31, l)) + 32);
             q3_put_scale(y->scales, j, l);
         }
         f16_put(y->d, 1 / iscale);
@@ -557,7 +395,7 @@ static void q3_K_imatrix_block(const float *x, block_q3_K *y, const float *qw, c
     const float sigma2 = 2 * sum_squares(x, QK_K) / QK_K;
     for (int j = 0; j < QK_K / 16; ++j) {
         float *w = weight + 16 * j;
-        for (int l = 0; l < 16; ++l) w[l] = qw[16 * j + l] * sqrtf(sigma2 + x[16 * j + l] * x[16 * j + l]);
+        imatrix_weights(x + 16 * j, qw + 16 * j, sigma2, 16, w);
         float sumw = 0;
         for (int l = 0; l < 16; ++l) sumw += w[l];
         sw[j] = sumw;
@@ -595,8 +433,8 @@ static void k4_ref_scales(const float *x, int nmax, float rmin, float rdelta, in
     for (int j = 0; j < QK_K / 32; ++j) {
         uint8_t ls = (uint8_t)nearest_int(inv_scale * scales[j]);
         uint8_t lm = (uint8_t)nearest_int(inv_min * mins[j]);
-        ls = KQ_MIN(63, ls);
-        lm = KQ_MIN(63, lm);
+        ls = MIN(63, ls);
+        lm = MIN(63, lm);
         k4_put_scale_min(scales12, j, ls, lm);
     }
     f16_put(d16, max_scale / 63.f);
@@ -612,7 +450,7 @@ static void k4_imatrix_scales(const float *x, const float *qw, int nmax, int cla
     const float sigma2 = 2 * sum_squares(x, QK_K) / QK_K;
     for (int j = 0; j < QK_K / 32; ++j) {
         float *w = weights + 32 * j;
-        for (int l = 0; l < 32; ++l) w[l] = qw[32 * j + l] * sqrtf(sigma2 + x[32 * j + l] * x[32 * j + l]);
+        imatrix_weights(x + 32 * j, qw + 32 * j, sigma2, 32, w);
         float sumw = 0;
         for (int l = 0; l < 32; ++l) sumw += w[l];
         sw[j] = sumw;
@@ -623,8 +461,8 @@ static void k4_imatrix_scales(const float *x, const float *qw, int nmax, int cla
     for (int j = 0; j < QK_K / 32; ++j) {
         uint8_t ls = Ls[j], lm = Lm[j];
         if (clamp63) {
-            ls = KQ_MIN(63, ls);
-            lm = KQ_MIN(63, lm);
+            ls = MIN(63, ls);
+            lm = MIN(63, lm);
         }
         k4_put_scale_min(scales12, j, ls, lm);
     }
@@ -636,8 +474,8 @@ static void k4_imatrix_scales(const float *x, const float *qw, int nmax, int cla
  * (zero-scale sub-blocks keep the search's levels). */
 static void k4_requantize(const float *x, int nmax, const uint8_t *scales12,
                           const uint8_t d16[2], const uint8_t dmin16[2], uint8_t *L) {
-    const float dall = f16_get(d16);
-    const float mall = f16_get(dmin16);
+    const float dall = f16_load(d16);
+    const float mall = f16_load(dmin16);
     for (int j = 0; j < QK_K / 32; ++j) {
         uint8_t sc, m;
         k4_get_scale_min(j, scales12, &sc, &m);
@@ -646,7 +484,7 @@ static void k4_requantize(const float *x, int nmax, const uint8_t *scales12,
         const float dm = mall * m;
         for (int ii = 0; ii < 32; ++ii) {
             int l = nearest_int((x[32 * j + ii] + dm) / d);
-            L[32 * j + ii] = (uint8_t)KQ_MAX(0, KQ_MIN(nmax, l));
+            L[32 * j + ii] = (uint8_t)MAX(0, MIN(nmax, l));
         }
     }
 }
@@ -719,13 +557,13 @@ static void q6_K_block(const float *x, block_q6_K *y, const float *qw, const kq_
     }
     float iscale = -128.f / max_scale;
     const float dall = f16_store_load(y->d, 1 / iscale);
-    for (int ib = 0; ib < QK_K / 16; ++ib) y->scales[ib] = (int8_t)KQ_MIN(127, nearest_int(iscale * scales[ib]));
+    for (int ib = 0; ib < QK_K / 16; ++ib) y->scales[ib] = (int8_t)MIN(127, nearest_int(iscale * scales[ib]));
     for (int j = 0; j < QK_K / 16; ++j) {
         float d = dall * y->scales[j];
         if (!d) continue;
         for (int ii = 0; ii < 16; ++ii) {
             int l = nearest_int(x[16 * j + ii] / d);
-            L[16 * j + ii] = (int8_t)(KQ_MAX(-32, KQ_MIN(31, l)) + 32);
+            L[16 * j + ii] = (int8_t)(MAX(-32, MIN(31, l)) + 32);
         }
     }
     /* Low nibbles: ql[64h+l] holds elements 128h+l (low) and +64 (high),
@@ -816,8 +654,8 @@ KQ_ENTRY_POINTS(q6_K)
 void smolq_dequantize_row_q2_K(const void *vx, float *y, int64_t n) {
     const block_q2_K *x = (const block_q2_K *)vx;
     for (int64_t i = 0; i < n / QK_K; ++i) {
-        const float d = f16_get(x[i].d);
-        const float dmin = f16_get(x[i].dmin);
+        const float d = f16_load(x[i].d);
+        const float dmin = f16_load(x[i].dmin);
         for (int e = 0; e < QK_K; e += 16) {
             const int h = e / 128, jj = (e % 128) / 32, half16 = (e % 32) / 16;
             const uint8_t sc = x[i].scales[e / 16];
@@ -832,7 +670,7 @@ void smolq_dequantize_row_q2_K(const void *vx, float *y, int64_t n) {
 void smolq_dequantize_row_q3_K(const void *vx, float *y, int64_t n) {
     const block_q3_K *x = (const block_q3_K *)vx;
     for (int64_t i = 0; i < n / QK_K; ++i) {
-        const float d_all = f16_get(x[i].d);
+        const float d_all = f16_load(x[i].d);
         for (int e = 0; e < QK_K; e += 16) {
             const int h = e / 128, jj = (e % 128) / 32, half16 = (e % 32) / 16;
             const float dl = d_all * q3_get_scale(x[i].scales, e / 16);
@@ -850,8 +688,8 @@ void smolq_dequantize_row_q3_K(const void *vx, float *y, int64_t n) {
 void smolq_dequantize_row_q4_K(const void *vx, float *y, int64_t n) {
     const block_q4_K *x = (const block_q4_K *)vx;
     for (int64_t i = 0; i < n / QK_K; ++i) {
-        const float d = f16_get(x[i].d);
-        const float dmin = f16_get(x[i].dmin);
+        const float d = f16_load(x[i].d);
+        const float dmin = f16_load(x[i].dmin);
         const uint8_t *q = x[i].qs;
         for (int c = 0; c < 4; ++c) {
             uint8_t sc, m;
@@ -869,8 +707,8 @@ void smolq_dequantize_row_q4_K(const void *vx, float *y, int64_t n) {
 void smolq_dequantize_row_q5_K(const void *vx, float *y, int64_t n) {
     const block_q5_K *x = (const block_q5_K *)vx;
     for (int64_t i = 0; i < n / QK_K; ++i) {
-        const float d = f16_get(x[i].d);
-        const float dmin = f16_get(x[i].dmin);
+        const float d = f16_load(x[i].d);
+        const float dmin = f16_load(x[i].dmin);
         const uint8_t *ql = x[i].qs;
         const uint8_t *qh = x[i].qh;
         for (int c = 0; c < 4; ++c) {
@@ -890,7 +728,7 @@ void smolq_dequantize_row_q5_K(const void *vx, float *y, int64_t n) {
 void smolq_dequantize_row_q6_K(const void *vx, float *y, int64_t n) {
     const block_q6_K *x = (const block_q6_K *)vx;
     for (int64_t i = 0; i < n / QK_K; ++i) {
-        const float d = f16_get(x[i].d);
+        const float d = f16_load(x[i].d);
         const uint8_t *ql = x[i].ql;
         const uint8_t *qh = x[i].qh;
         const int8_t *sc = x[i].scales;
