@@ -194,14 +194,11 @@ static const encoder_entry *find_encoder(int type, int layout) {
     return NULL;
 }
 
-/* The signed value of largest magnitude, first one on ties (ggml's loop). */
-static float signed_absmax(const float *x, int n) {
-    float amax = 0.0f, max = 0.0f;
-    for (int j = 0; j < n; j++) {
-        const float v = x[j];
-        if (amax < fabsf(v)) { amax = fabsf(v); max = v; }
-    }
-    return max;
+/* Largest |x| as ggml's Q8_0 and TQ quantizers find it (MAX: a NaN sticks). */
+static float absmax(const float *x, int n) {
+    float amax = 0.0f;
+    for (int j = 0; j < n; j++) amax = MAX(amax, fabsf(x[j]));
+    return amax;
 }
 
 static void encode_sym(const float *x, int n, int bits, int rounding, qblock *b) {
@@ -239,8 +236,7 @@ static void encode_asym(const float *x, int n, int bits, int rounding, qblock *b
 }
 
 static void encode_q8(const float *x, int n, qblock *b) {
-    float amax = 0.0f;
-    for (int j = 0; j < n; j++) amax = MAX(amax, fabsf(x[j]));
+    const float amax = absmax(x, n);
     const float d = amax / 127;
     const float id = d ? 1.0f / d : 0.0f;
     b->d = d;
@@ -578,8 +574,7 @@ FAST_FN static void bf16_dequant(const void *restrict vx, float *restrict y, int
 /* Ternary TQ1_0 / TQ2_0 (llama.cpp quantize_row_tq{1,2}_0_ref).            */
 
 static float ternary_scale(const float *x, float *id) {
-    float amax = 0.0f;
-    for (int j = 0; j < QK_K; j++) amax = MAX(amax, fabsf(x[j]));
+    const float amax = absmax(x, QK_K);
     *id = amax ? 1.0f / amax : 0.0f;
     return amax;
 }

@@ -64,6 +64,17 @@ static inline float sum_squares(const float *x, int64_t n) {
     return s;
 }
 
+/* The element of largest magnitude, sign kept: the first one on ties, 0 if
+ * all are 0; a NaN never wins (ggml's max/amax loop, e.g. in make_qx_quants). */
+static inline float signed_absmax(const float *x, int n) {
+    float amax = 0, max = 0;
+    for (int i = 0; i < n; ++i) {
+        const float ax = fabsf(x[i]);
+        if (ax > amax) { amax = ax; max = x[i]; }
+    }
+    return max;
+}
+
 /* Weight of element i in the symmetric search: the importance weight when
  * given, else x^2 (ggml's rmse_type 1). */
 static inline float sym_weight(const float *qw, const float *x, int i) {
@@ -74,13 +85,8 @@ static inline float sym_weight(const float *qw, const float *x, int i) {
  * means weights x^2): symmetric quants L in [0, 2*nmax) around nmax, scale
  * by weighted least squares over 19 candidate inverse scales. */
 static float make_qx_quants(int n, int nmax, const float *x, int8_t *L, const float *qw) {
-    float max = 0;
-    float amax = 0;
-    for (int i = 0; i < n; ++i) {
-        float ax = fabsf(x[i]);
-        if (ax > amax) { amax = ax; max = x[i]; }
-    }
-    if (amax < GROUP_MAX_EPS) {
+    const float max = signed_absmax(x, n);
+    if (fabsf(max) < GROUP_MAX_EPS) {
         for (int i = 0; i < n; ++i) L[i] = 0;
         return 0.f;
     }

@@ -57,13 +57,8 @@ static inline float f16_store_load(uint8_t h[2], float f) {
  * the max-abs scale, then up to 5 passes of coordinate descent, each element
  * trying the level that the least-squares scale without it suggests. */
 static float make_q3_quants(int n, int nmax, const float *x, int8_t *L) {
-    float max = 0;
-    float amax = 0;
-    for (int i = 0; i < n; ++i) {
-        float ax = fabsf(x[i]);
-        if (ax > amax) { amax = ax; max = x[i]; }
-    }
-    if (amax < GROUP_MAX_EPS) {
+    const float max = signed_absmax(x, n);
+    if (fabsf(max) < GROUP_MAX_EPS) {
         for (int i = 0; i < n; ++i) L[i] = 0;
         return 0.f;
     }
@@ -364,15 +359,8 @@ static void q3_K_finish(const float *x, block_q3_K *y, int8_t *L) {
 static void q3_K_ref_block(const float *x, block_q3_K *y) {
     int8_t L[QK_K];
     float scales[QK_K / 16];
-    float max_scale = 0, amax = 0;
-    for (int j = 0; j < QK_K / 16; ++j) {
-        scales[j] = make_q3_quants(16, 4, x + 16 * j, L + 16 * j);
-        float scale = fabsf(scales[j]);
-        if (scale > amax) {
-            amax = scale;
-            max_scale = scales[j];
-        }
-    }
+    for (int j = 0; j < QK_K / 16; ++j) scales[j] = make_q3_quants(16, 4, x + 16 * j, L + 16 * j);
+    const float max_scale = signed_absmax(scales, QK_K / 16);
     memset(y->scales, 0, 12);
     if (max_scale) {
         float iscale = -32.f / max_scale;
@@ -542,15 +530,8 @@ static void q6_K_block(const float *x, block_q6_K *y, const float *qw, const kq_
     int8_t L[QK_K];
     float scales[QK_K / 16];
     s->qx(QK_K / 16, 16, 32, x, L, qw, scales);
-    float max_scale = 0, max_abs_scale = 0;
-    for (int ib = 0; ib < QK_K / 16; ++ib) {
-        const float abs_scale = fabsf(scales[ib]);
-        if (abs_scale > max_abs_scale) {
-            max_abs_scale = abs_scale;
-            max_scale = scales[ib];
-        }
-    }
-    if (max_abs_scale < GROUP_MAX_EPS) {
+    const float max_scale = signed_absmax(scales, QK_K / 16);
+    if (fabsf(max_scale) < GROUP_MAX_EPS) {
         memset(y, 0, sizeof(*y));
         f16_put(y->d, 0.f);
         return;
