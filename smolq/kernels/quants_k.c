@@ -172,6 +172,20 @@ static float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const f
     return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
 }
 
+/* The imatrix paths' element weights (quants_common.h) for nsub sub-blocks
+ * of n elements, and each sub-block's weight sum, left to right: the
+ * importance of its scale (and min) in the second-level search. */
+static void subblock_weights(const float *x, const float *qw, float sigma2, int nsub, int n,
+                             float *weight, float *sw) {
+    for (int j = 0; j < nsub; ++j) {
+        float *w = weight + n * j;
+        imatrix_weights(x + n * j, qw + n * j, sigma2, n, w);
+        float sumw = 0;
+        for (int l = 0; l < n; ++l) sumw += w[l];
+        sw[j] = sumw;
+    }
+}
+
 /* The two searches that dominate the time, over all sub-blocks of a
  * super-block at once: nsub sub-blocks of n elements, stored one after the
  * other in x (and in weights / qw / L), results in scales[] and mins[].
@@ -315,12 +329,7 @@ static void q2_K_imatrix_block(const float *x, block_q2_K *y, const float *qw, c
     uint8_t L[QK_K], Ls[QK_K / 16], Lm[QK_K / 16];
     float mins[QK_K / 16], scales[QK_K / 16], sw[QK_K / 16], weight[QK_K];
     const float sigma2 = sum_squares(x, QK_K) / QK_K;
-    for (int j = 0; j < QK_K / 16; ++j) {
-        float *w = weight + 16 * j;
-        imatrix_weights(x + 16 * j, qw + 16 * j, sigma2, 16, w);
-        sw[j] = 0;
-        for (int l = 0; l < 16; ++l) sw[j] += w[l];
-    }
+    subblock_weights(x, qw, sigma2, QK_K / 16, 16, weight, sw);
     s->qkx(QK_K / 16, 16, 3, x, weight, L, scales, mins, -0.9f, 0.05f, 36, 0);
     float dm = make_qp_quants(QK_K / 16, 15, scales, Ls, sw);
     float mm = make_qp_quants(QK_K / 16, 15, mins, Lm, sw);
@@ -381,13 +390,7 @@ static void q3_K_imatrix_block(const float *x, block_q3_K *y, const float *qw, c
     int8_t L[QK_K], Ls[QK_K / 16];
     float scales[QK_K / 16], weight[QK_K], sw[QK_K / 16];
     const float sigma2 = 2 * sum_squares(x, QK_K) / QK_K;
-    for (int j = 0; j < QK_K / 16; ++j) {
-        float *w = weight + 16 * j;
-        imatrix_weights(x + 16 * j, qw + 16 * j, sigma2, 16, w);
-        float sumw = 0;
-        for (int l = 0; l < 16; ++l) sumw += w[l];
-        sw[j] = sumw;
-    }
+    subblock_weights(x, qw, sigma2, QK_K / 16, 16, weight, sw);
     s->qx(QK_K / 16, 16, 4, x, L, weight, scales);
     memset(y->scales, 0, 12);
     float d_block = make_qx_quants(QK_K / 16, 32, scales, Ls, sw);
@@ -436,13 +439,7 @@ static void k4_imatrix_scales(const float *x, const float *qw, int nmax, int cla
     uint8_t Ls[QK_K / 32], Lm[QK_K / 32];
     float weights[QK_K], sw[QK_K / 32], mins[QK_K / 32], scales[QK_K / 32];
     const float sigma2 = 2 * sum_squares(x, QK_K) / QK_K;
-    for (int j = 0; j < QK_K / 32; ++j) {
-        float *w = weights + 32 * j;
-        imatrix_weights(x + 32 * j, qw + 32 * j, sigma2, 32, w);
-        float sumw = 0;
-        for (int l = 0; l < 32; ++l) sumw += w[l];
-        sw[j] = sumw;
-    }
+    subblock_weights(x, qw, sigma2, QK_K / 32, 32, weights, sw);
     s->qkx(QK_K / 32, 32, nmax, x, weights, L, scales, mins, -0.9f, 0.05f, 36, 0);
     float d_block = make_qp_quants(QK_K / 32, 63, scales, Ls, sw);
     float m_block = make_qp_quants(QK_K / 32, 63, mins, Lm, sw);
@@ -666,44 +663,36 @@ void smolq_dequantize_row_q3_K(const void *vx, float *y, int64_t n) {
     }
 }
 
+/* Q4_K and Q5_K share the element order: chunk c (64 elements) reads qs
+ * bytes 32c..32c+31, low nibbles with sub-block 2c, high ones with 2c+1;
+ * Q5_K (qh not NULL) adds 16 where qh[l] has bit 2c (low) or 2c+1 (high).
+ * The level is an integer before it meets the float, so Q4_K's bytes see
+ * the same operations as before the two shared this. */
+static inline void k4_dequantize_block(const uint8_t d16[2], const uint8_t dmin16[2], const uint8_t *scales12,
+                                       const uint8_t *qs, const uint8_t *qh, float *y) {
+    const float d = f16_load(d16);
+    const float dmin = f16_load(dmin16);
+    for (int c = 0; c < 4; ++c) {
+        uint8_t sc, m;
+        k4_get_scale_min(2 * c, scales12, &sc, &m);
+        const float d1 = d * sc, m1 = dmin * m;
+        k4_get_scale_min(2 * c + 1, scales12, &sc, &m);
+        const float d2 = d * sc, m2 = dmin * m;
+        const uint8_t u1 = (uint8_t)(1u << (2 * c)), u2 = (uint8_t)(2u << (2 * c));
+        for (int l = 0; l < 32; ++l) *y++ = d1 * ((qs[l] & 0xF) + (qh && (qh[l] & u1) ? 16 : 0)) - m1;
+        for (int l = 0; l < 32; ++l) *y++ = d2 * ((qs[l] >> 4) + (qh && (qh[l] & u2) ? 16 : 0)) - m2;
+        qs += 32;
+    }
+}
+
 void smolq_dequantize_row_q4_K(const void *vx, float *y, int64_t n) {
     const block_q4_K *x = (const block_q4_K *)vx;
-    for (int64_t i = 0; i < n / QK_K; ++i) {
-        const float d = f16_load(x[i].d);
-        const float dmin = f16_load(x[i].dmin);
-        const uint8_t *q = x[i].qs;
-        for (int c = 0; c < 4; ++c) {
-            uint8_t sc, m;
-            k4_get_scale_min(2 * c, x[i].scales, &sc, &m);
-            const float d1 = d * sc, m1 = dmin * m;
-            k4_get_scale_min(2 * c + 1, x[i].scales, &sc, &m);
-            const float d2 = d * sc, m2 = dmin * m;
-            for (int l = 0; l < 32; ++l) *y++ = d1 * (q[l] & 0xF) - m1;
-            for (int l = 0; l < 32; ++l) *y++ = d2 * (q[l] >> 4) - m2;
-            q += 32;
-        }
-    }
+    for (int64_t i = 0; i < n / QK_K; ++i) k4_dequantize_block(x[i].d, x[i].dmin, x[i].scales, x[i].qs, NULL, y + QK_K * i);
 }
 
 void smolq_dequantize_row_q5_K(const void *vx, float *y, int64_t n) {
     const block_q5_K *x = (const block_q5_K *)vx;
-    for (int64_t i = 0; i < n / QK_K; ++i) {
-        const float d = f16_load(x[i].d);
-        const float dmin = f16_load(x[i].dmin);
-        const uint8_t *ql = x[i].qs;
-        const uint8_t *qh = x[i].qh;
-        for (int c = 0; c < 4; ++c) {
-            uint8_t sc, m;
-            k4_get_scale_min(2 * c, x[i].scales, &sc, &m);
-            const float d1 = d * sc, m1 = dmin * m;
-            k4_get_scale_min(2 * c + 1, x[i].scales, &sc, &m);
-            const float d2 = d * sc, m2 = dmin * m;
-            const uint8_t u1 = (uint8_t)(1u << (2 * c)), u2 = (uint8_t)(2u << (2 * c));
-            for (int l = 0; l < 32; ++l) *y++ = d1 * ((ql[l] & 0xF) + (qh[l] & u1 ? 16 : 0)) - m1;
-            for (int l = 0; l < 32; ++l) *y++ = d2 * ((ql[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - m2;
-            ql += 32;
-        }
-    }
+    for (int64_t i = 0; i < n / QK_K; ++i) k4_dequantize_block(x[i].d, x[i].dmin, x[i].scales, x[i].qs, x[i].qh, y + QK_K * i);
 }
 
 void smolq_dequantize_row_q6_K(const void *vx, float *y, int64_t n) {

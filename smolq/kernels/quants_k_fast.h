@@ -1,7 +1,7 @@
 /* Fast, byte-identical versions of the two scale searches that dominate
  * K-quant time: make_qkx_quants (Q2_K, Q4_K, Q5_K) and make_qx_quants (Q6_K,
  * Q3_K with an imatrix). Included once by quants_k.c, after the reference
- * helpers (nearest_int, KQ_MIN/KQ_MAX, GROUP_MAX_EPS).
+ * helpers (quants_common.h: nearest_int, MIN/MAX, GROUP_MAX_EPS).
  *
  * Why the bytes are the same: the sub-blocks of a super-block are searched
  * independently, so KQ_LANES of them run side by side, one per vector lane.
