@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
@@ -71,6 +72,30 @@ class WorkProgress:
         """A one-line remark for the user (warnings, fallbacks); silent when quiet."""
         if not self.quiet:
             self.console.print(message, markup=False)
+
+
+@contextmanager
+def event_progress(label: str, quiet: bool = False) -> Iterator[Callable[[dict], None]]:
+    """An `on_progress` callback for the pipelines' events that drives a WorkProgress.
+
+    Events: {"event": "start", "n_tensors", "n_bytes"} opens the bar,
+    {"event": "tensor", "name", "nbytes"} advances it; others are ignored.
+    The bar (if one was opened) is closed when the block exits.
+    """
+    holder: dict[str, WorkProgress] = {}
+
+    def on_progress(event: dict) -> None:
+        if event.get("event") == "start":
+            holder["bar"] = WorkProgress(event["n_tensors"], event["n_bytes"], label, quiet=quiet).__enter__()
+        elif event.get("event") == "tensor" and "bar" in holder:
+            holder["bar"].start(event["name"])
+            holder["bar"].done(event["nbytes"])
+
+    try:
+        yield on_progress
+    finally:
+        if "bar" in holder:
+            holder.pop("bar").__exit__(None, None, None)
 
 
 def note(message: str, quiet: bool = False) -> None:

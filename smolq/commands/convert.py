@@ -24,25 +24,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Convert a Hugging Face checkpoint (LLaMA, GPT-J, MPT) into GGUF or a legacy ggml file."""
         from smolq.convert.pipeline import convert as run_convert
-        from smolq.progress import WorkProgress, emit_json, note
+        from smolq.progress import emit_json, event_progress, note
 
-        bar_holder: dict[str, WorkProgress] = {}
-
-        def on_progress(event: dict) -> None:
-            if event["event"] == "start":
-                bar = WorkProgress(event["n_tensors"], event["n_bytes"], "convert", quiet=quiet or json_out)
-                bar.__enter__()
-                bar_holder["bar"] = bar
-            elif event["event"] == "tensor" and "bar" in bar_holder:
-                bar_holder["bar"].start(event["name"])
-                bar_holder["bar"].done(event["nbytes"])
-
-        try:
+        with event_progress("convert", quiet=quiet or json_out) as on_progress:
             summary = run_convert(src, out, format=format, outtype=outtype, vocab_only=vocab_only,
                                   dry_run=dry_run, quiet=quiet, on_progress=on_progress)
-        finally:
-            if "bar" in bar_holder:
-                bar_holder["bar"].__exit__(None, None, None)
 
         for line in summary["guesses"]:
             note(f"guess: {line}", quiet)

@@ -32,24 +32,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Migrate a model file between GGUF and legacy ggml containers and versions (LLaMA, GPT-J, MPT)."""
         from smolq.migrate import migrate as run_migrate
-        from smolq.progress import WorkProgress, emit_json, note
+        from smolq.progress import emit_json, event_progress, note
 
-        bars: dict[str, WorkProgress] = {}
-
-        def on_progress(event: dict) -> None:
-            if event["event"] == "start":
-                bars["bar"] = WorkProgress(event["n_tensors"], event["n_bytes"], "migrate", quiet=quiet or json_out)
-                bars["bar"].__enter__()
-            elif event["event"] == "tensor" and "bar" in bars:
-                bars["bar"].start(event["name"])
-                bars["bar"].done(event["nbytes"])
-
-        try:
+        with event_progress("migrate", quiet=quiet or json_out) as on_progress:
             summary = run_migrate(src, out, format=format, config=config, type=type, dry_run=dry_run,
                                   on_progress=on_progress)
-        finally:
-            if "bar" in bars:
-                bars["bar"].__exit__(None, None, None)
 
         quiet_notes = quiet or json_out
         for g in summary["guesses"]:

@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -181,34 +181,16 @@ def _from_hf(req: Request) -> dict[str, Any]:
         raise InputError(req.src, "--pure/--leave-output-tensor/--*-type apply to GGUF or legacy inputs; "
                                   "convert first (smolq convert) and quantize the file")
     from smolq.convert.pipeline import convert
+    from smolq.progress import event_progress
 
-    bar: dict[str, Any] = {}
-    summary = convert(req.src, req.out, format=req.fmt, outtype=req.preset.name, dry_run=req.dry_run,
-                      quiet=req.quiet, on_progress=_progress_adapter(bar, req.quiet))
-    _close_bar(bar)
+    with event_progress("quantize", quiet=req.quiet) as on_progress:
+        summary = convert(req.src, req.out, format=req.fmt, outtype=req.preset.name, dry_run=req.dry_run,
+                          quiet=req.quiet, on_progress=on_progress)
     summary.setdefault("preset", req.preset.name)
     summary.setdefault("method", "rtn")
     if req.dry_run:
         summary["dry_run"] = True
     return summary
-
-
-def _progress_adapter(holder: dict[str, Any], quiet: bool) -> Callable[[dict], None]:
-    from smolq.progress import WorkProgress
-
-    def on_progress(event: dict) -> None:
-        if event.get("event") == "start":
-            holder["bar"] = WorkProgress(event["n_tensors"], event["n_bytes"], "quantize", quiet=quiet).__enter__()
-        elif event.get("event") == "tensor" and "bar" in holder:
-            holder["bar"].start(event["name"])
-            holder["bar"].done(event["nbytes"])
-
-    return on_progress
-
-
-def _close_bar(holder: dict[str, Any]) -> None:
-    if "bar" in holder:
-        holder.pop("bar").__exit__(None, None, None)
 
 
 def _gptq_from_hf(req: Request) -> dict[str, Any]:
