@@ -110,16 +110,45 @@ def run_llama_converter(conv: Path, converts: list[list[str]], special_vocab: di
 
 # --------------------------------------------------------------------------- models and conversions
 
-# name -> (family, make_tiny_model options, config.json edits)
-MODELS = {
-    "llama-mha": ("llama", {}, {}),
-    "llama-gqa-tied-top": ("llama", {"gqa": True, "tied": True, "rope_params_style": "top"}, {}),
-    "llama-gqa-bf16": ("llama", {"gqa": True, "dtype": "bfloat16"}, {}),
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def _mpt_architecture_name(d: Path) -> None:
     # llama.cpp registers MPT under the name MosaicML's configs use, "MPTForCausalLM";
     # transformers' save_pretrained writes its own class name "MptForCausalLM".
-    "mpt": ("mpt", {}, {"architectures": ["MPTForCausalLM"]}),
+    _edit_json(d / "config.json", architectures=["MPTForCausalLM"])
+
+
+N_PIECES = 384  # SentencePiece pieces in the added-tokens variant; its model has 388 rows
+
+
+def _llama_added_tokens(d: Path) -> None:
+    """Added tokens as HF LLaMA repos carry them (GPT4All-13b-snoozy's <pad> in added_tokens.json;
+    tokenizer_config's added_tokens_decoder re-listing <unk>/<s>/</s>, as transformers >= 4.34 saves
+    it), one added token that only looks special, one with '▁', and one id nobody defines."""
+    from smolq.tiny import build_sentencepiece_model
+
+    (d / "tokenizer.model").write_bytes(build_sentencepiece_model(N_PIECES))
+    (d / "added_tokens.json").write_text(json.dumps({"<pad>": N_PIECES}))
+    decoder = {"0": {"content": "<unk>", "special": True}, "1": {"content": "<s>", "special": True},
+               "2": {"content": "</s>", "special": True}, str(N_PIECES): {"content": "<pad>", "special": True},
+               str(N_PIECES + 1): {"content": "<|im_start|>", "special": False},
+               str(N_PIECES + 2): {"content": "\u2581user", "special": False}}
+    _edit_json(d / "tokenizer_config.json", added_tokens_decoder=decoder)
+
+
+# name -> (family, make_tiny_model options, edit of the written directory)
+MODELS = {
+    "llama-mha": ("llama", {}, None),
+    "llama-gqa-tied-top": ("llama", {"gqa": True, "tied": True, "rope_params_style": "top"}, None),
+    "llama-gqa-bf16": ("llama", {"gqa": True, "dtype": "bfloat16"}, None),
+    "llama-added-tokens": ("llama", {"vocab_size": N_PIECES + 4}, _llama_added_tokens),
+    "mpt": ("mpt", {}, _mpt_architecture_name),
     "mpt-clip-f16": ("mpt", {"dtype": "float16", "config_overrides": {"attn_config": {"clip_qkv": 6.0, "alibi_bias_max": 4}}},
-                     {"architectures": ["MPTForCausalLM"]}),
+                     _mpt_architecture_name),
 }
 PAIRS = [(m, t) for m in MODELS for t in OUTTYPES]
 
@@ -182,12 +211,10 @@ def converted(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("vs-llama-converter")
     dirs = {}
-    for name, (family, options, edits) in MODELS.items():
+    for name, (family, options, edit) in MODELS.items():
         d = make_tiny_model(family, root / name, **options)
-        if edits:
-            cfg = json.loads((d / "config.json").read_text())
-            cfg.update(edits)
-            (d / "config.json").write_text(json.dumps(cfg, indent=2))
+        if edit is not None:
+            edit(d)
         dirs[name] = d
     cases = {}
     for name, (post, config) in POST_PROCESSOR_CASES.items():
@@ -353,3 +380,32 @@ def test_file_types_are_what_the_outtype_says(converted):
         kinds = {t.name: int(t.tensor_type) for t in r.tensors}
         assert kinds["blk.0.attn_norm.weight"] == 0
         assert kinds["blk.0.attn_q.weight"] == {"f32": 0, "f16": 1, "q8_0": 8}[outtype]
+
+
+def test_added_tokens_as_llama_cpp_types_them(converted):
+    """The variant's vocabulary (compared whole in test_same_metadata), spelled out: the rules
+    smolq follows there are llama.cpp's, not SentencePiece's."""
+    ours_path, _ = converted["files"][("llama-added-tokens", "f32")]
+    kv = fields(read(ours_path))
+    tokens, types, scores = (kv[f"tokenizer.ggml.{k}"][1] for k in ("tokens", "token_type", "scores"))
+    n = N_PIECES
+    assert (tokens[0], types[0], scores[0]) == ("<unk>", CONTROL, -1000.0)  # re-listed as special
+    assert (tokens[n], types[n]) == ("<pad>", CONTROL)  # <pad> looks special
+    assert (tokens[n + 1], types[n + 1]) == ("<|im_start|>", CONTROL)  # so does <|...|>
+    assert (tokens[n + 2], types[n + 2]) == (" user", 4)  # USER_DEFINED, '▁' pre-normalized
+    assert (tokens[n + 3], types[n + 3], scores[n + 3]) == (f"[PAD{n + 3}]", UNUSED, -10000.0)
+
+
+def test_legacy_vocab_keeps_the_sentencepiece_pieces(converted, tmp_path):
+    """The re-typing is GGUF's: a ggjt file keeps tokenizer.model's <unk> (' \u2047 ') and scores."""
+    import sentencepiece as spm
+
+    from smolq.formats.legacy import read_legacy
+
+    src = converted["dirs"]["llama-added-tokens"]
+    out = tmp_path / "m.bin"
+    convert(src, out, format="ggjt-v3", outtype="f32")
+    vocab = read_legacy(out).vocab
+    sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
+    assert vocab[0] == (" \u2047 ".encode(), sp.get_score(0))
+    assert [score for _, score in vocab[1:3]] == [sp.get_score(1), sp.get_score(2)]

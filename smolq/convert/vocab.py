@@ -75,6 +75,9 @@ class Vocab:
     source: Path | None = None
     notes: list[str] = field(default_factory=list)
     n_base: int = 0  # ids below this are the base tokenizer's; the rest were added
+    # SentencePiece pieces that HF added-token lists re-typed for GGUF: id -> (piece, type, score) as
+    # tokenizer.model has them; the legacy view keeps these (2023 converters read tokenizer.model only).
+    base_pieces: dict[int, tuple[str, int, float]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -113,7 +116,9 @@ class Vocab:
     # ---------------------------------------------------------- bytes of a token
     def raw_bytes(self, i: int) -> bytes:
         """The bytes token i stands for (byte tokens as the byte, '▁' as space, BPE map undone)."""
-        text, kind = self.tokens[i], self.types[i]
+        return self._piece_bytes(self.tokens[i], self.types[i])
+
+    def _piece_bytes(self, text: str, kind: int) -> bytes:
         if self.byte_level:
             return text.encode("utf-8") if kind in (CONTROL, USER_DEFINED, UNUSED) else decode_byte_level(text)
         if kind == BYTE and len(text) == 6 and text.startswith("<0x"):
@@ -136,14 +141,17 @@ class Vocab:
         return out
 
     def _llama_legacy(self, i: int) -> tuple[bytes, float, bool]:
-        kind = self.types[i]
-        score = self.scores[i] if self.scores is not None else -float(i)
+        if i in self.base_pieces:
+            text, kind, score = self.base_pieces[i]
+        else:
+            text, kind = self.tokens[i], self.types[i]
+            score = self.scores[i] if self.scores is not None else -float(i)
         special = kind == CONTROL
         if kind == UNKNOWN:
             return UNK_LEGACY_TEXT, score, special
         if kind == CONTROL and i < self.n_base:
             return b"", score, special  # the tokenizer's own <s>, </s>
-        return self.raw_bytes(i), score, special
+        return self._piece_bytes(text, kind), score, special
 
     def _mpt_examples_legacy(self) -> list[tuple[bytes, float, bool]]:
         # Each byte b of the token is stored as the UTF-8 of chr(b) (Latin-1 as UTF-8);
@@ -362,6 +370,63 @@ def _sentencepiece_vocab(path: Path) -> tuple[list[str], list[int], list[float]]
     return tokens, types, scores
 
 
+SPM_PAD_SCORE = -10000.0  # llama.cpp's score for ids the SentencePiece model leaves undefined
+
+
+def _looks_special(token: str) -> bool:
+    """Added tokens llama.cpp's converter makes CONTROL even when not flagged special
+    (does_token_look_special): <pad>, <mask>, <|...|>, <｜...｜>, <unused...>."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<｜") and token.endswith("｜>"))
+            or (token.startswith("<unused") and token.endswith(">")))
+
+
+def _sentencepiece_with_added(directory: Path, sp_path: Path, n_vocab: int, notes: list[str]):
+    """tokenizer.model plus the HF added-token lists, by the rules of llama.cpp's converter
+    (_create_vocab_sentencepiece), so the GGUF vocabulary is the one it writes:
+
+    - pieces beyond n_vocab are dropped; ids nobody defines are [PADi], UNUSED, score -10000;
+    - added_tokens.json entries become USER_DEFINED, then tokenizer_config.json's
+      added_tokens_decoder entries CONTROL (flagged special, or looking special) or USER_DEFINED
+      with '▁' pre-normalized to a space; both get score -1000 and both override pieces of the
+      SentencePiece model itself (so a listed <unk> becomes CONTROL);
+    - tokenizer.json's added_tokens are not read on this path.
+
+    Returns (tokens, types, scores, n_pieces, originals of the overridden pieces).
+    """
+    pieces, piece_types, piece_scores = _sentencepiece_vocab(sp_path)
+    n_pieces = min(len(pieces), n_vocab)
+    if len(pieces) > n_vocab:
+        notes.append(f"tokenizer has {len(pieces)} tokens but the model {n_vocab}; ids >= {n_vocab} dropped")
+    tokens = pieces[:n_pieces] + [f"[PAD{i}]" for i in range(n_pieces, n_vocab)]
+    types = piece_types[:n_pieces] + [UNUSED] * (n_vocab - n_pieces)
+    scores = piece_scores[:n_pieces] + [SPM_PAD_SCORE] * (n_vocab - n_pieces)
+    originals: dict[int, tuple[str, int, float]] = {}
+
+    def put(tid: int, text: str, kind: int) -> None:
+        if not 0 <= tid < n_vocab:
+            notes.append(f"added token {text!r} has id {tid}, outside the model's {n_vocab}; dropped")
+            return
+        if tid < n_pieces:
+            originals.setdefault(tid, (tokens[tid], types[tid], scores[tid]))
+        tokens[tid], types[tid], scores[tid] = text, kind, ADDED_TOKEN_SCORE
+
+    added_json = _read_json(directory / "added_tokens.json")
+    for text, tid in (added_json.items() if isinstance(added_json, dict) else ()):
+        put(int(tid), text, USER_DEFINED)
+    config = _read_json(directory / "tokenizer_config.json") or {}
+    for tid, info in (config.get("added_tokens_decoder") or {}).items():
+        if not isinstance(info, dict) or not isinstance(info.get("content"), str):
+            continue
+        text = info["content"]
+        if info.get("special") or _looks_special(text):
+            put(int(tid), text, CONTROL)
+        else:
+            put(int(tid), text.replace(SPIECE_SPACE, " "), USER_DEFINED)
+    return tokens, types, scores, n_pieces, originals
+
+
 def _merge_strings(merges: list[Any]) -> list[str]:
     """tokenizers keeps merges as "a b" strings (old) or [a, b] pairs (new); GGUF wants "a b"."""
     return [m if isinstance(m, str) else " ".join(m) for m in merges]
@@ -395,25 +460,27 @@ def load_vocab(directory: str | Path, n_vocab: int, family: str, model_config: d
     directory = Path(directory)
     model_config = model_config or {}
     tokenizer_json = _read_json(directory / "tokenizer.json")
-    added = _added_tokens(directory, tokenizer_json)
     sp_path = directory / "tokenizer.model"
     notes: list[str] = []
     if family == "llama" and sp_path.is_file():
-        tokens, types, scores = _sentencepiece_vocab(sp_path)
-        model, merges, source, pre = "llama", [], sp_path, "default"
+        tokens, types, scores, n_base, originals = _sentencepiece_with_added(directory, sp_path, n_vocab, notes)
+        vocab = Vocab("llama", tokens, types, scores, [], {}, pre="default", source=sp_path, notes=notes,
+                      n_base=n_base, base_pieces=originals)
+        _special_settings(directory, {t: i for i, t in enumerate(tokens)}, model_config, vocab, tokenizer_json)
+        return vocab
+    added = _added_tokens(directory, tokenizer_json)
+    if tokenizer_json is not None:
+        model, token_to_id, merges = _bpe_from_tokenizer_json(directory / "tokenizer.json", tokenizer_json)
+        source = directory / "tokenizer.json"
+    elif (directory / "vocab.json").is_file():
+        model, token_to_id, merges = _bpe_from_files(directory)
+        source = directory / "vocab.json"
     else:
-        if tokenizer_json is not None:
-            model, token_to_id, merges = _bpe_from_tokenizer_json(directory / "tokenizer.json", tokenizer_json)
-            source = directory / "tokenizer.json"
-        elif (directory / "vocab.json").is_file():
-            model, token_to_id, merges = _bpe_from_files(directory)
-            source = directory / "vocab.json"
-        else:
-            raise InputError(directory, "no tokenizer found (tokenizer.model, tokenizer.json or vocab.json)")
-        tokens, types, scores = _tokens_by_id(source, token_to_id, model)
-        pre = {"mpt": "mpt", "llama": "default" if model == "llama" else "gpt-2"}.get(family)
-        if model == "llama":
-            merges = []  # SentencePiece-style: llama.cpp merges by score
+        raise InputError(directory, "no tokenizer found (tokenizer.model, tokenizer.json or vocab.json)")
+    tokens, types, scores = _tokens_by_id(source, token_to_id, model)
+    pre = {"mpt": "mpt", "llama": "default" if model == "llama" else "gpt-2"}.get(family)
+    if model == "llama":
+        merges = []  # SentencePiece-style: llama.cpp merges by score
     n_base = len(tokens)
     _place_added(tokens, types, scores, added, n_base)
     _fit(tokens, types, scores, n_vocab, notes)
