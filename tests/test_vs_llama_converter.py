@@ -9,10 +9,11 @@ to pay the torch/transformers import once. Both files are then read with the
 installed gguf package's GGUFReader, not with smolq's reader.
 
 Compared, for tiny LLaMA (MHA and GQA, tied and untied, rope_theta nested in
-rope_parameters and at the top level, f32 and bf16 sources) and MPT (with and
-without clip_qkv) at --outtype f32, f16 and q8_0: tensor names, shapes, types
-and bytes; every metadata key with its value type and value. What differs on
-purpose is listed below (ALLOWED_METADATA and the MPT tests), each with why.
+rope_parameters and at the top level, f32/f16/bf16 sources, safetensors and
+sharded .bin, HF added tokens) and MPT (with and without clip_qkv) at --outtype
+f32, f16 and q8_0: tensor names, shapes, types and bytes; every metadata key
+with its value type and value. What differs on purpose is listed below
+(ALLOWED_METADATA, tensor order, and the MPT tests), each with why.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ CONVERTER_TIMEOUT_S = 600
 # Keys whose values legitimately differ. Both files must still carry the key
 # unless the entry says it is written by one side only.
 ALLOWED_METADATA = {
-    # Provenance: llama.cpp title-cases the directory name ("tiny-llama" -> "Tiny Llama");
+    # Provenance: llama.cpp title-cases the directory name (e.g. "llama_mha" -> "Llama_Mha");
     # smolq writes config.json's _name_or_path or the directory name unchanged.
     "general.name": "value",
     # Provenance: llama.cpp's parameter-count label ("156K"); optional, smolq does not write it.
@@ -146,6 +147,7 @@ MODELS = {
     "llama-gqa-tied-top": ("llama", {"gqa": True, "tied": True, "rope_params_style": "top"}, None),
     "llama-gqa-bf16": ("llama", {"gqa": True, "dtype": "bfloat16"}, None),
     "llama-added-tokens": ("llama", {"vocab_size": N_PIECES + 4}, _llama_added_tokens),
+    "llama-bin-shards": ("llama", {"weights": "bin", "shards": 2, "dtype": "float16"}, None),
     "mpt": ("mpt", {}, _mpt_architecture_name),
     "mpt-clip-f16": ("mpt", {"dtype": "float16", "config_overrides": {"attn_config": {"clip_qkv": 6.0, "alibi_bias_max": 4}}},
                      _mpt_architecture_name),
@@ -302,9 +304,10 @@ def test_same_metadata(converted, model, outtype):
 
 @pytest.mark.parametrize("model", [m for m in MODELS if m.startswith("llama")])
 def test_rope_base_comes_from_the_config(converted, model):
-    """The DESIGN pitfall: a 2025 converter dropped rope_theta given as rope_parameters.
-    This converter keeps it, nested or top-level (test_same_metadata compares the two);
-    smolq must write the config's value whatever llama.cpp does."""
+    """The DESIGN pitfall: a 2025 converter dropped rope_theta given inside rope_parameters.
+    The pinned converter (llama-cpp-python 0.3.36's) keeps it, nested or top-level. Should a
+    converter drop it, this and test_same_metadata fail, and the difference must become an
+    explicit one here: smolq writes the config's value whatever llama.cpp does."""
     ours_path, theirs_path = converted["files"][(model, "f16")]
     theta = _config_rope_theta(converted["dirs"][model])
     assert theta != 10000.0  # the tiny models use 50000 so that a dropped value shows
