@@ -81,39 +81,49 @@ static inline float sym_weight(const float *qw, const float *x, int i) {
     return qw ? qw[i] : x[i] * x[i];
 }
 
-/* ggml make_qx_quants with rmse_type = 1 (the only mode smolq uses; qw NULL
- * means weights x^2): symmetric quants L in [0, 2*nmax) around nmax, scale
- * by weighted least squares over 19 candidate inverse scales. */
-static float make_qx_quants(int n, int nmax, const float *x, int8_t *L, const float *qw) {
+/* The start of ggml's symmetric searches: the group's max-abs element (sign
+ * kept), or 0 with L zeroed when the group is all (near) zero. */
+static inline float sym_group_max(int n, const float *x, int8_t *L) {
     const float max = signed_absmax(x, n);
     if (fabsf(max) < GROUP_MAX_EPS) {
         for (int i = 0; i < n; ++i) L[i] = 0;
         return 0.f;
     }
-    float iscale = -nmax / max;
-    float sumlx = 0;
-    float suml2 = 0;
+    return max;
+}
+
+/* Levels l = clamp(nearest_int(iscale * x), -nmax, nmax - 1) of ggml's
+ * symmetric searches and their weighted sums (w*x*l and w*l*l, left to
+ * right); stores l + offset into L unless L is NULL. */
+static inline void sym_levels(int n, int nmax, const float *x, const float *qw, float iscale,
+                              int8_t *L, int offset, float *sumlx, float *suml2) {
+    float slx = 0, sl2 = 0;
     for (int i = 0; i < n; ++i) {
         int l = nearest_int(iscale * x[i]);
         l = MAX(-nmax, MIN(nmax - 1, l));
-        L[i] = (int8_t)(l + nmax);
+        if (L) L[i] = (int8_t)(l + offset);
         float w = sym_weight(qw, x, i);
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
+        slx += w * x[i] * l;
+        sl2 += w * l * l;
     }
+    *sumlx = slx;
+    *suml2 = sl2;
+}
+
+/* ggml make_qx_quants with rmse_type = 1 (the only mode smolq uses; qw NULL
+ * means weights x^2): symmetric quants L in [0, 2*nmax) around nmax, scale
+ * by weighted least squares over 19 candidate inverse scales. */
+static float make_qx_quants(int n, int nmax, const float *x, int8_t *L, const float *qw) {
+    const float max = sym_group_max(n, x, L);
+    if (max == 0) return 0.f;
+    float sumlx, suml2;
+    sym_levels(n, nmax, x, qw, -nmax / max, L, nmax, &sumlx, &suml2);
     float scale = suml2 ? sumlx / suml2 : 0.0f;
     float best = scale * sumlx;
     for (int is = -9; is <= 9; ++is) {
         if (is == 0) continue;
-        iscale = -(nmax + 0.1f * is) / max;
-        sumlx = suml2 = 0;
-        for (int i = 0; i < n; ++i) {
-            int l = nearest_int(iscale * x[i]);
-            l = MAX(-nmax, MIN(nmax - 1, l));
-            float w = sym_weight(qw, x, i);
-            sumlx += w * x[i] * l;
-            suml2 += w * l * l;
-        }
+        const float iscale = -(nmax + 0.1f * is) / max;
+        sym_levels(n, nmax, x, qw, iscale, NULL, 0, &sumlx, &suml2);
         if (suml2 > 0 && sumlx * sumlx > best * suml2) {
             for (int i = 0; i < n; ++i) {
                 int l = nearest_int(iscale * x[i]);

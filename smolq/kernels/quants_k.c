@@ -57,22 +57,10 @@ static inline float f16_store_load(uint8_t h[2], float f) {
  * the max-abs scale, then up to 5 passes of coordinate descent, each element
  * trying the level that the least-squares scale without it suggests. */
 static float make_q3_quants(int n, int nmax, const float *x, int8_t *L) {
-    const float max = signed_absmax(x, n);
-    if (fabsf(max) < GROUP_MAX_EPS) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
-        return 0.f;
-    }
-    float iscale = -nmax / max;
-    float sumlx = 0;
-    float suml2 = 0;
-    for (int i = 0; i < n; ++i) {
-        int l = nearest_int(iscale * x[i]);
-        l = MAX(-nmax, MIN(nmax - 1, l));
-        L[i] = (int8_t)l;
-        float w = x[i] * x[i];
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
-    }
+    const float max = sym_group_max(n, x, L);
+    if (max == 0) return 0.f;
+    float sumlx, suml2;
+    sym_levels(n, nmax, x, NULL, -nmax / max, L, 0, &sumlx, &suml2);
     for (int itry = 0; itry < 5; ++itry) {
         int n_changed = 0;
         for (int i = 0; i < n; ++i) {
@@ -503,19 +491,34 @@ static void q5_K_pack(const uint8_t *L, block_q5_K *y) {
     }
 }
 
+/* What sets Q4_K and Q5_K apart besides the packing (ggml's constants). */
+typedef struct {
+    int nmax;        /* levels 0..nmax */
+    int clamp63;     /* imatrix path clamps the 6-bit codes (Q5_K does, Q4_K not) */
+    float rmin;      /* reference search: first candidate offset ... */
+    int nstep;       /* ... and the number of steps of 0.1 after it */
+} k4_kind;
+
+static const k4_kind Q4_K_KIND = {15, 0, -1.f, 20};
+static const k4_kind Q5_K_KIND = {31, 1, -0.5f, 15};
+
+/* Scales, mins, d, dmin and the final levels L of one Q4_K/Q5_K super-block. */
+static void k4_levels(const float *x, const float *qw, const k4_kind *k, const kq_search *s,
+                      uint8_t *scales12, uint8_t d16[2], uint8_t dmin16[2], uint8_t *L) {
+    if (qw) k4_imatrix_scales(x, qw, k->nmax, k->clamp63, s, L, scales12, d16, dmin16);
+    else k4_ref_scales(x, k->nmax, k->rmin, 0.1f, k->nstep, s, L, scales12, d16, dmin16);
+    k4_requantize(x, k->nmax, scales12, d16, dmin16, L);
+}
+
 static void q4_K_block(const float *x, block_q4_K *y, const float *qw, const kq_search *s) {
     uint8_t L[QK_K];
-    if (qw) k4_imatrix_scales(x, qw, 15, 0, s, L, y->scales, y->d, y->dmin);
-    else k4_ref_scales(x, 15, -1.f, 0.1f, 20, s, L, y->scales, y->d, y->dmin);
-    k4_requantize(x, 15, y->scales, y->d, y->dmin, L);
+    k4_levels(x, qw, &Q4_K_KIND, s, y->scales, y->d, y->dmin, L);
     q4_K_pack(L, y);
 }
 
 static void q5_K_block(const float *x, block_q5_K *y, const float *qw, const kq_search *s) {
     uint8_t L[QK_K];
-    if (qw) k4_imatrix_scales(x, qw, 31, 1, s, L, y->scales, y->d, y->dmin);
-    else k4_ref_scales(x, 31, -0.5f, 0.1f, 15, s, L, y->scales, y->d, y->dmin);
-    k4_requantize(x, 31, y->scales, y->d, y->dmin, L);
+    k4_levels(x, qw, &Q5_K_KIND, s, y->scales, y->d, y->dmin, L);
     q5_K_pack(L, y);
 }
 
