@@ -377,6 +377,17 @@ static inline float round_half_away(float v) {
     return copysignf(f + floorf(2.0f * (a - f)), v);
 }
 
+/* A v3 block's codes after its scales: [qh u32, the fifth bits, when
+ * qh_bytes is 4]; qs[16], element j low and j + 16 high. */
+static inline void pack_v3_codes(const int32_t *q, uint8_t *restrict p, int qh_bytes) {
+    if (qh_bytes) {
+        uint32_t qh = 0;
+        for (int j = 0; j < 32; j++) qh |= (uint32_t)((q[j] >> 4) & 1) << j;
+        wr32(p, qh);
+    }
+    for (int j = 0; j < 16; j++) p[qh_bytes + j] = (uint8_t)((q[j] & 15) | ((q[j + 16] & 15) << 4));
+}
+
 /* Q4_0 / Q5_0 (bits 4 / 5) in the v3 layout: d f16; [qh u32]; qs[16]. */
 static inline void sym_v3_fast(const float *restrict x, uint8_t *restrict y, int64_t n, int bits) {
     const int off = 1 << (bits - 1), qmax = (1 << bits) - 1;
@@ -396,12 +407,7 @@ static inline void sym_v3_fast(const float *restrict x, uint8_t *restrict y, int
             const int32_t v = (int32_t)(x[j] * id + bias);
             q[j] = v < qmax ? v : qmax;
         }
-        if (qh_bytes) {
-            uint32_t qh = 0;
-            for (int j = 0; j < 32; j++) qh |= (uint32_t)((q[j] >> 4) & 1) << j;
-            wr32(y + 2, qh);
-        }
-        for (int j = 0; j < 16; j++) y[2 + qh_bytes + j] = (uint8_t)((q[j] & 15) | ((q[j + 16] & 15) << 4));
+        pack_v3_codes(q, y + 2, qh_bytes);
     }
 }
 
@@ -427,12 +433,7 @@ static inline void asym_v3_fast(const float *restrict x, uint8_t *restrict y, in
             const int32_t v = (int32_t)((x[j] - min) * id + 0.5f);
             q[j] = v < qmax ? v : qmax;
         }
-        if (qh_bytes) {
-            uint32_t qh = 0;
-            for (int j = 0; j < 32; j++) qh |= (uint32_t)((q[j] >> 4) & 1) << j;
-            wr32(y + 4, qh);
-        }
-        for (int j = 0; j < 16; j++) y[4 + qh_bytes + j] = (uint8_t)((q[j] & 15) | ((q[j + 16] & 15) << 4));
+        pack_v3_codes(q, y + 4, qh_bytes);
     }
 }
 
