@@ -6,7 +6,7 @@ containers store them reversed (ggml's ne[]) and convert at the boundary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from smolq.quantize.types import GGMLType, tensor_nbytes
 
@@ -39,3 +39,11 @@ class TensorEntry:
         for d in self.shape:
             n *= d
         return n
+
+
+def find_tensor(tensors: Iterable[TensorEntry], name: str) -> TensorEntry:
+    """The first tensor called `name` (a reader's `tensor(name)`); KeyError if none."""
+    for t in tensors:
+        if t.name == name:
+            return t
+    raise KeyError(name)

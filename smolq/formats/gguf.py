@@ -36,7 +36,7 @@ import numpy as np
 
 from smolq.atomic import atomic_output
 from smolq.errors import FormatError, InputError
-from smolq.formats.base import TensorEntry
+from smolq.formats.base import TensorEntry, find_tensor
 from smolq.quantize.types import TYPE_INFO, GGMLType
 
 MAGIC = b"GGUF"
@@ -613,10 +613,7 @@ class GGUFFile:
             _close_map(mm)
 
     def tensor(self, name: str) -> TensorEntry:
-        for t in self.tensors:
-            if t.name == name:
-                return t
-        raise KeyError(name)
+        return find_tensor(self.tensors, name)
 
     @property
     def byte_order(self) -> str:

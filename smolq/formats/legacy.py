@@ -24,7 +24,7 @@ import numpy as np
 
 from smolq.atomic import atomic_output
 from smolq.errors import FormatError, InputError
-from smolq.formats.base import TensorEntry
+from smolq.formats.base import TensorEntry, find_tensor
 from smolq.formats.legacy_tables import (
     ALIGNMENT,
     CONTAINER_BY_MAGIC,
@@ -105,10 +105,7 @@ class LegacyFile:
         return format_name(self.container, self.version, self.qntvr)
 
     def tensor(self, name: str) -> TensorEntry:
-        for entry in self.tensors:
-            if entry.name == name:
-                return entry
-        raise KeyError(name)
+        return find_tensor(self.tensors, name)
 
     def close(self) -> None:
         """Release the mmap now, unless tensor views are still alive (then the GC does)."""
