@@ -898,21 +898,10 @@ def _same_text_rules(lf, lt: LegacyTarget) -> bool:
 
 
 def _gguf_metadata(arch: Arch, vocab: Vocab, user, user_path, source: Path, file_type, guesses) -> dict[str, Any]:
-    """The keys `smolq convert` writes (pipeline.gguf_metadata), in its order."""
-    from smolq.convert.arch.base import meta
-    from smolq.convert.pipeline import GGML_QUANT_VERSION
+    """The keys `smolq convert` writes, in its order; the name comes from --config or the file."""
+    from smolq.convert.pipeline import gguf_metadata
 
-    md: dict[str, Any] = {
-        "general.architecture": meta("str", arch.gguf_arch),
-        "general.type": meta("str", "model"),
-        "general.name": meta("str", _model_name(user, user_path, source, guesses)),
-    }
-    md.update(arch.gguf_metadata())
-    if file_type is not None:
-        md["general.file_type"] = meta("u32", file_type)
-    md["general.quantization_version"] = meta("u32", GGML_QUANT_VERSION)
-    md.update(vocab.gguf_metadata(arch.family))
-    return md
+    return gguf_metadata(arch, vocab, None, file_type, name=_model_name(user, user_path, source, guesses))
 
 
 def _gguf_metadata_for_version(model, target: Target, plan: Plan) -> dict[str, Any]:

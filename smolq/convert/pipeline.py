@@ -183,13 +183,16 @@ def _model_name(ckpt: Checkpoint) -> str:
     return ckpt.path.resolve().name
 
 
-def gguf_metadata(arch: Arch, vocab: Vocab, ckpt: Checkpoint, file_type: int | None) -> dict[str, Any]:
+def gguf_metadata(arch: Arch, vocab: Vocab, ckpt: Checkpoint | None, file_type: int | None,
+                  name: str | None = None) -> dict[str, Any]:
+    """Every key `smolq convert` writes, in its order. `name` overrides the
+    checkpoint-derived general.name (migrate has no checkpoint)."""
     from smolq.convert.arch.base import meta
 
     md: dict[str, Any] = {
         "general.architecture": meta("str", arch.gguf_arch),
         "general.type": meta("str", "model"),
-        "general.name": meta("str", _model_name(ckpt)),
+        "general.name": meta("str", name if name is not None else _model_name(ckpt)),
     }
     md.update(arch.gguf_metadata())
     if file_type is not None:
