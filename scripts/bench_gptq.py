@@ -347,7 +347,7 @@ def main(argv=None) -> int:
         f32 = work / "f32.gguf"
         if not f32.is_file():
             convert(hf_dir, f32, format="gguf", outtype="f32")
-        imx = work / "imatrix.dat"
+        imx = work / "imatrix.gguf"
         if args.force or not imx.is_file():
             secs = run_tool([str(tools / "llama-imatrix"), "-m", str(f32), "-f", str(calib), "-o", str(imx),
                              "-c", str(args.seqlen), "--chunks", str(args.nsamples), "-t", str(os.cpu_count())],
