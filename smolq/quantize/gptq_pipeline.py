@@ -22,6 +22,7 @@ import logging
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,13 +125,15 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+    from smolq.convert.checkpoint import open_checkpoint
+
     model, tokenizer, family = _load_model(src)
     plan = _plan_types(src, out, fmt, qtype, model, family)
-    from smolq.quantize.calib import load_calibration
-
-    cal = load_calibration(model, tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    work = _work_dir(out, settings, src, resume)
-    stats = _quantize_blocks(model, family, cal, plan, settings, dev, work, quiet)
+    with open_checkpoint(src) as ckpt:
+        weights = _Weights(ckpt, model)
+        cal = _calibration(model, tokenizer, weights, calib, nsamples, seqlen, seed, quiet)
+        work = _work_dir(out, settings, src, resume)
+        stats = _quantize_blocks(model, family, cal, plan, settings, dev, work, quiet, weights)
 
     if fmt == "gptq":
         size = _write_gptq_dir(model, family, src, out, work, settings)
@@ -192,7 +195,11 @@ def _device(name: str):
 
 
 def _load_model(src: Path):
-    import torch
+    """(weightless model skeleton, tokenizer, family): parameters on the meta device.
+
+    Weights are read from the checkpoint only when a part of the model runs
+    (`_Weights.materialize`), so memory holds one block at a time, not the model.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (src / "config.json").is_file():
@@ -203,13 +210,101 @@ def _load_model(src: Path):
         raise InputError(src / "config.json", f"GPTQ supports LLaMA, GPT-J and MPT, not model_type "
                                               f"{getattr(config, 'model_type', None)!r}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        import torch
+
+        with _parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as exc:
         raise InputError(src, f"transformers cannot load it: {exc}") from None
     model.eval()
     model.config.use_cache = False
     return model, tokenizer, family
+
+
+@contextmanager
+def _parameters_on_meta():
+    """Build modules with parameters on the meta device (no memory) but real buffers.
+
+    A plain `torch.device("meta")` build would also leave the computed buffers
+    (RoPE frequencies, GPT-J's sinusoid table) without values; they are not in
+    the checkpoint. Each parameter is created uninitialised (never touched, so
+    never resident) and moved to meta as it is registered.
+    """
+    import torch
+    from transformers.initialization import no_init_weights
+
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        with no_init_weights():
+            yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+class _Weights:
+    """Checkpoint tensors put into (and taken back out of) the meta-device model, by name."""
+
+    def __init__(self, ckpt, model):
+        self.ckpt, self.model = ckpt, model
+        embed = model.get_input_embeddings()
+        self.embed_name = next(n for n, m in model.named_modules() if m is embed) + ".weight"
+
+    def source(self, name: str):
+        """The checkpoint tensor behind parameter/buffer `name` (None: not in the checkpoint)."""
+        t = self.ckpt.tensors.get(name)
+        if t is None and name.endswith("lm_head.weight") and getattr(self.model.config, "tie_word_embeddings", False):
+            t = self.ckpt.tensors.get(self.embed_name)
+        return t
+
+    def load(self, name: str, shape):
+        """Tensor `name` as float32 torch, exactly as transformers would load it in fp32."""
+        import torch
+
+        t = self.source(name)
+        if t is None:
+            raise InputError(self.ckpt.path, f"the checkpoint has no tensor {name}")
+        if tuple(t.shape) != tuple(shape):
+            raise InputError(t.file, f"tensor {t.name} has shape {list(t.shape)}, the config needs {list(shape)}")
+        return torch.from_numpy(np.array(t.load(), dtype=np.float32))  # a copy: the mmap is released
+
+    def materialize(self, module, prefix: str = "") -> None:
+        """Give every meta parameter of `module` (named `prefix` in the model) its checkpoint value."""
+        import torch
+
+        for name, p in list(module.named_parameters(remove_duplicate=False)):
+            if p.device.type == "meta":
+                owner, leaf = _owner(module, name)
+                owner._parameters[leaf] = torch.nn.Parameter(self.load(prefix + name, p.shape), requires_grad=False)
+        for name, b in list(module.named_buffers()):
+            if self.ckpt.tensors.get(prefix + name) is not None:
+                owner, leaf = _owner(module, name)
+                owner._buffers[leaf] = self.load(prefix + name, b.shape).to(b.dtype)
+
+    @staticmethod
+    def release(module) -> None:
+        """Back to meta: the parameters' memory is freed, the skeleton stays."""
+        import torch
+
+        for name, p in list(module.named_parameters(remove_duplicate=False)):
+            owner, leaf = _owner(module, name)
+            owner._parameters[leaf] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                         requires_grad=False)
+
+    def nbytes(self, module) -> int:
+        return sum(p.numel() * 4 for p in module.parameters())
+
+
+def _owner(module, dotted: str):
+    path, _, leaf = dotted.rpartition(".")
+    return (module.get_submodule(path) if path else module), leaf
 
 
 def _blocks(model, family):
@@ -262,17 +357,136 @@ def _work_dir(out: Path, settings: Settings, src: Path, resume: bool) -> Path:
 # ---------------------------------------------------------------------------
 
 
-def _capture_block_inputs(model, family, cal):
-    """Per sample: (args, kwargs) of block 0's call, stopped right there."""
+# Data-free calibration samples token by token from the whole unquantized
+# model, so it is the one step that holds every weight at once (fp32). Above
+# this size it is refused: pass --calib instead.
+DATA_FREE_MAX_BYTES = 4 << 30
+# Block inputs (nsamples x seqlen x hidden x 4 bytes) larger than this go to a
+# scratch file in the work directory, read and rewritten one sample at a time.
+ACTIVATIONS_IN_RAM_MAX = 512 << 20
+
+
+def _calibration(model, tokenizer, weights: "_Weights", calib, nsamples, seqlen, seed, quiet):
+    from smolq.progress import note
+    from smolq.quantize.calib import load_calibration
+
+    if calib is not None:  # only the config and the tokenizer are used
+        return load_calibration(model, tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    need = weights.nbytes(model)
+    if need > DATA_FREE_MAX_BYTES:
+        raise InputError(weights.ckpt.path, f"data-free calibration runs the whole model in fp32 ({need / 2**30:.1f} GiB, "
+                                            f"over the {DATA_FREE_MAX_BYTES / 2**30:.0f} GiB limit); pass --calib FILE")
+    note(f"data-free calibration: the whole model is loaded in fp32 ({need / 2**20:.0f} MiB) to sample from it",
+         quiet=quiet)
+    weights.materialize(model)
+    try:
+        return load_calibration(model, tokenizer, None, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    finally:
+        weights.release(model)
+
+
+class _Activations:
+    """The current block's inputs, per calibration sample.
+
+    The hidden states (nsamples x seqlen x hidden x 4 bytes, fp32 so results
+    do not depend on where they are kept) are the bulk: in RAM while small,
+    else in a scratch file read and rewritten one sample at a time. A block's
+    output replaces its input in place. The other call arguments (RoPE
+    cos/sin, masks, positions) stay in RAM, each distinct value once.
+    """
+
+    def __init__(self, n_values: int, path: Path):
+        self.nbytes = n_values * 4
+        self.path = path if self.nbytes > ACTIVATIONS_IN_RAM_MAX else None
+        self._fh = open(path, "w+b") if self.path else None
+        self._hidden: list = []  # tensors (RAM) or (offset, shape) (file)
+        self._rest: list = []  # (args, kwargs) with hidden_states = None
+        self._pool: list = []
+        self._end = 0
+
+    def __len__(self) -> int:
+        return len(self._rest)
+
+    def add(self, args, kwargs) -> None:
+        hidden = _hidden_of(args, kwargs)
+        args, kwargs = _with_hidden(args, kwargs, None)
+        self._rest.append((self._dedupe(args), self._dedupe(kwargs)))
+        if self._fh is None:
+            self._hidden.append(hidden.detach().cpu())
+        else:
+            self._hidden.append((self._end, tuple(hidden.shape)))
+            self._end += hidden.numel() * 4
+            self.replace(len(self._hidden) - 1, hidden)
+
+    def call(self, i: int):
+        """(args, kwargs) of sample i's block call."""
+        import torch
+
+        args, kwargs = self._rest[i]
+        h = self._hidden[i]
+        if self._fh is not None:
+            offset, shape = h
+            self._fh.seek(offset)
+            h = torch.from_numpy(np.fromfile(self._fh, dtype=np.float32, count=int(np.prod(shape))).reshape(shape))
+        return _with_hidden(args, kwargs, h)
+
+    def replace(self, i: int, hidden) -> None:
+        hidden = hidden.detach().cpu()
+        if self._fh is None:
+            self._hidden[i] = hidden
+            return
+        offset, shape = self._hidden[i]
+        assert tuple(hidden.shape) == shape
+        self._fh.seek(offset)
+        self._fh.write(memoryview(np.ascontiguousarray(hidden.numpy(), dtype=np.float32)).cast("B"))
+
+    def other_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._pool)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self.path.unlink(missing_ok=True)
+
+    def _dedupe(self, obj):
+        """`obj` with every tensor equal to one seen before replaced by that one (masks and
+        RoPE tables repeat for samples of one length)."""
+        import torch
+
+        if isinstance(obj, torch.Tensor):
+            obj = obj.detach().cpu()
+            for t in self._pool:
+                if t.shape == obj.shape and t.dtype == obj.dtype and torch.equal(t, obj):
+                    return t
+            self._pool.append(obj)
+            return obj
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(self._dedupe(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: self._dedupe(v) for k, v in obj.items()}
+        return obj
+
+
+def _capture_block_inputs(model, family, cal, weights: "_Weights", work: Path, quiet: bool) -> _Activations:
+    """Block 0's call arguments per sample; only the embedding is loaded, and the
+    forward stops at block 0."""
     import torch
 
+    from smolq.progress import note
+
     blocks = _blocks(model, family)
-    captured = []
+    embed = model.get_input_embeddings()
+    hidden_size = embed.weight.shape[1]
+    acts = _Activations(cal.n_tokens * hidden_size, work / "activations.f32")
+    note(f"calibration activations: {len(cal.samples)} samples x {cal.seqlen} tokens x {hidden_size} x 4 B = "
+         f"{acts.nbytes / 2**20:.1f} MiB " + (f"in {acts.path.name} (work dir)" if acts.path else "in RAM"),
+         quiet=quiet)
 
     def hook(_module, args, kwargs):
-        captured.append((args, kwargs))
+        acts.add(args, kwargs)
         raise _StopForward
 
+    weights.materialize(embed, weights.embed_name[:-len("weight")])
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
@@ -283,7 +497,8 @@ def _capture_block_inputs(model, family, cal):
                     pass
     finally:
         handle.remove()
-    return captured
+        weights.release(embed)
+    return acts
 
 
 def _hidden_of(args, kwargs):
@@ -310,66 +525,73 @@ def _to(obj, dev):
     return obj
 
 
-def _run_block(block, inputs, dev):
-    """Outputs of `block` for every captured input (moved to `dev` for the call)."""
+def _run_block(block, acts: _Activations, dev, replace: bool = False) -> None:
+    """Run `block` on every sample's inputs (moved to `dev` for the call); with
+    `replace`, its outputs become the inputs of the next block."""
     import torch
 
-    outs = []
     with torch.no_grad():
-        for args, kwargs in inputs:
+        for i in range(len(acts)):
+            args, kwargs = acts.call(i)
             a, k = _to(args, dev), _to(kwargs, dev)
             k = {key: v for key, v in k.items() if key not in ("past_key_values", "past_key_value", "layer_past")}
             k["use_cache"] = False
             res = block(*a, **k)
-            outs.append((res[0] if isinstance(res, (tuple, list)) else res).cpu())
-    return outs
+            if replace:
+                acts.replace(i, res[0] if isinstance(res, (tuple, list)) else res)
 
 
-def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Path, quiet: bool) -> dict:
+def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Path, quiet: bool,
+                     weights: "_Weights") -> dict:
     import torch
 
     from smolq.progress import note
 
     blocks = _blocks(model, family)
-    inputs = _capture_block_inputs(model, family, cal)
+    acts = _capture_block_inputs(model, family, cal, weights, work, quiet)
+    if acts.other_bytes():
+        note(f"other block arguments (RoPE tables, masks): {acts.other_bytes() / 2**20:.1f} MiB in RAM", quiet=quiet)
     groups = FAMILIES[family].groups if settings.true_sequential else (tuple(_linears(family)),)
     n_linears, damp_raised, notes = 0, [], []
-    for i, block in enumerate(blocks):
-        t0 = time.perf_counter()
-        prefix = f"{FAMILIES[family].blocks}.{i}"
-        block.to(dev)
-        saved = work / f"block-{i:04d}.safetensors"
-        if saved.is_file():
-            _restore_block(block, saved)
-            what = "restored"
-        else:
-            records = {}
-            for group in groups:
-                todo = [n for n in group if plan.get(f"{prefix}.{n}.weight") != "skip"]
-                if not todo:
-                    continue
-                hessians = _collect_hessians(block, todo, inputs, dev)
-                for name in todo:
-                    rec, damp_used = _solve_linear(block.get_submodule(name), hessians.pop(name),
-                                                   plan.get(f"{prefix}.{name}.weight"), settings, dev)
-                    records.update({f"{name}.{k}": v for k, v in rec.items()})
-                    n_linears += 1
-                    if damp_used > settings.damp:
-                        damp_raised.append(f"{prefix}.{name}: damp {damp_used:.3g}")
-            _save_block(saved, records)
-            what = "quantized"
-        outs = _run_block(block, inputs, dev)
-        inputs = [_with_hidden(a, k, h) for (a, k), h in zip(inputs, outs)]
-        block.to("cpu")
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        note(f"block {i + 1}/{len(blocks)} {what} in {time.perf_counter() - t0:.1f}s", quiet=quiet)
+    try:
+        for i, block in enumerate(blocks):
+            t0 = time.perf_counter()
+            prefix = f"{FAMILIES[family].blocks}.{i}"
+            weights.materialize(block, prefix + ".")
+            block.to(dev)
+            saved = work / f"block-{i:04d}.safetensors"
+            if saved.is_file():
+                _restore_block(block, saved)
+                what = "restored"
+            else:
+                records = {}
+                for group in groups:
+                    todo = [n for n in group if plan.get(f"{prefix}.{n}.weight") != "skip"]
+                    if not todo:
+                        continue
+                    hessians = _collect_hessians(block, todo, acts, dev)
+                    for name in todo:
+                        rec, damp_used = _solve_linear(block.get_submodule(name), hessians.pop(name),
+                                                       plan.get(f"{prefix}.{name}.weight"), settings, dev)
+                        records.update({f"{name}.{k}": v for k, v in rec.items()})
+                        n_linears += 1
+                        if damp_used > settings.damp:
+                            damp_raised.append(f"{prefix}.{name}: damp {damp_used:.3g}")
+                _save_block(saved, records)
+                what = "quantized"
+            _run_block(block, acts, dev, replace=True)
+            weights.release(block)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            note(f"block {i + 1}/{len(blocks)} {what} in {time.perf_counter() - t0:.1f}s", quiet=quiet)
+    finally:
+        acts.close()
     if damp_raised:
         notes.append("dampening raised for " + ", ".join(damp_raised))
     return {"n_linears": n_linears, "damp_raised": damp_raised, "notes": notes}
 
 
-def _collect_hessians(block, names, inputs, dev):
+def _collect_hessians(block, names, acts: _Activations, dev):
     from smolq.quantize.gptq import HessianAccumulator
 
     accs, handles = {}, []
@@ -382,7 +604,7 @@ def _collect_hessians(block, names, inputs, dev):
 
         handles.append(lin.register_forward_hook(hook))
     try:
-        _run_block(block, inputs, dev)
+        _run_block(block, acts, dev)
     finally:
         for h in handles:
             h.remove()
@@ -461,17 +683,25 @@ def _restore_block(block, path: Path) -> None:
 
 def _write_gptq_dir(model, family, src: Path, out: Path, work: Path, s: Settings) -> int:
     from smolq.atomic import atomic_directory
+    from smolq.convert.checkpoint import open_checkpoint
     from smolq.formats import gptq_ckpt
     from smolq.formats.gptq_ckpt import GPTQLayer
 
     blocks = _blocks(model, family)
     n_shards = len(blocks) + 1
-    state = model.state_dict()
+    state = model.state_dict()  # names and shapes only: the skeleton's parameters are on meta
     quantized = set()
     weight_map: dict[str, str] = {}
     qcfg = gptq_ckpt.quantize_config(s.bits, s.group_size, sym=s.sym, desc_act=s.act_order,
                                      static_groups=s.static_groups, true_sequential=s.true_sequential, damp=s.damp)
-    with atomic_directory(out) as tmp:
+    with open_checkpoint(src) as ckpt, atomic_directory(out) as tmp:
+        weights = _Weights(ckpt, model)
+
+        def f16(key):  # unquantized tensors: the source (fp32 as loaded) stored in fp16
+            v = state[key]
+            v = weights.load(key, v.shape) if v.device.type == "meta" or weights.source(key) else v
+            return v.detach().cpu().to(dtype=_f16()).numpy()
+
         for i in range(len(blocks)):
             prefix = f"{FAMILIES[family].blocks}.{i}"
             tensors = {}
@@ -481,14 +711,13 @@ def _write_gptq_dir(model, family, src: Path, out: Path, work: Path, s: Settings
                 for fld, arr in layer.packed("gptq").items():
                     tensors[f"{prefix}.{name}.{fld}"] = arr
                 quantized.add(f"{prefix}.{name}.weight")
-            for key, v in state.items():
+            for key in state:
                 if key.startswith(prefix + ".") and key not in quantized:
-                    tensors[key] = v.detach().cpu().to(dtype=_f16()).numpy()
+                    tensors[key] = f16(key)
             weight_map.update(gptq_ckpt.write_shard(tmp, i + 1, n_shards, tensors))
-        rest = {k: v.detach().cpu().to(dtype=_f16()).numpy() for k, v in state.items()
-                if not k.startswith(FAMILIES[family].blocks + ".")}
-        if getattr(model.config, "tie_word_embeddings", False):
-            rest.pop("lm_head.weight", None)
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        rest = {k: f16(k) for k in state
+                if not k.startswith(FAMILIES[family].blocks + ".") and not (tied and k == "lm_head.weight")}
         weight_map.update(gptq_ckpt.write_shard(tmp, 0, n_shards, rest))
         gptq_ckpt.finish_dir(tmp, src, weight_map, qcfg)
     return sum(p.stat().st_size for p in out.iterdir() if p.is_file())
