@@ -5,6 +5,14 @@
     Linear weights become the dequantized result -> the quantized block's
     outputs are the next block's inputs.
 
+Memory is one block plus activations, never the model: the model is a
+skeleton whose parameters live on the meta device; the embedding (for block
+0's inputs) and then each block in turn get their tensors from the checkpoint
+(mmap, safetensors or .bin, shards) and go back to meta when done. Block
+inputs (nsamples x seqlen x hidden x 4 bytes, logged) move to a scratch file
+in the work directory when large. Data-free calibration is the exception: it
+samples from the whole unquantized model, so it is capped (DATA_FREE_MAX_BYTES).
+
 With true-sequential the Linears of a block are solved in groups, re-running
 the block between groups so later groups see the quantized earlier ones.
 Every finished block is saved (its grids' integer results) under a work
@@ -478,7 +486,7 @@ def _capture_block_inputs(model, family, cal, weights: "_Weights", work: Path, q
     embed = model.get_input_embeddings()
     hidden_size = embed.weight.shape[1]
     acts = _Activations(cal.n_tokens * hidden_size, work / "activations.f32")
-    note(f"calibration activations: {len(cal.samples)} samples x {cal.seqlen} tokens x {hidden_size} x 4 B = "
+    note(f"calibration activations: {len(cal.samples)} samples, {cal.n_tokens} tokens x {hidden_size} x 4 B = "
          f"{acts.nbytes / 2**20:.1f} MiB " + (f"in {acts.path.name} (work dir)" if acts.path else "in RAM"),
          quiet=quiet)
 
