@@ -343,7 +343,8 @@ def main(argv=None) -> int:
                    float((work / f"gptq-{k}.secs").read_text()))
 
     tools = lcpp_bin()
-    if tools is not None and not args.quantize_only and any(want(f"llama.cpp {x}") for x in ("rtn", "imatrix")):
+    if tools is not None and not args.quantize_only and any(want(f"llama.cpp {x} {k.lower()}")
+                                                                 for x in ("rtn", "imatrix-rtn") for k in GGML_PRESETS):
         f32 = work / "f32.gguf"
         if not f32.is_file():
             convert(hf_dir, f32, format="gguf", outtype="f32")
