@@ -103,6 +103,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int =
     H[dead, dead] = 1
     W[:, dead] = 0
     hdiag = torch.diag(H).clone()
+    grid.prepare(W)
 
     if static_groups:
         grid.choose_static(W, hdiag)
@@ -159,6 +160,7 @@ def rtn_solve(W: torch.Tensor, grid: Grid, hdiag: torch.Tensor | None = None) ->
     with `hdiag` weights when given (llama.cpp imatrix-style RTN)."""
     W = W.to(torch.float32)
     h = torch.ones(W.shape[1], device=W.device) if hdiag is None else hdiag.to(W.device, torch.float32)
+    grid.prepare(W)
     grid.choose_static(W, h)
     return torch.stack([grid.quantize(c, W[:, c]) for c in range(W.shape[1])], dim=1)
 

@@ -59,6 +59,9 @@ class Grid:
             return torch.arange(self.cols, device=hdiag.device)
         return torch.argsort(hdiag, descending=True, stable=True)
 
+    def prepare(self, W: torch.Tensor) -> None:
+        """Called once with the whole (unpermuted) W before any group is chosen."""
+
     def choose(self, level: int, cols: torch.Tensor, W: torch.Tensor, h: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -290,13 +293,25 @@ def _search_chunk(x, h, spec, snap, nonpos_min, ctx):
     return pick(smul), pick(ssub), tuple(pick(e) for e in extra)
 
 
+# llama.cpp's imatrix quantizers weight x[j] by imatrix[j]*sqrt(sigma2 + x[j]^2):
+# sigma2 = SIGMA2_SCOPE[type] x the mean square over the whole row ("row") or
+# the 256-super-block ("super"); Q6_K (and Q8_0, unweighted there) use imatrix[j].
+SIGMA2_SCOPE: dict[GGMLType, tuple[str, float]] = {
+    T.Q4_0: ("row", 1.0), T.Q4_1: ("row", 1.0), T.Q5_0: ("row", 1.0), T.Q5_1: ("row", 1.0),
+    T.Q2_K: ("super", 1.0), T.Q3_K: ("super", 2.0), T.Q4_K: ("super", 2.0), T.Q5_K: ("super", 2.0),
+}
+SCALE_RULES = ("weighted", "imatrix", "plain")
+
+
 class BlockGrid(Grid):
-    """A ggml block type as a GPTQ grid. rule "weighted" or "plain".
+    """A ggml block type as a GPTQ grid. rule "imatrix", "weighted" or "plain".
 
     "plain" reproduces gguf.quants' reference quantizer for the legacy types
     (scale from the block's extreme, rounding with the unrounded reciprocal)
     so GPTQ without error propagation is RTN byte for byte; "weighted" picks
-    each scale by Hessian-diagonal-weighted error.
+    each scale by Hessian-diagonal-weighted error; "imatrix" weights each
+    value as llama.cpp's imatrix quantizers do, h[j]*sqrt(sigma2 + w[j]^2)
+    (SIGMA2_SCOPE), on the current, error-updated weights.
     """
 
     def __init__(self, qtype: GGMLType, rows: int, cols: int, rule: str = "weighted", device="cpu"):
@@ -305,7 +320,7 @@ class BlockGrid(Grid):
         spec = BLOCK_SPECS[qtype]
         if cols % spec.outer:
             raise ValueError(f"{qtype.name} needs rows of a multiple of {spec.outer} inputs, not {cols}")
-        if rule not in ("weighted", "plain"):
+        if rule not in SCALE_RULES:
             raise ValueError(f"unknown scale rule {rule!r}")
         if rule == "plain" and spec.kquant:
             raise ValueError("the plain scale rule exists for the 32-blocks only")
@@ -319,6 +334,26 @@ class BlockGrid(Grid):
         self.d, self.dmin = z(n_outer), z(n_outer)  # K-quant super-block fp16 fields
         self.sc, self.mn = z(n_sub, torch.int32), z(n_sub, torch.int32)
         self.q = torch.zeros(rows, cols, dtype=torch.int16, device=device)
+        self.super_sigma2 = z(n_outer)  # K-quant super-block mean squares, kept for the sub-blocks
+        self.row_sigma2 = None  # set by prepare() for the "imatrix" rule on row-scoped types
+
+    def prepare(self, W: torch.Tensor) -> None:
+        """Row statistics the scale rule needs, from the weights before any update."""
+        scope = SIGMA2_SCOPE.get(self.qtype)
+        if self.rule == "imatrix" and scope and scope[0] == "row":
+            self.row_sigma2 = scope[1] * (W * W).mean(1)
+
+    def _value_weights(self, W: torch.Tensor, h: torch.Tensor, sigma2: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-value weights of the scale search for W [rows, ..., n] (one row's
+        sigma2 given, else the row-scoped one, else W's own mean square)."""
+        scope = SIGMA2_SCOPE.get(self.qtype)
+        if self.rule != "imatrix" or scope is None:
+            return h
+        if sigma2 is None:
+            sigma2 = self.row_sigma2
+        if sigma2 is None:
+            sigma2 = scope[1] * (W * W).reshape(W.shape[0], -1).mean(1)
+        return h * torch.sqrt(sigma2.reshape((-1,) + (1,) * (W.dim() - 1)) + W * W)
 
     # -- processing order: act-order moves whole blocks (group-aware), so each
     # block's scale is still chosen from up-to-date weights at its first column.
@@ -359,7 +394,7 @@ class BlockGrid(Grid):
             def snap(mul, sub):
                 mul16, sub16 = fp16_round(mul), -fp16_round(-sub)
                 return mul16, sub16, ()
-            mul, sub, _ = search_block_params(W, h, spec, snap, nonpos_min=False)
+            mul, sub, _ = search_block_params(W, self._value_weights(W, h), spec, snap, nonpos_min=False)
             rid, roff = safe_reciprocal(mul), -sub
         self.mul[:, b], self.sub[:, b], self.rid[:, b], self.roff[:, b] = mul, sub, rid, roff
 
@@ -384,7 +419,9 @@ class BlockGrid(Grid):
         x = W.reshape(self.rows, per, spec.sub)
         hh = h.reshape(1, per, spec.sub)
         identity = lambda mul, sub: (mul, sub, ())  # noqa: E731 - floats; snapped per sub-block later
-        mul, sub, _ = search_block_params(x, hh, spec, identity, nonpos_min=True)
+        self.super_sigma2[:, s] = SIGMA2_SCOPE.get(self.qtype, ("", 0.0))[1] * (W * W).mean(1)
+        mul, sub, _ = search_block_params(x, self._value_weights(x, hh, self.super_sigma2[:, s]), spec, identity,
+                                          nonpos_min=True)
         if spec.affine:
             d = fp16_round(mul.max(1).values.clamp(min=0) / spec.sc_hi)
             dmin = fp16_round(sub.max(1).values.clamp(min=0) / spec.mn_hi)
@@ -405,7 +442,8 @@ class BlockGrid(Grid):
             mn = torch.clamp(torch.round(sub * safe_reciprocal(dmin)), 0, spec.mn_hi)
             return d * sc, dmin * mn, (sc, mn)
 
-        mul, sub, (sc, mn) = search_block_params(W, h, spec, snap, nonpos_min=True, ctx=(d, dmin))
+        hw = self._value_weights(W, h, self.super_sigma2[:, s])
+        mul, sub, (sc, mn) = search_block_params(W, hw, spec, snap, nonpos_min=True, ctx=(d, dmin))
         self.mul[:, b], self.sub[:, b] = mul, sub
         self.rid[:, b], self.roff[:, b] = safe_reciprocal(mul), -sub
         self.sc[:, b], self.mn[:, b] = sc.to(torch.int32), mn.to(torch.int32)
