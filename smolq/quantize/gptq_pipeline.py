@@ -283,6 +283,19 @@ class _Weights:
             raise InputError(t.file, f"tensor {t.name} has shape {list(t.shape)}, the config needs {list(shape)}")
         return torch.from_numpy(np.array(t.load(), dtype=np.float32))  # a copy: the mmap is released
 
+    def load_f32_view(self, name: str, shape):
+        """Like `load`, but an F32 tensor stays a read-only view of the mapped file (no copy)."""
+        import warnings
+
+        import torch
+
+        t = self.source(name)
+        if t is None or t.dtype != "F32" or tuple(t.shape) != tuple(shape):
+            return self.load(name, shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only numpy array: only read here
+            return torch.from_numpy(t.load())
+
     def materialize(self, module, prefix: str = "") -> None:
         """Give every meta parameter of `module` (named `prefix` in the model) its checkpoint value."""
         import torch
@@ -305,9 +318,23 @@ class _Weights:
             owner, leaf = _owner(module, name)
             owner._parameters[leaf] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
                                                          requires_grad=False)
+        _trim_heap()
 
     def nbytes(self, module) -> int:
         return sum(p.numel() * 4 for p in module.parameters())
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc). A freed block's arrays sit in
+    the heap below glibc's (raised) mmap threshold, and resident memory would
+    creep up block after block; elsewhere this is a no-op."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _owner(module, dotted: str):
@@ -707,7 +734,8 @@ def _write_gptq_dir(model, family, src: Path, out: Path, work: Path, s: Settings
 
         def f16(key):  # unquantized tensors: the source (fp32 as loaded) stored in fp16
             v = state[key]
-            v = weights.load(key, v.shape) if v.device.type == "meta" or weights.source(key) else v
+            if v.device.type == "meta" or weights.source(key) is not None:
+                v = weights.load_f32_view(key, v.shape)
             return v.detach().cpu().to(dtype=_f16()).numpy()
 
         for i in range(len(blocks)):
