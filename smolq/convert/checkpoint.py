@@ -14,6 +14,8 @@ Every problem is a FormatError/InputError naming the file.
 """
 from __future__ import annotations
 
+import math
+
 import json
 import mmap
 import os
@@ -67,10 +69,7 @@ class SourceTensor:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -120,13 +119,19 @@ def read_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.is_file():
         raise InputError(directory, "no config.json: not a Hugging Face checkpoint directory")
+    return read_json_object(path)
+
+
+def read_json_object(path: Path, error: type = FormatError, what: str = "") -> dict[str, Any]:
+    """A JSON file that must hold an object; `what` prefixes the message (e.g. "--config")."""
+    lead = f"{what} " if what else ""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(path, f"not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise FormatError(path, "expected a JSON object")
-    return config
+        raise error(path, f"{lead}is not valid JSON: {exc}" if what else f"not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise error(path, f"{what}: expected a JSON object" if what else "expected a JSON object")
+    return obj
 
 
 def rope_theta(config: dict[str, Any]) -> float | None:

@@ -5,6 +5,8 @@ containers store them reversed (ggml's ne[]) and convert at the boundary.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -35,10 +37,7 @@ class TensorEntry:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 def find_tensor(tensors: Iterable[TensorEntry], name: str) -> TensorEntry:
