@@ -50,6 +50,13 @@ def _register_commands() -> None:
 _register_commands()
 
 
+INTERRUPTED = 130  # the shell's code for death by SIGINT
+
+
+def _say_interrupted() -> None:
+    print("smolq: interrupted; no output was left behind", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     from smolq.errors import SmolqError
 
@@ -59,10 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smolq: error: {exc.one_line()}", file=sys.stderr)
         return exc.exit_code
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if code == INTERRUPTED:  # typer turns Ctrl-C inside a command into Exit(130)
+            _say_interrupted()
+        return code
     except KeyboardInterrupt:
-        print("smolq: interrupted; no output was left behind", file=sys.stderr)
-        return 130
+        _say_interrupted()
+        return INTERRUPTED
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"smolq: error: {where}{exc.strerror or exc}", file=sys.stderr)

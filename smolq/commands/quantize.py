@@ -41,7 +41,9 @@ EPILOG = (
     "  smolq quantize model-f16.gguf model-q4_k_m.gguf --type q4_k_m\n\n"
     "  smolq quantize model-f16.gguf model-q4_0.gguf --bits 4 --pure --dry-run\n\n"
     "  smolq quantize ggml-model-f16.bin ggml-model-q4_0.bin --type q4_0   (ggjt v3 out)\n\n"
-    "  smolq quantize ./hf-model out.gguf --bits 4 --method gptq --calib text.txt"
+    "  smolq quantize ./hf-model out.gguf --bits 4 --method gptq --calib text.txt\n\n"
+    "  smolq quantize ./hf-model out-gptq --method gptq --format gptq --bits 3 --act-order --calib text.txt\n\n"
+    "  smolq quantize ./hf-model out.gguf --type q3_k_m --method gptq --calib text.txt --resume   (after Ctrl-C)"
 )
 
 
@@ -69,6 +71,12 @@ def register(app: typer.Typer) -> None:
         nsamples: int = typer.Option(128, "--nsamples", help="GPTQ: calibration sequences."),
         seqlen: int = typer.Option(2048, "--seqlen", help="GPTQ: tokens per calibration sequence."),
         device: str = typer.Option("cpu", "--device", help="GPTQ: torch device (cpu, cuda, auto)."),
+        true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="GPTQ: quantize a block's linears in execution order, each on inputs from the already-quantized ones."),
+        static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: choose every group's scale up front from the original weights (with --act-order)."),
+        mse: float = typer.Option(0.0, "--mse", help="GPTQ int grid: clipping search with |err|^p, p = this value (2.4 in the reference); 0 = off."),
+        scale_rule: str = typer.Option("weighted", "--scale-rule", help="GPTQ on ggml grids: how block scales are chosen (weighted, imatrix, plain)."),
+        seed: int = typer.Option(0, "--seed", help="GPTQ: seed of the calibration sampling (same seed, same output)."),
+        resume: bool = typer.Option(False, "--resume", help="GPTQ: continue an interrupted run from its saved blocks (same settings)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and total size; write nothing."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes."),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
@@ -76,6 +84,8 @@ def register(app: typer.Typer) -> None:
         """Quantize a model: requantize a GGUF/legacy file, or convert+quantize an HF checkpoint."""
         from smolq.progress import emit_json, note
 
+        if method.lower() == "gptq" and type_name is None and bits is None and _is_gptq_dir(fmt, out):
+            bits = 4  # AutoGPTQ's default width
         preset = resolve_preset(type_name, bits)
         opts = PlanOptions(
             pure=pure,
@@ -85,7 +95,8 @@ def register(app: typer.Typer) -> None:
             tensor_types=parse_tensor_type_overrides(tensor_type or []),
         )
         gptq = {"group_size": group_size, "act_order": act_order, "sym": not asym, "damp": damp,
-                "nsamples": nsamples, "seqlen": seqlen, "device": device}
+                "nsamples": nsamples, "seqlen": seqlen, "device": device, "true_sequential": true_sequential,
+                "static_groups": static_groups, "mse": mse, "scale_rule": scale_rule, "seed": seed, "resume": resume}
         request = Request(src, out, preset, opts, method.lower(), fmt, allow_requantize, threads, calib,
                           dry_run, quiet or json_out, gptq)
         summary = run(request)
@@ -98,9 +109,10 @@ def register(app: typer.Typer) -> None:
         elif not quiet:
             from smolq.progress import human_bytes
 
-            note(f"wrote {summary['output']}: {summary['format']}, {summary['preset']}, "
-                 f"{summary['n_tensors']} tensors, {human_bytes(summary['bytes'])} "
-                 f"in {summary.get('seconds', 0)} s")
+            what = (f"{summary['n_layers_quantized']} linears by GPTQ" if summary.get("method") == "gptq"
+                    else f"{summary['n_tensors']} tensors")
+            note(f"wrote {summary['output']}: {summary['format']}, {summary['preset']}, {what}, "
+                 f"{human_bytes(summary['bytes'])} in {summary.get('seconds', 0)} s")
 
 
 @dataclass
@@ -121,7 +133,8 @@ class Request:
 
 # Defaults of the GPTQ-only options: anything else given with --method rtn is a mistake.
 GPTQ_DEFAULTS = {"group_size": 128, "act_order": False, "sym": True, "damp": 0.01, "nsamples": 128,
-                 "seqlen": 2048, "device": "cpu"}
+                 "seqlen": 2048, "device": "cpu", "true_sequential": True, "static_groups": False, "mse": 0.0,
+                 "scale_rule": "weighted", "seed": 0, "resume": False}
 
 
 def run(req: Request) -> dict[str, Any]:
@@ -149,10 +162,12 @@ def _changed_gptq_options(req: Request) -> list[str]:
 
 
 def _writes_directory(req: Request) -> bool:
+    return req.method == "gptq" and _is_gptq_dir(req.fmt, req.out)
+
+
+def _is_gptq_dir(fmt: str | None, out: Path) -> bool:
     """GPTQ checkpoints are directories (--format gptq, or an OUT without a suffix)."""
-    if req.method != "gptq":
-        return False
-    return (req.fmt or "").lower() == "gptq" or (req.fmt is None and req.out.suffix == "")
+    return (fmt or "").lower() == "gptq" or (fmt is None and out.suffix == "")
 
 
 # --- paths ---------------------------------------------------------------------------------
@@ -205,8 +220,10 @@ def _gptq_from_hf(req: Request) -> dict[str, Any]:
     entry = getattr(pipeline, "quantize_hf", None) or getattr(pipeline, "run", None)
     if entry is None:
         raise InputError(req.src, "GPTQ pipeline has no quantize_hf()/run() entry point")
-    return entry(src=req.src, out=req.out, preset=req.preset.name, fmt=req.fmt, calib=req.calib,
-                 threads=req.threads, dry_run=req.dry_run, quiet=req.quiet, **(req.gptq or {}))
+    summary = entry(src=req.src, out=req.out, preset=req.preset.name, fmt=req.fmt, calib=req.calib,
+                    threads=req.threads, dry_run=req.dry_run, quiet=req.quiet, **(req.gptq or {}))
+    summary.setdefault("preset", req.preset.name if summary.get("format") != "gptq" else f"int{summary['bits']}")
+    return summary
 
 
 # --- GGUF / legacy files ---------------------------------------------------------------------

@@ -29,6 +29,7 @@ import json
 import logging
 import re
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ class Settings:
     seed: int
     static_groups: bool = False
     scale_rule: str = "weighted"
+    mse: float = 0.0
 
     def fingerprint(self, src: Path) -> str:
         d = dict(self.__dict__, src=str(src.resolve()))
@@ -98,7 +100,7 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
                      group_size: int = 128, act_order: bool = False, sym: bool = True, true_sequential: bool = True,
                      damp: float = 0.01, calib=None, nsamples: int = 128, seqlen: int = 2048, device: str = "cpu",
                      seed: int = 0, resume: bool = False, quiet: bool = False, static_groups: bool = False,
-                     scale_rule: str = "weighted") -> dict[str, Any]:
+                     scale_rule: str = "weighted", mse: float = 0.0) -> dict[str, Any]:
     """GPTQ-quantize the HF checkpoint `src_dir` into `out_path`; returns a summary.
 
     format "gptq": HF GPTQ directory with `bits` 2/3/4/8 and `group_size`.
@@ -122,10 +124,16 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
         raise InputError(out, f"GPTQ checkpoints hold 2, 3, 4 or 8 bits, not {bits}")
     if group_size != -1 and group_size < 1:
         raise InputError(out, f"--group-size must be -1 or positive, not {group_size}")
+    from smolq.quantize.grids import SCALE_RULES
+
+    if scale_rule not in SCALE_RULES:
+        raise InputError(out, f"unknown --scale-rule {scale_rule!r}; choose one of {', '.join(SCALE_RULES)}")
+    if mse < 0:
+        raise InputError(out, f"--mse must be 0 (off) or a positive exponent, not {mse}")
     dev = _device(device)
     settings = Settings(fmt, qtype, bits, group_size, act_order, sym, true_sequential, damp,
                         None if calib is None else str(Path(calib).resolve()), nsamples, seqlen, seed,
-                        static_groups, scale_rule)
+                        static_groups, scale_rule, mse)
 
     torch.manual_seed(seed)
     if quiet:
@@ -141,7 +149,11 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
         weights = _Weights(ckpt, model)
         cal = _calibration(model, tokenizer, weights, calib, nsamples, seqlen, seed, quiet)
         work = _work_dir(out, settings, src, resume)
-        stats = _quantize_blocks(model, family, cal, plan, settings, dev, work, quiet, weights)
+        try:
+            stats = _quantize_blocks(model, family, cal, plan, settings, dev, work, quiet, weights)
+        except KeyboardInterrupt:
+            _say_how_to_resume(work)
+            raise
 
     if fmt == "gptq":
         size = _write_gptq_dir(model, family, src, out, work, settings)
@@ -157,6 +169,13 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
         "damp_raised": stats["damp_raised"], "bytes": size, "seconds": round(time.perf_counter() - started, 3),
         "device": str(dev),
     }
+
+
+def _say_how_to_resume(work: Path) -> None:
+    """After Ctrl-C: the finished blocks stay in the work directory for --resume."""
+    done = len(list(work.glob("block-*.safetensors")))
+    print(f"smolq: {done} finished block(s) kept in {work}; run the same command with --resume to continue",
+          file=sys.stderr)
 
 
 def quantize_hf(*, src, out, preset: str | None = None, fmt: str | None = None, calib=None, threads: int = 0,
@@ -656,7 +675,7 @@ def _solve_linear(lin, H, qtype, settings: Settings, dev):
     W = lin.weight.data.to(dev, torch.float32)
     rows, cols = W.shape
     grid = make_grid(rows, cols, qtype=qtype, bits=settings.bits, group_size=settings.group_size,
-                     sym=settings.sym, rule=settings.scale_rule, device=dev)
+                     sym=settings.sym, mse=settings.mse, rule=settings.scale_rule, device=dev)
     res = gptq_solve(W, H, grid, damp=settings.damp, act_order=settings.act_order,
                      static_groups=settings.static_groups)
     lin.weight.data.copy_(res.Q.to(lin.weight.device, lin.weight.dtype))
