@@ -1,6 +1,7 @@
 """`smolq convert SRC OUT`: a Hugging Face checkpoint directory -> GGUF or legacy ggml."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -10,19 +11,24 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command()
     def convert(
-        src: Path = typer.Argument(..., help="Hugging Face checkpoint directory (config.json + weights + tokenizer)."),
+        src: Path = typer.Argument(..., help="Hugging Face checkpoint directory (config.json + weights + tokenizer), "
+                                             "plain or GPTQ-quantized."),
         out: Path = typer.Argument(..., help="Output file; .gguf -> GGUF v3, .bin -> the family's GPT4All legacy format."),
         format: Optional[str] = typer.Option(
             None, "--format", "-f",
             help="gguf, gguf-v1, gguf-v2, gguf-v3, ggml, ggmf, ggjt-v1, ggjt-v2, ggjt-v3, ggmm (default: from OUT's suffix).",
         ),
-        outtype: str = typer.Option("f16", "--outtype", "-t", help="f32, f16, bf16, q8_0, any RTN type (q4_0, q6_k ...) or a mix (q4_k_m ...)."),
+        outtype: Optional[str] = typer.Option(
+            None, "--outtype", "-t",
+            help="f32, f16, bf16, q8_0, any RTN type (q4_0, q6_k ...) or a mix (q4_k_m ...). Default f16; for a GPTQ "
+                 "directory each Linear's exact type (Q4_0/Q4_1/Q8_0) where its grid maps onto one, else Q2_K/Q3_K/Q4_K/Q8_0 by bits.",
+        ),
         vocab_only: bool = typer.Option(False, "--vocab-only", help="Write the header and vocabulary only, no tensors."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensor, source dtype, target type, bytes) and write nothing."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes."),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     ) -> None:
-        """Convert a Hugging Face checkpoint (LLaMA, GPT-J, MPT) into GGUF or a legacy ggml file."""
+        """Convert a Hugging Face checkpoint (LLaMA, GPT-J, MPT; plain or GPTQ) into GGUF or a legacy ggml file."""
         from smolq.convert.pipeline import convert as run_convert
         from smolq.progress import emit_json, event_progress, note
 
@@ -34,6 +40,9 @@ def register(app: typer.Typer) -> None:
             note(f"guess: {line}", quiet)
         for line in summary["notes"]:
             note(f"note: {line}", quiet)
+        for line in summary.get("warnings", []):
+            # Even with --quiet (the file is not what a lossless import would give), and one unwrapped line.
+            print(f"warning: {line}", file=sys.stderr)
         if json_out:
             emit_json(summary)
         elif dry_run:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -60,6 +61,7 @@ class Step:
     type: GGMLType
     fallback: bool = False
     layout: str = "v3"
+    exact: bool = False  # GPTQ source whose grid is copied into `type` unchanged (gptq_import.py)
 
     @property
     def nbytes(self) -> int:
@@ -158,6 +160,10 @@ def convert_tensor(x: np.ndarray, dst: GGMLType, layout: str = "v3") -> np.ndarr
 
 def _loader(step: Step, layout: str) -> Callable[[], Any]:
     src, m, dst = step.source, step.map, step.type
+    if step.exact:
+        from smolq.convert.gptq_import import exact_loader
+
+        return exact_loader(src, dst, m.transform, layout)
 
     def load():
         if m.transform is None and SOURCE_TYPES.get(src.dtype) == dst and src.dtype != "F64":
@@ -209,22 +215,40 @@ def _progress_event(on_progress, **event) -> None:
         on_progress(event)
 
 
-def build_steps(arch: Arch, ckpt: Checkpoint, target: Target, outtype: str, out_path: Path):
+def build_steps(arch: Arch, ckpt: Checkpoint, target: Target, outtype: str | None, out_path: Path):
+    """outtype None: f16 for an HF checkpoint; for a GPTQ one, each Linear's exact type (else by bits)."""
     maps = arch.tensor_maps(set(ckpt.tensors))
     arch.check_tensors(maps, ckpt.tensors, ckpt.file_of)
     maps = [m for m in maps if (m.gguf if target.is_gguf else m.legacy) is not None]
-    types, preset = plan_types(arch, maps, target, outtype, out_path)
+    types, preset = plan_types(arch, maps, target, outtype or "f16", out_path)
     steps = [Step(m.gguf if target.is_gguf else m.legacy, m, ckpt.tensors[m.source], t, fb, target.layout)
              for m, (t, fb) in zip(maps, types)]
+    if getattr(ckpt, "linears", None):
+        preset = _gptq_types(steps, outtype, preset)
     _check_storable(arch, target, steps, out_path)
     return steps, preset
+
+
+def _gptq_types(steps: list[Step], outtype: str | None, preset):
+    """GPTQ Linears: the default type when none was asked for; exact wherever the type allows."""
+    from smolq.convert.gptq_import import GPTQSourceTensor, default_type
+    from smolq.quantize.plan import resolve_preset
+
+    linears = [s for s in steps if isinstance(s.source, GPTQSourceTensor)]
+    for s in linears:
+        if outtype is None:
+            s.type, s.fallback = default_type(s.source, s.map.shape)
+        s.exact = s.type in s.source.exactness().types
+    if outtype is None and linears:  # the file type of the most common Linear type
+        preset = resolve_preset(type_name=Counter(s.type.name for s in linears).most_common(1)[0][0])
+    return preset
 
 
 def convert(
     src_dir: str | os.PathLike,
     out_path: str | os.PathLike,
     format: str | None = None,
-    outtype: str = "f16",
+    outtype: str | None = None,
     vocab_only: bool = False,
     dry_run: bool = False,
     quiet: bool = True,
@@ -235,12 +259,14 @@ def convert(
     format: "gguf" / "gguf-v1|v2|v3" / "ggml" / "ggmf" / "ggjt-v1|v2|v3" / "ggmm",
     or None to pick from the suffix (.gguf -> GGUF v3; .bin -> the newest
     legacy format GPT4All's legacy backend loads for the family). outtype:
-    f32, f16, bf16, q8_0, any RTN type or a llama.cpp mix (q4_k_m ...).
+    f32, f16, bf16, q8_0, any RTN type or a llama.cpp mix (q4_k_m ...); None:
+    f16, or for a GPTQ directory each Linear's exact type where its grid maps
+    onto one, else Q2_K/Q3_K/Q4_K/Q8_0 by bits (gptq_import.py).
     on_progress(event) gets {"event": "start"|"tensor"|"done", ...}.
     """
     started = time.perf_counter()
     out = Path(out_path)
-    ckpt = open_checkpoint(src_dir)
+    ckpt = open_source(src_dir)
     try:
         arch = arch_for_config(ckpt.config, ckpt.path / "config.json")
         target = resolve_target(format, out, arch)
@@ -273,6 +299,15 @@ def convert(
         ckpt.close()
 
 
+def open_source(src_dir: str | os.PathLike) -> Checkpoint:
+    """An HF checkpoint, or a GPTQ one with its Linears presented as float weights."""
+    from smolq.convert.gptq_import import looks_like_gptq, open_gptq_checkpoint
+
+    if looks_like_gptq(src_dir):
+        return open_gptq_checkpoint(src_dir)
+    return open_checkpoint(src_dir)
+
+
 def _write_legacy_file(out: Path, arch: Arch, target: Target, hparams: dict, vocab: Vocab, steps: list[Step], preset, on_tensor) -> int:
     from smolq.formats.legacy import write_legacy
 
@@ -289,13 +324,23 @@ def _write_legacy_file(out: Path, arch: Arch, target: Target, hparams: dict, voc
     return out.stat().st_size
 
 
-def _summary(ckpt: Checkpoint, arch: Arch, target: Target, outtype: str, steps: list[Step], vocab: Vocab, out: Path) -> dict[str, Any]:
+def _summary(ckpt: Checkpoint, arch: Arch, target: Target, outtype: str | None, steps: list[Step], vocab: Vocab, out: Path) -> dict[str, Any]:
+    gptq = getattr(ckpt, "linears", None) or {}
     tensors = [{
-        "name": s.name, "source": s.map.source, "source_dtype": s.source.dtype,
+        "name": s.name, "source": s.map.source,
+        "source_dtype": f"GPTQ-{s.source.bits}bit" if s.map.source in gptq else s.source.dtype,
         "shape": list(s.map.shape), "type": s.type.name, "bytes": s.nbytes,
         **({"fallback": True} if s.fallback else {}),
+        **({"exact": s.exact} if s.map.source in gptq else {}),
     } for s in steps]
     notes = list(arch.notes) + list(vocab.notes)
+    warnings: list[str] = []
+    if gptq:
+        from smolq.convert.gptq_import import summarize
+
+        gnotes, warning = summarize(steps, {s.name for s in steps if s.exact})
+        notes += gnotes
+        warnings += [warning] if warning else []
     if target.legacy and arch.family == "llama" and not 32000 <= arch.n_vocab <= 32100:
         notes.append(f"n_vocab {arch.n_vocab} is outside [32000, 32100]: GPT4All will not recognise this as LLaMA")
     if target.legacy and arch.family == "gptj" and not 50300 <= arch.n_vocab <= 50400:
@@ -303,8 +348,8 @@ def _summary(ckpt: Checkpoint, arch: Arch, target: Target, outtype: str, steps: 
     return {
         "source": str(ckpt.path), "output": str(out), "format": target.format,
         "architecture": arch.family, "hf_architecture": (ckpt.config.get("architectures") or [None])[0],
-        "checkpoint": ckpt.kind, "outtype": outtype, "n_tensors": len(steps),
+        "checkpoint": ckpt.kind, "outtype": outtype or ("auto" if gptq else "f16"), "n_tensors": len(steps),
         "tensor_bytes": sum(s.nbytes for s in steps), "n_vocab": len(vocab),
-        "guesses": list(arch.guesses), "notes": notes, "tensors": tensors,
+        "guesses": list(arch.guesses), "notes": notes, "warnings": warnings, "tensors": tensors,
         "n_quantized": sum(is_quantized(s.type) for s in steps),
     }
