@@ -189,6 +189,33 @@ def test_asym_4bit_is_q4_1_up_to_fp16_rounding_of_m(gptq, tmp_path, name):
     assert note.startswith("14 of 14") and f"{worst:.3g}" in note
 
 
+@pytest.mark.parametrize("name, bits, outtype, affine", [
+    ("asym4", 4, "q5_0", False),  # any 4-bit zero fits Q5_0's c = q - z + 16 in [0, 32)
+    ("asym4", 4, "q5_1", True),
+    ("asym2", 2, "q4_1", True),
+    ("asym2", 2, "q8_0", False),
+])
+def test_other_exact_grids(gptq, tmp_path, name, bits, outtype, affine):
+    src = gptq(name)
+    summary = _convert(src, tmp_path / "out.gguf", outtype=outtype)
+    assert summary["warnings"] == []
+    t = _tensors(src)
+    got = _read_gguf(tmp_path / "out.gguf")
+    for i in range(N_LAYERS):
+        for lin in LINEARS:
+            prefix = f"model.layers.{i}.{lin}"
+            gtype, w = got[f"blk.{i}.{GGUF_NAMES[lin]}.weight"]
+            assert gtype.name == outtype.upper()
+            want = _dequantize(t, prefix, bits)
+            if not affine:
+                np.testing.assert_array_equal(w, want)
+                continue
+            q, s, z, g = _levels(t, prefix, bits)
+            m = -(s * z)
+            dm = np.abs(m.astype(np.float16).astype(np.float32) - m)[g].T
+            assert (np.abs(w - want) <= dm + 1e-6 * np.abs(want) + 1e-9).all(), prefix
+
+
 # ------------------------------------------------------------------ 2. requantize path
 
 def test_scattered_act_order_is_requantized_with_one_warning(gptq, tmp_path, cli):
