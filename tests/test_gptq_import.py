@@ -265,6 +265,7 @@ def test_explicit_outtype_is_honoured_exact_or_not(gptq, tmp_path):
 
     s = _convert(gptq("asym4"), tmp_path / "q40.gguf", outtype="q4_0")  # asym zeros do not fit Q4_0's grid
     assert len(s["warnings"]) == 1 and "zero points" in s["warnings"][0]
+    assert s["warnings"][0].endswith("--outtype q4_1 would copy them exactly")
     raw = _raw_gguf(tmp_path / "q40.gguf")
     want = _dequantize(_tensors(gptq("asym4")), "model.layers.0.mlp.up_proj", 4)
     np.testing.assert_array_equal(raw["blk.0.ffn_up.weight"][1], quantize(want, G.Q4_0))

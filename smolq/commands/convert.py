@@ -52,6 +52,13 @@ def register(app: typer.Typer) -> None:
                  f"{summary['bytes']} bytes in {summary['seconds']} s")
 
 
+def _gptq_mark(t: dict) -> str:
+    """GPTQ Linears: whether the grid is copied exactly or requantized."""
+    if "exact" not in t:
+        return ""
+    return " (exact)" if t["exact"] else " (requantized)" if t["type"] not in ("F32", "F16", "BF16") else ""
+
+
 def _print_plan(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -63,7 +70,7 @@ def _print_plan(summary: dict) -> None:
         table.add_column(col, justify="right" if col == "bytes" else "left")
     for t in summary["tensors"]:
         table.add_row(t["name"], t["source"], t["source_dtype"], "x".join(map(str, t["shape"])),
-                      t["type"] + (" (fallback)" if t.get("fallback") else ""), str(t["bytes"]))
+                      t["type"] + (" (fallback)" if t.get("fallback") else "") + _gptq_mark(t), str(t["bytes"]))
     console = Console(highlight=False)
     console.width = max(console.width, 150)  # full tensor names even when piped
     console.print(table)

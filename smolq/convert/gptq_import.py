@@ -58,6 +58,8 @@ EXACT_BLOCK_TYPES: dict[GGMLType, BlockMap] = {
     T.Q5_1: BlockMap(32, 0, True),
 }
 
+SIZE_ORDER = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)  # bytes per block: 18, 20, 22, 24, 34
+
 # Default type of a quantized Linear that does not map exactly, by GPTQ bits (lead's brief: predictable).
 DEFAULT_BY_BITS: dict[int, GGMLType] = {2: T.Q2_K, 3: T.Q3_K, 4: T.Q4_K, 8: T.Q8_0}
 # Exact types a Linear prefers by default, smallest first.
@@ -327,10 +329,10 @@ def summarize(steps: list, exact_names: set[str]) -> tuple[list[str], str | None
         why = "; ".join(f"{n}: {r}" for r, n in reasons.most_common())
         warning = (f"{len(rest)} of {len(gsteps)} GPTQ linears dequantized and requantized (round to nearest) "
                    f"to {types}, not exact ({why})")
-        bits = gsteps[0].source.bits
-        if bits <= 3 and all(s.source.exactness().contiguous for s in rest):
-            notes.append(f"{bits}-bit GPTQ maps exactly onto Q4_0 (or Q5_0/Q8_0); pass --outtype q4_0 "
-                         f"for a lossless file")
+        common = frozenset.intersection(*(s.source.exactness().types for s in rest))
+        smallest = next((t for t in SIZE_ORDER if t in common), None)
+        if smallest is not None:
+            warning += f"; --outtype {smallest.name.lower()} would copy them exactly"
     return notes, warning
 
 
