@@ -75,6 +75,7 @@ class Exactness:
     contiguous: bool  # every 32-column block inside one group
     types: frozenset
     max_dm: float  # max |fp16(−s·z) − (−s·z)| over the layer (affine types)
+    fp16_scales: bool = True  # ggml blocks hold d as fp16; f32-stored scales must be fp16 values
 
 
 class GPTQSourceTensor(SourceTensor):
@@ -130,6 +131,8 @@ class GPTQSourceTensor(SourceTensor):
         s = self.parts["scales"].load_raw()[used].astype(np.float32)
         top = (1 << self.bits) - 1
         types = set()
+        if not np.array_equal(s.astype(np.float16).astype(np.float32), s):  # f32 scales: d is fp16 in ggml blocks
+            return Exactness(True, frozenset(), 0.0, fp16_scales=False)
         for t, bm in EXACT_BLOCK_TYPES.items():
             if bm.affine:
                 ok = top < bm.levels
@@ -301,6 +304,8 @@ def why_not_exact(src: GPTQSourceTensor, t: GGMLType) -> str:
         return "act-order groups are not contiguous 32-column blocks"
     if t not in EXACT_BLOCK_TYPES:
         return f"{t.name} has no grid the {src.bits}-bit GPTQ levels map onto"
+    if not ex.fp16_scales:
+        return "scales are not fp16 values"
     if EXACT_BLOCK_TYPES[t].affine:
         return f"{src.bits}-bit levels do not fit {t.name}'s {EXACT_BLOCK_TYPES[t].levels}"
     return f"zero points do not fit {t.name}'s symmetric grid"
