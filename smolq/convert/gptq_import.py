@@ -28,7 +28,6 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 
@@ -288,13 +287,13 @@ class GPTQPlan:
 
 def default_type(src: GPTQSourceTensor, shape: tuple[int, ...]) -> tuple[GGMLType, bool]:
     """Per-tensor default when --outtype is not given: the exact type, else by bits."""
-    from smolq.quantize.plan import _with_shape_fallback
+    from smolq.quantize.plan import with_shape_fallback
 
     ex = src.exactness()
     for t in EXACT_PREFERENCE.get(src.bits, ()):
         if t in ex.types:
             return t, False
-    t, fell_back = _with_shape_fallback(DEFAULT_BY_BITS[src.bits], tuple(shape))
+    t, fell_back = with_shape_fallback(DEFAULT_BY_BITS[src.bits], tuple(shape))
     return t, fell_back
 
 
@@ -339,29 +338,3 @@ def summarize(steps: list, exact_names: set[str]) -> tuple[list[str], str | None
         if smallest is not None:
             warning += f"; --outtype {smallest.name.lower()} would copy them exactly"
     return notes, warning
-
-
-def row_permutation(transform: Callable[[np.ndarray], np.ndarray] | None, rows: int, path: Path) -> np.ndarray | None:
-    """The arch's row transform as an index array: block rows move like float rows."""
-    if transform is None:
-        return None
-    idx = transform(np.arange(rows, dtype=np.float64)[:, None] * np.ones((1, 2)))[:, 0]
-    perm = idx.astype(np.int64)
-    if not np.array_equal(np.sort(perm), np.arange(rows)):
-        raise InputError(path, "the architecture's transform is not a row permutation; GPTQ blocks cannot follow it")
-    return perm
-
-
-def exact_loader(src: GPTQSourceTensor, t: GGMLType, transform, layout: str) -> Callable[[], Any]:
-    def load():
-        data = src.exact_blocks(t)
-        perm = row_permutation(transform, data.shape[0], src.file)
-        if perm is not None:
-            data = data[perm]
-        if layout != "v3":
-            from smolq.kernels import relayout
-
-            data, _ = relayout(data, t, "v3", layout)
-        return np.ascontiguousarray(data)
-
-    return load

@@ -158,12 +158,23 @@ def convert_tensor(x: np.ndarray, dst: GGMLType, layout: str = "v3") -> np.ndarr
     return quantize(np.asarray(x, dtype=np.float32).reshape(-1, n), dst, layout=layout)
 
 
+def place_blocks(data: np.ndarray, m: TensorMap, t: GGMLType, layout: str, path: Path | None = None) -> np.ndarray:
+    """Quantized rows [out, row_bytes] in v3 layout -> the output tensor's bytes:
+    rows moved by the arch's row transform, blocks relaid for older layouts."""
+    perm = m.row_permutation(path)
+    if perm is not None:
+        data = data[perm]
+    if layout != "v3":
+        from smolq.kernels import relayout
+
+        data, _ = relayout(data, t, "v3", layout)
+    return np.ascontiguousarray(data)
+
+
 def _loader(step: Step, layout: str) -> Callable[[], Any]:
     src, m, dst = step.source, step.map, step.type
     if step.exact:
-        from smolq.convert.gptq_import import exact_loader
-
-        return exact_loader(src, dst, m.transform, layout)
+        return lambda: place_blocks(src.exact_blocks(dst), m, dst, layout, src.file)
 
     def load():
         if m.transform is None and SOURCE_TYPES.get(src.dtype) == dst and src.dtype != "F64":

@@ -784,17 +784,6 @@ def _f16():
     return torch.float16
 
 
-def _row_permutation(transform, rows: int) -> np.ndarray | None:
-    """The arch's row transform as an index permutation (None: no transform)."""
-    if transform is None:
-        return None
-    idx = transform(np.arange(rows, dtype=np.float64)[:, None] * np.ones((1, 2)))[:, 0]
-    perm = idx.astype(np.int64)
-    if not np.array_equal(np.sort(perm), np.arange(rows)):
-        raise InputError(None, "an architecture transform that is not a row permutation cannot carry GPTQ blocks")
-    return perm
-
-
 def _write_ggml_file(src: Path, out: Path, fmt: str, qtype: str, model, family, work: Path) -> int:
     from smolq.convert import pipeline as cp
     from smolq.convert.arch import arch_for_config
@@ -819,14 +808,7 @@ def _write_ggml_file(src: Path, out: Path, fmt: str, qtype: str, model, family, 
 
             with safe_open(str(path), framework="numpy") as st:
                 data = st.get_tensor(key)
-            perm = _row_permutation(step.map.transform, data.shape[0])
-            if perm is not None:
-                data = data[perm]
-            if layout != "v3":
-                from smolq.kernels import relayout
-
-                data, _ = relayout(data, step.type, "v3", layout)
-            return np.ascontiguousarray(data).reshape(-1)
+            return cp.place_blocks(data, step.map, step.type, layout).reshape(-1)
         return load
 
     with open_checkpoint(src) as ckpt:

@@ -457,7 +457,7 @@ def _mix_type(preset: Preset, name: str, shape: tuple[int, ...], st: _MixState,
     return new
 
 
-def _with_shape_fallback(t: GGMLType, shape: tuple[int, ...]) -> tuple[GGMLType, bool]:
+def with_shape_fallback(t: GGMLType, shape: tuple[int, ...]) -> tuple[GGMLType, bool]:
     if _row_fits(t, shape):
         return t, False
     t = SHAPE_FALLBACK.get(t, T.F16)
@@ -505,5 +505,5 @@ def _plan_one(name: str, src: GGMLType, shape: tuple[int, ...], preset: Preset,
         new = opts.token_embedding_type
     if opts.output_tensor_type is not None and gguf_name == "output.weight":
         new = opts.output_tensor_type
-    new, fell_back = _with_shape_fallback(new, shape)
+    new, fell_back = with_shape_fallback(new, shape)
     return TensorPlan(name, shape, src, new, fell_back)

@@ -39,6 +39,18 @@ class TensorMap:
     keep_f32: bool = False
     legacy_f32: bool = False
 
+    def row_permutation(self, path: Path | None = None) -> np.ndarray | None:
+        """`transform` as an index array over rows (None: no transform), so rows
+        of quantized blocks (which run along the input dimension) can follow it."""
+        if self.transform is None:
+            return None
+        rows = self.shape[0]
+        perm = self.transform(np.arange(rows, dtype=np.float64)[:, None] * np.ones((1, 2)))[:, 0].astype(np.int64)
+        if not np.array_equal(np.sort(perm), np.arange(rows)):
+            raise InputError(path, f"{self.source}: the architecture's transform is not a row permutation, "
+                                   "so quantized blocks cannot follow it")
+        return perm
+
 
 class NameTable:
     """Legacy <-> GGUF tensor names, from (gguf pattern, legacy pattern) pairs with `{i}` for the block."""
