@@ -152,6 +152,8 @@ class GPTQSourceTensor(SourceTensor):
 
 def emit_blocks(layer: GPTQLayer, t: GGMLType) -> np.ndarray:
     """ggml v3 blocks holding exactly s·(q − z) (formats.md 5.2.3); caller checked the ranges."""
+    from smolq.quantize.grids import legacy_blocks
+
     bm = EXACT_BLOCK_TYPES[t]
     rows, cols = layer.qint.shape
     nb = cols // QK
@@ -159,29 +161,11 @@ def emit_blocks(layer: GPTQLayer, t: GGMLType) -> np.ndarray:
     d = layer.scales[g].T.astype(np.float32)  # [rows, nb], exact fp16 values
     z = layer.zeros[g].T.astype(np.int64)
     q = layer.qint.reshape(rows, nb, QK).astype(np.int64)
-    parts = [_f16(d)]
-    if bm.affine:
-        parts.append(_f16(-d * z.astype(np.float32)))
-        c = q
-    else:
-        c = q - z[..., None] + bm.offset
-    if c.min(initial=0) < 0 or c.max(initial=0) >= bm.levels:  # pragma: no cover - exactness() rules it out
+    levels = q if bm.affine else q - z[..., None] + bm.offset
+    if levels.min(initial=0) < 0 or levels.max(initial=0) >= bm.levels:  # pragma: no cover - exactness() rules it out
         raise ValueError(f"levels out of range for {t.name}")
-    c = c.astype(np.uint8)
-    if t == T.Q8_0:
-        parts.append((c.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
-    else:
-        if bm.levels == 32:  # fifth bits: bit j of the LE u32 qh is element j's
-            qh = np.zeros((rows, nb), dtype=np.uint32)
-            for j in range(QK):
-                qh |= ((c[..., j] >> 4) & 1).astype(np.uint32) << np.uint32(j)
-            parts.append(qh.astype("<u4").view(np.uint8).reshape(rows, nb, 4))
-        parts.append((c[..., :16] & 15) | ((c[..., 16:] & 15) << 4))  # element k low, k + 16 high nibble
-    return np.concatenate(parts, axis=-1).reshape(rows, -1)
-
-
-def _f16(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype="<f2").view(np.uint8).reshape(*a.shape, 2)
+    m = -d * z.astype(np.float32) if bm.affine else None
+    return legacy_blocks(t, d, m, levels)
 
 
 # ------------------------------------------------------------------ the directory

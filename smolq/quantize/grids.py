@@ -488,7 +488,7 @@ def make_grid(rows: int, cols: int, *, qtype: GGMLType | None = None, bits: int 
 
 def _f16_bytes(a: np.ndarray) -> np.ndarray:
     """[R, n] float32 values that are exact fp16 -> [R, n, 2] little-endian bytes."""
-    return a.astype("<f2").view(np.uint8).reshape(*a.shape, 2)
+    return np.ascontiguousarray(a, dtype="<f2").view(np.uint8).reshape(*a.shape, 2)
 
 
 def _nibbles(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -530,28 +530,38 @@ def _q3k_scales12(sc6: np.ndarray) -> np.ndarray:
     return out
 
 
+def legacy_blocks(t: GGMLType, d: np.ndarray, m: np.ndarray | None, levels: np.ndarray) -> np.ndarray:
+    """32-element blocks of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (formats.md 5.2.3) -> [R, row bytes].
+
+    d, m: [R, nb] fp16-exact values (m only for the affine types); levels:
+    [R, nb, 32] stored unsigned levels (value = d*(level + qmin) or d*level + m;
+    Q8_0 stores level - 128 as int8).
+    """
+    R, nb = d.shape
+    parts = [_f16_bytes(d)]
+    if m is not None:
+        parts.append(_f16_bytes(m))
+    if t == T.Q8_0:
+        parts.append((levels.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
+    else:
+        levels = levels.astype(np.uint8)
+        if t in (T.Q5_0, T.Q5_1):  # fifth bits: bit e of the little-endian u32 qh is element e's
+            qh = np.zeros((R, nb), dtype=np.uint32)
+            for e in range(32):
+                qh |= ((levels[..., e] >> 4) & 1).astype(np.uint32) << np.uint32(e)
+            parts.append(qh.astype("<u4").view(np.uint8).reshape(R, nb, 4))
+        parts.append(_nibbles(levels[..., :16], levels[..., 16:]))
+    return np.concatenate(parts, axis=-1).reshape(R, -1)
+
+
 def pack_blocks(g: BlockGrid) -> np.ndarray:
     t, spec = g.qtype, g.spec
     R = g.rows
     q = g.q.cpu().numpy().astype(np.int32)
     qu = (q - spec.qmin).astype(np.uint8)  # stored unsigned levels
     if not spec.kquant:
-        nb = g.cols // 32
-        qb = qu.reshape(R, nb, 32)
-        d = _f16_bytes(g.mul.cpu().numpy())
-        parts = [d]
-        if spec.affine:
-            parts.append(_f16_bytes(-g.sub.cpu().numpy()))
-        if t == T.Q8_0:
-            parts.append(q.reshape(R, nb, 32).astype(np.int8).view(np.uint8))
-        else:
-            if t in (T.Q5_0, T.Q5_1):
-                qh = np.zeros((R, nb), dtype=np.uint32)
-                for e in range(32):
-                    qh |= ((qb[..., e] >> 4) & 1).astype(np.uint32) << np.uint32(e)
-                parts.append(qh.astype("<u4").view(np.uint8).reshape(R, nb, 4))
-            parts.append(_nibbles(qb[..., :16], qb[..., 16:]))
-        return np.concatenate(parts, axis=-1).reshape(R, -1)
+        m = -g.sub.cpu().numpy() if spec.affine else None
+        return legacy_blocks(t, g.mul.cpu().numpy(), m, qu.reshape(R, g.cols // 32, 32))
 
     ns = g.cols // 256
     qs_ = qu.reshape(R, ns, 256)
