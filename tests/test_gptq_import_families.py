@@ -192,3 +192,53 @@ def test_asym_8bit_is_requantized_to_q8_0_with_one_warning(gptq, tmp_path, cli):
         assert gtype == G.Q8_0, gg
         want = _dequantize(t, prefix, 8)
         np.testing.assert_array_equal(dequantize(data, gtype), dequantize(quantize(want, G.Q8_0), G.Q8_0), err_msg=gg)
+
+
+# ------------------------------------------------------------------ bias buffers the model does not have
+
+def _with_bias_buffers(src: Path, dst: Path, value: float) -> list[str]:
+    """Copy of a GPTQ dir in which every quantized Linear without a bias gets one filled with
+    `value`, as GPTQ writers that register a bias buffer on every QuantLinear save them."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    added = []
+    for f in sorted(dst.glob("*.safetensors")):
+        t = dict(load_file(str(f)))
+        for k in [k for k in t if k.endswith(".qweight")]:
+            module = k[: -len(".qweight")]
+            if f"{module}.bias" not in t:
+                t[f"{module}.bias"] = np.full(t[f"{module}.scales"].shape[1], value, dtype=np.float16)
+                index["weight_map"][f"{module}.bias"] = f.name
+                added.append(f"{module}.bias")
+        save_file(t, str(f), metadata={"format": "pt"})
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return added
+
+
+def test_zero_bias_buffers_are_dropped_with_a_note(gptq, tmp_path):
+    from smolq.convert.pipeline import convert
+
+    src = gptq("gptj", "sym4")
+    d = tmp_path / "zb" / "model"
+    added = _with_bias_buffers(src, d, 0.0)
+    assert len(added) == 4 * N_LAYERS  # q/k/v/out_proj: GPT-J's attention has no bias
+    convert(src, tmp_path / "a.gguf")
+    s = convert(d, tmp_path / "b.gguf")
+    assert s["warnings"] == [] and any(f"{len(added)} all-zero bias tensors" in n for n in s["notes"])
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
+def test_nonzero_bias_without_a_place_is_refused(gptq, tmp_path, cli):
+    d = tmp_path / "nzb" / "model"
+    _with_bias_buffers(gptq("gptj", "sym4"), d, 0.5)
+    out = tmp_path / "out.gguf"
+    r = cli("convert", d, out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "attn." in lines[0] and ".bias" in lines[0] and "unexpected" in lines[0], lines
+    assert not out.exists()

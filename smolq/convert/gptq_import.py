@@ -174,6 +174,27 @@ def emit_blocks(layer: GPTQLayer, t: GGMLType) -> np.ndarray:
 class GPTQCheckpoint(Checkpoint):
     qcfg: dict = field(default_factory=dict)
     linears: dict[str, GPTQSourceTensor] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def drop_zero_biases(self, used: set[str]) -> None:
+        """Drop `<module>.bias` of GPTQ Linears that the architecture has no place for, when all zero.
+
+        Some GPTQ writers save a bias buffer for every quantized Linear, zeros where
+        the model has none (vLLM's loaders skip this "extra bias for GPTQ models").
+        A zero bias changes nothing, so it goes with a note; a nonzero one stays and
+        the architecture check rejects it as an unexpected tensor.
+        """
+        dropped = []
+        for weight in self.linears:
+            name = weight[: -len("weight")] + "bias"
+            bias = self.tensors.get(name)
+            if bias is not None and name not in used and not np.any(bias.load_raw()):
+                dropped.append(name)
+        for name in dropped:
+            del self.tensors[name]
+        if dropped:
+            self.notes.append(f"{len(dropped)} all-zero bias tensors of GPTQ linears dropped "
+                              f"(the architecture has no bias there), e.g. {dropped[0]}")
 
 
 def looks_like_gptq(directory: str | Path) -> bool:

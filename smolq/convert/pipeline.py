@@ -229,6 +229,8 @@ def _progress_event(on_progress, **event) -> None:
 def build_steps(arch: Arch, ckpt: Checkpoint, target: Target, outtype: str | None, out_path: Path):
     """outtype None: f16 for an HF checkpoint; for a GPTQ one, each Linear's exact type (else by bits)."""
     maps = arch.tensor_maps(set(ckpt.tensors))
+    if getattr(ckpt, "linears", None):
+        ckpt.drop_zero_biases({m.source for m in maps})
     arch.check_tensors(maps, ckpt.tensors, ckpt.file_of)
     maps = [m for m in maps if (m.gguf if target.is_gguf else m.legacy) is not None]
     types, preset = plan_types(arch, maps, target, outtype or "f16", out_path)
@@ -350,7 +352,7 @@ def _summary(ckpt: Checkpoint, arch: Arch, target: Target, outtype: str | None, 
         from smolq.convert.gptq_import import summarize
 
         gnotes, warning = summarize(steps, {s.name for s in steps if s.exact})
-        notes += gnotes
+        notes += ckpt.notes + gnotes
         warnings += [warning] if warning else []
     if target.legacy and arch.family == "llama" and not 32000 <= arch.n_vocab <= 32100:
         notes.append(f"n_vocab {arch.n_vocab} is outside [32000, 32100]: GPT4All will not recognise this as LLaMA")
