@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from smolq.quantize.gptq_pipeline import quantize_hf_gptq
+from tests.test_gptq_pipeline import _tensors  # every safetensors file of a directory
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -59,15 +60,6 @@ def gptq(tmp_path_factory):
 
 
 # ------------------------------------------------------------------ the spec, written here
-
-def _tensors(directory: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
 
 def _unpack(words: np.ndarray, bits: int, n: int) -> np.ndarray:
     """Values packed along axis 0 (gptq.md 2.2/2.3): every 32 values are one `bits`·32-bit

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.test_gptq_pipeline import _tensors  # every safetensors file of a directory
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,15 +18,6 @@ def _helper():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def _load_dir(d: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 @pytest.mark.parametrize("gqa,tied", [(True, True), (False, False)])
@@ -39,8 +32,8 @@ def test_tiny_llama_round_trip(tmp_path, gqa, tied):
     convert(src, gguf_path, format="gguf", outtype="f32")
     out = _helper().hf_from_gguf(gguf_path, tmp_path / "back", tokenizer=False)
 
-    want = _load_dir(src)
-    got = _load_dir(out)
+    want = _tensors(src)
+    got = _tensors(out)
     assert set(got) == set(want)
     for name, w in want.items():
         np.testing.assert_array_equal(got[name], w.astype(np.float32), err_msg=name)
