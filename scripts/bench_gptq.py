@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/gptqbench"))
     p.add_argument("--out", type=Path, default=ROOT / "bench-results")
-    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--windows", type=int, default=32, help="evaluation windows of --ctx tokens")
