@@ -99,3 +99,12 @@ def test_gptq_only_options_refused_with_rtn(tiny, cli, flag):
     root, hf = tiny
     r = cli("quantize", hf, root / "rtn.gguf", "--type", "q4_0", *flag)
     assert r.returncode == 2 and "--method gptq" in r.stderr
+
+
+def test_gptq_of_a_gptq_checkpoint_points_to_convert(tiny, cli):
+    root, hf = tiny
+    src = root / "g4"
+    assert cli("quantize", hf, src, "--method", "gptq", "--format", "gptq", *_calib(root), "-q").returncode == 0
+    r = cli("quantize", src, root / "again.gguf", "--method", "gptq", "--type", "q4_0", *_calib(root))
+    assert r.returncode == 2 and "already GPTQ-quantized" in r.stderr and "smolq convert" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (root / "again.gguf").exists()

@@ -130,6 +130,10 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
         raise InputError(out, f"unknown --scale-rule {scale_rule!r}; choose one of {', '.join(SCALE_RULES)}")
     if mse < 0:
         raise InputError(out, f"--mse must be 0 (off) or a positive exponent, not {mse}")
+    from smolq.convert.gptq_import import looks_like_gptq
+
+    if looks_like_gptq(src):
+        raise InputError(src, "is already GPTQ-quantized; `smolq convert` imports it (GGUF, exact where the grid maps)")
     dev = _device(device)
     settings = Settings(fmt, qtype, bits, group_size, act_order, sym, true_sequential, damp,
                         None if calib is None else str(Path(calib).resolve()), nsamples, seqlen, seed,
