@@ -36,7 +36,10 @@ def _env() -> dict[str, str]:
 
 
 def _interrupt_after_first_block(cmd: list[str], work: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    # A shell runs background jobs with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the child the disposition of a terminal's foreground job.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not list(work.glob("block-*.safetensors")):
         if proc.poll() is not None or time.monotonic() > deadline:
