@@ -17,7 +17,11 @@ import pytest
 import torch
 
 from smolq.quantize.gptq_pipeline import quantize_hf_gptq
-from tests.test_gptq_pipeline import _tensors  # every safetensors file of a directory
+from tests.gptq_spec import dequantize as _dequantize
+from tests.gptq_spec import levels as _levels
+from tests.gptq_spec import load_dir as _tensors
+from tests.gptq_spec import pack as _pack
+from tests.gptq_spec import unpack as _unpack
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -60,45 +64,6 @@ def gptq(tmp_path_factory):
 
 
 # ------------------------------------------------------------------ the spec, written here
-
-def _unpack(words: np.ndarray, bits: int, n: int) -> np.ndarray:
-    """Values packed along axis 0 (gptq.md 2.2/2.3): every 32 values are one `bits`·32-bit
-    little-endian integer with value k at bit bits·k, split into int32 words."""
-    w = words.view(np.uint32).astype(object)
-    m = words.shape[1]
-    out = np.zeros((n, m), dtype=np.int64)
-    for blk in range(n // 32):
-        big = sum(w[blk * bits + i] << (32 * i) for i in range(bits))  # per column, arbitrary precision
-        for k in range(32):
-            out[blk * 32 + k] = np.array([(int(x) >> (bits * k)) & ((1 << bits) - 1) for x in big])
-    return out
-
-
-def _pack(values: np.ndarray, bits: int) -> np.ndarray:
-    n, m = values.shape
-    out = np.zeros((n // 32 * bits, m), dtype=np.uint32)
-    for blk in range(n // 32):
-        for col in range(m):
-            big = 0
-            for k in range(32):
-                big |= int(values[blk * 32 + k, col]) << (bits * k)
-            for i in range(bits):
-                out[blk * bits + i, col] = (big >> (32 * i)) & 0xFFFFFFFF
-    return out.view(np.int32)
-
-
-def _levels(t: dict, prefix: str, bits: int, v1: bool = True):
-    """(q [out, in], scale [G, out] f32, zero [G, out], g_idx [in])."""
-    g_idx, scales = t[f"{prefix}.g_idx"].astype(np.int64), t[f"{prefix}.scales"].astype(np.float32)
-    q = _unpack(t[f"{prefix}.qweight"], bits, g_idx.shape[0]).T
-    z = _unpack(t[f"{prefix}.qzeros"].T.copy(), bits, scales.shape[1]).T + (1 if v1 else 0)
-    return q, scales, z, g_idx
-
-
-def _dequantize(t: dict, prefix: str, bits: int) -> np.ndarray:
-    q, s, z, g = _levels(t, prefix, bits)
-    return (s[g].T * (q - z[g].T)).astype(np.float32)
-
 
 def _ggml_rows_to_hf(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's permute put hf row h·hd + s·hd/2 + i at ggml row h·hd + 2i + s; undo it."""

@@ -16,7 +16,10 @@ import pytest
 import torch
 
 from smolq.quantize.gptq_pipeline import quantize_hf_gptq
-from tests.test_gptq_import import _dequantize, _levels, _raw_gguf, _tensors
+from tests.gptq_spec import dequantize as _dequantize
+from tests.gptq_spec import levels as _levels
+from tests.gptq_spec import load_dir as _tensors
+from tests.test_gptq_import import _raw_gguf
 
 N_LAYERS = 2
 # family -> (block prefix, {GPTQ Linear: GGUF name}, Linears whose HF module has a bias)

@@ -4,7 +4,6 @@ reference forward pass, resume and determinism."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +12,8 @@ import torch
 from smolq.errors import InputError
 from smolq.quantize import gptq_pipeline
 from smolq.quantize.gptq_pipeline import quantize_hf_gptq
+from tests.gptq_spec import dequantize as _dequantize
+from tests.gptq_spec import load_dir as _tensors
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -28,31 +29,6 @@ def tiny(tmp_path_factory):
     text = " ".join(f"the {w} sat on mat {i % 17}" for i, w in enumerate(["cat", "dog", "bird"] * 150))
     (root / "calib.txt").write_text(text)
     return root, hf
-
-
-def _tensors(directory: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def _spec_unpack(words: np.ndarray, bits: int, n: int) -> np.ndarray:
-    """Rows of `bits`-bit values, 32/bits per int32 word, least significant first (gptq.md 2.2)."""
-    w = words.view(np.uint32).astype(np.int64)
-    per = 32 // bits
-    return np.stack([(w >> (bits * k)) & ((1 << bits) - 1) for k in range(per)], axis=1).reshape(n, -1)
-
-
-def _spec_dequantize(t: dict[str, np.ndarray], prefix: str, bits: int) -> np.ndarray:
-    qweight, qzeros = t[f"{prefix}.qweight"], t[f"{prefix}.qzeros"]
-    scales, g_idx = t[f"{prefix}.scales"].astype(np.float32), t[f"{prefix}.g_idx"]
-    n_in, n_out = g_idx.shape[0], scales.shape[1]
-    q = _spec_unpack(qweight, bits, n_in)  # [in, out]
-    z = _spec_unpack(qzeros.T.copy(), bits, n_out).T + 1  # [G, out]; v1 stores zero - 1
-    return (scales[g_idx] * (q - z[g_idx])).T.astype(np.float32)  # [out, in]
 
 
 def _hf_logits(model, tokens):
@@ -97,7 +73,7 @@ def test_gptq_dir_reads_back_by_spec_and_runs_in_transformers(tiny):
             assert t[f"{prefix}.scales"].shape == (n_in // 32, n_out) and t[f"{prefix}.scales"].dtype == np.float16
             g_idx = t[f"{prefix}.g_idx"]
             assert sorted(np.bincount(g_idx).tolist()) == [32] * (n_in // 32)  # act-order: scattered groups
-            w = _spec_dequantize(t, prefix, 4)
+            w = _dequantize(t, prefix, 4)
             np.testing.assert_array_equal(w, loaders[f"{prefix}.weight"]())
             spec_model.get_submodule(prefix).weight.data = torch.from_numpy(w)
     for name, p in spec_model.named_parameters():  # the rest is the source in fp16

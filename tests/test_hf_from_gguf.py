@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_gptq_pipeline import _tensors  # every safetensors file of a directory
+from tests.gptq_spec import load_dir as _tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,26 +7,12 @@ import numpy as np
 import pytest
 
 import smolq.kernels as K
+from tests.test_gptq_packing import spec_unpack_rows
 
 
 def doc_unpack_column(words: np.ndarray, bits: int) -> np.ndarray:
-    """Unpack one packed line (uint32 words) the way gptq.md 2.2/2.3 describe it."""
-    w = words.astype(np.uint64)
-    out = []
-    if bits != 3:
-        per = 32 // bits
-        for word in w:  # value k of a word at bit offset bits*k, least significant first
-            out += [int(word >> np.uint64(bits * k)) & ((1 << bits) - 1) for k in range(per)]
-        return np.array(out)
-    for g in range(0, len(w), 3):
-        w0, w1, w2 = (int(v) for v in w[g:g + 3])
-        vals = [(w0 >> (3 * k)) & 7 for k in range(10)]                   # values 0-9: word 0 bits 3k
-        vals.append(((w0 >> 30) & 3) | ((w1 & 1) << 2))                   # value 10: 2 low bits + 1 high
-        vals += [(w1 >> (3 * k + 1)) & 7 for k in range(10)]              # values 11-20: word 1 bits 3k+1
-        vals.append(((w1 >> 31) & 1) | ((w2 & 3) << 1))                   # value 21: 1 low bit + 2 high
-        vals += [(w2 >> (3 * k + 2)) & 7 for k in range(10)]              # values 22-31: word 2 bits 3k+2
-        out += vals
-    return np.array(out)
+    """One packed line (uint32 words) through the test-side row unpacker of gptq.md 2.2/2.3."""
+    return spec_unpack_rows(np.asarray(words, dtype=np.uint32)[:, None], bits)[:, 0]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -282,14 +282,6 @@ def _linear(module: str, parts: dict[str, SourceTensor], qcfg: dict) -> GPTQSour
 
 # ------------------------------------------------------------------ choosing types
 
-@dataclass
-class GPTQPlan:
-    exact: dict[str, GGMLType]  # step name -> exact type
-    requantized: dict[str, tuple[GGMLType, str]]  # step name -> (type, why)
-    notes: list[str]
-    warning: str | None
-
-
 def default_type(src: GPTQSourceTensor, shape: tuple[int, ...]) -> tuple[GGMLType, bool]:
     """Per-tensor default when --outtype is not given: the exact type, else by bits."""
     from smolq.quantize.plan import with_shape_fallback
@@ -315,22 +307,22 @@ def why_not_exact(src: GPTQSourceTensor, t: GGMLType) -> str:
     return f"zero points do not fit {t.name}'s symmetric grid"
 
 
-def summarize(steps: list, exact_names: set[str]) -> tuple[list[str], str | None]:
+def summarize(steps: list) -> tuple[list[str], str | None]:
     """Notes on what was exact, and the one warning line about what was not."""
     gsteps = [s for s in steps if isinstance(s.source, GPTQSourceTensor)]
     notes: list[str] = []
-    exact = [s for s in gsteps if s.name in exact_names]
+    exact = [s for s in gsteps if s.exact]
     by_type = Counter(s.type.name for s in exact)
     for tname, n in sorted(by_type.items()):
         dm = max((s.source.exactness().max_dm for s in exact if s.type.name == tname), default=0.0)
         affine = EXACT_BLOCK_TYPES[T[tname]].affine
         tail = f" (max |Δm| = {dm:.3g} from rounding m = −scale·zero to fp16)" if affine else " (bit for bit)"
         notes.append(f"{n} of {len(gsteps)} GPTQ linears copied exactly as {tname}{tail}")
-    floats = [s for s in gsteps if s.name not in exact_names and not is_quantized(s.type)]
+    floats = [s for s in gsteps if not s.exact and not is_quantized(s.type)]
     if floats:
         types = ", ".join(sorted({s.type.name for s in floats}))
         notes.append(f"{len(floats)} of {len(gsteps)} GPTQ linears dequantized to {types}")
-    rest = [s for s in gsteps if s.name not in exact_names and is_quantized(s.type)]
+    rest = [s for s in gsteps if not s.exact and is_quantized(s.type)]
     warning = None
     if rest:
         reasons = Counter(why_not_exact(s.source, s.type) for s in rest)

@@ -351,7 +351,7 @@ def _summary(ckpt: Checkpoint, arch: Arch, target: Target, outtype: str | None, 
     if gptq:
         from smolq.convert.gptq_import import summarize
 
-        gnotes, warning = summarize(steps, {s.name for s in steps if s.exact})
+        gnotes, warning = summarize(steps)
         notes += ckpt.notes + gnotes
         warnings += [warning] if warning else []
     if target.legacy and arch.family == "llama" and not 32000 <= arch.n_vocab <= 32100:
