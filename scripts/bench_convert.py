@@ -99,7 +99,7 @@ def make_checkpoint(directory: Path, size: str) -> int:
 
 def write_tokenizer(directory: Path, vocab: int) -> None:
     """A byte-level BPE tokenizer.json padded to `vocab` ids (the bench measures tensors, not tokens)."""
-    from smolq.convert.vocab import byte_encoder
+    from smolq.sources.vocab import byte_encoder
 
     enc = byte_encoder()
     tokens = {enc[b]: b for b in range(256)}
@@ -116,8 +116,8 @@ def rss(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
-from smolq.convert.pipeline import convert
-import smolq.kernels, smolq.formats.gguf, smolq.quantize.plan
+from smolq.pipeline.convert import convert
+import smolq.kernels, smolq.formats.gguf, smolq.plan.mix
 base = rss("VmRSS:")
 t = time.perf_counter()
 s = convert(sys.argv[1], sys.argv[2], outtype=sys.argv[3])

@@ -149,7 +149,7 @@ def dir_bytes(d: Path) -> int:
 
 
 def calibration(hf_dir: Path, calib: Path, nsamples: int, seqlen: int, seed: int, model, tokenizer):
-    from smolq.quantize.calib import load_calibration
+    from smolq.transforms.calib import load_calibration
 
     return load_calibration(model, tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
 
@@ -179,7 +179,7 @@ def importance_matrix(model, cal) -> dict[str, np.ndarray]:
 def imatrix_rtn_state(base: dict, types: dict[str, str], imatrix: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Each calibrated Linear quantized with ggml's imatrix quantizer (smolq kernel) to its RTN type."""
     from smolq import kernels
-    from smolq.quantize.types import GGMLType
+    from smolq.ggml_types import GGMLType
 
     out = {}
     for name, imx in imatrix.items():
@@ -192,8 +192,8 @@ def imatrix_rtn_state(base: dict, types: dict[str, str], imatrix: dict[str, np.n
 
 def int_rtn_state(base: dict, bits: int, group_size: int) -> dict[str, np.ndarray]:
     """RTN on the GPTQ integer grid (sym, same group size) for every block Linear."""
-    from smolq.quantize.gptq import rtn_solve
-    from smolq.quantize.grids import IntGrid
+    from smolq.transforms.gptq import rtn_solve
+    from smolq.transforms.grids import IntGrid
 
     out = {}
     for name, w in base.items():
@@ -245,8 +245,8 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from smolq.convert.pipeline import convert
-    from smolq.quantize.gptq_pipeline import quantize_hf_gptq
+    from smolq.pipeline.convert import convert
+    from smolq.pipeline.gptq import quantize_hf_gptq
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)

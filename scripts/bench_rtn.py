@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import smolq.kernels as K  # noqa: E402
-from smolq.quantize.types import GGMLType  # noqa: E402
+from smolq.ggml_types import GGMLType  # noqa: E402
 
 DEFAULT_TYPES = ["f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
                  "tq1_0", "tq2_0"]

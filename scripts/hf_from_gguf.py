@@ -6,7 +6,7 @@
 Every tensor is dequantized with smolq's C kernel to float32 (so a quantized
 GGUF becomes an "f32" checkpoint holding exactly the values llama.cpp
 decodes), Q/K rows go back from ggml's interleaved RoPE order to HF's
-rotate-half order (smolq.convert.arch.llama.unpermute_qk), config.json comes
+rotate-half order (smolq.arch.llama.unpermute_qk), config.json comes
 from the GGUF metadata, and a GPT-2 byte-level BPE tokenizer.json is built
 from tokenizer.ggml.tokens/merges with the `tokenizers` package.
 
@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from smolq.convert.arch.llama import _LAYER_TENSORS, unpermute_qk
+from smolq.arch.llama import _LAYER_TENSORS, unpermute_qk
 from smolq.errors import FormatError, InputError
 
 # llama.cpp token types (llama-vocab.h): 3 control, 4 user-defined -> added special tokens.
@@ -116,7 +116,7 @@ def hf_name(gguf_name: str) -> str:
 
 def hf_tensors(gf, cfg: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, float32 array) for every tensor, one at a time, Q/K unpermuted."""
-    from smolq.convert.reference import tensor_to_float
+    from smolq.sources.reference import tensor_to_float
 
     for entry in gf.tensors:
         try:

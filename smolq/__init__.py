@@ -2,4 +2,4 @@
 
 __version__ = "0.1.0"
 
-from smolq.errors import SmolqError, FormatError, InputError  # noqa: E402,F401
+from smolq.errors import FormatError, InputError, SmolqError  # noqa: E402,F401

@@ -6,10 +6,12 @@ line on stderr and exit code 2 (never a traceback).
 """
 from __future__ import annotations
 
-import importlib
 import sys
 
 import typer
+
+from smolq.commands import convert, demo, eval, inspect, migrate, quantize, verify, zoo
+from smolq.commands.runner import run_app
 
 app = typer.Typer(
     name="smolq",
@@ -33,51 +35,13 @@ def _root() -> None:
 
 
 # Commands in the order `smolq --help` lists them.
-COMMAND_MODULES = ("convert", "quantize", "inspect", "verify", "migrate", "eval", "zoo", "demo")
-
-
-def _register_commands() -> None:
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"smolq.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"smolq.commands.{name}":
-                continue  # not built yet
-            raise
-        module.register(app)
-
-
-_register_commands()
-
-
-INTERRUPTED = 130  # the shell's code for death by SIGINT
-
-
-def _say_interrupted() -> None:
-    print("smolq: interrupted; no output was left behind", file=sys.stderr)
+for command in (convert, quantize, inspect, verify, migrate, eval, zoo, demo):
+    command.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from smolq.errors import SmolqError
-
-    try:
-        app(args=argv, prog_name="smolq", standalone_mode=True)
-    except SmolqError as exc:
-        print(f"smolq: error: {exc.one_line()}", file=sys.stderr)
-        return exc.exit_code
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if code == INTERRUPTED:  # typer turns Ctrl-C inside a command into Exit(130)
-            _say_interrupted()
-        return code
-    except KeyboardInterrupt:
-        _say_interrupted()
-        return INTERRUPTED
-    except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"smolq: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 2
-    return 0
+    """The console script: run the app, smolq's errors as one line (exit 2)."""
+    return run_app(app, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ reader is absent; `make setup` installs them):
   and a hang is cut off by a timeout. It works with the 1.x binding (legacy
   ggml/ggjt/ggmm loaders) and the 2.x binding (GGUF loaders).
 
-And the yardstick: transformers (`hf_greedy`, and smolq.convert.reference's
+And the yardstick: transformers (`hf_greedy`, and smolq.sources.reference's
 `hf_logits`), plus `check_choices`, which compares the tokens an engine chose
 with a reference's logits while tolerating only genuine near-ties.
 """

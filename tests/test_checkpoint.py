@@ -15,8 +15,9 @@ import torch
 from safetensors.numpy import save_file
 from safetensors.torch import save_file as save_torch
 
-from smolq.convert.checkpoint import open_checkpoint, rope_theta
+from smolq.arch.base import rope_theta
 from smolq.errors import FormatError, InputError
+from smolq.sources.checkpoint import open_checkpoint
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
 

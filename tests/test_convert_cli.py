@@ -9,7 +9,7 @@ import struct
 import pytest
 import torch
 
-from smolq.convert.arch import Llama
+from smolq.arch import Llama
 from smolq.formats.gguf import read_gguf
 from smolq.formats.legacy import read_legacy, write_legacy
 

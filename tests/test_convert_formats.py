@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smolq.convert.pipeline import convert
+from smolq.pipeline.convert import convert
 from smolq.formats.gguf import read_gguf
 from smolq.formats.legacy import read_legacy
-from smolq.quantize.types import GGMLType
+from smolq.ggml_types import GGMLType
 
 T = GGMLType
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from smolq.convert.pipeline import convert
+from smolq.pipeline.convert import convert
 from smolq.formats.legacy import read_legacy
-from smolq.quantize.types import GGMLType
+from smolq.ggml_types import GGMLType
 from smolq.tiny import make_tiny_model
 
 

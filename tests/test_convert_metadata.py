@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFValueType
 
-from smolq.convert.pipeline import convert
+from smolq.pipeline.convert import convert
 
 V = GGUFValueType
 

@@ -1,4 +1,4 @@
-"""Logits of converted files (smolq.convert.reference forward pass) against transformers.
+"""Logits of converted files (smolq.sources.reference forward pass) against transformers.
 
 f32 files: max |logit diff| < 1e-4; f16 files: top-1 agreement 100%.
 The reference pass runs RoPE/ALiBi on the tensors as stored, so a wrong
@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smolq.convert.pipeline import convert
-from smolq.convert.reference import default_sequences, hf_hparams, hf_logits, logit_stats, logits_from_file
+from smolq.pipeline.convert import convert
+from smolq.sources.reference import default_sequences, hf_hparams, hf_logits, logit_stats, logits_from_file
 
 CASES = {
     "llama": ["gguf", "gguf-v1", "gguf-v2", "ggml", "ggmf", "ggjt-v1", "ggjt-v2", "ggjt-v3"],

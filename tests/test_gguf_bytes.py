@@ -17,7 +17,7 @@ import pytest
 from smolq.errors import FormatError, InputError
 from smolq.formats.base import TensorEntry
 from smolq.formats.gguf import GGUFValueType, Metadata, MetaValue, read_gguf, write_gguf
-from smolq.quantize.types import GGMLType
+from smolq.ggml_types import GGMLType
 
 V = GGUFValueType
 

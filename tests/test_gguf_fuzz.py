@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from smolq.errors import FormatError
 from smolq.formats.base import TensorEntry
 from smolq.formats.gguf import Metadata, MetaValue, read_gguf, write_gguf
-from smolq.quantize.types import GGMLType
+from smolq.ggml_types import GGMLType
 
 MEMORY_LIMIT = 2 << 20  # bytes of Python/numpy allocation per read; seeds are < 1 KiB
 

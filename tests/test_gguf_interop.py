@@ -10,7 +10,7 @@ from gguf import GGUFValueType as GV  # noqa: E402
 
 from smolq.formats.base import TensorEntry  # noqa: E402
 from smolq.formats.gguf import GGUFValueType, Metadata, MetaValue, read_gguf, write_gguf  # noqa: E402
-from smolq.quantize.types import GGMLType  # noqa: E402
+from smolq.ggml_types import GGMLType  # noqa: E402
 
 V = GGUFValueType
 

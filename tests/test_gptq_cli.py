@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from smolq.quantize import grids
+from smolq.transforms import grids
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def test_perplexity_matches_transformers_loss(tiny):
 def test_gguf_file_and_kl_and_cli(tiny, capsys):
     from smolq.cli import main
     from smolq.commands.eval import evaluate
-    from smolq.convert.pipeline import convert
+    from smolq.pipeline.convert import convert
 
     root, hf = tiny
     f16 = root / "m.gguf"

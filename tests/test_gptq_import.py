@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from smolq.quantize.gptq_pipeline import quantize_hf_gptq
+from smolq.pipeline.gptq import quantize_hf_gptq
 from tests.gptq_spec import dequantize as _dequantize
 from tests.gptq_spec import levels as _levels
 from tests.gptq_spec import load_dir as _tensors
@@ -96,7 +96,7 @@ def _raw_gguf(path: Path) -> dict[str, tuple[object, np.ndarray]]:
 
 
 def _convert(src: Path, out: Path, **kw):
-    from smolq.convert.pipeline import convert
+    from smolq.pipeline.convert import convert
 
     return convert(src, out, **kw)
 
@@ -272,7 +272,7 @@ def _tensors_of(f: Path) -> dict[str, np.ndarray]:
 def test_exact_gguf_runs_like_transformers_on_the_gptq_weights(gptq, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from smolq.convert.reference import hf_hparams, logits_from_file
+    from smolq.sources.reference import hf_hparams, logits_from_file
 
     hf = gptq("hf")
     src = gptq("sym4")
@@ -294,7 +294,7 @@ def test_exact_gguf_runs_like_transformers_on_the_gptq_weights(gptq, tmp_path):
 
 
 def test_legacy_ggjt_v3_carries_the_exact_blocks(gptq, tmp_path):
-    from smolq.convert.reference import hf_hparams, logits_from_file
+    from smolq.sources.reference import hf_hparams, logits_from_file
 
     src = gptq("sym4")
     _convert(src, tmp_path / "a.gguf")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from smolq.quantize.gptq_pipeline import quantize_hf_gptq
+from smolq.pipeline.gptq import quantize_hf_gptq
 from tests.gptq_spec import dequantize as _dequantize
 from tests.gptq_spec import levels as _levels
 from tests.gptq_spec import load_dir as _tensors
@@ -126,8 +126,8 @@ def test_family_linears_are_copied_exactly(gptq, tmp_path, cli, family, variant,
 def test_family_gguf_runs_like_transformers_on_the_gptq_weights(gptq, tmp_path, family, variant):
     from transformers import AutoModelForCausalLM
 
-    from smolq.convert.pipeline import convert
-    from smolq.convert.reference import hf_hparams, logits_from_file
+    from smolq.pipeline.convert import convert
+    from smolq.sources.reference import hf_hparams, logits_from_file
 
     hf, src = gptq(family, "hf"), gptq(family, variant)
     out = tmp_path / "out.gguf"
@@ -159,8 +159,8 @@ def _as_q4_1(t: dict, prefix: str) -> np.ndarray:
 @pytest.mark.parametrize("family, fmt", [("gptj", "ggml"), ("mpt", "ggmm")])
 def test_family_legacy_file_carries_the_exact_blocks(gptq, tmp_path, family, fmt):
     """GPT4All's legacy containers (v1 block layout): the same values as the GGUF, blocks relaid."""
-    from smolq.convert.pipeline import convert
-    from smolq.convert.reference import hf_hparams, logits_from_file
+    from smolq.pipeline.convert import convert
+    from smolq.sources.reference import hf_hparams, logits_from_file
 
     src = gptq(family, "sym4")
     convert(src, tmp_path / "a.gguf")
@@ -224,7 +224,7 @@ def _with_bias_buffers(src: Path, dst: Path, value: float) -> list[str]:
 
 
 def test_zero_bias_buffers_are_dropped_with_a_note(gptq, tmp_path):
-    from smolq.convert.pipeline import convert
+    from smolq.pipeline.convert import convert
 
     src = gptq("gptj", "sym4")
     d = tmp_path / "zb" / "model"

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from smolq.errors import InputError
-from smolq.quantize import gptq_pipeline
-from smolq.quantize.gptq_pipeline import quantize_hf_gptq
+from smolq.pipeline import gptq
+from smolq.pipeline.gptq import quantize_hf_gptq
 from tests.gptq_spec import dequantize as _dequantize
 from tests.gptq_spec import load_dir as _tensors
 
@@ -113,8 +113,8 @@ def test_gguf_output_beats_rtn_on_calibration_domain_text(tiny):
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from smolq.convert.pipeline import convert
-    from smolq.convert.reference import hf_hparams, logits_from_file
+    from smolq.pipeline.convert import convert
+    from smolq.sources.reference import hf_hparams, logits_from_file
 
     root, hf = tiny
     out = root / "gptq-q4_0.gguf"
@@ -187,7 +187,7 @@ def test_data_free_calibration_and_device_errors(tiny):
 def test_calibration_files(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from smolq.quantize.calib import load_calibration
+    from smolq.transforms.calib import load_calibration
 
     _, hf = tiny
     model = AutoModelForCausalLM.from_pretrained(hf)

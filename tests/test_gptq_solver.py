@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from smolq.quantize.gptq import HessianAccumulator, gptq_solve, inverse_cholesky_upper, layer_error, rtn_solve
-from smolq.quantize.grids import IntGrid, fp16_round, make_grid
-from smolq.quantize.types import GGMLType
+from smolq.transforms.gptq import HessianAccumulator, gptq_solve, inverse_cholesky_upper, layer_error, rtn_solve
+from smolq.transforms.grids import IntGrid, fp16_round, make_grid
+from smolq.ggml_types import GGMLType
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smolq.quantize import gptq_pipeline
-from smolq.quantize.gptq_pipeline import quantize_hf_gptq
+from smolq.pipeline import gptq
+from smolq.pipeline.gptq import quantize_hf_gptq
 
 CALIB = " ".join(f"the {w} sat on mat {i % 17}" for i, w in enumerate(["cat", "dog", "bird"] * 150))
 
@@ -92,7 +92,7 @@ def test_activations_in_a_scratch_file_give_the_same_bytes(deep, monkeypatch):
 RSS_SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from smolq.quantize.gptq_pipeline import quantize_hf_gptq
+    from smolq.pipeline.gptq import quantize_hf_gptq
 
     def status(key):
         for line in Path("/proc/self/status").read_text().splitlines():

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from smolq.quantize.gptq import rtn_solve
-from smolq.quantize.grids import BLOCK_SPECS, BlockGrid, make_grid
-from smolq.quantize.types import GGMLType, type_size
+from smolq.transforms.gptq import rtn_solve
+from smolq.transforms.grids import BLOCK_SPECS, BlockGrid, make_grid
+from smolq.ggml_types import GGMLType, type_size
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from smolq import kernels
-from smolq.quantize.gptq import gptq_solve, rtn_solve
-from smolq.quantize.grids import BlockGrid
-from smolq.quantize.types import GGMLType
+from smolq.transforms.gptq import gptq_solve, rtn_solve
+from smolq.transforms.grids import BlockGrid
+from smolq.ggml_types import GGMLType
 
 
 def _case(rows, cols, seed):

@@ -23,8 +23,8 @@ def _helper():
 @pytest.mark.parametrize("gqa,tied", [(True, True), (False, False)])
 def test_tiny_llama_round_trip(tmp_path, gqa, tied):
     """HF -> smolq GGUF (f32, Q/K permuted) -> helper gives back the same tensors and config."""
-    from smolq.convert.checkpoint import rope_theta
-    from smolq.convert.pipeline import convert
+    from smolq.arch.base import rope_theta
+    from smolq.pipeline.convert import convert
     from smolq.tiny import make_tiny_model
 
     src = make_tiny_model("llama", tmp_path / "src", gqa=gqa, tied=tied, seed=3)
@@ -49,7 +49,7 @@ def test_tiny_llama_round_trip(tmp_path, gqa, tied):
 
 
 def test_refuses_non_llama(tmp_path):
-    from smolq.convert.pipeline import convert
+    from smolq.pipeline.convert import convert
     from smolq.errors import FormatError
     from smolq.tiny import make_tiny_model
 
@@ -90,7 +90,7 @@ def test_smollm2_rebuilt_dir_loads_and_matches_the_file(tmp_path, smollm2_gguf):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from smolq.convert.reference import logits_from_file
+    from smolq.sources.reference import logits_from_file
 
     out = _helper().hf_from_gguf(smollm2_gguf, tmp_path / "hf")
     tok = AutoTokenizer.from_pretrained(out)

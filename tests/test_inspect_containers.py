@@ -15,7 +15,7 @@ import pytest
 from smolq.formats.base import TensorEntry
 from smolq.formats.legacy import write_legacy
 from smolq.formats.legacy_tables import FORMAT_SPECS
-from smolq.quantize.types import GGMLType as T
+from smolq.ggml_types import GGMLType as T
 from tests.test_cli_support import run_cli
 
 HPARAMS = {

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import smolq.kernels as K
-from smolq.quantize.types import GGMLType, type_size
+from smolq.ggml_types import GGMLType, type_size
 
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 LAYOUTS = ["v1", "v2", "v3"]

@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType as G
 from gguf import quants as gq
 
 import smolq.kernels as K
-from smolq.quantize.types import GGMLType
+from smolq.ggml_types import GGMLType
 
 GGUF_QUANT_TYPES = ["BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0"]
 

@@ -23,7 +23,7 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 
-from smolq.quantize.types import QK_K, TYPE_INFO, GGMLType
+from smolq.ggml_types import QK_K, TYPE_INFO, GGMLType
 
 KTYPES = [GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]
 IDS = [t.name for t in KTYPES]

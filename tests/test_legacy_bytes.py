@@ -15,7 +15,7 @@ import pytest
 
 from smolq.formats.base import TensorEntry
 from smolq.formats.legacy import read_legacy, write_legacy
-from smolq.quantize.types import GGMLType as T
+from smolq.ggml_types import GGMLType as T
 
 # --- the spec, transcribed from formats.md (sections 1-5) -----------------------------------
 

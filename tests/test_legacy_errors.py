@@ -9,14 +9,14 @@ import pytest
 from smolq.errors import FormatError, InputError
 from smolq.formats.base import TensorEntry
 from smolq.formats.legacy import read_legacy, write_legacy
-from smolq.quantize.types import GGMLType as T
+from smolq.ggml_types import GGMLType as T
 
 LLAMA_HP = {"n_vocab": 2, "n_embd": 32, "n_mult": 16, "n_head": 4, "n_layer": 1, "n_rot": 8}
 GPTJ_HP = {"n_vocab": 2, "n_ctx": 64, "n_embd": 32, "n_head": 4, "n_layer": 1, "n_rot": 8}
 
 
 def entry(name, t=T.F32, shape=(32,), layout="v3", nbytes=None):
-    from smolq.quantize.types import tensor_nbytes
+    from smolq.ggml_types import tensor_nbytes
 
     n = tensor_nbytes(t, shape, layout) if nbytes is None else nbytes
     return TensorEntry(name, t, shape, load=lambda: bytes(range(256)) * (n // 256) + bytes(n % 256), layout=layout)

@@ -13,8 +13,8 @@ from smolq.errors import FormatError
 from smolq.formats.base import TensorEntry
 from smolq.formats.legacy import read_legacy, write_legacy
 from smolq.formats.legacy_tables import FORMAT_SPECS
-from smolq.quantize.types import GGMLType as T
-from smolq.quantize.types import tensor_nbytes
+from smolq.ggml_types import GGMLType as T
+from smolq.ggml_types import tensor_nbytes
 
 HP = {
     "llama": {"n_vocab": 3, "n_embd": 32, "n_mult": 16, "n_head": 4, "n_layer": 1, "n_rot": 8},

@@ -14,8 +14,8 @@ from smolq.formats.legacy import (
     write_legacy,
 )
 from smolq.formats.legacy_tables import FORMAT_SPECS
-from smolq.quantize.types import GGMLType as T
-from smolq.quantize.types import tensor_nbytes
+from smolq.ggml_types import GGMLType as T
+from smolq.ggml_types import tensor_nbytes
 from smolq.errors import FormatError, InputError
 
 HPARAMS = {

@@ -9,10 +9,10 @@ import pytest
 from gguf import GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 
-from smolq.convert.pipeline import convert
+from smolq.pipeline.convert import convert
 from smolq.formats.base import TensorEntry
 from smolq.formats.legacy import read_legacy, write_legacy
-from smolq.quantize.types import GGMLType
+from smolq.ggml_types import GGMLType
 
 T = GGMLType
 
@@ -164,7 +164,7 @@ def unpack_q4_2(raw: bytes, n: int) -> np.ndarray:
 
 
 def test_q4_2_is_requantized_to_q4_0_with_error_figures(llama, tmp_path):
-    from smolq.migrate import migrate
+    from smolq.pipeline.migrate import migrate
 
     hf, root = llama
     lf = read_legacy(root / "ggjt-v1.bin")
@@ -195,7 +195,7 @@ def test_q4_2_is_requantized_to_q4_0_with_error_figures(llama, tmp_path):
 
 
 def test_q4_2_to_ggjt_v3_and_explicit_type(llama, tmp_path):
-    from smolq.migrate import migrate
+    from smolq.pipeline.migrate import migrate
 
     hf, root = llama
     lf = read_legacy(root / "ggjt-v1.bin")

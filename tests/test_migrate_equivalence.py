@@ -19,10 +19,10 @@ import pytest
 from gguf import GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 
-from smolq.convert.pipeline import convert
+from smolq.pipeline.convert import convert
 from smolq.formats.legacy import read_legacy
-from smolq.migrate import migrate
-from smolq.quantize.types import GGMLType
+from smolq.pipeline.migrate import migrate
+from smolq.ggml_types import GGMLType
 from smolq.tiny import make_tiny_model
 
 T = GGMLType

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from smolq.errors import InputError
-from smolq.quantize.plan import (
+from smolq.plan.mix import (
     LLAMA_FTYPE,
     ModelInfo,
     PlanOptions,
@@ -24,7 +24,7 @@ from smolq.quantize.plan import (
     tensor_role,
     use_more_bits,
 )
-from smolq.quantize.types import GGMLType as T
+from smolq.ggml_types import GGMLType as T
 
 N_LAYER = 32
 N_EMBD, N_FF, N_VOCAB = 4096, 11008, 32000

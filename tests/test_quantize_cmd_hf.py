@@ -59,7 +59,7 @@ def test_hf_dir_rejects_file_only_options(capsys, hf_dir, tmp_path):
 
 
 def test_verify_logits_against_transformers(capsys, hf_dir, f32_gguf):
-    pytest.importorskip("smolq.convert.reference")
+    pytest.importorskip("smolq.sources.reference")
     rc, stdout, err = run_cli(capsys, "verify", f32_gguf, "--logits", "--against", hf_dir, "--json",
                               "--max-kl", "1e-6")
     assert rc == 0, err

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from smolq.formats.base import TensorEntry
-from smolq.quantize.rtn import quantize_entries, quantize_entry, to_float32
-from smolq.quantize.types import GGMLType as T
+from smolq.transforms.rtn import quantize_entries, quantize_entry, to_float32
+from smolq.ggml_types import GGMLType as T
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402

@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smolq.convert.pipeline import convert
-from smolq.convert.reference import hf_hparams, logits_from_file
+from smolq.pipeline.convert import convert
+from smolq.sources.reference import hf_hparams, logits_from_file
 
 from test_real_loaders_legacy import (  # noqa: F401  (llama is a fixture)
     LLAMA_IDS, LLAMA_VARIANT, N_NEW, PROMPT, _variant_lib, hf_greedy, llama, needs_gpt4all, run_gpt4all,

@@ -36,8 +36,8 @@ import pytest
 
 from real_loaders import (check_choices, gpt4all_dir, hf_greedy, llama_cpp_greedy, llama_cpp_logits, open_llama,
                           require_gpt4all, require_llama_cpp, run_gpt4all, top2_margin)
-from smolq.convert.pipeline import convert
-from smolq.convert.reference import hf_logits, logit_stats, logits_from_file
+from smolq.pipeline.convert import convert
+from smolq.sources.reference import hf_logits, logit_stats, logits_from_file
 
 LLAMA_VARIANTS = {"llama": {}, "llama-gqa": {"gqa": True}, "llama-tied": {"tied": True},
                   "llama-gqa-tied": {"gqa": True, "tied": True}}

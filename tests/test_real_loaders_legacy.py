@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from smolq.convert.pipeline import convert
-from smolq.migrate import migrate
+from smolq.pipeline.convert import convert
+from smolq.pipeline.migrate import migrate
 
 GPT4ALL_DIR = Path(os.environ.get("SMOLQ_GPT4ALL_108", Path(__file__).resolve().parents[1] / ".venv/real/gpt4all-1.0.8"))
 BUILD = GPT4ALL_DIR / "gpt4all" / "llmodel_DO_NOT_MODIFY" / "build"

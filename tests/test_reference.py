@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from smolq.convert.reference import (  # noqa: E402
+from smolq.sources.reference import (  # noqa: E402
     alibi_slopes, compare_logits, default_sequences, forward, hf_logits, logit_stats, logits_from_file,
 )
 from smolq.tiny import make_tiny_model  # noqa: E402

@@ -1,7 +1,7 @@
 """smolq convert, end to end: every tiny model to every --format, judged by logits.
 
 The yardstick is transformers' forward pass on the HF checkpoint; the file
-is run by the numpy reference forward pass (smolq.convert.reference), which
+is run by the numpy reference forward pass (smolq.sources.reference), which
 reads what is stored (Meta-order Q/K rows, fused MPT qkv, legacy names)
 and so checks names, permutations, hyperparameters and block layouts
 together. Quantized GGUF files are also checked against gguf-py's own
@@ -18,9 +18,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from smolq.convert.arch import family_arch  # noqa: E402
-from smolq.convert.pipeline import convert  # noqa: E402
-from smolq.convert.reference import (  # noqa: E402
+from smolq.arch import family_arch  # noqa: E402
+from smolq.pipeline.convert import convert  # noqa: E402
+from smolq.sources.reference import (  # noqa: E402
     compare_logits, default_sequences, forward, hf_hparams, hf_logits, logit_stats, logits_from_file,
 )
 from smolq.tiny import make_tiny_model  # noqa: E402

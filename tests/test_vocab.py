@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from smolq.convert.vocab import BYTE, CONTROL, UNKNOWN, UNUSED, USER_DEFINED, byte_encoder, load_vocab
+from smolq.sources.vocab import BYTE, CONTROL, UNKNOWN, UNUSED, USER_DEFINED, byte_encoder, load_vocab
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from gguf import GGUFReader, GGUFValueType
 
-from smolq.convert.pipeline import convert
+from smolq.pipeline.convert import convert
 
 REPO = Path(__file__).resolve().parents[1]
 FETCH_HINT = "run: python scripts/fetch_llama_converter.py (or set SMOLQ_LLAMA_CONVERTER)"
@@ -365,7 +365,7 @@ def test_mpt_vocab(converted, model):
 def test_add_token_flags_follow_gguf_py(converted, case):
     """smolq's add_bos/add_eos/add_sep rule, on hand-made post-processors, against the
     SpecialVocab of the converter's own gguf-py."""
-    from smolq.convert.vocab import add_token_flags
+    from smolq.sources.vocab import add_token_flags
 
     post, config = POST_PROCESSOR_CASES[case]
     tokenizer_json = {"post_processor": post}

@@ -285,7 +285,7 @@ def test_model_file_sources_are_requantized_against_themselves(sources, tmp_path
     import gguf
     from gguf.quants import dequantize
 
-    from smolq.convert.pipeline import convert
+    from smolq.pipeline.convert import convert
 
     f16 = tmp_path / "llama-f16.gguf"
     convert(sources / "llama", f16, outtype="f16")

@@ -7,6 +7,9 @@ from typing import Optional
 
 import typer
 
+from smolq.pipeline.convert import convert as run_convert
+from smolq.progress import emit_json, event_progress, human_bytes, note
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -29,8 +32,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     ) -> None:
         """Convert a Hugging Face checkpoint (LLaMA, GPT-J, MPT; plain or GPTQ) into GGUF or a legacy ggml file."""
-        from smolq.convert.pipeline import convert as run_convert
-        from smolq.progress import emit_json, event_progress, note
 
         with event_progress("convert", quiet=quiet or json_out) as on_progress:
             summary = run_convert(src, out, format=format, outtype=outtype, vocab_only=vocab_only,
@@ -63,7 +64,6 @@ def _print_plan(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from smolq.progress import human_bytes
 
     table = Table(title=f"{summary['source']} -> {summary['output']} ({summary['format']}, {summary['outtype']})")
     for col in ("tensor", "source", "source dtype", "shape", "type", "bytes"):

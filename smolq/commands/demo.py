@@ -11,6 +11,11 @@ import shlex
 from pathlib import Path
 
 import typer
+from rich.console import Console
+
+from smolq.commands.runner import run_app
+from smolq.errors import InputError
+from smolq.tiny import make_tiny_model
 
 
 def register(app: typer.Typer) -> None:
@@ -21,7 +26,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("demo-out"), "--out", help="Directory for the tiny model and every output."),
     ) -> None:
         """Build a tiny LLaMA offline, convert, quantize, inspect and verify it."""
-        run_demo(out)
+        run_demo(app, out)
 
 
 def _steps(out: Path) -> list[list[str]]:
@@ -41,13 +46,7 @@ def _steps(out: Path) -> list[list[str]]:
     ]
 
 
-def run_demo(out: Path) -> None:
-    from rich.console import Console
-
-    from smolq.cli import main
-    from smolq.errors import InputError
-    from smolq.tiny import make_tiny_model
-
+def run_demo(app: typer.Typer, out: Path) -> None:
     console = Console()
     out.mkdir(parents=True, exist_ok=True)
     hf = out / "tiny-llama"
@@ -57,7 +56,7 @@ def run_demo(out: Path) -> None:
     make_tiny_model("llama", hf, gqa=True, hidden_size=256, n_layers=2, seed=0)
     for argv in _steps(out):
         console.print(f"\n[bold]$[/] smolq {shlex.join(argv)}")
-        code = main(argv)
+        code = run_app(app, argv)
         if code:
             raise InputError(None, f"demo step failed with exit code {code}: smolq {shlex.join(argv)}")
     console.rule(f"[bold green]done: outputs in {out}/")

@@ -5,7 +5,7 @@ Perplexity is exp(mean NLL) over non-overlapping windows of --ctx tokens
 MODEL may be:
 - an HF checkpoint directory (transformers forward pass);
 - a GPTQ directory (smolq dequantizes every qweight into the HF model);
-- a GGUF or legacy ggml file (smolq.convert.reference's forward pass over the
+- a GGUF or legacy ggml file (smolq.sources.reference's forward pass over the
   file's dequantized tensors). A file has no tokenizer smolq can run, so the
   text is tokenized with --tokenizer DIR, or with the --kl-against directory.
 --kl-against REF: mean KL(REF || MODEL) of the next-token distributions on
@@ -22,6 +22,9 @@ import numpy as np
 import typer
 
 from smolq.errors import InputError
+from smolq.formats.gptq_ckpt import is_gptq_dir, read_gptq_dir
+from smolq.progress import emit_json
+from smolq.sources.reference import forward, hf_hparams, read_model
 
 
 def register(app: typer.Typer) -> None:
@@ -38,7 +41,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     ) -> None:
         """Perplexity of a model on a text file (non-overlapping windows)."""
-        from smolq.progress import emit_json
 
         summary = evaluate(model, text, ctx=ctx, device=device, kl_against=kl_against, tokenizer=tokenizer,
                            max_windows=max_windows)
@@ -57,7 +59,6 @@ def register(app: typer.Typer) -> None:
 
 
 def _kind(path: Path) -> str:
-    from smolq.formats.gptq_ckpt import is_gptq_dir
 
     if path.is_dir():
         if is_gptq_dir(path):
@@ -84,13 +85,11 @@ class TorchModel:
 
 class FileModel:
     def __init__(self, path: Path, hparams_override):
-        from smolq.convert.reference import read_model
 
         self.arch, self.tensors, hp = read_model(path)
         self.hparams = {**dict(hparams_override or {}), **hp}
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
-        from smolq.convert.reference import forward
 
         return forward(self.arch, self.tensors, self.hparams, tokens, dtype=np.float32)
 
@@ -108,7 +107,6 @@ def load_gptq_as_hf(path: Path, device: str = "cpu"):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from smolq.formats.gptq_ckpt import read_gptq_dir
 
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
@@ -136,7 +134,6 @@ def open_model(path: Path, device: str = "cpu", hparams_from: Path | None = None
         return TorchModel(load_gptq_as_hf(path, device), dev)
     override = None
     if hparams_from is not None and (hparams_from / "config.json").is_file():
-        from smolq.convert.reference import hf_hparams
 
         override = hf_hparams(hparams_from)
     return FileModel(path, override)

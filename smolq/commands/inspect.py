@@ -8,7 +8,8 @@ from typing import Any
 import typer
 
 from smolq.formats.detect import ModelFile, open_model
-from smolq.quantize.plan import FTYPE_NAME
+from smolq.plan.mix import FTYPE_NAME
+from smolq.progress import emit_json
 
 ARRAY_PREVIEW = 8  # items of a long array shown unless --all
 STRING_PREVIEW = 160  # characters of a long string shown in the table unless --all
@@ -32,7 +33,6 @@ def register(app: typer.Typer) -> None:
         with open_model(file) as mf:
             report = describe(mf, full=show_all)
         if json_out:
-            from smolq.progress import emit_json
 
             emit_json(report)
         else:

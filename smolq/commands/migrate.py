@@ -6,6 +6,9 @@ from typing import Optional
 
 import typer
 
+from smolq.pipeline.migrate import migrate as run_migrate
+from smolq.progress import emit_json, event_progress, note
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -31,8 +34,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     ) -> None:
         """Migrate a model file between GGUF and legacy ggml containers and versions (LLaMA, GPT-J, MPT)."""
-        from smolq.migrate import migrate as run_migrate
-        from smolq.progress import emit_json, event_progress, note
 
         with event_progress("migrate", quiet=quiet or json_out) as on_progress:
             summary = run_migrate(src, out, format=format, config=config, type=type, dry_run=dry_run,

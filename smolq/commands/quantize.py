@@ -14,17 +14,27 @@ from typing import Any, List, Optional
 
 import typer
 
+from smolq import kernels
 from smolq.errors import InputError
-from smolq.quantize.plan import (
+from smolq.formats.detect import open_model, sniff_container
+from smolq.formats.gguf import Metadata, MetaValue, write_gguf
+from smolq.formats.legacy import layout_for, storable_types, write_legacy
+from smolq.formats.legacy_tables import find_spec
+from smolq.ggml_types import GGMLType, block_size, is_quantized, tensor_nbytes
+from smolq.pipeline.convert import convert
+from smolq.plan.mix import (
+    ModelInfo,
     PlanOptions,
     Preset,
     QuantPlan,
     TensorPlan,
     parse_tensor_type_overrides,
     parse_type,
+    plan_tensor_types,
     resolve_preset,
 )
-from smolq.quantize.types import GGMLType, is_quantized, tensor_nbytes
+from smolq.progress import WorkProgress, emit_json, event_progress, human_bytes, note
+from smolq.transforms.rtn import quantize_entries
 
 T = GGMLType
 GGML_QNT_VERSION = 2  # general.quantization_version that llama.cpp's quantizer writes
@@ -82,7 +92,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     ) -> None:
         """Quantize a model: requantize a GGUF/legacy file, or convert+quantize an HF checkpoint."""
-        from smolq.progress import emit_json, note
 
         if method.lower() == "gptq" and type_name is None and bits is None and _is_gptq_dir(fmt, out):
             bits = 4  # AutoGPTQ's default width
@@ -107,7 +116,6 @@ def register(app: typer.Typer) -> None:
         elif dry_run:
             print_plan(summary)
         elif not quiet:
-            from smolq.progress import human_bytes
 
             what = (f"{summary['n_layers_quantized']} linears by GPTQ" if summary.get("method") == "gptq"
                     else f"{summary['n_tensors']} tensors")
@@ -149,7 +157,6 @@ def run(req: Request) -> dict[str, Any]:
     if req.src.is_dir():
         return _from_hf(req)
     if req.method == "gptq":
-        from smolq.formats.detect import sniff_container
 
         container = sniff_container(req.src)
         raise InputError(req.src, f"GPTQ needs the HF checkpoint (calibration runs the model); got a {container} file")
@@ -195,8 +202,6 @@ def _from_hf(req: Request) -> dict[str, Any]:
     if o.pure or o.leave_output_tensor or o.output_tensor_type or o.token_embedding_type or o.tensor_types:
         raise InputError(req.src, "--pure/--leave-output-tensor/--*-type apply to GGUF or legacy inputs; "
                                   "convert first (smolq convert) and quantize the file")
-    from smolq.convert.pipeline import convert
-    from smolq.progress import event_progress
 
     with event_progress("quantize", quiet=req.quiet) as on_progress:
         summary = convert(req.src, req.out, format=req.fmt, outtype=req.preset.name, dry_run=req.dry_run,
@@ -212,11 +217,11 @@ def _gptq_from_hf(req: Request) -> dict[str, Any]:
     import importlib
 
     try:
-        pipeline = importlib.import_module("smolq.quantize.gptq_pipeline")
+        pipeline = importlib.import_module("smolq.pipeline.gptq")
     except ModuleNotFoundError as exc:
-        if exc.name != "smolq.quantize.gptq_pipeline":
+        if exc.name != "smolq.pipeline.gptq":
             raise
-        raise InputError(req.src, "GPTQ is not available in this build (smolq.quantize.gptq_pipeline is missing)") from None
+        raise InputError(req.src, "GPTQ is not available in this build (smolq.pipeline.gptq is missing)") from None
     entry = getattr(pipeline, "quantize_hf", None) or getattr(pipeline, "run", None)
     if entry is None:
         raise InputError(req.src, "GPTQ pipeline has no quantize_hf()/run() entry point")
@@ -264,8 +269,6 @@ def resolve_target(mf: Any, fmt: str | None, out: Path) -> Target:
 
 
 def _legacy_target(mf: Any, key: str, out: Path) -> Target:
-    from smolq.formats.legacy import layout_for, storable_types
-    from smolq.formats.legacy_tables import find_spec
 
     container, version = LEGACY_FORMATS[key]
     if key == mf.container and container in NEWEST_VERSION:
@@ -304,13 +307,11 @@ def _fit_legacy(plan: QuantPlan, target: Target, notes: list[str]) -> None:
 
 
 def tensor_fits(t: GGMLType, shape: tuple[int, ...]) -> bool:
-    from smolq.quantize.types import block_size
 
     return bool(shape) and shape[-1] % block_size(t) == 0
 
 
 def make_plan(mf: Any, req: Request) -> QuantPlan:
-    from smolq.quantize.plan import ModelInfo, plan_tensor_types
 
     rows = [(t.name, t.type, tuple(t.shape)) for t in mf.tensors]
     info = ModelInfo.from_metadata(mf.architecture, mf.metadata, [(name, shape) for name, _, shape in rows])
@@ -326,7 +327,6 @@ def _check_requantize(plan: QuantPlan, req: Request) -> None:
 
 
 def _check_kernel_types(plan: QuantPlan, mf: Any, target: Target) -> None:
-    from smolq import kernels
 
     for tp, entry in zip(plan.tensors, mf.tensors):
         if not tp.converts:
@@ -338,7 +338,6 @@ def _check_kernel_types(plan: QuantPlan, mf: Any, target: Target) -> None:
 
 
 def quantize_file(req: Request) -> dict[str, Any]:
-    from smolq.formats.detect import open_model
 
     started = time.perf_counter()
     notes: list[str] = []
@@ -360,8 +359,6 @@ def quantize_file(req: Request) -> dict[str, Any]:
 
 
 def _write(mf: Any, req: Request, target: Target, plan: QuantPlan) -> int:
-    from smolq.progress import WorkProgress
-    from smolq.quantize.rtn import quantize_entries
 
     entries = quantize_entries(mf.tensors, [tp.dst_type for tp in plan.tensors], target.layout, req.threads)
     total = sum(e.nbytes for e in entries)
@@ -371,7 +368,6 @@ def _write(mf: Any, req: Request, target: Target, plan: QuantPlan) -> int:
             bar.done(entry.nbytes)
 
         if target.is_gguf:
-            from smolq.formats.gguf import write_gguf
 
             meta = gguf_metadata(mf, plan.preset)
             return write_gguf(req.out, meta, entries, version=target.version,
@@ -381,7 +377,6 @@ def _write(mf: Any, req: Request, target: Target, plan: QuantPlan) -> int:
 
 def gguf_metadata(mf: Any, preset: Preset) -> Any:
     """The input's KVs, with file type and quantization version set as llama.cpp's quantizer does."""
-    from smolq.formats.gguf import Metadata, MetaValue
 
     meta = Metadata(mf.raw.metadata.items())
     meta["general.quantization_version"] = MetaValue.u32(GGML_QNT_VERSION)
@@ -393,7 +388,6 @@ def gguf_metadata(mf: Any, preset: Preset) -> Any:
 
 
 def _write_legacy(mf: Any, req: Request, target: Target, plan: QuantPlan, entries: list, on_tensor) -> int:
-    from smolq.formats.legacy import write_legacy
 
     lf = mf.raw
     # LLaMA headers store LLAMA_FTYPE (mixes have their own value); the writer infers the others.
@@ -432,7 +426,6 @@ def print_plan(summary: dict[str, Any]) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from smolq.progress import human_bytes
 
     title = f"{summary.get('source')} -> {summary.get('output')} ({summary.get('format')}, {summary.get('preset')})"
     table = Table(title=title, title_justify="left")

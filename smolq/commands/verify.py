@@ -13,7 +13,13 @@ from typing import Any, Optional
 import numpy as np
 import typer
 
+from smolq import kernels
 from smolq.errors import InputError
+from smolq.formats.detect import open_model, sniff_container
+from smolq.plan.mix import canonical_name
+from smolq.progress import WorkProgress, emit_json
+from smolq.sources.reference import compare_logits
+from smolq.transforms.rtn import to_float32
 
 EPILOG = (
     "Examples:\n\n"
@@ -37,7 +43,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     ) -> None:
         """Check that every tensor decodes to finite values; compare with a reference file or HF model."""
-        from smolq.progress import emit_json
 
         if max_rmse is not None and against is None:
             raise InputError(None, "--max-rmse needs --against REF")
@@ -61,7 +66,6 @@ def register(app: typer.Typer) -> None:
 
 def _decode(entry: Any, threads: int) -> tuple[np.ndarray | None, str | None]:
     """(float32 values, None) or (None, what went wrong)."""
-    from smolq.quantize.rtn import to_float32
 
     try:
         return to_float32(entry, threads), None
@@ -71,13 +75,11 @@ def _decode(entry: Any, threads: int) -> tuple[np.ndarray | None, str | None]:
 
 
 def _ref_index(ref: Any) -> dict[str, Any]:
-    from smolq.quantize.plan import canonical_name
 
     return {canonical_name(t.name): t for t in ref.tensors}
 
 
 def _check_one(entry: Any, ref_entry: Any, threads: int) -> dict[str, Any]:
-    from smolq import kernels
 
     row: dict[str, Any] = {"name": entry.name, "type": entry.type.name, "shape": list(entry.shape),
                            "bytes": entry.nbytes, "problems": []}
@@ -112,9 +114,6 @@ def _finite_or_none(v: float) -> float | None:
 
 def verify_file(path: Path, against: Path | None = None, max_rmse: float | None = None,
                 threads: int = 0, quiet: bool = True) -> dict[str, Any]:
-    from smolq.formats.detect import open_model
-    from smolq.progress import WorkProgress
-    from smolq.quantize.plan import canonical_name
 
     with open_model(path) as mf:
         ref = open_model(against) if against is not None else None
@@ -173,13 +172,8 @@ def _report(mf: Any, ref: Any, rows: list[dict], only_in_ref: list[str], max_rms
 # --- logits against an HF checkpoint ---------------------------------------------------------
 
 def verify_logits(path: Path, hf_dir: Path, max_kl: float | None) -> dict[str, Any]:
-    from smolq.formats.detect import sniff_container
 
     sniff_container(path)  # a one-line error for a non-model file before loading torch
-    try:
-        from smolq.convert.reference import compare_logits
-    except ImportError as exc:
-        raise InputError(None, f"the logits check is not available in this build ({exc})") from None
     if not (hf_dir / "config.json").is_file():
         raise InputError(hf_dir, "not a Hugging Face checkpoint (no config.json)")
     try:

@@ -12,6 +12,11 @@ from typing import List, Optional
 import typer
 
 from smolq.errors import InputError
+from smolq.progress import emit_json
+from smolq.zoo.keys import parse_shard
+from smolq.zoo.manifest import load_manifest, parse_size
+from smolq.zoo.report import merge_reports, print_summary
+from smolq.zoo.runner import RunOptions, run_zoo
 
 EPILOG = (
     "Examples:\n\n"
@@ -36,8 +41,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print report.json on stdout."),
     ) -> None:
         """Requantize a model zoo from a manifest: incremental, parallel, sharded, with gates and a report."""
-        from smolq.progress import emit_json
-        from smolq.zoo.report import print_summary
 
         if manifest == "report" and not Path(manifest).is_file():
             result = _merge(shard_dirs or [], out)
@@ -54,9 +57,6 @@ def register(app: typer.Typer) -> None:
 
 def _run(manifest: Path, out: Optional[Path], jobs: int, shard: Optional[str], fail_fast: bool,
          max_memory: Optional[str], verify_outputs: bool, quiet: bool) -> dict:
-    from smolq.zoo.keys import parse_shard
-    from smolq.zoo.manifest import load_manifest, parse_size
-    from smolq.zoo.runner import RunOptions, run_zoo
 
     if jobs < 1:
         raise InputError(None, f"--jobs {jobs}: must be at least 1")
@@ -67,7 +67,6 @@ def _run(manifest: Path, out: Optional[Path], jobs: int, shard: Optional[str], f
 
 
 def _merge(shard_dirs: List[Path], out: Optional[Path]) -> dict:
-    from smolq.zoo.report import merge_reports
 
     if out is None:
         raise InputError(None, "zoo report: give --out DIR for the merged report")

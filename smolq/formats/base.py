@@ -6,11 +6,10 @@ containers store them reversed (ggml's ne[]) and convert at the boundary.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from smolq.quantize.types import GGMLType, tensor_nbytes
+from smolq.ggml_types import GGMLType, tensor_nbytes
 
 
 @dataclass

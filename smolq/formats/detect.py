@@ -16,6 +16,9 @@ from typing import Any
 
 from smolq.errors import FormatError
 from smolq.formats.base import TensorEntry
+from smolq.formats.gguf import read_gguf
+from smolq.formats.legacy import read_legacy
+from smolq.formats.legacy_tables import ALIGNMENT, CONTAINER_BY_MAGIC, CONTAINERS, OTHER_MAGICS
 
 GGUF_MAGIC = b"GGUF"
 LEGACY_CONTAINERS = ("ggml", "ggmf", "ggjt", "ggmm")
@@ -39,7 +42,6 @@ def sniff_container(path: str | os.PathLike) -> str:
         return "gguf"
     if len(head) < 4:
         raise FormatError(p, f"truncated: {len(head)} bytes, too short for a magic number")
-    from smolq.formats.legacy_tables import CONTAINER_BY_MAGIC, OTHER_MAGICS
 
     magic = struct.unpack("<I", head)[0]
     if magic in CONTAINER_BY_MAGIC:
@@ -99,7 +101,6 @@ def open_model(path: str | os.PathLike, family: str | None = None) -> ModelFile:
 
 
 def _from_gguf(path: Path) -> ModelFile:
-    from smolq.formats.gguf import read_gguf
 
     gf = read_gguf(path)
     meta = {key: mv.to_python() for key, mv in gf.metadata.items()}
@@ -130,8 +131,6 @@ def _gguf_vocab_size(meta: dict[str, Any], arch: str) -> int | None:
 
 
 def _from_legacy(path: Path, family: str | None) -> ModelFile:
-    from smolq.formats.legacy import read_legacy
-    from smolq.formats.legacy_tables import ALIGNMENT, CONTAINERS
 
     lf = read_legacy(path, family=family)
     container = CONTAINERS.get(lf.container)

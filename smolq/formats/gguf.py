@@ -37,7 +37,7 @@ import numpy as np
 from smolq.atomic import atomic_output
 from smolq.errors import FormatError, InputError
 from smolq.formats.base import TensorEntry, find_tensor
-from smolq.quantize.types import TYPE_INFO, GGMLType
+from smolq.ggml_types import TYPE_INFO, GGMLType
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32

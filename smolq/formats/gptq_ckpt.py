@@ -21,6 +21,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from smolq import kernels
+from smolq.atomic import atomic_output
 from smolq.errors import FormatError, InputError
 
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -77,19 +79,11 @@ def unpack_words_numpy(packed: np.ndarray, bits: int, n: int, axis: int = 0) -> 
 
 
 def pack_words(values: np.ndarray, bits: int, axis: int = 0) -> np.ndarray:
-    """Pack with the C kernel when it is built, else with numpy."""
-    try:
-        from smolq import kernels
-    except ImportError:
-        return pack_words_numpy(values, bits, axis)
+    """Pack with the C kernel (pack_words_numpy is the spec it is tested against)."""
     return kernels.gptq_pack(np.asarray(values, dtype=np.int32), bits, axis)
 
 
 def unpack_words(packed: np.ndarray, bits: int, n: int, axis: int = 0) -> np.ndarray:
-    try:
-        from smolq import kernels
-    except ImportError:
-        return unpack_words_numpy(packed, bits, n, axis)
     return kernels.gptq_unpack(np.asarray(packed), bits, n, axis)
 
 
@@ -210,7 +204,6 @@ def write_shard(directory: Path, i: int, n: int, tensors: dict[str, np.ndarray])
     """One safetensors shard; returns its part of the weight map."""
     from safetensors.numpy import save
 
-    from smolq.atomic import atomic_output
 
     name = shard_name(i, n)
     data = {k: np.ascontiguousarray(v) for k, v in tensors.items()}

@@ -40,7 +40,7 @@ from smolq.formats.legacy_tables import (
     FormatSpec,
     find_spec,
 )
-from smolq.quantize.types import (
+from smolq.ggml_types import (
     VERSIONED_TYPES,
     GGMLType,
     block_size,

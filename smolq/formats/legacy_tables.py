@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
-from smolq.quantize.types import GGMLType
+from smolq.ggml_types import GGMLType
 
 T = GGMLType
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from smolq.quantize.types import LAYOUTS, TYPE_INFO, VERSIONED_TYPES, GGMLType, type_size
+from smolq.ggml_types import LAYOUTS, TYPE_INFO, VERSIONED_TYPES, GGMLType, type_size
 
 __all__ = [
     "KERNEL_TYPES", "QUANTIZE_TYPES", "DEQUANTIZE_TYPES", "quantize", "dequantize", "row_size", "relayout",

@@ -20,8 +20,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from smolq.atomic import atomic_directory
+from smolq.commands.quantize import Request, quantize_file
 from smolq.errors import InputError
-from smolq.zoo import keys
+from smolq.pipeline.convert import convert
+from smolq.pipeline.gptq import quantize_hf_gptq
+from smolq.plan.mix import PlanOptions, resolve_preset
+from smolq.tiny import make_tiny_model
+from smolq.zoo import keys, metrics
+from smolq.zoo.metrics import perplexity
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -43,8 +50,6 @@ def materialize_tiny(path: Path, params: dict[str, Any], dry: bool) -> None:
         return
     if dry:
         raise NeedsWork("tiny model")
-    from smolq.atomic import atomic_directory
-    from smolq.tiny import make_tiny_model
 
     args = dict(params)
     family = args.pop("family")
@@ -96,7 +101,6 @@ def _reference(req: dict[str, Any], src: Path, fp: dict[str, Any], cache_dir: Pa
         if not path.is_file():
             if dry:
                 raise NeedsWork("reference")
-            from smolq.convert.pipeline import convert
 
             emit({"event": "phase", "phase": f"reference {kind}"})
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +121,6 @@ def _reference_perplexity(req: dict[str, Any], src: Path, fp: dict[str, Any], re
         return {"ppl_key": ppl_key, "ppl": previous.get("ppl"), "ppl_note": previous.get("ppl_note")}
     if dry:
         raise NeedsWork("reference perplexity")
-    from smolq.zoo.metrics import perplexity
 
     emit({"event": "phase", "phase": "reference perplexity"})
     ppl, note = perplexity(Path(ref["path"]), src if fp["kind"] == "hf" else None, Path(ev["path"]), int(ev["ctx"]))
@@ -157,11 +160,8 @@ def _build(req: dict[str, Any], out: Path, emit: Emit) -> dict[str, Any]:
     if opts["method"] == "gptq":
         return _build_gptq(req, src, out, emit)
     if req["source_kind"] == "hf":
-        from smolq.convert.pipeline import convert
 
         return convert(src, out, format=opts["container"], outtype=opts["type"], on_progress=_tensor_events(emit))
-    from smolq.commands.quantize import Request, quantize_file
-    from smolq.quantize.plan import PlanOptions, resolve_preset
 
     request = Request(src, out, resolve_preset(type_name=opts["type"]), PlanOptions(), fmt=opts["container"],
                       allow_requantize=opts["allow_requantize"], threads=1, quiet=True)
@@ -169,10 +169,9 @@ def _build(req: dict[str, Any], out: Path, emit: Emit) -> dict[str, Any]:
 
 
 def _build_gptq(req: dict[str, Any], src: Path, out: Path, emit: Emit) -> dict[str, Any]:
-    """GPTQ through smolq.quantize.gptq_pipeline.quantize_hf_gptq."""
+    """GPTQ through smolq.pipeline.gptq.quantize_hf_gptq."""
     if req["source_kind"] != "hf":
         raise InputError(src, "GPTQ needs an HF checkpoint (calibration runs the model)")
-    from smolq.quantize.gptq_pipeline import quantize_hf_gptq
 
     opts = req["output"]
     gptq = dict(opts.get("gptq") or {})
@@ -186,7 +185,6 @@ def _build_gptq(req: dict[str, Any], src: Path, out: Path, emit: Emit) -> dict[s
 
 def _measure(req: dict[str, Any], out: Path, emit: Emit) -> dict[str, Any]:
     """RMSE against the reference and perplexity; a metric that cannot be had says why."""
-    from smolq.zoo import metrics
 
     m: dict[str, Any] = {"notes": []}
     hf_dir = Path(req["source_path"]) if req["source_kind"] == "hf" else None

@@ -21,6 +21,13 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+import smolq
+from smolq import kernels
+from smolq.errors import InputError
+from smolq.formats.detect import open_model
+from smolq.kernels import checksum
+from smolq.sources.checkpoint import open_checkpoint
+
 ZOO_SCHEMA = 1  # bump when what a key covers changes
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 CHECKSUM_CHUNK = 64 << 20
@@ -28,8 +35,6 @@ CHECKSUM_CHUNK = 64 << 20
 
 def versions() -> dict[str, Any]:
     """The code versions that every key includes."""
-    import smolq
-    from smolq import kernels
 
     return {"smolq": smolq.__version__, "kernel_abi": kernels._ABI_VERSION, "zoo_schema": ZOO_SCHEMA}
 
@@ -48,7 +53,6 @@ def file_checksum(path: str | os.PathLike) -> str:
     """
     import mmap
 
-    from smolq.kernels import checksum
 
     size = os.path.getsize(path)
     if size == 0:
@@ -87,8 +91,6 @@ def stat_signature(path: Path) -> list[Any]:
 
 def hf_fingerprint(src: Path) -> dict[str, Any]:
     """Tensor checksums of an HF checkpoint (resharding or re-saving keeps them) and its other files."""
-    from smolq.convert.checkpoint import open_checkpoint
-    from smolq.kernels import checksum
 
     ckpt = open_checkpoint(src)
     try:
@@ -111,7 +113,6 @@ def hf_fingerprint(src: Path) -> dict[str, Any]:
 
 def file_fingerprint(src: Path) -> dict[str, Any]:
     """A GGUF / legacy file: its bytes are its identity (metadata and tensors alike)."""
-    from smolq.formats.detect import open_model
 
     with open_model(src) as mf:
         shapes = [tuple(t.shape) for t in mf.tensors]
@@ -159,7 +160,6 @@ def shard_of(output_id: str, n_shards: int) -> int:
 
 def parse_shard(text: str) -> tuple[int, int]:
     """"K/N" -> (K, N) with 1 <= K <= N."""
-    from smolq.errors import InputError
 
     try:
         k, n = (int(x) for x in text.split("/"))

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from smolq.errors import InputError
+from smolq.plan.mix import resolve_preset
+from smolq.tiny import FAMILIES
 
 CONTAINERS = ("gguf", "gguf-v1", "gguf-v2", "gguf-v3", "ggml", "ggmf", "ggjt", "ggjt-v1", "ggjt-v2",
               "ggjt-v3", "ggmm", "gptq")
@@ -293,7 +295,6 @@ def _model(ctx: _Ctx, raw: Any, index: int, base: Path, default_gates: Gates) ->
 
 
 def _tiny(ctx: _Ctx, raw: Any, where: str) -> dict[str, Any]:
-    from smolq.tiny import FAMILIES
 
     table = ctx.table(raw, f"{where}.tiny")
     ctx.only_keys(table, TINY_KEYS, f"{where}.tiny")
@@ -354,7 +355,6 @@ def _output(ctx: _Ctx, raw: Any, model: str, index: int, base: Path, model_gates
 
 def _plan_type(ctx: _Ctx, value: Any, where: str) -> str:
     """A preset (q4_k_m ...) or plain type, checked against the quantization plan's table."""
-    from smolq.quantize.plan import resolve_preset
 
     text = ctx.string(value, where).lower()
     try:

@@ -16,6 +16,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from smolq.commands.eval import evaluate
+from smolq.commands.verify import verify_file
+from smolq.errors import SmolqError
+from smolq.formats.gptq_ckpt import read_gptq_dir
+from smolq.kernels import error_stats
+from smolq.sources.checkpoint import open_checkpoint
+
 
 def tensor_errors(output: str | os.PathLike, reference: str | os.PathLike | None) -> dict[str, Any]:
     """Per-tensor RMSE of a model file against `reference`, plus decode / NaN problems.
@@ -23,7 +30,6 @@ def tensor_errors(output: str | os.PathLike, reference: str | os.PathLike | None
     Returns {"tensors": {name: rmse}, "max_rmse", "max_rmse_tensor", "rmse_overall",
     "problems", "n_params", "tensor_bytes"}.
     """
-    from smolq.commands.verify import verify_file
 
     report = verify_file(Path(output), Path(reference) if reference is not None else None, threads=1)
     per_tensor = {r["name"]: r["rmse"] for r in report["tensors"] if r.get("rmse") is not None}
@@ -39,9 +45,6 @@ def gptq_tensor_errors(gptq_dir: Path, hf_dir: Path) -> dict[str, Any]:
     """Per-tensor RMSE of a GPTQ directory's dequantized weights against the HF checkpoint's."""
     import numpy as np
 
-    from smolq.convert.checkpoint import open_checkpoint
-    from smolq.formats.gptq_ckpt import read_gptq_dir
-    from smolq.kernels import error_stats
 
     _, loaders = read_gptq_dir(gptq_dir)
     per_tensor: dict[str, float] = {}
@@ -64,8 +67,6 @@ def gptq_tensor_errors(gptq_dir: Path, hf_dir: Path) -> dict[str, Any]:
 
 def perplexity(model: Path, hf_dir: Path | None, text_file: Path, ctx: int) -> tuple[float | None, str | None]:
     """(perplexity, None), or (None, why it could not be measured)."""
-    from smolq.commands.eval import evaluate
-    from smolq.errors import SmolqError
 
     if hf_dir is None:
         return None, "perplexity needs the HF tokenizer (the source is a model file)"

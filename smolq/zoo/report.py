@@ -12,7 +12,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from smolq.atomic import atomic_output
 from smolq.errors import InputError
+from smolq.progress import human_bytes, note
+from smolq.zoo.keys import digest
 from smolq.zoo.lock import load_json, save_json
 from smolq.zoo.manifest import GATE_KEYS, Gates, Manifest, ModelSpec, OutputSpec
 
@@ -85,7 +88,6 @@ def _bits_per_weight(entry: dict[str, Any], prepared: dict[str, Any] | None) -> 
 def _combined_checksum(files: dict[str, str]) -> str:
     if len(files) == 1:
         return next(iter(files.values()))
-    from smolq.zoo.keys import digest
 
     return digest(files)[:16]
 
@@ -114,7 +116,6 @@ def evaluate_gates(gates: Gates, row: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _fmt_gate(key: str, value: float) -> str:
     if key == "max_size":
-        from smolq.progress import human_bytes
 
         return human_bytes(value)
     return f"{value:.6g}" + ("%" if key.endswith("_pct") else "")
@@ -150,7 +151,6 @@ def build_report(plan: dict[str, Any], rows: list[dict[str, Any]], models: list[
 
 def write_report(report: dict[str, Any], out: Path) -> None:
     save_json(out / "report.json", report)
-    from smolq.atomic import atomic_output
 
     with atomic_output(out / "report.md") as fh:
         fh.write(render_markdown(report).encode("utf-8"))
@@ -216,7 +216,6 @@ def _num(v: Any, spec: str = ".4g") -> str:
 
 
 def _size(v: Any) -> str:
-    from smolq.progress import human_bytes
 
     return "–" if v is None else human_bytes(v)
 
@@ -276,7 +275,6 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def print_summary(report: dict[str, Any], quiet: bool) -> None:
     """The failing rows on stderr (always), and a one-line verdict unless quiet."""
-    from smolq.progress import note
 
     s = report["summary"]
     for line in s["errors"]:

@@ -25,11 +25,14 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Iterator
 
+from smolq.atomic import atomic_output
 from smolq.errors import InputError
+from smolq.progress import stderr_console
 from smolq.zoo import keys, report
 from smolq.zoo.build import NeedsWork, prepare_model
 from smolq.zoo.lock import load_json, save_json
 from smolq.zoo.manifest import Manifest, OutputSpec
+from smolq.zoo.worker import run_job
 
 LOCK_NAME = "zoo.lock.json"
 CACHE_DIR = ".zoo"
@@ -279,7 +282,6 @@ class _Scheduler:
             self._start(job)
 
     def _start(self, job: Job) -> None:
-        from smolq.zoo.worker import run_job
 
         job.request["log"] = str(self.state.out / _log_relpath(job.label))
         parent, child = self.ctx.Pipe(duplex=False)
@@ -377,7 +379,6 @@ def _eval_request(manifest: Manifest, out: Path) -> dict[str, Any] | None:
         return None
     path = out / CACHE_DIR / "eval" / f"{ev.digest[:16]}.txt"
     if not path.is_file():
-        from smolq.atomic import atomic_output
 
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(path) as fh:
@@ -426,7 +427,6 @@ class ZooProgress:
         if not self.quiet:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            from smolq.progress import stderr_console
 
             self._progress = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                                       TimeElapsedColumn(), TextColumn("{task.fields[detail]}"),

@@ -10,6 +10,8 @@ from __future__ import annotations
 import traceback
 from typing import Any
 
+from smolq.errors import SmolqError
+from smolq.zoo import build
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -25,8 +27,6 @@ def run_job(kind: str, request: dict[str, Any], conn: Any, threads: int = 0) -> 
     _die_with_parent()
     if request.get("log"):
         _redirect_output(request["log"])
-    from smolq.errors import SmolqError
-    from smolq.zoo import build
 
     def emit(event: dict[str, Any]) -> None:
         conn.send(("event", event))

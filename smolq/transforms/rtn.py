@@ -12,9 +12,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from smolq import kernels
 from smolq.errors import InputError
 from smolq.formats.base import TensorEntry
-from smolq.quantize.types import VERSIONED_TYPES, GGMLType
+from smolq.ggml_types import VERSIONED_TYPES, GGMLType
 
 T = GGMLType
 
@@ -28,7 +29,6 @@ def _raw(entry: TensorEntry) -> Any:
 
 def to_float32(entry: TensorEntry, threads: int = 0) -> np.ndarray:
     """The tensor's values as float32 in its PyTorch-order shape."""
-    from smolq import kernels
 
     if entry.extra.get("be_blocks_as_stored"):
         raise InputError(None, f"tensor {entry.name}: {entry.type.name} blocks in a big-endian GGUF "
@@ -47,7 +47,6 @@ def _same_type_loader(src: TensorEntry, layout: str):
         return src.load
 
     def load() -> np.ndarray:
-        from smolq import kernels
 
         out, _lossless = kernels.relayout(_raw(src), src.type, src.layout, layout)
         return out
@@ -58,7 +57,6 @@ def _same_type_loader(src: TensorEntry, layout: str):
 def _quantize_loader(src: TensorEntry, dst: GGMLType, layout: str, threads: int,
                      imatrix: np.ndarray | None):
     def load() -> np.ndarray:
-        from smolq import kernels
 
         x = to_float32(src, threads)
         return kernels.quantize(x, dst, layout=layout, imatrix=imatrix, threads=threads).reshape(-1)

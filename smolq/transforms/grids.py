@@ -23,9 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from smolq.quantize.types import GGMLType
+from smolq.ggml_types import GGMLType
+from smolq.lazy import lazy_module
+
+torch = lazy_module("torch")  # imported at first use: `smolq --help` stays fast
 
 # Candidate offsets t of the scale search s = extreme / (n + t): llama.cpp's
 # make_qx_quants tries nmax + 0.1*is for is in -9..9; the same spread here.

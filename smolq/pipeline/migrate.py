@@ -37,16 +37,46 @@ from typing import Any, Callable
 
 import numpy as np
 
-from smolq.convert.arch import Arch, LegacyTarget, TensorMap, family_arch
-from smolq.convert.pipeline import Target  # one target description for convert and migrate
-from smolq.convert.vocab import (
-    BYTE, CONTROL, NORMAL, UNK_LEGACY_TEXT, UNKNOWN, UNUSED, USER_DEFINED, SPIECE_SPACE, Vocab,
-    byte_encoder, decode_byte_level,
-)
+from smolq.arch import Arch, LegacyTarget, TensorMap, family_arch
+from smolq.arch.base import rope_theta
 from smolq.errors import FormatError, InputError
 from smolq.formats.base import TensorEntry
-from smolq.quantize.types import (
-    VERSIONED_TYPES, GGMLType, block_size, is_quantized, tensor_nbytes,
+from smolq.formats.detect import open_model
+from smolq.formats.gguf import GGUF_TENSOR_TYPES, VERSIONS, MetaValue, write_gguf
+from smolq.formats.gguf import GGUFValueType as V
+from smolq.formats.legacy import LAYOUT_OF_QNTVR, llama_n_ff, storable_types, write_legacy
+from smolq.ggml_types import (
+    VERSIONED_TYPES,
+    GGMLType,
+    block_size,
+    is_quantized,
+    tensor_nbytes,
+)
+from smolq.kernels import DEQUANTIZE_TYPES, dequantize, error_stats, relayout
+from smolq.pipeline.convert import (
+    ALL_FORMATS,
+    FORMAT_ALIASES,
+    GGUF_FORMATS,
+    LEGACY_FORMATS,
+    Target,  # one target description for convert and migrate
+    convert_tensor,
+    gguf_metadata,
+)
+from smolq.plan.mix import PLAIN_FTYPE, parse_type
+from smolq.sources.checkpoint import read_json_object
+from smolq.sources.vocab import (
+    BYTE,
+    CONTROL,
+    NORMAL,
+    SPIECE_SPACE,
+    UNK_LEGACY_TEXT,
+    UNKNOWN,
+    UNUSED,
+    USER_DEFINED,
+    Vocab,
+    byte_encoder,
+    decode_byte_level,
+    load_vocab,
 )
 
 T = GGMLType
@@ -164,7 +194,6 @@ def _format_of(model) -> str:
 
 def resolve_target(fmt: str | None, out: Path, family: str | None) -> Target:
     """--format (default GGUF v3) -> Target; a legacy target needs a family that exists in it."""
-    from smolq.convert.pipeline import ALL_FORMATS, FORMAT_ALIASES, GGUF_FORMATS, LEGACY_FORMATS
 
     key = (fmt or "gguf").lower()
     key = FORMAT_ALIASES.get(key, key)
@@ -183,10 +212,8 @@ def resolve_target(fmt: str | None, out: Path, family: str | None) -> Target:
 
 def _storable(target: Target, family: str | None) -> frozenset[GGMLType]:
     if target.is_gguf:
-        from smolq.formats.gguf import GGUF_TENSOR_TYPES
 
         return frozenset(GGUF_TENSOR_TYPES)
-    from smolq.formats.legacy import LAYOUT_OF_QNTVR, storable_types
 
     lt = target.legacy
     qntvr = LAYOUT_OF_QNTVR[lt.layout] if lt.dialect == "ggml-examples" else None
@@ -194,14 +221,12 @@ def _storable(target: Target, family: str | None) -> frozenset[GGMLType]:
 
 
 def _decode(entry_or_bytes, t: GGMLType, shape, layout: str) -> np.ndarray:
-    from smolq.kernels import dequantize
 
     data = entry_or_bytes.load() if isinstance(entry_or_bytes, TensorEntry) else entry_or_bytes
     return dequantize(data, t, shape, layout)
 
 
 def _decodable(t: GGMLType, layout: str) -> bool:
-    from smolq.kernels import DEQUANTIZE_TYPES
 
     return (t, layout) in DEQUANTIZE_TYPES
 
@@ -215,7 +240,6 @@ def _finite(x: float) -> float | None:
 
 
 def _compare(ref: np.ndarray, test: np.ndarray) -> tuple[bool, dict[str, float | None]]:
-    from smolq.kernels import error_stats
 
     lossless = bool(np.array_equal(ref, test, equal_nan=True))
     stats = error_stats(ref, test)
@@ -243,7 +267,6 @@ def read_user_config(spec: str | os.PathLike | None) -> tuple[dict[str, Any], Pa
         raise InputError(p, "--config: no such file or directory")
     if not path.is_file():
         raise InputError(p, "--config directory has no config.json")
-    from smolq.convert.checkpoint import read_json_object
 
     config = read_json_object(path, InputError, "--config")
     has_tokenizer = any((directory / n).is_file() for n in ("tokenizer.model", "tokenizer.json", "vocab.json"))
@@ -286,7 +309,6 @@ class _Derived:
         (self.config if where is None else where)[key] = value
 
     def defaults(self, arch_key: str) -> None:
-        from smolq.convert.checkpoint import rope_theta
 
         for key, default, gguf_suffix, why in DEFAULTS[self.family]:
             value = rope_theta(self.user) if key == "rope_theta" else self.user.get(key)
@@ -317,7 +339,6 @@ def _shape_of(tensors: dict[str, TensorEntry], name: str, path: Path) -> tuple[i
 
 
 def _llama_config_from_legacy(d: _Derived, h: dict[str, Any], tensors: dict[str, TensorEntry]) -> None:
-    from smolq.formats.legacy import llama_n_ff
 
     path = d.source
     _positive(path, h, ("n_vocab", "n_embd", "n_mult", "n_head", "n_layer", "n_rot"))
@@ -620,7 +641,6 @@ def _verb(src: GGMLType, dst: GGMLType) -> str:
 
 
 def _relayout_lossy(src: TensorEntry, dst_layout: str) -> bool:
-    from smolq.kernels import relayout
 
     _, lossless = relayout(src.load(), src.type, src.layout, dst_layout)
     return not lossless
@@ -629,7 +649,6 @@ def _relayout_lossy(src: TensorEntry, dst_layout: str) -> bool:
 def _exact_as(entry: TensorEntry, dst: GGMLType) -> bool:
     """Would decoding `entry` and storing it as float type `dst` keep every value?"""
     x = _decode(entry, entry.type, entry.shape, entry.layout)
-    from smolq.convert.pipeline import convert_tensor
 
     y = _decode(convert_tensor(x, dst), dst, entry.shape, "v3")
     return bool(np.array_equal(x, y, equal_nan=True))
@@ -759,7 +778,6 @@ def _model_name(user: dict[str, Any], user_path: Path | None, source: Path, gues
 
 def _file_type(model, steps: list[Step]) -> int | None:
     """general.file_type / the LLaMA header ftype: the source's, unless the main type changed."""
-    from smolq.quantize.plan import PLAIN_FTYPE
 
     if model.container == "gguf":
         ftype = model.metadata.get("general.file_type")
@@ -783,12 +801,10 @@ def _as_out(step: Step) -> TensorEntry:
 def build_plan(src_path, out_path, format: str | None = None, config: str | os.PathLike | None = None,
                type: str | None = None) -> tuple[Plan, Any]:
     """Read the source and decide everything; returns (plan, opened source) — close the source after."""
-    from smolq.formats.detect import open_model
 
     src_path, out_path = Path(src_path), Path(out_path)
     force = None
     if type is not None:
-        from smolq.quantize.plan import parse_type
 
         force = parse_type(type, "--type")
     user, user_path, tok_dir = read_user_config(config)
@@ -843,7 +859,6 @@ def _plan_with_arch(plan: Plan, model, user, user_path, tok_dir, force) -> None:
 
 def _vocab(plan: Plan, model, arch: Arch, user: dict[str, Any], tok_dir: Path | None) -> Vocab:
     """The tokenizer from --config when it matches the file, else the file's own vocabulary."""
-    from smolq.convert.vocab import load_vocab
 
     n_vocab = arch.n_vocab
     if tok_dir is not None:
@@ -895,14 +910,12 @@ def _same_text_rules(lf, lt: LegacyTarget) -> bool:
 
 def _gguf_metadata(arch: Arch, vocab: Vocab, user, user_path, source: Path, file_type, guesses) -> dict[str, Any]:
     """The keys `smolq convert` writes, in its order; the name comes from --config or the file."""
-    from smolq.convert.pipeline import gguf_metadata
 
     return gguf_metadata(arch, vocab, None, file_type, name=_model_name(user, user_path, source, guesses))
 
 
 def _gguf_metadata_for_version(model, target: Target, plan: Plan) -> dict[str, Any]:
     """GGUF -> GGUF: the same KVs; 64-bit values narrowed for v1 where they fit (formats.md 6.2)."""
-    from smolq.formats.gguf import VERSIONS, MetaValue, GGUFValueType as V
 
     allowed = VERSIONS[target.gguf_version].value_types
     narrow = {V.UINT64: V.UINT32, V.INT64: V.INT32, V.FLOAT64: V.FLOAT32}
@@ -932,13 +945,11 @@ def _produce(step: Step) -> np.ndarray:
         step.lossless = True
         return src.load()
     if step.action == "relayout":
-        from smolq.kernels import relayout
 
         data, _ = relayout(src.load(), src.type, src.layout, step.layout)
     else:
         if not _decodable(src.type, src.layout):
             raise InputError(None, f"tensor {src.name}: smolq cannot decode {src.type.name} to convert it")
-        from smolq.convert.pipeline import convert_tensor
 
         data = convert_tensor(_decode(src, src.type, src.shape, src.layout), step.type, step.layout)
     ref = _decode(src, src.type, src.shape, src.layout)
@@ -1017,10 +1028,8 @@ def _emit(on_progress, **event) -> None:
 def _write(plan: Plan, out: Path, on_tensor) -> int:
     entries = _entries(plan)
     if plan.target.is_gguf:
-        from smolq.formats.gguf import write_gguf
 
         return write_gguf(out, plan.metadata, entries, version=plan.target.gguf_version, on_tensor=on_tensor)
-    from smolq.formats.legacy import write_legacy
 
     lt = plan.target.legacy
     vocab = plan.legacy_vocab

@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from smolq.arch.base import meta
 from smolq.errors import FormatError, InputError
 
 # tokenizer.ggml.token_type values (formats.md 6.5)
@@ -88,7 +89,6 @@ class Vocab:
 
     # ---------------------------------------------------------- GGUF
     def gguf_metadata(self, family: str) -> dict[str, Any]:
-        from smolq.convert.arch.base import meta
 
         raw = family == "gptj"  # GPT4All's GPT-J reader: decoded bytes, no types or scores
         tokens: list[Any] = [self.raw_bytes(i) for i in range(len(self))] if raw else self.tokens

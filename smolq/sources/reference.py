@@ -38,6 +38,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from smolq import kernels
+from smolq.arch import family_arch
+from smolq.formats.detect import open_model
+from smolq.ggml_types import GGMLType
+
 DEFAULT_ROPE_BASE = 10000.0
 _REQUIRED = object()
 
@@ -278,14 +283,9 @@ def forward(arch: str, tensors: Mapping[str, np.ndarray], hparams: Mapping[str, 
 def tensor_to_float(entry) -> np.ndarray:
     """A TensorEntry's data as float32 in its PyTorch-order shape (the C kernel
     decodes every float and block type; gguf-py covers types it lacks, v3 only)."""
-    from smolq.quantize.types import GGMLType
 
     raw = entry.load()
-    try:
-        from smolq import kernels
-    except ImportError:
-        kernels = None
-    if kernels is not None and (entry.type, entry.layout) in kernels.DEQUANTIZE_TYPES:
+    if (entry.type, entry.layout) in kernels.DEQUANTIZE_TYPES:
         return kernels.dequantize(raw, entry.type, entry.shape, layout=entry.layout)
     if entry.layout != "v3":
         raise ValueError(f"{entry.name}: no decoder for {GGMLType(entry.type).name} in layout {entry.layout}")
@@ -321,14 +321,12 @@ def _legacy_hparams(family: str, header: Mapping[str, Any], tensors: Mapping[str
 
 def read_model(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray], dict[str, Any]]:
     """(architecture, GGUF-named float32 tensors, GGUF-style hparams) of any GGUF or legacy file."""
-    from smolq.formats.detect import open_model
 
     with open_model(path) as mf:
         arch = mf.architecture
         if mf.is_gguf:
             tensors = {e.name: tensor_to_float(e) for e in mf.tensors}
             return arch, tensors, dict(mf.metadata)
-        from smolq.convert.arch import family_arch
 
         names = family_arch(arch).names
         tensors = {}

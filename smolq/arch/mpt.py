@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from smolq.convert.arch.base import Arch, LegacyTarget, NameTable, TensorMap, meta
+from smolq.arch.base import Arch, LegacyTarget, NameTable, TensorMap, meta
 from smolq.errors import InputError
 
 MPT_NAMES = NameTable([

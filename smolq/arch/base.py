@@ -10,13 +10,14 @@ An architecture never writes bytes. It tells the pipeline, for one config:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import numpy as np
 
 from smolq.errors import FormatError, InputError
+from smolq.formats.gguf import MetaValue
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,36 @@ class Arch:
 
 def meta(kind: str, value: Any, item: str | None = None):
     """A GGUF MetaValue, imported lazily so arch modules load without the format module."""
-    from smolq.formats.gguf import MetaValue
 
     return MetaValue(kind, value, item)
+
+
+# ------------------------------------------------------------------ config readers shared by families
+
+def rope_theta(config: dict[str, Any]) -> float | None:
+    """The RoPE base from either place transformers has kept it, or None when absent.
+
+    Older configs: top-level `rope_theta`. transformers 5: `rope_parameters`
+    = {"rope_theta": ..., "rope_type": ...} (possibly per layer type, as a dict
+    of such dicts). Dropping the second form silently gives a wrong model.
+    """
+    top = config.get("rope_theta")
+    if top is not None:
+        return float(top)
+    params = config.get("rope_parameters")
+    if isinstance(params, dict):
+        if params.get("rope_theta") is not None:
+            return float(params["rope_theta"])
+        for sub in params.values():  # {"full_attention": {...}, ...}
+            if isinstance(sub, dict) and sub.get("rope_theta") is not None:
+                return float(sub["rope_theta"])
+    return None
+
+
+def rope_scaling(config: dict[str, Any]) -> dict[str, Any] | None:
+    """RoPE scaling settings from `rope_scaling` (old) or `rope_parameters` (transformers 5)."""
+    for key in ("rope_scaling", "rope_parameters"):
+        value = config.get(key)
+        if isinstance(value, dict) and value.get("rope_type", value.get("type")) not in (None, "default"):
+            return value
+    return None

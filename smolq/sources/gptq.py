@@ -31,10 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from smolq.convert.checkpoint import Checkpoint, SourceTensor, open_checkpoint
 from smolq.errors import FormatError, InputError
-from smolq.formats.gptq_ckpt import CONFIG_NAMES, SUFFIXES, GPTQLayer, read_quantize_config
-from smolq.quantize.types import GGMLType, is_quantized
+from smolq.formats.gptq_ckpt import CONFIG_NAMES, SUFFIXES, GPTQLayer, read_quantize_config, unpack_words
+from smolq.ggml_types import GGMLType, is_quantized
+from smolq.plan.mix import with_shape_fallback
+from smolq.sources.checkpoint import Checkpoint, SourceTensor, open_checkpoint
+from smolq.transforms.grids import legacy_blocks
 
 T = GGMLType
 QK = 32  # elements per legacy ggml block
@@ -106,7 +108,6 @@ class GPTQSourceTensor(SourceTensor):
         return g
 
     def zeros(self) -> np.ndarray:
-        from smolq.formats.gptq_ckpt import unpack_words
 
         z = unpack_words(self.parts["qzeros"].load_raw(), self.bits, self.shape[0], 1).astype(np.int64)
         return z + 1 if self.qcfg["checkpoint_format"] == "gptq" else z  # v1 stores zero − 1 (gptq.md 2.4)
@@ -152,7 +153,6 @@ class GPTQSourceTensor(SourceTensor):
 
 def emit_blocks(layer: GPTQLayer, t: GGMLType) -> np.ndarray:
     """ggml v3 blocks holding exactly s·(q − z) (formats.md 5.2.3); caller checked the ranges."""
-    from smolq.quantize.grids import legacy_blocks
 
     bm = EXACT_BLOCK_TYPES[t]
     rows, cols = layer.qint.shape
@@ -284,7 +284,6 @@ def _linear(module: str, parts: dict[str, SourceTensor], qcfg: dict) -> GPTQSour
 
 def default_type(src: GPTQSourceTensor, shape: tuple[int, ...]) -> tuple[GGMLType, bool]:
     """Per-tensor default when --outtype is not given: the exact type, else by bits."""
-    from smolq.quantize.plan import with_shape_fallback
 
     ex = src.exactness()
     for t in EXACT_PREFERENCE.get(src.bits, ()):

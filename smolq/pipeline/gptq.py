@@ -38,8 +38,25 @@ from typing import Any
 
 import numpy as np
 
+from smolq.arch import arch_for_config
+from smolq.atomic import atomic_directory, atomic_output
 from smolq.errors import InputError
-from smolq.quantize.types import GGMLType
+from smolq.formats import gptq_ckpt
+from smolq.formats.base import TensorEntry
+from smolq.formats.gguf import write_gguf
+from smolq.formats.gptq_ckpt import GPTQLayer
+from smolq.formats.legacy import write_legacy
+from smolq.ggml_types import GGMLType
+from smolq.pipeline import convert as cp
+from smolq.pipeline.convert import build_steps, resolve_target
+from smolq.plan.mix import BITS_PRESETS
+from smolq.progress import note
+from smolq.sources.checkpoint import open_checkpoint
+from smolq.sources.gptq import looks_like_gptq
+from smolq.sources.vocab import load_vocab
+from smolq.transforms.calib import load_calibration
+from smolq.transforms.gptq import HessianAccumulator, gptq_solve
+from smolq.transforms.grids import BLOCK_SPECS, SCALE_RULES, make_grid
 
 log = logging.getLogger("smolq.gptq")
 T = GGMLType
@@ -115,7 +132,6 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
     src, out = Path(src_dir), Path(out_path)
     fmt = (format or "gptq").lower()
     if fmt != "gptq" and qtype is None:
-        from smolq.quantize.plan import BITS_PRESETS
 
         if bits not in BITS_PRESETS:
             raise InputError(out, f"--bits {bits} has no ggml preset; choose one of {sorted(BITS_PRESETS)}")
@@ -124,13 +140,11 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
         raise InputError(out, f"GPTQ checkpoints hold 2, 3, 4 or 8 bits, not {bits}")
     if group_size != -1 and group_size < 1:
         raise InputError(out, f"--group-size must be -1 or positive, not {group_size}")
-    from smolq.quantize.grids import SCALE_RULES
 
     if scale_rule not in SCALE_RULES:
         raise InputError(out, f"unknown --scale-rule {scale_rule!r}; choose one of {', '.join(SCALE_RULES)}")
     if mse < 0:
         raise InputError(out, f"--mse must be 0 (off) or a positive exponent, not {mse}")
-    from smolq.convert.gptq_import import looks_like_gptq
 
     if looks_like_gptq(src):
         raise InputError(src, "is already GPTQ-quantized; `smolq convert` imports it (GGUF, exact where the grid maps)")
@@ -145,7 +159,6 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    from smolq.convert.checkpoint import open_checkpoint
 
     model, tokenizer, family = _load_model(src)
     plan = _plan_types(src, out, fmt, qtype, model, family)
@@ -382,10 +395,6 @@ def _plan_types(src, out, fmt, qtype, model, family) -> dict[str, GGMLType | Non
              for i in range(len(_blocks(model, family))) for lin in _linears(family)]
     if fmt == "gptq":
         return {n: None for n in names}
-    from smolq.convert.arch import arch_for_config
-    from smolq.convert.checkpoint import open_checkpoint
-    from smolq.convert.pipeline import build_steps, resolve_target
-    from smolq.quantize.grids import BLOCK_SPECS
 
     with open_checkpoint(src) as ckpt:
         arch = arch_for_config(ckpt.config, ckpt.path / "config.json")
@@ -425,8 +434,6 @@ ACTIVATIONS_IN_RAM_MAX = 512 << 20
 
 
 def _calibration(model, tokenizer, weights: "_Weights", calib, nsamples, seqlen, seed, quiet):
-    from smolq.progress import note
-    from smolq.quantize.calib import load_calibration
 
     if calib is not None:  # only the config and the tokenizer are used
         return load_calibration(model, tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
@@ -530,7 +537,6 @@ def _capture_block_inputs(model, family, cal, weights: "_Weights", work: Path, q
     forward stops at block 0."""
     import torch
 
-    from smolq.progress import note
 
     blocks = _blocks(model, family)
     embed = model.get_input_embeddings()
@@ -603,7 +609,6 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
                      weights: "_Weights") -> dict:
     import torch
 
-    from smolq.progress import note
 
     blocks = _blocks(model, family)
     acts = _capture_block_inputs(model, family, cal, weights, work, quiet)
@@ -650,7 +655,6 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
 
 
 def _collect_hessians(block, names, acts: _Activations, dev):
-    from smolq.quantize.gptq import HessianAccumulator
 
     accs, handles = {}, []
     for name in names:
@@ -673,8 +677,6 @@ def _solve_linear(lin, H, qtype, settings: Settings, dev):
     """GPTQ one Linear; its weight becomes the dequantized result. Returns (record, damp)."""
     import torch
 
-    from smolq.quantize.gptq import gptq_solve
-    from smolq.quantize.grids import make_grid
 
     W = lin.weight.data.to(dev, torch.float32)
     rows, cols = W.shape
@@ -694,7 +696,6 @@ def _solve_linear(lin, H, qtype, settings: Settings, dev):
 def _save_block(path: Path, records: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save
 
-    from smolq.atomic import atomic_output
 
     with atomic_output(path) as fh:
         fh.write(save({k: np.ascontiguousarray(v) for k, v in records.items()}))
@@ -719,7 +720,6 @@ def record_weights(rec: dict[str, np.ndarray], shape: tuple[int, int]) -> np.nda
 
         t = gguf.GGMLQuantizationType(int(rec["qtype"][0]))
         return gguf.quants.dequantize(rec["blocks"], t).reshape(shape)
-    from smolq.formats.gptq_ckpt import GPTQLayer
 
     return GPTQLayer(rec["qint"], rec["scales"], rec["zeros"].astype(np.int64), rec["g_idx"].astype(np.int64),
                      bits=0).dequantize()
@@ -740,10 +740,6 @@ def _restore_block(block, path: Path) -> None:
 
 
 def _write_gptq_dir(model, family, src: Path, out: Path, work: Path, s: Settings) -> int:
-    from smolq.atomic import atomic_directory
-    from smolq.convert.checkpoint import open_checkpoint
-    from smolq.formats import gptq_ckpt
-    from smolq.formats.gptq_ckpt import GPTQLayer
 
     blocks = _blocks(model, family)
     n_shards = len(blocks) + 1
@@ -789,11 +785,6 @@ def _f16():
 
 
 def _write_ggml_file(src: Path, out: Path, fmt: str, qtype: str, model, family, work: Path) -> int:
-    from smolq.convert import pipeline as cp
-    from smolq.convert.arch import arch_for_config
-    from smolq.convert.checkpoint import open_checkpoint
-    from smolq.convert.vocab import load_vocab
-    from smolq.formats.base import TensorEntry
 
     blocks = _blocks(model, family)
     records: dict[str, tuple[Path, str]] = {}
@@ -829,11 +820,9 @@ def _write_ggml_file(src: Path, out: Path, fmt: str, qtype: str, model, family, 
             entries.append(e)
         vocab = load_vocab(ckpt.path, arch.n_vocab, arch.family, ckpt.config)
         if target.is_gguf:
-            from smolq.formats.gguf import write_gguf
 
             md = cp.gguf_metadata(arch, vocab, ckpt, preset.ftype)
             return write_gguf(out, md, entries, version=target.gguf_version)
-        from smolq.formats.legacy import write_legacy
 
         lt = target.legacy
         hparams = arch.legacy_hparams(lt)

@@ -2,7 +2,7 @@
 
 Given one linear layer's weight W [out, in] and the Hessian H = 2XXᵀ/n of its
 inputs, quantize the columns one at a time onto a pluggable grid
-(smolq.quantize.grids) and push each column's rounding error onto the columns
+(smolq.transforms.grids) and push each column's rounding error onto the columns
 not yet quantized, through the upper Cholesky factor of H⁻¹ (gptq.md 1.1-1.7).
 """
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
+from smolq.lazy import lazy_module
+from smolq.transforms.grids import Grid
 
-from smolq.quantize.grids import Grid
+torch = lazy_module("torch")  # imported at first use: `smolq --help` stays fast
 
 log = logging.getLogger("smolq.gptq")
 

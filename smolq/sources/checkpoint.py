@@ -14,9 +14,8 @@ Every problem is a FormatError/InputError naming the file.
 """
 from __future__ import annotations
 
-import math
-
 import json
+import math
 import mmap
 import os
 import struct
@@ -132,35 +131,6 @@ def read_json_object(path: Path, error: type = FormatError, what: str = "") -> d
     if not isinstance(obj, dict):
         raise error(path, f"{what}: expected a JSON object" if what else "expected a JSON object")
     return obj
-
-
-def rope_theta(config: dict[str, Any]) -> float | None:
-    """The RoPE base from either place transformers has kept it, or None when absent.
-
-    Older configs: top-level `rope_theta`. transformers 5: `rope_parameters`
-    = {"rope_theta": ..., "rope_type": ...} (possibly per layer type, as a dict
-    of such dicts). Dropping the second form silently gives a wrong model.
-    """
-    top = config.get("rope_theta")
-    if top is not None:
-        return float(top)
-    params = config.get("rope_parameters")
-    if isinstance(params, dict):
-        if params.get("rope_theta") is not None:
-            return float(params["rope_theta"])
-        for sub in params.values():  # {"full_attention": {...}, ...}
-            if isinstance(sub, dict) and sub.get("rope_theta") is not None:
-                return float(sub["rope_theta"])
-    return None
-
-
-def rope_scaling(config: dict[str, Any]) -> dict[str, Any] | None:
-    """RoPE scaling settings from `rope_scaling` (old) or `rope_parameters` (transformers 5)."""
-    for key in ("rope_scaling", "rope_parameters"):
-        value = config.get(key)
-        if isinstance(value, dict) and value.get("rope_type", value.get("type")) not in (None, "default"):
-            return value
-    return None
 
 
 # ------------------------------------------------------------------ safetensors

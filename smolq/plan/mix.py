@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from smolq.errors import InputError
-from smolq.quantize.types import GGMLType, TYPE_INFO, is_quantized
+from smolq.ggml_types import TYPE_INFO, GGMLType, is_quantized
 
 T = GGMLType
 

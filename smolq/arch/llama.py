@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from smolq.convert.arch.base import Arch, LegacyTarget, NameTable, TensorMap, meta
-from smolq.convert.checkpoint import rope_scaling, rope_theta
+from smolq.arch.base import Arch, LegacyTarget, NameTable, TensorMap, meta, rope_scaling, rope_theta
 from smolq.errors import InputError
+from smolq.formats.legacy import find_n_mult
 
 DEFAULT_ROPE_THETA = 10000.0  # llama.cpp's default when llama.rope.freq_base is absent
 
@@ -158,7 +158,6 @@ class Llama(Arch):
     def legacy_hparams(self, target: LegacyTarget) -> dict[str, int | float]:
         if self.head_dim * self.n_head != self.n_embd:
             raise InputError(self.config_path, "legacy LLaMA headers assume head_dim = hidden_size / num_attention_heads")
-        from smolq.formats.legacy import find_n_mult
 
         try:
             n_mult = find_n_mult(self.n_embd, self.n_ff)

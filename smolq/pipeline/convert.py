@@ -19,12 +19,18 @@ from typing import Any, Callable
 
 import numpy as np
 
-from smolq.convert.arch import Arch, LegacyTarget, TensorMap, arch_for_config
-from smolq.convert.checkpoint import Checkpoint, SourceTensor, open_checkpoint
-from smolq.convert.vocab import Vocab, load_vocab
+from smolq.arch import Arch, LegacyTarget, TensorMap, arch_for_config
+from smolq.arch.base import meta
 from smolq.errors import InputError
 from smolq.formats.base import TensorEntry
-from smolq.quantize.types import GGMLType, is_quantized, tensor_nbytes
+from smolq.formats.gguf import write_gguf
+from smolq.formats.legacy import storable_types, write_legacy
+from smolq.ggml_types import GGMLType, is_quantized, tensor_nbytes
+from smolq.kernels import quantize, relayout
+from smolq.plan.mix import ModelInfo, PlanOptions, plan_tensor_types, resolve_preset
+from smolq.sources.checkpoint import Checkpoint, SourceTensor, open_checkpoint
+from smolq.sources.gptq import GPTQSourceTensor, default_type, looks_like_gptq, open_gptq_checkpoint, summarize
+from smolq.sources.vocab import Vocab, load_vocab
 
 T = GGMLType
 
@@ -93,7 +99,6 @@ def _gguf_name(arch: Arch, m: TensorMap) -> str:
 
 def plan_types(arch: Arch, maps: list[TensorMap], target: Target, outtype: str, path: Path) -> tuple[list[tuple[GGMLType, bool]], Any]:
     """Per-tensor (type, fell back) with llama.cpp's rules: 1-D and norms stay F32 (plan.py)."""
-    from smolq.quantize.plan import ModelInfo, PlanOptions, plan_tensor_types, resolve_preset
 
     preset = resolve_preset(type_name=outtype)
     info = ModelInfo(arch=arch.gguf_arch, n_layer=getattr(arch, "n_layer", 0),
@@ -117,7 +122,6 @@ def _predates_k_quants(arch: Arch, target: Target) -> bool:
 
 
 def _storable_types(arch: Arch, target: Target) -> frozenset:
-    from smolq.formats.legacy import storable_types
 
     lt = target.legacy
     qntvr = {"v1": 0, "v2": 1, "v3": 2}[lt.layout] if lt.dialect == "ggml-examples" else None
@@ -141,7 +145,6 @@ def _check_storable(arch: Arch, target: Target, steps: list[Step], path: Path) -
 # ------------------------------------------------------------------ tensor data
 
 def _to_bf16(x: np.ndarray) -> np.ndarray:
-    from smolq.kernels import quantize
 
     return quantize(x.reshape(-1, x.shape[-1]), T.BF16)
 
@@ -152,7 +155,6 @@ def convert_tensor(x: np.ndarray, dst: GGMLType, layout: str = "v3") -> np.ndarr
         return np.ascontiguousarray(x, dtype="<f4")
     if dst == T.F16:
         return np.ascontiguousarray(x, dtype="<f2")
-    from smolq.kernels import quantize
 
     n = x.shape[-1] if x.ndim else 1
     return quantize(np.asarray(x, dtype=np.float32).reshape(-1, n), dst, layout=layout)
@@ -165,7 +167,6 @@ def place_blocks(data: np.ndarray, m: TensorMap, t: GGMLType, layout: str, path:
     if perm is not None:
         data = data[perm]
     if layout != "v3":
-        from smolq.kernels import relayout
 
         data, _ = relayout(data, t, "v3", layout)
     return np.ascontiguousarray(data)
@@ -204,7 +205,6 @@ def gguf_metadata(arch: Arch, vocab: Vocab, ckpt: Checkpoint | None, file_type: 
                   name: str | None = None) -> dict[str, Any]:
     """Every key `smolq convert` writes, in its order. `name` overrides the
     checkpoint-derived general.name (migrate has no checkpoint)."""
-    from smolq.convert.arch.base import meta
 
     md: dict[str, Any] = {
         "general.architecture": meta("str", arch.gguf_arch),
@@ -244,8 +244,6 @@ def build_steps(arch: Arch, ckpt: Checkpoint, target: Target, outtype: str | Non
 
 def _gptq_types(steps: list[Step], outtype: str | None, preset):
     """GPTQ Linears: the default type when none was asked for; exact wherever the type allows."""
-    from smolq.convert.gptq_import import GPTQSourceTensor, default_type
-    from smolq.quantize.plan import resolve_preset
 
     linears = [s for s in steps if isinstance(s.source, GPTQSourceTensor)]
     for s in linears:
@@ -300,7 +298,6 @@ def convert(
         if target.is_gguf:
             file_type = preset.ftype
             md = gguf_metadata(arch, vocab, ckpt, file_type)
-            from smolq.formats.gguf import write_gguf
 
             size = write_gguf(out, md, _entries(steps, "v3"), version=target.gguf_version, on_tensor=on_tensor)
         else:
@@ -314,7 +311,6 @@ def convert(
 
 def open_source(src_dir: str | os.PathLike) -> Checkpoint:
     """An HF checkpoint, or a GPTQ one with its Linears presented as float weights."""
-    from smolq.convert.gptq_import import looks_like_gptq, open_gptq_checkpoint
 
     if looks_like_gptq(src_dir):
         return open_gptq_checkpoint(src_dir)
@@ -322,7 +318,6 @@ def open_source(src_dir: str | os.PathLike) -> Checkpoint:
 
 
 def _write_legacy_file(out: Path, arch: Arch, target: Target, hparams: dict, vocab: Vocab, steps: list[Step], preset, on_tensor) -> int:
-    from smolq.formats.legacy import write_legacy
 
     lt = target.legacy
     assert lt is not None
@@ -349,7 +344,6 @@ def _summary(ckpt: Checkpoint, arch: Arch, target: Target, outtype: str | None, 
     notes = list(arch.notes) + list(vocab.notes)
     warnings: list[str] = []
     if gptq:
-        from smolq.convert.gptq_import import summarize
 
         gnotes, warning = summarize(steps)
         notes += ckpt.notes + gnotes

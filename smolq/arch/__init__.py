@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from smolq.convert.arch.base import Arch, LegacyTarget, NameTable, TensorMap
-from smolq.convert.arch.gptj import GPTJ
-from smolq.convert.arch.llama import Llama
-from smolq.convert.arch.mpt import MPT
+from smolq.arch.base import Arch, LegacyTarget, NameTable, TensorMap
+from smolq.arch.gptj import GPTJ
+from smolq.arch.llama import Llama
+from smolq.arch.mpt import MPT
 from smolq.errors import InputError
 
 ARCHES: tuple[type[Arch], ...] = (Llama, GPTJ, MPT)
