@@ -19,42 +19,26 @@ from typing import Any, Callable
 
 import numpy as np
 
-from smolq.arch import Arch, LegacyTarget, TensorMap, arch_for_config
-from smolq.arch.base import meta
+from smolq.arch import Arch, TensorMap, arch_for_config
 from smolq.errors import InputError
 from smolq.formats.base import TensorEntry
-from smolq.formats.gguf import write_gguf
-from smolq.formats.legacy import storable_types, write_legacy
 from smolq.ggml_types import GGMLType, is_quantized, tensor_nbytes
 from smolq.kernels import quantize, relayout
 from smolq.plan.mix import ModelInfo, PlanOptions, plan_tensor_types, resolve_preset
+from smolq.plan.targets import ALL_FORMATS, FORMAT_ALIASES, GGUF_FORMATS, LEGACY_FORMATS, Target, resolve_target
+from smolq.plan.targets import storable_types as target_types
+from smolq.sinks import gguf as gguf_sink
+from smolq.sinks import legacy as legacy_sink
+from smolq.sinks.gguf import gguf_metadata
 from smolq.sources.checkpoint import Checkpoint, SourceTensor, open_checkpoint
 from smolq.sources.gptq import GPTQSourceTensor, default_type, looks_like_gptq, open_gptq_checkpoint, summarize
 from smolq.sources.vocab import Vocab, load_vocab
 
 T = GGMLType
 
-GGUF_FORMATS = {"gguf": 3, "gguf-v1": 1, "gguf-v2": 2, "gguf-v3": 3}
-LEGACY_FORMATS = ("ggml", "ggmf", "ggjt-v1", "ggjt-v2", "ggjt-v3", "ggmm")
-FORMAT_ALIASES = {"ggjt": "ggjt-v3", "gguf3": "gguf-v3", "gguf2": "gguf-v2", "gguf1": "gguf-v1"}
-ALL_FORMATS = tuple(GGUF_FORMATS) + LEGACY_FORMATS
-GGML_QUANT_VERSION = 2  # general.quantization_version written by llama.cpp
+__all__ = ["ALL_FORMATS", "FORMAT_ALIASES", "GGUF_FORMATS", "LEGACY_FORMATS", "Target", "resolve_target",
+           "gguf_metadata", "convert", "build_steps", "convert_tensor", "place_blocks", "open_source"]
 SOURCE_TYPES = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16, "F64": T.F32}
-
-
-@dataclass(frozen=True)
-class Target:
-    format: str  # canonical --format name
-    gguf_version: int | None = None
-    legacy: LegacyTarget | None = None
-
-    @property
-    def is_gguf(self) -> bool:
-        return self.gguf_version is not None
-
-    @property
-    def layout(self) -> str:
-        return self.legacy.layout if self.legacy else "v3"
 
 
 @dataclass
@@ -74,24 +58,7 @@ class Step:
         return tensor_nbytes(self.type, self.map.shape, self.layout)
 
 
-# ------------------------------------------------------------------ choosing the target
-
-def resolve_target(fmt: str | None, out_path: Path, arch: Arch) -> Target:
-    if fmt is None:
-        suffix = out_path.suffix.lower()
-        if suffix == ".gguf":
-            fmt = "gguf"
-        elif suffix == ".bin":
-            fmt = arch.default_legacy
-        else:
-            raise InputError(out_path, "cannot tell the format from the suffix (.gguf or .bin); pass --format")
-    key = FORMAT_ALIASES.get(fmt.lower(), fmt.lower())
-    if key in GGUF_FORMATS:
-        return Target(key if key != "gguf" else "gguf-v3", gguf_version=GGUF_FORMATS[key])
-    if key in LEGACY_FORMATS:
-        return Target(key, legacy=arch.legacy_target(key, out_path))
-    raise InputError(out_path, f"unknown format {fmt!r} (choose one of {', '.join(ALL_FORMATS)})")
-
+# ------------------------------------------------------------------ planning types
 
 def _gguf_name(arch: Arch, m: TensorMap) -> str:
     return m.gguf or arch.names.to_gguf(m.legacy or "") or m.source
@@ -118,14 +85,7 @@ def _predates_k_quants(arch: Arch, target: Target) -> bool:
     """Containers from before June 2023: their quantizers gave every matrix the
     file's type. The mix rules (output.weight -> Q6_K, ...) came with K-quants,
     so applying them would ask for types these files cannot hold."""
-    return target.legacy is not None and T.Q6_K not in _storable_types(arch, target)
-
-
-def _storable_types(arch: Arch, target: Target) -> frozenset:
-
-    lt = target.legacy
-    qntvr = {"v1": 0, "v2": 1, "v3": 2}[lt.layout] if lt.dialect == "ggml-examples" else None
-    return frozenset(storable_types(lt.container, lt.version, arch.family, lt.dialect, qntvr))
+    return target.legacy is not None and T.Q6_K not in target_types(target, arch.family)
 
 
 def _check_storable(arch: Arch, target: Target, steps: list[Step], path: Path) -> None:
@@ -134,7 +94,7 @@ def _check_storable(arch: Arch, target: Target, steps: list[Step], path: Path) -
             raise InputError(path, "GGUF cannot hold Q4_2/Q4_3")
         return
     lt = target.legacy
-    allowed = _storable_types(arch, target)
+    allowed = target_types(target, arch.family)
     for s in steps:
         if s.type not in allowed:
             holds = ", ".join(sorted(t.name for t in allowed))
@@ -190,33 +150,6 @@ def _loader(step: Step, layout: str) -> Callable[[], Any]:
 
 def _entries(steps: list[Step], layout: str) -> list[TensorEntry]:
     return [TensorEntry(s.name, s.type, tuple(s.map.shape), _loader(s, layout), layout) for s in steps]
-
-
-# ------------------------------------------------------------------ metadata
-
-def _model_name(ckpt: Checkpoint) -> str:
-    name = ckpt.config.get("_name_or_path")
-    if isinstance(name, str) and name.strip():
-        return Path(name.rstrip("/")).name
-    return ckpt.path.resolve().name
-
-
-def gguf_metadata(arch: Arch, vocab: Vocab, ckpt: Checkpoint | None, file_type: int | None,
-                  name: str | None = None) -> dict[str, Any]:
-    """Every key `smolq convert` writes, in its order. `name` overrides the
-    checkpoint-derived general.name (migrate has no checkpoint)."""
-
-    md: dict[str, Any] = {
-        "general.architecture": meta("str", arch.gguf_arch),
-        "general.type": meta("str", "model"),
-        "general.name": meta("str", name if name is not None else _model_name(ckpt)),
-    }
-    md.update(arch.gguf_metadata())
-    if file_type is not None:
-        md["general.file_type"] = meta("u32", file_type)
-    md["general.quantization_version"] = meta("u32", GGML_QUANT_VERSION)
-    md.update(vocab.gguf_metadata(arch.family))
-    return md
 
 
 # ------------------------------------------------------------------ the command
@@ -298,8 +231,7 @@ def convert(
         if target.is_gguf:
             file_type = preset.ftype
             md = gguf_metadata(arch, vocab, ckpt, file_type)
-
-            size = write_gguf(out, md, _entries(steps, "v3"), version=target.gguf_version, on_tensor=on_tensor)
+            size = gguf_sink.write(out, target.version, md, _entries(steps, "v3"), on_tensor=on_tensor)
         else:
             size = _write_legacy_file(out, arch, target, hparams, vocab, steps, preset, on_tensor)
         summary.update(bytes=size, seconds=round(time.perf_counter() - started, 3))
@@ -318,18 +250,12 @@ def open_source(src_dir: str | os.PathLike) -> Checkpoint:
 
 
 def _write_legacy_file(out: Path, arch: Arch, target: Target, hparams: dict, vocab: Vocab, steps: list[Step], preset, on_tensor) -> int:
-
     lt = target.legacy
-    assert lt is not None
     tokens = vocab.legacy_tokens(arch.family, lt.container, lt.dialect)
     # LLaMA headers hold LLAMA_FTYPE (a mix has its own value); other dialects: the writer infers it.
     ftype = preset.ftype if arch.family == "llama" and preset.ftype is not None else None
-    write_legacy(
-        out, lt.container, lt.version, arch.family, hparams, [(text, score) for text, score, _ in tokens],
-        _entries(steps, lt.layout), dialect=lt.dialect, ftype=ftype, on_tensor=on_tensor,
-        special_tokens=[i for i, (_, _, special) in enumerate(tokens) if special],
-    )
-    return out.stat().st_size
+    return legacy_sink.write(out, target, arch.family, hparams, tokens, _entries(steps, lt.layout),
+                             ftype=ftype, on_tensor=on_tensor)
 
 
 def _summary(ckpt: Checkpoint, arch: Arch, target: Target, outtype: str | None, steps: list[Step], vocab: Vocab, out: Path) -> dict[str, Any]:

@@ -43,14 +43,16 @@ from smolq.atomic import atomic_directory, atomic_output
 from smolq.errors import InputError
 from smolq.formats import gptq_ckpt
 from smolq.formats.base import TensorEntry
-from smolq.formats.gguf import write_gguf
 from smolq.formats.gptq_ckpt import GPTQLayer
-from smolq.formats.legacy import write_legacy
 from smolq.ggml_types import GGMLType
 from smolq.pipeline import convert as cp
-from smolq.pipeline.convert import build_steps, resolve_target
+from smolq.pipeline.convert import build_steps
 from smolq.plan.mix import BITS_PRESETS
+from smolq.plan.targets import resolve_target
 from smolq.progress import note
+from smolq.sinks import gguf as gguf_sink
+from smolq.sinks import legacy as legacy_sink
+from smolq.sinks.gguf import gguf_metadata
 from smolq.sources.checkpoint import open_checkpoint
 from smolq.sources.gptq import looks_like_gptq
 from smolq.sources.vocab import load_vocab
@@ -808,8 +810,8 @@ def _write_ggml_file(src: Path, out: Path, fmt: str, qtype: str, model, family, 
 
     with open_checkpoint(src) as ckpt:
         arch = arch_for_config(ckpt.config, ckpt.path / "config.json")
-        target = cp.resolve_target(fmt, out, arch)
-        steps, preset = cp.build_steps(arch, ckpt, target, qtype, out)
+        target = resolve_target(fmt, out, arch)
+        steps, preset = build_steps(arch, ckpt, target, qtype, out)
         entries = []
         for st in steps:
             e = cp._entries([st], target.layout)[0]
@@ -820,15 +822,8 @@ def _write_ggml_file(src: Path, out: Path, fmt: str, qtype: str, model, family, 
             entries.append(e)
         vocab = load_vocab(ckpt.path, arch.n_vocab, arch.family, ckpt.config)
         if target.is_gguf:
-
-            md = cp.gguf_metadata(arch, vocab, ckpt, preset.ftype)
-            return write_gguf(out, md, entries, version=target.gguf_version)
-
+            return gguf_sink.write(out, target.version, gguf_metadata(arch, vocab, ckpt, preset.ftype), entries)
         lt = target.legacy
-        hparams = arch.legacy_hparams(lt)
         tokens = vocab.legacy_tokens(arch.family, lt.container, lt.dialect)
         ftype = preset.ftype if arch.family == "llama" and preset.ftype is not None else None
-        write_legacy(out, lt.container, lt.version, arch.family, hparams, [(t, sc) for t, sc, _ in tokens], entries,
-                     dialect=lt.dialect, ftype=ftype,
-                     special_tokens=[i for i, (_, _, sp) in enumerate(tokens) if sp])
-        return out.stat().st_size
+        return legacy_sink.write(out, target, arch.family, arch.legacy_hparams(lt), tokens, entries, ftype=ftype)

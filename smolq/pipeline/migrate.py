@@ -42,9 +42,9 @@ from smolq.arch.base import rope_theta
 from smolq.errors import FormatError, InputError
 from smolq.formats.base import TensorEntry
 from smolq.formats.detect import open_model
-from smolq.formats.gguf import GGUF_TENSOR_TYPES, VERSIONS, MetaValue, write_gguf
+from smolq.formats.gguf import VERSIONS, MetaValue, write_gguf
 from smolq.formats.gguf import GGUFValueType as V
-from smolq.formats.legacy import LAYOUT_OF_QNTVR, llama_n_ff, storable_types, write_legacy
+from smolq.formats.legacy import llama_n_ff, write_legacy
 from smolq.ggml_types import (
     VERSIONED_TYPES,
     GGMLType,
@@ -53,16 +53,11 @@ from smolq.ggml_types import (
     tensor_nbytes,
 )
 from smolq.kernels import DEQUANTIZE_TYPES, dequantize, error_stats, relayout
-from smolq.pipeline.convert import (
-    ALL_FORMATS,
-    FORMAT_ALIASES,
-    GGUF_FORMATS,
-    LEGACY_FORMATS,
-    Target,  # one target description for convert and migrate
-    convert_tensor,
-    gguf_metadata,
-)
+from smolq.pipeline.convert import convert_tensor
 from smolq.plan.mix import PLAIN_FTYPE, parse_type
+from smolq.plan.targets import Target, resolve_target
+from smolq.plan.targets import storable_types as _storable  # the one table of what a target holds
+from smolq.sinks.gguf import gguf_metadata
 from smolq.sources.checkpoint import read_json_object
 from smolq.sources.vocab import (
     BYTE,
@@ -190,34 +185,6 @@ def _format_of(model) -> str:
     if model.container == "ggjt":
         return f"ggjt-v{model.version}"
     return model.container
-
-
-def resolve_target(fmt: str | None, out: Path, family: str | None) -> Target:
-    """--format (default GGUF v3) -> Target; a legacy target needs a family that exists in it."""
-
-    key = (fmt or "gguf").lower()
-    key = FORMAT_ALIASES.get(key, key)
-    if key in GGUF_FORMATS:
-        return Target("gguf-v3" if key == "gguf" else key, gguf_version=GGUF_FORMATS[key])
-    if key not in LEGACY_FORMATS:
-        raise InputError(out, f"unknown format {fmt!r} (choose one of {', '.join(ALL_FORMATS)})")
-    if family is None:
-        raise InputError(out, f"{key} holds only LLaMA, GPT-J and MPT models; the source is none of them")
-    legacy = family_arch(family).legacy_targets.get(key)
-    if legacy is None:
-        known = ", ".join(family_arch(family).legacy_targets)
-        raise InputError(out, f"{family} cannot be written as {key}; legacy formats for it: {known}")
-    return Target(key, legacy=legacy)
-
-
-def _storable(target: Target, family: str | None) -> frozenset[GGMLType]:
-    if target.is_gguf:
-
-        return frozenset(GGUF_TENSOR_TYPES)
-
-    lt = target.legacy
-    qntvr = LAYOUT_OF_QNTVR[lt.layout] if lt.dialect == "ggml-examples" else None
-    return storable_types(lt.container, lt.version, family, lt.dialect, qntvr)
 
 
 def _decode(entry_or_bytes, t: GGMLType, shape, layout: str) -> np.ndarray:
@@ -811,7 +778,7 @@ def build_plan(src_path, out_path, format: str | None = None, config: str | os.P
     model = open_model(src_path)
     try:
         family = _family_of(model)
-        target = resolve_target(format, out_path, family)
+        target = resolve_target(format, out_path, family=family)
         plan = Plan(src_path, _format_of(model), family, target, [])
         if model.container == "gguf" and target.is_gguf:
             plan.steps = _plan_gguf_copy(model, target, force)

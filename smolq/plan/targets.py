@@ -1,0 +1,160 @@
+"""What an output will be: format names, the one target resolution, storable types.
+
+Every command picks its output container here:
+
+- convert: --format, else OUT's suffix (.gguf -> GGUF v3; .bin -> the family's
+  default legacy format); the family's own refusals (MPT with GQA ...);
+- quantize (RTN on a file): --format, else the input's container; plain `gguf`
+  keeps the input's GGUF version, a legacy container gets its newest version
+  (llama.cpp's 2023 quantizer wrote ggjt v3 whatever the converter wrote) and
+  keeps the input's dialect; GGUF <-> legacy is refused (that is migrate's job);
+- migrate: --format, else GGUF v3; a legacy target needs a family it exists for.
+
+`storable_types(target, family)` is the one answer to "which tensor types can
+this container version hold".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from smolq.arch import Arch, LegacyTarget, family_arch
+from smolq.errors import InputError
+from smolq.formats.gguf import GGUF_TENSOR_TYPES
+from smolq.formats.legacy import LAYOUT_OF_QNTVR, layout_for
+from smolq.formats.legacy import storable_types as _container_types
+from smolq.formats.legacy_tables import find_spec
+from smolq.ggml_types import GGMLType
+
+# --format names. "gguf" alone: v3 (convert, migrate) or the input's version (quantize).
+GGUF_FORMATS: dict[str, int | None] = {"gguf": None, "gguf-v1": 1, "gguf-v2": 2, "gguf-v3": 3}
+LEGACY_FORMATS: dict[str, tuple[str, int | None]] = {
+    "ggml": ("ggml", None), "ggmf": ("ggmf", 1), "ggjt-v1": ("ggjt", 1), "ggjt-v2": ("ggjt", 2),
+    "ggjt-v3": ("ggjt", 3), "ggmm": ("ggmm", None)}
+# A bare container name is its newest version ("ggjt": v3), so a quantizer that keeps the
+# input's container writes the newest version of it, as llama.cpp's 2023 quantizer did.
+FORMAT_ALIASES = {"ggjt": "ggjt-v3", "gguf3": "gguf-v3", "gguf2": "gguf-v2", "gguf1": "gguf-v1"}
+ALL_FORMATS = tuple(GGUF_FORMATS) + tuple(LEGACY_FORMATS)
+NEWEST_GGUF = 3
+NEWEST_QNTVR = 2  # ggml examples: quantization version of the v3 block layout
+# The list quantize's "unknown format" message has always named.
+_QUANTIZE_NAMES = "gguf, gguf-v1, gguf-v2, gguf-v3, ggml, ggmf, ggjt-v1, ggjt-v2, ggjt-v3, ggjt, ggmm"
+
+
+@dataclass(frozen=True)
+class Target:
+    """An output container version: GGUF vN, or a legacy container/version/dialect."""
+
+    format: str  # canonical name: "gguf-v3", "ggjt-v3", "ggml" ...
+    container: str  # "gguf" | "ggml" | "ggmf" | "ggjt" | "ggmm"
+    version: int | None
+    legacy: LegacyTarget | None = None  # container, version, dialect, block layout (legacy only)
+    qntvr: int | None = None  # ggml-examples files: the quantization version written in the ftype
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.container == "gguf"
+
+    @property
+    def gguf_version(self) -> int | None:
+        return self.version if self.is_gguf else None
+
+    @property
+    def layout(self) -> str:
+        """Block layout of Q4_0/Q4_1/Q5_x/Q8_0 in this target ("v1" | "v2" | "v3")."""
+        return self.legacy.layout if self.legacy else "v3"
+
+    @property
+    def dialect(self) -> str | None:
+        return self.legacy.dialect if self.legacy else None
+
+
+def gguf_target(version: int) -> Target:
+    return Target(f"gguf-v{version}", "gguf", version)
+
+
+def legacy_target(fmt: str, lt: LegacyTarget, qntvr: int | None = None) -> Target:
+    return Target(fmt, lt.container, lt.version, lt, qntvr)
+
+
+def format_key(fmt: str) -> str:
+    """A --format name as the tables spell it (case, '_' for '-', aliases)."""
+    key = fmt.lower().replace("_", "-")
+    return FORMAT_ALIASES.get(key, key)
+
+
+def resolve_target(fmt: str | None, out: str | Path, arch: Arch | None = None, *,
+                   family: str | None = None, source: Any = None) -> Target:
+    """The output target of a command.
+
+    convert: pass `arch` (the family bound to the checkpoint's config).
+    quantize: pass `source` (the opened input file, formats.detect.ModelFile).
+    migrate: pass `family` ("llama" | "gptj" | "mpt", or None for another GGUF architecture).
+    """
+    out = Path(out)
+    if fmt is None:
+        fmt = _default_format(out, arch, source)
+    key = format_key(fmt)
+    if key in GGUF_FORMATS:
+        if source is not None and not source.is_gguf:
+            raise InputError(out, f"{source.format_name} -> GGUF changes tensor names and metadata: "
+                                  f"run `smolq migrate {source.path} OUT.gguf` first, then quantize")
+        default = source.version if source is not None else NEWEST_GGUF
+        return gguf_target(GGUF_FORMATS[key] or default)
+    if key not in LEGACY_FORMATS:
+        if source is not None:
+            raise InputError(out, f"unknown format {fmt!r}; choose one of {_QUANTIZE_NAMES}")
+        raise InputError(out, f"unknown format {fmt!r} (choose one of {', '.join(ALL_FORMATS)})")
+    if source is not None:
+        if source.is_gguf:
+            raise InputError(out, f"GGUF -> {key} changes tensor names and headers: use `smolq migrate` "
+                                  f"(or `smolq convert` from the HF checkpoint) with --outtype")
+        return _requantize_target(source, key, out)
+    if arch is not None:
+        return legacy_target(key, arch.legacy_target(key, out))
+    if family is None:
+        raise InputError(out, f"{key} holds only LLaMA, GPT-J and MPT models; the source is none of them")
+    lt = family_arch(family).legacy_targets.get(key)
+    if lt is None:
+        known = ", ".join(family_arch(family).legacy_targets)
+        raise InputError(out, f"{family} cannot be written as {key}; legacy formats for it: {known}")
+    return legacy_target(key, lt)
+
+
+def _default_format(out: Path, arch: Arch | None, source: Any) -> str:
+    if source is not None:  # quantize: the input's container
+        return "gguf" if source.is_gguf else source.container
+    if arch is None:  # migrate
+        return "gguf"
+    suffix = out.suffix.lower()  # convert
+    if suffix == ".gguf":
+        return "gguf"
+    if suffix == ".bin":
+        return arch.default_legacy
+    raise InputError(out, "cannot tell the format from the suffix (.gguf or .bin); pass --format")
+
+
+def _requantize_target(source: Any, key: str, out: Path) -> Target:
+    """A legacy file requantized into `key`, in the input's dialect when the container is the input's."""
+    container, version = LEGACY_FORMATS[key]
+    family = source.architecture
+    dialect = source.header.get("dialect") if container == source.container else None
+    spec = find_spec(family, container, dialect) or find_spec(family, container)
+    if spec is None:
+        raise InputError(out, f"a {family} model cannot be written as {key}")
+    qntvr = NEWEST_QNTVR if spec.qntvr_in_ftype else None
+    name = container if version is None else f"{container}-v{version}"
+    lt = LegacyTarget(container, version, spec.dialect, layout_for(container, version, qntvr))
+    return legacy_target(name, lt, qntvr)
+
+
+def storable_types(target: Target, family: str | None) -> frozenset[GGMLType]:
+    """The tensor types `target` can hold for a model of `family` (None: any family the container takes)."""
+    if target.is_gguf:
+        return frozenset(GGUF_TENSOR_TYPES)
+    lt = target.legacy
+    qntvr = target.qntvr
+    if qntvr is None and lt.dialect == "ggml-examples":
+        qntvr = LAYOUT_OF_QNTVR[lt.layout]
+    return frozenset(_container_types(lt.container, lt.version, family, lt.dialect, qntvr))

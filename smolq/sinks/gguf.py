@@ -1,0 +1,51 @@
+"""The GGUF sink: the one metadata builder, and the atomic streaming write.
+
+`gguf_metadata` is every key `smolq convert` writes for a family, in its
+order; convert, GPTQ and migrate (from a legacy file) all build their GGUF
+header through it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from smolq.arch import Arch
+from smolq.arch.base import meta
+from smolq.formats.base import TensorEntry
+from smolq.formats.gguf import write_gguf
+from smolq.sources.checkpoint import Checkpoint
+from smolq.sources.vocab import Vocab
+
+GGML_QUANT_VERSION = 2  # general.quantization_version written by llama.cpp
+
+
+def model_name(ckpt: Checkpoint) -> str:
+    """general.name of a checkpoint: its config's _name_or_path, else the directory's name."""
+    name = ckpt.config.get("_name_or_path")
+    if isinstance(name, str) and name.strip():
+        return Path(name.rstrip("/")).name
+    return ckpt.path.resolve().name
+
+
+def gguf_metadata(arch: Arch, vocab: Vocab, ckpt: Checkpoint | None, file_type: int | None,
+                  name: str | None = None) -> dict[str, Any]:
+    """Every key `smolq convert` writes, in its order. `name` overrides the
+    checkpoint-derived general.name (migrate has no checkpoint)."""
+
+    md: dict[str, Any] = {
+        "general.architecture": meta("str", arch.gguf_arch),
+        "general.type": meta("str", "model"),
+        "general.name": meta("str", name if name is not None else model_name(ckpt)),
+    }
+    md.update(arch.gguf_metadata())
+    if file_type is not None:
+        md["general.file_type"] = meta("u32", file_type)
+    md["general.quantization_version"] = meta("u32", GGML_QUANT_VERSION)
+    md.update(vocab.gguf_metadata(arch.family))
+    return md
+
+
+def write(out: Path, version: int, metadata: Mapping[str, Any], entries: Iterable[TensorEntry], *,
+          endian: str = "<", on_tensor: Callable[..., None] | None = None) -> int:
+    """Write GGUF `version` atomically, one entry's load() at a time; returns the file size."""
+    return write_gguf(out, metadata, entries, version=version, endian=endian, on_tensor=on_tensor)
