@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from smolq.atomic import atomic_directory
-from smolq.commands.quantize import Request, quantize_file
+from smolq.pipeline.requantize import Request, quantize_file
 from smolq.errors import InputError
 from smolq.pipeline.convert import convert
 from smolq.pipeline.gptq import quantize_hf_gptq

@@ -1,0 +1,257 @@
+"""`smolq quantize` as a library: requantize a GGUF / legacy file (RTN), or
+hand an HF checkpoint to convert (RTN) or to GPTQ.
+
+    source (formats.detect) -> target (plan.targets) -> plan (plan.mix, llama.cpp's mixes,
+    fitted to what the target stores) -> transform (transforms.rtn, the C kernel,
+    one tensor at a time) -> sink (sinks.gguf / sinks.legacy, atomic)
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from smolq import kernels
+from smolq.errors import InputError
+from smolq.formats.detect import ModelFile, open_model, sniff_container
+from smolq.formats.gguf import Metadata, MetaValue
+from smolq.ggml_types import GGMLType, block_size, is_quantized, tensor_nbytes
+from smolq.pipeline.convert import convert
+from smolq.pipeline.gptq import quantize_hf
+from smolq.plan.mix import ModelInfo, PlanOptions, Preset, QuantPlan, TensorPlan, plan_tensor_types
+from smolq.plan.targets import Target, resolve_target, storable_types
+from smolq.progress import WorkProgress, event_progress
+from smolq.sinks import gguf as gguf_sink
+from smolq.sinks import legacy as legacy_sink
+from smolq.transforms.rtn import quantize_entries
+
+T = GGMLType
+GGML_QNT_VERSION = 2  # general.quantization_version that llama.cpp's quantizer writes
+
+
+@dataclass
+class Request:
+    """One quantize run: what `smolq quantize` was asked."""
+
+    src: Path
+    out: Path
+    preset: Preset
+    opts: PlanOptions
+    method: str = "rtn"
+    fmt: str | None = None
+    allow_requantize: bool = False
+    threads: int = 0
+    calib: Path | None = None
+    dry_run: bool = False
+    quiet: bool = True
+    gptq: dict[str, Any] | None = None  # GPTQ solver settings, passed through to the pipeline
+
+
+# Defaults of the GPTQ-only options: anything else given with --method rtn is a mistake.
+GPTQ_DEFAULTS = {"group_size": 128, "act_order": False, "sym": True, "damp": 0.01, "nsamples": 128,
+                 "seqlen": 2048, "device": "cpu", "true_sequential": True, "static_groups": False, "mse": 0.0,
+                 "scale_rule": "weighted", "seed": 0, "resume": False}
+
+
+def run(req: Request) -> dict[str, Any]:
+    """Quantize as `req` says; returns the summary (dry run: the plan, nothing written)."""
+    if req.method not in ("rtn", "gptq"):
+        raise InputError(None, f"unknown --method {req.method!r}; choose rtn or gptq")
+    if not req.src.exists():
+        raise InputError(req.src, "no such file or directory")
+    if req.method == "rtn" and (req.calib is not None or _changed_gptq_options(req)):
+        names = ", ".join(["--calib"] * (req.calib is not None) + [f"--{k.replace('_', '-')}" for k in _changed_gptq_options(req)])
+        raise InputError(None, f"{names} apply to --method gptq only")
+    _check_paths(req.src, req.out, out_is_dir=_writes_directory(req))
+    if req.src.is_dir():
+        return _from_hf(req)
+    if req.method == "gptq":
+        container = sniff_container(req.src)
+        raise InputError(req.src, f"GPTQ needs the HF checkpoint (calibration runs the model); got a {container} file")
+    return quantize_file(req)
+
+
+def _changed_gptq_options(req: Request) -> list[str]:
+    given = req.gptq or {}
+    return [k for k, default in GPTQ_DEFAULTS.items() if k in given and given[k] != default]
+
+
+def _writes_directory(req: Request) -> bool:
+    return req.method == "gptq" and is_gptq_dir(req.fmt, req.out)
+
+
+def is_gptq_dir(fmt: str | None, out: Path) -> bool:
+    """GPTQ checkpoints are directories (--format gptq, or an OUT without a suffix)."""
+    return (fmt or "").lower() == "gptq" or (fmt is None and out.suffix == "")
+
+
+# --- paths ---------------------------------------------------------------------------------
+
+def _check_paths(src: Path, out: Path, out_is_dir: bool = False) -> None:
+    """IN == OUT and unwritable outputs are refused before any work."""
+    same = out.exists() and os.path.samefile(src, out)
+    if same or src.resolve() == out.resolve():
+        raise InputError(out, "output is the input; choose another output path")
+    parent = out.parent if str(out.parent) else Path(".")
+    if out.is_dir() and not out_is_dir:
+        raise InputError(out, "output is a directory; give a file name")
+    if not parent.is_dir():
+        raise InputError(out, f"cannot write output: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(out, f"cannot write output: directory {parent} is not writable")
+
+
+# --- HF checkpoints: delegate ----------------------------------------------------------------
+
+def _from_hf(req: Request) -> dict[str, Any]:
+    if req.method == "gptq":
+        return _gptq_from_hf(req)
+    o = req.opts
+    if o.pure or o.leave_output_tensor or o.output_tensor_type or o.token_embedding_type or o.tensor_types:
+        raise InputError(req.src, "--pure/--leave-output-tensor/--*-type apply to GGUF or legacy inputs; "
+                                  "convert first (smolq convert) and quantize the file")
+
+    with event_progress("quantize", quiet=req.quiet) as on_progress:
+        summary = convert(req.src, req.out, format=req.fmt, outtype=req.preset.name, dry_run=req.dry_run,
+                          quiet=req.quiet, on_progress=on_progress)
+    summary.setdefault("preset", req.preset.name)
+    summary.setdefault("method", "rtn")
+    if req.dry_run:
+        summary["dry_run"] = True
+    return summary
+
+
+def _gptq_from_hf(req: Request) -> dict[str, Any]:
+    summary = quantize_hf(src=req.src, out=req.out, preset=req.preset.name, fmt=req.fmt, calib=req.calib,
+                          threads=req.threads, dry_run=req.dry_run, quiet=req.quiet, **(req.gptq or {}))
+    summary.setdefault("preset", req.preset.name if summary.get("format") != "gptq" else f"int{summary['bits']}")
+    return summary
+
+
+# --- GGUF / legacy files ---------------------------------------------------------------------
+
+def _fit_legacy(plan: QuantPlan, target: Target, allowed: frozenset | None, notes: list[str]) -> None:
+    """Legacy containers hold fewer types: K-quant bumps fall back to the preset's base type."""
+    if allowed is None:
+        return
+    base = plan.preset.default_type
+    bumped = 0
+    for tp in plan.tensors:
+        if target.container == "ggmm" and tp.name == "transformer.wte.weight":
+            tp.dst_type = tp.src_type  # GPT4All's MPT loader reads wte as F32 (formats.md 4.4)
+            continue
+        if tp.dst_type in allowed:
+            continue
+        if base in allowed and tensor_fits(base, tp.shape):
+            tp.dst_type = base
+            bumped += 1
+            continue
+        holds = ", ".join(sorted(t.name for t in allowed))
+        raise InputError(None, f"{target.format} cannot hold {tp.dst_type.name} (tensor {tp.name}); it holds {holds}")
+    if bumped:
+        notes.append(f"{bumped} tensors kept the base type {base.name}: {target.format} cannot hold the mix's types")
+
+
+def tensor_fits(t: GGMLType, shape: tuple[int, ...]) -> bool:
+    return bool(shape) and shape[-1] % block_size(t) == 0
+
+
+def make_plan(mf: ModelFile, req: Request) -> QuantPlan:
+    rows = [(t.name, t.type, tuple(t.shape)) for t in mf.tensors]
+    info = ModelInfo.from_metadata(mf.architecture, mf.metadata, [(name, shape) for name, _, shape in rows])
+    return plan_tensor_types(rows, req.preset, info, req.opts)
+
+
+def _check_requantize(plan: QuantPlan, req: Request) -> None:
+    again = plan.requantized()
+    if again and not req.allow_requantize:
+        kinds = ", ".join(sorted({t.src_type.name for t in again}))
+        raise InputError(req.src, f"{len(again)} tensors are already quantized ({kinds}); requantizing "
+                                  f"loses quality: pass --allow-requantize to do it anyway")
+
+
+def _check_kernel_types(plan: QuantPlan, mf: ModelFile, target: Target) -> None:
+    for tp, entry in zip(plan.tensors, mf.tensors):
+        if not tp.converts:
+            continue
+        if (tp.src_type, entry.layout) not in kernels.DEQUANTIZE_TYPES:
+            raise InputError(mf.path, f"tensor {tp.name}: cannot decode {tp.src_type.name} ({entry.layout} layout)")
+        if (tp.dst_type, target.layout) not in kernels.QUANTIZE_TYPES:
+            raise InputError(None, f"tensor {tp.name}: the kernel cannot write {tp.dst_type.name}")
+
+
+def quantize_file(req: Request) -> dict[str, Any]:
+    """RTN-requantize one GGUF / legacy file into the same container family."""
+    started = time.perf_counter()
+    notes: list[str] = []
+    with open_model(req.src) as mf:
+        target = resolve_target(req.fmt, req.out, source=mf)
+        plan = make_plan(mf, req)
+        _fit_legacy(plan, target, None if target.is_gguf else storable_types(target, mf.architecture), notes)
+        _check_requantize(plan, req)
+        _check_kernel_types(plan, mf, target)
+        if plan.n_fallback:
+            notes.append(f"{plan.n_fallback} tensors used a fallback type (rows not a multiple of the block)")
+        summary = _summary(mf, req, target, plan, notes)
+        if req.dry_run:
+            summary["dry_run"] = True
+            return summary
+        size = _write(mf, req, target, plan)
+    summary.update(bytes=size, seconds=round(time.perf_counter() - started, 3))
+    return summary
+
+
+def _write(mf: ModelFile, req: Request, target: Target, plan: QuantPlan) -> int:
+    entries = quantize_entries(mf.tensors, [tp.dst_type for tp in plan.tensors], target.layout, req.threads)
+    total = sum(e.nbytes for e in entries)
+    with WorkProgress(len(entries), total, "quantize", quiet=req.quiet) as bar:
+        def on_tensor(entry: Any, *_: Any) -> None:
+            bar.start(entry.name)
+            bar.done(entry.nbytes)
+
+        if target.is_gguf:
+            return gguf_sink.write(req.out, target.version, requantized_metadata(mf, plan.preset), entries,
+                                   endian="<" if mf.endian == "little" else ">", on_tensor=on_tensor)
+        lf = mf.raw
+        # LLaMA headers store LLAMA_FTYPE (mixes have their own value); the writer infers the others.
+        ftype = plan.preset.ftype if mf.architecture == "llama" else None
+        hparams = {k: v for k, v in lf.hparams.items() if k != "ftype"}
+        special = set(getattr(lf, "special_tokens", ()))
+        tokens = [(text, score, i in special) for i, (text, score) in enumerate(lf.vocab)]
+        return legacy_sink.write(req.out, target, mf.architecture, hparams, tokens, entries, ftype=ftype,
+                                 on_tensor=on_tensor)
+
+
+def requantized_metadata(mf: ModelFile, preset: Preset) -> Metadata:
+    """The input's KVs, with file type and quantization version set as llama.cpp's quantizer does."""
+    meta = Metadata(mf.raw.metadata.items())
+    meta["general.quantization_version"] = MetaValue.u32(GGML_QNT_VERSION)
+    if preset.ftype is not None:
+        meta["general.file_type"] = MetaValue.u32(preset.ftype)
+    elif "general.file_type" in meta:
+        del meta["general.file_type"]  # a plain type without a LLAMA_FTYPE: do not keep a wrong one
+    return meta
+
+
+# --- reporting -----------------------------------------------------------------------------
+
+def _row(tp: TensorPlan, layout: str) -> dict[str, Any]:
+    row = {"name": tp.name, "shape": list(tp.shape), "source_type": tp.src_type.name,
+           "type": tp.dst_type.name, "bytes": tensor_nbytes(tp.dst_type, tp.shape, layout)}
+    if tp.fallback:
+        row["fallback"] = True
+    return row
+
+
+def _summary(mf: ModelFile, req: Request, target: Target, plan: QuantPlan, notes: list[str]) -> dict[str, Any]:
+    rows = [_row(tp, target.layout) for tp in plan.tensors]
+    return {
+        "source": str(req.src), "output": str(req.out), "input_format": mf.format_name,
+        "format": target.format, "method": "rtn", "preset": plan.preset.name, "file_type": plan.preset.ftype,
+        "n_tensors": len(rows), "n_quantized": sum(is_quantized(tp.dst_type) for tp in plan.tensors),
+        "n_converted": sum(tp.converts for tp in plan.tensors), "n_fallback": plan.n_fallback,
+        "source_bytes": sum(t.nbytes for t in mf.tensors), "tensor_bytes": sum(r["bytes"] for r in rows),
+        "notes": notes, "tensors": rows,
+    }
