@@ -116,8 +116,8 @@ def rss(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
-from smolq.pipeline.convert import convert
-import smolq.kernels, smolq.formats.gguf, smolq.plan.mix
+import smolq
+from smolq import convert
 base = rss("VmRSS:")
 t = time.perf_counter()
 s = convert(sys.argv[1], sys.argv[2], outtype=sys.argv[3])

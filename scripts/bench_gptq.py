@@ -245,8 +245,8 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from smolq.pipeline.convert import convert
-    from smolq.pipeline.gptq import quantize_hf_gptq
+    import smolq
+    from smolq import convert
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -332,9 +332,9 @@ def main(argv=None) -> int:
         if want(f"gptq {k}"):
             out = work / f"gptq-{k}.gguf"
             if args.force or not out.is_file():
-                s = quantize_hf_gptq(hf_dir, out, format="gguf", qtype=preset, act_order=args.act_order,
-                                     true_sequential=args.true_sequential, damp=args.damp, calib=calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                                     seed=args.seed, quiet=True)
+                s = smolq.quantize(hf_dir, out, method="gptq", format="gguf", type=preset, act_order=args.act_order,
+                                   true_sequential=args.true_sequential, damp=args.damp, calib=calib,
+                                   nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
                 (work / f"gptq-{k}.secs").write_text(str(s["seconds"]))
             if args.quantize_only:
                 continue
@@ -373,9 +373,10 @@ def main(argv=None) -> int:
         key = f"gptq int{bits} g128"
         if want(key):
             if args.force or not (out / "config.json").is_file():
-                s = quantize_hf_gptq(hf_dir, out, format="gptq", bits=bits, group_size=128, act_order=args.act_order,
-                                     sym=True, true_sequential=args.true_sequential, damp=args.damp, calib=calib, nsamples=args.nsamples,
-                                     seqlen=args.seqlen, seed=args.seed, quiet=True)
+                s = smolq.quantize(hf_dir, out, method="gptq", format="gptq", bits=bits, group_size=128,
+                                   act_order=args.act_order, sym=True, true_sequential=args.true_sequential,
+                                   damp=args.damp, calib=calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                                   seed=args.seed)
                 (work / f"gptq-int{bits}.secs").write_text(str(s["seconds"]))
             if args.quantize_only:
                 continue

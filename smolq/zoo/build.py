@@ -9,8 +9,8 @@ crosses a process boundary) returning a JSON-able result dict:
   result is still valid, and with `dry=True` the function only answers
   whether anything is left to do (so the parent runs it in-process when the
   answer is no, without starting a worker).
-- `build_output`: build one output with convert / quantize / GPTQ (their
-  Python functions) and measure it (verify's per-tensor RMSE, perplexity).
+- `build_output`: build one output with smolq's API (smolq.convert /
+  smolq.quantize, RTN or GPTQ) and measure it (verify's per-tensor RMSE, perplexity).
 
 `emit(event)` reports progress: {"event": "start"|"tensor"|"phase", ...}.
 """
@@ -20,12 +20,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from smolq import api
 from smolq.atomic import atomic_directory
-from smolq.pipeline.requantize import Request, quantize_file
 from smolq.errors import InputError
-from smolq.pipeline.convert import convert
-from smolq.pipeline.gptq import quantize_hf_gptq
-from smolq.plan.mix import PlanOptions, resolve_preset
 from smolq.tiny import make_tiny_model
 from smolq.zoo import keys, metrics
 from smolq.zoo.metrics import perplexity
@@ -104,7 +101,7 @@ def _reference(req: dict[str, Any], src: Path, fp: dict[str, Any], cache_dir: Pa
 
             emit({"event": "phase", "phase": f"reference {kind}"})
             path.parent.mkdir(parents=True, exist_ok=True)
-            convert(src, path, format="gguf", outtype=kind, on_progress=_tensor_events(emit))
+            api.convert(src, path, format="gguf", outtype=kind, on_progress=_tensor_events(emit))
         ref = {"path": str(path), "digest": ref_digest}
     ref.update(_reference_perplexity(req, src, fp, ref, dry, emit))
     return ref
@@ -160,16 +157,13 @@ def _build(req: dict[str, Any], out: Path, emit: Emit) -> dict[str, Any]:
     if opts["method"] == "gptq":
         return _build_gptq(req, src, out, emit)
     if req["source_kind"] == "hf":
-
-        return convert(src, out, format=opts["container"], outtype=opts["type"], on_progress=_tensor_events(emit))
-
-    request = Request(src, out, resolve_preset(type_name=opts["type"]), PlanOptions(), fmt=opts["container"],
-                      allow_requantize=opts["allow_requantize"], threads=1, quiet=True)
-    return quantize_file(request)
+        return api.convert(src, out, format=opts["container"], outtype=opts["type"], on_progress=_tensor_events(emit))
+    return api.quantize(src, out, type=opts["type"], format=opts["container"],
+                        allow_requantize=opts["allow_requantize"], threads=1)
 
 
 def _build_gptq(req: dict[str, Any], src: Path, out: Path, emit: Emit) -> dict[str, Any]:
-    """GPTQ through smolq.pipeline.gptq.quantize_hf_gptq."""
+    """GPTQ through smolq.quantize(method="gptq")."""
     if req["source_kind"] != "hf":
         raise InputError(src, "GPTQ needs an HF checkpoint (calibration runs the model)")
 
@@ -178,9 +172,10 @@ def _build_gptq(req: dict[str, Any], src: Path, out: Path, emit: Emit) -> dict[s
     container = opts["container"]
     if container == "gptq":
         gptq.setdefault("bits", int(opts["type"].removeprefix("int")))
+    bits = gptq.pop("bits", None)
     calib = Path(req["calibration"]) if req.get("calibration") else None
-    return quantize_hf_gptq(src, out, format=container, qtype=None if container == "gptq" else opts["type"],
-                            calib=calib, quiet=True, **gptq)
+    return api.quantize(src, out, method="gptq", format=container, type=None if container == "gptq" else opts["type"],
+                        bits=bits if container == "gptq" else None, calib=calib, **gptq)
 
 
 def _measure(req: dict[str, Any], out: Path, emit: Emit) -> dict[str, Any]:

@@ -1,0 +1,185 @@
+"""smolq's public Python API: convert, quantize, migrate, open.
+
+    import smolq
+
+    smolq.convert("hf-model", "model-f16.gguf")                       # HF -> GGUF v3, f16
+    smolq.quantize("model-f16.gguf", "model-q4_k_m.gguf", type="q4_k_m")   # RTN, C kernel
+    smolq.quantize("hf-model", "model-gptq.gguf", type="q4_0", method="gptq", calib="text.txt")
+    smolq.migrate("old-ggjt-v1.bin", "new.gguf")                     # any container -> any other
+    src = smolq.open("model-q4_k_m.gguf")                             # family, format, tensors ...
+
+Every function returns the same summary shape (smolq.pipeline.summary):
+source, output, format, n_tensors, tensor_bytes, bytes, seconds, notes and
+tensors (rows with name, shape, type, bytes), plus what is particular to it.
+Errors are smolq.InputError / smolq.FormatError with a one-line message.
+Nothing here imports torch until GPTQ runs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Mapping
+
+from smolq.arch import arch_for_config
+from smolq.errors import InputError
+from smolq.formats.detect import open_model
+from smolq.pipeline import convert as _convert
+from smolq.pipeline import migrate as _migrate
+from smolq.pipeline import requantize as _requantize
+from smolq.pipeline.summary import common_summary
+from smolq.plan.mix import PlanOptions, parse_tensor_type_overrides, parse_type, resolve_preset
+from smolq.sources.gptq import looks_like_gptq
+
+PathLike = str | os.PathLike
+Progress = Callable[[dict[str, Any]], None]
+
+__all__ = ["convert", "quantize", "migrate", "open", "Source", "TensorInfo"]
+
+
+def convert(src: PathLike, out: PathLike, *, format: str | None = None, outtype: str | None = None,
+            vocab_only: bool = False, dry_run: bool = False,
+            on_progress: Progress | None = None) -> dict[str, Any]:
+    """Convert a Hugging Face checkpoint directory (plain or GPTQ) into GGUF or a legacy ggml file.
+
+    format: "gguf" (v3), "gguf-v1" | "gguf-v2" | "gguf-v3", "ggml", "ggmf",
+    "ggjt-v1" | "ggjt-v2" | "ggjt-v3", "ggmm"; None: from OUT's suffix (.gguf ->
+    GGUF v3, .bin -> the family's GPT4All legacy format).
+    outtype: "f32", "f16", "bf16", any RTN type ("q4_0", "q6_k" ...) or a llama.cpp
+    mix ("q4_k_m" ...); None: f16 (a GPTQ directory: each Linear's exact type).
+    on_progress(event) gets {"event": "start"|"tensor"|"done", ...}.
+    Returns the summary; with dry_run=True nothing is written.
+    """
+    return common_summary(_convert.convert(src, out, format=format, outtype=outtype, vocab_only=vocab_only,
+                                           dry_run=dry_run, quiet=True, on_progress=on_progress))
+
+
+def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int | None = None,
+             method: Literal["rtn", "gptq"] = "rtn", format: str | None = None,
+             pure: bool = False, leave_output_tensor: bool = False, output_tensor_type: str | None = None,
+             token_embedding_type: str | None = None, tensor_types: Iterable[str] | Mapping[str, str] = (),
+             allow_requantize: bool = False, threads: int = 0,
+             calib: PathLike | None = None, group_size: int = 128, act_order: bool = False, sym: bool = True,
+             damp: float = 0.01, nsamples: int = 128, seqlen: int = 2048, device: str = "cpu",
+             true_sequential: bool = True, static_groups: bool = False, mse: float = 0.0,
+             scale_rule: str = "weighted", seed: int = 0, resume: bool = False,
+             dry_run: bool = False) -> dict[str, Any]:
+    """Quantize a model, as `smolq quantize` does.
+
+    src: a GGUF / legacy file (requantized with RTN, container kept unless
+    `format` says otherwise), or an HF checkpoint directory (RTN: converted;
+    GPTQ: calibrated and solved, block by block).
+    type: a preset ("q4_0", "q4_k_m", "q3_k_s", "tq2_0", "f16" ...) or a plain
+    type; bits: 2, 3, 4, 5, 6 or 8 for that width's default preset.
+    method: "rtn" or "gptq" (needs an HF checkpoint; the GPTQ options below
+    apply to it only). format "gptq" (or an OUT without suffix) with method
+    "gptq" writes an HF GPTQ directory (bits 2/3/4/8).
+    tensor_types: "REGEX=TYPE" strings, or a {regex: type} mapping (wins over the mix).
+    Returns the summary; with dry_run=True nothing is written.
+    """
+    src, out = Path(src), Path(out)
+    method = method.lower()
+    if method == "gptq" and type is None and bits is None and _requantize.is_gptq_dir(format, out):
+        bits = 4  # AutoGPTQ's default width
+    if isinstance(tensor_types, Mapping):
+        tensor_types = [f"{k}={v}" for k, v in tensor_types.items()]
+    opts = PlanOptions(
+        pure=pure,
+        leave_output_tensor=leave_output_tensor,
+        output_tensor_type=parse_type(output_tensor_type, "output tensor type") if output_tensor_type else None,
+        token_embedding_type=parse_type(token_embedding_type, "token embedding type") if token_embedding_type else None,
+        tensor_types=parse_tensor_type_overrides(list(tensor_types)),
+    )
+    gptq = {"group_size": group_size, "act_order": act_order, "sym": sym, "damp": damp, "nsamples": nsamples,
+            "seqlen": seqlen, "device": device, "true_sequential": true_sequential, "static_groups": static_groups,
+            "mse": mse, "scale_rule": scale_rule, "seed": seed, "resume": resume}
+    request = _requantize.Request(src, out, resolve_preset(type, bits), opts, method, format, allow_requantize,
+                                  threads, Path(calib) if calib is not None else None, dry_run, True, gptq)
+    return common_summary(_requantize.run(request))
+
+
+def migrate(src: PathLike, out: PathLike, *, format: str | None = None, config: PathLike | None = None,
+            type: str | None = None, dry_run: bool = False,
+            on_progress: Progress | None = None) -> dict[str, Any]:
+    """Carry a GGUF or legacy model file into another container/version.
+
+    format: "gguf" (v3, the default), "gguf-v1" | "gguf-v2" | "gguf-v3", "ggml",
+    "ggmf", "ggjt-v1" | "ggjt-v2" | "ggjt-v3", "ggmm".
+    config: an HF checkpoint directory or config.json for what a legacy header
+    lacks (and its tokenizer); without it those values are guessed and listed
+    in the summary's "guesses".
+    type: where tensors go that the target cannot hold exactly ("f32": lossless).
+    Returns the summary, with a per-tensor report (action, lossless, stats).
+    """
+    return common_summary(_migrate.migrate(src, out, format=format, config=config, type=type, dry_run=dry_run,
+                                           on_progress=on_progress))
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One stored tensor: its name in the source, shape (numpy order: the row length last), type, bytes."""
+
+    name: str
+    shape: tuple[int, ...]
+    type: str  # ggml type name ("F16", "Q4_K" ...) or checkpoint dtype ("BF16" ...)
+    nbytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    """What `smolq.open` finds in a model: read from headers only, no tensor data is loaded."""
+
+    path: Path
+    kind: str  # "hf" | "gptq" (checkpoint directories) | "file"
+    container: str  # "hf", "gptq", "gguf", "ggml", "ggmf", "ggjt", "ggmm"
+    version: int | None
+    format: str  # "hf", "gptq", "gguf-v3", "ggjt-v3", "ggml" ...
+    architecture: str  # family: "llama", "gptj", "mpt" (a GGUF's general.architecture otherwise)
+    vocab_size: int | None
+    metadata: dict[str, Any] = field(repr=False)  # HF config, GGUF KVs or legacy header fields
+    tensors: list[TensorInfo] = field(repr=False)
+    dialect: str | None = None  # legacy files: "llama.cpp" | "ggml-examples" | "gpt4all"
+
+    @property
+    def n_tensors(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes or 0 for t in self.tensors)
+
+
+def open(path: PathLike) -> Source:
+    """Describe a model: an HF or GPTQ checkpoint directory, a GGUF v1-v3 file or any legacy ggml file."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(p, "no such file or directory")
+    if p.is_dir():
+        return _open_checkpoint(p)
+    with open_model(p) as mf:
+        fmt = mf.container if mf.version is None else f"{mf.container}-v{mf.version}"
+        tensors = [TensorInfo(t.name, tuple(t.shape), t.type.name, t.nbytes) for t in mf.tensors]
+        return Source(p, "file", mf.container, mf.version, fmt, mf.architecture, mf.vocab_size,
+                      dict(mf.metadata), tensors, mf.header.get("dialect"))
+
+
+def _open_checkpoint(p: Path) -> Source:
+    kind = "gptq" if looks_like_gptq(p) else "hf"
+    with _convert.open_source(p) as ckpt:
+        arch = arch_for_config(ckpt.config, ckpt.path / "config.json")
+        tensors = [TensorInfo(name, tuple(t.shape), t.dtype, _dtype_bytes(t.dtype, t.shape))
+                   for name, t in ckpt.tensors.items()]
+        return Source(p, kind, kind, None, kind, arch.family, arch.n_vocab, dict(ckpt.config), tensors)
+
+
+_DTYPE_SIZE = {"F64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "I64": 8}
+
+
+def _dtype_bytes(dtype: str, shape: tuple[int, ...]) -> int | None:
+    size = _DTYPE_SIZE.get(dtype)
+    if size is None:
+        return None
+    n = 1
+    for d in shape:
+        n *= d
+    return n * size
