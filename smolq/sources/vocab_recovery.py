@@ -37,62 +37,70 @@ def _pad_name(i: int, text: bytes) -> bool:
     return text == _PAD.format(i).encode()
 
 
-def vocab_from_legacy(lf, guesses: list[Guess], notes: list[str]) -> Vocab:
+def vocab_from_legacy(lf, guesses: list[Guess]) -> Vocab:
     """The GGUF view of a legacy vocabulary, by each format's text rules (formats.md 3, 6.5)."""
-    family = lf.family
-    entries = lf.vocab
-    n = len(entries)
-    if family == "llama":
+    if lf.family == "llama":
         return _llama_vocab_from_legacy(lf, guesses)
-    enc = byte_encoder()
-    tokens, types = [], []
-    examples_mpt = family == "mpt" and lf.container == "ggml"
-    last = None
-    for i, (text, _) in enumerate(entries):
-        if examples_mpt and last is not None and text == last and i > 0:
-            tokens.append(_PAD.format(i))  # the ggml examples repeat the last token up to n_vocab
-            types.append(UNUSED)
-            continue
-        last = text
-        if _pad_name(i, text):
-            tokens.append(text.decode())
-            types.append(UNUSED)
-        elif i in lf.special_tokens:
-            tokens.append(text.decode("utf-8", "replace"))
-            types.append(CONTROL)
-        elif examples_mpt:
-            raw = _latin1_utf8_to_bytes(text)
-            if raw is None:  # an added token, kept as its text
-                tokens.append(text.decode("utf-8", "replace"))
-                types.append(USER_DEFINED)
-            else:
-                tokens.append("".join(enc[b] for b in raw))
-                types.append(NORMAL)
-        else:
-            tokens.append("".join(enc[b] for b in text))
-            types.append(NORMAL)
-    if family == "mpt" and lf.container == "ggmm":
+    mpt = lf.family == "mpt"
+    tokens, types = _byte_level_tokens(lf)
+    if mpt and lf.container == "ggmm":
         guesses.append(Guess("tokenizer.ggml.tokens", "rebuilt", "'ggmm' stored tokens as UTF-8 text: byte tokens "
                                                                 "that were not valid UTF-8 came through as U+FFFD"))
-    if family == "mpt":
+    if mpt:
         guesses.append(Guess("tokenizer.ggml.token_type", "normal/control/unused", "rebuilt from the legacy vocabulary"))
     guesses.append(Guess("tokenizer.ggml.merges", None, "legacy files store no BPE merges; pass --config with the tokenizer"))
     # A GPT-2 byte-level tokenizer (ByteLevel post-processor) adds no BOS/EOS; convert writes that as
     # add_bos/add_eos = false, as llama.cpp's converter does.
     vocab = Vocab("gpt2", tokens, types, None, [], {}, add_bos=False, add_eos=False,
-                  pre="mpt" if family == "mpt" else None, n_base=n)
+                  pre="mpt" if mpt else None, n_base=len(lf.vocab))
     guesses.append(Guess("tokenizer.ggml.add_bos_token", False, "GPT-2 byte-level BPE adds no BOS"))
     guesses.append(Guess("tokenizer.ggml.add_eos_token", False, "GPT-2 byte-level BPE adds no EOS"))
-    eot = "<|endoftext|>"
-    if family == "mpt":
+    if mpt:
         guesses.append(Guess("tokenizer.ggml.pre", "mpt", "the pre-tokenizer smolq convert writes for MPT"))
-    for i, tok in enumerate(tokens):
+    _endoftext_is_special(vocab, guesses)
+    return vocab
+
+
+def _byte_level_tokens(lf) -> tuple[list[str], list[int]]:
+    """(GPT-2 byte-level token, token type) per id of a GPT-J or MPT legacy vocabulary."""
+    examples_mpt = lf.family == "mpt" and lf.container == "ggml"
+    tokens, types = [], []
+    last = None
+    for i, (text, _) in enumerate(lf.vocab):
+        if examples_mpt and last is not None and text == last and i > 0:
+            tokens.append(_PAD.format(i))  # the ggml examples repeat the last token up to n_vocab
+            types.append(UNUSED)
+            continue
+        last = text
+        token, kind = _byte_level_token(i, text, i in lf.special_tokens, examples_mpt)
+        tokens.append(token)
+        types.append(kind)
+    return tokens, types
+
+
+def _byte_level_token(i: int, text: bytes, special: bool, examples_mpt: bool) -> tuple[str, int]:
+    enc = byte_encoder()
+    if _pad_name(i, text):
+        return text.decode(), UNUSED
+    if special:
+        return text.decode("utf-8", "replace"), CONTROL
+    if examples_mpt:  # the ggml MPT example stored each byte-level character as UTF-8 text
+        raw = _latin1_utf8_to_bytes(text)
+        if raw is None:  # an added token, kept as its text
+            return text.decode("utf-8", "replace"), USER_DEFINED
+        return "".join(enc[b] for b in raw), NORMAL
+    return "".join(enc[b] for b in text), NORMAL
+
+
+def _endoftext_is_special(vocab: Vocab, guesses: list[Guess]) -> None:
+    """GPT-2 style tokenizers use <|endoftext|> as BOS, EOS and UNK alike."""
+    eot = "<|endoftext|>"
+    for i, tok in enumerate(vocab.tokens):
         if tok == eot or decode_byte_level(tok) == eot.encode():
             vocab.special_ids.update(bos=i, eos=i, unk=i)
             for key in ("bos", "eos", "unknown"):
                 guesses.append(Guess(f"tokenizer.ggml.{key}_token_id", i, f"the id of {eot}"))
             break
-    return vocab
 
 
 def _latin1_utf8_to_bytes(text: bytes) -> bytes | None:
@@ -180,7 +188,7 @@ def recover_vocab(model, arch, user: dict[str, Any], tok_dir: Path | None, guess
         return vocab_from_gguf(model.metadata, arch.family, model.path)
     if len(model.raw.vocab) != n_vocab:
         raise FormatError(model.path, f"{len(model.raw.vocab)} tokens for n_vocab {n_vocab}")
-    return vocab_from_legacy(model.raw, guesses, notes)
+    return vocab_from_legacy(model.raw, guesses)
 
 
 def _vocab_mismatch(vocab: Vocab, model) -> int:
