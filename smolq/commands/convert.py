@@ -1,6 +1,7 @@
 """`smolq convert SRC OUT`: a Hugging Face checkpoint directory -> GGUF or legacy ggml."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -66,13 +67,17 @@ def _print_plan(summary: dict) -> None:
 
 
     table = Table(title=f"{summary['source']} -> {summary['output']} ({summary['format']}, {summary['outtype']})")
-    for col in ("tensor", "source", "source dtype", "shape", "type", "bytes"):
-        table.add_column(col, justify="right" if col == "bytes" else "left")
+    # Tensor names, dtypes, shapes and sizes never wrap; a narrow terminal shortens the HF
+    # name ("model.layers.0.self_a…", full in --json) and breaks "Q4_0 (requantized)" at its space.
+    for col in ("tensor", "source", "dtype", "shape", "type", "bytes"):
+        table.add_column(col, justify="right" if col == "bytes" else "left", no_wrap=col not in ("source", "type"),
+                         overflow="ellipsis")
     for t in summary["tensors"]:
         table.add_row(t["name"], t["source"], t["source_dtype"], "x".join(map(str, t["shape"])),
                       t["type"] + (" (fallback)" if t.get("fallback") else "") + _gptq_mark(t), str(t["bytes"]))
     console = Console(highlight=False)
-    console.width = max(console.width, 150)  # full tensor names even when piped
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = max(console.width, 150)  # full names when piped; a terminal or COLUMNS sets the width
     console.print(table)
     console.print(f"{summary['n_tensors']} tensors, {human_bytes(summary['tensor_bytes'])} of tensor data, "
                   f"{summary['n_vocab']} tokens", markup=False)
