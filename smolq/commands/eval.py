@@ -31,14 +31,14 @@ def register(app: typer.Typer) -> None:
     @app.command(name="eval")
     def eval_command(
         model: Path = typer.Argument(..., metavar="MODEL", help="HF dir, GPTQ dir, GGUF or legacy file."),
-        text: Path = typer.Option(..., "--text", help="Evaluation text (UTF-8)."),
-        ctx: int = typer.Option(512, "--ctx", help="Window length in tokens."),
-        device: str = typer.Option("cpu", "--device", help="cpu or cuda (HF and GPTQ models)."),
-        kl_against: Optional[Path] = typer.Option(None, "--kl-against", help="Reference model for KL divergence."),
-        tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="HF dir whose tokenizer to use."),
-        max_windows: int = typer.Option(0, "--max-windows", help="Evaluate at most this many windows (0 = all)."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No notes."),
-        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+        text: Path = typer.Option(..., "--text", help="Evaluation text (UTF-8).", rich_help_panel="Input/output"),
+        ctx: int = typer.Option(512, "--ctx", help="Window length in tokens.", rich_help_panel="Input/output"),
+        device: str = typer.Option("cpu", "--device", help="cpu or cuda (HF and GPTQ models).", rich_help_panel="Performance"),
+        kl_against: Optional[Path] = typer.Option(None, "--kl-against", help="Reference model for KL divergence.", rich_help_panel="Input/output"),
+        tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="HF dir whose tokenizer to use.", rich_help_panel="Input/output"),
+        max_windows: int = typer.Option(0, "--max-windows", help="Evaluate at most this many windows (0 = all).", rich_help_panel="Input/output"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No notes.", rich_help_panel="Output control"),
+        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout.", rich_help_panel="Output control"),
     ) -> None:
         """Perplexity of a model on a text file (non-overlapping windows)."""
 

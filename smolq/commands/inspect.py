@@ -26,8 +26,8 @@ def register(app: typer.Typer) -> None:
     @app.command(epilog=EPILOG)
     def inspect(
         file: Path = typer.Argument(..., help="A GGUF (v1-v3) or legacy ggml/ggmf/ggjt/ggmm model file."),
-        json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
-        show_all: bool = typer.Option(False, "--all", help="Do not shorten long arrays and strings."),
+        json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables.", rich_help_panel="Output control"),
+        show_all: bool = typer.Option(False, "--all", help="Do not shorten long arrays and strings.", rich_help_panel="Output control"),
     ) -> None:
         """Show a model file's container, version, header, metadata and tensors."""
         with open_model(file) as mf:

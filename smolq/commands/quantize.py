@@ -62,34 +62,34 @@ def register(app: typer.Typer) -> None:
     def quantize(
         src: Path = typer.Argument(..., metavar="IN", help="GGUF / legacy ggml file, or a Hugging Face checkpoint directory."),
         out: Path = typer.Argument(..., metavar="OUT", help="Output file (written atomically)."),
-        type_name: Optional[str] = typer.Option(None, "--type", "-t", help="Preset (q4_0 q4_1 q5_0 q5_1 q8_0 q2_k q3_k_s/m/l q4_k_s/m q5_k_s/m q6_k tq1_0 tq2_0 f16 bf16 f32) or a plain type."),
-        bits: Optional[int] = typer.Option(None, "--bits", "-b", help="2, 3, 4, 5, 6 or 8: the default preset for that width (4 -> q4_k_m)."),
-        method: str = typer.Option("rtn", "--method", help="rtn (round to nearest, C kernel) or gptq (needs the HF checkpoint)."),
-        fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Output container: gguf, gguf-v1..v3, ggml, ggmf, ggjt-v1..v3, ggmm (default: the input's)."),
-        pure: bool = typer.Option(False, "--pure", help="No mixture: every quantizable tensor gets the base type."),
-        leave_output: bool = typer.Option(False, "--leave-output-tensor", help="Keep output.weight as it is."),
-        output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="Type for output.weight."),
-        token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type", help="Type for token_embd.weight."),
-        tensor_type: Optional[List[str]] = typer.Option(None, "--tensor-type", help="REGEX=TYPE for matching tensors (repeatable; wins over the mix)."),
-        allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Allow quantizing tensors that are already quantized (loses quality)."),
-        threads: int = typer.Option(0, "--threads", help="Kernel threads (0 = all cores)."),
-        calib: Optional[Path] = typer.Option(None, "--calib", help="GPTQ: calibration text (file or .jsonl); default: sampled from the model."),
-        group_size: int = typer.Option(128, "--group-size", help="GPTQ: columns per group (-1: one group per row)."),
-        act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns in order of decreasing Hessian diagonal."),
-        asym: bool = typer.Option(False, "--asym", help="GPTQ: asymmetric grid (zero point) instead of symmetric."),
-        damp: float = typer.Option(0.01, "--damp", help="GPTQ: dampening, a fraction of the mean Hessian diagonal."),
-        nsamples: int = typer.Option(128, "--nsamples", help="GPTQ: calibration sequences."),
-        seqlen: int = typer.Option(2048, "--seqlen", help="GPTQ: tokens per calibration sequence."),
-        device: str = typer.Option("cpu", "--device", help="GPTQ: torch device (cpu, cuda, auto)."),
-        true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="GPTQ: quantize a block's linears in execution order, each on inputs from the already-quantized ones."),
-        static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: choose every group's scale up front from the original weights (with --act-order)."),
-        mse: float = typer.Option(0.0, "--mse", help="GPTQ int grid: clipping search with |err|^p, p = this value (2.4 in the reference); 0 = off."),
-        scale_rule: str = typer.Option("weighted", "--scale-rule", help="GPTQ on ggml grids: how block scales are chosen (weighted, imatrix, plain)."),
-        seed: int = typer.Option(0, "--seed", help="GPTQ: seed of the calibration sampling (same seed, same output)."),
-        resume: bool = typer.Option(False, "--resume", help="GPTQ: continue an interrupted run from its saved blocks (same settings)."),
-        dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and total size; write nothing."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes."),
-        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+        type_name: Optional[str] = typer.Option(None, "--type", "-t", help="Preset (q4_0 q4_1 q5_0 q5_1 q8_0 q2_k q3_k_s/m/l q4_k_s/m q5_k_s/m q6_k tq1_0 tq2_0 f16 bf16 f32) or a plain type.", rich_help_panel="Types and mix"),
+        bits: Optional[int] = typer.Option(None, "--bits", "-b", help="2, 3, 4, 5, 6 or 8: the default preset for that width (4 -> q4_k_m).", rich_help_panel="Types and mix"),
+        method: str = typer.Option("rtn", "--method", help="rtn (round to nearest, C kernel) or gptq (needs the HF checkpoint).", rich_help_panel="Types and mix"),
+        fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Output container: gguf, gguf-v1..v3, ggml, ggmf, ggjt-v1..v3, ggmm (default: the input's).", rich_help_panel="Input/output"),
+        pure: bool = typer.Option(False, "--pure", help="No mixture: every quantizable tensor gets the base type.", rich_help_panel="Types and mix"),
+        leave_output: bool = typer.Option(False, "--leave-output-tensor", help="Keep output.weight as it is.", rich_help_panel="Types and mix"),
+        output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="Type for output.weight.", rich_help_panel="Types and mix"),
+        token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type", help="Type for token_embd.weight.", rich_help_panel="Types and mix"),
+        tensor_type: Optional[List[str]] = typer.Option(None, "--tensor-type", help="REGEX=TYPE for matching tensors (repeatable; wins over the mix).", rich_help_panel="Types and mix"),
+        allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Allow quantizing tensors that are already quantized (loses quality).", rich_help_panel="Types and mix"),
+        threads: int = typer.Option(0, "--threads", help="Kernel threads (0 = all cores).", rich_help_panel="Performance"),
+        calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (file or .jsonl); default: sampled from the model.", rich_help_panel="GPTQ"),
+        group_size: int = typer.Option(128, "--group-size", help="Columns per group (-1: one group per row).", rich_help_panel="GPTQ"),
+        act_order: bool = typer.Option(False, "--act-order", help="Quantize columns in order of decreasing Hessian diagonal.", rich_help_panel="GPTQ"),
+        asym: bool = typer.Option(False, "--asym", help="Asymmetric grid (zero point) instead of symmetric.", rich_help_panel="GPTQ"),
+        damp: float = typer.Option(0.01, "--damp", help="Dampening, a fraction of the mean Hessian diagonal.", rich_help_panel="GPTQ"),
+        nsamples: int = typer.Option(128, "--nsamples", help="Calibration sequences.", rich_help_panel="GPTQ"),
+        seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per calibration sequence.", rich_help_panel="GPTQ"),
+        device: str = typer.Option("cpu", "--device", help="GPTQ: torch device (cpu, cuda, auto).", rich_help_panel="Performance"),
+        true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="Quantize a block's linears in execution order, each on inputs from the already-quantized ones.", rich_help_panel="GPTQ"),
+        static_groups: bool = typer.Option(False, "--static-groups", help="Choose every group's scale up front from the original weights (with --act-order).", rich_help_panel="GPTQ"),
+        mse: float = typer.Option(0.0, "--mse", help="Int grid: clipping search with |err|^p, p = this value (2.4 in the reference); 0 = off.", rich_help_panel="GPTQ"),
+        scale_rule: str = typer.Option("weighted", "--scale-rule", help="On ggml grids: how block scales are chosen (weighted, imatrix, plain).", rich_help_panel="GPTQ"),
+        seed: int = typer.Option(0, "--seed", help="Seed of the calibration sampling (same seed, same output).", rich_help_panel="GPTQ"),
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its saved blocks (same settings).", rich_help_panel="GPTQ"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and total size; write nothing.", rich_help_panel="Output control"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes.", rich_help_panel="Output control"),
+        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout.", rich_help_panel="Output control"),
     ) -> None:
         """Quantize a model: requantize a GGUF/legacy file, or convert+quantize an HF checkpoint."""
 
@@ -429,8 +429,10 @@ def print_plan(summary: dict[str, Any]) -> None:
 
     title = f"{summary.get('source')} -> {summary.get('output')} ({summary.get('format')}, {summary.get('preset')})"
     table = Table(title=title, title_justify="left")
+    # Names, shapes and sizes never wrap; only "to" may break, at its space ("Q5_0 (fallback)").
     for col in ("tensor", "shape", "from", "to", "bytes"):
-        table.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
+        table.add_column(col, justify="right" if col == "bytes" else "left", no_wrap=col != "to",
+                         overflow="ellipsis")
     for t in summary.get("tensors", []):
         src = t.get("source_type") or t.get("source_dtype", "")
         to = t["type"] + (" (fallback)" if t.get("fallback") else "")

@@ -34,13 +34,13 @@ def register(app: typer.Typer) -> None:
     @app.command(epilog=EPILOG)
     def verify(
         file: Path = typer.Argument(..., help="GGUF or legacy ggml model file to check."),
-        against: Optional[Path] = typer.Option(None, "--against", help="Reference GGUF/legacy file (per-tensor error), or an HF checkpoint directory (logits)."),
-        max_rmse: Optional[float] = typer.Option(None, "--max-rmse", help="Fail when a tensor's RMSE against the reference exceeds this."),
-        logits: bool = typer.Option(False, "--logits", help="Compare logits with transformers on the HF checkpoint given by --against."),
-        max_kl: Optional[float] = typer.Option(None, "--max-kl", help="With --logits: fail when the mean KL divergence exceeds this."),
-        threads: int = typer.Option(0, "--threads", help="Kernel threads (0 = all cores)."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; print only the summary."),
-        json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+        against: Optional[Path] = typer.Option(None, "--against", help="Reference GGUF/legacy file (per-tensor error), or an HF checkpoint directory (logits).", rich_help_panel="Input/output"),
+        max_rmse: Optional[float] = typer.Option(None, "--max-rmse", help="Fail when a tensor's RMSE against the reference exceeds this.", rich_help_panel="Output control"),
+        logits: bool = typer.Option(False, "--logits", help="Compare logits with transformers on the HF checkpoint given by --against.", rich_help_panel="Input/output"),
+        max_kl: Optional[float] = typer.Option(None, "--max-kl", help="With --logits: fail when the mean KL divergence exceeds this.", rich_help_panel="Output control"),
+        threads: int = typer.Option(0, "--threads", help="Kernel threads (0 = all cores).", rich_help_panel="Performance"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; print only the summary.", rich_help_panel="Output control"),
+        json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables.", rich_help_panel="Output control"),
     ) -> None:
         """Check that every tensor decodes to finite values; compare with a reference file or HF model."""
 
