@@ -62,6 +62,26 @@ def _fmt(v: Any, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
 
+def _fit(console: Any, table: Any) -> Any:
+    """Borders and padding give way (one space between columns) when the boxed table cannot fit the
+    console with its cells whole: no_wrap columns at their widest cell, the others at their longest
+    word (or their min_width, past which a token may fold)."""
+    import rich.box
+    from rich.measure import Measurement
+
+    opts = console.options.update_width(10_000)
+
+    def need(col: Any) -> int:
+        sizes = [Measurement.get(console, opts, c) for c in (col.header, *col.cells)]
+        if col.no_wrap:
+            return max(m.maximum for m in sizes)
+        return col.min_width if col.min_width is not None else max(m.minimum for m in sizes)
+
+    if sum(need(c) + 3 for c in table.columns) + 1 > console.width:  # a divider and 2 spaces a column
+        table.box, table.show_edge, table.padding = rich.box.SIMPLE_HEAD, False, 0
+    return table
+
+
 def render(report: dict[str, Any], quiet: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -83,8 +103,9 @@ def render(report: dict[str, Any], quiet: bool = False) -> None:
         if report["reference"]:
             cols += ["rmse", "max abs", "SNR dB", "cosine"]
         cols.append("status")
-        for c in cols:
-            table.add_column(c, overflow="fold", justify="left" if c in ("tensor", "type", "shape", "status") else "right")
+        for c in cols:  # names and numbers stay whole; the status wraps at spaces
+            table.add_column(c, no_wrap=c != "status", overflow="fold",
+                             justify="left" if c in ("tensor", "type", "shape", "status") else "right")
         for r in rows:
             cells = [Text(r["name"]), r["type"], "x".join(map(str, r["shape"]))]
             if report["reference"]:
@@ -93,7 +114,7 @@ def render(report: dict[str, Any], quiet: bool = False) -> None:
             status = "; ".join(r["problems"]) or r.get("note", "ok")
             cells.append(Text(status, style="red" if r["problems"] else ""))
             table.add_row(*cells)
-        console.print(table)
+        console.print(_fit(console, table))
     s = report["summary"]
     line = f"{s['n_tensors']} tensors, {s['n_problems']} with problems"
     if s["n_compared"]:
