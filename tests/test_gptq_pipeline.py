@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from smolq.errors import InputError
-from smolq.pipeline import gptq
+from smolq.pipeline import gptq as gptq_pipeline
 from smolq.pipeline.gptq import quantize_hf_gptq
 from tests.gptq_spec import dequantize as _dequantize
 from tests.gptq_spec import load_dir as _tensors
