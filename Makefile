@@ -24,9 +24,25 @@ $(VENV)/.installed: pyproject.toml setup.py
 # Independent readers the tests check smolq against (each optional: tests skip visibly without it).
 # llama-cpp-python builds llama.cpp from source (~6 min on 2 cores); the GPT4All packages ship
 # prebuilt legacy loaders and go in their own directories (they need setuptools<70).
+#
+# llama.cpp is built PORTABLY, never with -march=native: a native build of this source crashed
+# (SIGSEGV in decode) on every quantized model on an AVX-512/AMX Xeon, while the same source built
+# for AVX2 ran them. x86-64 gets a fixed AVX2/FMA/F16C/BMI2 set and nothing wider (no AVX-512, no
+# AMX), so every machine runs the same kernels; other CPUs get the compiler's baseline. pip's
+# wheel cache is bypassed so an earlier native build is never reused. tests/test_real_readers.py
+# checks the installed build's instruction set.
 REAL := $(VENV)/real
+ARCH := $(shell uname -m)
+ifeq ($(ARCH),x86_64)
+LLAMA_CPU_FLAGS := -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_SSE42=ON \
+	-DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+endif
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_CPU_ALL_VARIANTS=OFF -DGGML_BACKEND_DL=OFF $(LLAMA_CPU_FLAGS)
 $(VENV)/.real-readers: $(VENV)/.installed
-	-CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install "llama-cpp-python==0.3.36"
+	-CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PIP) install --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==0.3.36"
+	-$(PIP) install "llama-cpp-python==0.3.36"
 	-$(PIP) install --no-deps --target $(REAL)/gpt4all-1.0.8 "gpt4all==1.0.8" "setuptools<70"
 	-$(PIP) install --no-deps --target $(REAL)/gpt4all-2.5.1 "gpt4all==2.5.1" "setuptools<70"
 	# llama.cpp's own convert_hf_to_gguf.py (from the same sdist) to compare metadata with.

@@ -14,7 +14,7 @@ Texts (both offline on this machine, from different domains):
 - evaluation: the Vim user manual, chapters usr_01..usr_12 (English tutorial prose).
 Perplexity: non-overlapping windows of --ctx tokens (first --windows windows of
 the evaluation text), exp(mean NLL) over each window's tokens 1..ctx-1, the
-formula of smolq eval (smolq.commands.eval); every model is run through
+formula of smolq eval (smolq.pipeline.evaluate); every model is run through
 transformers in float32 with the weights its file decodes to (a GGUF is
 dequantized tensor by tensor by smolq's kernel, Q/K rows unpermuted).
 
@@ -93,7 +93,7 @@ class Evaluator:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from smolq.commands.eval import _tokenize
+        from smolq.pipeline.evaluate import _tokenize
 
         self.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
         self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -117,7 +117,7 @@ class Evaluator:
             self.model.tie_weights()
 
     def ppl(self) -> float:
-        from smolq.commands.eval import TorchModel, _log_softmax
+        from smolq.pipeline.evaluate import TorchModel, _log_softmax
 
         tm = TorchModel(self.model, "cpu")
         nll, count = 0.0, 0
@@ -380,7 +380,7 @@ def main(argv=None) -> int:
                 (work / f"gptq-int{bits}.secs").write_text(str(s["seconds"]))
             if args.quantize_only:
                 continue
-            from smolq.commands.eval import load_gptq_as_hf
+            from smolq.pipeline.evaluate import load_gptq_as_hf
 
             state = {k: v.numpy() for k, v in load_gptq_as_hf(out).state_dict().items()}
             E.load(state)

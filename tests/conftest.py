@@ -59,3 +59,24 @@ def cli(capfd):
         return CliResult(rc, out, err)
 
     return _run
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line at the end of the run: which real readers checked smolq's files
+    (with how many child runs and crashes) and which were not available, and why."""
+    try:
+        from real_loaders import READER_CRASHES, READERS_USED, reader_inventory
+    except Exception as exc:  # the helper itself failed to import: say so rather than hide it
+        terminalreporter.write_line(f"real readers: unknown ({exc})")
+        return
+    used, missing = [], []
+    for name, why_not in reader_inventory():
+        if why_not:
+            missing.append(f"{name} ({why_not})")
+        else:
+            key = name.rsplit(" ", 1)[0] if name.startswith("llama-cpp-python") else name
+            runs, crashes = READERS_USED.get(key, 0), READER_CRASHES.get(key, 0)
+            used.append(f"{name} ({runs} runs" + (f", {crashes} crashed" if crashes else "") + ")")
+    terminalreporter.write_line("real readers used: " + (", ".join(used) or "none"))
+    if missing:
+        terminalreporter.write_line("real readers skipped: " + "; ".join(missing))

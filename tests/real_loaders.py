@@ -1,17 +1,25 @@
 """Helpers for tests that load smolq's files with real inference engines.
 
-Two independent readers, both optional (a test skips, saying why, when its
-reader is absent; `make setup` installs them):
+Every real reader runs in a CHILD process (`run_reader`), never inside the
+test process: a native library that crashes (a SIGSEGV in llama.cpp's
+decode, an abort() in a GPT4All loader) then fails one test with a
+`ReaderError` that names the reader, the file and the signal, and the rest of
+the suite still runs. A hang is cut off by a timeout.
 
-- llama-cpp-python (in the test venv): `llama_cpp_logits` runs a file on
-  token sequences and returns llama.cpp's logits at every position;
-  `llama_cpp_greedy` lets its own sampler pick greedy tokens.
+The readers, each optional (a test skips, saying why, when its reader is
+absent; `make setup` installs them):
+
+- llama-cpp-python (in the test venv, built portably by the Makefile):
+  `open_llama` returns a `LlamaCpp` handle whose `tokenize`, `logits` and
+  `greedy` each run in a fresh child.
 - GPT4All's prebuilt backends, installed with `pip install --no-deps --target`
   into .venv/real/gpt4all-<version> (they need setuptools<70 and must not
-  share a directory). `run_gpt4all` drives one in a child process, so a crash
-  or an abort() inside its C++ loader fails one test instead of the session,
-  and a hang is cut off by a timeout. It works with the 1.x binding (legacy
+  share a directory). `run_gpt4all` drives one: the 1.x binding (legacy
   ggml/ggjt/ggmm loaders) and the 2.x binding (GGUF loaders).
+
+`READERS_USED` counts the child runs per reader (and their crashes);
+conftest.py prints it, with the readers that were not available and why, at
+the end of `make test`.
 
 And the yardstick: transformers (`hf_greedy`, and smolq.sources.reference's
 `hf_logits`), plus `check_choices`, which compares the tokens an engine chose
@@ -20,11 +28,15 @@ with a reference's logits while tolerating only genuine near-ties.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -34,6 +46,94 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 GPT4ALL_TIMEOUT_S = 180  # a tiny model loads and generates in about a second
+LLAMA_CPP_TIMEOUT_S = 180
+
+
+# --------------------------------------------------------------------------- the child-process harness
+
+READERS_USED: Counter = Counter()  # reader name -> child runs in this test session
+READER_CRASHES: Counter = Counter()  # reader name -> runs that died by a signal
+
+
+class ReaderError(AssertionError):
+    """A real reader failed in its child process: killed by a signal, non-zero
+    exit, no result, or past its timeout. `signal` is the signal's name when it
+    died by one (e.g. "SIGSEGV"); `log` has the child's output."""
+
+    def __init__(self, reader: str, model: str, problem: str, log: str = "", signal_name: str | None = None):
+        super().__init__(f"{reader} on {model}: {problem}\n--- {reader} output ---\n{log[-4000:]}")
+        self.reader, self.model, self.problem, self.log, self.signal = reader, model, problem, log, signal_name
+
+
+class ReaderRefused(ReaderError):
+    """The reader ran fine but refused the file (its own error, in `log`)."""
+
+
+def _signal_name(returncode: int) -> str | None:
+    if returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def run_reader(reader: str, child_code: str, request: dict, *, model: str | os.PathLike = "-",
+               env: dict[str, str] | None = None, timeout: float = LLAMA_CPP_TIMEOUT_S) -> dict:
+    """Run `child_code` (a Python program) in a fresh interpreter as
+    `python -c child_code request.json result.json out_dir` and return the
+    JSON object it wrote to result.json (with "_dir": a directory holding any
+    other files it wrote there, valid until the next call's clean-up: read
+    them before returning). Raises ReaderError when the child dies by a
+    signal, exits non-zero, writes no result or runs past `timeout`.
+    `reader` and `model` only name what ran in the messages."""
+    READERS_USED[reader] += 1
+    with tempfile.TemporaryDirectory(prefix="smolq-reader-") as tmp:
+        req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        req.write_text(json.dumps(request))
+        try:
+            proc = subprocess.run([sys.executable, "-c", child_code, str(req), str(res), tmp],
+                                  env={**os.environ, **(env or {})}, cwd=tmp, capture_output=True, text=True,
+                                  errors="replace", timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as exc:
+            log = (exc.stdout or "") + (exc.stderr or "") if isinstance(exc.stdout, str) else ""
+            raise ReaderError(reader, str(model), f"ran past {timeout} s", log) from None
+        log = proc.stdout + proc.stderr
+        sig = _signal_name(proc.returncode)
+        if sig is not None:
+            READER_CRASHES[reader] += 1
+            raise ReaderError(reader, str(model), f"crashed: killed by {sig}", log, sig)
+        if proc.returncode != 0 or not res.exists():
+            raise ReaderError(reader, str(model), f"exited with {proc.returncode} and no result", log)
+        result = json.loads(res.read_text())
+        result["_log"] = log
+        return _load_arrays(result, Path(tmp))
+
+
+def _load_arrays(result: dict, tmp: Path) -> dict:
+    """Replace {"npy": name} entries (arrays the child saved) by the arrays."""
+    def load(obj):
+        if isinstance(obj, dict) and set(obj) == {"npy"}:
+            return np.load(tmp / obj["npy"])
+        if isinstance(obj, dict):
+            return {k: load(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [load(v) for v in obj]
+        return obj
+    return load(result)
+
+
+def reader_inventory() -> list[tuple[str, str | None]]:
+    """(reader, None if available else why not) for every real reader the tests use."""
+    out = []
+    if importlib.util.find_spec("llama_cpp") is None:
+        out.append(("llama-cpp-python", "not installed (make setup builds llama-cpp-python==0.3.36)"))
+    else:
+        out.append((f"llama-cpp-python {importlib.metadata.version('llama_cpp_python')}", None))
+    for version in ("1.0.8", "2.5.1"):
+        why = None if gpt4all_dir(version) else f"not installed in .venv/real/gpt4all-{version}"
+        out.append((f"gpt4all {version}", why))
+    return out
 
 
 # --------------------------------------------------------------------------- locating the readers
@@ -64,12 +164,11 @@ def require_gpt4all(version: str) -> Path:
     return path
 
 
-def require_llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError as exc:  # not installed, or its shared library failed to load
-        pytest.skip(f"llama-cpp-python is not importable ({exc}); make setup builds llama-cpp-python==0.3.36")
-    return llama_cpp
+def require_llama_cpp() -> None:
+    """Skip unless llama-cpp-python is installed. It is only ever imported in a
+    child process (run_reader): its shared library loads there."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed; make setup builds llama-cpp-python==0.3.36")
 
 
 # --------------------------------------------------------------------------- GPT4All, in a child process
@@ -145,60 +244,109 @@ def run_gpt4all(gpt4all_path: Path, model_path: str | os.PathLike, prompts: str 
     The C API takes text, not token ids, so prompts are strings; each
     Generation reports the ids the backend's own tokenizer produced.
     Raises GPT4AllLoadError (with the backend's output) if the file is refused,
-    the child crashes, or it runs past `timeout` seconds.
+    and ReaderError if the child crashes or runs past `timeout` seconds.
     """
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-    with tempfile.TemporaryDirectory(prefix="smolq-gpt4all-") as tmp:
-        request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        request.write_text(json.dumps({"model": str(model_path), "prompts": prompt_list, "n_predict": n_predict,
-                                       "n_ctx": n_ctx, "threads": threads, "n_batch": n_batch}))
-        env = {**os.environ, "PYTHONPATH": str(gpt4all_path), "OMP_NUM_THREADS": str(threads)}
-        try:
-            proc = subprocess.run([sys.executable, "-c", _GPT4ALL_CHILD, str(request), str(result)],
-                                  env=env, cwd=tmp, capture_output=True, text=True, errors="replace", timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            log = (exc.stdout or "") + (exc.stderr or "") if isinstance(exc.stdout, str) else ""
-            raise GPT4AllLoadError(f"gpt4all ({gpt4all_path.name}) ran past {timeout} s on {model_path}", log) from None
-        log = proc.stdout + proc.stderr
-        if proc.returncode != 0 or not result.exists():
-            raise GPT4AllLoadError(f"gpt4all ({gpt4all_path.name}) exited with {proc.returncode} on {model_path}", log)
-        data = json.loads(result.read_text())
+    request = {"model": str(model_path), "prompts": prompt_list, "n_predict": n_predict,
+               "n_ctx": n_ctx, "threads": threads, "n_batch": n_batch}
+    data = run_reader(f"gpt4all {gpt4all_path.name.removeprefix('gpt4all-')}", _GPT4ALL_CHILD, request,
+                      model=model_path, timeout=timeout,
+                      env={"PYTHONPATH": str(gpt4all_path), "OMP_NUM_THREADS": str(threads)})
     if not data["loaded"]:
-        raise GPT4AllLoadError(f"gpt4all ({gpt4all_path.name}) refused to load {model_path}", log)
+        raise GPT4AllLoadError(f"gpt4all ({gpt4all_path.name}) refused to load {model_path}", data["_log"])
     return [Generation(r["prompt"], r["prompt_tokens"], r["tokens"]) for r in data["results"]]
 
 
-# --------------------------------------------------------------------------- llama.cpp, in process
+# --------------------------------------------------------------------------- llama.cpp, in a child process
 
-
-def open_llama(model_path: str | os.PathLike, *, n_ctx: int = 64, threads: int = 1, f32_kv: bool = True):
-    """A llama_cpp.Llama with logits at every position. f32_kv keeps the KV cache
-    in F32 (llama.cpp's default F16 cache alone moves f32 logits by ~3e-3)."""
-    llama_cpp = require_llama_cpp()
-    kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_kv else {}
-    return llama_cpp.Llama(str(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                           n_threads_batch=threads, logits_all=True, verbose=False, **kv)
-
-
-def llama_cpp_logits(llm, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
-    """llama.cpp's logits [len(seq), n_vocab] for each token sequence, each from an empty context."""
-    out = []
-    for seq in sequences:
+# Runs inside the child. The request names the model, the context options and
+# a list of operations; each answer goes into "results" (logits as .npy files).
+_LLAMA_CPP_CHILD = r"""
+import json, sys
+import numpy as np
+import llama_cpp
+req = json.load(open(sys.argv[1]))
+out_dir = sys.argv[3]
+kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if req["f32_kv"] else {}
+n_ctx, threads = req["n_ctx"], req["threads"]
+try:
+    llm = llama_cpp.Llama(req["model"], n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                          n_threads_batch=threads, logits_all=True, verbose=False, **kv)
+except ValueError as exc:  # llama.cpp refused the file ("Failed to load model from file")
+    json.dump({"loaded": False, "error": str(exc)}, open(sys.argv[2], "w"))
+    sys.exit(0)
+results = []
+for i, op in enumerate(req["ops"]):
+    if op["op"] == "tokenize":
+        results.append(llm.tokenize(op["text"].encode("utf-8", "surrogateescape"), add_bos=op["add_bos"],
+                                    special=op["special"]))
+    elif op["op"] == "logits":
+        names = []
+        for j, seq in enumerate(op["sequences"]):
+            llm.reset()
+            llm.eval([int(t) for t in seq])
+            name = f"logits-{i}-{j}.npy"
+            np.save(f"{out_dir}/{name}", np.array(llm.scores[: len(seq)], dtype=np.float32))
+            names.append({"npy": name})
+        results.append(names)
+    elif op["op"] == "greedy":
         llm.reset()
-        llm.eval([int(t) for t in seq])
-        out.append(np.array(llm.scores[: len(seq)], dtype=np.float32))
-    return out
+        toks = []
+        for t in llm.generate([int(t) for t in op["prompt"]], temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            toks.append(int(t))
+            if len(toks) == op["n"]:
+                break
+        results.append(toks)
+    elif op["op"] == "system_info":
+        results.append(llama_cpp.llama_print_system_info().decode())
+json.dump({"loaded": True, "results": results}, open(sys.argv[2], "w"))
+"""
 
 
-def llama_cpp_greedy(llm, prompt: Sequence[int], n: int) -> list[int]:
-    """`n` tokens chosen by llama.cpp's own sampler at temperature 0 (greedy)."""
-    llm.reset()
-    out = []
-    for token in llm.generate([int(t) for t in prompt], temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-        out.append(int(token))
-        if len(out) == n:
-            break
-    return out
+@dataclass
+class LlamaCpp:
+    """llama.cpp (llama-cpp-python) on one model file. Each call loads the file
+    in a fresh child process, runs there, and returns plain data."""
+
+    path: str
+    n_ctx: int = 64
+    threads: int = 1
+    f32_kv: bool = True  # llama.cpp's default F16 KV cache alone moves f32 logits by ~3e-3
+
+    def run(self, ops: list[dict]) -> list:
+        request = {"model": self.path, "n_ctx": self.n_ctx, "threads": self.threads, "f32_kv": self.f32_kv,
+                   "ops": ops}
+        data = run_reader("llama-cpp-python", _LLAMA_CPP_CHILD, request, model=self.path,
+                          env={"OMP_NUM_THREADS": str(self.threads)})
+        if not data["loaded"]:
+            raise ReaderRefused("llama-cpp-python", self.path, f"refused the file: {data['error']}", data["_log"])
+        return data["results"]
+
+    def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
+        text = text.decode("utf-8", "surrogateescape") if isinstance(text, bytes) else text
+        return self.run([{"op": "tokenize", "text": text, "add_bos": add_bos, "special": special}])[0]
+
+    def logits(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """llama.cpp's logits [len(seq), n_vocab] for each sequence, each from an empty context."""
+        return self.run([{"op": "logits", "sequences": [[int(t) for t in s] for s in sequences]}])[0]
+
+    def greedy(self, prompt: Sequence[int], n: int) -> list[int]:
+        """`n` tokens chosen by llama.cpp's own sampler at temperature 0 (greedy)."""
+        return self.run([{"op": "greedy", "prompt": [int(t) for t in prompt], "n": n}])[0]
+
+
+def open_llama(model_path: str | os.PathLike, *, n_ctx: int = 64, threads: int = 1, f32_kv: bool = True) -> LlamaCpp:
+    """A LlamaCpp handle with logits at every position; skips when llama-cpp-python is absent."""
+    require_llama_cpp()
+    return LlamaCpp(str(model_path), n_ctx, threads, f32_kv)
+
+
+def llama_cpp_logits(llm: LlamaCpp, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    return llm.logits(sequences)
+
+
+def llama_cpp_greedy(llm: LlamaCpp, prompt: Sequence[int], n: int) -> list[int]:
+    return llm.greedy(prompt, n)
 
 
 # --------------------------------------------------------------------------- the transformers side

@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
 def test_perplexity_matches_transformers_loss(tiny):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from smolq.commands.eval import evaluate
+    from smolq.pipeline.evaluate import evaluate
 
     root, hf = tiny
     res = evaluate(hf, root / "text.txt", ctx=32, max_windows=3)
@@ -40,7 +40,7 @@ def test_perplexity_matches_transformers_loss(tiny):
 
 def test_gguf_file_and_kl_and_cli(tiny, capsys):
     from smolq.cli import main
-    from smolq.commands.eval import evaluate
+    from smolq.pipeline.evaluate import evaluate
     from smolq.pipeline.convert import convert
 
     root, hf = tiny

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from smolq.errors import InputError
-from smolq.pipeline import gptq
+from smolq.pipeline import gptq as gptq_pipeline
 from smolq.pipeline.gptq import quantize_hf_gptq
 from tests.gptq_spec import dequantize as _dequantize
 from tests.gptq_spec import load_dir as _tensors
@@ -45,7 +45,7 @@ def _kl(p_logits, q_logits):
 def test_gptq_dir_reads_back_by_spec_and_runs_in_transformers(tiny):
     from transformers import AutoModelForCausalLM
 
-    from smolq.commands.eval import load_gptq_as_hf
+    from smolq.pipeline.evaluate import load_gptq_as_hf
     from smolq.formats.gptq_ckpt import read_gptq_dir
 
     root, hf = tiny

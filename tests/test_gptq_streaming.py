@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smolq.pipeline import gptq
+from smolq.pipeline import gptq as gptq_pipeline
 from smolq.pipeline.gptq import quantize_hf_gptq
 
 CALIB = " ".join(f"the {w} sat on mat {i % 17}" for i, w in enumerate(["cat", "dog", "bird"] * 150))

@@ -33,9 +33,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from real_loaders import (
+    ReaderRefused,
+    check_choices,
+    gpt4all_dir,
+    hf_greedy,
+    llama_cpp_greedy,
+    llama_cpp_logits,
+    open_llama,
+    require_gpt4all,
+    require_llama_cpp,
+    run_gpt4all,
+    top2_margin,
+)
 
-from real_loaders import (check_choices, gpt4all_dir, hf_greedy, llama_cpp_greedy, llama_cpp_logits, open_llama,
-                          require_gpt4all, require_llama_cpp, run_gpt4all, top2_margin)
 from smolq.pipeline.convert import convert
 from smolq.sources.reference import hf_logits, logit_stats, logits_from_file
 
@@ -181,8 +192,9 @@ def test_llama_cpp_tokenizer_matches_source_tokenizer(converted, tiny, name):
     reference = _reference_tokenizer(name, tiny(name))
     add_bos = _family(name) == "llama"
     texts = TINY_TEXT.splitlines() + ["  two  spaces", "\nnewline first", "tab\there", "Ünïcödé 東京 …"]
-    for text in texts:
-        assert llm.tokenize(text.encode(), add_bos=add_bos, special=False) == reference(text), repr(text)
+    got = llm.run([{"op": "tokenize", "text": text, "add_bos": add_bos, "special": False} for text in texts])
+    for text, ids in zip(texts, got):
+        assert ids == reference(text), repr(text)
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "mpt"])
@@ -199,8 +211,8 @@ def test_gguf_v1_refused_by_llama_cpp_but_read_by_smolq(converted, tiny):
     v1, v3 = converted("llama", "f16", "gguf-v1"), converted("llama", "f16", "gguf-v3")
     with open(v1, "rb") as f:
         assert f.read(8) == b"GGUF" + (1).to_bytes(4, "little")
-    with pytest.raises(ValueError):  # llama.cpp: "GGUFv1 is no longer supported"
-        open_llama(v1)
+    with pytest.raises(ReaderRefused):  # llama.cpp: "GGUFv1 is no longer supported" (a refusal, not a crash)
+        open_llama(v1).tokenize(b"x")
     tokens = np.arange(12, dtype=np.int64)[None, :] + 5
     np.testing.assert_array_equal(logits_from_file(v1, tokens), logits_from_file(v3, tokens))
 

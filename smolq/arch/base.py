@@ -103,6 +103,8 @@ class Arch:
     default_legacy: ClassVar[str]
     # Checkpoint tensors that are buffers, not weights (rotary caches, causal masks).
     skip_suffixes: ClassVar[tuple[str, ...]] = ()
+    # What legacy headers never stored, filled from these defaults as listed guesses (legacy_config.Default).
+    legacy_defaults: ClassVar[tuple[tuple[str, Any, str, str], ...]] = ()
 
     def __init__(self, config: dict[str, Any], config_path: Path):
         self.config = config
@@ -145,6 +147,17 @@ class Arch:
 
     @property
     def n_vocab(self) -> int:
+        raise NotImplementedError
+
+    # -- to implement for `migrate`: the config a model file implies (smolq.arch.legacy_config)
+    @classmethod
+    def config_from_legacy(cls, d: Any, header: dict[str, Any], tensors: dict[str, Any]) -> None:
+        """Fill the LegacyConfig `d` from a legacy header and the tensors by GGUF name."""
+        raise NotImplementedError
+
+    @classmethod
+    def config_from_gguf(cls, meta: dict[str, Any], path: Path) -> dict[str, Any]:
+        """An HF-style config from GGUF `<arch>.*` keys, for writing legacy headers."""
         raise NotImplementedError
 
     # -- shared

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from smolq.arch.base import Arch, LegacyTarget, NameTable, TensorMap, meta
-from smolq.errors import InputError
+from smolq.arch.legacy_config import GGUFKeys, LegacyConfig
+from smolq.errors import FormatError, InputError
 
 GPTJ_NAMES = NameTable([
     ("token_embd.weight", "transformer.wte.weight"),
@@ -41,6 +42,35 @@ class GPTJ(Arch):
     legacy_targets = {"ggml": LegacyTarget("ggml", None, "gpt4all", "v1")}
     default_legacy = "ggml"
     skip_suffixes = (".attn.bias", ".attn.masked_bias", ".attn.embed_positions", ".rotary_emb.inv_freq")
+    legacy_defaults = (
+        ("layer_norm_epsilon", 1e-5, "attention.layer_norm_epsilon", "GPT-J-6B / GPTJConfig default"),
+    )
+
+    @classmethod
+    def config_from_legacy(cls, d: LegacyConfig, h: dict[str, Any], tensors: dict[str, Any]) -> None:
+        d.positive(h, ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer", "n_rot"))
+        if h["n_embd"] % h["n_head"] or h["n_rot"] > h["n_embd"] // h["n_head"]:
+            raise FormatError(d.source, f"unknown hyperparameters: n_embd {h['n_embd']}, n_head {h['n_head']}, "
+                                        f"n_rot {h['n_rot']}")
+        d.config["architectures"] = ["GPTJForCausalLM"]
+        d.known("vocab_size", h["n_vocab"])
+        d.known("n_embd", h["n_embd"])
+        d.known("n_layer", h["n_layer"])
+        d.known("n_head", h["n_head"])
+        d.known("rotary_dim", h["n_rot"])
+        d.known("n_positions", h["n_ctx"], strict=False)  # a context a user fine-tuned for wins, with a note
+        d.defaults(cls.family, cls.legacy_defaults)
+
+    @classmethod
+    def config_from_gguf(cls, meta: dict[str, Any], path) -> dict[str, Any]:
+        k = GGUFKeys(meta, cls.family, path)
+        n_vocab = k.n_vocab()
+        return {
+            "architectures": ["GPTJForCausalLM"], "vocab_size": n_vocab, "n_embd": k.need("embedding_length"),
+            "n_layer": k.need("block_count"), "n_head": k.need("attention.head_count"),
+            "rotary_dim": k.need("rope.dimension_count"), "n_positions": k.need("context_length"),
+            "layer_norm_epsilon": k.need("attention.layer_norm_epsilon"),
+        }
 
     def read_hparams(self) -> None:
         self.vocab_size = int(self.need("vocab_size"))

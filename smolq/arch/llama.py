@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 from smolq.arch.base import Arch, LegacyTarget, NameTable, TensorMap, meta, rope_scaling, rope_theta
-from smolq.errors import InputError
-from smolq.formats.legacy import find_n_mult
+from smolq.arch.legacy_config import GGUFKeys, LegacyConfig
+from smolq.errors import FormatError, InputError
+from smolq.formats.legacy import find_n_mult, llama_n_ff
 
 DEFAULT_ROPE_THETA = 10000.0  # llama.cpp's default when llama.rope.freq_base is absent
 
@@ -75,6 +76,63 @@ class Llama(Arch):
     }
     default_legacy = "ggjt-v3"
     skip_suffixes = (".rotary_emb.inv_freq",)
+    legacy_defaults = (
+        ("max_position_embeddings", 2048, "context_length", "LLaMA-1 context; legacy headers store none"),
+        ("rms_norm_eps", 1e-6, "attention.layer_norm_rms_epsilon", "LLaMA-1 value, the 2023 llama.cpp default"),
+        ("rope_theta", 10000.0, "rope.freq_base", "llama.cpp's default RoPE base"),
+    )
+
+    @classmethod
+    def config_from_legacy(cls, d: LegacyConfig, h: dict[str, Any], tensors: dict[str, Any]) -> None:
+        d.positive(h, ("n_vocab", "n_embd", "n_mult", "n_head", "n_layer", "n_rot"))
+        n_embd, n_head = h["n_embd"], h["n_head"]
+        if n_embd % n_head or h["n_rot"] != n_embd // n_head:
+            raise FormatError(d.source, f"unknown hyperparameters: n_embd {n_embd}, n_head {n_head}, "
+                                        f"n_rot {h['n_rot']} (LLaMA needs n_rot = n_embd / n_head)")
+        head_dim = n_embd // n_head
+        n_ff = cls._legacy_n_ff(d, h, tensors)
+        kv_rows = d.shape_of(tensors, "blk.0.attn_k.weight")[0]
+        if kv_rows % head_dim or n_head % (kv_rows // head_dim or 1) or kv_rows == 0:
+            raise FormatError(d.source, f"attention.wk has {kv_rows} rows, not a whole number of heads of {head_dim}")
+        d.config["architectures"] = ["LlamaForCausalLM"]
+        d.known("vocab_size", h["n_vocab"])
+        d.known("hidden_size", n_embd)
+        d.known("intermediate_size", n_ff)
+        d.known("num_hidden_layers", h["n_layer"])
+        d.known("num_attention_heads", n_head)
+        d.known("num_key_value_heads", kv_rows // head_dim)
+        if "head_dim" in d.user or not d.user:  # transformers 5 configs always carry it; convert then writes key_length
+            d.known("head_dim", head_dim)
+        d.defaults(cls.family, cls.legacy_defaults)
+        for key in ("rope_scaling", "rope_parameters"):
+            if isinstance(d.user.get(key), dict):
+                d.config[key] = d.user[key]
+
+    @staticmethod
+    def _legacy_n_ff(d: LegacyConfig, h: dict[str, Any], tensors: dict[str, Any]) -> int:
+        """The feed-forward width from w1's rows, not from n_mult (formats.md 6.8)."""
+        n_ff = d.shape_of(tensors, "blk.0.ffn_gate.weight")[0]
+        if n_ff != llama_n_ff(h["n_embd"], h["n_mult"]):
+            d.notes.append(f"feed-forward width {n_ff} (from w1) differs from n_mult {h['n_mult']}'s "
+                           f"{llama_n_ff(h['n_embd'], h['n_mult'])}; using the tensor's")
+        return n_ff
+
+    @classmethod
+    def config_from_gguf(cls, meta: dict[str, Any], path) -> dict[str, Any]:
+        k = GGUFKeys(meta, cls.family, path)
+        n_vocab = k.n_vocab()
+        cfg = {
+            "architectures": ["LlamaForCausalLM"], "vocab_size": n_vocab, "hidden_size": k.need("embedding_length"),
+            "intermediate_size": k.need("feed_forward_length"), "num_hidden_layers": k.need("block_count"),
+            "num_attention_heads": k.need("attention.head_count"),
+            "num_key_value_heads": k.get("attention.head_count_kv") or k.need("attention.head_count"),
+            "max_position_embeddings": k.need("context_length"),
+            "rms_norm_eps": k.need("attention.layer_norm_rms_epsilon"),
+            "rope_theta": k.get("rope.freq_base", 10000.0),
+        }
+        if k.get("rope.scaling.type") == "linear":
+            cfg["rope_scaling"] = {"type": "linear", "factor": k.get("rope.scaling.factor")}
+        return cfg
 
     def read_hparams(self) -> None:
         c = self.config

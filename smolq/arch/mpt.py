@@ -7,10 +7,12 @@ MPT files have no output tensor. GPT4All's 'ggmm' loader reads wte as F32.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from smolq.arch.base import Arch, LegacyTarget, NameTable, TensorMap, meta
-from smolq.errors import InputError
+from smolq.arch.legacy_config import GGUFKeys, LegacyConfig
+from smolq.errors import FormatError, InputError
 
 MPT_NAMES = NameTable([
     ("token_embd.weight", "transformer.wte.weight"),
@@ -38,6 +40,66 @@ class MPT(Arch):
     }
     default_legacy = "ggmm"
     skip_suffixes = (".attn.bias", ".attn.masked_bias")
+
+    @classmethod
+    def config_from_legacy(cls, d: LegacyConfig, h: dict[str, Any], tensors: dict[str, Any]) -> None:
+        g = cls._legacy_hparams_named(h)
+        d.positive(g, ("n_vocab", "n_embd", "n_layer", "n_head", "n_ctx"))
+        if g["n_embd"] % g["n_head"] or not (math.isfinite(h["alibi_bias_max"]) and math.isfinite(h["clip_qkv"])):
+            raise FormatError(d.source, f"unknown hyperparameters: d_model {g['n_embd']}, n_heads {g['n_head']}, "
+                                        f"alibi_bias_max {h['alibi_bias_max']}, clip_qkv {h['clip_qkv']}")
+        hd = g["n_embd"] // g["n_head"]
+        qkv_rows = d.shape_of(tensors, "blk.0.attn_qkv.weight")[0]
+        n_kv2 = qkv_rows - g["n_embd"]  # K and V rows together: the header has no KV head count
+        if n_kv2 <= 0 or n_kv2 % (2 * hd):
+            raise FormatError(d.source, f"Wqkv has {qkv_rows} rows, which no head layout of d_model {g['n_embd']} gives")
+        n_ff = d.shape_of(tensors, "blk.0.ffn_up.weight")[0]
+        if n_ff % g["n_embd"]:
+            raise FormatError(d.source, f"ffn.up_proj has {n_ff} rows, not a multiple of d_model {g['n_embd']}")
+        d.config["architectures"] = ["MPTForCausalLM"]
+        d.known("vocab_size", g["n_vocab"])
+        d.known("d_model", g["n_embd"])
+        d.known("n_layers", g["n_layer"])
+        d.known("n_heads", g["n_head"])
+        d.known("max_seq_len", g["n_ctx"], strict=False)
+        d.known("expansion_ratio", n_ff // g["n_embd"])
+        d.config["no_bias"] = True
+        d.config["attn_config"] = cls._legacy_attn_config(h, g["n_head"], n_kv2 // (2 * hd))
+
+    @staticmethod
+    def _legacy_hparams_named(h: dict[str, Any]) -> dict[str, Any]:
+        """The two MPT headers name the same fields differently (formats.md 2.3)."""
+        return {
+            "n_vocab": h["n_vocab"], "n_embd": h.get("d_model", h.get("n_embd")),
+            "n_layer": h.get("n_layers", h.get("n_layer")), "n_head": h.get("n_heads", h.get("n_head")),
+            "n_ctx": h.get("max_seq_len", h.get("n_ctx")),
+        }
+
+    @staticmethod
+    def _legacy_attn_config(h: dict[str, Any], n_head: int, n_head_kv: int) -> dict[str, Any]:
+        attn: dict[str, Any] = {"alibi": True}  # every legacy MPT loader applies ALiBi
+        attn["alibi_bias_max"] = float(h["alibi_bias_max"])
+        # The header stores 0.0 for "no clipping" (formats.md 2.3); a clip of 0 would zero every score.
+        attn["clip_qkv"] = float(h["clip_qkv"]) if h["clip_qkv"] else None
+        if n_head_kv != n_head:
+            attn["kv_n_heads"] = n_head_kv
+        return attn
+
+    @classmethod
+    def config_from_gguf(cls, meta: dict[str, Any], path) -> dict[str, Any]:
+        k = GGUFKeys(meta, cls.family, path)
+        n_vocab = k.n_vocab()
+        n_embd = k.need("embedding_length")
+        attn: dict[str, Any] = {"alibi": True, "alibi_bias_max": float(k.get("attention.max_alibi_bias", 8.0)),
+                                "clip_qkv": k.get("attention.clamp_kqv")}
+        if k.get("attention.head_count_kv"):
+            attn["kv_n_heads"] = k.get("attention.head_count_kv")
+        return {
+            "architectures": ["MPTForCausalLM"], "vocab_size": n_vocab, "d_model": n_embd,
+            "n_layers": k.need("block_count"), "n_heads": k.need("attention.head_count"),
+            "max_seq_len": k.need("context_length"), "expansion_ratio": k.need("feed_forward_length") // n_embd,
+            "no_bias": True, "attn_config": attn,
+        }
 
     def read_hparams(self) -> None:
         attn = self.config.get("attn_config") or {}

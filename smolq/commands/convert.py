@@ -1,6 +1,7 @@
 """`smolq convert SRC OUT`: a Hugging Face checkpoint directory -> GGUF or legacy ggml."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -18,18 +19,18 @@ def register(app: typer.Typer) -> None:
                                              "plain or GPTQ-quantized."),
         out: Path = typer.Argument(..., help="Output file; .gguf -> GGUF v3, .bin -> the family's GPT4All legacy format."),
         format: Optional[str] = typer.Option(
-            None, "--format", "-f",
+            None, "--format", "-f", rich_help_panel="Input/output",
             help="gguf, gguf-v1, gguf-v2, gguf-v3, ggml, ggmf, ggjt-v1, ggjt-v2, ggjt-v3, ggmm (default: from OUT's suffix).",
         ),
         outtype: Optional[str] = typer.Option(
-            None, "--outtype", "-t",
+            None, "--outtype", "-t", rich_help_panel="Types and mix",
             help="f32, f16, bf16, q8_0, any RTN type (q4_0, q6_k ...) or a mix (q4_k_m ...). Default f16; for a GPTQ "
                  "directory each Linear's exact type (Q4_0/Q4_1/Q8_0) where its grid maps onto one, else Q2_K/Q3_K/Q4_K/Q8_0 by bits.",
         ),
-        vocab_only: bool = typer.Option(False, "--vocab-only", help="Write the header and vocabulary only, no tensors."),
-        dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensor, source dtype, target type, bytes) and write nothing."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes."),
-        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+        vocab_only: bool = typer.Option(False, "--vocab-only", help="Write the header and vocabulary only, no tensors.", rich_help_panel="Input/output"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensor, source dtype, target type, bytes) and write nothing.", rich_help_panel="Output control"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes.", rich_help_panel="Output control"),
+        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout.", rich_help_panel="Output control"),
     ) -> None:
         """Convert a Hugging Face checkpoint (LLaMA, GPT-J, MPT; plain or GPTQ) into GGUF or a legacy ggml file."""
 
@@ -66,13 +67,17 @@ def _print_plan(summary: dict) -> None:
 
 
     table = Table(title=f"{summary['source']} -> {summary['output']} ({summary['format']}, {summary['outtype']})")
-    for col in ("tensor", "source", "source dtype", "shape", "type", "bytes"):
-        table.add_column(col, justify="right" if col == "bytes" else "left")
+    # Tensor names, dtypes, shapes and sizes never wrap; a narrow terminal shortens the HF
+    # name ("model.layers.0.self_a…", full in --json) and breaks "Q4_0 (requantized)" at its space.
+    for col in ("tensor", "source", "dtype", "shape", "type", "bytes"):
+        table.add_column(col, justify="right" if col == "bytes" else "left", no_wrap=col not in ("source", "type"),
+                         overflow="ellipsis")
     for t in summary["tensors"]:
         table.add_row(t["name"], t["source"], t["source_dtype"], "x".join(map(str, t["shape"])),
                       t["type"] + (" (fallback)" if t.get("fallback") else "") + _gptq_mark(t), str(t["bytes"]))
     console = Console(highlight=False)
-    console.width = max(console.width, 150)  # full tensor names even when piped
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = max(console.width, 150)  # full names when piped; a terminal or COLUMNS sets the width
     console.print(table)
     console.print(f"{summary['n_tensors']} tensors, {human_bytes(summary['tensor_bytes'])} of tensor data, "
                   f"{summary['n_vocab']} tokens", markup=False)

@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         epilog="Example: smolq demo --out demo-out",
     )
     def demo(
-        out: Path = typer.Option(Path("demo-out"), "--out", help="Directory for the tiny model and every output."),
+        out: Path = typer.Option(Path("demo-out"), "--out", help="Directory for the tiny model and every output.", rich_help_panel="Input/output"),
     ) -> None:
         """Build a tiny LLaMA offline, convert, quantize, inspect and verify it."""
         run_demo(app, out)

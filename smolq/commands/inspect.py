@@ -1,18 +1,16 @@
 """`smolq inspect FILE`: container, version, header, metadata and tensor table of any model file."""
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from smolq.formats.detect import ModelFile, open_model
-from smolq.plan.mix import FTYPE_NAME
+from smolq.pipeline.describe import describe_file
 from smolq.progress import emit_json
 
-ARRAY_PREVIEW = 8  # items of a long array shown unless --all
 STRING_PREVIEW = 160  # characters of a long string shown in the table unless --all
+WORD_MAX = 24  # a metadata value's word up to this long is never broken across lines
 
 EPILOG = (
     "Examples:\n\n"
@@ -26,85 +24,15 @@ def register(app: typer.Typer) -> None:
     @app.command(epilog=EPILOG)
     def inspect(
         file: Path = typer.Argument(..., help="A GGUF (v1-v3) or legacy ggml/ggmf/ggjt/ggmm model file."),
-        json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
-        show_all: bool = typer.Option(False, "--all", help="Do not shorten long arrays and strings."),
+        json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables.", rich_help_panel="Output control"),
+        show_all: bool = typer.Option(False, "--all", help="Do not shorten long arrays and strings.", rich_help_panel="Output control"),
     ) -> None:
         """Show a model file's container, version, header, metadata and tensors."""
-        with open_model(file) as mf:
-            report = describe(mf, full=show_all)
+        report = describe_file(file, full=show_all)
         if json_out:
-
             emit_json(report)
         else:
             render(report, full=show_all)
-
-
-# --- the data ------------------------------------------------------------------------------
-
-def describe(mf: ModelFile, full: bool = False) -> dict[str, Any]:
-    """Everything `inspect` shows, as plain JSON-able data (long arrays shortened unless `full`)."""
-    report: dict[str, Any] = {
-        "file": str(mf.path),
-        "container": mf.container,
-        "version": mf.version,
-        "format": mf.format_name,
-        "endian": mf.endian,
-        "alignment": mf.alignment,
-        "architecture": mf.architecture,
-        "vocab_size": mf.vocab_size,
-        "file_type": mf.ftype,
-        "file_type_name": FTYPE_NAME.get(mf.ftype) if isinstance(mf.ftype, int) else None,
-        "header": dict(mf.header),
-    }
-    if mf.is_gguf:
-        report["metadata"] = {k: _meta_entry(mv, full) for k, mv in mf.raw.metadata.items()}
-    else:
-        report["hyperparameters"] = dict(mf.metadata)
-        report["vocab"] = _legacy_vocab(mf.raw.vocab, full)
-    report["tensors"] = [_tensor_row(t) for t in mf.tensors]
-    types = Counter(t.type.name for t in mf.tensors)
-    report["summary"] = {
-        "n_tensors": len(mf.tensors),
-        "n_bytes": sum(t.nbytes for t in mf.tensors),
-        "n_elements": sum(t.n_elements for t in mf.tensors),
-        "types": dict(sorted(types.items())),
-    }
-    return report
-
-
-def _meta_entry(mv: Any, full: bool) -> dict[str, Any]:
-    entry: dict[str, Any] = {"type": mv.type.name}
-    value = mv.to_python()
-    if mv.type.name == "ARRAY":
-        entry["item_type"] = mv.item_type.name
-        entry["count"] = len(value)
-        if not full and len(value) > ARRAY_PREVIEW:
-            value = value[:ARRAY_PREVIEW]
-            entry["truncated"] = True
-    entry["value"] = value
-    return entry
-
-
-def _legacy_vocab(vocab: list[tuple[bytes, float | None]], full: bool) -> dict[str, Any]:
-    shown = vocab if full else vocab[:ARRAY_PREVIEW]
-    out: dict[str, Any] = {
-        "count": len(vocab),
-        "tokens": [tok.decode("utf-8", "backslashreplace") for tok, _ in shown],
-        "scores": [score for _, score in shown] if vocab and vocab[0][1] is not None else None,
-    }
-    if len(shown) < len(vocab):
-        out["truncated"] = True
-    return out
-
-
-def _tensor_row(t: Any) -> dict[str, Any]:
-    return {
-        "name": t.name,
-        "type": t.type.name,
-        "shape": list(t.shape),
-        "offset": t.offset,
-        "bytes": t.nbytes,
-    }
 
 
 # --- the tables ----------------------------------------------------------------------------
@@ -121,6 +49,26 @@ def _short(value: Any, count: int | None, full: bool) -> str:
     return text
 
 
+def _fit(console: Any, table: Any) -> Any:
+    """Borders and padding give way (one space between columns) when the boxed table cannot fit the
+    console with its cells whole: no_wrap columns at their widest cell, the others at their longest
+    word (or their min_width, past which a token may fold)."""
+    import rich.box
+    from rich.measure import Measurement
+
+    opts = console.options.update_width(10_000)
+
+    def need(col: Any) -> int:
+        sizes = [Measurement.get(console, opts, c) for c in (col.header, *col.cells)]
+        if col.no_wrap:
+            return max(m.maximum for m in sizes)
+        return col.min_width if col.min_width is not None else max(m.minimum for m in sizes)
+
+    if sum(need(c) + 3 for c in table.columns) + 1 > console.width:  # a divider and 2 spaces a column
+        table.box, table.show_edge, table.padding = rich.box.SIMPLE_HEAD, False, 0
+    return table
+
+
 def render(report: dict[str, Any], full: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -128,8 +76,8 @@ def render(report: dict[str, Any], full: bool = False) -> None:
 
     console = Console(highlight=False)
     head = Table(title=f"{report['file']}", show_header=False, title_justify="left")
-    head.add_column("field", style="bold")
-    head.add_column("value")
+    head.add_column("field", style="bold", no_wrap=True)
+    head.add_column("value", overflow="fold")  # wraps at spaces; only a token wider than the cell breaks
     rows = [("format", report["format"]), ("endian", report["endian"]),
             ("alignment", report["alignment"] if report["alignment"] is not None else "none"),
             ("architecture", report["architecture"]), ("vocab size", report["vocab_size"])]
@@ -147,17 +95,20 @@ def render(report: dict[str, Any], full: bool = False) -> None:
 
     if "metadata" in report:
         meta = Table(title="metadata", title_justify="left")
-        meta.add_column("key", style="bold", overflow="fold")
-        meta.add_column("type")
-        meta.add_column("value", overflow="fold")
-        for key, e in report["metadata"].items():
-            vtype = e["type"] + (f"[{e['item_type']}]" if "item_type" in e else "")
-            meta.add_row(Text(key), Text(vtype), Text(_short(e["value"], e.get("count"), full)))
-        console.print(meta)
+        cells = [(key, e["type"] + (f"[{e['item_type']}]" if "item_type" in e else ""),
+                  _short(e["value"], e.get("count"), full)) for key, e in report["metadata"].items()]
+        # Keys and types stay whole; values wrap at spaces, and only a token over WORD_MAX folds.
+        words = [len(w) for _, _, v in cells for w in v.split() if len(w) <= WORD_MAX]
+        meta.add_column("key", style="bold", no_wrap=True)
+        meta.add_column("type", no_wrap=True)
+        meta.add_column("value", overflow="fold", min_width=max(words, default=1))
+        for row in cells:
+            meta.add_row(*map(Text, row))
+        console.print(_fit(console, meta))
     else:
         hp = Table(title="hyperparameters", title_justify="left", show_header=False)
-        hp.add_column("field", style="bold")
-        hp.add_column("value")
+        hp.add_column("field", style="bold", no_wrap=True)
+        hp.add_column("value", overflow="fold")
         for k, v in report["hyperparameters"].items():
             hp.add_row(Text(k), Text(str(v)))
         vocab = report["vocab"]
@@ -165,10 +116,11 @@ def render(report: dict[str, Any], full: bool = False) -> None:
         console.print(hp)
 
     tensors = Table(title="tensors", title_justify="left")
+    # Names, types and numbers never break; a shape wraps after a comma if the table must narrow.
     for col, just in (("#", "right"), ("name", "left"), ("type", "left"), ("shape", "left"),
                       ("offset", "right"), ("bytes", "right")):
-        tensors.add_column(col, justify=just, overflow="fold")
+        tensors.add_column(col, justify=just, no_wrap=col != "shape")
     for i, t in enumerate(report["tensors"]):
         offset = "" if t["offset"] is None else f"{t['offset']:,}"
         tensors.add_row(str(i), Text(t["name"]), t["type"], Text(str(t["shape"])), offset, f"{t['bytes']:,}")
-    console.print(tensors)
+    console.print(_fit(console, tensors))

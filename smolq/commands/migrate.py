@@ -16,22 +16,22 @@ def register(app: typer.Typer) -> None:
         src: Path = typer.Argument(..., help="Model file: GGUF v1-v3, 'ggml', 'ggmf', 'ggjt' v1-v3 or GPT4All 'ggmm'."),
         out: Path = typer.Argument(..., help="Output file."),
         format: Optional[str] = typer.Option(
-            None, "--format", "-f",
+            None, "--format", "-f", rich_help_panel="Input/output",
             help="gguf (v3, default), gguf-v1, gguf-v2, gguf-v3, ggml, ggmf, ggjt-v1, ggjt-v2, ggjt-v3, ggmm.",
         ),
         config: Optional[Path] = typer.Option(
-            None, "--config", "-c",
+            None, "--config", "-c", rich_help_panel="Input/output",
             help="HF checkpoint directory or config.json: context length, eps, RoPE base, tokenizer ... "
                  "that legacy headers never stored (otherwise guessed, and listed).",
         ),
         type: Optional[str] = typer.Option(
-            None, "--type", "-t",
+            None, "--type", "-t", rich_help_panel="Types and mix",
             help="Type for tensors that cannot be carried exactly (default: the nearest type the target holds; "
                  "f32 makes the migration lossless).",
         ),
-        dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes."),
-        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing.", rich_help_panel="Output control"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes.", rich_help_panel="Output control"),
+        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout.", rich_help_panel="Output control"),
     ) -> None:
         """Migrate a model file between GGUF and legacy ggml containers and versions (LLaMA, GPT-J, MPT)."""
 

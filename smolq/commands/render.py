@@ -14,8 +14,10 @@ def print_plan(summary: dict[str, Any]) -> None:
 
     title = f"{summary.get('source')} -> {summary.get('output')} ({summary.get('format')}, {summary.get('preset')})"
     table = Table(title=title, title_justify="left")
+    # Names, shapes and sizes never wrap; only "to" may break, at its space ("Q5_0 (fallback)").
     for col in ("tensor", "shape", "from", "to", "bytes"):
-        table.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
+        table.add_column(col, justify="right" if col == "bytes" else "left", no_wrap=col != "to",
+                         overflow="ellipsis")
     for t in summary.get("tensors", []):
         src = t.get("source_type") or t.get("source_dtype", "")
         to = t["type"] + (" (fallback)" if t.get("fallback") else "")

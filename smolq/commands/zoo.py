@@ -31,14 +31,14 @@ def register(app: typer.Typer) -> None:
     def zoo(
         manifest: str = typer.Argument(..., metavar="MANIFEST", help="Zoo manifest (TOML), or the word 'report' to merge shard reports."),
         shard_dirs: Optional[List[Path]] = typer.Argument(None, metavar="[SHARD_DIRS]...", help="With 'report': the output directories of the shards."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: the manifest's zoo.out); with 'report': where the merged report goes."),
-        jobs: int = typer.Option(1, "--jobs", "-j", help="Outputs built at once (worker processes); memory permitting."),
-        shard: Optional[str] = typer.Option(None, "--shard", help="K/N: build only this stable share of the outputs (CI matrices)."),
-        fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed output or gate."),
-        max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget for concurrent jobs, e.g. '8 GiB' (default: 90% of what is available)."),
-        verify_outputs: bool = typer.Option(False, "--verify-outputs", help="Re-checksum up-to-date outputs before skipping them (a restored CI cache, a disk you do not trust); a changed file is rebuilt."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; only failures."),
-        json_out: bool = typer.Option(False, "--json", help="Print report.json on stdout."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: the manifest's zoo.out); with 'report': where the merged report goes.", rich_help_panel="Input/output"),
+        jobs: int = typer.Option(1, "--jobs", "-j", help="Outputs built at once (worker processes); memory permitting.", rich_help_panel="Performance"),
+        shard: Optional[str] = typer.Option(None, "--shard", help="K/N: build only this stable share of the outputs (CI matrices).", rich_help_panel="Performance"),
+        fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed output or gate.", rich_help_panel="Output control"),
+        max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget for concurrent jobs, e.g. '8 GiB' (default: 90% of what is available).", rich_help_panel="Performance"),
+        verify_outputs: bool = typer.Option(False, "--verify-outputs", help="Re-checksum up-to-date outputs before skipping them (a restored CI cache, a disk you do not trust); a changed file is rebuilt.", rich_help_panel="Input/output"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; only failures.", rich_help_panel="Output control"),
+        json_out: bool = typer.Option(False, "--json", help="Print report.json on stdout.", rich_help_panel="Output control"),
     ) -> None:
         """Requantize a model zoo from a manifest: incremental, parallel, sharded, with gates and a report."""
 

@@ -1,9 +1,11 @@
 """Carry a model file of any container/version forward (or back) to another.
 
     source (formats.detect: GGUF v1-v3, 'ggml', 'ggmf', 'ggjt' v1-v3, 'ggmm')
-    -> description (arch module bound to an HF-style config rebuilt from the
-       header, the tensor shapes, --config and listed per-family defaults)
-    -> steps (per tensor: copy, relayout, convert or requantize)
+    -> description (sources.model_file: the family bound to an HF-style config
+       rebuilt from the header, the tensor shapes, --config and listed
+       per-family defaults (Arch.config_from_legacy / config_from_gguf);
+       sources.vocab_recovery: the vocabulary)
+    -> plan (here: per tensor, copy, relayout, convert or requantize)
     -> sink (formats.gguf / formats.legacy, one tensor's load() at a time).
 
 What a legacy header never stored (context length, norm epsilon, RoPE base,
@@ -31,20 +33,21 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from smolq.arch import Arch, LegacyTarget, TensorMap, family_arch
-from smolq.arch.base import rope_theta
+from smolq.arch import Arch, TensorMap, family_arch
+from smolq.arch.legacy_config import Guess
 from smolq.errors import FormatError, InputError
 from smolq.formats.base import TensorEntry
 from smolq.formats.detect import open_model
 from smolq.formats.gguf import VERSIONS, MetaValue, write_gguf
 from smolq.formats.gguf import GGUFValueType as V
-from smolq.formats.legacy import llama_n_ff, write_legacy
+from smolq.formats.legacy import write_legacy
 from smolq.ggml_types import (
     VERSIONED_TYPES,
     GGMLType,
@@ -58,25 +61,13 @@ from smolq.plan.mix import PLAIN_FTYPE, parse_type
 from smolq.plan.targets import Target, resolve_target
 from smolq.plan.targets import storable_types as _storable  # the one table of what a target holds
 from smolq.sinks.gguf import gguf_metadata
-from smolq.sources.checkpoint import read_json_object
-from smolq.sources.vocab import (
-    BYTE,
-    CONTROL,
-    NORMAL,
-    SPIECE_SPACE,
-    UNK_LEGACY_TEXT,
-    UNKNOWN,
-    UNUSED,
-    USER_DEFINED,
-    Vocab,
-    byte_encoder,
-    decode_byte_level,
-    load_vocab,
-)
+from smolq.sources.model_file import ModelFile, describe, family_of, format_of, read_user_config, same_bytes
+from smolq.sources.vocab import Vocab
+from smolq.sources.vocab_recovery import legacy_tokens, recover_vocab
+
+__all__ = ["Guess", "Plan", "Step", "build_plan", "migrate", "read_user_config", "summary"]
 
 T = GGMLType
-
-FAMILIES = ("llama", "gptj", "mpt")
 
 # Where a type goes when the target cannot hold it: first storable candidate wins
 # (same kind of grid first, then more bits, F32 last so nothing is ever refused).
@@ -112,21 +103,6 @@ FTYPE_MIXES = {4: T.Q4_1, 5: T.Q4_2, 6: T.Q4_3, 11: T.Q3_K, 12: T.Q3_K, 13: T.Q3
 
 
 # ====================================================================== report types
-
-@dataclass
-class Guess:
-    """A value the source did not hold, filled from a default: the key it lands in and why."""
-
-    key: str
-    value: Any
-    why: str
-
-    def as_dict(self) -> dict[str, Any]:
-        value = self.value
-        if isinstance(value, list) and len(value) > 8:
-            value = f"[{len(value)} values]"
-        return {"key": self.key, "value": value, "why": self.why}
-
 
 @dataclass
 class Step:
@@ -179,12 +155,6 @@ class Plan:
 
 # ====================================================================== small helpers
 
-def _format_of(model) -> str:
-    if model.container == "gguf":
-        return f"gguf-v{model.version}"
-    if model.container == "ggjt":
-        return f"ggjt-v{model.version}"
-    return model.container
 
 
 def _decode(entry_or_bytes, t: GGMLType, shape, layout: str) -> np.ndarray:
@@ -213,377 +183,7 @@ def _compare(ref: np.ndarray, test: np.ndarray) -> tuple[bool, dict[str, float |
     return lossless, {k: _finite(float(v)) for k, v in stats.items()}
 
 
-def _same_bytes(a: TensorEntry, b: TensorEntry) -> bool:
-    if a.type != b.type or a.shape != b.shape or a.layout != b.layout:
-        return False
-    return bool(np.array_equal(np.asarray(a.load()).view(np.uint8), np.asarray(b.load()).view(np.uint8)))
-
-
-# ====================================================================== --config
-
-def read_user_config(spec: str | os.PathLike | None) -> tuple[dict[str, Any], Path | None, Path | None]:
-    """(config dict, its path, the directory holding a tokenizer or None) from --config."""
-    if spec is None:
-        return {}, None, None
-    p = Path(spec)
-    if p.is_dir():
-        path, directory = p / "config.json", p
-    elif p.is_file():
-        path, directory = p, p.parent
-    else:
-        raise InputError(p, "--config: no such file or directory")
-    if not path.is_file():
-        raise InputError(p, "--config directory has no config.json")
-
-    config = read_json_object(path, InputError, "--config")
-    has_tokenizer = any((directory / n).is_file() for n in ("tokenizer.model", "tokenizer.json", "vocab.json"))
-    return config, path, directory if has_tokenizer else None
-
-
-# ====================================================================== HF-style config from a source
-
-# (HF config key, default, GGUF key suffix, why) for what legacy headers never stored.
-DEFAULTS: dict[str, tuple[tuple[str, Any, str, str], ...]] = {
-    "llama": (
-        ("max_position_embeddings", 2048, "context_length", "LLaMA-1 context; legacy headers store none"),
-        ("rms_norm_eps", 1e-6, "attention.layer_norm_rms_epsilon", "LLaMA-1 value, the 2023 llama.cpp default"),
-        ("rope_theta", 10000.0, "rope.freq_base", "llama.cpp's default RoPE base"),
-    ),
-    "gptj": (
-        ("layer_norm_epsilon", 1e-5, "attention.layer_norm_epsilon", "GPT-J-6B / GPTJConfig default"),
-    ),
-    "mpt": (),
-}
-
-
-class _Derived:
-    """Collects an HF-style config: values known from the file, checked against --config."""
-
-    def __init__(self, family: str, user: dict[str, Any], user_path: Path | None, source: Path):
-        self.family, self.user, self.user_path, self.source = family, user, user_path, source
-        self.config: dict[str, Any] = {}
-        self.guesses: list[Guess] = []
-        self.notes: list[str] = []
-
-    def known(self, key: str, value: Any, where: dict[str, Any] | None = None, strict: bool = True) -> None:
-        """A value the file fixes. A contradicting --config is an error (strict) or a note."""
-        given = (self.user if where is None else where).get(key)
-        if given is not None and not _same_value(given, value):
-            message = f"--config says {key} = {given}, but the file has {value}"
-            if strict:
-                raise InputError(self.user_path, f"{message}: it describes another model")
-            self.notes.append(f"{message}; using the file's")
-        (self.config if where is None else where)[key] = value
-
-    def defaults(self, arch_key: str) -> None:
-
-        for key, default, gguf_suffix, why in DEFAULTS[self.family]:
-            value = rope_theta(self.user) if key == "rope_theta" else self.user.get(key)
-            if value is None:
-                value = default
-                self.guesses.append(Guess(f"{arch_key}.{gguf_suffix}", default, why))
-            self.config[key] = value
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=0.0)
-    return a == b
-
-
-def _positive(path: Path, hparams: dict[str, Any], names: tuple[str, ...]) -> None:
-    for n in names:
-        v = hparams.get(n)
-        if not isinstance(v, int) or v <= 0:
-            raise FormatError(path, f"unknown hyperparameters: {n} = {v} (expected a positive integer)")
-
-
-def _shape_of(tensors: dict[str, TensorEntry], name: str, path: Path) -> tuple[int, ...]:
-    t = tensors.get(name)
-    if t is None:
-        raise FormatError(path, f"no tensor {name}, which this family needs")
-    return t.shape
-
-
-def _llama_config_from_legacy(d: _Derived, h: dict[str, Any], tensors: dict[str, TensorEntry]) -> None:
-
-    path = d.source
-    _positive(path, h, ("n_vocab", "n_embd", "n_mult", "n_head", "n_layer", "n_rot"))
-    n_embd, n_head = h["n_embd"], h["n_head"]
-    if n_embd % n_head or h["n_rot"] != n_embd // n_head:
-        raise FormatError(path, f"unknown hyperparameters: n_embd {n_embd}, n_head {n_head}, n_rot {h['n_rot']} "
-                                "(LLaMA needs n_rot = n_embd / n_head)")
-    head_dim = n_embd // n_head
-    n_ff = _shape_of(tensors, "blk.0.ffn_gate.weight", path)[0]  # formats.md 6.8: from w1, not n_mult
-    if n_ff != llama_n_ff(n_embd, h["n_mult"]):
-        d.notes.append(f"feed-forward width {n_ff} (from w1) differs from n_mult {h['n_mult']}'s "
-                       f"{llama_n_ff(n_embd, h['n_mult'])}; using the tensor's")
-    kv_rows = _shape_of(tensors, "blk.0.attn_k.weight", path)[0]
-    if kv_rows % head_dim or n_head % (kv_rows // head_dim or 1) or kv_rows == 0:
-        raise FormatError(path, f"attention.wk has {kv_rows} rows, not a whole number of heads of {head_dim}")
-    d.config["architectures"] = ["LlamaForCausalLM"]
-    d.known("vocab_size", h["n_vocab"])
-    d.known("hidden_size", n_embd)
-    d.known("intermediate_size", n_ff)
-    d.known("num_hidden_layers", h["n_layer"])
-    d.known("num_attention_heads", n_head)
-    d.known("num_key_value_heads", kv_rows // head_dim)
-    if "head_dim" in d.user or not d.user:  # transformers 5 configs always carry it; convert then writes key_length
-        d.known("head_dim", head_dim)
-    d.defaults("llama")
-    for key in ("rope_scaling", "rope_parameters"):
-        if isinstance(d.user.get(key), dict):
-            d.config[key] = d.user[key]
-
-
-def _gptj_config_from_legacy(d: _Derived, h: dict[str, Any], tensors: dict[str, TensorEntry]) -> None:
-    path = d.source
-    _positive(path, h, ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer", "n_rot"))
-    if h["n_embd"] % h["n_head"] or h["n_rot"] > h["n_embd"] // h["n_head"]:
-        raise FormatError(path, f"unknown hyperparameters: n_embd {h['n_embd']}, n_head {h['n_head']}, n_rot {h['n_rot']}")
-    d.config["architectures"] = ["GPTJForCausalLM"]
-    d.known("vocab_size", h["n_vocab"])
-    d.known("n_embd", h["n_embd"])
-    d.known("n_layer", h["n_layer"])
-    d.known("n_head", h["n_head"])
-    d.known("rotary_dim", h["n_rot"])
-    d.known("n_positions", h["n_ctx"], strict=False)
-    d.defaults("gptj")
-
-
-def _mpt_config_from_legacy(d: _Derived, h: dict[str, Any], tensors: dict[str, TensorEntry]) -> None:
-    path = d.source
-    g = {  # the two MPT headers name the same fields differently (formats.md 2.3)
-        "n_vocab": h["n_vocab"], "n_embd": h.get("d_model", h.get("n_embd")),
-        "n_layer": h.get("n_layers", h.get("n_layer")), "n_head": h.get("n_heads", h.get("n_head")),
-        "n_ctx": h.get("max_seq_len", h.get("n_ctx")),
-    }
-    _positive(path, g, ("n_vocab", "n_embd", "n_layer", "n_head", "n_ctx"))
-    if g["n_embd"] % g["n_head"] or not (math.isfinite(h["alibi_bias_max"]) and math.isfinite(h["clip_qkv"])):
-        raise FormatError(path, f"unknown hyperparameters: d_model {g['n_embd']}, n_heads {g['n_head']}, "
-                                f"alibi_bias_max {h['alibi_bias_max']}, clip_qkv {h['clip_qkv']}")
-    hd = g["n_embd"] // g["n_head"]
-    qkv_rows = _shape_of(tensors, "blk.0.attn_qkv.weight", path)[0]
-    n_kv2 = qkv_rows - g["n_embd"]
-    if n_kv2 <= 0 or n_kv2 % (2 * hd):
-        raise FormatError(path, f"Wqkv has {qkv_rows} rows, which no head layout of d_model {g['n_embd']} gives")
-    n_ff = _shape_of(tensors, "blk.0.ffn_up.weight", path)[0]
-    if n_ff % g["n_embd"]:
-        raise FormatError(path, f"ffn.up_proj has {n_ff} rows, not a multiple of d_model {g['n_embd']}")
-    d.config["architectures"] = ["MPTForCausalLM"]
-    d.known("vocab_size", g["n_vocab"])
-    d.known("d_model", g["n_embd"])
-    d.known("n_layers", g["n_layer"])
-    d.known("n_heads", g["n_head"])
-    d.known("max_seq_len", g["n_ctx"], strict=False)
-    d.known("expansion_ratio", n_ff // g["n_embd"])
-    d.config["no_bias"] = True
-    attn: dict[str, Any] = {"alibi": True}  # every legacy MPT loader applies ALiBi
-    d.config["attn_config"] = attn
-    attn["alibi_bias_max"] = float(h["alibi_bias_max"])
-    # The header stores 0.0 for "no clipping" (formats.md 2.3); a clip of 0 would zero every score.
-    attn["clip_qkv"] = float(h["clip_qkv"]) if h["clip_qkv"] else None
-    if n_kv2 // (2 * hd) != g["n_head"]:
-        attn["kv_n_heads"] = n_kv2 // (2 * hd)
-
-
-LEGACY_CONFIG = {"llama": _llama_config_from_legacy, "gptj": _gptj_config_from_legacy, "mpt": _mpt_config_from_legacy}
-
-
-def _config_from_gguf(family: str, meta: dict[str, Any], tensors: dict[str, TensorEntry], path: Path) -> dict[str, Any]:
-    """An HF-style config from GGUF `<arch>.*` keys, for writing legacy headers."""
-    a = family
-
-    def need(key: str) -> Any:
-        v = meta.get(f"{a}.{key}")
-        if v is None:
-            raise FormatError(path, f"GGUF metadata has no {a}.{key}")
-        return v
-
-    n_vocab = len(meta["tokenizer.ggml.tokens"]) if isinstance(meta.get("tokenizer.ggml.tokens"), list) else need("vocab_size")
-    if family == "llama":
-        cfg = {
-            "architectures": ["LlamaForCausalLM"], "vocab_size": n_vocab, "hidden_size": need("embedding_length"),
-            "intermediate_size": need("feed_forward_length"), "num_hidden_layers": need("block_count"),
-            "num_attention_heads": need("attention.head_count"),
-            "num_key_value_heads": meta.get(f"{a}.attention.head_count_kv") or need("attention.head_count"),
-            "max_position_embeddings": need("context_length"),
-            "rms_norm_eps": need("attention.layer_norm_rms_epsilon"),
-            "rope_theta": meta.get(f"{a}.rope.freq_base", 10000.0),
-        }
-        if meta.get(f"{a}.rope.scaling.type") == "linear":
-            cfg["rope_scaling"] = {"type": "linear", "factor": meta.get(f"{a}.rope.scaling.factor")}
-        return cfg
-    if family == "gptj":
-        return {
-            "architectures": ["GPTJForCausalLM"], "vocab_size": n_vocab, "n_embd": need("embedding_length"),
-            "n_layer": need("block_count"), "n_head": need("attention.head_count"),
-            "rotary_dim": need("rope.dimension_count"), "n_positions": need("context_length"),
-            "layer_norm_epsilon": need("attention.layer_norm_epsilon"),
-        }
-    n_embd = need("embedding_length")
-    attn: dict[str, Any] = {"alibi": True, "alibi_bias_max": float(meta.get(f"{a}.attention.max_alibi_bias", 8.0)),
-                            "clip_qkv": meta.get(f"{a}.attention.clamp_kqv")}
-    if meta.get(f"{a}.attention.head_count_kv"):
-        attn["kv_n_heads"] = meta[f"{a}.attention.head_count_kv"]
-    return {
-        "architectures": ["MPTForCausalLM"], "vocab_size": n_vocab, "d_model": n_embd,
-        "n_layers": need("block_count"), "n_heads": need("attention.head_count"),
-        "max_seq_len": need("context_length"), "expansion_ratio": need("feed_forward_length") // n_embd,
-        "no_bias": True, "attn_config": attn,
-    }
-
-
-# ====================================================================== vocabularies
-
-_PAD = "[PAD{}]"
-
-
-def _pad_name(i: int, text: bytes) -> bool:
-    return text == _PAD.format(i).encode()
-
-
-def vocab_from_legacy(lf, guesses: list[Guess], notes: list[str]) -> Vocab:
-    """The GGUF view of a legacy vocabulary, by each format's text rules (formats.md 3, 6.5)."""
-    family = lf.family
-    entries = lf.vocab
-    n = len(entries)
-    if family == "llama":
-        return _llama_vocab_from_legacy(lf, guesses)
-    enc = byte_encoder()
-    tokens, types = [], []
-    examples_mpt = family == "mpt" and lf.container == "ggml"
-    last = None
-    for i, (text, _) in enumerate(entries):
-        if examples_mpt and last is not None and text == last and i > 0:
-            tokens.append(_PAD.format(i))  # the ggml examples repeat the last token up to n_vocab
-            types.append(UNUSED)
-            continue
-        last = text
-        if _pad_name(i, text):
-            tokens.append(text.decode())
-            types.append(UNUSED)
-        elif i in lf.special_tokens:
-            tokens.append(text.decode("utf-8", "replace"))
-            types.append(CONTROL)
-        elif examples_mpt:
-            raw = _latin1_utf8_to_bytes(text)
-            if raw is None:  # an added token, kept as its text
-                tokens.append(text.decode("utf-8", "replace"))
-                types.append(USER_DEFINED)
-            else:
-                tokens.append("".join(enc[b] for b in raw))
-                types.append(NORMAL)
-        else:
-            tokens.append("".join(enc[b] for b in text))
-            types.append(NORMAL)
-    if family == "mpt" and lf.container == "ggmm":
-        guesses.append(Guess("tokenizer.ggml.tokens", "rebuilt", "'ggmm' stored tokens as UTF-8 text: byte tokens "
-                                                                "that were not valid UTF-8 came through as U+FFFD"))
-    if family == "mpt":
-        guesses.append(Guess("tokenizer.ggml.token_type", "normal/control/unused", "rebuilt from the legacy vocabulary"))
-    guesses.append(Guess("tokenizer.ggml.merges", None, "legacy files store no BPE merges; pass --config with the tokenizer"))
-    # A GPT-2 byte-level tokenizer (ByteLevel post-processor) adds no BOS/EOS; convert writes that as
-    # add_bos/add_eos = false, as llama.cpp's converter does.
-    vocab = Vocab("gpt2", tokens, types, None, [], {}, add_bos=False, add_eos=False,
-                  pre="mpt" if family == "mpt" else None, n_base=n)
-    guesses.append(Guess("tokenizer.ggml.add_bos_token", False, "GPT-2 byte-level BPE adds no BOS"))
-    guesses.append(Guess("tokenizer.ggml.add_eos_token", False, "GPT-2 byte-level BPE adds no EOS"))
-    eot = "<|endoftext|>"
-    if family == "mpt":
-        guesses.append(Guess("tokenizer.ggml.pre", "mpt", "the pre-tokenizer smolq convert writes for MPT"))
-    for i, tok in enumerate(tokens):
-        if tok == eot or decode_byte_level(tok) == eot.encode():
-            vocab.special_ids.update(bos=i, eos=i, unk=i)
-            for key in ("bos", "eos", "unknown"):
-                guesses.append(Guess(f"tokenizer.ggml.{key}_token_id", i, f"the id of {eot}"))
-            break
-    return vocab
-
-
-def _latin1_utf8_to_bytes(text: bytes) -> bytes | None:
-    try:
-        s = text.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return bytes(ord(c) for c in s) if all(ord(c) < 256 for c in s) else None
-
-
-def _llama_vocab_from_legacy(lf, guesses: list[Guess]) -> Vocab:
-    """convert-llama-ggml-to-gguf's rules (formats.md 6.5), written here from the table."""
-    tokens, types, scores = [], [], []
-    has_scores = bool(lf.vocab) and lf.vocab[0][1] is not None
-    for i, (text, score) in enumerate(lf.vocab):
-        if text == UNK_LEGACY_TEXT or (i == 0 and text == b""):
-            tok, kind = "<unk>", UNKNOWN
-        elif text == b"":
-            tok, kind = {1: "<s>", 2: "</s>"}.get(i, f"[CONTROL{i}]"), CONTROL
-        elif len(text) == 1 and 3 <= i < 3 + 256:
-            tok, kind = f"<0x{text[0]:02X}>", BYTE
-        elif _pad_name(i, text):
-            tok, kind = text.decode(), UNUSED
-        else:
-            tok, kind = text.decode("utf-8", "surrogateescape").replace(" ", SPIECE_SPACE), NORMAL
-        tokens.append(tok)
-        types.append(kind)
-        scores.append(float(score) if has_scores else 0.0)
-    guesses.append(Guess("tokenizer.ggml.model", "llama", "legacy LLaMA files store no tokenizer kind; SentencePiece assumed"))
-    guesses.append(Guess("tokenizer.ggml.tokens", "rebuilt", "spaces -> U+2581, single bytes at ids 3..258 -> <0xNN>, "
-                                                            "empty -> control (formats.md 6.5)"))
-    guesses.append(Guess("tokenizer.ggml.token_type", "rebuilt", "from the token texts, as above"))
-    if not has_scores:
-        guesses.append(Guess("tokenizer.ggml.scores", 0.0, "unversioned 'ggml' files store no scores"))
-    special = {"unk": 0, "bos": 1, "eos": 2}
-    for kind, i in special.items():
-        key = {"unk": "unknown"}.get(kind, kind)
-        guesses.append(Guess(f"tokenizer.ggml.{key}_token_id", i, "llama.cpp's default for SentencePiece LLaMA"))
-    guesses.append(Guess("tokenizer.ggml.add_bos_token", True, "LLaMA's SentencePiece tokenizer adds <s>"))
-    guesses.append(Guess("tokenizer.ggml.add_eos_token", False, "LLaMA's SentencePiece tokenizer adds no </s>"))
-    guesses.append(Guess("tokenizer.ggml.add_sep_token", False, "LLaMA's tokenizer adds no separator"))
-    return Vocab("llama", tokens, types, scores, [], dict(special), add_bos=True, add_eos=False, add_sep=False,
-                 pre="default",
-                 n_base=len(tokens))
-
-
-def vocab_from_gguf(meta: dict[str, Any], family: str, path: Path) -> Vocab:
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list):
-        raise FormatError(path, "GGUF metadata has no tokenizer.ggml.tokens; a legacy file needs a vocabulary")
-    model = meta.get("tokenizer.ggml.model", "llama")
-    enc = byte_encoder()
-    if family == "gptj" and tokens and isinstance(tokens[0], (bytes, str)):
-        # GPT4All's GPT-J GGUF stores decoded bytes; smolq's Vocab keeps the byte-level encoding.
-        tokens = ["".join(enc[b] for b in (t.encode("utf-8", "surrogateescape") if isinstance(t, str) else t))
-                  for t in tokens]
-    tokens = [t.decode("utf-8", "surrogateescape") if isinstance(t, bytes) else t for t in tokens]
-    types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-    scores = meta.get("tokenizer.ggml.scores")
-    special = {}
-    for kind, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"), ("sep", "seperator")):
-        if isinstance(meta.get(f"tokenizer.ggml.{key}_token_id"), int):
-            special[kind] = meta[f"tokenizer.ggml.{key}_token_id"]
-    return Vocab(model, tokens, list(types), list(scores) if scores else None, list(meta.get("tokenizer.ggml.merges") or []),
-                 special, n_base=len(tokens))
-
-
-def _legacy_texts(vocab: Vocab, lf) -> list[bytes]:
-    return [t for t, _, _ in vocab.legacy_tokens(lf.family, lf.container, lf.dialect)]
-
-
 # ====================================================================== tensor planning
-
-def _canonical_tensors(model, arch_cls: type[Arch] | None) -> dict[str, TensorEntry]:
-    """Source tensors by GGUF name (legacy names translated by the family's table)."""
-    if model.container == "gguf":
-        return {t.name: t for t in model.tensors}
-    out = {}
-    for t in model.tensors:
-        name = arch_cls.names.to_gguf(t.name) if arch_cls else None
-        if name is None:
-            raise FormatError(model.path, f"tensor {t.name} is not part of a legacy {model.architecture} model")
-        out[name] = t
-    return out
-
 
 def _choose(src: TensorEntry, shape: tuple[int, ...], target: Target, storable: frozenset[GGMLType],
             force: GGMLType | None) -> tuple[GGMLType, str, str]:
@@ -613,17 +213,7 @@ def _relayout_lossy(src: TensorEntry, dst_layout: str) -> bool:
     return not lossless
 
 
-def _exact_as(entry: TensorEntry, dst: GGMLType) -> bool:
-    """Would decoding `entry` and storing it as float type `dst` keep every value?"""
-    x = _decode(entry, entry.type, entry.shape, entry.layout)
-
-    y = _decode(convert_tensor(x, dst), dst, entry.shape, "v3")
-    return bool(np.array_equal(x, y, equal_nan=True))
-
-
 def _main_type(tensors) -> GGMLType | None:
-    from collections import Counter
-
     counts = Counter(t.type for t in tensors if len(t.shape) >= 2)
     return counts.most_common(1)[0][0] if counts else None
 
@@ -640,11 +230,10 @@ def _plan_gguf_copy(model, target: Target, force: GGMLType | None) -> list[Step]
     return steps
 
 
-def _plan_family(model, arch: Arch, target: Target, force: GGMLType | None, tied: bool,
-                 notes: list[str]) -> list[Step]:
+def _plan_family(source: ModelFile, target: Target, force: GGMLType | None, notes: list[str]) -> list[Step]:
     """Steps in the order `smolq convert` writes the family's tensors, with its names."""
-    src = _canonical_tensors(model, type(arch))
-    # MPT is always tied (its output.weight copies wte); LLaMA as decided by _llama_tied.
+    model, arch, src, tied = source.model, source.arch, source.tensors, source.tied
+    # MPT is always tied (its output.weight copies wte); LLaMA as the source description decided.
     available = set() if tied or arch.family == "mpt" else {"lm_head.weight"}
     maps = arch.tensor_maps(available)
     first_gguf = {}
@@ -668,7 +257,7 @@ def _plan_family(model, arch: Arch, target: Target, force: GGMLType | None, tied
             raise FormatError(model.path, f"tensor {entry.name} has shape {list(entry.shape)}; the header implies {list(m.shape)}")
         used.add(key)
         steps.append(_step_for(entry, out_name, m, target, storable, force, ggmm, src_ggmm, main))
-    _check_unused(model, src, used, arch, target, tied, notes)
+    _check_unused(model, src, used, arch, target, notes)
     return steps
 
 
@@ -690,13 +279,13 @@ def _step_for(entry: TensorEntry, out_name: str, m: TensorMap, target: Target, s
     return Step(out_name, entry, shape, dst, target.layout, action, why)
 
 
-def _check_unused(model, src: dict[str, TensorEntry], used: set[str], arch: Arch, target: Target, tied: bool,
+def _check_unused(model, src: dict[str, TensorEntry], used: set[str], arch: Arch, target: Target,
                   notes: list[str]) -> None:
     for name, entry in src.items():
         if name in used:
             continue
         if name == "output.weight" and "token_embd.weight" in src:
-            same = _same_bytes(entry, src["token_embd.weight"])
+            same = same_bytes(entry, src["token_embd.weight"])
             if not same:
                 raise InputError(model.path, f"{target.format} has no separate output.weight for {arch.family}, "
                                              "and this one differs from token_embd.weight")
@@ -709,29 +298,6 @@ def _check_unused(model, src: dict[str, TensorEntry], used: set[str], arch: Arch
 
 
 # ====================================================================== the plan
-
-def _family_of(model) -> str | None:
-    if model.container != "gguf":
-        return model.architecture
-    arch = model.metadata.get("general.architecture")
-    return arch if arch in FAMILIES else None
-
-
-def _llama_tied(model, src: dict[str, TensorEntry], user: dict[str, Any], user_path, notes: list[str]) -> bool:
-    if "output.weight" not in src:
-        return True
-    if model.container == "gguf":
-        return False
-    same = _same_bytes(src["output.weight"], src["token_embd.weight"])
-    if "tie_word_embeddings" in user:
-        tied = bool(user["tie_word_embeddings"])
-        if tied and not same:
-            notes.append(f"{user_path}: tie_word_embeddings is true, but output.weight differs from "
-                         "tok_embeddings.weight; both kept")
-            return False
-        return tied
-    return same
-
 
 def _model_name(user: dict[str, Any], user_path: Path | None, source: Path, guesses: list[Guess]) -> str:
     name = user.get("_name_or_path")
@@ -777,9 +343,9 @@ def build_plan(src_path, out_path, format: str | None = None, config: str | os.P
     user, user_path, tok_dir = read_user_config(config)
     model = open_model(src_path)
     try:
-        family = _family_of(model)
+        family = family_of(model)
         target = resolve_target(format, out_path, family=family)
-        plan = Plan(src_path, _format_of(model), family, target, [])
+        plan = Plan(src_path, format_of(model), family, target, [])
         if model.container == "gguf" and target.is_gguf:
             plan.steps = _plan_gguf_copy(model, target, force)
             plan.metadata = _gguf_metadata_for_version(model, target, plan)
@@ -795,84 +361,23 @@ def _plan_with_arch(plan: Plan, model, user, user_path, tok_dir, force) -> None:
     family, target = plan.family, plan.target
     if family is None:
         raise InputError(model.path, f"architecture {model.architecture!r} has no legacy format")
-    arch_cls = family_arch(family)
-    src = _canonical_tensors(model, arch_cls)
-    if model.container == "gguf":
-        cfg = _config_from_gguf(family, model.metadata, src, model.path)
-    else:
-        d = _Derived(family, user, user_path, model.path)
-        LEGACY_CONFIG[family](d, dict(model.metadata), src)
-        cfg = d.config
-        plan.guesses += d.guesses
-        plan.notes += d.notes
-    tied = family == "llama" and _llama_tied(model, src, user, user_path, plan.notes)
-    if family == "llama":
-        cfg["tie_word_embeddings"] = tied
-    arch = arch_cls(cfg, user_path or model.path)
+    source = describe(model, user, user_path)
+    arch = source.arch
+    plan.guesses += source.guesses
+    plan.notes += source.notes
     if target.legacy is not None:
         arch.legacy_target(target.format, plan.source_path)  # the family's own refusals (MPT with GQA)
     plan.guesses += [Guess("?", None, g) for g in arch.guesses]  # none expected: every key is filled above
-    plan.steps = _plan_family(model, arch, target, force, tied, plan.notes)
-    vocab = _vocab(plan, model, arch, user, tok_dir)
+    plan.steps = _plan_family(source, target, force, plan.notes)
+    vocab = recover_vocab(model, arch, user, tok_dir, plan.guesses, plan.notes)
     file_type = _file_type(model, plan.steps)
     if target.is_gguf:
         plan.metadata = _gguf_metadata(arch, vocab, user, user_path, model.path, file_type, plan.guesses)
     else:
         plan.legacy_hparams = arch.legacy_hparams(target.legacy)
         plan.notes += arch.notes
-        plan.legacy_vocab = _legacy_vocab(plan, model, vocab, arch)
+        plan.legacy_vocab = legacy_tokens(model, vocab, family, target.legacy)
         plan.legacy_ftype = file_type if family == "llama" else None
-
-
-def _vocab(plan: Plan, model, arch: Arch, user: dict[str, Any], tok_dir: Path | None) -> Vocab:
-    """The tokenizer from --config when it matches the file, else the file's own vocabulary."""
-
-    n_vocab = arch.n_vocab
-    if tok_dir is not None:
-        vocab = load_vocab(tok_dir, n_vocab, arch.family, user)
-        mismatch = _vocab_mismatch(vocab, model)
-        if not mismatch:
-            plan.notes += vocab.notes
-            return vocab
-        plan.notes.append(f"the tokenizer in {tok_dir} differs from the file's vocabulary at {mismatch} ids; "
-                          "using the file's")
-    if model.container == "gguf":
-        return vocab_from_gguf(model.metadata, arch.family, model.path)
-    if len(model.raw.vocab) != n_vocab:
-        raise FormatError(model.path, f"{len(model.raw.vocab)} tokens for n_vocab {n_vocab}")
-    return vocab_from_legacy(model.raw, plan.guesses, plan.notes)
-
-
-def _vocab_mismatch(vocab: Vocab, model) -> int:
-    if model.container == "gguf":
-        theirs = model.metadata.get("tokenizer.ggml.tokens") or []
-        mine = vocab.gguf_metadata(model.architecture)["tokenizer.ggml.tokens"].value
-        return sum(a != b for a, b in zip(mine, theirs)) + abs(len(mine) - len(theirs))
-    lf = model.raw
-    texts = _legacy_texts(vocab, lf)
-    return sum(a != b for a, (b, _) in zip(texts, lf.vocab)) + abs(len(texts) - len(lf.vocab))
-
-
-def _legacy_vocab(plan: Plan, model, vocab: Vocab, arch: Arch) -> list[tuple[bytes, float | None, bool]]:
-    lt = plan.target.legacy
-    if model.container != "gguf" and _same_text_rules(model.raw, lt):
-        # Same family and text rules: the file's bytes pass through untouched.
-        lf = model.raw
-        out = []
-        for i, (text, score) in enumerate(lf.vocab):
-            if score is None and (vocab.scores is not None):
-                score = vocab.scores[i]
-            out.append((text, score if score is not None else 0.0, i in lf.special_tokens))
-        return out
-    return vocab.legacy_tokens(arch.family, lt.container, lt.dialect)
-
-
-def _same_text_rules(lf, lt: LegacyTarget) -> bool:
-    if lf.family == "llama":
-        return True
-    if lf.family == "gptj":
-        return True
-    return lf.container == lt.container
 
 
 def _gguf_metadata(arch: Arch, vocab: Vocab, user, user_path, source: Path, file_type, guesses) -> dict[str, Any]:

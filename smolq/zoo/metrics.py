@@ -1,13 +1,14 @@
-"""Quality numbers for a zoo row, from the commands that own them.
+"""Quality numbers for a zoo row, from the library functions the commands use too.
 
 - Per-tensor RMSE of a GGUF / legacy output against the reference file:
-  `smolq verify`'s verify_file (one tensor pair decoded at a time; legacy
-  names matched by role, so a ggjt output compares with a GGUF reference).
+  smolq.pipeline.verify.verify_file, what `smolq verify` runs (one tensor
+  pair decoded at a time; legacy names matched by role, so a ggjt output
+  compares with a GGUF reference).
 - Per-tensor RMSE of a GPTQ directory: its dequantized linears against the
   HF source's tensors of the same names (GPTQ keeps HF names and layout).
-- Perplexity: `smolq eval`'s evaluate (non-overlapping windows, exp of the
-  mean NLL), with the HF source's tokenizer, so the zoo and `smolq eval`
-  report the same number.
+- Perplexity: smolq.pipeline.evaluate.evaluate (non-overlapping windows,
+  exp of the mean NLL), with the HF source's tokenizer, so the zoo and
+  `smolq eval` report the same number.
 """
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from smolq.commands.eval import evaluate
-from smolq.commands.verify import verify_file
 from smolq.errors import SmolqError
 from smolq.formats.gptq_ckpt import read_gptq_dir
 from smolq.kernels import error_stats
+from smolq.pipeline.evaluate import evaluate
+from smolq.pipeline.verify import verify_file
 from smolq.sources.checkpoint import open_checkpoint
 
 
@@ -30,7 +31,6 @@ def tensor_errors(output: str | os.PathLike, reference: str | os.PathLike | None
     Returns {"tensors": {name: rmse}, "max_rmse", "max_rmse_tensor", "rmse_overall",
     "problems", "n_params", "tensor_bytes"}.
     """
-
     report = verify_file(Path(output), Path(reference) if reference is not None else None, threads=1)
     per_tensor = {r["name"]: r["rmse"] for r in report["tensors"] if r.get("rmse") is not None}
     problems = [f"{r['name']}: {p}" for r in report["tensors"] for p in r["problems"]]
@@ -44,7 +44,6 @@ def tensor_errors(output: str | os.PathLike, reference: str | os.PathLike | None
 def gptq_tensor_errors(gptq_dir: Path, hf_dir: Path) -> dict[str, Any]:
     """Per-tensor RMSE of a GPTQ directory's dequantized weights against the HF checkpoint's."""
     import numpy as np
-
 
     _, loaders = read_gptq_dir(gptq_dir)
     per_tensor: dict[str, float] = {}
@@ -67,7 +66,6 @@ def gptq_tensor_errors(gptq_dir: Path, hf_dir: Path) -> dict[str, Any]:
 
 def perplexity(model: Path, hf_dir: Path | None, text_file: Path, ctx: int) -> tuple[float | None, str | None]:
     """(perplexity, None), or (None, why it could not be measured)."""
-
     if hf_dir is None:
         return None, "perplexity needs the HF tokenizer (the source is a model file)"
     try:
