@@ -26,7 +26,7 @@ from smolq.ggml_types import GGMLType, is_quantized, tensor_nbytes
 from smolq.kernels import quantize, relayout
 from smolq.plan.mix import ModelInfo, PlanOptions, plan_tensor_types, resolve_preset
 from smolq.plan.targets import ALL_FORMATS, FORMAT_ALIASES, GGUF_FORMATS, LEGACY_FORMATS, Target, resolve_target
-from smolq.plan.targets import storable_types as target_types
+from smolq.plan.targets import target_types
 from smolq.sinks import gguf as gguf_sink
 from smolq.sinks import legacy as legacy_sink
 from smolq.sinks.gguf import gguf_metadata

@@ -59,7 +59,7 @@ from smolq.kernels import DEQUANTIZE_TYPES, dequantize, error_stats, relayout
 from smolq.pipeline.convert import convert_tensor
 from smolq.plan.mix import PLAIN_FTYPE, parse_type
 from smolq.plan.targets import Target, resolve_target
-from smolq.plan.targets import storable_types as _storable  # the one table of what a target holds
+from smolq.plan.targets import target_types as _storable  # the one table of what a target holds
 from smolq.sinks.gguf import gguf_metadata
 from smolq.sources.model_file import ModelFile, describe, family_of, format_of, read_user_config, same_bytes
 from smolq.sources.vocab import Vocab

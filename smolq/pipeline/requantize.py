@@ -21,7 +21,7 @@ from smolq.ggml_types import GGMLType, block_size, is_quantized, tensor_nbytes
 from smolq.pipeline.convert import convert
 from smolq.pipeline.gptq import quantize_hf
 from smolq.plan.mix import ModelInfo, PlanOptions, Preset, QuantPlan, TensorPlan, plan_tensor_types
-from smolq.plan.targets import Target, resolve_target, storable_types
+from smolq.plan.targets import Target, resolve_target, target_types
 from smolq.progress import WorkProgress, event_progress
 from smolq.sinks import gguf as gguf_sink
 from smolq.sinks import legacy as legacy_sink
@@ -189,7 +189,7 @@ def quantize_file(req: Request) -> dict[str, Any]:
     with open_model(req.src) as mf:
         target = resolve_target(req.fmt, req.out, source=mf)
         plan = make_plan(mf, req)
-        _fit_legacy(plan, target, None if target.is_gguf else storable_types(target, mf.architecture), notes)
+        _fit_legacy(plan, target, None if target.is_gguf else target_types(target, mf.architecture), notes)
         _check_requantize(plan, req)
         _check_kernel_types(plan, mf, target)
         if plan.n_fallback:

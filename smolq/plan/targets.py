@@ -10,7 +10,7 @@ Every command picks its output container here:
   keeps the input's dialect; GGUF <-> legacy is refused (that is migrate's job);
 - migrate: --format, else GGUF v3; a legacy target needs a family it exists for.
 
-`storable_types(target, family)` is the one answer to "which tensor types can
+`target_types(target, family)` is the one answer to "which tensor types can
 this container version hold".
 """
 from __future__ import annotations
@@ -149,7 +149,7 @@ def _requantize_target(source: Any, key: str, out: Path) -> Target:
     return legacy_target(name, lt, qntvr)
 
 
-def storable_types(target: Target, family: str | None) -> frozenset[GGMLType]:
+def target_types(target: Target, family: str | None) -> frozenset[GGMLType]:
     """The tensor types `target` can hold for a model of `family` (None: any family the container takes)."""
     if target.is_gguf:
         return frozenset(GGUF_TENSOR_TYPES)
