@@ -5,8 +5,8 @@ The public API (smolq.api): convert, quantize, migrate, open.
 
 __version__ = "0.1.0"
 
-from smolq.errors import FormatError, InputError, SmolqError  # noqa: E402,F401
 from smolq.api import Source, TensorInfo, convert, migrate, open, quantize  # noqa: E402,F401
+from smolq.errors import FormatError, InputError, SmolqError  # noqa: E402,F401
 
 __all__ = ["__version__", "convert", "quantize", "migrate", "open", "Source", "TensorInfo",
            "SmolqError", "InputError", "FormatError"]

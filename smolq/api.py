@@ -51,7 +51,7 @@ def convert(src: PathLike, out: PathLike, *, format: str | None = None, outtype:
     Returns the summary; with dry_run=True nothing is written.
     """
     return common_summary(_convert.convert(src, out, format=format, outtype=outtype, vocab_only=vocab_only,
-                                           dry_run=dry_run, quiet=True, on_progress=on_progress))
+                                           dry_run=dry_run, on_progress=on_progress))
 
 
 def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int | None = None,
@@ -63,7 +63,7 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
              damp: float = 0.01, nsamples: int = 128, seqlen: int = 2048, device: str = "cpu",
              true_sequential: bool = True, static_groups: bool = False, mse: float = 0.0,
              scale_rule: str = "weighted", seed: int = 0, resume: bool = False,
-             dry_run: bool = False) -> dict[str, Any]:
+             dry_run: bool = False, quiet: bool = True) -> dict[str, Any]:
     """Quantize a model, as `smolq quantize` does.
 
     src: a GGUF / legacy file (requantized with RTN, container kept unless
@@ -75,6 +75,7 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     apply to it only). format "gptq" (or an OUT without suffix) with method
     "gptq" writes an HF GPTQ directory (bits 2/3/4/8).
     tensor_types: "REGEX=TYPE" strings, or a {regex: type} mapping (wins over the mix).
+    quiet=False shows progress bars on stderr (the CLI's default).
     Returns the summary; with dry_run=True nothing is written.
     """
     src, out = Path(src), Path(out)
@@ -94,7 +95,7 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
             "seqlen": seqlen, "device": device, "true_sequential": true_sequential, "static_groups": static_groups,
             "mse": mse, "scale_rule": scale_rule, "seed": seed, "resume": resume}
     request = _requantize.Request(src, out, resolve_preset(type, bits), opts, method, format, allow_requantize,
-                                  threads, Path(calib) if calib is not None else None, dry_run, True, gptq)
+                                  threads, Path(calib) if calib is not None else None, dry_run, quiet, gptq)
     return common_summary(_requantize.run(request))
 
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from smolq.pipeline import gptq as gptq_pipeline
 from smolq.transforms import grids
 
 
@@ -52,10 +53,10 @@ def test_mse_and_seed_change_what_is_solved(tiny, cli, monkeypatch):
         seen.append(k.get("mse"))
         return orig(*a, **k)
 
-    monkeypatch.setattr(grids, "make_grid", spy)
+    monkeypatch.setattr(gptq_pipeline, "make_grid", spy)
     r = cli("quantize", hf, root / "mse", "--method", "gptq", "--format", "gptq", "--mse", "2.4", *_calib(root), "-q")
     assert r.returncode == 0, r.stderr
-    assert seen and set(seen) == {2.4}  # the pipeline imports make_grid from grids at call time
+    assert seen and set(seen) == {2.4}  # the grid the pipeline builds (it imports make_grid at module top)
 
     outs = []
     for seed in ("1", "1", "2"):
@@ -92,6 +93,19 @@ def test_bad_gptq_options_are_one_line_errors(tiny, cli, args, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (root / "bad.gguf").exists()
+
+
+def test_plain_scale_rule_on_k_quants_is_a_one_line_error(tmp_path, cli):
+    """"plain" is the 32-block reference rounding; a plan with K-quants (256-wide rows) is refused, not a traceback."""
+    from smolq.tiny import make_tiny_model
+
+    hf = make_tiny_model("llama", tmp_path / "hf", hidden_size=256, n_layers=1, seed=1)
+    (tmp_path / "calib.txt").write_text("the fox ran to the owl " * 50)
+    r = cli("quantize", hf, tmp_path / "out.gguf", "--method", "gptq", "--type", "q3_k_m", "--scale-rule", "plain",
+            "--calib", tmp_path / "calib.txt", "--nsamples", "2", "--seqlen", "16", "-q")
+    assert r.returncode == 2 and "--scale-rule plain" in r.stderr and "Q3_K" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.gguf").exists()
 
 
 @pytest.mark.parametrize("flag", [["--resume"], ["--seed", "3"], ["--no-true-sequential"], ["--mse", "2.4"]])

@@ -137,7 +137,7 @@ class Arch:
         """Output tensors in write order, given the names the checkpoint holds."""
         raise NotImplementedError
 
-    def gguf_metadata(self) -> dict[str, Any]:
+    def hparam_keys(self) -> dict[str, Any]:
         """`<arch>.*` keys as name -> MetaValue."""
         raise NotImplementedError
 

@@ -111,7 +111,7 @@ class GPTJ(Arch):
         # Only 2-D ".weight" tensors are converted (formats.md 4.2); biases and norms stay F32.
         return TensorMap(legacy, shape, gguf, legacy, keep_f32=len(shape) == 1)
 
-    def gguf_metadata(self) -> dict[str, Any]:
+    def hparam_keys(self) -> dict[str, Any]:
         a = self.gguf_arch
         return {
             f"{a}.context_length": meta("u32", self.n_ctx),

@@ -191,7 +191,7 @@ class Llama(Arch):
     def _map(self, source: str, shape: tuple[int, ...], gguf: str, transform=None) -> TensorMap:
         return TensorMap(source, shape, gguf, self.names.to_legacy(gguf), transform, keep_f32=len(shape) == 1)
 
-    def gguf_metadata(self) -> dict[str, Any]:
+    def hparam_keys(self) -> dict[str, Any]:
         a = self.gguf_arch
         md = {
             f"{a}.vocab_size": meta("u32", self.vocab_size),

@@ -155,7 +155,7 @@ class MPT(Arch):
             raise InputError(path, "legacy MPT files cannot describe kv_n_heads (GQA)")
         return target
 
-    def gguf_metadata(self) -> dict[str, Any]:
+    def hparam_keys(self) -> dict[str, Any]:
         a = self.gguf_arch
         md = {
             f"{a}.context_length": meta("u32", self.n_ctx),

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from smolq.pipeline.convert import convert as run_convert
+from smolq import api
 from smolq.progress import emit_json, event_progress, human_bytes, note
 
 
@@ -35,8 +35,8 @@ def register(app: typer.Typer) -> None:
         """Convert a Hugging Face checkpoint (LLaMA, GPT-J, MPT; plain or GPTQ) into GGUF or a legacy ggml file."""
 
         with event_progress("convert", quiet=quiet or json_out) as on_progress:
-            summary = run_convert(src, out, format=format, outtype=outtype, vocab_only=vocab_only,
-                                  dry_run=dry_run, quiet=quiet, on_progress=on_progress)
+            summary = api.convert(src, out, format=format, outtype=outtype, vocab_only=vocab_only,
+                                  dry_run=dry_run, on_progress=on_progress)
 
         for line in summary["guesses"]:
             note(f"guess: {line}", quiet)

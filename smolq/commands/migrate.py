@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from smolq.pipeline.migrate import migrate as run_migrate
+from smolq import api
 from smolq.progress import emit_json, event_progress, note
 
 
@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         """Migrate a model file between GGUF and legacy ggml containers and versions (LLaMA, GPT-J, MPT)."""
 
         with event_progress("migrate", quiet=quiet or json_out) as on_progress:
-            summary = run_migrate(src, out, format=format, config=config, type=type, dry_run=dry_run,
+            summary = api.migrate(src, out, format=format, config=config, type=type, dry_run=dry_run,
                                   on_progress=on_progress)
 
         quiet_notes = quiet or json_out

@@ -10,10 +10,8 @@ from typing import List, Optional
 
 import typer
 
+from smolq import api
 from smolq.commands.render import print_plan
-from smolq.pipeline.requantize import Request, run
-from smolq.pipeline.requantize import is_gptq_dir as _is_gptq_dir
-from smolq.plan.mix import PlanOptions, parse_tensor_type_overrides, parse_type, resolve_preset
 from smolq.progress import emit_json, human_bytes, note
 
 EPILOG = (
@@ -63,22 +61,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Quantize a model: requantize a GGUF/legacy file, or convert+quantize an HF checkpoint."""
 
-        if method.lower() == "gptq" and type_name is None and bits is None and _is_gptq_dir(fmt, out):
-            bits = 4  # AutoGPTQ's default width
-        preset = resolve_preset(type_name, bits)
-        opts = PlanOptions(
-            pure=pure,
-            leave_output_tensor=leave_output,
-            output_tensor_type=parse_type(output_tensor_type, "output tensor type") if output_tensor_type else None,
-            token_embedding_type=parse_type(token_embedding_type, "token embedding type") if token_embedding_type else None,
-            tensor_types=parse_tensor_type_overrides(tensor_type or []),
-        )
-        gptq = {"group_size": group_size, "act_order": act_order, "sym": not asym, "damp": damp,
-                "nsamples": nsamples, "seqlen": seqlen, "device": device, "true_sequential": true_sequential,
-                "static_groups": static_groups, "mse": mse, "scale_rule": scale_rule, "seed": seed, "resume": resume}
-        request = Request(src, out, preset, opts, method.lower(), fmt, allow_requantize, threads, calib,
-                          dry_run, quiet or json_out, gptq)
-        summary = run(request)
+        summary = api.quantize(
+            src, out, type=type_name, bits=bits, method=method, format=fmt, pure=pure,
+            leave_output_tensor=leave_output, output_tensor_type=output_tensor_type,
+            token_embedding_type=token_embedding_type, tensor_types=tensor_type or [],
+            allow_requantize=allow_requantize, threads=threads, calib=calib, group_size=group_size,
+            act_order=act_order, sym=not asym, damp=damp, nsamples=nsamples, seqlen=seqlen, device=device,
+            true_sequential=true_sequential, static_groups=static_groups, mse=mse, scale_rule=scale_rule,
+            seed=seed, resume=resume, dry_run=dry_run, quiet=quiet or json_out)
         for line in summary.get("notes", []):
             note(f"note: {line}", quiet or json_out)
         if json_out:

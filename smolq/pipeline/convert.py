@@ -25,8 +25,15 @@ from smolq.formats.base import TensorEntry
 from smolq.ggml_types import GGMLType, is_quantized, tensor_nbytes
 from smolq.kernels import quantize, relayout
 from smolq.plan.mix import ModelInfo, PlanOptions, plan_tensor_types, resolve_preset
-from smolq.plan.targets import ALL_FORMATS, FORMAT_ALIASES, GGUF_FORMATS, LEGACY_FORMATS, Target, resolve_target
-from smolq.plan.targets import target_types
+from smolq.plan.targets import (
+    ALL_FORMATS,
+    FORMAT_ALIASES,
+    GGUF_FORMATS,
+    LEGACY_FORMATS,
+    Target,
+    resolve_target,
+    target_types,
+)
 from smolq.sinks import gguf as gguf_sink
 from smolq.sinks import legacy as legacy_sink
 from smolq.sinks.gguf import gguf_metadata
@@ -195,7 +202,6 @@ def convert(
     outtype: str | None = None,
     vocab_only: bool = False,
     dry_run: bool = False,
-    quiet: bool = True,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Convert a Hugging Face checkpoint directory; returns a summary dict.

@@ -24,7 +24,6 @@ from smolq.errors import InputError
 from smolq.formats.gptq_ckpt import is_gptq_dir, read_gptq_dir
 from smolq.sources.reference import forward, hf_hparams, read_model
 
-
 # ---------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------

@@ -164,6 +164,7 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
 
     model, tokenizer, family = _load_model(src)
     plan = _plan_types(src, out, fmt, qtype, model, family)
+    _check_scale_rule(scale_rule, plan, out)
     with open_checkpoint(src) as ckpt:
         weights = _Weights(ckpt, model)
         cal = _calibration(model, tokenizer, weights, calib, nsamples, seqlen, seed, quiet)
@@ -404,6 +405,14 @@ def _plan_types(src, out, fmt, qtype, model, family) -> dict[str, GGMLType | Non
         steps, _ = build_steps(arch, ckpt, target, qtype, out)
     by_source = {s.map.source: s.type for s in steps}
     return {n: by_source.get(n) if by_source.get(n) in BLOCK_SPECS else "skip" for n in names}
+
+
+def _check_scale_rule(rule: str, plan: dict[str, GGMLType | None], out: Path) -> None:
+    """"plain" is ggml's reference rounding of the 32-element blocks; K-quant grids have no such rule."""
+    kquants = sorted({t.name for t in plan.values() if t in BLOCK_SPECS and BLOCK_SPECS[t].kquant})
+    if rule == "plain" and kquants:
+        raise InputError(out, f"--scale-rule plain exists for the 32-element block types only; "
+                              f"this plan also has {', '.join(kquants)}")
 
 
 def _work_dir(out: Path, settings: Settings, src: Path, resume: bool) -> Path:

@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from smolq.arch import Arch, TensorMap, family_arch
+from smolq.arch import Arch, TensorMap
 from smolq.arch.legacy_config import Guess
 from smolq.errors import FormatError, InputError
 from smolq.formats.base import TensorEntry

@@ -115,7 +115,7 @@ def _from_hf(req: Request) -> dict[str, Any]:
 
     with event_progress("quantize", quiet=req.quiet) as on_progress:
         summary = convert(req.src, req.out, format=req.fmt, outtype=req.preset.name, dry_run=req.dry_run,
-                          quiet=req.quiet, on_progress=on_progress)
+                          on_progress=on_progress)
     summary.setdefault("preset", req.preset.name)
     summary.setdefault("method", "rtn")
     if req.dry_run:

@@ -21,7 +21,6 @@ from smolq.progress import WorkProgress
 from smolq.sources.reference import compare_logits
 from smolq.transforms.rtn import to_float32
 
-
 # --- per-tensor checks ---------------------------------------------------------------------
 
 def _decode(entry: Any, threads: int) -> tuple[np.ndarray | None, str | None]:

@@ -37,11 +37,11 @@ def gguf_metadata(arch: Arch, vocab: Vocab, ckpt: Checkpoint | None, file_type: 
         "general.type": meta("str", "model"),
         "general.name": meta("str", name if name is not None else model_name(ckpt)),
     }
-    md.update(arch.gguf_metadata())
+    md.update(arch.hparam_keys())
     if file_type is not None:
         md["general.file_type"] = meta("u32", file_type)
     md["general.quantization_version"] = meta("u32", GGML_QUANT_VERSION)
-    md.update(vocab.gguf_metadata(arch.family))
+    md.update(vocab.tokenizer_keys(arch.family))
     return md
 
 

@@ -88,7 +88,7 @@ class Vocab:
         return self.model == "gpt2"
 
     # ---------------------------------------------------------- GGUF
-    def gguf_metadata(self, family: str) -> dict[str, Any]:
+    def tokenizer_keys(self, family: str) -> dict[str, Any]:
 
         raw = family == "gptj"  # GPT4All's GPT-J reader: decoded bytes, no types or scores
         tokens: list[Any] = [self.raw_bytes(i) for i in range(len(self))] if raw else self.tokens

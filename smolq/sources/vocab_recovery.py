@@ -29,7 +29,6 @@ from smolq.sources.vocab import (
     load_vocab,
 )
 
-
 _PAD = "[PAD{}]"
 
 
@@ -195,7 +194,7 @@ def _vocab_mismatch(vocab: Vocab, model) -> int:
     """How many ids differ between `vocab` and the file's own tokens (length difference included)."""
     if model.container == "gguf":
         theirs = model.metadata.get("tokenizer.ggml.tokens") or []
-        mine = vocab.gguf_metadata(model.architecture)["tokenizer.ggml.tokens"].value
+        mine = vocab.tokenizer_keys(model.architecture)["tokenizer.ggml.tokens"].value
         return sum(a != b for a, b in zip(mine, theirs)) + abs(len(mine) - len(theirs))
     lf = model.raw
     texts = _legacy_texts(vocab, lf)
