@@ -1,38 +1,27 @@
-"""The README's API example runs, and an independent reader (the `gguf` package) agrees with it."""
+"""The README's API example runs as printed there, and an independent reader (the `gguf` package) agrees with it."""
 from __future__ import annotations
 
-import textwrap
+import re
+from pathlib import Path
 
 import numpy as np
 from gguf import GGUFReader
 
 # The README's example, verbatim: run as it is below (in a fresh directory).
-README_EXAMPLE = textwrap.dedent('''
-    import smolq
-    from smolq.tiny import make_tiny_model
+README = Path(__file__).resolve().parents[1] / "README.md"
 
-    hf = make_tiny_model("llama", "tiny-llama", hidden_size=256)   # a small random LLaMA, offline
 
-    s = smolq.convert(hf, "tiny-f16.gguf")                # HF -> GGUF v3, f16
-    print(s["format"], s["n_tensors"], "tensors,", s["bytes"], "bytes")
-
-    q = smolq.quantize("tiny-f16.gguf", "tiny-q4_k_m.gguf", type="q4_k_m")   # RTN, llama.cpp's mix
-    print(q["preset"], sum(t["type"] == "Q4_K" for t in q["tensors"]), "tensors in Q4_K")
-
-    legacy = smolq.convert(hf, "tiny-q4_0.bin", format="ggjt-v3", outtype="q4_0")
-    m = smolq.migrate("tiny-q4_0.bin", "tiny-q4_0.gguf")   # any container -> any other
-
-    src = smolq.open("tiny-q4_k_m.gguf")                   # header only: no tensor data read
-    print(src.architecture, src.format, src.vocab_size, len(src.tensors), "tensors")
-    for t in src.tensors[:3]:
-        print(f"  {t.name:28} {t.type:5} {t.shape}")
-''')
+def readme_example() -> str:
+    """The README's API example, verbatim: the ```python block under "## Python API"."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Python API"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(README_EXAMPLE, "README.md example", "exec"), namespace)
+    exec(compile(readme_example(), "README.md example", "exec"), namespace)
     printed = capsys.readouterr().out
     assert "gguf-v3" in printed and "Q4_K_M" in printed and "llama gguf-v3" in printed
 

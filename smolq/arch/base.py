@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-import numpy as np
-
 from smolq.errors import FormatError, InputError
 from smolq.formats.gguf import MetaValue
+from smolq.lazy import lazy_module
+
+np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,13 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-import numpy as np
-
 from smolq.arch.base import Arch, LegacyTarget, NameTable, TensorMap, meta, rope_scaling, rope_theta
 from smolq.arch.legacy_config import GGUFKeys, LegacyConfig
 from smolq.errors import FormatError, InputError
 from smolq.formats.legacy import find_n_mult, llama_n_ff
+from smolq.lazy import lazy_module
+
+np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 DEFAULT_ROPE_THETA = 10000.0  # llama.cpp's default when llama.rope.freq_base is absent
 

@@ -32,12 +32,13 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from smolq.atomic import atomic_output
 from smolq.errors import FormatError, InputError
 from smolq.formats.base import TensorEntry, find_tensor
 from smolq.ggml_types import TYPE_INFO, GGMLType
+from smolq.lazy import lazy_module
+
+np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
-
 from smolq import kernels
 from smolq.atomic import atomic_output
 from smolq.errors import FormatError, InputError
+from smolq.lazy import lazy_module
+
+np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 CONFIG_NAMES = ("quantize_config.json", "quant_config.json", "config.json")

@@ -20,8 +20,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
-
 from smolq.atomic import atomic_output
 from smolq.errors import FormatError, InputError
 from smolq.formats.base import TensorEntry, find_tensor
@@ -47,6 +45,9 @@ from smolq.ggml_types import (
     is_quantized,
     tensor_nbytes,
 )
+from smolq.lazy import lazy_module
+
+np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 __all__ = [
     "CONTAINERS",

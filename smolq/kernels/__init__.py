@@ -15,9 +15,10 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from smolq.ggml_types import LAYOUTS, TYPE_INFO, VERSIONED_TYPES, GGMLType, type_size
+from smolq.lazy import lazy_module
+
+np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 __all__ = [
     "KERNEL_TYPES", "QUANTIZE_TYPES", "DEQUANTIZE_TYPES", "quantize", "dequantize", "row_size", "relayout",

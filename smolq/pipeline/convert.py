@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from smolq.arch import Arch, TensorMap, arch_for_config
 from smolq.errors import InputError
 from smolq.formats.base import TensorEntry
 from smolq.ggml_types import GGMLType, is_quantized, tensor_nbytes
 from smolq.kernels import quantize, relayout
+from smolq.lazy import lazy_module
 from smolq.plan.mix import ModelInfo, PlanOptions, plan_tensor_types, resolve_preset
 from smolq.plan.targets import (
     ALL_FORMATS,
@@ -40,6 +39,8 @@ from smolq.sinks.gguf import gguf_metadata
 from smolq.sources.checkpoint import Checkpoint, SourceTensor, open_checkpoint
 from smolq.sources.gptq import GPTQSourceTensor, default_type, looks_like_gptq, open_gptq_checkpoint, summarize
 from smolq.sources.vocab import Vocab, load_vocab
+
+np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 T = GGMLType
 

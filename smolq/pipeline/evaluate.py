@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from smolq.errors import InputError
 from smolq.formats.gptq_ckpt import is_gptq_dir, read_gptq_dir
+from smolq.lazy import lazy_module
 from smolq.sources.reference import forward, hf_hparams, read_model
+
+np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 # ---------------------------------------------------------------------------
 # models

@@ -36,8 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from smolq.arch import arch_for_config
 from smolq.atomic import atomic_directory, atomic_output
 from smolq.errors import InputError
@@ -45,6 +43,7 @@ from smolq.formats import gptq_ckpt
 from smolq.formats.base import TensorEntry
 from smolq.formats.gptq_ckpt import GPTQLayer
 from smolq.ggml_types import GGMLType
+from smolq.lazy import lazy_module
 from smolq.pipeline import convert as cp
 from smolq.pipeline.convert import build_steps
 from smolq.plan.mix import BITS_PRESETS
@@ -59,6 +58,8 @@ from smolq.sources.vocab import load_vocab
 from smolq.transforms.calib import load_calibration
 from smolq.transforms.gptq import HessianAccumulator, gptq_solve
 from smolq.transforms.grids import BLOCK_SPECS, SCALE_RULES, make_grid
+
+np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 log = logging.getLogger("smolq.gptq")
 T = GGMLType

@@ -38,8 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from smolq.arch import Arch, TensorMap
 from smolq.arch.legacy_config import Guess
 from smolq.errors import FormatError, InputError
@@ -56,6 +54,7 @@ from smolq.ggml_types import (
     tensor_nbytes,
 )
 from smolq.kernels import DEQUANTIZE_TYPES, dequantize, error_stats, relayout
+from smolq.lazy import lazy_module
 from smolq.pipeline.convert import convert_tensor
 from smolq.plan.mix import PLAIN_FTYPE, parse_type
 from smolq.plan.targets import Target, resolve_target
@@ -64,6 +63,8 @@ from smolq.sinks.gguf import gguf_metadata
 from smolq.sources.model_file import ModelFile, describe, family_of, format_of, read_user_config, same_bytes
 from smolq.sources.vocab import Vocab
 from smolq.sources.vocab_recovery import legacy_tokens, recover_vocab
+
+np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 __all__ = ["Guess", "Plan", "Step", "build_plan", "migrate", "read_user_config", "summary"]
 

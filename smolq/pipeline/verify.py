@@ -11,15 +11,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from smolq import kernels
 from smolq.errors import InputError
 from smolq.formats.detect import open_model, sniff_container
+from smolq.lazy import lazy_module
 from smolq.plan.mix import canonical_name
 from smolq.progress import WorkProgress
 from smolq.sources.reference import compare_logits
 from smolq.transforms.rtn import to_float32
+
+np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 # --- per-tensor checks ---------------------------------------------------------------------
 

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from smolq.errors import FormatError, InputError
+from smolq.lazy import lazy_module
+
+np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -37,10 +38,9 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 # safetensors dtype -> (numpy dtype of the stored bits, bytes per element).
 # BF16 has no numpy dtype: it is read as uint16 bits and widened to f32 exactly.
-SAFETENSORS_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+SAFETENSORS_DTYPES: dict[str, str] = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+    "U8": "u1", "BOOL": "?",
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 
@@ -72,7 +72,7 @@ class SourceTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.n_elements * SAFETENSORS_DTYPES[self.dtype].itemsize
+        return self.n_elements * np.dtype(SAFETENSORS_DTYPES[self.dtype]).itemsize
 
     def load_raw(self) -> np.ndarray:
         return self._read()
@@ -189,7 +189,7 @@ def _check_safetensors_entry(path: Path, name: str, info: Any, data_size: int) -
         raise FormatError(path, f"tensor {name}: unsupported dtype {dtype}")
     if any(d < 0 for d in shape) or not 0 <= begin <= end:
         raise FormatError(path, f"tensor {name}: negative shape or offsets")
-    want = int(np.prod(shape, dtype=np.int64)) * SAFETENSORS_DTYPES[dtype].itemsize
+    want = int(np.prod(shape, dtype=np.int64)) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
     if end - begin != want:
         raise FormatError(path, f"tensor {name}: {end - begin} bytes stored for shape {shape} {dtype} ({want} needed)")
     if end > data_size:
@@ -204,7 +204,7 @@ def _safetensors_tensors(path: Path) -> dict[str, SourceTensor]:
         dtype = info["dtype"]
         shape = tuple(int(d) for d in info["shape"])
         begin, end = info["data_offsets"]
-        np_dtype = SAFETENSORS_DTYPES[dtype]
+        np_dtype = np.dtype(SAFETENSORS_DTYPES[dtype])
 
         def read(path=path, offset=data_start + begin, nbytes=end - begin, np_dtype=np_dtype, shape=shape):
             return _map_bytes(path, offset, nbytes).view(np_dtype).reshape(shape)

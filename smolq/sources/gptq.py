@@ -29,14 +29,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from smolq.errors import FormatError, InputError
 from smolq.formats.gptq_ckpt import CONFIG_NAMES, SUFFIXES, GPTQLayer, read_quantize_config, unpack_words
 from smolq.ggml_types import GGMLType, is_quantized
+from smolq.lazy import lazy_module
 from smolq.plan.mix import with_shape_fallback
 from smolq.sources.checkpoint import Checkpoint, SourceTensor, open_checkpoint
 from smolq.transforms.grids import legacy_blocks
+
+np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 T = GGMLType
 QK = 32  # elements per legacy ggml block

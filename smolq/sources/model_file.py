@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from smolq.arch import Arch, family_arch
 from smolq.arch.legacy_config import Guess, LegacyConfig
 from smolq.errors import FormatError, InputError
 from smolq.formats.base import TensorEntry
+from smolq.lazy import lazy_module
 from smolq.sources.checkpoint import read_json_object
+
+np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 FAMILIES = ("llama", "gptj", "mpt")
 

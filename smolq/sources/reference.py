@@ -36,12 +36,13 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
-
 from smolq import kernels
 from smolq.arch import family_arch
 from smolq.formats.detect import open_model
 from smolq.ggml_types import GGMLType
+from smolq.lazy import lazy_module
+
+np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 DEFAULT_ROPE_BASE = 10000.0
 _REQUIRED = object()
@@ -77,11 +78,9 @@ def _gelu_tanh(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-_erf = np.frompyfunc(math.erf, 1, 1)
-
-
 def _gelu_erf(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)).astype(x.dtype))
+    erf = np.frompyfunc(math.erf, 1, 1)  # exact erf, elementwise (transformers' GELU)
+    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)).astype(x.dtype))
 
 
 def rope_normal(x: np.ndarray, n_rot: int, base: float, position_scale: float = 1.0) -> np.ndarray:
@@ -263,7 +262,7 @@ ARCHITECTURES: dict[str, Callable[..., np.ndarray]] = {"llama": _llama, "gptj": 
 
 
 def forward(arch: str, tensors: Mapping[str, np.ndarray], hparams: Mapping[str, Any], tokens: np.ndarray,
-            *, dtype: Any = np.float64) -> np.ndarray:
+            *, dtype: Any = "float64") -> np.ndarray:
     """Logits [batch, seq, vocab] for `tokens` [batch, seq] (or [seq])."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"no reference forward pass for architecture {arch!r} (have {', '.join(ARCHITECTURES)})")
@@ -339,7 +338,7 @@ def read_model(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray], dic
 
 
 def logits_from_file(path: str | os.PathLike, tokens: np.ndarray, *,
-                     hparams_override: Mapping[str, Any] | None = None, dtype: Any = np.float64) -> np.ndarray:
+                     hparams_override: Mapping[str, Any] | None = None, dtype: Any = "float64") -> np.ndarray:
     """Reference logits of a converted file. `hparams_override` supplies GGUF
     keys the file lacks (legacy headers carry no norm epsilon or RoPE base);
     keys present in the file win."""

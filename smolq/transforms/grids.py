@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from smolq.ggml_types import GGMLType
 from smolq.lazy import lazy_module
+
+np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 torch = lazy_module("torch")  # imported at first use: `smolq --help` stays fast
 

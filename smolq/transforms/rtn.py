@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
-
 from smolq import kernels
 from smolq.errors import InputError
 from smolq.formats.base import TensorEntry
 from smolq.ggml_types import VERSIONED_TYPES, GGMLType
+from smolq.lazy import lazy_module
+
+np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 T = GGMLType
 
