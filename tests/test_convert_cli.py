@@ -110,6 +110,14 @@ def test_bf16_not_in_legacy(tiny, tmp_path, run):
     assert_one_line_failure(run(tiny["llama"], out, "--outtype", "bf16"), out, "cannot hold BF16")
 
 
+@pytest.mark.parametrize("outtype", ["q5_0", "q8_0"])
+def test_ggmm_refuses_a_file_type_gpt4all_cannot_name(tiny, tmp_path, run, outtype):
+    """GPT4All's MPT header names F32, F16, Q4_0, Q4_1, Q4_2 as file types only: one line that says so."""
+    out = tmp_path / "o.bin"
+    assert_one_line_failure(run(tiny["mpt"], out, "--format", "ggmm", "--outtype", outtype), out,
+                            f"no file type for a file of mostly {outtype.upper()}", "Q4_0")
+
+
 def test_suffix_defaults_and_json(tiny, tmp_path, run):
     """.bin -> newest legacy format GPT4All's legacy backend loads: ggjt v3 / ggml / ggmm."""
     for fam, magic in (("llama", b"tjgg"), ("gptj", b"lmgg"), ("mpt", b"mmgg")):

@@ -250,3 +250,19 @@ def test_ggjt_to_ggjt_v1_keeps_the_base_type(capsys, tmp_path):
                 assert t.nbytes == tensors[t.name].size // 32 * 20  # v1: f32 scale + 16 bytes
                 deq = kernels.dequantize(t.load(), t.type, t.shape, layout="v1")
                 np.testing.assert_allclose(deq, tensors[t.name], atol=0.2 * np.abs(tensors[t.name]).max())
+
+
+@pytest.mark.parametrize("family,src_fmt,dst_fmt", [("mpt", "ggml", "ggmm"), ("mpt", "ggmm", "ggml"),
+                                                    ("llama", "ggml", "ggjt-v3")])
+def test_quantize_between_header_layouts_points_to_migrate(capsys, tmp_path, family, src_fmt, dst_fmt):
+    """quantize keeps the input's header and vocabulary; another layout is migrate's work: one line that says so."""
+    from smolq.pipeline.convert import convert
+    from smolq.tiny import make_tiny_model
+
+    hf = make_tiny_model(family, tmp_path / "hf")
+    src = tmp_path / "src.bin"
+    convert(hf, src, format=src_fmt, outtype="f16")
+    out = tmp_path / "out.bin"
+    rc, _, err = run_cli(capsys, "quantize", src, out, "-t", "q4_0", "--format", dst_fmt)
+    assert rc == 2 and "smolq migrate" in err and "header and vocabulary layout" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

@@ -599,14 +599,24 @@ def _infer_qntvr(path, entries: Sequence[TensorEntry]) -> int:
     return 2 if any(is_quantized(e.type) for e in entries) else 0
 
 
-def _infer_ftype(path, spec: FormatSpec, entries: Sequence[TensorEntry]) -> int:
-    """The file type a converter would write: the most common type of the 2-D (or larger) tensors."""
-    counts = Counter(e.type for e in entries if len(e.shape) >= 2)
+def infer_file_type(path, container: str, family: str, dialect: str | None,
+                    tensors: Iterable[tuple[GGMLType, Sequence[int]]]) -> int:
+    """The header's file type for tensors of these (type, shape), as that dialect's converter
+    writes it; a one-line InputError when the dialect has no name for the file's main type.
+    Plans call it before writing, so the refusal comes before any output."""
+    return _infer_ftype(path, _spec_or_raise(path, container, family, dialect), tensors)
+
+
+def _infer_ftype(path, spec: FormatSpec, tensors: Iterable[tuple[GGMLType, Sequence[int]]]) -> int:
+    """The most common type of the 2-D (or larger) tensors names the file."""
+    counts = Counter(t for t, shape in tensors if len(shape) >= 2)
     if not counts:
         return 0
     main = counts.most_common(1)[0][0]
     if main not in spec.ftype_of:
-        raise InputError(path, f"no {spec.dialect} file type for mostly-{main.name} tensors; pass ftype=")
+        names = ", ".join(t.name for t in spec.ftype_of)
+        raise InputError(path, f"a {spec.dialect} {spec.family} {spec.container} header has no file type for a "
+                               f"file of mostly {main.name} tensors (it names {names}); choose one of those types")
     return spec.ftype_of[main]
 
 
@@ -730,7 +740,7 @@ def write_legacy(
     era = _spec_era(spec, version, qntvr)
     fmt = format_name(container, version, qntvr if spec.qntvr_in_ftype else None)
     if ftype is None:
-        ftype = hparams["ftype"] if "ftype" in hparams else _infer_ftype(path, spec, entries)
+        ftype = hparams["ftype"] if "ftype" in hparams else _infer_ftype(path, spec, [(e.type, e.shape) for e in entries])
     if spec.qntvr_in_ftype and not 0 <= ftype < QNTVR_FACTOR:
         raise InputError(path, f"ftype {ftype} is out of range 0..999 for {spec.dialect} files")
     file_ids = _check_tensors(path, spec, era, fmt, entries)

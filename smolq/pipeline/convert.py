@@ -20,6 +20,7 @@ from typing import Any, Callable
 from smolq.arch import Arch, TensorMap, arch_for_config
 from smolq.errors import InputError
 from smolq.formats.base import TensorEntry
+from smolq.formats.legacy import infer_file_type
 from smolq.ggml_types import GGMLType, is_quantized, tensor_nbytes
 from smolq.kernels import quantize, relayout
 from smolq.lazy import lazy_module
@@ -167,6 +168,11 @@ def _progress_event(on_progress, **event) -> None:
         on_progress(event)
 
 
+def _legacy_ftype(arch: Arch, preset) -> int | None:
+    """LLaMA headers hold LLAMA_FTYPE (a mix has its own value); other dialects: the writer infers it."""
+    return preset.ftype if arch.family == "llama" and preset.ftype is not None else None
+
+
 def build_steps(arch: Arch, ckpt: Checkpoint, target: Target, outtype: str | None, out_path: Path):
     """outtype None: f16 for an HF checkpoint; for a GPTQ one, each Linear's exact type (else by bits)."""
     maps = arch.tensor_maps(set(ckpt.tensors))
@@ -180,6 +186,9 @@ def build_steps(arch: Arch, ckpt: Checkpoint, target: Target, outtype: str | Non
     if getattr(ckpt, "linears", None):
         preset = _gptq_types(steps, outtype, preset)
     _check_storable(arch, target, steps, out_path)
+    if target.legacy and _legacy_ftype(arch, preset) is None:  # the writer will name the file type itself
+        lt = target.legacy
+        infer_file_type(out_path, lt.container, arch.family, lt.dialect, [(s.type, s.map.shape) for s in steps])
     return steps, preset
 
 
@@ -259,8 +268,7 @@ def open_source(src_dir: str | os.PathLike) -> Checkpoint:
 def _write_legacy_file(out: Path, arch: Arch, target: Target, hparams: dict, vocab: Vocab, steps: list[Step], preset, on_tensor) -> int:
     lt = target.legacy
     tokens = vocab.legacy_tokens(arch.family, lt.container, lt.dialect)
-    # LLaMA headers hold LLAMA_FTYPE (a mix has its own value); other dialects: the writer infers it.
-    ftype = preset.ftype if arch.family == "llama" and preset.ftype is not None else None
+    ftype = _legacy_ftype(arch, preset)
     return legacy_sink.write(out, target, arch.family, hparams, tokens, _entries(steps, lt.layout),
                              ftype=ftype, on_tensor=on_tensor)
 

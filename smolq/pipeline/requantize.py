@@ -17,6 +17,7 @@ from smolq import kernels
 from smolq.errors import InputError
 from smolq.formats.detect import ModelFile, open_model, sniff_container
 from smolq.formats.gguf import Metadata, MetaValue
+from smolq.formats.legacy import infer_file_type
 from smolq.ggml_types import GGMLType, block_size, is_quantized, tensor_nbytes
 from smolq.pipeline.convert import convert
 from smolq.pipeline.gptq import quantize_hf
@@ -190,6 +191,9 @@ def quantize_file(req: Request) -> dict[str, Any]:
         target = resolve_target(req.fmt, req.out, source=mf)
         plan = make_plan(mf, req)
         _fit_legacy(plan, target, None if target.is_gguf else target_types(target, mf.architecture), notes)
+        if not target.is_gguf and mf.architecture != "llama":  # the writer names the file type: can it?
+            infer_file_type(req.out, target.container, mf.architecture, target.dialect,
+                            [(tp.dst_type, tp.shape) for tp in plan.tensors])
         _check_requantize(plan, req)
         _check_kernel_types(plan, mf, target)
         if plan.n_fallback:

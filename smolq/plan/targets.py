@@ -143,10 +143,21 @@ def _requantize_target(source: Any, key: str, out: Path) -> Target:
     spec = find_spec(family, container, dialect) or find_spec(family, container)
     if spec is None:
         raise InputError(out, f"a {family} model cannot be written as {key}")
+    _check_same_header(source, spec, key, out)
     qntvr = NEWEST_QNTVR if spec.qntvr_in_ftype else None
     name = container if version is None else f"{container}-v{version}"
     lt = LegacyTarget(container, version, spec.dialect, layout_for(container, version, qntvr))
     return legacy_target(name, lt, qntvr)
+
+
+def _check_same_header(source: Any, spec: Any, key: str, out: Path) -> None:
+    """quantize keeps the input's header fields and vocabulary as they are; a container whose
+    header or vocabulary is laid out otherwise (ggml <-> ggmm, LLaMA ggml <-> ggmf/ggjt) is
+    migrate's work: it recovers what the other layout needs."""
+    mine = find_spec(source.architecture, source.container, source.header.get("dialect"))
+    if mine is not None and (mine.hparam_names != spec.hparam_names or mine.vocab != spec.vocab):
+        raise InputError(out, f"{source.format_name} -> {key} changes the header and vocabulary layout: run "
+                              f"`smolq migrate {source.path} OUT --format {key}` first, then quantize")
 
 
 def target_types(target: Target, family: str | None) -> frozenset[GGMLType]:
