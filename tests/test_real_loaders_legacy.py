@@ -22,17 +22,17 @@ families (formats.md 1).
 from __future__ import annotations
 
 import functools
-import os
 import textwrap
 from pathlib import Path
 
 import pytest
-from real_loaders import open_llama, run_reader
+from real_loaders import gpt4all_dir, open_llama, run_reader
 
 from smolq.pipeline.convert import convert
 from smolq.pipeline.migrate import migrate
 
-GPT4ALL_DIR = Path(os.environ.get("SMOLQ_GPT4ALL_108", Path(__file__).resolve().parents[1] / ".venv/real/gpt4all-1.0.8"))
+# Found where real_loaders finds every GPT4All (beside the running venv, then the repo's .venv).
+GPT4ALL_DIR = gpt4all_dir("1.0.8") or Path(__file__).resolve().parents[1] / ".venv/real/gpt4all-1.0.8"
 BUILD = GPT4ALL_DIR / "gpt4all" / "llmodel_DO_NOT_MODIFY" / "build"
 LLAMA_VARIANT = {"ggjt-v1": "230511", "ggjt-v2": "230519", "ggjt-v3": "mainline"}
 N_NEW = 8
