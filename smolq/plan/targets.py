@@ -151,11 +151,14 @@ def _requantize_target(source: Any, key: str, out: Path) -> Target:
 
 
 def _check_same_header(source: Any, spec: Any, key: str, out: Path) -> None:
-    """quantize keeps the input's header fields and vocabulary as they are; a container whose
-    header or vocabulary is laid out otherwise (ggml <-> ggmm, LLaMA ggml <-> ggmf/ggjt) is
-    migrate's work: it recovers what the other layout needs."""
+    """quantize carries the input's header fields and vocabulary over as they are; a target that
+    needs fields or token scores the input lacks (MPT ggml <-> ggmm, LLaMA ggml -> ggmf/ggjt) is
+    migrate's work: it recovers or guesses what the other layout needs, and says so."""
     mine = find_spec(source.architecture, source.container, source.header.get("dialect"))
-    if mine is not None and (mine.hparam_names != spec.hparam_names or mine.vocab != spec.vocab):
+    if mine is None:
+        return
+    needs_fields = set(spec.hparam_names) - set(mine.hparam_names)
+    if needs_fields or (spec.vocab.scores and not mine.vocab.scores):
         raise InputError(out, f"{source.format_name} -> {key} changes the header and vocabulary layout: run "
                               f"`smolq migrate {source.path} OUT --format {key}` first, then quantize")
 
