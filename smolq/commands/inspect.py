@@ -6,6 +6,7 @@ from typing import Any
 
 import typer
 
+from smolq.commands.render import fit_table
 from smolq.pipeline.describe import describe_file
 from smolq.progress import emit_json
 
@@ -49,26 +50,6 @@ def _short(value: Any, count: int | None, full: bool) -> str:
     return text
 
 
-def _fit(console: Any, table: Any) -> Any:
-    """Borders and padding give way (one space between columns) when the boxed table cannot fit the
-    console with its cells whole: no_wrap columns at their widest cell, the others at their longest
-    word (or their min_width, past which a token may fold)."""
-    import rich.box
-    from rich.measure import Measurement
-
-    opts = console.options.update_width(10_000)
-
-    def need(col: Any) -> int:
-        sizes = [Measurement.get(console, opts, c) for c in (col.header, *col.cells)]
-        if col.no_wrap:
-            return max(m.maximum for m in sizes)
-        return col.min_width if col.min_width is not None else max(m.minimum for m in sizes)
-
-    if sum(need(c) + 3 for c in table.columns) + 1 > console.width:  # a divider and 2 spaces a column
-        table.box, table.show_edge, table.padding = rich.box.SIMPLE_HEAD, False, 0
-    return table
-
-
 def render(report: dict[str, Any], full: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -104,7 +85,7 @@ def render(report: dict[str, Any], full: bool = False) -> None:
         meta.add_column("value", overflow="fold", min_width=max(words, default=1))
         for row in cells:
             meta.add_row(*map(Text, row))
-        console.print(_fit(console, meta))
+        console.print(fit_table(console, meta))
     else:
         hp = Table(title="hyperparameters", title_justify="left", show_header=False)
         hp.add_column("field", style="bold", no_wrap=True)
@@ -123,4 +104,4 @@ def render(report: dict[str, Any], full: bool = False) -> None:
     for i, t in enumerate(report["tensors"]):
         offset = "" if t["offset"] is None else f"{t['offset']:,}"
         tensors.add_row(str(i), Text(t["name"]), t["type"], Text(str(t["shape"])), offset, f"{t['bytes']:,}")
-    console.print(_fit(console, tensors))
+    console.print(fit_table(console, tensors))

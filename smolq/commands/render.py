@@ -29,3 +29,23 @@ def print_plan(summary: dict[str, Any]) -> None:
     if summary.get("source_bytes"):
         line += f" (from {human_bytes(summary['source_bytes'])})"
     console.print(line, markup=False)
+
+
+def fit_table(console: Any, table: Any) -> Any:
+    """Borders and padding give way (one space between columns) when the boxed table cannot fit the
+    console with its cells whole: no_wrap columns at their widest cell, the others at their longest
+    word (or their min_width, past which a token may fold)."""
+    import rich.box
+    from rich.measure import Measurement
+
+    opts = console.options.update_width(10_000)
+
+    def need(col: Any) -> int:
+        sizes = [Measurement.get(console, opts, c) for c in (col.header, *col.cells)]
+        if col.no_wrap:
+            return max(m.maximum for m in sizes)
+        return col.min_width if col.min_width is not None else max(m.minimum for m in sizes)
+
+    if sum(need(c) + 3 for c in table.columns) + 1 > console.width:  # a divider and 2 spaces a column
+        table.box, table.show_edge, table.padding = rich.box.SIMPLE_HEAD, False, 0
+    return table

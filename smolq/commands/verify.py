@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import typer
 
+from smolq.commands.render import fit_table
 from smolq.errors import InputError
 from smolq.pipeline.verify import verify_file, verify_logits
 from smolq.progress import emit_json
@@ -62,26 +63,6 @@ def _fmt(v: Any, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
 
-def _fit(console: Any, table: Any) -> Any:
-    """Borders and padding give way (one space between columns) when the boxed table cannot fit the
-    console with its cells whole: no_wrap columns at their widest cell, the others at their longest
-    word (or their min_width, past which a token may fold)."""
-    import rich.box
-    from rich.measure import Measurement
-
-    opts = console.options.update_width(10_000)
-
-    def need(col: Any) -> int:
-        sizes = [Measurement.get(console, opts, c) for c in (col.header, *col.cells)]
-        if col.no_wrap:
-            return max(m.maximum for m in sizes)
-        return col.min_width if col.min_width is not None else max(m.minimum for m in sizes)
-
-    if sum(need(c) + 3 for c in table.columns) + 1 > console.width:  # a divider and 2 spaces a column
-        table.box, table.show_edge, table.padding = rich.box.SIMPLE_HEAD, False, 0
-    return table
-
-
 def render(report: dict[str, Any], quiet: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -114,7 +95,7 @@ def render(report: dict[str, Any], quiet: bool = False) -> None:
             status = "; ".join(r["problems"]) or r.get("note", "ok")
             cells.append(Text(status, style="red" if r["problems"] else ""))
             table.add_row(*cells)
-        console.print(_fit(console, table))
+        console.print(fit_table(console, table))
     s = report["summary"]
     line = f"{s['n_tensors']} tensors, {s['n_problems']} with problems"
     if s["n_compared"]:
