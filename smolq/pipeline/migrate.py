@@ -57,8 +57,7 @@ from smolq.kernels import DEQUANTIZE_TYPES, dequantize, error_stats, relayout
 from smolq.lazy import lazy_module
 from smolq.pipeline.convert import convert_tensor
 from smolq.plan.mix import PLAIN_FTYPE, parse_type
-from smolq.plan.targets import Target, resolve_target
-from smolq.plan.targets import target_types as _storable  # the one table of what a target holds
+from smolq.plan.targets import Target, resolve_target, target_types
 from smolq.sinks.gguf import gguf_metadata
 from smolq.sources.model_file import ModelFile, describe, family_of, format_of, read_user_config, same_bytes
 from smolq.sources.vocab import Vocab
@@ -220,7 +219,7 @@ def _main_type(tensors) -> GGMLType | None:
 
 
 def _plan_gguf_copy(model, target: Target, force: GGMLType | None) -> list[Step]:
-    storable = _storable(target, None)
+    storable = target_types(target, None)
     steps = []
     for t in model.tensors:
         if t.extra.get("be_blocks_as_stored"):
@@ -241,7 +240,7 @@ def _plan_family(source: ModelFile, target: Target, force: GGMLType | None, note
     for m in maps:
         if m.gguf is not None:
             first_gguf.setdefault(m.source, m.gguf)
-    storable = _storable(target, arch.family)
+    storable = target_types(target, arch.family)
     ggmm = not target.is_gguf and target.legacy.container == "ggmm"
     src_ggmm = model.container == "ggmm"
     main = _main_type(model.tensors)
