@@ -25,7 +25,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Iterator
 
-from smolq.atomic import atomic_output
+from smolq.atomic import atomic_output, remove_stale_parts
 from smolq.errors import InputError
 from smolq.progress import stderr_console
 from smolq.zoo import keys, report
@@ -155,15 +155,8 @@ def _exclusive(out: Path) -> Iterator[None]:
 
 
 def _remove_partial_files(out: Path) -> None:
-    """Temporary files of a killed run (atomic_output's ".NAME.XXXX.part"); safe under the run lock."""
-    import shutil
-
-    for p in sorted(out.rglob(".*.part"), reverse=True):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                p.unlink()
+    """Temporary parts of a killed run (atomic_output's ".NAME.XXXX.part"), anywhere under `out`."""
+    remove_stale_parts(out, recursive=True)
 
 
 def _load_lock(out: Path, manifest: Manifest) -> dict[str, Any]:
