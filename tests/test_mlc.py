@@ -128,6 +128,28 @@ def test_tvm_reads_and_decoder_recovers(request, tmp_path, quant, model):
         assert np.mean(err) < 0.3 * np.mean(step), name
 
 
+@pytest.mark.parametrize("quant,k", [("q4f16_1", 256), ("q3f16_1", 256), ("q3f16_1", 704)])
+def test_codes_equal_mlc_quantizer_run_by_tvm(tmp_path, quant, k):
+    """smolq's q_weight / q_scale equal MLC's quantization compute, compiled and run by TVM, bit for bit
+    (except an all-zero group, where MLC divides 0 by 0 and smolq writes the zero code)."""
+    pytest.importorskip("tvm", reason="apache-tvm is not installed (make setup installs it; optional)")
+    from smolq.formats.mlc import QUANTS
+    from smolq.transforms.mlc import group_quantize
+
+    q = QUANTS[quant]
+    w = (np.random.default_rng(k).standard_normal((64, k)) * 0.05).astype(np.float32)
+    w[5, 7] = 0.3  # an outlier
+    np.save(tmp_path / "w.npy", w)
+    script = Path(__file__).with_name("mlc_te_reference.py")
+    run = subprocess.run([sys.executable, str(script), "64", str(k), str(q.bits), str(q.group_size),
+                          str(tmp_path / "w.npy"), str(tmp_path / "o.npz")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ref = np.load(tmp_path / "o.npz")
+    words, scales = group_quantize(w, q)
+    np.testing.assert_array_equal(scales, ref["q_scale"])
+    np.testing.assert_array_equal(words, ref["q_weight"])
+
+
 def test_quantize_command_same_as_convert(tiny, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     smolq.convert(tiny, a, format="mlc", outtype="q4f16_1")
