@@ -45,6 +45,8 @@ $(VENV)/.real-readers: $(VENV)/.installed
 	-$(PIP) install "llama-cpp-python==0.3.36"
 	-$(PIP) install --no-deps --target $(REAL)/gpt4all-1.0.8 "gpt4all==1.0.8" "setuptools<70"
 	-$(PIP) install --no-deps --target $(REAL)/gpt4all-2.5.1 "gpt4all==2.5.1" "setuptools<70"
+	# apache-tvm: its tensor-cache loader reads smolq's MLC-LLM output (tests/test_mlc.py).
+	-$(PIP) install apache-tvm
 	# llama.cpp's own convert_hf_to_gguf.py (from the same sdist) to compare metadata with.
 	-$(PY) scripts/fetch_llama_converter.py --quiet
 	touch $@

@@ -29,6 +29,7 @@ from smolq.pipeline import migrate as _migrate
 from smolq.pipeline import requantize as _requantize
 from smolq.pipeline.summary import common_summary
 from smolq.plan.mix import PlanOptions, parse_tensor_type_overrides, parse_type, resolve_preset
+from smolq.plan.targets import is_mlc_format
 from smolq.sources.gptq import looks_like_gptq
 
 PathLike = str | os.PathLike
@@ -44,9 +45,11 @@ def convert(src: PathLike, out: PathLike, *, format: str | None = None, outtype:
 
     format: "gguf" (v3), "gguf-v1" | "gguf-v2" | "gguf-v3", "ggml", "ggmf",
     "ggjt-v1" | "ggjt-v2" | "ggjt-v3", "ggmm"; None: from OUT's suffix (.gguf ->
-    GGUF v3, .bin -> the family's GPT4All legacy format).
+    GGUF v3, .bin -> the family's GPT4All legacy format); "mlc": MLC-LLM weights
+    (LLaMA), a directory.
     outtype: "f32", "f16", "bf16", any RTN type ("q4_0", "q6_k" ...) or a llama.cpp
     mix ("q4_k_m" ...); None: f16 (a GPTQ directory: each Linear's exact type).
+    With format "mlc": "q4f16_1", "q4f16_0", "q3f16_1" or "q0f16" (the default).
     on_progress(event) gets {"event": "start"|"tensor"|"done", ...}.
     Returns the summary; with dry_run=True nothing is written.
     """
@@ -73,13 +76,25 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     type; bits: 2, 3, 4, 5, 6 or 8 for that width's default preset.
     method: "rtn" or "gptq" (needs an HF checkpoint; the GPTQ options below
     apply to it only). format "gptq" (or an OUT without suffix) with method
-    "gptq" writes an HF GPTQ directory (bits 2/3/4/8).
+    "gptq" writes an HF GPTQ directory (bits 2/3/4/8). format "mlc" writes
+    MLC-LLM weights from an HF checkpoint, type q4f16_1, q4f16_0, q3f16_1 or
+    q0f16 (bits 4 -> q4f16_1, 3 -> q3f16_1).
     tensor_types: "REGEX=TYPE" strings, or a {regex: type} mapping (wins over the mix).
     quiet=False shows progress bars on stderr (the CLI's default).
     Returns the summary; with dry_run=True nothing is written.
     """
     src, out = Path(src), Path(out)
     method = method.lower()
+    if is_mlc_format(format):
+        given = {"pure": pure, "leave_output_tensor": leave_output_tensor, "output_tensor_type": output_tensor_type,
+                 "token_embedding_type": token_embedding_type, "tensor_type": list(tensor_types),
+                 "allow_requantize": allow_requantize, "group_size": group_size != 128, "act_order": act_order,
+                 "asym": not sym, "damp": damp != 0.01, "nsamples": nsamples != 128, "seqlen": seqlen != 2048,
+                 "static_groups": static_groups, "mse": mse != 0.0, "resume": resume, "device": device != "cpu",
+                 "true_sequential": not true_sequential, "scale_rule": scale_rule != "weighted", "seed": seed != 0}
+        return common_summary(_requantize.run_mlc(src, out, type, bits, method=method, calib=calib and Path(calib),
+                                                  changed=[k for k, v in given.items() if v], dry_run=dry_run,
+                                                  quiet=quiet))
     if method == "gptq" and type is None and bits is None and _requantize.is_gptq_dir(format, out):
         bits = 4  # AutoGPTQ's default width
     if isinstance(tensor_types, Mapping):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from smolq.arch.base import Arch, LegacyTarget, NameTable, TensorMap
+from smolq.arch.base import Arch, LegacyTarget, MLCParam, NameTable, TensorMap
 from smolq.arch.gptj import GPTJ
 from smolq.arch.llama import Llama
 from smolq.arch.mpt import MPT
@@ -50,6 +50,6 @@ def family_arch(family: str) -> type[Arch]:
 
 
 __all__ = [
-    "ARCHES", "Arch", "LegacyTarget", "NameTable", "TensorMap",
+    "ARCHES", "Arch", "LegacyTarget", "MLCParam", "NameTable", "TensorMap",
     "arch_for_config", "family_arch", "find_arch_class", "Llama", "GPTJ", "MPT",
 ]

@@ -82,6 +82,19 @@ def _translate(table: list[tuple[re.Pattern[str], str]], name: str) -> str | Non
 
 
 @dataclass(frozen=True)
+class MLCParam:
+    """One parameter of an MLC-LLM model before quantization: MLC's name (without the
+    .weight / .q_weight suffix), what it is, and the checkpoint tensors its loader
+    concatenates along the rows (fused q/k/v, gate/up) into `shape` = [rows, columns]
+    (a norm: [columns])."""
+
+    name: str
+    kind: str  # "embedding" | "linear" | "norm"
+    sources: tuple[str, ...]
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class LegacyTarget:
     """A legacy container an architecture can be written to."""
 
@@ -106,6 +119,8 @@ class Arch:
     skip_suffixes: ClassVar[tuple[str, ...]] = ()
     # What legacy headers never stored, filled from these defaults as listed guesses (legacy_config.Default).
     legacy_defaults: ClassVar[tuple[tuple[str, Any, str, str], ...]] = ()
+    # MLC-LLM's model_type for this family (mlc-chat-config.json), None where smolq writes no MLC weights.
+    mlc_model_type: ClassVar[str | None] = None
 
     def __init__(self, config: dict[str, Any], config_path: Path):
         self.config = config
@@ -148,6 +163,15 @@ class Arch:
 
     @property
     def n_vocab(self) -> int:
+        raise NotImplementedError
+
+    # -- to implement for MLC-LLM output (families with an mlc_model_type)
+    def mlc_params(self) -> list[MLCParam]:
+        """MLC-LLM's parameters in its model's order."""
+        raise NotImplementedError
+
+    def mlc_model_config(self) -> dict[str, Any]:
+        """The "model_config" of mlc-chat-config.json (MLC's config dataclass, as asdict() gives it)."""
         raise NotImplementedError
 
     # -- to implement for `migrate`: the config a model file implies (smolq.arch.legacy_config)

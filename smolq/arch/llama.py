@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from smolq.arch.base import Arch, LegacyTarget, NameTable, TensorMap, meta, rope_scaling, rope_theta
+from smolq.arch.base import Arch, LegacyTarget, MLCParam, NameTable, TensorMap, meta, rope_scaling, rope_theta
 from smolq.arch.legacy_config import GGUFKeys, LegacyConfig
 from smolq.errors import FormatError, InputError
 from smolq.formats.legacy import find_n_mult, llama_n_ff
@@ -61,6 +61,27 @@ _LAYER_TENSORS = (
     ("mlp.up_proj.weight", "ffn_up.weight"),
 )
 
+# MLC-LLM's LLaMA (mlc_llm/model/llama/llama_model.py), its parameters in the model's order, and
+# the HF tensors its loader (llama_loader.py: make_standard_hf_loader) concatenates along axis 0
+# into each: q/k/v -> qkv_proj, gate/up -> gate_up_proj. MLC keeps HF's rotate-half Q/K row order
+# (no permutation). {i}: the block. lm_head exists only without tied embeddings.
+MLC_LLAMA_PARAMS = (
+    ("model.embed_tokens", "embedding", ("model.embed_tokens.weight",)),
+    ("model.layers.{i}.self_attn.qkv_proj", "linear", ("model.layers.{i}.self_attn.q_proj.weight",
+                                                       "model.layers.{i}.self_attn.k_proj.weight",
+                                                       "model.layers.{i}.self_attn.v_proj.weight")),
+    ("model.layers.{i}.self_attn.o_proj", "linear", ("model.layers.{i}.self_attn.o_proj.weight",)),
+    ("model.layers.{i}.mlp.gate_up_proj", "linear", ("model.layers.{i}.mlp.gate_proj.weight",
+                                                     "model.layers.{i}.mlp.up_proj.weight")),
+    ("model.layers.{i}.mlp.down_proj", "linear", ("model.layers.{i}.mlp.down_proj.weight",)),
+    ("model.layers.{i}.input_layernorm", "norm", ("model.layers.{i}.input_layernorm.weight",)),
+    ("model.layers.{i}.post_attention_layernorm", "norm", ("model.layers.{i}.post_attention_layernorm.weight",)),
+    ("model.norm", "norm", ("model.norm.weight",)),
+    ("lm_head", "linear", ("lm_head.weight",)),
+)
+MLC_PREFILL_CHUNK = 8192  # LlamaConfig: prefill_chunk_size defaults to min(context, 8192)
+MLC_MAX_BATCH_SIZE = 128  # mlc_llm gen_config's --max-batch-size default
+
 
 class Llama(Arch):
     family = "llama"
@@ -76,6 +97,7 @@ class Llama(Arch):
         "ggml": LegacyTarget("ggml", None, "llama.cpp", "v1"),
     }
     default_legacy = "ggjt-v3"
+    mlc_model_type = "llama"
     skip_suffixes = (".rotary_emb.inv_freq",)
     legacy_defaults = (
         ("max_position_embeddings", 2048, "context_length", "LLaMA-1 context; legacy headers store none"),
@@ -188,6 +210,38 @@ class Llama(Arch):
             # Tied: GGUF omits output.weight; legacy loaders need it, so copy the embedding there.
             maps.append(TensorMap("model.embed_tokens.weight", (V, E), None, "output.weight"))
         return maps
+
+    def mlc_params(self) -> list[MLCParam]:
+        E, F, V, hd = self.n_embd, self.n_ff, self.vocab_size, self.head_dim
+        rows = {"qkv_proj": (self.n_head + 2 * self.n_head_kv) * hd, "o_proj": E, "gate_up_proj": 2 * F,
+                "down_proj": E, "embed_tokens": V, "lm_head": V}
+        cols = {"o_proj": self.n_head * hd, "down_proj": F}
+
+        def param(name: str, kind: str, sources: tuple[str, ...], i: int | None) -> MLCParam:
+            fill = (lambda t: t.replace("{i}", str(i))) if i is not None else (lambda t: t)
+            short = name.rsplit(".", 1)[-1]
+            shape = (E,) if kind == "norm" else (rows[short], cols.get(short, E))
+            return MLCParam(fill(name), kind, tuple(fill(t) for t in sources), shape)
+
+        per_layer = [p for p in MLC_LLAMA_PARAMS if "{i}" in p[0]]
+        first, last = MLC_LLAMA_PARAMS[:1], [p for p in MLC_LLAMA_PARAMS[1:] if "{i}" not in p[0]]
+        out = [param(*p, None) for p in first]
+        out += [param(*p, i) for i in range(self.n_layer) for p in per_layer]
+        out += [param(*p, None) for p in last if not (p[0] == "lm_head" and self.tied)]
+        return out
+
+    def mlc_model_config(self) -> dict[str, Any]:
+        if self.rope_scaling is not None:
+            raise InputError(self.config_path, "MLC-LLM's LLaMA takes only llama3 RoPE scaling; this model's is "
+                                               f"{self.rope_scaling.get('rope_type', self.rope_scaling.get('type'))}")
+        return {
+            "hidden_size": self.n_embd, "intermediate_size": self.n_ff, "num_attention_heads": self.n_head,
+            "num_hidden_layers": self.n_layer, "rms_norm_eps": self.rms_eps, "vocab_size": self.vocab_size,
+            "tie_word_embeddings": self.tied, "position_embedding_base": self.rope_theta, "rope_scaling": None,
+            "context_window_size": self.n_ctx, "prefill_chunk_size": min(self.n_ctx, MLC_PREFILL_CHUNK),
+            "num_key_value_heads": self.n_head_kv, "head_dim": self.head_dim, "tensor_parallel_shards": 1,
+            "pipeline_parallel_stages": 1, "max_batch_size": MLC_MAX_BATCH_SIZE, "disaggregation": False,
+        }
 
     def _map(self, source: str, shape: tuple[int, ...], gguf: str, transform=None) -> TensorMap:
         return TensorMap(source, shape, gguf, self.names.to_legacy(gguf), transform, keep_f32=len(shape) == 1)

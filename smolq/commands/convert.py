@@ -20,12 +20,14 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Argument(..., help="Output file; .gguf -> GGUF v3, .bin -> the family's GPT4All legacy format."),
         format: Optional[str] = typer.Option(
             None, "--format", "-f", rich_help_panel="Input/output",
-            help="gguf, gguf-v1, gguf-v2, gguf-v3, ggml, ggmf, ggjt-v1, ggjt-v2, ggjt-v3, ggmm (default: from OUT's suffix).",
+            help="gguf, gguf-v1, gguf-v2, gguf-v3, ggml, ggmf, ggjt-v1, ggjt-v2, ggjt-v3, ggmm (default: from OUT's suffix); "
+                 "mlc: MLC-LLM weights (LLaMA) in the directory OUT.",
         ),
         outtype: Optional[str] = typer.Option(
             None, "--outtype", "-t", rich_help_panel="Types and mix",
             help="f32, f16, bf16, q8_0, any RTN type (q4_0, q6_k ...) or a mix (q4_k_m ...). Default f16; for a GPTQ "
-                 "directory each Linear's exact type (Q4_0/Q4_1/Q8_0) where its grid maps onto one, else Q2_K/Q3_K/Q4_K/Q8_0 by bits.",
+                 "directory each Linear's exact type (Q4_0/Q4_1/Q8_0) where its grid maps onto one, else Q2_K/Q3_K/Q4_K/Q8_0 by bits. "
+                 "With --format mlc: q4f16_1, q4f16_0, q3f16_1 or q0f16 (default).",
         ),
         vocab_only: bool = typer.Option(False, "--vocab-only", help="Write the header and vocabulary only, no tensors.", rich_help_panel="Input/output"),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensor, source dtype, target type, bytes) and write nothing.", rich_help_panel="Output control"),

@@ -21,7 +21,8 @@ EPILOG = (
     "  smolq quantize ggml-model-f16.bin ggml-model-q4_0.bin --type q4_0   (ggjt v3 out)\n\n"
     "  smolq quantize ./hf-model out.gguf --bits 4 --method gptq --calib text.txt\n\n"
     "  smolq quantize ./hf-model out-gptq --method gptq --format gptq --bits 3 --act-order --calib text.txt\n\n"
-    "  smolq quantize ./hf-model out.gguf --type q3_k_m --method gptq --calib text.txt --resume   (after Ctrl-C)"
+    "  smolq quantize ./hf-model out.gguf --type q3_k_m --method gptq --calib text.txt --resume   (after Ctrl-C)\n\n"
+    "  smolq quantize ./hf-model out-mlc/ --format mlc --type q4f16_1   (MLC-LLM weights)"
 )
 
 
@@ -33,7 +34,7 @@ def register(app: typer.Typer) -> None:
         type_name: Optional[str] = typer.Option(None, "--type", "-t", help="Preset (q4_0 q4_1 q5_0 q5_1 q8_0 q2_k q3_k_s/m/l q4_k_s/m q5_k_s/m q6_k tq1_0 tq2_0 f16 bf16 f32) or a plain type.", rich_help_panel="Types and mix"),
         bits: Optional[int] = typer.Option(None, "--bits", "-b", help="2, 3, 4, 5, 6 or 8: the default preset for that width (4 -> q4_k_m).", rich_help_panel="Types and mix"),
         method: str = typer.Option("rtn", "--method", help="rtn (round to nearest, C kernel) or gptq (needs the HF checkpoint).", rich_help_panel="Types and mix"),
-        fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Output container: gguf, gguf-v1..v3, ggml, ggmf, ggjt-v1..v3, ggmm (default: the input's).", rich_help_panel="Input/output"),
+        fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Output container: gguf, gguf-v1..v3, ggml, ggmf, ggjt-v1..v3, ggmm (default: the input's); mlc: MLC-LLM weights from an HF checkpoint (--type q4f16_1, q4f16_0, q3f16_1, q0f16).", rich_help_panel="Input/output"),
         pure: bool = typer.Option(False, "--pure", help="No mixture: every quantizable tensor gets the base type.", rich_help_panel="Types and mix"),
         leave_output: bool = typer.Option(False, "--leave-output-tensor", help="Keep output.weight as it is.", rich_help_panel="Types and mix"),
         output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="Type for output.weight.", rich_help_panel="Types and mix"),

@@ -24,6 +24,7 @@ from smolq.formats.legacy import infer_file_type
 from smolq.ggml_types import GGMLType, is_quantized, tensor_nbytes
 from smolq.kernels import quantize, relayout
 from smolq.lazy import lazy_module
+from smolq.pipeline.mlc import convert_mlc
 from smolq.plan.mix import ModelInfo, PlanOptions, plan_tensor_types, resolve_preset
 from smolq.plan.targets import (
     ALL_FORMATS,
@@ -217,7 +218,7 @@ def convert(
     """Convert a Hugging Face checkpoint directory; returns a summary dict.
 
     format: "gguf" / "gguf-v1|v2|v3" / "ggml" / "ggmf" / "ggjt-v1|v2|v3" / "ggmm",
-    or None to pick from the suffix (.gguf -> GGUF v3; .bin -> the newest
+    "mlc" (MLC-LLM weights, a directory; outtype q4f16_1, q4f16_0, q3f16_1 or q0f16, the default), or None to pick from the suffix (.gguf -> GGUF v3; .bin -> the newest
     legacy format GPT4All's legacy backend loads for the family). outtype:
     f32, f16, bf16, q8_0, any RTN type or a llama.cpp mix (q4_k_m ...); None:
     f16, or for a GPTQ directory each Linear's exact type where its grid maps
@@ -230,6 +231,9 @@ def convert(
     try:
         arch = arch_for_config(ckpt.config, ckpt.path / "config.json")
         target = resolve_target(format, out, arch)
+        if target.is_mlc:
+            return convert_mlc(ckpt, arch, out, outtype, vocab_only=vocab_only, dry_run=dry_run,
+                               on_progress=on_progress)
         steps, preset = build_steps(arch, ckpt, target, outtype, out)
         hparams = arch.legacy_hparams(target.legacy) if target.legacy else None  # refuses early
         if vocab_only:

@@ -88,6 +88,39 @@ def is_gptq_dir(fmt: str | None, out: Path) -> bool:
     return (fmt or "").lower() == "gptq" or (fmt is None and out.suffix == "")
 
 
+# --- MLC-LLM weights: from the HF checkpoint, MLC's quantization names --------------------
+
+MLC_BITS = {4: "q4f16_1", 3: "q3f16_1", 16: "q0f16"}
+
+
+def run_mlc(src: Path, out: Path, type_name: str | None, bits: int | None, *, method: str = "rtn",
+            calib: Path | None = None, changed: list[str] = (), dry_run: bool = False,
+            quiet: bool = True) -> dict[str, Any]:
+    """`quantize IN OUT --format mlc --type q4f16_1`: convert the checkpoint IN with that MLC quantization.
+
+    changed: the other quantize options the caller was given (mixes, overrides, GPTQ
+    settings), which MLC-LLM's quantization has no use for."""
+    if method != "rtn":
+        raise InputError(None, "--format mlc quantizes with MLC-LLM's own group rounding; --method gptq does not apply")
+    if calib is not None or changed:
+        names = ", ".join(["--calib"] * (calib is not None) + [f"--{k.replace('_', '-')}" for k in changed])
+        raise InputError(None, f"{names} do not apply to --format mlc")
+    if not src.exists():
+        raise InputError(src, "no such file or directory")
+    if not src.is_dir():
+        raise InputError(src, "MLC-LLM weights are made from the HF checkpoint directory, not from a model file")
+    if (type_name is None) == (bits is None):
+        raise InputError(None, "give exactly one of --type and --bits")
+    if bits is not None and bits not in MLC_BITS:
+        raise InputError(None, f"--bits {bits} has no MLC-LLM quantization; choose one of {sorted(MLC_BITS)}")
+    name = type_name if type_name is not None else MLC_BITS[bits]
+    with event_progress("quantize", quiet=quiet) as on_progress:
+        summary = convert(src, out, format="mlc", outtype=name, dry_run=dry_run, on_progress=on_progress)
+    summary.setdefault("preset", summary.get("quantization", name))
+    summary.setdefault("method", "rtn")
+    return summary
+
+
 # --- paths ---------------------------------------------------------------------------------
 
 def _check_paths(src: Path, out: Path, out_is_dir: bool = False) -> None:

@@ -8,7 +8,9 @@ Every command picks its output container here:
   keeps the input's GGUF version, a legacy container gets its newest version
   (llama.cpp's 2023 quantizer wrote ggjt v3 whatever the converter wrote) and
   keeps the input's dialect; GGUF <-> legacy is refused (that is migrate's job);
-- migrate: --format, else GGUF v3; a legacy target needs a family it exists for.
+- migrate: --format, else GGUF v3; a legacy target needs a family it exists for;
+- MLC-LLM weights (`mlc`, a directory): from an HF checkpoint of a family with an
+  MLC model (convert, or quantize of a checkpoint directory), never from a file.
 
 `target_types(target, family)` is the one answer to "which tensor types can
 this container version hold".
@@ -22,6 +24,8 @@ from typing import Any
 from smolq.arch import Arch, LegacyTarget, family_arch
 from smolq.errors import InputError
 from smolq.formats.gguf import GGUF_TENSOR_TYPES
+from smolq.formats.mlc import QUANTS as MLC_QUANTS
+from smolq.formats.mlc import MLCQuant
 from smolq.formats.legacy import LAYOUT_OF_QNTVR, layout_for
 from smolq.formats.legacy import storable_types as _container_types
 from smolq.formats.legacy_tables import find_spec
@@ -35,7 +39,8 @@ LEGACY_FORMATS: dict[str, tuple[str, int | None]] = {
 # A bare container name is its newest version ("ggjt": v3), so a quantizer that keeps the
 # input's container writes the newest version of it, as llama.cpp's 2023 quantizer did.
 FORMAT_ALIASES = {"ggjt": "ggjt-v3", "gguf3": "gguf-v3", "gguf2": "gguf-v2", "gguf1": "gguf-v1"}
-ALL_FORMATS = tuple(GGUF_FORMATS) + tuple(LEGACY_FORMATS)
+MLC_FORMAT = "mlc"  # MLC-LLM weights: a directory of params_shard_*.bin + tensor-cache.json
+ALL_FORMATS = tuple(GGUF_FORMATS) + tuple(LEGACY_FORMATS) + (MLC_FORMAT,)
 NEWEST_GGUF = 3
 NEWEST_QNTVR = 2  # ggml examples: quantization version of the v3 block layout
 # The list quantize's "unknown format" message has always named.
@@ -55,6 +60,10 @@ class Target:
     @property
     def is_gguf(self) -> bool:
         return self.container == "gguf"
+
+    @property
+    def is_mlc(self) -> bool:
+        return self.container == MLC_FORMAT
 
     @property
     def gguf_version(self) -> int | None:
@@ -96,6 +105,8 @@ def resolve_target(fmt: str | None, out: str | Path, arch: Arch | None = None, *
     if fmt is None:
         fmt = _default_format(out, arch, source)
     key = format_key(fmt)
+    if key == MLC_FORMAT:
+        return _mlc_target(out, arch, source)
     if key in GGUF_FORMATS:
         if source is not None and not source.is_gguf:
             raise InputError(out, f"{source.format_name} -> GGUF changes tensor names and metadata: "
@@ -120,6 +131,27 @@ def resolve_target(fmt: str | None, out: str | Path, arch: Arch | None = None, *
         known = ", ".join(family_arch(family).legacy_targets)
         raise InputError(out, f"{family} cannot be written as {key}; legacy formats for it: {known}")
     return legacy_target(key, lt)
+
+
+def is_mlc_format(fmt: str | None) -> bool:
+    return fmt is not None and format_key(fmt) == MLC_FORMAT
+
+
+def _mlc_target(out: Path, arch: Arch | None, source: Any) -> Target:
+    if arch is None:
+        what = f"a {source.format_name} file" if source is not None else "a model file"
+        raise InputError(out, f"MLC-LLM weights are made from the HF checkpoint, not from {what}")
+    if arch.mlc_model_type is None:
+        raise InputError(out, f"--format mlc: MLC-LLM weights are written for LLaMA only, not {arch.family}")
+    return Target(MLC_FORMAT, MLC_FORMAT, None)
+
+
+def mlc_quant(name: str | None, out: Path | None = None) -> MLCQuant:
+    """An MLC-LLM quantization name (--outtype / --type with --format mlc); None: q0f16."""
+    key = (name or "q0f16").lower()
+    if key not in MLC_QUANTS:
+        raise InputError(out, f"unknown MLC-LLM quantization {name!r} (choose one of {', '.join(MLC_QUANTS)})")
+    return MLC_QUANTS[key]
 
 
 def _default_format(out: Path, arch: Arch | None, source: Any) -> str:
