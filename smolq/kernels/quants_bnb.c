@@ -29,10 +29,11 @@ static const float NF4_CODE[16] = {
     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
 
-/* FP4 (e2m1, bias 2, bitsandbytes' own exponent table) in bit-pattern order, over 12. */
+/* FP4 (e2m1, bias 2, bitsandbytes' own exponent table) in bit-pattern order, over 12.
+ * Code 8 is +0: bitsandbytes writes it as the Python integer -0. */
 static const float FP4_RAW[16] = {0.0f, 0.0625f, 8.0f, 12.0f, 4.0f, 6.0f, 2.0f, 3.0f,
-                                  -0.0f, -0.0625f, -8.0f, -12.0f, -4.0f, -6.0f, -2.0f, -3.0f};
-/* Code indices in ascending value order (torch.argsort, ties kept in index order: +0 before -0). */
+                                  0.0f, -0.0625f, -8.0f, -12.0f, -4.0f, -6.0f, -2.0f, -3.0f};
+/* Code indices in ascending value order (torch.argsort; the two zeros in index order). */
 static const uint8_t FP4_ORDER[16] = {11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3};
 
 static void code4(int quant_type, float code[16]) {
