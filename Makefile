@@ -43,6 +43,8 @@ $(VENV)/.real-readers: $(VENV)/.installed
 	-CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 		$(PIP) install --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==0.3.36"
 	-$(PIP) install "llama-cpp-python==0.3.36"
+	# bitsandbytes (CPU backend) + accelerate: transformers loads smolq's --format nf4/fp4 directories.
+	-$(PIP) install "bitsandbytes==0.50.2" accelerate
 	-$(PIP) install --no-deps --target $(REAL)/gpt4all-1.0.8 "gpt4all==1.0.8" "setuptools<70"
 	-$(PIP) install --no-deps --target $(REAL)/gpt4all-2.5.1 "gpt4all==2.5.1" "setuptools<70"
 	# apache-tvm: its tensor-cache loader reads smolq's MLC-LLM output (tests/test_mlc.py).

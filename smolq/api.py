@@ -66,6 +66,7 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
              damp: float = 0.01, nsamples: int = 128, seqlen: int = 2048, device: str = "cpu",
              true_sequential: bool = True, static_groups: bool = False, mse: float = 0.0,
              scale_rule: str = "weighted", seed: int = 0, resume: bool = False,
+             double_quant: bool = True, blocksize: int = 64,
              dry_run: bool = False, quiet: bool = True) -> dict[str, Any]:
     """Quantize a model, as `smolq quantize` does.
 
@@ -79,6 +80,9 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     "gptq" writes an HF GPTQ directory (bits 2/3/4/8). format "mlc" writes
     MLC-LLM weights from an HF checkpoint, type q4f16_1, q4f16_0, q3f16_1 or
     q0f16 (bits 4 -> q4f16_1, 3 -> q3f16_1).
+    format "nf4" / "fp4" (HF checkpoint in): the directory transformers saves for
+    BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=format,
+    bnb_4bit_use_double_quant=double_quant); blocksize: values per absmax (64).
     tensor_types: "REGEX=TYPE" strings, or a {regex: type} mapping (wins over the mix).
     quiet=False shows progress bars on stderr (the CLI's default).
     Returns the summary; with dry_run=True nothing is written.
@@ -109,8 +113,13 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     gptq = {"group_size": group_size, "act_order": act_order, "sym": sym, "damp": damp, "nsamples": nsamples,
             "seqlen": seqlen, "device": device, "true_sequential": true_sequential, "static_groups": static_groups,
             "mse": mse, "scale_rule": scale_rule, "seed": seed, "resume": resume}
+    if (format or "").lower() in _requantize.BNB_FORMATS:  # bitsandbytes: its own type, no ggml preset
+        if type is not None or bits is not None:
+            raise InputError(None, f"--type/--bits do not apply to --format {format.lower()} (4-bit by definition)")
+        type = "f16"  # carried, unused
     request = _requantize.Request(src, out, resolve_preset(type, bits), opts, method, format, allow_requantize,
-                                  threads, Path(calib) if calib is not None else None, dry_run, quiet, gptq)
+                                  threads, Path(calib) if calib is not None else None, dry_run, quiet, gptq,
+                                  {"double_quant": double_quant, "blocksize": blocksize})
     return common_summary(_requantize.run(request))
 
 

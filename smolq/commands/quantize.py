@@ -22,7 +22,8 @@ EPILOG = (
     "  smolq quantize ./hf-model out.gguf --bits 4 --method gptq --calib text.txt\n\n"
     "  smolq quantize ./hf-model out-gptq --method gptq --format gptq --bits 3 --act-order --calib text.txt\n\n"
     "  smolq quantize ./hf-model out.gguf --type q3_k_m --method gptq --calib text.txt --resume   (after Ctrl-C)\n\n"
-    "  smolq quantize ./hf-model out-mlc/ --format mlc --type q4f16_1   (MLC-LLM weights)"
+    "  smolq quantize ./hf-model out-mlc/ --format mlc --type q4f16_1   (MLC-LLM weights)\n\n"
+    "  smolq quantize ./hf-model out-nf4/ --format nf4   (bitsandbytes 4-bit, loads with transformers)"
 )
 
 
@@ -34,7 +35,7 @@ def register(app: typer.Typer) -> None:
         type_name: Optional[str] = typer.Option(None, "--type", "-t", help="Preset (q4_0 q4_1 q5_0 q5_1 q8_0 q2_k q3_k_s/m/l q4_k_s/m q5_k_s/m q6_k tq1_0 tq2_0 f16 bf16 f32) or a plain type.", rich_help_panel="Types and mix"),
         bits: Optional[int] = typer.Option(None, "--bits", "-b", help="2, 3, 4, 5, 6 or 8: the default preset for that width (4 -> q4_k_m).", rich_help_panel="Types and mix"),
         method: str = typer.Option("rtn", "--method", help="rtn (round to nearest, C kernel) or gptq (needs the HF checkpoint).", rich_help_panel="Types and mix"),
-        fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Output container: gguf, gguf-v1..v3, ggml, ggmf, ggjt-v1..v3, ggmm (default: the input's); mlc: MLC-LLM weights from an HF checkpoint (--type q4f16_1, q4f16_0, q3f16_1, q0f16).", rich_help_panel="Input/output"),
+        fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Output container: gguf, gguf-v1..v3, ggml, ggmf, ggjt-v1..v3, ggmm (default: the input's); mlc: MLC-LLM weights from an HF checkpoint (--type q4f16_1, q4f16_0, q3f16_1, q0f16); nf4, fp4: a bitsandbytes 4-bit directory from an HF checkpoint.", rich_help_panel="Input/output"),
         pure: bool = typer.Option(False, "--pure", help="No mixture: every quantizable tensor gets the base type.", rich_help_panel="Types and mix"),
         leave_output: bool = typer.Option(False, "--leave-output-tensor", help="Keep output.weight as it is.", rich_help_panel="Types and mix"),
         output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="Type for output.weight.", rich_help_panel="Types and mix"),
@@ -56,6 +57,8 @@ def register(app: typer.Typer) -> None:
         scale_rule: str = typer.Option("weighted", "--scale-rule", help="On ggml grids: how block scales are chosen (weighted, imatrix, plain).", rich_help_panel="GPTQ"),
         seed: int = typer.Option(0, "--seed", help="Seed of the calibration sampling (same seed, same output).", rich_help_panel="GPTQ"),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its saved blocks (same settings).", rich_help_panel="GPTQ"),
+        double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="nf4/fp4: quantize the absmax values again (8-bit, blocks of 256), as bnb_4bit_use_double_quant=True.", rich_help_panel="bitsandbytes"),
+        blocksize: int = typer.Option(64, "--blocksize", help="nf4/fp4: values per absmax block (32 ... 4096).", rich_help_panel="bitsandbytes"),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and total size; write nothing.", rich_help_panel="Output control"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes.", rich_help_panel="Output control"),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout.", rich_help_panel="Output control"),
@@ -69,7 +72,8 @@ def register(app: typer.Typer) -> None:
             allow_requantize=allow_requantize, threads=threads, calib=calib, group_size=group_size,
             act_order=act_order, sym=not asym, damp=damp, nsamples=nsamples, seqlen=seqlen, device=device,
             true_sequential=true_sequential, static_groups=static_groups, mse=mse, scale_rule=scale_rule,
-            seed=seed, resume=resume, dry_run=dry_run, quiet=quiet or json_out)
+            seed=seed, resume=resume, double_quant=double_quant, blocksize=blocksize, dry_run=dry_run,
+            quiet=quiet or json_out)
         for line in summary.get("notes", []):
             note(f"note: {line}", quiet or json_out)
         if json_out:
@@ -79,6 +83,7 @@ def register(app: typer.Typer) -> None:
         elif not quiet:
 
             what = (f"{summary['n_layers_quantized']} linears by GPTQ" if summary.get("method") == "gptq"
+                    else f"{summary['n_quantized']} linears" if summary.get("format") in ("nf4", "fp4")
                     else f"{summary['n_tensors']} tensors")
             note(f"wrote {summary['output']}: {summary['format']}, {summary['preset']}, {what}, "
                  f"{human_bytes(summary['bytes'])} in {summary.get('seconds', 0)} s")

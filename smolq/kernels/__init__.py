@@ -23,9 +23,10 @@ np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 __all__ = [
     "KERNEL_TYPES", "QUANTIZE_TYPES", "DEQUANTIZE_TYPES", "quantize", "dequantize", "row_size", "relayout",
     "gptq_pack", "gptq_unpack", "error_stats", "checksum", "count_nonfinite",
+    "BNB_QUANT_TYPES", "bnb_code", "bnb4_quantize", "bnb4_dequantize", "bnb8_quantize", "bnb8_dequantize", "bnb_mean",
 ]
 
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _ERRORS = {-1: "type/layout not supported", -2: "row length not a multiple of the block size", -3: "bad argument"}
 
 
@@ -53,6 +54,12 @@ _SIGNATURES = {
     "smolq_error_stats": (_int, [_vp, _vp, _i64, _int, ctypes.POINTER(ctypes.c_double)]),
     "smolq_checksum": (_u64, [_vp, _i64, _int]),
     "smolq_count_nonfinite": (_i64, [_vp, _i64, _int]),
+    "smolq_bnb_code": (_int, [_int, _vp]),
+    "smolq_bnb4_quantize": (_i64, [_int, _vp, _vp, _vp, _i64, _i64, _int, _int]),
+    "smolq_bnb4_dequantize": (_i64, [_int, _vp, _vp, _vp, _i64, _i64, _int]),
+    "smolq_bnb8_quantize": (_i64, [_vp, _vp, _vp, _i64, _i64, _int]),
+    "smolq_bnb8_dequantize": (_i64, [_vp, _vp, _vp, _i64, _i64]),
+    "smolq_bnb_mean": (_int, [_vp, _i64, _int, _int, ctypes.POINTER(ctypes.c_float)]),
 }
 for _name, (_res, _args) in _SIGNATURES.items():
     _fn = getattr(_lib, _name)
@@ -287,6 +294,100 @@ def gptq_unpack(packed: np.ndarray, bits: int, n: int, axis: int = 0) -> np.ndar
     out = np.empty(shape, dtype=np.int32)
     _raise_on(_lib.smolq_gptq_unpack(_ptr(p), _ptr(out), shape[0], shape[1], bits, ax), "gptq_unpack")
     return out
+
+
+# --------------------------------------------------------------------------- bitsandbytes
+
+#: bitsandbytes 4-bit quant types -> the kernel's ids (the dynamic 8-bit map is 2).
+BNB_QUANT_TYPES = {"nf4": 0, "fp4": 1}
+BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def _bnb_type(quant_type: str) -> int:
+    if quant_type not in BNB_QUANT_TYPES:
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', not {quant_type!r}")
+    return BNB_QUANT_TYPES[quant_type]
+
+
+def _bnb_blocksize(blocksize: int, allowed: Sequence[int] = BNB_BLOCKSIZES) -> int:
+    if int(blocksize) not in allowed:
+        raise ValueError(f"blocksize must be one of {', '.join(map(str, allowed))}, not {blocksize}")
+    return int(blocksize)
+
+
+def bnb_code(which: str) -> np.ndarray:
+    """bitsandbytes' code table: "nf4", "fp4" (16 floats) or "dynamic" (256: the nested absmax map)."""
+    ids = dict(BNB_QUANT_TYPES, dynamic=2)
+    if which not in ids:
+        raise ValueError(f"unknown bitsandbytes code {which!r}")
+    out = np.empty(256, dtype=np.float32)
+    n = _raise_on(_lib.smolq_bnb_code(ids[which], _ptr(out)), "bnb_code")
+    return out[:n].copy()
+
+
+def bnb4_quantize(x: np.ndarray, quant_type: str = "nf4", blocksize: int = 64, threads: int = 0,
+                  impl: str = "fast") -> tuple[np.ndarray, np.ndarray]:
+    """bitsandbytes quantize_4bit of float data (flattened): (packed uint8 [ceil(n/2)], absmax float32 [blocks])."""
+    qt, bs = _bnb_type(quant_type), _bnb_blocksize(blocksize)
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    if count_nonfinite(x, threads):
+        raise ValueError(f"cannot quantize NaN or infinite values to {quant_type}")
+    packed = np.empty((x.size + 1) // 2, dtype=np.uint8)
+    absmax = np.empty(-(-x.size // bs), dtype=np.float32)
+    _raise_on(_lib.smolq_bnb4_quantize(qt, _ptr(x), _ptr(packed), _ptr(absmax), x.size, bs, _threads(threads),
+                                       _impl(impl)), f"quantize to {quant_type}")
+    return packed, absmax
+
+
+def bnb4_dequantize(packed: Any, absmax: np.ndarray, n: int, quant_type: str = "nf4", blocksize: int = 64,
+                    threads: int = 0) -> np.ndarray:
+    """Inverse of bnb4_quantize: n float32 values."""
+    qt, bs = _bnb_type(quant_type), _bnb_blocksize(blocksize)
+    raw = _as_bytes(packed)
+    a = np.ascontiguousarray(absmax, dtype=np.float32).reshape(-1)
+    n = int(n)
+    if n < 0 or raw.size != (n + 1) // 2 or a.size != -(-n // bs):
+        raise ValueError(f"{n} values need {(n + 1) // 2} bytes and {-(-n // bs)} absmax, "
+                         f"got {raw.size} and {a.size}")
+    out = np.empty(n, dtype=np.float32)
+    _raise_on(_lib.smolq_bnb4_dequantize(qt, _ptr(raw), _ptr(a), _ptr(out), n, bs, _threads(threads)),
+              f"dequantize {quant_type}")
+    return out
+
+
+def bnb8_quantize(x: np.ndarray, blocksize: int = 256, impl: str = "fast") -> tuple[np.ndarray, np.ndarray]:
+    """bitsandbytes quantize_blockwise with the dynamic map (CPU): (uint8 [n], absmax float32 [blocks])."""
+    if int(blocksize) <= 0:
+        raise ValueError(f"blocksize must be positive, not {blocksize}")
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    if count_nonfinite(x):
+        raise ValueError("cannot quantize NaN or infinite values")
+    q = np.empty(x.size, dtype=np.uint8)
+    absmax = np.empty(-(-x.size // int(blocksize)), dtype=np.float32)
+    _raise_on(_lib.smolq_bnb8_quantize(_ptr(x), _ptr(q), _ptr(absmax), x.size, int(blocksize), _impl(impl)),
+              "quantize_blockwise")
+    return q, absmax
+
+
+def bnb8_dequantize(q: Any, absmax: np.ndarray, blocksize: int = 256) -> np.ndarray:
+    raw = _as_bytes(q)
+    a = np.ascontiguousarray(absmax, dtype=np.float32).reshape(-1)
+    if int(blocksize) <= 0 or a.size != -(-raw.size // int(blocksize)):
+        raise ValueError(f"{raw.size} values in blocks of {blocksize} need {-(-raw.size // max(int(blocksize), 1))} "
+                         f"absmax, got {a.size}")
+    out = np.empty(raw.size, dtype=np.float32)
+    _raise_on(_lib.smolq_bnb8_dequantize(_ptr(raw), _ptr(a), _ptr(out), raw.size, int(blocksize)), "dequantize_blockwise")
+    return out
+
+
+def bnb_mean(x: np.ndarray, lanes: int = 8, threads: int = 1) -> float:
+    """torch's float32 CPU mean (the double-quantization offset): lanes 8 (AVX2) or 16 (AVX-512), torch's threads."""
+    a = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    if a.size == 0:
+        raise ValueError("mean of no values")
+    out = ctypes.c_float()
+    _raise_on(_lib.smolq_bnb_mean(_ptr(a), a.size, int(lanes), max(int(threads), 1), ctypes.byref(out)), "bnb_mean")
+    return out.value
 
 
 # --------------------------------------------------------------------------- verification

@@ -9,7 +9,7 @@
 
 #include "kernel_internal.h"
 
-#define ABI_VERSION 1
+#define ABI_VERSION 2
 
 int smolq_kernel_abi_version(void) { return ABI_VERSION; }
 
@@ -396,4 +396,58 @@ int64_t smolq_count_nonfinite(const float *x, int64_t n, int nthreads) {
     for (int64_t c = 0; c < nchunks; c++) total += counts[c];
     free(counts);
     return total;
+}
+
+/* ------------------------------------------------------------------------ */
+/* bitsandbytes 4-bit: blocks split between threads (quants_bnb.c).          */
+
+typedef struct {
+    int quant_type, impl;
+    const float *x;
+    const uint8_t *qsrc;
+    uint8_t *packed;
+    const float *absmax_in;
+    float *absmax, *y;
+    int64_t n, blocksize;
+} bnb4_job;
+
+static void bnb4_quantize_range(void *ctx, int64_t begin, int64_t end) {
+    const bnb4_job *j = ctx;
+    smolq_bnb4_quantize_blocks(j->quant_type, j->x, j->packed, j->absmax, j->n, j->blocksize, begin, end, j->impl);
+}
+
+static void bnb4_dequantize_range(void *ctx, int64_t begin, int64_t end) {
+    const bnb4_job *j = ctx;
+    smolq_bnb4_dequantize_blocks(j->quant_type, j->qsrc, j->absmax_in, j->y, j->n, j->blocksize, begin, end);
+}
+
+static int bnb4_args_ok(int quant_type, int64_t n, int64_t blocksize) {
+    if (quant_type != SMOLQ_BNB_NF4 && quant_type != SMOLQ_BNB_FP4) return SMOLQ_ERR_TYPE;
+    if (n < 0 || blocksize < 32 || blocksize > 4096 || (blocksize & (blocksize - 1))) return SMOLQ_ERR_ARG;
+    return 0;
+}
+
+int64_t smolq_bnb4_quantize(int quant_type, const float *src, uint8_t *packed, float *absmax, int64_t n,
+                            int64_t blocksize, int nthreads, int impl) {
+    const int err = bnb4_args_ok(quant_type, n, blocksize);
+    if (err) return err;
+    if (impl != 0 && impl != 1) return SMOLQ_ERR_ARG;
+    if (n == 0) return 0;
+    if (!src || !packed || !absmax) return SMOLQ_ERR_ARG;
+    bnb4_job j = {quant_type, impl, src, NULL, packed, NULL, absmax, NULL, n, blocksize};
+    const int64_t nblocks = (n + blocksize - 1) / blocksize;
+    parallel_for(nblocks, MIN_ELEMS_PER_THREAD / blocksize, nthreads, bnb4_quantize_range, &j);
+    return (n + 1) / 2;
+}
+
+int64_t smolq_bnb4_dequantize(int quant_type, const uint8_t *packed, const float *absmax, float *dst, int64_t n,
+                              int64_t blocksize, int nthreads) {
+    const int err = bnb4_args_ok(quant_type, n, blocksize);
+    if (err) return err;
+    if (n == 0) return 0;
+    if (!packed || !absmax || !dst) return SMOLQ_ERR_ARG;
+    bnb4_job j = {quant_type, 0, NULL, packed, NULL, absmax, NULL, dst, n, blocksize};
+    const int64_t nblocks = (n + blocksize - 1) / blocksize;
+    parallel_for(nblocks, MIN_ELEMS_PER_THREAD / blocksize, nthreads, bnb4_dequantize_range, &j);
+    return n;
 }

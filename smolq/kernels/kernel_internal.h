@@ -23,6 +23,12 @@ const smolq_type_ops *smolq_find_nonk_ops(int type, int layout);
 int64_t smolq_relayout_blocks(int type, int src_layout, int dst_layout,
                               const void *src, void *dst, int64_t nblocks, int *lossless_out);
 
+/* Blocks [b0, b1) of a bitsandbytes 4-bit tensor (quants_bnb.c). */
+int64_t smolq_bnb4_quantize_blocks(int quant_type, const float *x, uint8_t *packed, float *absmax, int64_t n,
+                                   int64_t blocksize, int64_t b0, int64_t b1, int impl);
+void smolq_bnb4_dequantize_blocks(int quant_type, const uint8_t *packed, const float *absmax, float *y, int64_t n,
+                                  int64_t blocksize, int64_t b0, int64_t b1);
+
 enum {
     SMOLQ_T_F32 = 0, SMOLQ_T_F16 = 1, SMOLQ_T_Q4_0 = 2, SMOLQ_T_Q4_1 = 3,
     SMOLQ_T_Q4_2 = 4, SMOLQ_T_Q4_3 = 5, SMOLQ_T_Q5_0 = 6, SMOLQ_T_Q5_1 = 7,

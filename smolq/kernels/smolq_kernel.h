@@ -91,4 +91,25 @@ uint64_t smolq_checksum(const void *buf, int64_t nbytes, int nthreads);
 /* Number of NaN / inf values among n floats. */
 int64_t smolq_count_nonfinite(const float *x, int64_t n, int nthreads);
 
+/* bitsandbytes blockwise quantization (quants_bnb.c), byte-equal with bitsandbytes'
+ * CPU path. which / quant_type: SMOLQ_BNB_NF4, SMOLQ_BNB_FP4; SMOLQ_BNB_DYNAMIC is the
+ * signed 8-bit dynamic map of the nested (double-quantized) absmax. */
+#define SMOLQ_BNB_NF4     0
+#define SMOLQ_BNB_FP4     1
+#define SMOLQ_BNB_DYNAMIC 2
+/* The code table (16 or 256 floats, as bitsandbytes stores quant_map); returns its length. */
+int smolq_bnb_code(int which, float *out);
+/* n values -> ceil(n/2) bytes (first value in the high nibble) and ceil(n/blocksize)
+ * absmax floats. blocksize: 32 ... 4096, a power of two. Returns the packed bytes. */
+int64_t smolq_bnb4_quantize(int quant_type, const float *src, uint8_t *packed, float *absmax, int64_t n,
+                            int64_t blocksize, int nthreads, int impl);
+int64_t smolq_bnb4_dequantize(int quant_type, const uint8_t *packed, const float *absmax, float *dst, int64_t n,
+                              int64_t blocksize, int nthreads);
+/* 8-bit blockwise with the dynamic map (bitsandbytes' CPU quantize_blockwise). Returns n. */
+int64_t smolq_bnb8_quantize(const float *src, uint8_t *q, float *absmax, int64_t n, int64_t blocksize, int impl);
+int64_t smolq_bnb8_dequantize(const uint8_t *q, const float *absmax, float *dst, int64_t n, int64_t blocksize);
+/* torch's float32 CPU mean of n floats (lanes 8: AVX2 builds, 16: AVX-512; threads: torch's
+ * intra-op threads), the offset of double quantization. 0 or < 0. */
+int smolq_bnb_mean(const float *x, int64_t n, int lanes, int threads, float *out);
+
 #endif

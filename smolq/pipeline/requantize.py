@@ -19,6 +19,7 @@ from smolq.formats.detect import ModelFile, open_model, sniff_container
 from smolq.formats.gguf import Metadata, MetaValue
 from smolq.formats.legacy import infer_file_type
 from smolq.ggml_types import GGMLType, block_size, is_quantized, tensor_nbytes
+from smolq.pipeline.bnb import BNB_FORMATS, quantize_hf_bnb
 from smolq.pipeline.convert import convert
 from smolq.pipeline.gptq import quantize_hf
 from smolq.plan.mix import ModelInfo, PlanOptions, Preset, QuantPlan, TensorPlan, plan_tensor_types
@@ -48,6 +49,7 @@ class Request:
     dry_run: bool = False
     quiet: bool = True
     gptq: dict[str, Any] | None = None  # GPTQ solver settings, passed through to the pipeline
+    bnb: dict[str, Any] | None = None  # --format nf4/fp4: double_quant, blocksize
 
 
 # Defaults of the GPTQ-only options: anything else given with --method rtn is a mistake.
@@ -65,6 +67,11 @@ def run(req: Request) -> dict[str, Any]:
     if req.method == "rtn" and (req.calib is not None or _changed_gptq_options(req)):
         names = ", ".join(["--calib"] * (req.calib is not None) + [f"--{k.replace('_', '-')}" for k in _changed_gptq_options(req)])
         raise InputError(None, f"{names} apply to --method gptq only")
+    fmt = (req.fmt or "").lower()
+    if fmt in BNB_FORMATS:
+        return _bnb_from_hf(req, fmt)
+    if req.bnb and (req.bnb.get("double_quant", True) is not True or req.bnb.get("blocksize", 64) != 64):
+        raise InputError(None, "--double-quant/--blocksize apply to --format nf4 or fp4 only")
     _check_paths(req.src, req.out, out_is_dir=_writes_directory(req))
     if req.src.is_dir():
         return _from_hf(req)
@@ -155,6 +162,24 @@ def _from_hf(req: Request) -> dict[str, Any]:
     if req.dry_run:
         summary["dry_run"] = True
     return summary
+
+
+def _bnb_from_hf(req: Request, fmt: str) -> dict[str, Any]:
+    """--format nf4/fp4: the bitsandbytes checkpoint transformers saves (an HF directory in, a directory out)."""
+    if not req.src.is_dir():
+        raise InputError(req.src, f"--format {fmt} needs a Hugging Face checkpoint directory (bitsandbytes "
+                                  f"quantizes the float weights); got a {sniff_container(req.src)} file")
+    if req.method != "rtn":
+        raise InputError(None, f"--format {fmt} is bitsandbytes' own rounding; --method {req.method} does not apply")
+    if req.out.suffix.lower() in (".gguf", ".bin", ".safetensors"):
+        raise InputError(req.out, f"--format {fmt} writes a directory; give OUT without a file suffix")
+    _check_paths(req.src, req.out, out_is_dir=True)
+    if req.out.exists() and not req.out.is_dir():
+        raise InputError(req.out, "output exists and is not a directory")
+    opts = req.bnb or {}
+    return quantize_hf_bnb(req.src, req.out, quant_type=fmt, double_quant=opts.get("double_quant", True),
+                           blocksize=opts.get("blocksize", 64), threads=req.threads, dry_run=req.dry_run,
+                           quiet=req.quiet)
 
 
 def _gptq_from_hf(req: Request) -> dict[str, Any]:
