@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 
 from smolq import api
-from smolq.commands.render import print_plan
+from smolq.commands.render import note_shards, print_plan
 from smolq.progress import emit_json, human_bytes, note
 
 EPILOG = (
@@ -55,6 +55,8 @@ def register(app: typer.Typer) -> None:
         scale_rule: str = typer.Option("weighted", "--scale-rule", help="On ggml grids: how block scales are chosen (weighted, imatrix, plain).", rich_help_panel="GPTQ"),
         seed: int = typer.Option(0, "--seed", help="Seed of the calibration sampling (same seed, same output).", rich_help_panel="GPTQ"),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its saved blocks (same settings).", rich_help_panel="GPTQ"),
+        split_max_size: Optional[str] = typer.Option(None, "--split-max-size", metavar="SIZE", help="GGUF in shards of at most SIZE bytes of tensor data (decimal K/M/G: 2G = 2*10^9), named OUT-00001-of-0000N.gguf as llama.cpp's gguf-split writes them.", rich_help_panel="Split GGUF"),
+        split_max_tensors: Optional[int] = typer.Option(None, "--split-max-tensors", metavar="N", min=1, help="GGUF in shards of at most N tensors each (with --split-max-size: whichever comes first).", rich_help_panel="Split GGUF"),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and total size; write nothing.", rich_help_panel="Output control"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes.", rich_help_panel="Output control"),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout.", rich_help_panel="Output control"),
@@ -68,7 +70,8 @@ def register(app: typer.Typer) -> None:
             allow_requantize=allow_requantize, threads=threads, calib=calib, group_size=group_size,
             act_order=act_order, sym=not asym, damp=damp, nsamples=nsamples, seqlen=seqlen, device=device,
             true_sequential=true_sequential, static_groups=static_groups, mse=mse, scale_rule=scale_rule,
-            seed=seed, resume=resume, dry_run=dry_run, quiet=quiet or json_out)
+            seed=seed, resume=resume, split_max_size=split_max_size, split_max_tensors=split_max_tensors,
+            dry_run=dry_run, quiet=quiet or json_out)
         for line in summary.get("notes", []):
             note(f"note: {line}", quiet or json_out)
         if json_out:
@@ -81,3 +84,4 @@ def register(app: typer.Typer) -> None:
                     else f"{summary['n_tensors']} tensors")
             note(f"wrote {summary['output']}: {summary['format']}, {summary['preset']}, {what}, "
                  f"{human_bytes(summary['bytes'])} in {summary.get('seconds', 0)} s")
+            note_shards(summary, quiet)

@@ -16,10 +16,11 @@ from typing import Any
 from smolq import kernels
 from smolq.errors import InputError
 from smolq.formats.detect import ModelFile, open_model, sniff_container
-from smolq.formats.gguf import Metadata, MetaValue
+from smolq.formats.base import TensorEntry
+from smolq.formats.gguf import Metadata, MetaValue, Split
 from smolq.formats.legacy import infer_file_type
 from smolq.ggml_types import GGMLType, block_size, is_quantized, tensor_nbytes
-from smolq.pipeline.convert import convert
+from smolq.pipeline.convert import add_shards, check_split, convert
 from smolq.pipeline.gptq import quantize_hf
 from smolq.plan.mix import ModelInfo, PlanOptions, Preset, QuantPlan, TensorPlan, plan_tensor_types
 from smolq.plan.targets import Target, resolve_target, target_types
@@ -48,6 +49,7 @@ class Request:
     dry_run: bool = False
     quiet: bool = True
     gptq: dict[str, Any] | None = None  # GPTQ solver settings, passed through to the pipeline
+    split: Split | None = None  # shard a GGUF output (--split-max-size / --split-max-tensors)
 
 
 # Defaults of the GPTQ-only options: anything else given with --method rtn is a mistake.
@@ -66,6 +68,9 @@ def run(req: Request) -> dict[str, Any]:
         names = ", ".join(["--calib"] * (req.calib is not None) + [f"--{k.replace('_', '-')}" for k in _changed_gptq_options(req)])
         raise InputError(None, f"{names} apply to --method gptq only")
     _check_paths(req.src, req.out, out_is_dir=_writes_directory(req))
+    if req.split and req.method == "gptq":
+        raise InputError(req.out, "--split-max-size / --split-max-tensors are not wired into GPTQ yet; "
+                                  "quantize unsplit, then `smolq split` the output")
     if req.src.is_dir():
         return _from_hf(req)
     if req.method == "gptq":
@@ -116,7 +121,7 @@ def _from_hf(req: Request) -> dict[str, Any]:
 
     with event_progress("quantize", quiet=req.quiet) as on_progress:
         summary = convert(req.src, req.out, format=req.fmt, outtype=req.preset.name, dry_run=req.dry_run,
-                          on_progress=on_progress)
+                          on_progress=on_progress, split=req.split)
     summary.setdefault("preset", req.preset.name)
     summary.setdefault("method", "rtn")
     if req.dry_run:
@@ -189,6 +194,7 @@ def quantize_file(req: Request) -> dict[str, Any]:
     notes: list[str] = []
     with open_model(req.src) as mf:
         target = resolve_target(req.fmt, req.out, source=mf)
+        check_split(req.split, target, req.out)
         plan = make_plan(mf, req)
         _fit_legacy(plan, target, None if target.is_gguf else target_types(target, mf.architecture), notes)
         if not target.is_gguf and mf.architecture != "llama":  # the writer names the file type: can it?
@@ -199,6 +205,9 @@ def quantize_file(req: Request) -> dict[str, Any]:
         if plan.n_fallback:
             notes.append(f"{plan.n_fallback} tensors used a fallback type (rows not a multiple of the block)")
         summary = _summary(mf, req, target, plan, notes)
+        if target.is_gguf:
+            add_shards(summary, req.out, mf.raw.metadata,
+                       [TensorEntry(tp.name, tp.dst_type, tuple(tp.shape)) for tp in plan.tensors], req.split)
         if req.dry_run:
             summary["dry_run"] = True
             return summary
@@ -217,7 +226,8 @@ def _write(mf: ModelFile, req: Request, target: Target, plan: QuantPlan) -> int:
 
         if target.is_gguf:
             return gguf_sink.write(req.out, target.version, requantized_metadata(mf, plan.preset), entries,
-                                   endian="<" if mf.endian == "little" else ">", on_tensor=on_tensor)
+                                   endian="<" if mf.endian == "little" else ">", on_tensor=on_tensor,
+                                   split=req.split)
         lf = mf.raw
         # LLaMA headers store LLAMA_FTYPE (mixes have their own value); the writer infers the others.
         ftype = plan.preset.ftype if mf.architecture == "llama" else None
