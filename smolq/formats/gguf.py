@@ -1121,13 +1121,13 @@ def _open_split(first: GGUFFile) -> GGUFFile:
             parts.append(part)
             _check_shard(first, part, i, count, total)
         tensors = list(first.tensors)
-        seen = {t.name for t in tensors}
+        seen = {t.name: first.path for t in tensors}
         for part in parts:
             for t in part.tensors:
                 if t.name in seen:
-                    raise FormatError(part.path, f"foreign shard: tensor {t.name!r} is already in an earlier "
-                                                 f"shard of {first.path.name}")
-                seen.add(t.name)
+                    raise FormatError(part.path, f"foreign shard: tensor {t.name!r} is also in {seen[t.name].name}; "
+                                                 f"the shards of {first.path.name} are from different splits")
+                seen[t.name] = part.path
                 tensors.append(t)
         if total is not None and len(tensors) != total:
             raise FormatError(first.path, f"split set holds {len(tensors)} tensors, but split.tensors.count "
