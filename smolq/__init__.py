@@ -1,12 +1,12 @@
 """smolq: convert Hugging Face checkpoints into GGUF and legacy ggml files, and quantize them.
 
-The public API (smolq.api): convert, quantize, migrate, open.
+The public API (smolq.api): convert, quantize, migrate, split, merge, open.
 """
 
 __version__ = "0.1.0"
 
-from smolq.api import Source, TensorInfo, convert, migrate, open, quantize  # noqa: E402,F401
+from smolq.api import Source, TensorInfo, convert, merge, migrate, open, quantize, split  # noqa: E402,F401
 from smolq.errors import FormatError, InputError, SmolqError  # noqa: E402,F401
 
-__all__ = ["__version__", "convert", "quantize", "migrate", "open", "Source", "TensorInfo",
+__all__ = ["__version__", "convert", "quantize", "migrate", "split", "merge", "open", "Source", "TensorInfo",
            "SmolqError", "InputError", "FormatError"]

@@ -6,6 +6,9 @@
     smolq.quantize("model-f16.gguf", "model-q4_k_m.gguf", type="q4_k_m")   # RTN, C kernel
     smolq.quantize("hf-model", "model-gptq.gguf", type="q4_0", method="gptq", calib="text.txt")
     smolq.migrate("old-ggjt-v1.bin", "new.gguf")                     # any container -> any other
+    smolq.convert("hf-model", "big.gguf", split_max_size="2G")        # big-00001-of-0000N.gguf ...
+    smolq.split("big.gguf", "big", split_max_tensors=128)             # re-shard (llama-gguf-split)
+    smolq.merge("big-00001-of-00003.gguf", "big.gguf")                # and back, byte for byte
     src = smolq.open("model-q4_k_m.gguf")                             # family, format, tensors ...
 
 Every function returns the same summary shape (smolq.pipeline.summary):
@@ -24,9 +27,11 @@ from typing import Any, Callable, Iterable, Literal, Mapping
 from smolq.arch import arch_for_config
 from smolq.errors import InputError
 from smolq.formats.detect import open_model
+from smolq.formats.gguf import Split
 from smolq.pipeline import convert as _convert
 from smolq.pipeline import migrate as _migrate
 from smolq.pipeline import requantize as _requantize
+from smolq.pipeline import split as _split
 from smolq.pipeline.summary import common_summary
 from smolq.plan.mix import PlanOptions, parse_tensor_type_overrides, parse_type, resolve_preset
 from smolq.plan.targets import is_mlc_format
@@ -35,11 +40,12 @@ from smolq.sources.gptq import looks_like_gptq
 PathLike = str | os.PathLike
 Progress = Callable[[dict[str, Any]], None]
 
-__all__ = ["convert", "quantize", "migrate", "open", "Source", "TensorInfo"]
+__all__ = ["convert", "quantize", "migrate", "split", "merge", "open", "Source", "TensorInfo"]
 
 
 def convert(src: PathLike, out: PathLike, *, format: str | None = None, outtype: str | None = None,
             vocab_only: bool = False, dry_run: bool = False,
+            split_max_size: int | str | None = None, split_max_tensors: int | None = None,
             on_progress: Progress | None = None) -> dict[str, Any]:
     """Convert a Hugging Face checkpoint directory (plain or GPTQ) into GGUF or a legacy ggml file.
 
@@ -51,10 +57,14 @@ def convert(src: PathLike, out: PathLike, *, format: str | None = None, outtype:
     mix ("q4_k_m" ...); None: f16 (a GPTQ directory: each Linear's exact type).
     With format "mlc": "q4f16_1", "q4f16_0", "q3f16_1" or "q0f16" (the default).
     on_progress(event) gets {"event": "start"|"tensor"|"done", ...}.
+    split_max_size ("2G", "500M": decimal units, or bytes) / split_max_tensors:
+    GGUF output in shards OUT-00001-of-0000N.gguf as llama.cpp's gguf-split writes
+    them (summary["shards"] names them; a model that fits one shard stays OUT).
     Returns the summary; with dry_run=True nothing is written.
     """
     return common_summary(_convert.convert(src, out, format=format, outtype=outtype, vocab_only=vocab_only,
-                                           dry_run=dry_run, on_progress=on_progress))
+                                           dry_run=dry_run, on_progress=on_progress,
+                                           split=Split.of(split_max_size, split_max_tensors)))
 
 
 def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int | None = None,
@@ -67,6 +77,7 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
              true_sequential: bool = True, static_groups: bool = False, mse: float = 0.0,
              scale_rule: str = "weighted", seed: int = 0, resume: bool = False,
              double_quant: bool = True, blocksize: int = 64,
+             split_max_size: int | str | None = None, split_max_tensors: int | None = None,
              dry_run: bool = False, quiet: bool = True) -> dict[str, Any]:
     """Quantize a model, as `smolq quantize` does.
 
@@ -85,6 +96,7 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     bnb_4bit_use_double_quant=double_quant); blocksize: values per absmax (64).
     tensor_types: "REGEX=TYPE" strings, or a {regex: type} mapping (wins over the mix).
     quiet=False shows progress bars on stderr (the CLI's default).
+    split_max_size / split_max_tensors: a GGUF output in shards, as in convert().
     Returns the summary; with dry_run=True nothing is written.
     """
     src, out = Path(src), Path(out)
@@ -119,12 +131,14 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
         type = "f16"  # carried, unused
     request = _requantize.Request(src, out, resolve_preset(type, bits), opts, method, format, allow_requantize,
                                   threads, Path(calib) if calib is not None else None, dry_run, quiet, gptq,
-                                  {"double_quant": double_quant, "blocksize": blocksize})
+                                  {"double_quant": double_quant, "blocksize": blocksize},
+                                  Split.of(split_max_size, split_max_tensors))
     return common_summary(_requantize.run(request))
 
 
 def migrate(src: PathLike, out: PathLike, *, format: str | None = None, config: PathLike | None = None,
             type: str | None = None, dry_run: bool = False,
+            split_max_size: int | str | None = None, split_max_tensors: int | None = None,
             on_progress: Progress | None = None) -> dict[str, Any]:
     """Carry a GGUF or legacy model file into another container/version.
 
@@ -134,10 +148,27 @@ def migrate(src: PathLike, out: PathLike, *, format: str | None = None, config: 
     lacks (and its tokenizer); without it those values are guessed and listed
     in the summary's "guesses".
     type: where tensors go that the target cannot hold exactly ("f32": lossless).
+    split_max_size / split_max_tensors: a GGUF output in shards, as in convert().
     Returns the summary, with a per-tensor report (action, lossless, stats).
     """
     return common_summary(_migrate.migrate(src, out, format=format, config=config, type=type, dry_run=dry_run,
-                                           on_progress=on_progress))
+                                           on_progress=on_progress,
+                                           split=Split.of(split_max_size, split_max_tensors)))
+
+
+def split(src: PathLike, prefix: PathLike, *, split_max_size: int | str | None = None,
+          split_max_tensors: int | None = None, dry_run: bool = False) -> dict[str, Any]:
+    """Re-shard a GGUF file (or split set) as PREFIX-00001-of-0000N.gguf ..., as llama-gguf-split does.
+
+    Tensor bytes are copied, not decoded; summary["shards"] lists each shard.
+    """
+    return common_summary(_split.split_file(src, prefix, Split.of(split_max_size, split_max_tensors),
+                                            dry_run=dry_run))
+
+
+def merge(first: PathLike, out: PathLike, *, dry_run: bool = False) -> dict[str, Any]:
+    """Join a split GGUF, given its first shard, into one file (byte-identical to the unsplit original)."""
+    return common_summary(_split.merge_file(first, out, dry_run=dry_run))
 
 
 @dataclass(frozen=True)
@@ -175,7 +206,8 @@ class Source:
 
 
 def open(path: PathLike) -> Source:
-    """Describe a model: an HF or GPTQ checkpoint directory, a GGUF v1-v3 file or any legacy ggml file."""
+    """Describe a model: an HF or GPTQ checkpoint directory, a GGUF v1-v3 file (a split GGUF: its
+    first shard, for the whole set) or any legacy ggml file."""
     p = Path(path)
     if not p.exists():
         raise InputError(p, "no such file or directory")

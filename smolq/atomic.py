@@ -99,6 +99,62 @@ def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raise
 
 
+class AtomicSet:
+    """Several output files that appear together: each is written beside its
+    target under a temporary name, and all are renamed only when every one
+    is complete (atomic_outputs). A failure removes every temporary file."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[str, Path]] = []
+        self._open: list[BinaryIO] = []
+
+    def open(self, path: str | os.PathLike) -> BinaryIO:
+        target = Path(path)
+        directory = target.parent if str(target.parent) else Path(".")
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=directory)
+        except OSError as exc:
+            raise InputError(target, f"cannot write output: {exc.strerror or exc}") from None
+        self._pending.append((tmp_name, target))
+        os.fchmod(fd, 0o666 & ~_umask())
+        fh = os.fdopen(fd, "wb")
+        self._open.append(fh)
+        return fh
+
+    def finish(self, fh: BinaryIO) -> None:
+        """Flush, fsync and close one file (its rename waits for the rest)."""
+        if not fh.closed:
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+
+    def _commit(self) -> None:
+        for fh in self._open:
+            self.finish(fh)
+        for tmp_name, target in self._pending:
+            os.replace(tmp_name, target)
+
+    def _abort(self) -> None:
+        for fh in self._open:
+            with contextlib.suppress(OSError):
+                fh.close()
+        for tmp_name, _ in self._pending:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+
+
+@contextlib.contextmanager
+def atomic_outputs() -> Iterator[AtomicSet]:
+    """Yield an AtomicSet; its files become their targets only if the block finishes."""
+    files = AtomicSet()
+    try:
+        yield files
+        files._commit()
+    except BaseException:
+        files._abort()
+        raise
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory that replaces `path` only on success."""

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from smolq import api
+from smolq.commands.render import note_shards
 from smolq.progress import emit_json, event_progress, human_bytes, note
 
 
@@ -29,6 +30,8 @@ def register(app: typer.Typer) -> None:
                  "directory each Linear's exact type (Q4_0/Q4_1/Q8_0) where its grid maps onto one, else Q2_K/Q3_K/Q4_K/Q8_0 by bits. "
                  "With --format mlc: q4f16_1, q4f16_0, q3f16_1 or q0f16 (default).",
         ),
+        split_max_size: Optional[str] = typer.Option(None, "--split-max-size", metavar="SIZE", help="GGUF in shards of at most SIZE bytes of tensor data (decimal K/M/G: 2G = 2*10^9), named OUT-00001-of-0000N.gguf as llama.cpp's gguf-split writes them.", rich_help_panel="Split GGUF"),
+        split_max_tensors: Optional[int] = typer.Option(None, "--split-max-tensors", metavar="N", min=1, help="GGUF in shards of at most N tensors each (with --split-max-size: whichever comes first).", rich_help_panel="Split GGUF"),
         vocab_only: bool = typer.Option(False, "--vocab-only", help="Write the header and vocabulary only, no tensors.", rich_help_panel="Input/output"),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensor, source dtype, target type, bytes) and write nothing.", rich_help_panel="Output control"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes.", rich_help_panel="Output control"),
@@ -38,7 +41,8 @@ def register(app: typer.Typer) -> None:
 
         with event_progress("convert", quiet=quiet or json_out) as on_progress:
             summary = api.convert(src, out, format=format, outtype=outtype, vocab_only=vocab_only,
-                                  dry_run=dry_run, on_progress=on_progress)
+                                  dry_run=dry_run, split_max_size=split_max_size,
+                                  split_max_tensors=split_max_tensors, on_progress=on_progress)
 
         for line in summary["guesses"]:
             note(f"guess: {line}", quiet)
@@ -54,6 +58,7 @@ def register(app: typer.Typer) -> None:
         elif not quiet:
             note(f"wrote {summary['output']}: {summary['format']}, {summary['n_tensors']} tensors, "
                  f"{summary['bytes']} bytes in {summary['seconds']} s")
+            note_shards(summary, quiet)
 
 
 def _gptq_mark(t: dict) -> str:

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from smolq import api
+from smolq.commands.render import note_shards
 from smolq.progress import emit_json, event_progress, note
 
 
@@ -29,6 +30,8 @@ def register(app: typer.Typer) -> None:
             help="Type for tensors that cannot be carried exactly (default: the nearest type the target holds; "
                  "f32 makes the migration lossless).",
         ),
+        split_max_size: Optional[str] = typer.Option(None, "--split-max-size", metavar="SIZE", help="GGUF in shards of at most SIZE bytes of tensor data (decimal K/M/G: 2G = 2*10^9), named OUT-00001-of-0000N.gguf as llama.cpp's gguf-split writes them.", rich_help_panel="Split GGUF"),
+        split_max_tensors: Optional[int] = typer.Option(None, "--split-max-tensors", metavar="N", min=1, help="GGUF in shards of at most N tensors each (with --split-max-size: whichever comes first).", rich_help_panel="Split GGUF"),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing.", rich_help_panel="Output control"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes.", rich_help_panel="Output control"),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout.", rich_help_panel="Output control"),
@@ -37,6 +40,7 @@ def register(app: typer.Typer) -> None:
 
         with event_progress("migrate", quiet=quiet or json_out) as on_progress:
             summary = api.migrate(src, out, format=format, config=config, type=type, dry_run=dry_run,
+                                  split_max_size=split_max_size, split_max_tensors=split_max_tensors,
                                   on_progress=on_progress)
 
         quiet_notes = quiet or json_out
@@ -55,6 +59,7 @@ def register(app: typer.Typer) -> None:
             note(f"wrote {summary['output']}: {summary['format']}, {summary['n_tensors']} tensors "
                  f"({summary['n_copied']} copied, {summary['n_lossless']} lossless, {summary['n_lossy']} lossy), "
                  f"{summary['bytes']} bytes in {summary['seconds']} s")
+            note_shards(summary, quiet)
 
 
 def _print_table(summary: dict, plan: bool) -> None:

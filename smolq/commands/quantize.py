@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 
 from smolq import api
-from smolq.commands.render import print_plan
+from smolq.commands.render import note_shards, print_plan
 from smolq.progress import emit_json, human_bytes, note
 
 EPILOG = (
@@ -59,6 +59,8 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its saved blocks (same settings).", rich_help_panel="GPTQ"),
         double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="nf4/fp4: quantize the absmax values again (8-bit, blocks of 256), as bnb_4bit_use_double_quant=True.", rich_help_panel="bitsandbytes"),
         blocksize: int = typer.Option(64, "--blocksize", help="nf4/fp4: values per absmax block (32 ... 4096).", rich_help_panel="bitsandbytes"),
+        split_max_size: Optional[str] = typer.Option(None, "--split-max-size", metavar="SIZE", help="GGUF in shards of at most SIZE bytes of tensor data (decimal K/M/G: 2G = 2*10^9), named OUT-00001-of-0000N.gguf as llama.cpp's gguf-split writes them.", rich_help_panel="Split GGUF"),
+        split_max_tensors: Optional[int] = typer.Option(None, "--split-max-tensors", metavar="N", min=1, help="GGUF in shards of at most N tensors each (with --split-max-size: whichever comes first).", rich_help_panel="Split GGUF"),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and total size; write nothing.", rich_help_panel="Output control"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes.", rich_help_panel="Output control"),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout.", rich_help_panel="Output control"),
@@ -72,7 +74,8 @@ def register(app: typer.Typer) -> None:
             allow_requantize=allow_requantize, threads=threads, calib=calib, group_size=group_size,
             act_order=act_order, sym=not asym, damp=damp, nsamples=nsamples, seqlen=seqlen, device=device,
             true_sequential=true_sequential, static_groups=static_groups, mse=mse, scale_rule=scale_rule,
-            seed=seed, resume=resume, double_quant=double_quant, blocksize=blocksize, dry_run=dry_run,
+            seed=seed, resume=resume, double_quant=double_quant, blocksize=blocksize,
+            split_max_size=split_max_size, split_max_tensors=split_max_tensors, dry_run=dry_run,
             quiet=quiet or json_out)
         for line in summary.get("notes", []):
             note(f"note: {line}", quiet or json_out)
@@ -87,3 +90,4 @@ def register(app: typer.Typer) -> None:
                     else f"{summary['n_tensors']} tensors")
             note(f"wrote {summary['output']}: {summary['format']}, {summary['preset']}, {what}, "
                  f"{human_bytes(summary['bytes'])} in {summary.get('seconds', 0)} s")
+            note_shards(summary, quiet)

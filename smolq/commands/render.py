@@ -1,9 +1,15 @@
-"""Rendering a summary for the terminal: the per-tensor plan table of --dry-run."""
+"""Rendering a summary for the terminal: the per-tensor plan table of --dry-run, shard lists."""
 from __future__ import annotations
 
 from typing import Any
 
-from smolq.progress import human_bytes
+from smolq.progress import human_bytes, note
+
+
+def note_shards(summary: dict[str, Any], quiet: bool) -> None:
+    """One line per shard of a split GGUF output (nothing for one file)."""
+    for shard in summary.get("shards") or []:
+        note(f"  shard {shard if isinstance(shard, str) else shard['path']}", quiet)
 
 
 def print_plan(summary: dict[str, Any]) -> None:

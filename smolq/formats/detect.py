@@ -16,7 +16,7 @@ from typing import Any
 
 from smolq.errors import FormatError
 from smolq.formats.base import TensorEntry
-from smolq.formats.gguf import read_gguf
+from smolq.formats.gguf import GGUFFile, read_gguf
 from smolq.formats.legacy import read_legacy
 from smolq.formats.legacy_tables import ALIGNMENT, CONTAINER_BY_MAGIC, CONTAINERS, OTHER_MAGICS
 
@@ -92,7 +92,9 @@ class ModelFile:
 
 
 def open_model(path: str | os.PathLike, family: str | None = None) -> ModelFile:
-    """Read any GGUF or legacy ggml model file (tensors stay lazy, backed by an mmap)."""
+    """Read any GGUF or legacy ggml model file (tensors stay lazy, backed by an mmap).
+
+    The first shard of a split GGUF opens the whole set (formats.gguf.read_gguf)."""
     p = Path(path)
     container = sniff_container(p)
     if container == "gguf":
@@ -117,9 +119,17 @@ def _from_gguf(path: Path) -> ModelFile:
         alignment=gf.alignment,
         layout="v3",
         ftype=meta.get("general.file_type"),
-        header={"n_tensors": len(gf.tensors), "n_kv": len(gf.metadata)},
+        header=_gguf_header(gf),
         raw=gf,
     )
+
+
+def _gguf_header(gf: GGUFFile) -> dict[str, Any]:
+    header: dict[str, Any] = {"n_tensors": len(gf.tensors), "n_kv": len(gf.metadata)}
+    if gf.split is not None:  # a split set read from its first shard: name every shard
+        header["split_count"] = gf.split.count
+        header["shards"] = [str(p) for p in gf.split.paths]
+    return header
 
 
 def _gguf_vocab_size(meta: dict[str, Any], arch: str) -> int | None:

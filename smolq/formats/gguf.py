@@ -25,6 +25,7 @@ from __future__ import annotations
 import mmap
 import operator
 import os
+import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, Callable
 
-from smolq.atomic import atomic_output
+from smolq.atomic import atomic_output, atomic_outputs
 from smolq.errors import FormatError, InputError
 from smolq.formats.base import TensorEntry, find_tensor
 from smolq.ggml_types import TYPE_INFO, GGMLType
@@ -601,6 +602,8 @@ class GGUFFile:
         self.tensors = tensors
         self.data_offset = data_offset  # absolute offset of the tensor-data blob
         self.size = size
+        self.parts: list[GGUFFile] = []  # the other shards of a split set (their tensors are in `tensors`)
+        self.split: SplitInfo | None = None  # set when the file is (the first shard of) a split GGUF
 
     def __enter__(self) -> "GGUFFile":
         return self
@@ -612,6 +615,8 @@ class GGUFFile:
         mm, self._mm = self._mm, None
         if mm is not None:
             _close_map(mm)
+        for part in self.parts:
+            part.close()
 
     def tensor(self, name: str) -> TensorEntry:
         return find_tensor(self.tensors, name)
@@ -637,9 +642,25 @@ class GGUFFile:
         return load
 
 
-def read_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Parse a GGUF v1/v2/v3 file (either byte order). Raises FormatError on any defect."""
-    path = Path(path)
+def read_gguf(path: str | os.PathLike, whole_set: bool = True) -> GGUFFile:
+    """Parse a GGUF v1/v2/v3 file (either byte order). Raises FormatError on any defect.
+
+    The first shard of a split GGUF (split.count > 1) brings the whole set: its
+    tensors are every shard's, in order, and `split` says where they live. The
+    split.* keys are not in `metadata` (they describe files, not the model).
+    whole_set=False reads the one file as it is, split keys included.
+    """
+    gf = _read_one(Path(path))
+    if not whole_set:
+        return gf
+    try:
+        return _open_split(gf)
+    except BaseException:
+        gf.close()
+        raise
+
+
+def _read_one(path: Path) -> GGUFFile:
     try:
         fh = open(path, "rb")
     except OSError as exc:
@@ -880,28 +901,37 @@ def write_gguf(path: str | os.PathLike, metadata: Mapping[str, MetaValue], tenso
         raise InputError(path, f"endian must be '<' or '>', got {endian!r}")
     tensors = list(tensors)
     meta, alignment = _effective_metadata(path, metadata, alignment)
+    _check_tensors(path, tensors)
+    head = _encode_head(path, spec, order, meta, tensors, alignment)
+    with atomic_output(path) as fh:
+        return _write_body(fh, path, head, tensors, order, alignment, on_tensor)
+
+
+def _check_tensors(path: Path, tensors: list[TensorEntry]) -> None:
     seen: set[str] = set()
     for t in tensors:
         _check_tensor(path, t)
         if t.name in seen:
             raise InputError(path, f"duplicate tensor name {t.name!r}")
         seen.add(t.name)
-    head = _encode_head(path, spec, order, meta, tensors, alignment)
-    with atomic_output(path) as fh:
-        fh.write(head)
-        pos = len(head)
-        pos = _pad(fh, pos, alignment)
-        for t in tensors:
-            data = _as_bytes(t.load())
-            if len(data) != t.nbytes:
-                raise InputError(path, f"tensor {t.name!r}: load() returned {len(data)} bytes, "
-                                       f"{GGMLType(t.type).name} {list(t.shape)} needs {t.nbytes}")
-            _write_tensor_data(fh, t, data, order)
-            del data
-            pos = _pad(fh, pos + t.nbytes, alignment)
-            if on_tensor is not None:
-                on_tensor(t, t.nbytes)
-        return pos
+
+
+def _write_body(fh: Any, path: Path, head: bytes, tensors: list[TensorEntry], order: str, alignment: int,
+                on_tensor: Callable[[TensorEntry, int], None] | None) -> int:
+    """Header bytes, padding, then each tensor's data padded to `alignment`; returns the size."""
+    fh.write(head)
+    pos = _pad(fh, len(head), alignment)
+    for t in tensors:
+        data = _as_bytes(t.load())
+        if len(data) != t.nbytes:
+            raise InputError(path, f"tensor {t.name!r}: load() returned {len(data)} bytes, "
+                                   f"{GGMLType(t.type).name} {list(t.shape)} needs {t.nbytes}")
+        _write_tensor_data(fh, t, data, order)
+        del data
+        pos = _pad(fh, pos + t.nbytes, alignment)
+        if on_tensor is not None:
+            on_tensor(t, t.nbytes)
+    return pos
 
 
 def _pad(fh: Any, pos: int, alignment: int) -> int:
@@ -909,3 +939,219 @@ def _pad(fh: Any, pos: int, alignment: int) -> int:
     if n:
         fh.write(b"\0" * n)
     return pos + n
+
+
+# ---------------------------------------------------------------- split files
+#
+# A split GGUF is what llama.cpp's gguf-split and gguf-py's GGUFWriter write
+# (formats.md, "split"): shards named PREFIX-00001-of-00003.gguf, each a
+# complete GGUF file. Every shard carries split.no (u16, 0-based),
+# split.count (u16) and split.tensors.count (i32, tensors in the whole set);
+# the first shard also carries all the model's other KVs, before the split
+# keys. Tensors keep their order across the shards; each shard's data is
+# padded to the alignment. llama.cpp loads the set given its first shard.
+
+SPLIT_NO = "split.no"
+SPLIT_COUNT = "split.count"
+SPLIT_TENSORS_COUNT = "split.tensors.count"
+SPLIT_KEYS = (SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT)
+_SHARD_SUFFIX = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+_SIZE_UNITS = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+
+
+@dataclass(frozen=True)
+class Split:
+    """How to shard a GGUF output: at most `max_tensors` tensors and/or
+    `max_bytes` bytes of (padded) tensor data per shard; 0 means no limit."""
+
+    max_tensors: int = 0
+    max_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_tensors < 0 or self.max_bytes < 0:
+            raise InputError(None, "split limits must be positive")
+
+    def __bool__(self) -> bool:
+        return bool(self.max_tensors or self.max_bytes)
+
+    @classmethod
+    def of(cls, max_size: int | str | None = None, max_tensors: int | None = None) -> "Split | None":
+        """A Split from CLI/API values (size "2G", "500M", bytes as int); None when neither is given."""
+        split = cls(max_tensors or 0, parse_size(max_size) if max_size is not None else 0)
+        return split or None
+
+
+def parse_size(text: int | str) -> int:
+    """Bytes from "2G" / "500M" / "64K" / "123" (decimal units, as llama.cpp's converter reads them)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        n = text
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)B?\s*", str(text), re.IGNORECASE)
+        if m is None:
+            raise InputError(None, f"--split-max-size {text!r}: give a number of bytes with an optional "
+                                   "K, M or G suffix (decimal: 2G = 2,000,000,000 bytes)")
+        n = int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    if n <= 0:
+        raise InputError(None, f"--split-max-size {text!r}: the size must be positive")
+    return n
+
+
+def shard_path(prefix: str | os.PathLike, index: int, count: int) -> Path:
+    """PREFIX-00001-of-00003.gguf for index 0 of 3 (llama.cpp's llama_split_path)."""
+    return Path(f"{os.fspath(prefix)}-{index + 1:05d}-of-{count:05d}.gguf")
+
+
+def shard_prefix(out: str | os.PathLike) -> Path:
+    """The shard prefix of an output path: its name without a .gguf suffix (out.gguf -> out)."""
+    p = Path(out)
+    return p.with_suffix("") if p.suffix.lower() == ".gguf" else p
+
+
+def plan_shards(tensors: Sequence[TensorEntry], split: Split, alignment: int = DEFAULT_ALIGNMENT) -> list[list[TensorEntry]]:
+    """Tensors grouped into shards as gguf-split groups them: a new shard when the
+    current one holds max_tensors, or when the next tensor's padded size would take
+    its data past max_bytes. A tensor larger than max_bytes gets a shard of its own
+    (gguf-split refuses that for the very first tensor; gguf-py allows it)."""
+    shards: list[list[TensorEntry]] = [[]]
+    size = 0
+    for t in tensors:
+        n = _align(t.nbytes, alignment)
+        cur = shards[-1]
+        if cur and ((split.max_tensors and len(cur) >= split.max_tensors)
+                    or (split.max_bytes and size + n > split.max_bytes)):
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += n
+    return shards
+
+
+def split_metadata(metadata: Mapping[str, MetaValue], index: int, count: int, n_tensors: int) -> Metadata:
+    """A shard's KVs: the model's (first shard only, any old split keys dropped), then split.*."""
+    meta = Metadata()
+    if index == 0:
+        for key, mv in metadata.items():
+            if key not in SPLIT_KEYS:
+                meta[key] = mv
+    meta[SPLIT_NO] = MetaValue.u16(index)
+    meta[SPLIT_COUNT] = MetaValue.u16(count)
+    meta[SPLIT_TENSORS_COUNT] = MetaValue.i32(n_tensors)
+    return meta
+
+
+def write_gguf_shards(prefix: str | os.PathLike, metadata: Mapping[str, MetaValue], tensors: Iterable[TensorEntry],
+                      split: Split, version: int = 3, endian: str = "<", alignment: int | None = None,
+                      on_tensor: Callable[[TensorEntry, int], None] | None = None) -> list[tuple[Path, int]]:
+    """Write PREFIX-0000i-of-0000N.gguf shards (always with split.* keys, even for one shard).
+
+    All shards are written under temporary names and renamed only when every one
+    is complete; nothing is left behind on failure. Returns [(path, size)].
+    """
+    spec = VERSIONS.get(version)
+    first = shard_path(prefix, 0, 1)
+    if spec is None:
+        raise InputError(first, f"unsupported GGUF version {version} (smolq writes 1, 2 and 3)")
+    order = _ENDIANS.get(endian)
+    if order is None:
+        raise InputError(first, f"endian must be '<' or '>', got {endian!r}")
+    tensors = list(tensors)
+    meta, alignment = _effective_metadata(first, metadata, alignment)
+    _check_tensors(first, tensors)
+    shards = plan_shards(tensors, split, alignment)
+    count = len(shards)
+    if count > INT_RANGES[V.UINT16][1]:
+        raise InputError(first, f"{count} shards: split.count is a u16; raise the split limits")
+    paths = [shard_path(prefix, i, count) for i in range(count)]
+    heads = [_encode_head(paths[i], spec, order, split_metadata(meta, i, count, len(tensors)), shard, alignment)
+             for i, shard in enumerate(shards)]
+    written = []
+    with atomic_outputs() as files:
+        for path, head, shard in zip(paths, heads, shards):
+            fh = files.open(path)
+            written.append((path, _write_body(fh, path, head, shard, order, alignment, on_tensor)))
+            files.finish(fh)
+    return written
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """Where a GGUF's tensors came from when it is (part of) a split set."""
+
+    count: int  # split.count of the set
+    tensors_count: int  # split.tensors.count
+    paths: tuple[Path, ...]  # every shard, in order
+
+
+def _int_key(gf: GGUFFile, key: str) -> int | None:
+    mv = gf.metadata.get(key)
+    if mv is None:
+        return None
+    if mv.type not in INT_RANGES:
+        raise FormatError(gf.path, f"{key} is {mv.type.name}, expected an integer")
+    return int(mv.value)
+
+
+def _open_split(first: GGUFFile) -> GGUFFile:
+    """`first` with the rest of its split set attached (a plain file comes back as it is)."""
+    count = _int_key(first, SPLIT_COUNT)
+    if count is None:
+        return first
+    no = _int_key(first, SPLIT_NO) or 0
+    total = _int_key(first, SPLIT_TENSORS_COUNT)
+    m = _SHARD_SUFFIX.search(first.path.name)
+    if no != 0:
+        hint = f"; give the first shard, {first.path.name[:m.start()]}-00001-of-{count:05d}.gguf" if m else ""
+        raise FormatError(first.path, f"is shard {no + 1} of {count} of a split GGUF{hint}")
+    for key in SPLIT_KEYS:
+        first.metadata.pop(key, None)
+    if count <= 1:  # one shard (gguf-split's n=1), or llama.cpp's merged output (count 0)
+        first.split = SplitInfo(max(count, 1), len(first.tensors), (first.path,))
+        return first
+    if m is None or int(m.group(1)) != 1 or int(m.group(2)) != count:
+        raise FormatError(first.path, f"first shard of a split GGUF of {count} shards, but its name does not "
+                                      f"end in -00001-of-{count:05d}.gguf, so the other shards cannot be found")
+    prefix = first.path.with_name(first.path.name[:m.start()])
+    paths = [first.path] + [shard_path(prefix, i, count) for i in range(1, count)]
+    parts: list[GGUFFile] = []
+    try:
+        for i, path in enumerate(paths[1:], start=1):
+            if not path.exists():
+                raise FormatError(path, f"missing shard {i + 1} of {count} of the split GGUF {first.path.name}")
+            part = read_gguf(path, whole_set=False)
+            parts.append(part)
+            _check_shard(first, part, i, count, total)
+        tensors = list(first.tensors)
+        seen = {t.name: first.path for t in tensors}
+        for part in parts:
+            for t in part.tensors:
+                if t.name in seen:
+                    raise FormatError(part.path, f"foreign shard: tensor {t.name!r} is also in {seen[t.name].name}; "
+                                                 f"the shards of {first.path.name} are from different splits")
+                seen[t.name] = part.path
+                tensors.append(t)
+        if total is not None and len(tensors) != total:
+            raise FormatError(first.path, f"split set holds {len(tensors)} tensors, but split.tensors.count "
+                                          f"says {total}")
+    except BaseException:
+        for part in parts:
+            part.close()
+        raise
+    first.tensors = tensors
+    first.parts = parts
+    first.split = SplitInfo(count, len(tensors), tuple(paths))
+    return first
+
+
+def _check_shard(first: GGUFFile, part: GGUFFile, index: int, count: int, total: int | None) -> None:
+    what = f"foreign shard (not part of the split set of {first.path.name}):"
+    part_count = _int_key(part, SPLIT_COUNT)
+    if part_count is None:
+        raise FormatError(part.path, f"{what} it has no {SPLIT_COUNT}")
+    if part_count != count:
+        raise FormatError(part.path, f"{what} {SPLIT_COUNT} is {part_count}, the first shard says {count}")
+    part_no = _int_key(part, SPLIT_NO)
+    if part_no != index:
+        raise FormatError(part.path, f"{what} {SPLIT_NO} is {part_no}, expected {index}")
+    part_total = _int_key(part, SPLIT_TENSORS_COUNT)
+    if total is not None and part_total != total:
+        raise FormatError(part.path, f"{what} {SPLIT_TENSORS_COUNT} is {part_total}, the first shard says {total}")

@@ -20,6 +20,7 @@ from typing import Any, Callable
 from smolq.arch import Arch, TensorMap, arch_for_config
 from smolq.errors import InputError
 from smolq.formats.base import TensorEntry
+from smolq.formats.gguf import Split
 from smolq.formats.legacy import infer_file_type
 from smolq.ggml_types import GGMLType, is_quantized, tensor_nbytes
 from smolq.kernels import quantize, relayout
@@ -47,7 +48,7 @@ np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 T = GGMLType
 
 __all__ = ["ALL_FORMATS", "FORMAT_ALIASES", "GGUF_FORMATS", "LEGACY_FORMATS", "Target", "resolve_target",
-           "gguf_metadata", "convert", "build_steps", "convert_tensor", "place_blocks", "open_source"]
+           "gguf_metadata", "convert", "check_split", "add_shards", "build_steps", "convert_tensor", "place_blocks", "open_source"]
 SOURCE_TYPES = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16, "F64": T.F32}
 
 
@@ -214,6 +215,7 @@ def convert(
     vocab_only: bool = False,
     dry_run: bool = False,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    split: Split | None = None,
 ) -> dict[str, Any]:
     """Convert a Hugging Face checkpoint directory; returns a summary dict.
 
@@ -224,6 +226,7 @@ def convert(
     f16, or for a GPTQ directory each Linear's exact type where its grid maps
     onto one, else Q2_K/Q3_K/Q4_K/Q8_0 by bits (gptq_import.py).
     on_progress(event) gets {"event": "start"|"tensor"|"done", ...}.
+    split: shard a GGUF output as llama.cpp's gguf-split does (sinks.gguf).
     """
     started = time.perf_counter()
     out = Path(out_path)
@@ -234,12 +237,16 @@ def convert(
         if target.is_mlc:
             return convert_mlc(ckpt, arch, out, outtype, vocab_only=vocab_only, dry_run=dry_run,
                                on_progress=on_progress)
+        check_split(split, target, out)
         steps, preset = build_steps(arch, ckpt, target, outtype, out)
         hparams = arch.legacy_hparams(target.legacy) if target.legacy else None  # refuses early
         if vocab_only:
             steps = []
         vocab = load_vocab(ckpt.path, arch.n_vocab, arch.family, ckpt.config)
         summary = _summary(ckpt, arch, target, outtype, steps, vocab, out)
+        file_type = preset.ftype
+        md = gguf_metadata(arch, vocab, ckpt, file_type) if target.is_gguf else {}
+        add_shards(summary, out, md, _entries(steps, "v3") if target.is_gguf else [], split)
         if dry_run:
             summary["dry_run"] = True
             return summary
@@ -249,9 +256,7 @@ def convert(
             _progress_event(on_progress, event="tensor", name=entry.name, nbytes=entry.nbytes)
 
         if target.is_gguf:
-            file_type = preset.ftype
-            md = gguf_metadata(arch, vocab, ckpt, file_type)
-            size = gguf_sink.write(out, target.version, md, _entries(steps, "v3"), on_tensor=on_tensor)
+            size = gguf_sink.write(out, target.version, md, _entries(steps, "v3"), on_tensor=on_tensor, split=split)
         else:
             size = _write_legacy_file(out, arch, target, hparams, vocab, steps, preset, on_tensor)
         summary.update(bytes=size, seconds=round(time.perf_counter() - started, 3))
@@ -259,6 +264,23 @@ def convert(
         return summary
     finally:
         ckpt.close()
+
+
+def check_split(split: Split | None, target: Target, out: Path) -> None:
+    """--split-max-size / --split-max-tensors shard GGUF outputs only."""
+    if split and not target.is_gguf:
+        raise InputError(out, f"--split-max-size / --split-max-tensors apply to GGUF outputs, not {target.format}")
+
+
+def add_shards(summary: dict[str, Any], out: Path, metadata: Any, entries: list[TensorEntry],
+               split: Split | None) -> None:
+    """Name the shards in the summary when the output is split (output: the first shard)."""
+    if not split:
+        return
+    paths = gguf_sink.output_paths(out, metadata, entries, split)
+    if len(paths) > 1:
+        summary["output"] = str(paths[0])
+        summary["shards"] = [str(p) for p in paths]
 
 
 def open_source(src_dir: str | os.PathLike) -> Checkpoint:

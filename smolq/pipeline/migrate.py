@@ -43,7 +43,7 @@ from smolq.arch.legacy_config import Guess
 from smolq.errors import FormatError, InputError
 from smolq.formats.base import TensorEntry
 from smolq.formats.detect import open_model
-from smolq.formats.gguf import VERSIONS, MetaValue, write_gguf
+from smolq.formats.gguf import VERSIONS, MetaValue, Split
 from smolq.formats.gguf import GGUFValueType as V
 from smolq.formats.legacy import write_legacy
 from smolq.ggml_types import (
@@ -55,9 +55,10 @@ from smolq.ggml_types import (
 )
 from smolq.kernels import DEQUANTIZE_TYPES, dequantize, error_stats, relayout
 from smolq.lazy import lazy_module
-from smolq.pipeline.convert import convert_tensor
+from smolq.pipeline.convert import add_shards, check_split, convert_tensor
 from smolq.plan.mix import PLAIN_FTYPE, parse_type
 from smolq.plan.targets import Target, resolve_target, target_types
+from smolq.sinks import gguf as gguf_sink
 from smolq.sinks.gguf import gguf_metadata
 from smolq.sources.model_file import ModelFile, describe, family_of, format_of, read_user_config, same_bytes
 from smolq.sources.vocab import Vocab
@@ -460,13 +461,15 @@ def summary(plan: Plan, out: Path) -> dict[str, Any]:
 
 def migrate(src_path, out_path, format: str | None = None, config: str | os.PathLike | None = None,
             type: str | None = None, dry_run: bool = False,
-            on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+            on_progress: Callable[[dict[str, Any]], None] | None = None,
+            split: Split | None = None) -> dict[str, Any]:
     """Migrate one model file; returns the summary (the per-tensor report filled in).
 
     format: gguf (v3, default), gguf-v1|v2|v3, ggml, ggmf, ggjt-v1|v2|v3, ggmm.
     config: an HF checkpoint directory or config.json for the values a legacy
     header lacks (and its tokenizer); without it they are guessed and listed.
     type: where tensors go that cannot be carried exactly (f32: lossless).
+    split: shard a GGUF output as llama.cpp's gguf-split does.
     """
     started = time.perf_counter()
     out = Path(out_path)
@@ -474,7 +477,10 @@ def migrate(src_path, out_path, format: str | None = None, config: str | os.Path
     try:
         if out.resolve() == Path(src_path).resolve():
             raise InputError(out, "output would overwrite the input")
+        check_split(split, plan.target, out)
         result = summary(plan, out)
+        if plan.target.is_gguf:
+            add_shards(result, out, plan.metadata, [_as_out(s) for s in plan.steps], split)
         if dry_run:
             result["dry_run"] = True
             return result
@@ -483,8 +489,10 @@ def migrate(src_path, out_path, format: str | None = None, config: str | os.Path
         def on_tensor(entry: TensorEntry, *_: Any) -> None:
             _emit(on_progress, event="tensor", name=entry.name, nbytes=entry.nbytes)
 
-        size = _write(plan, out, on_tensor)
+        size = _write(plan, out, on_tensor, split)
+        shards = {k: result[k] for k in ("output", "shards") if "shards" in result}
         result = summary(plan, out)
+        result.update(shards)
         result.update(bytes=size, seconds=round(time.perf_counter() - started, 3))
         _emit(on_progress, event="done", bytes=size)
         return result
@@ -497,11 +505,11 @@ def _emit(on_progress, **event) -> None:
         on_progress(event)
 
 
-def _write(plan: Plan, out: Path, on_tensor) -> int:
+def _write(plan: Plan, out: Path, on_tensor, split: Split | None = None) -> int:
     entries = _entries(plan)
     if plan.target.is_gguf:
-
-        return write_gguf(out, plan.metadata, entries, version=plan.target.gguf_version, on_tensor=on_tensor)
+        return gguf_sink.write(out, plan.target.gguf_version, plan.metadata, entries, on_tensor=on_tensor,
+                               split=split)
 
     lt = plan.target.legacy
     vocab = plan.legacy_vocab

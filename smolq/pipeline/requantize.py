@@ -15,12 +15,13 @@ from typing import Any
 
 from smolq import kernels
 from smolq.errors import InputError
+from smolq.formats.base import TensorEntry
 from smolq.formats.detect import ModelFile, open_model, sniff_container
-from smolq.formats.gguf import Metadata, MetaValue
+from smolq.formats.gguf import Metadata, MetaValue, Split
 from smolq.formats.legacy import infer_file_type
 from smolq.ggml_types import GGMLType, block_size, is_quantized, tensor_nbytes
 from smolq.pipeline.bnb import BNB_FORMATS, quantize_hf_bnb
-from smolq.pipeline.convert import convert
+from smolq.pipeline.convert import add_shards, check_split, convert
 from smolq.pipeline.gptq import quantize_hf
 from smolq.plan.mix import ModelInfo, PlanOptions, Preset, QuantPlan, TensorPlan, plan_tensor_types
 from smolq.plan.targets import Target, resolve_target, target_types
@@ -50,6 +51,7 @@ class Request:
     quiet: bool = True
     gptq: dict[str, Any] | None = None  # GPTQ solver settings, passed through to the pipeline
     bnb: dict[str, Any] | None = None  # --format nf4/fp4: double_quant, blocksize
+    split: Split | None = None  # shard a GGUF output (--split-max-size / --split-max-tensors)
 
 
 # Defaults of the GPTQ-only options: anything else given with --method rtn is a mistake.
@@ -73,6 +75,9 @@ def run(req: Request) -> dict[str, Any]:
     if req.bnb and (req.bnb.get("double_quant", True) is not True or req.bnb.get("blocksize", 64) != 64):
         raise InputError(None, "--double-quant/--blocksize apply to --format nf4 or fp4 only")
     _check_paths(req.src, req.out, out_is_dir=_writes_directory(req))
+    if req.split and req.method == "gptq":
+        raise InputError(req.out, "--split-max-size / --split-max-tensors are not wired into GPTQ yet; "
+                                  "quantize unsplit, then `smolq split` the output")
     if req.src.is_dir():
         return _from_hf(req)
     if req.method == "gptq":
@@ -156,7 +161,7 @@ def _from_hf(req: Request) -> dict[str, Any]:
 
     with event_progress("quantize", quiet=req.quiet) as on_progress:
         summary = convert(req.src, req.out, format=req.fmt, outtype=req.preset.name, dry_run=req.dry_run,
-                          on_progress=on_progress)
+                          on_progress=on_progress, split=req.split)
     summary.setdefault("preset", req.preset.name)
     summary.setdefault("method", "rtn")
     if req.dry_run:
@@ -247,6 +252,7 @@ def quantize_file(req: Request) -> dict[str, Any]:
     notes: list[str] = []
     with open_model(req.src) as mf:
         target = resolve_target(req.fmt, req.out, source=mf)
+        check_split(req.split, target, req.out)
         plan = make_plan(mf, req)
         _fit_legacy(plan, target, None if target.is_gguf else target_types(target, mf.architecture), notes)
         if not target.is_gguf and mf.architecture != "llama":  # the writer names the file type: can it?
@@ -257,6 +263,9 @@ def quantize_file(req: Request) -> dict[str, Any]:
         if plan.n_fallback:
             notes.append(f"{plan.n_fallback} tensors used a fallback type (rows not a multiple of the block)")
         summary = _summary(mf, req, target, plan, notes)
+        if target.is_gguf:
+            add_shards(summary, req.out, mf.raw.metadata,
+                       [TensorEntry(tp.name, tp.dst_type, tuple(tp.shape)) for tp in plan.tensors], req.split)
         if req.dry_run:
             summary["dry_run"] = True
             return summary
@@ -275,7 +284,8 @@ def _write(mf: ModelFile, req: Request, target: Target, plan: QuantPlan) -> int:
 
         if target.is_gguf:
             return gguf_sink.write(req.out, target.version, requantized_metadata(mf, plan.preset), entries,
-                                   endian="<" if mf.endian == "little" else ">", on_tensor=on_tensor)
+                                   endian="<" if mf.endian == "little" else ">", on_tensor=on_tensor,
+                                   split=req.split)
         lf = mf.raw
         # LLaMA headers store LLAMA_FTYPE (mixes have their own value); the writer infers the others.
         ftype = plan.preset.ftype if mf.architecture == "llama" else None

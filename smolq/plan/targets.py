@@ -24,11 +24,11 @@ from typing import Any
 from smolq.arch import Arch, LegacyTarget, family_arch
 from smolq.errors import InputError
 from smolq.formats.gguf import GGUF_TENSOR_TYPES
-from smolq.formats.mlc import QUANTS as MLC_QUANTS
-from smolq.formats.mlc import MLCQuant
 from smolq.formats.legacy import LAYOUT_OF_QNTVR, layout_for
 from smolq.formats.legacy import storable_types as _container_types
 from smolq.formats.legacy_tables import find_spec
+from smolq.formats.mlc import QUANTS as MLC_QUANTS
+from smolq.formats.mlc import MLCQuant
 from smolq.ggml_types import GGMLType
 
 # --format names. "gguf" alone: v3 (convert, migrate) or the input's version (quantize).
