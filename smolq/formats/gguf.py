@@ -893,18 +893,24 @@ def write_gguf(path: str | os.PathLike, metadata: Mapping[str, MetaValue], tenso
     GGUF cannot represent (64-bit value in v1, long names, bad shapes, wrong byte counts).
     """
     path = Path(path)
-    spec = VERSIONS.get(version)
-    if spec is None:
-        raise InputError(path, f"unsupported GGUF version {version} (smolq writes 1, 2 and 3)")
-    order = _ENDIANS.get(endian)
-    if order is None:
-        raise InputError(path, f"endian must be '<' or '>', got {endian!r}")
+    spec, order = _version_and_order(path, version, endian)
     tensors = list(tensors)
     meta, alignment = _effective_metadata(path, metadata, alignment)
     _check_tensors(path, tensors)
     head = _encode_head(path, spec, order, meta, tensors, alignment)
     with atomic_output(path) as fh:
         return _write_body(fh, path, head, tensors, order, alignment, on_tensor)
+
+
+def _version_and_order(path: Path, version: int, endian: str):
+    """The version's field table and the struct byte order, or a one-line InputError."""
+    spec = VERSIONS.get(version)
+    if spec is None:
+        raise InputError(path, f"unsupported GGUF version {version} (smolq writes 1, 2 and 3)")
+    order = _ENDIANS.get(endian)
+    if order is None:
+        raise InputError(path, f"endian must be '<' or '>', got {endian!r}")
+    return spec, order
 
 
 def _check_tensors(path: Path, tensors: list[TensorEntry]) -> None:
@@ -1047,13 +1053,8 @@ def write_gguf_shards(prefix: str | os.PathLike, metadata: Mapping[str, MetaValu
     All shards are written under temporary names and renamed only when every one
     is complete; nothing is left behind on failure. Returns [(path, size)].
     """
-    spec = VERSIONS.get(version)
     first = shard_path(prefix, 0, 1)
-    if spec is None:
-        raise InputError(first, f"unsupported GGUF version {version} (smolq writes 1, 2 and 3)")
-    order = _ENDIANS.get(endian)
-    if order is None:
-        raise InputError(first, f"endian must be '<' or '>', got {endian!r}")
+    spec, order = _version_and_order(first, version, endian)
     tensors = list(tensors)
     meta, alignment = _effective_metadata(first, metadata, alignment)
     _check_tensors(first, tensors)
