@@ -133,6 +133,12 @@ def reader_inventory() -> list[tuple[str, str | None]]:
     for version in ("1.0.8", "2.5.1"):
         why = None if gpt4all_dir(version) else f"not installed in .venv/real/gpt4all-{version}"
         out.append((f"gpt4all {version}", why))
+    # Loaded in the test process (pure-Python loaders over their own small native parts).
+    for module, dist in (("bitsandbytes", "bitsandbytes"), ("tvm", "apache-tvm")):
+        if importlib.util.find_spec(module) is None:
+            out.append((dist, "not installed (make setup installs it)"))
+        else:
+            out.append((f"{dist} {importlib.metadata.version(dist)}", None))
     return out
 
 
