@@ -71,7 +71,7 @@ def test_kernel_ref_fast_and_spec_agree(quant_type):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_bytes_equal_bitsandbytes(quant_type, double_quant, dtype):
     F = _bnb()
-    from smolq.transforms.bnb import quantize_weight
+    from smolq.transforms.bnb import quantize_weight, torch_reduction
 
     assert kernels.bnb_code(quant_type).tobytes() == F.get_4bit_type(quant_type, device="cpu").numpy().tobytes()
     assert kernels.bnb_code("dynamic").tobytes() == F.create_dynamic_map().numpy().tobytes()
@@ -79,7 +79,10 @@ def test_bytes_equal_bitsandbytes(quant_type, double_quant, dtype):
     for shape in [(704, 256), (256, 704), (3, 37), (96, 96)]:
         w = (torch.randn(shape, generator=g) * 0.05).to(getattr(torch, dtype))
         q, st = F.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
-        mine = quantize_weight(w.float().numpy(), quant_type, 64, double_quant, dtype)
+        # the offset's last bits follow torch's vector width and threads, as this process's torch sums
+        lanes, torch_threads = torch_reduction()
+        mine = quantize_weight(w.float().numpy(), quant_type, 64, double_quant, dtype, lanes=lanes,
+                               torch_threads=torch_threads)
         theirs = {"": q, **{"." + k: v for k, v in st.as_dict(packed=True).items()}}
         assert set(mine) == set(theirs), (set(mine) ^ set(theirs))
         for k, v in theirs.items():

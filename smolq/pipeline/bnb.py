@@ -8,7 +8,6 @@ BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=..., bnb_4bit_use_doub
 from __future__ import annotations
 
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from smolq.lazy import lazy_module
 from smolq.pipeline.convert import open_source
 from smolq.progress import WorkProgress
 from smolq.sinks import bnb as bnb_sink
-from smolq.transforms.bnb import quantize_weight
+from smolq.transforms.bnb import quantize_weight, torch_reduction
 
 np = lazy_module("numpy")
 
@@ -62,15 +61,6 @@ def _as_f32(a: np.ndarray, st: str) -> np.ndarray:
     return a.astype(np.float32)
 
 
-def _torch_reduction() -> tuple[int, int]:
-    """(vector lanes, threads) of torch's CPU sum, if torch is already loaded; else AVX2, one thread."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return 8, 1
-    cap = str(torch.backends.cpu.get_cpu_capability())
-    return (16 if cap.startswith("AVX512") else 8), int(torch.get_num_threads())
-
-
 def quantize_hf_bnb(src: Path, out: Path, *, quant_type: str, double_quant: bool = True, blocksize: int = 64,
                     threads: int = 0, dry_run: bool = False, quiet: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
@@ -78,7 +68,7 @@ def quantize_hf_bnb(src: Path, out: Path, *, quant_type: str, double_quant: bool
         raise InputError(None, f"unknown bitsandbytes type {quant_type!r}; choose nf4 or fp4")
     if blocksize not in BLOCKSIZES:
         raise InputError(None, f"--blocksize {blocksize}: bitsandbytes takes {', '.join(map(str, BLOCKSIZES))}")
-    lanes, torch_threads = _torch_reduction()
+    lanes, torch_threads = torch_reduction()
     with open_source(src) as ckpt:
         arch_for_config(ckpt.config, ckpt.path / "config.json")  # a family smolq knows, or one line
         dtype = _model_dtype(ckpt.config, ckpt)

@@ -8,6 +8,7 @@ machine's torch uses (defaults: 8 lanes, 1 thread).
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from smolq import kernels
@@ -47,3 +48,12 @@ def dequantize_weight(t: dict[str, Any], quant_type: str, shape: tuple[int, ...]
     if nested_offset is not None:
         absmax = kernels.bnb8_dequantize(absmax, t[".nested_absmax"], NESTED_BLOCKSIZE) + np.float32(nested_offset)
     return kernels.bnb4_dequantize(t[""], absmax, n, quant_type, blocksize).reshape(shape)
+
+
+def torch_reduction() -> tuple[int, int]:
+    """(vector lanes, threads) of torch's CPU sum, if torch is already loaded; else AVX2, one thread."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return 8, 1
+    cap = str(torch.backends.cpu.get_cpu_capability())
+    return (16 if cap.startswith("AVX512") else 8), int(torch.get_num_threads())
