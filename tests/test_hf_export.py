@@ -409,3 +409,59 @@ def test_cli_writes_the_directory(cli, capfd, tiny_files, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
                                                       "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                                                       "tokenizer_config.json"]
+
+
+# ------------------------------------------------------------------------------------------ more inputs
+
+def test_linear_rope_scaling_round_trips(tmp_path):
+    """llama.rope.scaling.type linear -> rope_scaling in config.json; transformers then computes llama.cpp's logits."""
+    src = make_tiny_model("llama", tmp_path / "src", seed=2,
+                          config_overrides={"rope_scaling": {"type": "linear", "factor": 2.0}})
+    path = tmp_path / "m.gguf"
+    convert(src, path, format="gguf", outtype="f32")
+    out = tmp_path / "hf"
+    convert(path, out, format="hf")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_scaling"]["factor"] == 2.0 and cfg["rope_parameters"]["rope_type"] == "linear"
+    llm = open_llama(path)
+    tokens = _sequences(llm, cfg["vocab_size"])
+    _assert_close(np.stack(llm.logits(tokens)), hf_logits(out, tokens), FLOAT_TOL, "linear RoPE scaling")
+
+
+def test_a_split_gguf_exports_as_the_unsplit_file(tmp_path):
+    from smolq.sinks.hf import SINGLE_FILE
+
+    src = tmp_path / "src"
+    make_tiny_model("llama", src, gqa=True, seed=5)
+    convert(src, tmp_path / "m.gguf", format="gguf", outtype="q8_0")
+    s = convert(src, tmp_path / "s.gguf", format="gguf", outtype="q8_0", split=_split(5))
+    assert len(s["shards"]) > 1
+    first = Path(s["shards"][0])
+    convert(tmp_path / "m.gguf", tmp_path / "a", format="hf")
+    convert(first, tmp_path / "b", format="hf")
+    assert (tmp_path / "a" / SINGLE_FILE).read_bytes() == (tmp_path / "b" / SINGLE_FILE).read_bytes()
+
+
+def _split(n: int):
+    from smolq.formats.gguf import Split
+
+    return Split.of(max_tensors=n)
+
+
+def test_a_legacy_gptj_file_is_refused(cli, capfd, tmp_path):
+    src = make_tiny_model("gptj", tmp_path / "src")
+    legacy = tmp_path / "g.bin"
+    convert(src, legacy, format="ggml", outtype="f16")
+    _one_line_refusal(cli, capfd, ["convert", str(legacy), str(tmp_path / "out"), "--format", "hf"],
+                      tmp_path / "out", "gptj cannot be written as a transformers checkpoint")
+
+
+def test_an_unknown_pre_tokenizer_is_refused_not_guessed():
+    from smolq.errors import InputError
+    from smolq.sources.hf_tokenizer import hf_tokenizer
+    from smolq.sources.vocab import Vocab
+
+    vocab = Vocab("gpt2", ["a", "b", "ab"], [1, 1, 1], None, ["a b"], {}, pre="llama-bpe")
+    with pytest.raises(InputError, match="tokenizer.ggml.pre 'llama-bpe'"):
+        hf_tokenizer(vocab)
+    assert hf_tokenizer(Vocab("gpt2", ["a", "b", "ab"], [1, 1, 1], None, ["a b"], {}, pre="gpt2")).encode("ab").ids == [2]
