@@ -212,6 +212,15 @@ def test_legacy_file_exports_with_its_guesses(tiny_files, tmp_path):
     hp = {"llama.attention.layer_norm_rms_epsilon": cfg["rms_norm_eps"], "llama.rope.freq_base": cfg["rope_theta"]}
     reference = logits_from_file(legacy, tokens, hparams_override=hp, dtype=np.float32)
     _assert_close(reference, hf_logits(out, tokens), FLOAT_TOL, "legacy export vs reference")
+    # The vocabulary recovered from the legacy file tokenizes as the GGUF's does (llama.cpp's, above).
+    from transformers import AutoTokenizer
+
+    gguf = tmp_path / "m.gguf"
+    convert(src, gguf, format="gguf", outtype="q8_0")
+    convert(gguf, tmp_path / "hf-gguf", format="hf")
+    a, b = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(tmp_path / "hf-gguf")
+    for text in TEXTS:
+        assert a(text)["input_ids"] == b(text)["input_ids"], repr(text)
 
 
 @pytest.mark.parametrize("outtype", ["f16", "bf16"])
