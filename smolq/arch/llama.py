@@ -266,19 +266,23 @@ class Llama(Arch):
     def hf_config(self) -> dict[str, Any]:
         """LlamaForCausalLM's config.json. The RoPE base goes in both places transformers 4
         (rope_theta) and 5 (rope_parameters) read it; tied embeddings mean no lm_head."""
-        rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        def short(x: float) -> float:  # GGUF stores f32: 9.999999747378752e-06 is written as 1e-05
+            return float(str(np.float32(x)))
+
+        rope: dict[str, Any] = {"rope_theta": short(self.rope_theta), "rope_type": "default"}
         cfg: dict[str, Any] = {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
             "hidden_size": self.n_embd, "intermediate_size": self.n_ff, "num_hidden_layers": self.n_layer,
             "num_attention_heads": self.n_head, "num_key_value_heads": self.n_head_kv,
-            "max_position_embeddings": self.n_ctx, "rms_norm_eps": self.rms_eps, "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.n_ctx, "rms_norm_eps": short(self.rms_eps),
+            "rope_theta": short(self.rope_theta),
             "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
             "tie_word_embeddings": self.tied,
         }
         if self.config.get("head_dim") is not None:  # stated (GGUF key_length), else hidden / heads
             cfg["head_dim"] = self.head_dim
         if self.rope_scaling is not None:  # linear only (read_hparams refuses the others)
-            factor = float(self.rope_scaling["factor"])
+            factor = short(float(self.rope_scaling["factor"]))
             cfg["rope_scaling"] = {"rope_type": "linear", "type": "linear", "factor": factor}
             rope.update(rope_type="linear", factor=factor)
         cfg["rope_parameters"] = rope
