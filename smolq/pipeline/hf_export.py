@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from smolq.arch import Arch, TensorMap
 from smolq.arch.legacy_config import Guess
-from smolq.errors import FormatError
+from smolq.errors import FormatError, InputError
 from smolq.formats.base import TensorEntry
 from smolq.formats.detect import open_model
 from smolq.plan.targets import HF_FORMAT, hf_outtype, resolve_target, shard_bytes
@@ -99,7 +99,11 @@ def export_hf(src_path: str | os.PathLike, out_path: str | os.PathLike, outtype:
     limit = shard_bytes(max_shard_size, out)
     model = open_model(src)
     try:
-        resolve_target(HF_FORMAT, out, family=family_of(model))
+        family = family_of(model)
+        if family is None:  # a GGUF architecture smolq has no family module for
+            raise InputError(out, f"--format hf: {model.architecture} cannot be written as a transformers "
+                                  "checkpoint by smolq (it has no family module for it)")
+        resolve_target(HF_FORMAT, out, family=family)
         hf_sink.check_output_dir(out, src)
         source = describe(model, {}, None)
         arch = source.arch
