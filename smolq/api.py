@@ -46,8 +46,10 @@ __all__ = ["convert", "quantize", "migrate", "split", "merge", "open", "Source",
 def convert(src: PathLike, out: PathLike, *, format: str | None = None, outtype: str | None = None,
             vocab_only: bool = False, dry_run: bool = False,
             split_max_size: int | str | None = None, split_max_tensors: int | None = None,
+            max_shard_size: int | str | None = None,
             on_progress: Progress | None = None) -> dict[str, Any]:
-    """Convert a Hugging Face checkpoint directory (plain or GPTQ) into GGUF or a legacy ggml file.
+    """Convert a Hugging Face checkpoint directory (plain or GPTQ) into GGUF or a legacy ggml file,
+    or (format "hf") a GGUF or legacy model file back into a Hugging Face checkpoint directory.
 
     format: "gguf" (v3), "gguf-v1" | "gguf-v2" | "gguf-v3", "ggml", "ggmf",
     "ggjt-v1" | "ggjt-v2" | "ggjt-v3", "ggmm"; None: from OUT's suffix (.gguf ->
@@ -60,11 +62,15 @@ def convert(src: PathLike, out: PathLike, *, format: str | None = None, outtype:
     split_max_size ("2G", "500M": decimal units, or bytes) / split_max_tensors:
     GGUF output in shards OUT-00001-of-0000N.gguf as llama.cpp's gguf-split writes
     them (summary["shards"] names them; a model that fits one shard stays OUT).
+    format "hf": src is a GGUF or legacy file (LLaMA); outtype "f32", "f16" or "bf16" (None:
+    the file's float type, else f16); max_shard_size ("5GB", the default, or bytes):
+    safetensors shards above it, with model.safetensors.index.json.
     Returns the summary; with dry_run=True nothing is written.
     """
     return common_summary(_convert.convert(src, out, format=format, outtype=outtype, vocab_only=vocab_only,
                                            dry_run=dry_run, on_progress=on_progress,
-                                           split=Split.of(split_max_size, split_max_tensors)))
+                                           split=Split.of(split_max_size, split_max_tensors),
+                                           max_shard_size=max_shard_size))
 
 
 def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int | None = None,

@@ -314,6 +314,16 @@ def build_cases() -> list[Case]:
         src = f"convert-variant/{model}/gguf-v3/q4_0"
         b.add(f"migrate-variant/{model}/gguf-v3>ggjt-v1",
               ["migrate", b.path(src), "{OUT}", "--format", "ggjt-v1", "-q"], ".bin", [src])
+    # back to Hugging Face (a directory): LLaMA from GGUF and legacy files; GPT-J and MPT are refusals
+    for fam in FAMILIES:
+        src = f"convert/{fam}/gguf-v3/q4_0"
+        b.add(f"export-hf/{fam}/gguf-v3/q4_0", ["convert", b.path(src), "{OUT}", "--format", "hf", "-q"], "", [src])
+    for src, extra in (("convert/llama/gguf-v3/f32", ["--outtype", "bf16"]),
+                       ("convert/llama/ggjt-v3/q4_0", []),
+                       ("convert-variant/llama-gqa/gguf-v3/q4_0", ["--max-shard-size", "100KB"]),
+                       ("convert-variant/llama-tied/gguf-v3/q4_0", ["--outtype", "f32"])):
+        b.add(f"export-hf/{src.split('/', 1)[1]}{'/' + extra[1] if extra else ''}",
+              ["convert", b.path(src), "{OUT}", "--format", "hf", *extra, "-q"], "", [src])
     return b.cases
 
 

@@ -40,6 +40,7 @@ class TensorMap:
     transform: Callable[[np.ndarray], np.ndarray] | None = None
     keep_f32: bool = False
     legacy_f32: bool = False
+    inverse: Callable[[np.ndarray], np.ndarray] | None = None  # undoes `transform` (ggml layout -> HF)
 
     def row_permutation(self, path: Path | None = None) -> np.ndarray | None:
         """`transform` as an index array over rows (None: no transform), so rows
@@ -121,6 +122,8 @@ class Arch:
     legacy_defaults: ClassVar[tuple[tuple[str, Any, str, str], ...]] = ()
     # MLC-LLM's model_type for this family (mlc-chat-config.json), None where smolq writes no MLC weights.
     mlc_model_type: ClassVar[str | None] = None
+    # Whether a model file of this family can be written back as a transformers checkpoint (hf_config).
+    hf_export: ClassVar[bool] = False
 
     def __init__(self, config: dict[str, Any], config_path: Path):
         self.config = config
@@ -172,6 +175,11 @@ class Arch:
 
     def mlc_model_config(self) -> dict[str, Any]:
         """The "model_config" of mlc-chat-config.json (MLC's config dataclass, as asdict() gives it)."""
+        raise NotImplementedError
+
+    # -- to implement for `convert --format hf` (families with hf_export)
+    def hf_config(self) -> dict[str, Any]:
+        """config.json for transformers from this family's hyperparameters (no tokenizer ids)."""
         raise NotImplementedError
 
     # -- to implement for `migrate`: the config a model file implies (smolq.arch.legacy_config)

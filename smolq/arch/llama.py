@@ -98,6 +98,7 @@ class Llama(Arch):
     }
     default_legacy = "ggjt-v3"
     mlc_model_type = "llama"
+    hf_export = True
     skip_suffixes = (".rotary_emb.inv_freq",)
     legacy_defaults = (
         ("max_position_embeddings", 2048, "context_length", "LLaMA-1 context; legacy headers store none"),
@@ -153,8 +154,18 @@ class Llama(Arch):
             "rms_norm_eps": k.need("attention.layer_norm_rms_epsilon"),
             "rope_theta": k.get("rope.freq_base", 10000.0),
         }
-        if k.get("rope.scaling.type") == "linear":
+        key_length = k.get("attention.key_length")
+        head_dim = key_length or cfg["hidden_size"] // cfg["num_attention_heads"]
+        if key_length is not None:
+            cfg["head_dim"] = key_length
+        n_rot = k.get("rope.dimension_count")
+        if n_rot is not None and n_rot != head_dim:  # llama.cpp refuses it too ("invalid n_rot")
+            raise FormatError(path, f"{cls.family}.rope.dimension_count {n_rot} is not the head size {head_dim}")
+        scaling = k.get("rope.scaling.type")
+        if scaling == "linear":
             cfg["rope_scaling"] = {"type": "linear", "factor": k.get("rope.scaling.factor")}
+        elif scaling not in (None, "none"):  # read_hparams refuses it rather than dropping it
+            cfg["rope_scaling"] = {"type": scaling, "factor": k.get("rope.scaling.factor")}
         return cfg
 
     def read_hparams(self) -> None:
@@ -199,10 +210,15 @@ class Llama(Arch):
             "self_attn.q_proj.weight": partial(permute_qk, n_heads=self.n_head),
             "self_attn.k_proj.weight": partial(permute_qk, n_heads=self.n_head_kv),
         }
+        inverses = {
+            "self_attn.q_proj.weight": partial(unpermute_qk, n_heads=self.n_head),
+            "self_attn.k_proj.weight": partial(unpermute_qk, n_heads=self.n_head_kv),
+        }
         maps = [self._map("model.embed_tokens.weight", (V, E), "token_embd.weight")]
         for i in range(self.n_layer):
             for hf, gg in _LAYER_TENSORS:
-                maps.append(self._map(f"model.layers.{i}.{hf}", shapes[hf], f"blk.{i}.{gg}", transforms.get(hf)))
+                maps.append(self._map(f"model.layers.{i}.{hf}", shapes[hf], f"blk.{i}.{gg}", transforms.get(hf),
+                                      inverses.get(hf)))
         maps.append(self._map("model.norm.weight", (E,), "output_norm.weight"))
         if "lm_head.weight" in available:
             maps.append(self._map("lm_head.weight", (V, E), "output.weight"))
@@ -243,8 +259,34 @@ class Llama(Arch):
             "pipeline_parallel_stages": 1, "max_batch_size": MLC_MAX_BATCH_SIZE, "disaggregation": False,
         }
 
-    def _map(self, source: str, shape: tuple[int, ...], gguf: str, transform=None) -> TensorMap:
-        return TensorMap(source, shape, gguf, self.names.to_legacy(gguf), transform, keep_f32=len(shape) == 1)
+    def _map(self, source: str, shape: tuple[int, ...], gguf: str, transform=None, inverse=None) -> TensorMap:
+        return TensorMap(source, shape, gguf, self.names.to_legacy(gguf), transform, keep_f32=len(shape) == 1,
+                         inverse=inverse)
+
+    def hf_config(self) -> dict[str, Any]:
+        """LlamaForCausalLM's config.json. The RoPE base goes in both places transformers 4
+        (rope_theta) and 5 (rope_parameters) read it; tied embeddings mean no lm_head."""
+        def short(x: float) -> float:  # GGUF stores f32: 9.999999747378752e-06 is written as 1e-05
+            return float(str(np.float32(x)))
+
+        rope: dict[str, Any] = {"rope_theta": short(self.rope_theta), "rope_type": "default"}
+        cfg: dict[str, Any] = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
+            "hidden_size": self.n_embd, "intermediate_size": self.n_ff, "num_hidden_layers": self.n_layer,
+            "num_attention_heads": self.n_head, "num_key_value_heads": self.n_head_kv,
+            "max_position_embeddings": self.n_ctx, "rms_norm_eps": short(self.rms_eps),
+            "rope_theta": short(self.rope_theta),
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+            "tie_word_embeddings": self.tied,
+        }
+        if self.config.get("head_dim") is not None:  # stated (GGUF key_length), else hidden / heads
+            cfg["head_dim"] = self.head_dim
+        if self.rope_scaling is not None:  # linear only (read_hparams refuses the others)
+            factor = short(float(self.rope_scaling["factor"]))
+            cfg["rope_scaling"] = {"rope_type": "linear", "type": "linear", "factor": factor}
+            rope.update(rope_type="linear", factor=factor)
+        cfg["rope_parameters"] = rope
+        return cfg
 
     def hparam_keys(self) -> dict[str, Any]:
         a = self.gguf_arch

@@ -17,19 +17,23 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def convert(
         src: Path = typer.Argument(..., help="Hugging Face checkpoint directory (config.json + weights + tokenizer), "
-                                             "plain or GPTQ-quantized."),
-        out: Path = typer.Argument(..., help="Output file; .gguf -> GGUF v3, .bin -> the family's GPT4All legacy format."),
+                                             "plain or GPTQ-quantized; with --format hf a GGUF or legacy model file."),
+        out: Path = typer.Argument(..., help="Output file; .gguf -> GGUF v3, .bin -> the family's GPT4All legacy format "
+                                             "(--format mlc / hf: a directory)."),
         format: Optional[str] = typer.Option(
             None, "--format", "-f", rich_help_panel="Input/output",
             help="gguf, gguf-v1, gguf-v2, gguf-v3, ggml, ggmf, ggjt-v1, ggjt-v2, ggjt-v3, ggmm (default: from OUT's suffix); "
-                 "mlc: MLC-LLM weights (LLaMA) in the directory OUT.",
+                 "mlc: MLC-LLM weights (LLaMA) in the directory OUT; hf: SRC (a GGUF or legacy LLaMA file) back "
+                 "as a Hugging Face checkpoint directory OUT (safetensors, config, tokenizer).",
         ),
         outtype: Optional[str] = typer.Option(
             None, "--outtype", "-t", rich_help_panel="Types and mix",
             help="f32, f16, bf16, q8_0, any RTN type (q4_0, q6_k ...) or a mix (q4_k_m ...). Default f16; for a GPTQ "
                  "directory each Linear's exact type (Q4_0/Q4_1/Q8_0) where its grid maps onto one, else Q2_K/Q3_K/Q4_K/Q8_0 by bits. "
-                 "With --format mlc: q4f16_1, q4f16_0, q3f16_1 or q0f16 (default).",
+                 "With --format mlc: q4f16_1, q4f16_0, q3f16_1 or q0f16 (default). With --format hf: f32, f16 or "
+                 "bf16 (default: the file's float type, else f16).",
         ),
+        max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", metavar="SIZE", help="--format hf: safetensors shards of at most SIZE (5GB default; decimal units, or 2GiB), with model.safetensors.index.json.", rich_help_panel="Input/output"),
         split_max_size: Optional[str] = typer.Option(None, "--split-max-size", metavar="SIZE", help="GGUF in shards of at most SIZE bytes of tensor data (decimal K/M/G: 2G = 2*10^9), named OUT-00001-of-0000N.gguf as llama.cpp's gguf-split writes them.", rich_help_panel="Split GGUF"),
         split_max_tensors: Optional[int] = typer.Option(None, "--split-max-tensors", metavar="N", min=1, help="GGUF in shards of at most N tensors each (with --split-max-size: whichever comes first).", rich_help_panel="Split GGUF"),
         vocab_only: bool = typer.Option(False, "--vocab-only", help="Write the header and vocabulary only, no tensors.", rich_help_panel="Input/output"),
@@ -37,12 +41,14 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes.", rich_help_panel="Output control"),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout.", rich_help_panel="Output control"),
     ) -> None:
-        """Convert a Hugging Face checkpoint (LLaMA, GPT-J, MPT; plain or GPTQ) into GGUF or a legacy ggml file."""
+        """Convert a Hugging Face checkpoint (LLaMA, GPT-J, MPT; plain or GPTQ) into GGUF or a legacy ggml file,
+        or a GGUF / legacy LLaMA file back into a Hugging Face checkpoint (--format hf)."""
 
         with event_progress("convert", quiet=quiet or json_out) as on_progress:
             summary = api.convert(src, out, format=format, outtype=outtype, vocab_only=vocab_only,
                                   dry_run=dry_run, split_max_size=split_max_size,
-                                  split_max_tensors=split_max_tensors, on_progress=on_progress)
+                                  split_max_tensors=split_max_tensors, max_shard_size=max_shard_size,
+                                  on_progress=on_progress)
 
         for line in summary["guesses"]:
             note(f"guess: {line}", quiet)

@@ -25,6 +25,7 @@ from smolq.formats.legacy import infer_file_type
 from smolq.ggml_types import GGMLType, is_quantized, tensor_nbytes
 from smolq.kernels import quantize, relayout
 from smolq.lazy import lazy_module
+from smolq.pipeline.hf_export import export_hf
 from smolq.pipeline.mlc import convert_mlc
 from smolq.plan.mix import ModelInfo, PlanOptions, plan_tensor_types, resolve_preset
 from smolq.plan.targets import (
@@ -33,6 +34,7 @@ from smolq.plan.targets import (
     GGUF_FORMATS,
     LEGACY_FORMATS,
     Target,
+    is_hf_format,
     resolve_target,
     target_types,
 )
@@ -216,8 +218,12 @@ def convert(
     dry_run: bool = False,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     split: Split | None = None,
+    max_shard_size: int | str | None = None,
 ) -> dict[str, Any]:
     """Convert a Hugging Face checkpoint directory; returns a summary dict.
+    With format "hf" the source is a GGUF or legacy model file instead, written back as a
+    Hugging Face checkpoint directory (pipeline/hf_export.py; outtype f32, f16 or bf16,
+    max_shard_size its safetensors shard limit).
 
     format: "gguf" / "gguf-v1|v2|v3" / "ggml" / "ggmf" / "ggjt-v1|v2|v3" / "ggmm",
     "mlc" (MLC-LLM weights, a directory; outtype q4f16_1, q4f16_0, q3f16_1 or q0f16, the default), or None to pick from the suffix (.gguf -> GGUF v3; .bin -> the newest
@@ -230,6 +236,13 @@ def convert(
     """
     started = time.perf_counter()
     out = Path(out_path)
+    if is_hf_format(format):
+        if split or vocab_only:
+            raise InputError(out, "--format hf takes --max-shard-size, not --split-max-size/-tensors or --vocab-only")
+        return export_hf(src_dir, out, outtype, max_shard_size=max_shard_size, dry_run=dry_run,
+                         on_progress=on_progress)
+    if max_shard_size is not None:
+        raise InputError(out, "--max-shard-size applies to --format hf; GGUF output is split with --split-max-size")
     ckpt = open_source(src_dir)
     try:
         arch = arch_for_config(ckpt.config, ckpt.path / "config.json")

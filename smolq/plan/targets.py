@@ -10,7 +10,9 @@ Every command picks its output container here:
   keeps the input's dialect; GGUF <-> legacy is refused (that is migrate's job);
 - migrate: --format, else GGUF v3; a legacy target needs a family it exists for;
 - MLC-LLM weights (`mlc`, a directory): from an HF checkpoint of a family with an
-  MLC model (convert, or quantize of a checkpoint directory), never from a file.
+  MLC model (convert, or quantize of a checkpoint directory), never from a file;
+- a Hugging Face checkpoint (`hf`, a directory): from a GGUF or legacy model file
+  of a family that can be written back (Arch.hf_export), never from a checkpoint.
 
 `target_types(target, family)` is the one answer to "which tensor types can
 this container version hold".
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smolq.arch import Arch, LegacyTarget, family_arch
+from smolq.arch import ARCHES, Arch, LegacyTarget, family_arch
 from smolq.errors import InputError
 from smolq.formats.gguf import GGUF_TENSOR_TYPES
 from smolq.formats.legacy import LAYOUT_OF_QNTVR, layout_for
@@ -40,7 +42,10 @@ LEGACY_FORMATS: dict[str, tuple[str, int | None]] = {
 # input's container writes the newest version of it, as llama.cpp's 2023 quantizer did.
 FORMAT_ALIASES = {"ggjt": "ggjt-v3", "gguf3": "gguf-v3", "gguf2": "gguf-v2", "gguf1": "gguf-v1"}
 MLC_FORMAT = "mlc"  # MLC-LLM weights: a directory of params_shard_*.bin + tensor-cache.json
-ALL_FORMATS = tuple(GGUF_FORMATS) + tuple(LEGACY_FORMATS) + (MLC_FORMAT,)
+HF_FORMAT = "hf"  # a Hugging Face checkpoint directory: safetensors + config.json + tokenizer
+HF_OUTTYPES = ("f32", "f16", "bf16")
+HF_DEFAULT_SHARD = "5GB"  # transformers' save_pretrained default max_shard_size
+ALL_FORMATS = tuple(GGUF_FORMATS) + tuple(LEGACY_FORMATS) + (MLC_FORMAT, HF_FORMAT)
 NEWEST_GGUF = 3
 NEWEST_QNTVR = 2  # ggml examples: quantization version of the v3 block layout
 # The list quantize's "unknown format" message has always named.
@@ -64,6 +69,10 @@ class Target:
     @property
     def is_mlc(self) -> bool:
         return self.container == MLC_FORMAT
+
+    @property
+    def is_hf(self) -> bool:
+        return self.container == HF_FORMAT
 
     @property
     def gguf_version(self) -> int | None:
@@ -107,6 +116,8 @@ def resolve_target(fmt: str | None, out: str | Path, arch: Arch | None = None, *
     key = format_key(fmt)
     if key == MLC_FORMAT:
         return _mlc_target(out, arch, source)
+    if key == HF_FORMAT:
+        return _hf_target(out, arch, family, source)
     if key in GGUF_FORMATS:
         if source is not None and not source.is_gguf:
             raise InputError(out, f"{source.format_name} -> GGUF changes tensor names and metadata: "
@@ -144,6 +155,61 @@ def _mlc_target(out: Path, arch: Arch | None, source: Any) -> Target:
     if arch.mlc_model_type is None:
         raise InputError(out, f"--format mlc: MLC-LLM weights are written for LLaMA only, not {arch.family}")
     return Target(MLC_FORMAT, MLC_FORMAT, None)
+
+
+def is_hf_format(fmt: str | None) -> bool:
+    return fmt is not None and format_key(fmt) == HF_FORMAT
+
+
+def _hf_target(out: Path, arch: Arch | None, family: str | None, source: Any) -> Target:
+    """A checkpoint directory from a model file (family: the file's, None for one smolq has no module for)."""
+    if arch is not None or source is not None:
+        raise InputError(out, "--format hf writes a Hugging Face checkpoint from a GGUF or legacy model file; "
+                              "the input is not one")
+    if family is None or not family_arch(family).hf_export:
+        what = family or "this architecture"
+        raise InputError(out, f"--format hf: {what} cannot be written as a transformers checkpoint "
+                              f"(families that can: {', '.join(HF_EXPORT_FAMILIES)})")
+    return Target(HF_FORMAT, HF_FORMAT, None)
+
+
+HF_EXPORT_FAMILIES = tuple(a.family for a in ARCHES if a.hf_export)
+
+
+def hf_outtype(name: str | None, source_types: Any, out: Path | None = None) -> str:
+    """--outtype for --format hf: f32, f16 or bf16; None: the source's float type when every
+    matrix has the same one (F32/F16/BF16), else f16."""
+    if name is not None:
+        key = name.lower()
+        if key not in HF_OUTTYPES:
+            raise InputError(out, f"--format hf stores {', '.join(HF_OUTTYPES)}, not {name!r}")
+        return key
+    floats = {GGMLType.F32: "f32", GGMLType.F16: "f16", GGMLType.BF16: "bf16"}
+    kinds = {floats.get(t) for t in source_types}
+    return kinds.pop() if len(kinds) == 1 and None not in kinds else "f16"
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+               "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def shard_bytes(spec: int | str | None, out: Path | None = None) -> int:
+    """--max-shard-size as bytes: an int, or "5GB" / "500MB" / "2GiB" (decimal units as transformers reads them)."""
+    if spec is None:
+        spec = HF_DEFAULT_SHARD
+    if isinstance(spec, int):
+        value = spec
+    else:
+        text = str(spec).strip().upper()
+        digits = text.rstrip("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+        unit = text[len(digits):]
+        try:
+            value = int(float(digits) * _SIZE_UNITS[unit])
+        except (KeyError, ValueError):
+            value = 0
+    if value <= 0:
+        raise InputError(out, f"--max-shard-size {spec!r}: give bytes or a size like 5GB, 500MB, 2GiB")
+    return value
 
 
 def mlc_quant(name: str | None, out: Path | None = None) -> MLCQuant:

@@ -79,6 +79,7 @@ class Vocab:
     # SentencePiece pieces that HF added-token lists re-typed for GGUF: id -> (piece, type, score) as
     # tokenizer.model has them; the legacy view keeps these (2023 converters read tokenizer.model only).
     base_pieces: dict[int, tuple[str, int, float]] = field(default_factory=dict)
+    add_space_prefix: bool | None = None  # tokenizer.ggml.add_space_prefix of a GGUF source (None: absent)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -479,6 +480,8 @@ def load_vocab(directory: str | Path, n_vocab: int, family: str, model_config: d
         raise InputError(directory, "no tokenizer found (tokenizer.model, tokenizer.json or vocab.json)")
     tokens, types, scores = _tokens_by_id(source, token_to_id, model)
     pre = {"mpt": "mpt", "llama": "default" if model == "llama" else "gpt-2"}.get(family)
+    if family == "llama" and model == "gpt2":
+        pre = _known_bpe_pre(tokenizer_json) or pre
     if model == "llama":
         merges = []  # SentencePiece-style: llama.cpp merges by score
     n_base = len(tokens)
@@ -487,6 +490,21 @@ def load_vocab(directory: str | Path, n_vocab: int, family: str, model_config: d
     vocab = Vocab(model, tokens, types, scores, merges, {}, pre=pre, source=source, notes=notes, n_base=n_base)
     _special_settings(directory, {t: i for i, t in enumerate(tokens)}, model_config, vocab, tokenizer_json)
     return vocab
+
+
+def _known_bpe_pre(tokenizer_json: Any) -> str | None:
+    """tokenizer.ggml.pre for a byte-level pre-tokenizer that splits exactly as one of llama.cpp's
+    regex sets: Digits(individual) then ByteLevel's GPT-2 regex is "smollm" (\\p{N}, then GPT-2's)."""
+    pre = tokenizer_json.get("pre_tokenizer") if isinstance(tokenizer_json, dict) else None
+    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else None
+    if not isinstance(steps, list) or len(steps) != 2 or not all(isinstance(x, dict) for x in steps):
+        return None
+    digits, byte_level = steps
+    if (digits.get("type") == "Digits" and digits.get("individual_digits") is True
+            and byte_level.get("type") == "ByteLevel" and byte_level.get("use_regex", True) is True
+            and not byte_level.get("add_prefix_space", False)):
+        return "smollm"
+    return None
 
 
 def _tokens_by_id(source: Path, token_to_id: dict[str, int], model: str) -> tuple[list[str], list[int], list[float] | None]:

@@ -163,8 +163,14 @@ def vocab_from_gguf(meta: dict[str, Any], family: str, path: Path) -> Vocab:
     for kind, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"), ("sep", "seperator")):
         if isinstance(meta.get(f"tokenizer.ggml.{key}_token_id"), int):
             special[kind] = meta[f"tokenizer.ggml.{key}_token_id"]
+    flags = {f: meta.get(f"tokenizer.ggml.{f}_token") for f in ("add_bos", "add_eos", "add_sep")}
+    flags = {f: v for f, v in flags.items() if isinstance(v, bool)}
+    space = meta.get("tokenizer.ggml.add_space_prefix")
+    template = meta.get("tokenizer.chat_template")
     return Vocab(model, tokens, list(types), list(scores) if scores else None, list(meta.get("tokenizer.ggml.merges") or []),
-                 special, n_base=len(tokens))
+                 special, n_base=len(tokens), pre=meta.get("tokenizer.ggml.pre"),
+                 chat_template=template if isinstance(template, str) else None,
+                 add_space_prefix=space if isinstance(space, bool) else None, **flags)
 
 
 def _legacy_texts(vocab: Vocab, lf) -> list[bytes]:
