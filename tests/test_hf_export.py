@@ -481,3 +481,53 @@ def test_gemma3_gguf_is_refused_in_one_line(cli, capfd, gemma_gguf, tmp_path):
     smolq, so it is refused rather than written half-right."""
     _one_line_refusal(cli, capfd, ["convert", str(gemma_gguf), str(tmp_path / "out"), "--format", "hf"],
                       tmp_path / "out", "cannot be written as a transformers checkpoint")
+
+
+# ------------------------------------------------------------------ from a GPTQ checkpoint directory
+
+def test_gptq_directory_exports_the_weights_its_grid_stands_for(tmp_path, cli):
+    """GPTQ dir -> plain HF checkpoint: every Linear is the dequantization of tests/gptq_spec.py (written
+    from gptq.md, not smolq's reader), everything else the stored fp16 values; transformers loads the
+    model and tokenizer; config.json carries no quantization_config."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smolq.pipeline.gptq import quantize_hf_gptq
+    from tests.gptq_spec import dequantize, load_dir
+
+    hf = make_tiny_model("llama", tmp_path / "hf", hidden_size=64, n_layers=2, seed=3)
+    (tmp_path / "calib.txt").write_text(" ".join(f"the {w} sat on mat {i % 17}" for i, w in
+                                                 enumerate(["cat", "dog", "bird"] * 150)))
+    gptq = tmp_path / "gptq"
+    quantize_hf_gptq(hf, gptq, format="gptq", bits=4, group_size=32, act_order=True, calib=tmp_path / "calib.txt",
+                     nsamples=4, seqlen=32, quiet=True)
+    out = tmp_path / "plain"
+    r = cli("convert", gptq, out, "--format", "hf", "--outtype", "f32", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+    stored = load_dir(gptq)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    n_linear = 0
+    for name, p in model.named_parameters():
+        module = name[: -len(".weight")]
+        if f"{module}.qweight" in stored:
+            want, n_linear = dequantize(stored, module, 4), n_linear + 1
+        else:
+            want = stored[name].astype(np.float32)
+        np.testing.assert_array_equal(p.detach().numpy(), want, err_msg=name)
+    assert n_linear == 14  # 7 Linears x 2 layers
+
+    text = "The quick brown fox: 0 1 2 café"
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == AutoTokenizer.from_pretrained(hf)(text)["input_ids"]
+
+
+def test_gptq_directory_export_refuses_a_bad_outtype(tmp_path, cli):
+    hf = make_tiny_model("llama", tmp_path / "hf", hidden_size=64, n_layers=1, seed=1)
+    from smolq.pipeline.gptq import quantize_hf_gptq
+
+    gptq = tmp_path / "gptq"
+    quantize_hf_gptq(hf, gptq, format="gptq", bits=4, group_size=32, nsamples=2, seqlen=16, quiet=True)
+    r = cli("convert", gptq, tmp_path / "plain", "--format", "hf", "--outtype", "q4_0")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "f32, f16, bf16" in r.stderr
+    assert not (tmp_path / "plain").exists()

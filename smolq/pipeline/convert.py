@@ -25,7 +25,7 @@ from smolq.formats.legacy import infer_file_type
 from smolq.ggml_types import GGMLType, is_quantized, tensor_nbytes
 from smolq.kernels import quantize, relayout
 from smolq.lazy import lazy_module
-from smolq.pipeline.hf_export import export_hf
+from smolq.pipeline.hf_export import export_gptq_hf, export_hf
 from smolq.pipeline.mlc import convert_mlc
 from smolq.plan.mix import ModelInfo, PlanOptions, plan_tensor_types, resolve_preset
 from smolq.plan.targets import (
@@ -239,8 +239,9 @@ def convert(
     if is_hf_format(format):
         if split or vocab_only:
             raise InputError(out, "--format hf takes --max-shard-size, not --split-max-size/-tensors or --vocab-only")
-        return export_hf(src_dir, out, outtype, max_shard_size=max_shard_size, dry_run=dry_run,
-                         on_progress=on_progress)
+        export = export_gptq_hf if looks_like_gptq(src_dir) else export_hf
+        return export(src_dir, out, outtype, max_shard_size=max_shard_size, dry_run=dry_run,
+                      on_progress=on_progress)
     if max_shard_size is not None:
         raise InputError(out, "--max-shard-size applies to --format hf; GGUF output is split with --split-max-size")
     ckpt = open_source(src_dir)

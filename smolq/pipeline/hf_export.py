@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from smolq.arch import Arch, TensorMap
+from smolq.arch import Arch, TensorMap, arch_for_config
 from smolq.arch.legacy_config import Guess
 from smolq.errors import FormatError, InputError
 from smolq.formats.base import TensorEntry
@@ -29,6 +29,7 @@ from smolq.formats.detect import open_model
 from smolq.plan.targets import HF_FORMAT, hf_outtype, resolve_target, shard_bytes
 from smolq.sinks import hf as hf_sink
 from smolq.sinks.hf import DTYPES, TORCH_DTYPES, HFTensor
+from smolq.sources.gptq import open_gptq_checkpoint
 from smolq.sources.hf_tokenizer import hf_tokenizer, sentencepiece_model, special_tokens_map, tokenizer_config
 from smolq.sources.model_file import describe, family_of, format_of
 from smolq.sources.reference import tensor_to_float
@@ -135,6 +136,52 @@ def export_hf(src_path: str | os.PathLike, out_path: str | os.PathLike, outtype:
         return summary
     finally:
         model.close()
+
+
+# Files of a GPTQ checkpoint that describe the tokenizer and generation: copied as they are.
+GPTQ_KEPT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
+
+
+def export_gptq_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str | None = None,
+                   max_shard_size: int | str | None = None, dry_run: bool = False,
+                   on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """A GPTQ checkpoint directory -> the plain checkpoint of its dequantized weights.
+
+    Each GPTQ Linear is written as the weight its grid stands for (sources/gptq.py
+    dequantizes by the checkpoint's own zero convention and g_idx); everything else is
+    copied in the chosen float type. config.json loses its quantization_config; the
+    tokenizer and generation files are copied. outtype: f32, f16 or bf16 (default f16).
+    """
+    started = time.perf_counter()
+    src, out = Path(src_dir), Path(out_path)
+    limit = shard_bytes(max_shard_size, out)
+    dtype = hf_outtype(outtype, (), out)  # default f16, as GPTQ checkpoints keep the rest
+    hf_sink.check_output_dir(out, src)
+    with open_gptq_checkpoint(src) as ckpt:
+        arch = arch_for_config(ckpt.config, ckpt.path / "config.json")
+        ckpt.drop_zero_biases({m.source for m in arch.tensor_maps(set(ckpt.tensors))})
+        tensors = [HFTensor(name, tuple(st.shape), st.load) for name, st in ckpt.tensors.items()]
+        config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
+        config["torch_dtype"] = TORCH_DTYPES[dtype]
+        rows = [{"name": t.name, "source": t.name, "shape": list(t.shape), "type": DTYPES[dtype][0],
+                 "bytes": t.nbytes(dtype), "source_dtype": "GPTQ" if t.name in ckpt.linears else ckpt.tensors[t.name].dtype}
+                for t in tensors]
+        summary = {"source": str(src), "source_format": "gptq", "output": str(out), "format": HF_FORMAT,
+                   "architecture": (ckpt.config.get("architectures") or [arch.family])[0], "outtype": dtype,
+                   "n_tensors": len(rows), "tensor_bytes": sum(r["bytes"] for r in rows), "tensors": rows,
+                   "files": hf_sink.shard_names(len(hf_sink.plan_shards(tensors, dtype, limit))),
+                   "bytes": None, "seconds": None, "guesses": [], "notes": list(ckpt.notes)}
+        if dry_run:
+            summary["dry_run"] = True
+            return summary
+        _emit(on_progress, event="start", n_tensors=len(tensors), n_bytes=summary["tensor_bytes"])
+        kept = {name: (src / name).read_bytes() for name in GPTQ_KEPT_FILES if (src / name).is_file()}
+        size = hf_sink.write(out, tensors, dtype, limit, json_files={"config.json": config}, raw_files=kept,
+                             on_tensor=lambda t: _emit(on_progress, event="tensor", name=t.name, nbytes=t.nbytes(dtype)))
+    summary.update(bytes=size, seconds=round(time.perf_counter() - started, 3))
+    _emit(on_progress, event="done", bytes=size)
+    return summary
 
 
 def _emit(on_progress, **event) -> None:
