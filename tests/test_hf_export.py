@@ -340,6 +340,90 @@ SMOLLM2_KEY_CHANGES = {
 }
 
 
+# ------------------------------------------------------------------------------------------ GPT-J and MPT
+
+MPT_LLAMA_TOL = 2e-2  # llama.cpp's MPT vs transformers on f32 weights (tests/test_real_loaders_gguf.py)
+
+
+@pytest.fixture(scope="module")
+def family_files(tmp_path_factory):
+    """The tiny GPT-J / MPT checkpoints and smolq's GGUF outputs of them."""
+    root = tmp_path_factory.mktemp("tiny-hf-export-families")
+    cache = {}
+
+    def get(family: str, outtype: str | None = None) -> Path:
+        src = root / family
+        if not src.exists():
+            make_tiny_model(family, src, seed=5)
+        if outtype is None:
+            return src
+        key = (family, outtype)
+        if key not in cache:
+            cache[key] = root / f"{family}-{outtype}.gguf"
+            convert(src, cache[key], format="gguf", outtype=outtype)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("family", ["gptj", "mpt"])
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_gptj_and_mpt_export_runs_like_the_original(family_files, tmp_path, family, outtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, path = family_files(family), family_files(family, outtype)
+    out = tmp_path / "hf"
+    summary = convert(path, out, format="hf", outtype="f32")
+    want_arch = {"gptj": "GPTJForCausalLM", "mpt": "MptForCausalLM"}[family]
+    assert summary["architecture"] == want_arch and summary["guesses"] == []
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == want_arch  # transformers' own class, no remote code
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is (family == "mpt")
+
+    tokens = np.random.default_rng(3).integers(0, cfg["vocab_size"], (3, SEQ_LEN))
+    theirs = hf_logits(out, tokens)
+    reference = logits_from_file(path, tokens, dtype=np.float32)
+    _assert_close(reference, theirs, FLOAT_TOL, "transformers on the export vs smolq's f32 pass over the file")
+    if outtype == "f32":
+        _assert_close(hf_logits(src, tokens), theirs, FLOAT_TOL, "transformers on the export vs on the original")
+    if family == "mpt":
+        ours = np.stack(open_llama(path).logits(tokens))
+        _assert_close(ours, theirs, MPT_LLAMA_TOL if outtype == "f32" else QUANT_TOL,
+                      "transformers on the export vs llama.cpp on the file")
+        if outtype != "f32":
+            assert logit_stats(ours, theirs)["kl_div"] < QUANT_KL
+
+    a, b = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(src)
+    bad = [t for t in TEXTS if a(t)["input_ids"] != b(t)["input_ids"]]
+    assert not bad, f"{len(bad)}/{len(TEXTS)} lines tokenize differently; first: {bad[0]!r}"
+    text = "It's 2024: naïve café!"
+    assert a.decode(a(text)["input_ids"]) == text
+
+
+@pytest.mark.parametrize("family", ["gptj", "mpt"])
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_gptj_and_mpt_export_then_convert_back(family_files, tmp_path, family, outtype):
+    path = family_files(family, outtype)
+    out = tmp_path / "hf"
+    convert(path, out, format="hf", outtype="f32")
+    back = tmp_path / "back.gguf"
+    convert(out, back, format="gguf", outtype="f32")
+
+    want, got = _dequantized(path), _dequantized(back)
+    assert list(got) == list(want)
+    for name, w in want.items():
+        assert got[name].shape == w.shape, name
+        np.testing.assert_array_equal(got[name], w, err_msg=name)
+
+    with read_gguf(path) as a, read_gguf(back) as b:
+        ka = {k: v.to_python() for k, v in a.metadata.items()}
+        kb = {k: v.to_python() for k, v in b.metadata.items()}
+    changed = {k for k in set(ka) | set(kb) if ka.get(k) != kb.get(k)}
+    assert changed <= set(ROUND_TRIP_KEY_CHANGES), {k: (ka.get(k), kb.get(k)) for k in changed
+                                                    if k not in ROUND_TRIP_KEY_CHANGES}
+
+
 # ------------------------------------------------------------------------------------------ refusals
 
 def _gguf_of(family: str, tmp_path: Path) -> Path:
@@ -358,11 +442,16 @@ def _one_line_refusal(cli, capfd, args, out: Path, match: str) -> None:
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "a partial output was left"
 
 
-@pytest.mark.parametrize("family", ["gptj", "mpt"])
-def test_a_family_without_an_hf_export_is_refused(cli, capfd, tmp_path, family):
-    path = _gguf_of(family, tmp_path)
-    _one_line_refusal(cli, capfd, ["convert", str(path), str(tmp_path / "out"), "--format", "hf"], tmp_path / "out",
-                      "cannot be written as a transformers checkpoint")
+def test_an_mpt_that_native_mpt_cannot_express_is_refused(tmp_path):
+    """MptForCausalLM has no kv_n_heads and always applies ALiBi: such models are refused, not written wrong."""
+    from smolq.arch import MPT
+    from smolq.errors import InputError
+
+    base = {"vocab_size": 320, "d_model": 64, "n_layers": 2, "n_heads": 4, "no_bias": True}
+    with pytest.raises(InputError, match="kv_n_heads"):
+        MPT({**base, "attn_config": {"kv_n_heads": 2}}, tmp_path / "config.json").hf_config()
+    with pytest.raises(InputError, match="ALiBi"):
+        MPT({**base, "attn_config": {"alibi_bias_max": 0.0}}, tmp_path / "config.json").hf_config()
 
 
 def test_non_model_inputs_are_refused(cli, capfd, tmp_path):
@@ -458,11 +547,12 @@ def _split(n: int):
 
 
 def test_a_legacy_gptj_file_is_refused(cli, capfd, tmp_path):
+    """Legacy GPT-J/MPT files store no BPE merges, so no tokenizer can be rebuilt: refused, not guessed."""
     src = make_tiny_model("gptj", tmp_path / "src")
     legacy = tmp_path / "g.bin"
     convert(src, legacy, format="ggml", outtype="f16")
     _one_line_refusal(cli, capfd, ["convert", str(legacy), str(tmp_path / "out"), "--format", "hf"],
-                      tmp_path / "out", "gptj cannot be written as a transformers checkpoint")
+                      tmp_path / "out", "no merges")
 
 
 def test_an_unknown_pre_tokenizer_is_refused_not_guessed():

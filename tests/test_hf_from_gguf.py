@@ -48,17 +48,17 @@ def test_tiny_llama_round_trip(tmp_path, gqa, tied):
     assert b["rope_theta"] == rope_theta(a)
 
 
-def test_refuses_non_llama(tmp_path):
+def test_gptj_goes_through_the_helper_too(tmp_path):
+    """GPT-J and MPT export as LLaMA does (tests/test_hf_export.py proves them); the helper passes them on."""
+    import json
+
     from smolq.pipeline.convert import convert
-    from smolq.errors import InputError
     from smolq.tiny import make_tiny_model
 
     src = make_tiny_model("gptj", tmp_path / "src")
     convert(src, tmp_path / "g.gguf", format="gguf", outtype="f32")
-    with pytest.raises(InputError, match="cannot be written as a transformers checkpoint"):
-        _helper().hf_from_gguf(tmp_path / "g.gguf", tmp_path / "out", tokenizer=False)
-    assert not (tmp_path / "out").exists()
-    assert _helper().main([str(tmp_path / "g.gguf"), str(tmp_path / "out")]) == 2
+    assert _helper().main([str(tmp_path / "g.gguf"), str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["GPTJForCausalLM"]
 
 
 TEXT = "The quick brown fox jumps over 13 lazy dogs.\nIt's 2024: naïve café!"

@@ -182,6 +182,12 @@ class Arch:
         """config.json for transformers from this family's hyperparameters (no tokenizer ids)."""
         raise NotImplementedError
 
+    @classmethod
+    def output_tied(cls, tensors: dict[str, Any], same: Callable[[Any, Any], bool]) -> bool:
+        """Whether a model file's output head is its embedding (by GGUF name; `same` compares
+        two entries' stored bytes). Families whose HF checkpoints never tie: False."""
+        return False
+
     # -- to implement for `migrate`: the config a model file implies (smolq.arch.legacy_config)
     @classmethod
     def config_from_legacy(cls, d: Any, header: dict[str, Any], tensors: dict[str, Any]) -> None:
@@ -217,6 +223,11 @@ class Arch:
         for name in tensors:
             if name not in used and not self.skip(name):
                 raise FormatError(file_of(name), f"unexpected tensor {name} for {self.family} (not part of the architecture)")
+
+
+def f32_short(x: float) -> float:
+    """A float GGUF stored as f32, written back short: 9.999999747378752e-06 as 1e-05."""
+    return float(str(np.float32(x)))
 
 
 def meta(kind: str, value: Any, item: str | None = None):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from smolq.arch.base import Arch, LegacyTarget, NameTable, TensorMap, meta
+from smolq.arch.base import Arch, LegacyTarget, NameTable, TensorMap, f32_short, meta
 from smolq.arch.legacy_config import GGUFKeys, LegacyConfig
 from smolq.errors import FormatError, InputError
 
@@ -41,6 +41,7 @@ class GPTJ(Arch):
     # ggml examples and GPT4All read the same file; GPT4All's ggml (230511 fork) has v1 blocks.
     legacy_targets = {"ggml": LegacyTarget("ggml", None, "gpt4all", "v1")}
     default_legacy = "ggml"
+    hf_export = True
     skip_suffixes = (".attn.bias", ".attn.masked_bias", ".attn.embed_positions", ".rotary_emb.inv_freq")
     legacy_defaults = (
         ("layer_norm_epsilon", 1e-5, "attention.layer_norm_epsilon", "GPT-J-6B / GPTJConfig default"),
@@ -110,6 +111,16 @@ class GPTJ(Arch):
         legacy = self.names.to_legacy(gguf)
         # Only 2-D ".weight" tensors are converted (formats.md 4.2); biases and norms stay F32.
         return TensorMap(legacy, shape, gguf, legacy, keep_f32=len(shape) == 1)
+
+    def hf_config(self) -> dict[str, Any]:
+        """GPTJForCausalLM's config.json. The legacy names are the HF names and the
+        rotation is the same (adjacent pairs), so the tensors go back as they are."""
+        return {
+            "architectures": ["GPTJForCausalLM"], "model_type": "gptj", "vocab_size": self.vocab_size,
+            "n_positions": self.n_ctx, "n_embd": self.n_embd, "n_layer": self.n_layer, "n_head": self.n_head,
+            "rotary_dim": self.n_rot, "n_inner": None, "activation_function": "gelu_new",
+            "layer_norm_epsilon": f32_short(self.eps), "tie_word_embeddings": False,
+        }
 
     def hparam_keys(self) -> dict[str, Any]:
         a = self.gguf_arch

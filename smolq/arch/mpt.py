@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from smolq.arch.base import Arch, LegacyTarget, NameTable, TensorMap, meta
+from smolq.arch.base import Arch, LegacyTarget, NameTable, TensorMap, f32_short, meta
 from smolq.arch.legacy_config import GGUFKeys, LegacyConfig
 from smolq.errors import FormatError, InputError
 
@@ -40,6 +40,7 @@ class MPT(Arch):
     }
     default_legacy = "ggmm"
     skip_suffixes = (".attn.bias", ".attn.masked_bias")
+    hf_export = True
 
     @classmethod
     def config_from_legacy(cls, d: LegacyConfig, h: dict[str, Any], tensors: dict[str, Any]) -> None:
@@ -99,7 +100,15 @@ class MPT(Arch):
             "n_layers": k.need("block_count"), "n_heads": k.need("attention.head_count"),
             "max_seq_len": k.need("context_length"), "expansion_ratio": k.need("feed_forward_length") // n_embd,
             "no_bias": True, "attn_config": attn,
+            "layer_norm_epsilon": k.get("attention.layer_norm_epsilon", LAYER_NORM_EPS),
         }
+
+    @classmethod
+    def output_tied(cls, tensors: dict[str, Any], same) -> bool:
+        """Legacy MPT files store no output; smolq's and llama.cpp's GGUF a copy of wte.
+        A stored output.weight that differs (quantized to another type) is a head of its own."""
+        out = tensors.get("output.weight")
+        return out is None or same(out, tensors["token_embd.weight"])
 
     def read_hparams(self) -> None:
         attn = self.config.get("attn_config") or {}
@@ -117,6 +126,8 @@ class MPT(Arch):
         self.alibi = bool(self.default("alibi", True, "MptAttentionConfig default", where=attn))
         self.alibi_bias_max = float(self.default("alibi_bias_max", 8, "MptAttentionConfig default", where=attn))
         self.clip_qkv = attn.get("clip_qkv")
+        self.eps = float(self.config.get("layer_norm_epsilon") or LAYER_NORM_EPS)
+        self.tied = bool(self.config.get("tie_word_embeddings", True))
         if self.config.get("no_bias") is False:
             raise InputError(self.config_path, "MPT with biases (no_bias: false) is not supported")
         if attn.get("qk_ln"):
@@ -154,6 +165,28 @@ class MPT(Arch):
         if self.n_head_kv != self.n_head:
             raise InputError(path, "legacy MPT files cannot describe kv_n_heads (GQA)")
         return target
+
+    def hf_config(self) -> dict[str, Any]:
+        """transformers' native MptForCausalLM config.json. Its attention has no kv_n_heads,
+        no qk_ln and always applies ALiBi, so those models are refused, not written wrong.
+        Wqkv stays fused, as MptForCausalLM stores it."""
+        if self.n_head_kv != self.n_head:
+            raise InputError(self.config_path, "MptForCausalLM has no kv_n_heads (GQA); this MPT model cannot be "
+                                               "written as a transformers checkpoint")
+        if not self.alibi or self.alibi_bias_max <= 0:
+            raise InputError(self.config_path, "MptForCausalLM always applies ALiBi; this MPT model has none")
+        if not float(self.alibi_bias_max).is_integer():
+            raise InputError(self.config_path, f"MptForCausalLM takes a whole alibi_bias_max, not {self.alibi_bias_max}")
+        attn = {"attn_type": "multihead_attention", "attn_impl": "torch", "alibi": True,
+                "alibi_bias_max": int(self.alibi_bias_max),
+                "clip_qkv": f32_short(float(self.clip_qkv)) if self.clip_qkv else None,
+                "qk_ln": False, "softmax_scale": None, "prefix_lm": False, "attn_uses_sequence_id": False}
+        return {
+            "architectures": ["MptForCausalLM"], "model_type": "mpt", "vocab_size": self.vocab_size,
+            "d_model": self.n_embd, "n_heads": self.n_head, "n_layers": self.n_layer,
+            "expansion_ratio": self.expansion, "max_seq_len": self.n_ctx, "layer_norm_epsilon": f32_short(self.eps),
+            "no_bias": True, "logit_scale": None, "attn_config": attn, "tie_word_embeddings": self.tied,
+        }
 
     def hparam_keys(self) -> dict[str, Any]:
         a = self.gguf_arch

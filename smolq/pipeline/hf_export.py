@@ -42,13 +42,14 @@ __all__ = ["export_hf", "hf_tensors"]
 def hf_tensors(arch: Arch, tensors: dict[str, TensorEntry], tied: bool, path: Path) -> list[tuple[HFTensor, TensorEntry]]:
     """(HF tensor, its source entry) for every tensor of the file, in the family's order.
     A tensor the family has no HF name for is refused; a tied output.weight (legacy
-    files store the embedding's copy) is dropped, as transformers ties it back."""
+    LLaMA and MPT GGUF files store the embedding's copy: a map with no GGUF name, or one
+    whose HF source is already written) is dropped, as transformers ties it back."""
     maps: list[TensorMap] = arch.tensor_maps(set() if tied else {"lm_head.weight"})
-    out, used = [], set()
+    out, used, written = [], set(), set()
     for m in maps:
-        if m.gguf is None:  # the tied output: the embedding again
-            if "output.weight" in tensors:
-                used.add("output.weight")
+        if m.gguf is None or m.source in written:  # the tied output: the embedding again
+            if (m.gguf or "output.weight") in tensors:
+                used.add(m.gguf or "output.weight")
             continue
         entry = tensors.get(m.gguf)
         if entry is None:
@@ -56,6 +57,7 @@ def hf_tensors(arch: Arch, tensors: dict[str, TensorEntry], tied: bool, path: Pa
         if tuple(entry.shape) != tuple(m.shape):
             raise FormatError(path, f"tensor {m.gguf} has shape {tuple(entry.shape)}, the config says {tuple(m.shape)}")
         used.add(m.gguf)
+        written.add(m.source)
         out.append((HFTensor(m.source, tuple(m.shape), _loader(entry, m)), entry))
     extra = sorted(set(tensors) - used)
     if extra:

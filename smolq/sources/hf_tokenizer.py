@@ -32,12 +32,18 @@ from smolq.sources.vocab import BYTE, CONTROL, SPIECE_SPACE, UNKNOWN, UNUSED, US
 tokenizers = lazy_module("tokenizers")  # imported at first use: `smolq --help` stays fast
 
 # tokenizer.ggml.pre -> pre-tokenizer steps that split as llama-vocab.cpp's regexes for it:
-# "gpt2"/"default": the GPT-2 regex (ByteLevel's own); "smollm": \p{N} (single digits), then GPT-2's.
+# "gpt2"/"default"/"mpt": the GPT-2 regex (ByteLevel's own); "smollm": \p{N} (single digits), then GPT-2's.
 PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
     "default": ("bytelevel",),
     "gpt2": ("bytelevel",),
     "smollm": ("digits", "bytelevel"),
+    # MPT's tokenizer (GPT-NeoX's) is byte-level BPE with the GPT-2 regex after NFC; smolq writes
+    # "mpt" for it. llama.cpp's regexes for "mpt" are its own stated approximation of that
+    # tokenizer (and it skips NFC), so the export keeps the checkpoint's.
+    "mpt": ("bytelevel",),
 }
+# tokenizer.ggml.pre -> the normalizer the original tokenizer.json had (none where absent).
+NORMALIZERS: dict[str, str] = {"mpt": "nfc"}
 
 
 def hf_tokenizer(vocab: Vocab, path: Any = None):
@@ -74,12 +80,21 @@ def _byte_level_bpe(vocab: Vocab, path: Any):
     if not vocab.merges:
         raise InputError(path, "the byte-level BPE vocabulary has no merges (tokenizer.ggml.merges)")
     merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
-    model = tokenizers.models.BPE(vocab=_token_ids(vocab, path), merges=merges, fuse_unk=False, byte_fallback=False)
+    ids = _token_ids(vocab, path)
+    # The [PADi] pieces smolq's convert adds up to the embedding's rows (UNUSED) are no part of the
+    # checkpoint's tokenizer: left out, so converting the export back pads them the same way.
+    end = len(vocab)
+    while end and vocab.types[end - 1] == UNUSED and vocab.tokens[end - 1] == f"[PAD{end - 1}]":
+        end -= 1
+        del ids[vocab.tokens[end]]
+    model = tokenizers.models.BPE(vocab=ids, merges=merges, fuse_unk=False, byte_fallback=False)
     tok = tokenizers.Tokenizer(model)
     pt = tokenizers.pre_tokenizers
     steps = {"digits": pt.Digits(individual_digits=True),
              "bytelevel": pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)}
     tok.pre_tokenizer = pt.Sequence([steps[s] for s in PRE_TOKENIZERS[pre]])
+    if NORMALIZERS.get(pre) == "nfc":
+        tok.normalizer = tokenizers.normalizers.NFC()
     tok.decoder = tokenizers.decoders.ByteLevel()
     return tok
 

@@ -80,9 +80,11 @@ def describe(model, user: dict[str, Any], user_path: Path | None) -> ModelFile:
     guesses: list[Guess] = []
     notes: list[str] = []
     cfg = _config(model, arch_cls, tensors, user, user_path, guesses, notes)
-    tied = family == "llama" and _llama_tied(model, tensors, user, user_path, notes)
     if family == "llama":
-        cfg["tie_word_embeddings"] = tied
+        tied = _llama_tied(model, tensors, user, user_path, notes)
+    else:
+        tied = arch_cls.output_tied(tensors, same_bytes)
+    cfg["tie_word_embeddings"] = tied
     return ModelFile(model, arch_cls(cfg, user_path or model.path), tensors, tied, guesses, notes)
 
 
