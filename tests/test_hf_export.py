@@ -424,6 +424,51 @@ def test_gptj_and_mpt_export_then_convert_back(family_files, tmp_path, family, o
                                                     if k not in ROUND_TRIP_KEY_CHANGES}
 
 
+@pytest.mark.parametrize("family,fmt,outtype", [("gptj", "ggml", "f32"), ("gptj", "ggml", "q4_0"),
+                                                ("mpt", "ggml", "f32"), ("mpt", "ggml", "q8_0")])
+def test_gptj_and_mpt_legacy_files_export(family_files, tmp_path, family, fmt, outtype):
+    """Legacy GPT-J (GPT4All ggml) and MPT (ggml examples) files: the header's missing values are
+    listed guesses, the BPE merges are rebuilt from the vocabulary's order (the file stores none),
+    and the export computes the original (f32) and smolq's reference pass over the file."""
+    from transformers import AutoTokenizer
+
+    src = family_files(family)
+    legacy = tmp_path / f"m-{outtype}.bin"
+    convert(src, legacy, format=fmt, outtype=outtype)
+    out = tmp_path / "hf"
+    summary = convert(legacy, out, format="hf", outtype="f32")
+    assert summary["source_format"].startswith(fmt) and any("merges" in n for n in summary["notes"])
+    cfg = json.loads((out / "config.json").read_text())
+    tokens = np.random.default_rng(3).integers(0, cfg["vocab_size"], (2, 16))
+    theirs = hf_logits(out, tokens)
+    hp = {f"{family}.attention.layer_norm_epsilon": cfg["layer_norm_epsilon"]}
+    reference = logits_from_file(legacy, tokens, hparams_override=hp, dtype=np.float32)
+    _assert_close(reference, theirs, FLOAT_TOL, "legacy export vs reference")
+    if outtype == "f32":
+        _assert_close(hf_logits(src, tokens), theirs, FLOAT_TOL, "legacy export vs the original")
+
+    a, b = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(src)
+    bad = [t for t in TEXTS if a(t)["input_ids"] != b(t)["input_ids"]]
+    assert not bad, f"{len(bad)}/{len(TEXTS)} lines tokenize differently; first: {bad[0]!r}"
+
+    # Back to an f32 GGUF: the legacy file's tensors by their GGUF names. The one legitimate
+    # difference: MPT's GGUF carries output.weight, a copy of wte (legacy MPT files have none).
+    back = tmp_path / "back.gguf"
+    convert(out, back, format="gguf", outtype="f32")
+    with open_model(legacy) as mf:
+        want = {e.name: tensor_to_float(e) for e in mf.tensors}
+    got = _dequantized(back)
+    from smolq.arch import family_arch
+
+    names = family_arch(family).names
+    want = {names.to_gguf(k): v for k, v in want.items()}
+    if family == "mpt":
+        np.testing.assert_array_equal(got.pop("output.weight"), want["token_embd.weight"])
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        np.testing.assert_array_equal(got[name], w, err_msg=name)
+
+
 # ------------------------------------------------------------------------------------------ refusals
 
 def _gguf_of(family: str, tmp_path: Path) -> Path:
@@ -546,13 +591,14 @@ def _split(n: int):
     return Split.of(max_tensors=n)
 
 
-def test_a_legacy_gptj_file_is_refused(cli, capfd, tmp_path):
-    """Legacy GPT-J/MPT files store no BPE merges, so no tokenizer can be rebuilt: refused, not guessed."""
-    src = make_tiny_model("gptj", tmp_path / "src")
-    legacy = tmp_path / "g.bin"
-    convert(src, legacy, format="ggml", outtype="f16")
+def test_a_ggmm_mpt_file_is_refused(cli, capfd, tmp_path):
+    """GPT4All's 'ggmm' stored MPT's tokens as UTF-8 text: the byte tokens that were not valid UTF-8
+    all read back as U+FFFD, so no one-id-per-text vocabulary exists. Refused, not guessed."""
+    src = make_tiny_model("mpt", tmp_path / "src")
+    legacy = tmp_path / "m.bin"
+    convert(src, legacy, format="ggmm", outtype="f32")
     _one_line_refusal(cli, capfd, ["convert", str(legacy), str(tmp_path / "out"), "--format", "hf"],
-                      tmp_path / "out", "no merges")
+                      tmp_path / "out", "appears twice")
 
 
 def test_an_unknown_pre_tokenizer_is_refused_not_guessed():

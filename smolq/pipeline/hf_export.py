@@ -116,6 +116,8 @@ def export_hf(src_path: str | os.PathLike, out_path: str | os.PathLike, outtype:
         dtype = hf_outtype(outtype, [e.type for _, e in pairs if len(e.shape) > 1], out)
         vocab = recover_vocab(model, arch, {}, None, guesses, notes)
         tok = hf_tokenizer(vocab, src) if tokenizer else None
+        if tok is not None and vocab.model == "gpt2" and not vocab.merges:
+            notes.append("tokenizer.json's BPE merges rebuilt from the vocabulary's order (the file stores none)")
         json_files: dict[str, Any] = {"config.json": _config(arch, vocab, dtype),
                                       "generation_config.json": _generation_config(vocab)}
         if tok is not None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from smolq.errors import InputError
 from smolq.lazy import lazy_module
-from smolq.sources.vocab import BYTE, CONTROL, SPIECE_SPACE, UNKNOWN, UNUSED, USER_DEFINED, Vocab
+from smolq.sources.vocab import BYTE, CONTROL, NORMAL, SPIECE_SPACE, UNKNOWN, UNUSED, USER_DEFINED, Vocab
 
 tokenizers = lazy_module("tokenizers")  # imported at first use: `smolq --help` stays fast
 
@@ -77,9 +77,9 @@ def _byte_level_bpe(vocab: Vocab, path: Any):
     if pre not in PRE_TOKENIZERS:
         raise InputError(path, f"tokenizer.ggml.pre {pre!r} has no known Hugging Face pre-tokenizer "
                                f"(known: {', '.join(sorted(PRE_TOKENIZERS))})")
-    if not vocab.merges:
+    merges = [tuple(m.split(" ", 1)) for m in vocab.merges] if vocab.merges else merges_from_ranks(vocab)
+    if not merges:
         raise InputError(path, "the byte-level BPE vocabulary has no merges (tokenizer.ggml.merges)")
-    merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
     ids = _token_ids(vocab, path)
     # The [PADi] pieces smolq's convert adds up to the embedding's rows (UNUSED) are no part of the
     # checkpoint's tokenizer: left out, so converting the export back pads them the same way.
@@ -97,6 +97,31 @@ def _byte_level_bpe(vocab: Vocab, path: Any):
         tok.normalizer = tokenizers.normalizers.NFC()
     tok.decoder = tokenizers.decoders.ByteLevel()
     return tok
+
+
+def merges_from_ranks(vocab: Vocab) -> list[tuple[str, str]]:
+    """The merges of a byte-level BPE vocabulary that stores none (legacy files), rebuilt from
+    its order: GPT-2-style vocabularies list each merged token right after the merges before
+    it, so a token's id is its merge's rank. Each normal multi-character token is split by
+    running BPE over its characters with only the lower-ranked tokens (as transformers rebuilds
+    tiktoken's merges); a token that does not end as exactly two parts gives no merge."""
+    rank: dict[str, int] = {}
+    for i, (t, kind) in enumerate(zip(vocab.tokens, vocab.types)):
+        if kind == NORMAL and t not in rank:
+            rank[t] = i
+    merges = []
+    for token, r in rank.items():
+        if len(token) < 2 or any(c not in rank for c in token):
+            continue
+        parts = list(token)
+        while len(parts) > 1:
+            best = min(range(len(parts) - 1), key=lambda j: rank.get(parts[j] + parts[j + 1], len(vocab)))
+            if rank.get(parts[best] + parts[best + 1], len(vocab)) >= r:
+                break
+            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        if len(parts) == 2:
+            merges.append((parts[0], parts[1]))
+    return merges
 
 
 def sentencepiece_merges(vocab: Vocab) -> list[tuple[str, str]]:
