@@ -424,6 +424,25 @@ def test_gptj_and_mpt_export_then_convert_back(family_files, tmp_path, family, o
                                                     if k not in ROUND_TRIP_KEY_CHANGES}
 
 
+def test_an_mpt_file_whose_output_is_not_wte_exports_untied(family_files, tmp_path):
+    """q4_k_m stores MPT's output.weight (the copy of wte) in another type than token_embd: two
+    different matrices, so the export keeps lm_head and says tie_word_embeddings: false."""
+    path = family_files("mpt", "q4_k_m")
+    out = tmp_path / "hf"
+    summary = convert(path, out, format="hf", outtype="f32")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert summary["tensors"][-1]["name"] == "lm_head.weight"
+    tokens = np.random.default_rng(3).integers(0, 320, (2, 16))
+    reference = logits_from_file(path, tokens, dtype=np.float32)
+    _assert_close(reference, hf_logits(out, tokens), FLOAT_TOL, "untied MPT export vs reference")
+    back = tmp_path / "back.gguf"
+    convert(out, back, format="gguf", outtype="f32")
+    want, got = _dequantized(path), _dequantized(back)
+    assert list(got) == list(want)
+    for name, w in want.items():
+        np.testing.assert_array_equal(got[name], w, err_msg=name)
+
+
 @pytest.mark.parametrize("family,fmt,outtype", [("gptj", "ggml", "f32"), ("gptj", "ggml", "q4_0"),
                                                 ("mpt", "ggml", "f32"), ("mpt", "ggml", "q8_0")])
 def test_gptj_and_mpt_legacy_files_export(family_files, tmp_path, family, fmt, outtype):
