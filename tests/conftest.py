@@ -75,8 +75,8 @@ def pytest_terminal_summary(terminalreporter):
             missing.append(f"{name} ({why_not})")
         else:
             key = name.rsplit(" ", 1)[0] if name.startswith("llama-cpp-python") else name
-            if name.startswith(("bitsandbytes", "apache-tvm")):
-                used.append(f"{name} (in process)")
+            if name.startswith(("bitsandbytes", "apache-tvm")):  # not counted by run_reader
+                used.append(f"{name} ({'in process' if name.startswith('bitsandbytes') else 'child processes'})")
                 continue
             runs, crashes = READERS_USED.get(key, 0), READER_CRASHES.get(key, 0)
             used.append(f"{name} ({runs} runs" + (f", {crashes} crashed" if crashes else "") + ")")

@@ -133,7 +133,7 @@ def reader_inventory() -> list[tuple[str, str | None]]:
     for version in ("1.0.8", "2.5.1"):
         why = None if gpt4all_dir(version) else f"not installed in .venv/real/gpt4all-{version}"
         out.append((f"gpt4all {version}", why))
-    # Loaded in the test process (pure-Python loaders over their own small native parts).
+    # Not run through run_reader: bitsandbytes loads in the test process, tvm in tests/test_mlc.py's own children.
     for module, dist in (("bitsandbytes", "bitsandbytes"), ("tvm", "apache-tvm")):
         if importlib.util.find_spec(module) is None:
             out.append((dist, "not installed (make setup installs it)"))
