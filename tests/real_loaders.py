@@ -347,6 +347,16 @@ def open_llama(model_path: str | os.PathLike, *, n_ctx: int = 64, threads: int =
     return LlamaCpp(str(model_path), n_ctx, threads, f32_kv)
 
 
+def probe_sequences(llm: LlamaCpp, n_vocab: int, length: int = 24) -> np.ndarray:
+    """Three token sequences to compare engines on: one of real text through llama.cpp's own
+    tokenizer (positions that look like text), two of ids spread over the whole vocabulary
+    (every embedding/output row is fair game)."""
+    text = llm.tokenize("The quick brown fox jumps over the lazy dog. Numbers: 0 1 2 3 4 5", add_bos=True)
+    rng = np.random.default_rng(7)
+    rows = [np.resize(np.asarray(text), length)] + [rng.integers(0, n_vocab, length) for _ in range(2)]
+    return np.stack(rows).astype(np.int64)
+
+
 def llama_cpp_logits(llm: LlamaCpp, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
     return llm.logits(sequences)
 

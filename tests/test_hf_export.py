@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from real_loaders import check_choices, open_llama, top2_margin
+from real_loaders import check_choices, open_llama, probe_sequences, top2_margin
 
 from smolq.formats.detect import open_model
 from smolq.formats.gguf import read_gguf
@@ -85,13 +84,6 @@ def _assert_same_ids(tok, llm, texts: list[str]) -> None:
         assert tok(t)["input_ids"] == w, repr(t)
 
 
-def _sequences(llm, n_vocab: int) -> np.ndarray:
-    text = llm.tokenize("The quick brown fox jumps over the lazy dog. Numbers: 0 1 2 3 4 5", add_bos=True)
-    rng = np.random.default_rng(7)
-    rows = [np.resize(np.asarray(text), SEQ_LEN)] + [rng.integers(0, n_vocab, SEQ_LEN) for _ in range(2)]
-    return np.stack(rows).astype(np.int64)
-
-
 def _assert_close(reference: np.ndarray, got: np.ndarray, tol: float, what: str) -> None:
     ref = reference.reshape(-1, reference.shape[-1])
     out = got.reshape(-1, got.shape[-1])
@@ -145,7 +137,7 @@ def test_tiny_export_runs_like_llama_cpp(tiny_files, tmp_path, variant, outtype)
     assert ("lm_head.weight" in json.dumps(_header(out / "model.safetensors"))) is not tied
 
     llm = open_llama(path)
-    tokens = _sequences(llm, cfg["vocab_size"])
+    tokens = probe_sequences(llm, cfg["vocab_size"], SEQ_LEN)
     theirs = hf_logits(out, tokens)
     reference = logits_from_file(path, tokens, dtype=np.float32)
     _assert_close(reference, theirs, FLOAT_TOL, "transformers on the export vs smolq's f32 pass over the file")
@@ -294,7 +286,7 @@ def test_smollm2_export_runs_like_llama_cpp(smollm2_gguf, tmp_path):
     chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert "<|im_start|>user\nHi<|im_end|>" in chat
 
-    tokens = _sequences(llm, cfg["vocab_size"])
+    tokens = probe_sequences(llm, cfg["vocab_size"], SEQ_LEN)
     theirs = hf_logits(out, tokens)
     reference = logits_from_file(smollm2_gguf, tokens, dtype=np.float32)
     _assert_close(reference, theirs, SMOLLM2_TOL, "transformers on the export vs smolq's f32 pass over the file")
@@ -576,7 +568,7 @@ def test_linear_rope_scaling_round_trips(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rope_scaling"]["factor"] == 2.0 and cfg["rope_parameters"]["rope_type"] == "linear"
     llm = open_llama(path)
-    tokens = _sequences(llm, cfg["vocab_size"])
+    tokens = probe_sequences(llm, cfg["vocab_size"], SEQ_LEN)
     _assert_close(np.stack(llm.logits(tokens)), hf_logits(out, tokens), FLOAT_TOL, "linear RoPE scaling")
 
 

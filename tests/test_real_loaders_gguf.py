@@ -41,6 +41,7 @@ from real_loaders import (
     llama_cpp_greedy,
     llama_cpp_logits,
     open_llama,
+    probe_sequences,
     require_gpt4all,
     require_llama_cpp,
     run_gpt4all,
@@ -98,16 +99,9 @@ def converted(tiny, tmp_path_factory):
 
 
 def _sequences(src, llm) -> np.ndarray:
-    """Three sequences: one of real text through llama.cpp's own tokenizer (so the
-    positions look like text), two of ids spread over the whole vocabulary
-    (every embedding/output row is fair game)."""
     import json
 
-    n_vocab = json.loads((src / "config.json").read_text())["vocab_size"]
-    text = llm.tokenize(b"The quick brown fox jumps over the lazy dog. Numbers: 0 1 2 3 4 5", add_bos=True)
-    rng = np.random.default_rng(7)
-    rows = [np.resize(np.asarray(text), SEQ_LEN)] + [rng.integers(0, n_vocab, SEQ_LEN) for _ in range(2)]
-    return np.stack(rows).astype(np.int64)
+    return probe_sequences(llm, json.loads((src / "config.json").read_text())["vocab_size"], SEQ_LEN)
 
 
 def _assert_picks_match(reference: np.ndarray, engine: np.ndarray, tol: float, what: str) -> None:
