@@ -51,6 +51,9 @@ $(VENV)/.real-readers: $(VENV)/.installed
 	-$(PIP) install apache-tvm
 	# llama.cpp's own convert_hf_to_gguf.py (from the same sdist) to compare metadata with.
 	-$(PY) scripts/fetch_llama_converter.py --quiet
+	# llama.cpp's llama-quantize, llama-imatrix and llama-perplexity from the same sdist, built with
+	# the same portable instruction set (~8 min on 2 cores): imatrix / i-quant / mix checks run them.
+	-$(PY) scripts/build_llama_tools.py --quiet
 	touch $@
 
 # Rebuild the C kernel in place whenever a source changed.

@@ -133,6 +133,8 @@ def reader_inventory() -> list[tuple[str, str | None]]:
     for version in ("1.0.8", "2.5.1"):
         why = None if gpt4all_dir(version) else f"not installed in .venv/real/gpt4all-{version}"
         out.append((f"gpt4all {version}", why))
+    why = None if llama_tool("llama-quantize") else "not built (make setup: scripts/build_llama_tools.py)"
+    out.append(("llama.cpp tools (llama-quantize, llama-imatrix, llama-perplexity)", why))
     # Not run through run_reader: bitsandbytes loads in the test process, tvm in tests/test_mlc.py's own children.
     for module, dist in (("bitsandbytes", "bitsandbytes"), ("tvm", "apache-tvm")):
         if importlib.util.find_spec(module) is None:
@@ -159,6 +161,30 @@ def gpt4all_dir(version: str) -> Path | None:
         if (path / "gpt4all" / "llmodel_DO_NOT_MODIFY" / "build").is_dir():
             return path
     return None
+
+
+def llama_tool(name: str) -> Path | None:
+    """llama.cpp's own `name` (llama-quantize, llama-imatrix, llama-perplexity), or None.
+
+    Built portably by scripts/build_llama_tools.py into .venv/real/llama.cpp-tools/bin;
+    $SMOLQ_LLAMA_TOOLS (a bin directory) overrides. Run them with subprocess (they are
+    separate programs, so a crash is already one failing test).
+    """
+    env = os.environ.get("SMOLQ_LLAMA_TOOLS")
+    candidates = [Path(env)] if env else [Path(sys.prefix) / "real" / "llama.cpp-tools" / "bin",
+                                          REPO / ".venv" / "real" / "llama.cpp-tools" / "bin"]
+    for directory in candidates:
+        if (directory / name).is_file() and os.access(directory / name, os.X_OK):
+            return directory / name
+    return None
+
+
+def require_llama_tool(name: str) -> Path:
+    path = llama_tool(name)
+    if path is None:
+        pytest.skip(f"llama.cpp's {name} is not built (make setup runs scripts/build_llama_tools.py "
+                    f"into .venv/real/llama.cpp-tools)")
+    return path
 
 
 def require_gpt4all(version: str) -> Path:
