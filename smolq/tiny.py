@@ -122,7 +122,7 @@ def make_tiny_model(
         _add_gptj_legacy_buffers(out, config)
     if family == "llama":
         _rewrite_rope_params(out / "config.json", rope_params_style)
-        _write_llama_tokenizer(out, n_vocab)
+        write_llama_tokenizer(out, n_vocab)
     else:
         _write_bpe_tokenizer(out, family, n_vocab)
     return out
@@ -363,7 +363,8 @@ def _merge_extra_tensors(out: Path, extra: dict, shard_name: str | None) -> None
 SPM_NORMAL, SPM_UNKNOWN, SPM_CONTROL, SPM_USER_DEFINED, SPM_UNUSED, SPM_BYTE = 1, 2, 3, 4, 5, 6
 
 
-def _write_llama_tokenizer(out: Path, n_vocab: int) -> None:
+def write_llama_tokenizer(out: Path, n_vocab: int) -> None:
+    """tokenizer.model (SentencePiece, LLaMA layout) + tokenizer.json and configs for `n_vocab` ids."""
     proto = build_sentencepiece_model(n_vocab)
     (out / "tokenizer.model").write_bytes(proto)
     # Real LLaMA repos ship tokenizer.json too; transformers 5 needs protobuf

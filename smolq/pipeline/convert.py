@@ -150,9 +150,10 @@ def _loader(step: Step, layout: str) -> Callable[[], Any]:
     if step.exact:
         return lambda: place_blocks(src.exact_blocks(dst), m, dst, layout, src.file)
 
+    if m.transform is None and SOURCE_TYPES.get(src.dtype) == dst and src.dtype != "F64":
+        return src.raw_loader()  # same type, no transform: the stored bytes as they are
+
     def load():
-        if m.transform is None and SOURCE_TYPES.get(src.dtype) == dst and src.dtype != "F64":
-            return src.load_raw()  # same type, no transform: the mapped bytes as they are
         x = src.load()
         if m.transform is not None:
             x = m.transform(x)
