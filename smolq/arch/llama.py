@@ -239,8 +239,9 @@ class Llama(Arch):
 
     def llama3_rope_factors(self) -> np.ndarray:
         """rope_freqs for Llama 3.1 RoPE scaling (rope_type llama3): per rotary pair, the factor llama.cpp
-        divides its frequency by. Computed in float32, in the order of llama.cpp's converter, so the
-        tensor is the bytes it writes; the defaults are the converter's for keys a config leaves out."""
+        divides its frequency by. Computed in float32 with the operations llama.cpp's converter's torch
+        code performs (torch turns `scalar / tensor` into reciprocal-then-multiply), so the tensor is
+        the bytes it writes; the defaults are the converter's for keys a config leaves out."""
         p = self.rope_scaling
         f32 = np.float32
         factor = f32(p.get("factor", 8.0))
@@ -248,8 +249,8 @@ class Llama(Arch):
         old_ctx = float(p.get("original_max_position_embeddings", 8192))
         dim = self.head_dim
         freqs = f32(1.0) / (f32(self.rope_theta) ** (np.arange(0, dim, 2, dtype=f32) / f32(dim)))
-        wavelen = f32(2 * math.pi) / freqs
-        smooth = (f32(old_ctx) / wavelen - f32(low)) / f32(high - low)
+        wavelen = (f32(1.0) / freqs) * f32(2 * math.pi)
+        smooth = ((f32(1.0) / wavelen) * f32(old_ctx) - f32(low)) / f32(high - low)
         blended = f32(1.0) / ((f32(1.0) - smooth) / factor + smooth)
         out = np.where(wavelen < f32(old_ctx / high), f32(1.0), np.where(wavelen > f32(old_ctx / low), factor, blended))
         return out.astype(f32)
