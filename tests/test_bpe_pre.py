@@ -139,5 +139,16 @@ def test_tiny_regexes_are_the_recognised_ones():
 
 
 @pytest.mark.parametrize("name", sorted(bpe_pre.PRE_TOKENIZER_FORMS))
-def test_form_round_trip(name):
-    assert bpe_pre.pre_tokenizer_form(bpe_pre.pre_tokenizer_json(name)) == bpe_pre.PRE_TOKENIZER_FORMS[name]
+def test_export_writes_the_form_it_reads(name):
+    """`--format hf` builds each named pre-tokenizer (sources.hf_tokenizer); serialized by the
+    tokenizers library, it reads back as the same form, so a converted export gets the same name."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from smolq.sources.hf_tokenizer import _pre_tokenizer_step
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([_pre_tokenizer_step(s) for s in bpe_pre.PRE_TOKENIZER_FORMS[name]])
+    data = json.loads(tok.to_str())["pre_tokenizer"]
+    if len(data["pretokenizers"]) == 1:
+        data = data["pretokenizers"][0]
+    assert bpe_pre.pre_tokenizer_form(data) == bpe_pre.PRE_TOKENIZER_FORMS[name]

@@ -30,6 +30,11 @@ class Qwen2(Llama):
     hf_export = True
     omitted_keys = ("vocab_size", "rope.dimension_count")  # LLaMA's converter adds these; the generic one does not
 
+    @classmethod
+    def output_tied(cls, tensors: dict[str, Any], same) -> bool:
+        """GGUF qwen2/qwen3 files of tied models have no output.weight (llama.cpp reuses token_embd)."""
+        return "output.weight" not in tensors
+
     def layer_tensors(self) -> list[tuple[str, str, tuple[int, ...], Any, Any]]:
         """LLaMA's block without the Q/K permutation (NeoX RoPE), plus the q/k/v biases."""
         plain = [(hf, gg, shape, None, None) for hf, gg, shape, _, _ in super().layer_tensors()]

@@ -264,6 +264,8 @@ def convert(
         if vocab_only:
             steps = []
         vocab = load_vocab(ckpt.path, arch.n_vocab, arch.family, ckpt.config)
+        if target.legacy:
+            vocab.check_legacy(arch.family, out)
         summary = _summary(ckpt, arch, target, outtype, steps, vocab, out)
         file_type = preset.ftype
         md = gguf_metadata(arch, vocab, ckpt, file_type) if target.is_gguf else {}

@@ -12,7 +12,7 @@ further, never silently: when tokenizer.json's pre-tokenizer is exactly one
 whose splitting llama.cpp implements under a name (PRE_TOKENIZER_FORMS: the
 GPT-2, Llama 3, Qwen2 and SmolLM2 forms), that name is written with a note
 saying so; otherwise the conversion is refused in one line naming the hash.
-The same forms turn a name back into a pre-tokenizer for `--format hf`.
+The same forms turn a name back into a pre-tokenizer for `--format hf` (sources/hf_tokenizer.py).
 """
 from __future__ import annotations
 
@@ -86,20 +86,3 @@ def pre_tokenizer_form(pre: Any) -> tuple[tuple[str, ...], ...] | None:
         else:
             return None
     return tuple(form)
-
-
-def pre_tokenizer_json(name: str) -> dict[str, Any] | None:
-    """The tokenizer.json pre_tokenizer for a tokenizer.ggml.pre name, None for one without a form."""
-    steps = PRE_TOKENIZER_FORMS.get(name)
-    if steps is None:
-        return None
-    out = []
-    for step in steps:
-        if step[0] in ("bytelevel", "bytemap"):
-            out.append({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                        "use_regex": step[0] == "bytelevel"})
-        elif step[0] == "digits":
-            out.append({"type": "Digits", "individual_digits": True})
-        else:
-            out.append({"type": "Split", "pattern": {"Regex": step[1]}, "behavior": "Isolated", "invert": False})
-    return out[0] if len(out) == 1 else {"type": "Sequence", "pretokenizers": out}

@@ -130,8 +130,16 @@ class Vocab:
         return text.replace(SPIECE_SPACE, " ").encode("utf-8")
 
     # ---------------------------------------------------------- legacy
+    def check_legacy(self, family: str, path: Path | None) -> None:
+        """Legacy LLaMA loaders read SentencePiece pieces; a byte-level BPE vocabulary (Llama 3's)
+        would be read as such pieces and tokenize wrongly, so it has no place there."""
+        if family == "llama" and self.byte_level:
+            raise InputError(path, "a byte-level BPE vocabulary (Llama 3 style) has no place in a legacy LLaMA file: "
+                                   "no 2023 loader reads one; write GGUF")
+
     def legacy_tokens(self, family: str, container: str, dialect: str) -> list[tuple[bytes, float, bool]]:
         """(text bytes, score, special) per token, by the rules of formats.md 3."""
+        self.check_legacy(family, self.source)
         if family == "llama":
             return [self._llama_legacy(i) for i in range(len(self))]
         if family == "mpt" and container == "ggml":
