@@ -607,8 +607,10 @@ def test_an_unknown_pre_tokenizer_is_refused_not_guessed():
     from smolq.sources.hf_tokenizer import hf_tokenizer
     from smolq.sources.vocab import Vocab
 
-    vocab = Vocab("gpt2", ["a", "b", "ab"], [1, 1, 1], None, ["a b"], {}, pre="llama-bpe")
-    with pytest.raises(InputError, match="tokenizer.ggml.pre 'llama-bpe'"):
+    # llama.cpp knows "deepseek-llm"; smolq has no Hugging Face pre-tokenizer form for it
+    # ("llama-bpe" and "qwen2" it has: sources/bpe_pre.py PRE_TOKENIZER_FORMS).
+    vocab = Vocab("gpt2", ["a", "b", "ab"], [1, 1, 1], None, ["a b"], {}, pre="deepseek-llm")
+    with pytest.raises(InputError, match="tokenizer.ggml.pre 'deepseek-llm'"):
         hf_tokenizer(vocab)
     assert hf_tokenizer(Vocab("gpt2", ["a", "b", "ab"], [1, 1, 1], None, ["a b"], {}, pre="gpt2")).encode("ab").ids == [2]
 
