@@ -197,3 +197,26 @@ def test_unknown_architecture_is_named_with_the_supported_ones(tiny, tmp_path, c
     assert "Gemma9ForCausalLM" in err
     for known in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         assert known in err
+
+
+# --------------------------------------------------------------------------- smolq's own forward pass
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_reference_forward_pass_matches_transformers(tiny, name):
+    """sources.reference (what `verify` and `eval` run) on each family's f32 GGUF: Qwen's NeoX RoPE,
+    biases and q/k norms, Llama 3.1's rope_freqs."""
+    from smolq.sources.reference import logits_from_file
+
+    root, dirs = tiny
+    path = root / f"{name}-reference.gguf"
+    convert(dirs[name], path, outtype="f32")
+    tokens = np.stack([np.arange(24) * 13 % 300, np.arange(24) * 7 % 300])
+    np.testing.assert_allclose(logits_from_file(path, tokens), hf_logits(dirs[name], tokens), rtol=0, atol=1e-4)
+
+
+def test_mistral_sliding_window_shorter_than_the_context_is_noted(tmp_path):
+    from smolq.tiny import make_tiny_model
+
+    src = make_tiny_model("mistral", tmp_path / "m", n_layers=1, config_overrides={"sliding_window": 32})
+    notes = convert(src, tmp_path / "m.gguf", dry_run=True)["notes"]
+    assert any("sliding_window 32" in n for n in notes), notes
