@@ -164,6 +164,9 @@ ROUND_TRIP_KEY_CHANGES = {
     "general.name": "the HF directory's name, not the original model's",
     "general.file_type": "the f32 round trip is ALL_F32 whatever the original's type",
     "general.quantization_version": "written only for quantized files",
+    # The export states add_prefix_space (true: SentencePiece's dummy prefix, llama.cpp's default when the
+    # key is absent); converting the directory back writes it as llama.cpp's LLaMA converter does.
+    "tokenizer.ggml.add_space_prefix": "stated by the export's tokenizer_config.json",
 }
 
 

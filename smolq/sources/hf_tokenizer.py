@@ -205,8 +205,7 @@ def tokenizer_config(vocab: Vocab, model_max_length: int) -> dict[str, Any]:
     }
     if vocab.model == "llama":
         cfg["legacy"] = True  # the prefix rules above: a "▁" before every text fragment
-        if vocab.add_space_prefix is not None:  # stated by the file; llama.cpp's converter writes it back
-            cfg["add_prefix_space"] = vocab.add_space_prefix
+        cfg["add_prefix_space"] = vocab.add_space_prefix is not False
     for kind, name in (("bos", "bos_token"), ("eos", "eos_token"), ("unk", "unk_token"), ("pad", "pad_token")):
         i = vocab.special_ids.get(kind)
         if i is not None and 0 <= i < len(vocab):
