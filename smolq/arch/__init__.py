@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from smolq.arch.base import Arch, LegacyTarget, MLCParam, NameTable, TensorMap
+from smolq.arch.gemma3 import Gemma3
 from smolq.arch.gptj import GPTJ
 from smolq.arch.llama import Llama
 from smolq.arch.mpt import MPT
 from smolq.errors import InputError
 
-ARCHES: tuple[type[Arch], ...] = (Llama, GPTJ, MPT)
+ARCHES: tuple[type[Arch], ...] = (Llama, GPTJ, MPT, Gemma3)
 
 BY_ARCHITECTURE: dict[str, type[Arch]] = {name: a for a in ARCHES for name in a.hf_architectures}
 BY_MODEL_TYPE: dict[str, type[Arch]] = {name: a for a in ARCHES for name in a.model_types}
@@ -51,5 +52,5 @@ def family_arch(family: str) -> type[Arch]:
 
 __all__ = [
     "ARCHES", "Arch", "LegacyTarget", "MLCParam", "NameTable", "TensorMap",
-    "arch_for_config", "family_arch", "find_arch_class", "Llama", "GPTJ", "MPT",
+    "arch_for_config", "family_arch", "find_arch_class", "Llama", "GPTJ", "MPT", "Gemma3",
 ]

@@ -456,6 +456,10 @@ def _bpe_from_files(directory: Path) -> tuple[str, dict[str, int], list[str]]:
     return "gpt2", vocab, merges
 
 
+# Families whose tokenizer.model llama.cpp's converter reads (_create_vocab_sentencepiece); others use tokenizer.json.
+SENTENCEPIECE_FAMILIES = ("llama", "gemma3")
+
+
 def load_vocab(directory: str | Path, n_vocab: int, family: str, model_config: dict[str, Any] | None = None) -> Vocab:
     """Read the checkpoint's tokenizer and fit it to n_vocab ids."""
     directory = Path(directory)
@@ -463,7 +467,7 @@ def load_vocab(directory: str | Path, n_vocab: int, family: str, model_config: d
     tokenizer_json = _read_json(directory / "tokenizer.json")
     sp_path = directory / "tokenizer.model"
     notes: list[str] = []
-    if family == "llama" and sp_path.is_file():
+    if family in SENTENCEPIECE_FAMILIES and sp_path.is_file():
         tokens, types, scores, n_base, originals = _sentencepiece_with_added(directory, sp_path, n_vocab, notes)
         vocab = Vocab("llama", tokens, types, scores, [], {}, pre="default", source=sp_path, notes=notes,
                       n_base=n_base, base_pieces=originals)

@@ -1,0 +1,198 @@
+"""Gemma 3 (Gemma3ForCausalLM): smolq's GGUF against llama.cpp's converter, llama.cpp against transformers.
+
+Tiny random models built offline (smolq.tiny, 6 layers: five sliding-window layers and one
+global, as Gemma 3 lays them out), with a Gemma-shaped SentencePiece tokenizer trained in the
+test (<pad>/<eos>/<bos>/<unk> at 0-3, control and user-defined specials, no dummy prefix):
+
+- the converter (convert_hf_to_gguf.py of the llama-cpp-python 0.3.36 sdist, run as
+  tests/test_vs_llama_converter.py runs it) and smolq write the same tensors (name, type,
+  shape, bytes) and the same keys (type and value) at f32, f16, bf16 and q8_0, from f32, f16
+  and bf16 checkpoints in both config layouts (transformers 5's rope_parameters/layer_types
+  and transformers 4's rope_theta/rope_local_base_freq/sliding_window_pattern), tied and not,
+  with linear RoPE scaling and final logit soft-capping;
+- llama-cpp-python loads smolq's file and its logits match transformers' on the checkpoint:
+  sandwich norms (+1 convention), local/global attention with their own RoPE bases, the
+  scaled embedding, soft-capping;
+- a model whose layers are not llama.cpp's default pattern gets the pattern written, and
+  llama.cpp then computes what transformers computes (the converter's file would not).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from real_loaders import open_llama, probe_sequences
+
+from smolq.pipeline.convert import convert
+from smolq.sources.reference import logit_stats
+from smolq.tiny import make_tiny_model
+from tests.test_vs_llama_converter import (
+    ALLOWED_METADATA,
+    FETCH_HINT,
+    converter_dir,
+    fields,
+    read,
+    run_llama_converter,
+    tensors,
+)
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+FILE_TYPE = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}
+N_LAYERS = 6
+# name -> make_tiny_model options
+MODELS = {
+    "gemma3-tied": {"tied": True},
+    "gemma3-t4-untied-bf16": {"rope_params_style": "top", "dtype": "bfloat16", "config_overrides": {
+        "final_logit_softcapping": 15.0,
+        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 60000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 5000.0}}}},
+    "gemma3-tied-f16": {"tied": True, "dtype": "float16"},
+}
+PAIRS = [(m, t) for m in MODELS for t in OUTTYPES]
+# llama.cpp (f32 weights, f32 KV) vs transformers in f32, in logit units (logits here: std ~4, up
+# to ~18). ggml's CPU GELU reads an f16 table (GGML_GELU_FP16 in ggml-cpu/vec.h), which leaves
+# ~1e-2 after six layers, spread evenly over positions; a wrong RoPE base, window or norm gives O(1).
+FLOAT_TOL = 5e-2
+
+
+def _make(name: str, root: Path) -> Path:
+    return make_tiny_model("gemma3", root / name, n_layers=N_LAYERS, seed=3, **MODELS[name])
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    conv = converter_dir()
+    if conv is None:
+        pytest.skip(f"llama.cpp's converter is not fetched; {FETCH_HINT}")
+    root = tmp_path_factory.mktemp("gemma3-vs-converter")
+    dirs = {name: _make(name, root) for name in MODELS}
+    files, jobs = {}, []
+    for name, outtype in PAIRS:
+        ours, theirs = root / f"{name}.{outtype}.smolq.gguf", root / f"{name}.{outtype}.llama.gguf"
+        convert(dirs[name], ours, outtype=outtype)
+        jobs.append([str(dirs[name]), "--outfile", str(theirs), "--outtype", outtype])
+        files[(name, outtype)] = (ours, theirs)
+    run_llama_converter(conv, jobs, {}, root)
+    return {"files": files, "dirs": dirs}
+
+
+@pytest.mark.parametrize("model,outtype", PAIRS)
+def test_same_tensors_as_llama_cpp_converter(converted, model, outtype):
+    ours_path, theirs_path = converted["files"][(model, outtype)]
+    ours, theirs = tensors(read(ours_path)), tensors(read(theirs_path))
+    assert sorted(ours) == sorted(theirs)  # order: smolq the architecture's, llama.cpp the checkpoint's
+    for name, (t_ours, shape_ours, data_ours) in ours.items():
+        t_theirs, shape_theirs, data_theirs = theirs[name]
+        assert (t_ours, shape_ours) == (t_theirs, shape_theirs), name
+        assert data_ours == data_theirs, f"{name}: tensor bytes differ"
+
+
+@pytest.mark.parametrize("model,outtype", PAIRS)
+def test_same_metadata_as_llama_cpp_converter(converted, model, outtype):
+    ours_path, theirs_path = converted["files"][(model, outtype)]
+    ours, theirs = fields(read(ours_path)), fields(read(theirs_path))
+    for key, how in ALLOWED_METADATA.items():
+        if how == "llama.cpp only":
+            assert key not in ours, key
+    keys = (set(ours) | set(theirs)) - set(ALLOWED_METADATA)
+    assert sorted(k for k in keys if k not in ours) == [], "keys llama.cpp writes and smolq does not"
+    assert sorted(k for k in keys if k not in theirs) == [], "keys smolq writes and llama.cpp does not"
+    differ = {k: (ours[k], theirs[k]) for k in sorted(keys) if ours[k] != theirs[k]}
+    assert not differ, f"metadata differs (smolq, llama.cpp): {str(differ)[:2000]}"
+
+
+def test_the_comparison_sees_gemma_specifics(converted):
+    """An anchor independent of smolq: llama.cpp's own file carries the +1 norms, both RoPE bases,
+    the window, soft-capping, the linear scaling, the untied head and no dummy prefix."""
+    import torch
+    from safetensors.torch import load_file
+
+    _, theirs_path = converted["files"][("gemma3-t4-untied-bf16", "f32")]
+    kv = fields(read(theirs_path))
+    assert kv["gemma3.rope.freq_base"][1] == 60000.0 and kv["gemma3.rope.freq_base_swa"][1] == 5000.0
+    assert kv["gemma3.attention.sliding_window"][1] == 5
+    assert kv["gemma3.final_logit_softcapping"][1] == 15.0
+    assert kv["gemma3.rope.scaling.type"][1] == "linear" and kv["gemma3.rope.scaling.factor"][1] == 2.0
+    assert kv["tokenizer.ggml.add_space_prefix"][1] is False
+    stored = {t.name: np.asarray(t.data) for t in read(theirs_path).tensors}
+    assert "output.weight" in stored
+    hf = load_file(str(converted["dirs"]["gemma3-t4-untied-bf16"] / "model.safetensors"))
+    norm = hf["model.layers.0.self_attn.q_norm.weight"].to(torch.float32).numpy()
+    np.testing.assert_array_equal(stored["blk.0.attn_q_norm.weight"], norm + np.float32(1))
+
+
+def test_vocabulary_as_llama_cpp_types_it(converted):
+    """Gemma's specials: listed in added_tokens_decoder as special, so CONTROL with score -1000
+    (the converter's rule, also for <unk> and the user-defined turn markers)."""
+    ours_path, _ = converted["files"][("gemma3-tied", "f32")]
+    kv = fields(read(ours_path))
+    tokens, types, scores = (kv[f"tokenizer.ggml.{k}"][1] for k in ("tokens", "token_type", "scores"))
+    assert tokens[:8] == ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]", "<start_of_turn>",
+                          "<end_of_turn>"]
+    assert set(types[:8]) == {3} and set(scores[:8]) == {-1000.0}
+    assert types[8] == 6 and tokens[8] == "<0x00>"  # byte pieces
+    assert (kv["tokenizer.ggml.bos_token_id"][1], kv["tokenizer.ggml.eos_token_id"][1]) == (2, 1)
+    assert kv["tokenizer.ggml.add_bos_token"][1] is True and kv["tokenizer.ggml.add_eos_token"][1] is False
+    assert "<start_of_turn>" in kv["tokenizer.chat_template"][1]
+
+
+# ------------------------------------------------------------------------------------------ llama.cpp runs it
+
+
+def _hf_logits(hf_dir: Path, tokens: np.ndarray) -> np.ndarray:
+    """transformers' logits in f32 (eager attention: sliding windows masked as written)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens)).logits.numpy()
+
+
+def _assert_llama_cpp_matches_transformers(gguf: Path, hf_dir: Path) -> None:
+    llm = open_llama(gguf)
+    n_vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
+    tokens = probe_sequences(llm, n_vocab, 24)
+    ours = np.stack(llm.logits(tokens))
+    theirs = _hf_logits(hf_dir, tokens)
+    stats = logit_stats(theirs.reshape(-1, n_vocab), ours.reshape(-1, n_vocab))
+    assert stats["max_abs_diff"] <= FLOAT_TOL, stats
+    assert np.array_equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+# The f16 checkpoint is left out: its norms are stored as f16(1 + w), rounded in f16 as the
+# converter's torch rounds them (byte-identical above), which moves logits by ~0.1 against
+# transformers' exact 1 + w; that is the converter's rule, not a conversion error.
+@pytest.mark.parametrize("model", ["gemma3-tied", "gemma3-t4-untied-bf16"])
+def test_llama_cpp_runs_smolqs_file_like_transformers(converted, model):
+    ours_path, _ = converted["files"][(model, "f32")]
+    _assert_llama_cpp_matches_transformers(ours_path, converted["dirs"][model])
+
+
+def test_a_layer_pattern_llama_cpp_would_not_assume_is_written(tmp_path):
+    """Global layers at 1 and 4 of 6: llama.cpp's default (every 6th) would be wrong, so smolq writes
+    gemma3.attention.sliding_window_pattern and llama.cpp computes transformers' logits."""
+    types = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention",
+             "sliding_attention"]
+    src = make_tiny_model("gemma3", tmp_path / "m", n_layers=N_LAYERS, seed=4, tied=True,
+                          config_overrides={"layer_types": types})
+    out = tmp_path / "m.gguf"
+    convert(src, out, outtype="f32")
+    kv = fields(read(out))
+    assert kv["gemma3.attention.sliding_window_pattern"] == (["ARRAY", "BOOL"],
+                                                             [t == "sliding_attention" for t in types])
+    _assert_llama_cpp_matches_transformers(out, src)
+
+
+def test_legacy_containers_refuse_gemma3(cli, tmp_path):
+    src = make_tiny_model("gemma3", tmp_path / "m", n_layers=N_LAYERS, seed=4, tied=True)
+    for args in (["--format", "ggjt-v3"], []):
+        out = tmp_path / "m.bin"
+        r = cli("convert", src, out, *args)
+        assert r.returncode == 2, r
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "gemma3" in lines[0] and "no legacy container" in lines[0], r.stderr
+        assert "Traceback" not in r.stderr and not out.exists()
