@@ -25,9 +25,12 @@ import numpy as np
 import pytest
 from real_loaders import open_llama, probe_sequences
 
+from smolq.api import quantize
+from smolq.formats.gguf import read_gguf
 from smolq.pipeline.convert import convert
 from smolq.sources.reference import logit_stats
 from smolq.tiny import make_tiny_model
+from tests.test_hf_export import TEXTS, _assert_same_ids, _dequantized
 from tests.test_vs_llama_converter import (
     ALLOWED_METADATA,
     FETCH_HINT,
@@ -196,3 +199,75 @@ def test_legacy_containers_refuse_gemma3(cli, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "gemma3" in lines[0] and "no legacy container" in lines[0], r.stderr
         assert "Traceback" not in r.stderr and not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ the PyPI file
+
+# Keys that differ after the Gemma-3 270M Q4_K_M GGUF -> HF -> f32 GGUF, with why.
+PYPI_KEY_CHANGES = {
+    "general.name": "the HF directory's name, not the original model's",
+    "general.file_type": "the f32 round trip is ALL_F32 whatever the original's type",
+    **{k: "llama.cpp's converter read it from the original repo's model card (README.md), which the export "
+          "has not" for k in ("general.basename", "general.license", "general.size_label", "general.tags")},
+    "gemma3.rope.freq_base_swa": "absent in the file (an older converter); the export states llama.cpp's default "
+                                 "10000 as rope_parameters.sliding_attention, which the pinned converter writes",
+}
+REAL_TOL = 0.5  # logit units; logits of this model reach ~170 (std ~24): 0.5 is ~3e-3 of the range
+
+
+@pytest.fixture(scope="module")
+def pypi_export(gemma_gguf, tmp_path_factory):
+    """The PyPI file exported at f32, and that export converted back to an f32 GGUF."""
+    root = tmp_path_factory.mktemp("gemma3-pypi")
+    out, back = root / "hf", root / "back-f32.gguf"
+    summary = convert(gemma_gguf, out, format="hf", outtype="f32")
+    convert(out, back, format="gguf", outtype="f32")
+    return {"hf": out, "back": back, "summary": summary, "root": root}
+
+
+def test_pypi_gemma3_exports_and_runs_like_llama_cpp(gemma_gguf, pypi_export):
+    """transformers loads the export; its logits are llama.cpp's on the same dequantized weights
+    (f32), and as close to llama.cpp on the Q4_K_M file itself (which rounds activations to Q8_K)
+    as llama.cpp's own f32 pass is; its tokenizer gives llama.cpp's ids."""
+    from transformers import AutoTokenizer
+
+    out = pypi_export["hf"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Gemma3ForCausalLM"] and cfg["tie_word_embeddings"] is True
+    assert cfg["layer_types"].count("full_attention") == 3 and cfg["sliding_window"] == 512
+    assert cfg["rope_parameters"]["full_attention"]["rope_theta"] == 1e6
+
+    llm = open_llama(gemma_gguf)
+    tokens = probe_sequences(llm, cfg["vocab_size"], 24)
+    theirs = _hf_logits(out, tokens)
+    f32 = np.stack(open_llama(pypi_export["back"]).logits(tokens))
+    n = cfg["vocab_size"]
+    stats = logit_stats(f32.reshape(-1, n), theirs.reshape(-1, n))
+    assert stats["max_abs_diff"] <= REAL_TOL and stats["top1_agreement"] == 1.0, stats
+    q4 = np.stack(llm.logits(tokens))
+    stats, ref = logit_stats(q4.reshape(-1, n), theirs.reshape(-1, n)), logit_stats(q4.reshape(-1, n), f32.reshape(-1, n))
+    assert stats["kl_div"] <= 1.05 * ref["kl_div"] + 1e-4, (stats, ref)
+    assert stats["top1_agreement"] >= ref["top1_agreement"] - 0.05, (stats, ref)
+
+    tok = AutoTokenizer.from_pretrained(out)
+    _assert_same_ids(tok, llm, TEXTS + ["<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"])
+
+
+def test_pypi_gemma3_export_then_back_gives_the_same_tensors_and_keys(gemma_gguf, pypi_export):
+    """Back to GGUF: every tensor's dequantized values and every key (but the listed ones); and
+    quantized again as Q4_K_M, every tensor gets the type it had in the original."""
+    want, got = _dequantized(gemma_gguf), _dequantized(pypi_export["back"])
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        np.testing.assert_array_equal(got[name], w, err_msg=name)
+    with read_gguf(gemma_gguf) as a, read_gguf(pypi_export["back"]) as b:
+        ka = {k: v.to_python() for k, v in a.metadata.items()}
+        kb = {k: v.to_python() for k, v in b.metadata.items()}
+    changed = {k for k in set(ka) | set(kb) if ka.get(k) != kb.get(k)}
+    assert changed <= set(PYPI_KEY_CHANGES), {k: (str(ka.get(k))[:80], str(kb.get(k))[:80])
+                                              for k in changed if k not in PYPI_KEY_CHANGES}
+
+    requantized = pypi_export["root"] / "back-q4_k_m.gguf"
+    quantize(pypi_export["back"], requantized, type="q4_k_m")
+    with read_gguf(gemma_gguf) as a, read_gguf(requantized) as b:
+        assert {t.name: t.type for t in b.tensors} == {t.name: t.type for t in a.tensors}
