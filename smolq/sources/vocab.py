@@ -458,6 +458,8 @@ def _bpe_from_files(directory: Path) -> tuple[str, dict[str, int], list[str]]:
 
 # Families whose tokenizer.model llama.cpp's converter reads (_create_vocab_sentencepiece); others use tokenizer.json.
 SENTENCEPIECE_FAMILIES = ("llama", "gemma3")
+# Families whose tokenizer.json alone llama.cpp's converter cannot place (no pre-tokenizer hash for it).
+SENTENCEPIECE_ONLY = ("gemma3",)
 
 
 def load_vocab(directory: str | Path, n_vocab: int, family: str, model_config: dict[str, Any] | None = None) -> Vocab:
@@ -467,6 +469,9 @@ def load_vocab(directory: str | Path, n_vocab: int, family: str, model_config: d
     tokenizer_json = _read_json(directory / "tokenizer.json")
     sp_path = directory / "tokenizer.model"
     notes: list[str] = []
+    if family in SENTENCEPIECE_ONLY and not sp_path.is_file():
+        raise InputError(directory, f"no tokenizer.model: {family}'s vocabulary is read from it (llama.cpp's "
+                                    "converter knows no pre-tokenizer for its tokenizer.json alone)")
     if family in SENTENCEPIECE_FAMILIES and sp_path.is_file():
         tokens, types, scores, n_base, originals = _sentencepiece_with_added(directory, sp_path, n_vocab, notes)
         vocab = Vocab("llama", tokens, types, scores, [], {}, pre="default", source=sp_path, notes=notes,
