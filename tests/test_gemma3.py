@@ -34,7 +34,7 @@ import pytest
 from real_loaders import open_llama, probe_sequences
 
 from smolq.api import quantize
-from smolq.formats.gguf import read_gguf
+from smolq.formats.gguf import Split, read_gguf
 from smolq.pipeline.convert import convert
 from smolq.sources.reference import compare_logits, logit_stats, logits_from_file
 from smolq.tiny import make_tiny_model
@@ -453,3 +453,24 @@ def test_gptq_directory_runs_in_transformers_and_converts(gptq_tiny):
     assert fields(read(imported))["general.architecture"][1] == "gemma3"
     ours = np.stack(open_llama(imported).logits(tokens.tolist()))[0]
     assert _kl(got["gptq"], ours) < 0.05, _kl(got["gptq"], ours)  # llama.cpp's Q8 activations, fp16 rest
+
+
+def test_split_output_is_the_unsplit_file(tmp_path):
+    """--split-max-tensors for Gemma 3: the shards, read as one set, hold the unsplit file's
+    tensors and keys; llama.cpp loads the set from its first shard."""
+    src = make_tiny_model("gemma3", tmp_path / "m", n_layers=N_LAYERS, seed=4, tied=True)
+    whole, split = tmp_path / "whole.gguf", tmp_path / "split.gguf"
+    convert(src, whole, outtype="q8_0")
+    summary = convert(src, split, outtype="q8_0", split=Split.of(max_tensors=20))
+    shards = [Path(p) for p in summary["shards"]]
+    assert len(shards) > 1
+    with read_gguf(whole) as a, read_gguf(shards[0]) as b:
+        assert [(t.name, t.type, t.shape) for t in b.tensors] == [(t.name, t.type, t.shape) for t in a.tensors]
+        for ta, tb in zip(a.tensors, b.tensors):
+            assert np.array_equal(np.asarray(ta.load()), np.asarray(tb.load())), ta.name
+        ka = {k: v.to_python() for k, v in a.metadata.items()}
+        kb = {k: v.to_python() for k, v in b.metadata.items() if not k.startswith("split.")}
+        assert ka == kb
+    tokens = [[2, 10, 20, 30, 40, 50]]
+    np.testing.assert_array_equal(np.stack(open_llama(shards[0]).logits(tokens)),
+                                  np.stack(open_llama(whole).logits(tokens)))
