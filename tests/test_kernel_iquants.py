@@ -198,6 +198,38 @@ def test_signed_zeros_and_ties_match_llama_cpp(t):
         assert np.array_equal(got, want), (impl, differing_rows(got, want))
 
 
+def tie_rows(name: str, nrows: int = 32) -> np.ndarray:
+    """Rows whose scaled values sit exactly on (and one float either side of)
+    the midpoints between neighbouring table values, where the search's strict
+    comparisons decide: IQ4 blocks led by -127 (the candidate id = 1 then sees
+    x itself), MXFP4 blocks led by 6 * 2^s (d = 2^(s-1): E2M1 * 2^s)."""
+    rng = np.random.default_rng(19)
+    if name.startswith("IQ4"):
+        v = np.array(gguf_quants.IQ4_NL.kvalues, np.float32)
+        lead, scale = np.float32(-127), np.float32(1)
+    else:
+        v = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)
+        lead, scale = np.float32(6), None
+    mids = (v[1:] + v[:-1]) / 2
+    pool = np.concatenate([mids, np.nextafter(mids, np.float32(-np.inf)), np.nextafter(mids, np.float32(np.inf)), v])
+    if scale is None:  # MXFP4: also the negative side
+        pool = np.concatenate([pool, -pool])
+    x = pool[rng.integers(0, len(pool), (nrows, NCOLS))]
+    x[:, ::32] = lead
+    if scale is None:
+        x *= np.repeat(2.0 ** rng.integers(-30, 30, (nrows, NCOLS // 32)), 32, axis=1).astype(np.float32)
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("t", [t for t in IQ_TYPES if t.name in ("IQ4_NL", "IQ4_XS", "MXFP4")], ids=lambda t: t.name)
+def test_ties_between_table_values(t):
+    x = tie_rows(t.name)
+    ref = K.quantize(x, t.name, impl="ref")
+    assert np.array_equal(ref, K.quantize(x, t.name, impl="fast")), "fast path differs from the reference"
+    if LIB is not None:
+        assert np.array_equal(ref, llama_cpp_bytes(t, x, None)), "differs from llama.cpp"
+
+
 # --------------------------------------------------------------------------- decoding
 
 def decoders(t: IQType, raw: np.ndarray, shape: tuple[int, int]) -> dict[str, np.ndarray]:

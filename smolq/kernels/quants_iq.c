@@ -38,6 +38,35 @@
  * only the unused quantize_row_iq4_nl_ref passes -1). */
 #define IQ4_NTRY 7
 
+/* The fast paths: GCC vector extensions with 4 float lanes (one SSE/NEON
+ * register: GCC lowers wider generic vectors poorly in target clones), and
+ * an AVX2 clone picked at load time on x86 (VEX encoding, blends). Lanes run
+ * over elements or over candidate scales; each lane does the scalar
+ * reference's float operations on its own operands in the same order, so
+ * tests hold them byte-equal. */
+#if defined(__GNUC__)
+#define IQ_HAVE_FAST 1
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(__clang__)
+#define IQ_FAST_FN __attribute__((target_clones("avx2", "default")))
+#else
+#define IQ_FAST_FN
+#endif
+#define IQ_LANES 4
+typedef float iq_vf __attribute__((vector_size(4 * IQ_LANES)));
+typedef int32_t iq_vi __attribute__((vector_size(4 * IQ_LANES)));
+
+/* A broadcast (-0 stays -0, unlike adding to a zero vector). */
+static inline iq_vf vsplat(float f) { return (iq_vf){f, f, f, f}; }
+static inline iq_vi vsplat_i(int32_t i) { return (iq_vi){i, i, i, i}; }
+
+/* mask ? a : b, lane by lane (C has no vector ?:). */
+static inline iq_vf vselect(iq_vi mask, iq_vf a, iq_vf b) {
+    return (iq_vf)(((iq_vi)a & mask) | ((iq_vi)b & ~mask));
+}
+#else
+#define IQ_HAVE_FAST 0
+#endif
+
 /* ggml's bisection best_index_int8: the entry of the sorted table val[0..n)
  * nearest to x, the upper one on a tie. */
 static inline int best_index_int8(int n, const int8_t *val, float x) {
@@ -108,8 +137,16 @@ static inline void pack_nibble_halves(const uint8_t *L, int n, uint8_t *q4) {
         for (int j = 0; j < 16; ++j) q4[16 * i + j] = (uint8_t)(L[32 * i + j] | (L[32 * i + 16 + j] << 4));
 }
 
+/* The two steps of the IQ4 quantizers that the fast path replaces. */
+typedef struct {
+    float (*block_scale)(const float *xb, const float *weight);
+    void (*levels)(const float *x, int n, float id, uint8_t *L);
+} iq4_steps;
+
+static const iq4_steps IQ4_REF = {iq4_block_scale, iq4_levels};
+
 /* block_iq4_nl: d (fp16), qs[16]. */
-static void iq4_nl_quant(const float *x, void *vy, int64_t n, const float *imatrix) {
+static void iq4_nl_rows(const float *x, void *vy, int64_t n, const float *imatrix, const iq4_steps *s) {
     uint8_t *y = vy;
     float weight[QK4_NL];
     uint8_t L[QK4_NL];
@@ -117,16 +154,16 @@ static void iq4_nl_quant(const float *x, void *vy, int64_t n, const float *imatr
         float sigma2 = sum_squares(x, QK4_NL);
         sigma2 *= 2.f / QK4_NL;
         iq_weights(x, imatrix ? imatrix + QK4_NL * ib : NULL, sigma2, QK4_NL, weight);
-        const float d = iq4_block_scale(x, weight);
+        const float d = s->block_scale(x, weight);
         f16_put(y, d);
-        iq4_levels(x, QK4_NL, d ? 1 / d : 0, L);
+        s->levels(x, QK4_NL, d ? 1 / d : 0, L);
         pack_nibble_halves(L, QK4_NL, y + 2);
     }
 }
 
 /* block_iq4_xs: d (fp16), scales_h (u16: 2 high bits per block), scales_l[4]
  * (4 low bits per block), qs[128]. Block scales are 6-bit multiples of d. */
-static void iq4_xs_quant(const float *x, void *vy, int64_t n, const float *imatrix) {
+static void iq4_xs_rows(const float *x, void *vy, int64_t n, const float *imatrix, const iq4_steps *s) {
     uint8_t *y = vy;
     float weight[32], scales[QK_K / 32];
     uint8_t L[QK_K];
@@ -137,7 +174,7 @@ static void iq4_xs_quant(const float *x, void *vy, int64_t n, const float *imatr
         float max_scale = 0, amax_scale = 0;
         for (int ib = 0; ib < QK_K / 32; ++ib) {
             iq_weights(x + 32 * ib, qw ? qw + 32 * ib : NULL, sigma2, 32, weight);
-            scales[ib] = iq4_block_scale(x + 32 * ib, weight);
+            scales[ib] = s->block_scale(x + 32 * ib, weight);
             if (fabsf(scales[ib]) > amax_scale) {
                 amax_scale = fabsf(scales[ib]);
                 max_scale = scales[ib];
@@ -152,7 +189,7 @@ static void iq4_xs_quant(const float *x, void *vy, int64_t n, const float *imatr
             int l = nearest_int(id * scales[ib]);
             l = MAX(-32, MIN(31, l));
             const float dl = d * l;
-            iq4_levels(x + 32 * ib, 32, dl ? 1 / dl : 0.f, L + 32 * ib);
+            s->levels(x + 32 * ib, 32, dl ? 1 / dl : 0.f, L + 32 * ib);
             l += 32;
             if (ib % 2 == 0) scales_l[ib / 2] = (uint8_t)(l & 0xf);
             else scales_l[ib / 2] |= (uint8_t)((l & 0xf) << 4);
@@ -162,6 +199,109 @@ static void iq4_xs_quant(const float *x, void *vy, int64_t n, const float *imatr
         pack_nibble_halves(L, QK_K, y + 8);
     }
 }
+
+static void iq4_nl_quant(const float *x, void *y, int64_t n, const float *w) { iq4_nl_rows(x, y, n, w, &IQ4_REF); }
+static void iq4_xs_quant(const float *x, void *y, int64_t n, const float *w) { iq4_xs_rows(x, y, n, w, &IQ4_REF); }
+
+#if IQ_HAVE_FAST
+/* best_index_int8 over kvalues_iq4nl as a count: for a non-NaN x, the
+ * number of thresholds T[1..15] <= x, where T[i] is the least float at which
+ * the tie test x - v[i-1] < v[i] - x fails (the test only turns false as x
+ * grows, since both differences are rounded monotonically). Computed once by
+ * asking that test itself around the midpoint. */
+static float IQ4_THRESH[16], IQ4_STEP[16];
+static pthread_once_t iq4_once = PTHREAD_ONCE_INIT;
+
+static inline int iq4_picks_lower(int i, float x) {
+    return x - smolq_kvalues_iq4nl[i - 1] < smolq_kvalues_iq4nl[i] - x;
+}
+
+static void iq4_build_thresholds(void) {
+    for (int i = 1; i < 16; ++i) {
+        float t = 0.5f * (smolq_kvalues_iq4nl[i - 1] + smolq_kvalues_iq4nl[i]);
+        while (iq4_picks_lower(i, t)) t = nextafterf(t, INFINITY);
+        while (!iq4_picks_lower(i, nextafterf(t, -INFINITY))) t = nextafterf(t, -INFINITY);
+        IQ4_THRESH[i] = t;
+        IQ4_STEP[i] = (float)(smolq_kvalues_iq4nl[i] - smolq_kvalues_iq4nl[i - 1]);
+    }
+}
+
+#define IQ4_CANDIDATES (2 * IQ4_NTRY + 2)
+
+/* iq4_block_scale with the 16 candidate inverse scales in lanes: each lane
+ * sums its own w*q*x and w*q*q over j in order, then the candidates are
+ * taken in the reference's order. q comes from the thresholds (exact: small
+ * integers, never 0); the candidates' id*x are finite, never NaN. */
+IQ_FAST_FN static float iq4_block_scale_fast(const float *xb, const float *weight) {
+    enum { NC = (2 * IQ4_NTRY + 2) / IQ_LANES }; /* candidate vectors */
+    const float max = signed_absmax(xb, QK4_NL);
+    if (fabsf(max) < GROUP_MAX_EPS) return 0;
+    const int8_t *values = smolq_kvalues_iq4nl;
+    float ids[NC * IQ_LANES], sumqx[NC * IQ_LANES], sumq2[NC * IQ_LANES];
+    ids[0] = 1 / (-max / values[0]);
+    for (int itry = -IQ4_NTRY; itry <= IQ4_NTRY; ++itry) ids[itry + IQ4_NTRY + 1] = (itry + values[0]) / max;
+    iq_vf id[NC], sqx[NC], sq2[NC], thresh[16], step[16];
+    memcpy(id, ids, sizeof id);
+    for (int c = 0; c < NC; ++c) sqx[c] = sq2[c] = vsplat(0);
+    for (int i = 1; i < 16; ++i) {
+        thresh[i] = vsplat(IQ4_THRESH[i]);
+        step[i] = vsplat(IQ4_STEP[i]);
+    }
+    const iq_vf q0 = vsplat(values[0]);
+    for (int j = 0; j < QK4_NL; ++j) {
+        const iq_vf xj = vsplat(xb[j]), wj = vsplat(weight[j]);
+        for (int c = 0; c < NC; ++c) {
+            const iq_vf al = id[c] * xj;
+            iq_vf q = q0;
+            for (int i = 1; i < 16; ++i) q += (iq_vf)((iq_vi)step[i] & (al >= thresh[i]));
+            const iq_vf wq = wj * q;
+            sqx[c] += wq * xj;
+            sq2[c] += wq * q;
+        }
+    }
+    memcpy(sumqx, sqx, sizeof sumqx);
+    memcpy(sumq2, sq2, sizeof sumq2);
+    float d = sumq2[0] > 0 ? sumqx[0] / sumq2[0] : 0.f;
+    float best = d * sumqx[0];
+    for (int c = 1; c <= 2 * IQ4_NTRY + 1; ++c)
+        if (sumq2[c] > 0 && sumqx[c] * sumqx[c] > best * sumq2[c]) {
+            d = sumqx[c] / sumq2[c];
+            best = d * sumqx[c];
+        }
+    return d;
+}
+
+/* iq4_levels by the thresholds, IQ_LANES elements at a time; a NaN id*x
+ * takes 15 as the bisection does. */
+IQ_FAST_FN static void iq4_levels_fast(const float *x, int n, float id, uint8_t *L) {
+    const iq_vf idv = vsplat(id);
+    for (int j0 = 0; j0 < n; j0 += IQ_LANES) {
+        iq_vf xv;
+        memcpy(&xv, x + j0, sizeof xv);
+        const iq_vf al = idv * xv;
+        iq_vi idx = vsplat_i(0);
+        for (int i = 1; i < 16; ++i) idx -= al >= vsplat(IQ4_THRESH[i]); /* true is -1 */
+        const iq_vi nan = al != al;
+        idx = (idx & ~nan) | (vsplat_i(15) & nan);
+        for (int k = 0; k < IQ_LANES; ++k) L[j0 + k] = (uint8_t)idx[k];
+    }
+}
+
+static const iq4_steps IQ4_FAST = {iq4_block_scale_fast, iq4_levels_fast};
+
+static void iq4_nl_quant_fast(const float *x, void *y, int64_t n, const float *w) {
+    pthread_once(&iq4_once, iq4_build_thresholds);
+    iq4_nl_rows(x, y, n, w, &IQ4_FAST);
+}
+
+static void iq4_xs_quant_fast(const float *x, void *y, int64_t n, const float *w) {
+    pthread_once(&iq4_once, iq4_build_thresholds);
+    iq4_xs_rows(x, y, n, w, &IQ4_FAST);
+}
+#else
+#define iq4_nl_quant_fast iq4_nl_quant
+#define iq4_xs_quant_fast iq4_xs_quant
+#endif
 
 static void iq4_nl_dequant(const void *vx, float *y, int64_t n) {
     const uint8_t *x = vx;
@@ -215,23 +355,89 @@ static inline int best_index_mxfp4(float x, float d) {
     return best;
 }
 
-/* block_mxfp4: e (E8M0), qs[16] (element j low nibble, j + 16 high). */
-static void mxfp4_quant(const float *x, void *vy, int64_t n, const float *imatrix) {
-    (void)imatrix; /* llama.cpp's quantize_mxfp4 ignores quant_weights */
-    uint8_t *y = vy;
-    for (int64_t ib = 0; ib < n / QK_MXFP4; ++ib, x += QK_MXFP4, y += MXFP4_BYTES) {
-        float amax = 0;
-        for (int j = 0; j < QK_MXFP4; ++j)
-            if (amax < fabsf(x[j])) amax = fabsf(x[j]);
-        /* ggml converts the float straight to uint8_t; for a tiny amax the
-         * value is negative, and x86 compilers go through a 32-bit int. */
-        const uint8_t e = amax > 0.0f ? (uint8_t)(int)(floorf(log2f(amax)) - 2 + 127) : 0;
-        const float d = e8m0_half(e);
-        y[0] = e;
-        for (int j = 0; j < QK_MXFP4 / 2; ++j)
-            y[1 + j] = (uint8_t)(best_index_mxfp4(x[j], d) | (best_index_mxfp4(x[QK_MXFP4 / 2 + j], d) << 4));
-    }
+/* The block's shared exponent: floor(log2(amax)) - 2 + 127, 0 for a zero
+ * block. ggml converts the float straight to uint8_t; for a tiny amax the
+ * value is negative, and x86 compilers go through a 32-bit int. */
+static inline uint8_t mxfp4_exponent(float amax) {
+    return amax > 0.0f ? (uint8_t)(int)(floorf(log2f(amax)) - 2 + 127) : 0;
 }
+
+/* block_mxfp4: e (E8M0), qs[16] (element j low nibble, j + 16 high). */
+static void mxfp4_block(const float *x, uint8_t *y) {
+    float amax = 0;
+    for (int j = 0; j < QK_MXFP4; ++j)
+        if (amax < fabsf(x[j])) amax = fabsf(x[j]);
+    const uint8_t e = mxfp4_exponent(amax);
+    const float d = e8m0_half(e);
+    y[0] = e;
+    for (int j = 0; j < QK_MXFP4 / 2; ++j)
+        y[1 + j] = (uint8_t)(best_index_mxfp4(x[j], d) | best_index_mxfp4(x[QK_MXFP4 / 2 + j], d) << 4);
+}
+
+static void mxfp4_rows(const float *x, void *vy, int64_t n, void (*block)(const float *, uint8_t *)) {
+    uint8_t *y = vy;
+    for (int64_t ib = 0; ib < n / QK_MXFP4; ++ib) block(x + ib * QK_MXFP4, y + ib * MXFP4_BYTES);
+}
+
+/* llama.cpp's quantize_mxfp4 ignores quant_weights. */
+static void mxfp4_quant(const float *x, void *y, int64_t n, const float *w) {
+    (void)w;
+    mxfp4_rows(x, y, n, mxfp4_block);
+}
+
+#if IQ_HAVE_FAST
+/* mxfp4_block IQ_LANES elements at a time, on |x| against the 8 entries
+ * 0, 1, ..., 12 of the positive half. Why that is the reference's choice:
+ * the table is 0 and +-k (entry 8 is a second 0), and fl(-kd - x) =
+ * -fl(kd - |x|) for x < 0, so the negative entries' errors are the positive
+ * ones' errors for |x|, met in the same order; an entry of the other sign
+ * (and entry 8) is never strictly better than entry 0. So the code is the
+ * positive scan's index, plus 8 for x < 0 unless it is 0. The amax: a max of
+ * non-negative values, the same in any order. */
+IQ_FAST_FN static void mxfp4_block_fast(const float *x, uint8_t *y) {
+    enum { NV = QK_MXFP4 / IQ_LANES };
+    const iq_vi abs_mask = vsplat_i(0x7fffffff);
+    iq_vf xv[NV], ax[NV], best[NV];
+    iq_vi code[NV];
+    memcpy(xv, x, sizeof xv);
+    iq_vf vmax = vsplat(0);
+    for (int v = 0; v < NV; ++v) {
+        ax[v] = (iq_vf)((iq_vi)xv[v] & abs_mask);
+        vmax = vselect(vmax < ax[v], ax[v], vmax);
+    }
+    float amax = 0;
+    for (int k = 0; k < IQ_LANES; ++k)
+        if (amax < vmax[k]) amax = vmax[k];
+    const uint8_t e = mxfp4_exponent(amax);
+    const float d = e8m0_half(e);
+    y[0] = e;
+    for (int v = 0; v < NV; ++v) {
+        best[v] = ax[v]; /* |0*d - |x|| */
+        code[v] = vsplat_i(0);
+    }
+    for (int i = 1; i < 8; ++i) {
+        const iq_vf kd = vsplat(smolq_kvalues_mxfp4[i] * d);
+        const iq_vi iv = vsplat_i(i);
+        for (int v = 0; v < NV; ++v) {
+            const iq_vf err = (iq_vf)((iq_vi)(kd - ax[v]) & abs_mask);
+            const iq_vi better = err < best[v];
+            best[v] = vselect(better, err, best[v]);
+            code[v] = (iv & better) | (code[v] & ~better);
+        }
+    }
+    for (int v = 0; v < NV; ++v) code[v] += vsplat_i(8) & (xv[v] < vsplat(0)) & (code[v] != vsplat_i(0));
+    int32_t codes[QK_MXFP4];
+    memcpy(codes, code, sizeof codes);
+    for (int j = 0; j < QK_MXFP4 / 2; ++j) y[1 + j] = (uint8_t)(codes[j] | codes[QK_MXFP4 / 2 + j] << 4);
+}
+
+static void mxfp4_quant_fast(const float *x, void *y, int64_t n, const float *w) {
+    (void)w;
+    mxfp4_rows(x, y, n, mxfp4_block_fast);
+}
+#else
+#define mxfp4_quant_fast mxfp4_quant
+#endif
 
 static void mxfp4_dequant(const void *vx, float *y, int64_t n) {
     const uint8_t *x = vx;
@@ -626,9 +832,9 @@ static void iq3_s_dequant(const void *vx, float *y, int64_t n) {
 /* ======================================================================== */
 
 static const smolq_type_ops IQ_OPS[] = {
-    {SMOLQ_T_IQ4_NL, 0, QK4_NL, IQ4_NL_BYTES, {iq4_nl_quant, iq4_nl_quant}, {iq4_nl_dequant, iq4_nl_dequant}},
-    {SMOLQ_T_IQ4_XS, 0, QK_K, IQ4_XS_BYTES, {iq4_xs_quant, iq4_xs_quant}, {iq4_xs_dequant, iq4_xs_dequant}},
-    {SMOLQ_T_MXFP4, 0, QK_MXFP4, MXFP4_BYTES, {mxfp4_quant, mxfp4_quant}, {mxfp4_dequant, mxfp4_dequant}},
+    {SMOLQ_T_IQ4_NL, 0, QK4_NL, IQ4_NL_BYTES, {iq4_nl_quant, iq4_nl_quant_fast}, {iq4_nl_dequant, iq4_nl_dequant}},
+    {SMOLQ_T_IQ4_XS, 0, QK_K, IQ4_XS_BYTES, {iq4_xs_quant, iq4_xs_quant_fast}, {iq4_xs_dequant, iq4_xs_dequant}},
+    {SMOLQ_T_MXFP4, 0, QK_MXFP4, MXFP4_BYTES, {mxfp4_quant, mxfp4_quant_fast}, {mxfp4_dequant, mxfp4_dequant}},
     {SMOLQ_T_IQ3_XXS, 0, QK_K, IQ3_XXS_BYTES, {iq3_xxs_quant, iq3_xxs_quant}, {iq3_xxs_dequant, iq3_xxs_dequant}},
     {SMOLQ_T_IQ3_S, 0, QK_K, IQ3_S_BYTES, {iq3_s_quant, iq3_s_quant}, {iq3_s_dequant, iq3_s_dequant}},
 };
