@@ -8,7 +8,8 @@ the same process, on the same random f32 rows with the same imatrix.
 
 The data is cut into chunks of --chunk-mb, and each chunk is quantized by
 both in turn, so a machine whose load changes during the run slows both
-alike. Throughput is MB/s of f32 input; "ratio" is smolq / llama.cpp
+alike; times are the calling thread's CPU time (smolq's includes the
+binding's checks). Throughput is MB/s of f32 input; "ratio" is smolq / llama.cpp
 (>= 1: smolq is at least as fast). "same" says whether the bytes are equal.
 smolq's scalar reference path is timed too with --ref. Results: a table on
 stdout and JSON in bench-results/bench_iquants.json.
@@ -47,9 +48,11 @@ def make_rows(nrows: int, ncols: int, seed: int) -> np.ndarray:
 
 
 def timed(fn) -> tuple[float, np.ndarray]:
-    t0 = time.perf_counter()
+    """CPU time of this thread (both quantizers run on the calling thread at one
+    thread), so other processes on a busy machine do not skew the comparison."""
+    t0 = time.thread_time()
     out = fn()
-    return time.perf_counter() - t0, out
+    return time.thread_time() - t0, out
 
 
 def bench_type(lib, name: str, chunks: list[np.ndarray], imatrix: np.ndarray, with_ref: bool) -> dict:

@@ -460,6 +460,10 @@ typedef struct {
     uint8_t odd[512][4];      /* point k as its odd values 2l+1 */
     int map[IQ3_CUBE];        /* key -> point, or -(1 + offset into neighbours) */
     uint16_t *neighbours;     /* at an offset: count, then the points, nearest first */
+    /* The same neighbours' odd values as floats, 4 neighbours at a time as
+     * 4 x 4 (value i of the 4 points, then i + 1); starts at coords_at[key]. */
+    float *coords;
+    int coords_at[IQ3_CUBE];
 } iq3_lattice;
 
 static iq3_lattice IQ3XXS_LATTICE, IQ3S_LATTICE;
@@ -534,11 +538,32 @@ static void lattice_neighbours(iq3_lattice *t, int nwant) {
     t->neighbours = nb;
 }
 
+/* coords: the neighbour lists again, laid out for the fast search (a
+ * partial last group repeats its last point; the search ignores it). */
+static void lattice_coords(iq3_lattice *t) {
+    size_t total = 0;
+    for (int key = 0; key < IQ3_CUBE; ++key)
+        if (t->map[key] < 0) total += 16 * (size_t)((t->neighbours[-t->map[key] - 1] + 3) / 4);
+    t->coords = malloc(total * sizeof(float));
+    if (!t->coords) out_of_memory();
+    size_t at = 0;
+    for (int key = 0; key < IQ3_CUBE; ++key) {
+        if (t->map[key] >= 0) continue;
+        const uint16_t *nb = t->neighbours - t->map[key] - 1;
+        t->coords_at[key] = (int)at;
+        for (int g = 0; g < (nb[0] + 3) / 4; ++g, at += 16)
+            for (int i = 0; i < 4; ++i)
+                for (int k = 0; k < 4; ++k) t->coords[at + 4 * i + k] = t->odd[nb[1 + MIN(4 * g + k, nb[0] - 1)]][i];
+    }
+}
+
 static void iq3_build_lattices(void) {
     lattice_points(&IQ3XXS_LATTICE, smolq_iq3xxs_grid, SMOLQ_IQ3XXS_GRID_SIZE);
     lattice_neighbours(&IQ3XXS_LATTICE, 2);
+    lattice_coords(&IQ3XXS_LATTICE);
     lattice_points(&IQ3S_LATTICE, smolq_iq3s_grid, SMOLQ_IQ3S_GRID_SIZE);
     lattice_neighbours(&IQ3S_LATTICE, 3);
+    lattice_coords(&IQ3S_LATTICE);
 }
 
 static void iq3_init(void) { pthread_once(&iq3_once, iq3_build_lattices); }
@@ -567,20 +592,68 @@ static int iq3_best_neighbour(const iq3_lattice *t, int key, const float *xval, 
     return best;
 }
 
+typedef int (*iq3_finder)(const iq3_lattice *t, int key, const float *xval, const float *waux, float scale,
+                          int8_t *L);
+
+#if IQ_HAVE_FAST
+/* iq3_best_neighbour with 4 neighbours' errors in lanes (each lane the
+ * reference's sum over i = 0..3 for its point). The reference keeps the
+ * first error strictly below all before it and below FLT_MAX: the first
+ * point of least error. Each lane keeps its own first least error, and the
+ * lanes are merged by error, then by position. A partial last group repeats
+ * the last point, whose equal error at a later position never wins. */
+static int iq3_best_neighbour_fast(const iq3_lattice *t, int key, const float *xval, const float *waux, float scale,
+                                   int8_t *L) {
+    const uint16_t *nb = t->neighbours - t->map[key] - 1;
+    const int n = nb[0];
+    const float *coords = t->coords + t->coords_at[key];
+    const iq_vf sv = vsplat(scale);
+    iq_vf xv[4], wv[4];
+    for (int i = 0; i < 4; ++i) {
+        xv[i] = vsplat(xval[i]);
+        wv[i] = vsplat(waux[i]);
+    }
+    iq_vf best_d2 = vsplat(FLT_MAX);
+    iq_vi best_at = vsplat_i(-1), at = {0, 1, 2, 3};
+    for (int g = 0; g < (n + 3) / 4; ++g, coords += 16, at += vsplat_i(4)) {
+        iq_vf d2 = vsplat(0);
+        for (int i = 0; i < 4; ++i) {
+            iq_vf q;
+            memcpy(&q, coords + 4 * i, sizeof q);
+            const iq_vf diff = sv * q - xv[i];
+            d2 += wv[i] * diff * diff;
+        }
+        const iq_vi better = d2 < best_d2;
+        best_d2 = vselect(better, d2, best_d2);
+        best_at = (at & better) | (best_at & ~better);
+    }
+    float min_d2 = FLT_MAX;
+    int first = -1;
+    for (int k = 0; k < IQ_LANES; ++k)
+        if (best_at[k] >= 0 && (best_d2[k] < min_d2 || (best_d2[k] == min_d2 && best_at[k] < first))) {
+            min_d2 = best_d2[k];
+            first = best_at[k];
+        }
+    const int best = nb[1 + (first < 0 ? 0 : first)];
+    for (int i = 0; i < 4; ++i) L[i] = (int8_t)((t->odd[best][i] - 1) / 2);
+    return best;
+}
+#endif
+
 /* The key of a group's levels. */
 static inline int iq3_key(const int8_t *L) { return L[0] | L[1] << 3 | L[2] << 6 | L[3] << 9; }
 
 /* Levels of a 4-element group at inverse scale id, snapped to the lattice
  * (nearest neighbour at `scale` when off it). Returns 1 when already on it. */
-static inline int iq3_group(const iq3_lattice *t, const float *xval, const float *waux, float id, float scale,
-                            int8_t *L) {
+static inline int iq3_group(const iq3_lattice *t, iq3_finder find, const float *xval, const float *waux, float id,
+                            float scale, int8_t *L) {
     for (int i = 0; i < 4; ++i) {
         const int l = nearest_int(0.5f * (id * xval[i] - 1));
         L[i] = (int8_t)MAX(0, MIN(7, l));
     }
     const int key = iq3_key(L);
     if (t->map[key] >= 0) return 1;
-    iq3_best_neighbour(t, key, xval, waux, scale, L);
+    find(t, key, xval, waux, scale, L);
     return 0;
 }
 
@@ -644,7 +717,7 @@ static void iq3_signs(int xxs, const float *xb, const float *weight, float *xval
  * quantize_row_iq3_s_impl, the loop body over ib): the block scale (>= 0),
  * its 8 lattice points and 4 sign bytes. Returns -1 (nothing written) for an
  * all (near) zero block, which ggml skips. */
-static float iq3_block(const iq3_kind *kind, const float *xb, const float *qw, float sigma2, uint16_t points[8],
+static float iq3_block(const iq3_kind *kind, iq3_finder find, const float *xb, const float *qw, float sigma2, uint16_t points[8],
                        uint8_t signs[4]) {
     const iq3_lattice *t = kind->lattice;
     float weight[32], waux[32], xval[32];
@@ -663,7 +736,7 @@ static float iq3_block(const iq3_kind *kind, const float *xb, const float *qw, f
         const float id = (15 + is * 0.2f) / max;
         const float this_scale = 1 / id;
         for (int k = 0; k < 8; ++k)
-            on_grid_aux[k] = iq3_group(t, xval + 4 * k, waux + 4 * k, id, this_scale, Laux + 4 * k);
+            on_grid_aux[k] = iq3_group(t, find, xval + 4 * k, waux + 4 * k, id, this_scale, Laux + 4 * k);
         float sumqx, sumq2;
         iq3_fit(weight, xval, Laux, &sumqx, &sumq2);
         if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
@@ -678,7 +751,7 @@ static float iq3_block(const iq3_kind *kind, const float *xb, const float *qw, f
     if (n_off > 0 && scale > 0) {
         const float id = 1 / scale;
         for (int k = 0; k < 8; ++k)
-            if (!(kind->xxs && on_grid[k])) iq3_group(t, xval + 4 * k, waux + 4 * k, id, scale, L + 4 * k);
+            if (!(kind->xxs && on_grid[k])) iq3_group(t, find, xval + 4 * k, waux + 4 * k, id, scale, L + 4 * k);
         float sumqx, sumq2;
         iq3_fit(weight, xval, L, &sumqx, &sumq2);
         if (sumq2 > 0) scale = sumqx / sumq2;
@@ -707,7 +780,7 @@ static const iq3_kind IQ3_S_KIND = {&IQ3S_LATTICE, 9, 0};
 
 /* block_iq3_xxs: d (fp16), qs[64] (a point per 4 elements), then 8 u32: 4x7
  * sign bits and the 4-bit block scale in the top bits. */
-static void iq3_xxs_quant(const float *x, void *vy, int64_t n, const float *imatrix) {
+static void iq3_xxs_rows(const float *x, void *vy, int64_t n, const float *imatrix, iq3_finder find) {
     iq3_init();
     uint8_t *y = vy;
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, y += IQ3_XXS_BYTES) {
@@ -721,7 +794,7 @@ static void iq3_xxs_quant(const float *x, void *vy, int64_t n, const float *imat
         for (int ib = 0; ib < QK_K / 32; ++ib) {
             uint16_t points[8];
             uint8_t signs[4];
-            const float scale = iq3_block(&IQ3_XXS_KIND, x + 32 * ib, qw ? qw + 32 * ib : NULL, sigma2, points, signs);
+            const float scale = iq3_block(&IQ3_XXS_KIND, find, x + 32 * ib, qw ? qw + 32 * ib : NULL, sigma2, points, signs);
             scales[ib] = 0;
             if (scale < 0) continue;
             for (int k = 0; k < 8; ++k) qs[8 * ib + k] = (uint8_t)points[k];
@@ -745,7 +818,7 @@ static void iq3_xxs_quant(const float *x, void *vy, int64_t n, const float *imat
  * qh[8] (their 9th bits), signs[32], scales[4] (4 bits per block).
  * As in ggml, qs and signs advance only past the blocks written: after an
  * all-zero block the next blocks' bytes sit one block early. */
-static void iq3_s_quant(const float *x, void *vy, int64_t n, const float *imatrix) {
+static void iq3_s_rows(const float *x, void *vy, int64_t n, const float *imatrix, iq3_finder find) {
     iq3_init();
     uint8_t *y = vy;
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, y += IQ3_S_BYTES) {
@@ -758,7 +831,7 @@ static void iq3_s_quant(const float *x, void *vy, int64_t n, const float *imatri
         for (int ib = 0; ib < QK_K / 32; ++ib) {
             uint16_t points[8];
             uint8_t signs[4];
-            const float scale = iq3_block(&IQ3_S_KIND, x + 32 * ib, qw ? qw + 32 * ib : NULL, sigma2, points, signs);
+            const float scale = iq3_block(&IQ3_S_KIND, find, x + 32 * ib, qw ? qw + 32 * ib : NULL, sigma2, points, signs);
             scales[ib] = 0;
             if (scale < 0) continue;
             for (int k = 0; k < 8; ++k) {
@@ -779,6 +852,25 @@ static void iq3_s_quant(const float *x, void *vy, int64_t n, const float *imatri
             sc[ib / 2] = (uint8_t)(iq3_scale_level(id, scales[ib]) | iq3_scale_level(id, scales[ib + 1]) << 4);
     }
 }
+
+static void iq3_xxs_quant(const float *x, void *y, int64_t n, const float *w) {
+    iq3_xxs_rows(x, y, n, w, iq3_best_neighbour);
+}
+
+static void iq3_s_quant(const float *x, void *y, int64_t n, const float *w) { iq3_s_rows(x, y, n, w, iq3_best_neighbour); }
+
+#if IQ_HAVE_FAST
+static void iq3_xxs_quant_fast(const float *x, void *y, int64_t n, const float *w) {
+    iq3_xxs_rows(x, y, n, w, iq3_best_neighbour_fast);
+}
+
+static void iq3_s_quant_fast(const float *x, void *y, int64_t n, const float *w) {
+    iq3_s_rows(x, y, n, w, iq3_best_neighbour_fast);
+}
+#else
+#define iq3_xxs_quant_fast iq3_xxs_quant
+#define iq3_s_quant_fast iq3_s_quant
+#endif
 
 /* 8 elements of a lattice point pair with their sign byte: db * value * ±1. */
 static inline void iq3_put8(float db, const uint8_t *g1, const uint8_t *g2, uint8_t signs, float *y) {
@@ -835,8 +927,8 @@ static const smolq_type_ops IQ_OPS[] = {
     {SMOLQ_T_IQ4_NL, 0, QK4_NL, IQ4_NL_BYTES, {iq4_nl_quant, iq4_nl_quant_fast}, {iq4_nl_dequant, iq4_nl_dequant}},
     {SMOLQ_T_IQ4_XS, 0, QK_K, IQ4_XS_BYTES, {iq4_xs_quant, iq4_xs_quant_fast}, {iq4_xs_dequant, iq4_xs_dequant}},
     {SMOLQ_T_MXFP4, 0, QK_MXFP4, MXFP4_BYTES, {mxfp4_quant, mxfp4_quant_fast}, {mxfp4_dequant, mxfp4_dequant}},
-    {SMOLQ_T_IQ3_XXS, 0, QK_K, IQ3_XXS_BYTES, {iq3_xxs_quant, iq3_xxs_quant}, {iq3_xxs_dequant, iq3_xxs_dequant}},
-    {SMOLQ_T_IQ3_S, 0, QK_K, IQ3_S_BYTES, {iq3_s_quant, iq3_s_quant}, {iq3_s_dequant, iq3_s_dequant}},
+    {SMOLQ_T_IQ3_XXS, 0, QK_K, IQ3_XXS_BYTES, {iq3_xxs_quant, iq3_xxs_quant_fast}, {iq3_xxs_dequant, iq3_xxs_dequant}},
+    {SMOLQ_T_IQ3_S, 0, QK_K, IQ3_S_BYTES, {iq3_s_quant, iq3_s_quant_fast}, {iq3_s_dequant, iq3_s_dequant}},
 };
 
 const smolq_type_ops *smolq_find_iq_ops(int type, int layout) {
