@@ -1,6 +1,7 @@
-/* Helpers shared by quants.c (legacy and ternary types) and quants_k.c
- * (K-quants): ggml's rounding trick and clamping macros, little-endian
- * field access, and the two ggml scale searches both families use.
+/* Helpers shared by quants.c (legacy and ternary types), quants_k.c
+ * (K-quants) and quants_iq.c (i-quants, MXFP4): ggml's rounding trick and
+ * clamping macros, little-endian field access, ggml's fp16 store, and the
+ * two ggml scale searches the legacy and K families use.
  * Not part of the public C API.
  *
  * Bit-exactness: each search does the float operations of its ggml
