@@ -68,7 +68,8 @@ for _name, (_res, _args) in _SIGNATURES.items():
 T = GGMLType
 _FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
 _QUANTIZABLE = frozenset({T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
-                          T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.TQ1_0, T.TQ2_0})
+                          T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.TQ1_0, T.TQ2_0,
+                          T.IQ4_NL, T.IQ4_XS, T.MXFP4, T.IQ3_XXS, T.IQ3_S})
 _READ_ONLY_V1 = frozenset({T.Q4_2, T.Q4_3})  # removed 2023 types: decoded from v1 files only
 
 
@@ -157,8 +158,9 @@ def quantize(x: np.ndarray, qtype: Any, layout: str = "v3", imatrix: np.ndarray 
     """Quantize rows (the last dimension) of float data; returns uint8 (nrows, row_bytes).
 
     imatrix: None (llama.cpp's reference quantizer) or one importance weight per
-    column (llama.cpp's quantize_* with quant_weights; ignored by Q8_0, TQ and
-    the float types)."""
+    column (llama.cpp's quantize_* with quant_weights; ignored by Q8_0, TQ, MXFP4
+    and the float types). The i-quants follow ggml_quantize_chunk (what
+    llama-quantize writes) with and without one."""
     t = _qtype(qtype)
     _check_pair(t, layout, QUANTIZE_TYPES, "quantize to")
     x = np.asarray(x)

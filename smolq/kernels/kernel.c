@@ -72,7 +72,8 @@ static void parallel_for(int64_t n, int64_t min_items, int nthreads, range_fn fn
 }
 
 /* ------------------------------------------------------------------------ */
-/* Type dispatch: non-K types from quants.c, K-quants from quants_k.c.      */
+/* Type dispatch: non-K types from quants.c, i-quants and MXFP4 from
+ * quants_iq.c, K-quants from quants_k.c.                                    */
 
 typedef struct {
     int type, bytes;
@@ -88,13 +89,19 @@ static const kquant_entry KQUANTS[] = {
     {SMOLQ_T_Q6_K, 210, smolq_quantize_row_q6_K, smolq_dequantize_row_q6_K},
 };
 
+/* The row-kernel tables of the other files, asked in turn. */
+typedef const smolq_type_ops *(*ops_finder)(int type, int layout);
+static const ops_finder OPS_FINDERS[] = {smolq_find_nonk_ops, smolq_find_iq_ops};
+
 /* Fills *ops for (type, layout); 0 on success, SMOLQ_ERR_TYPE otherwise. */
 static int lookup_ops(int type, int layout, smolq_type_ops *ops) {
     if (layout < 1 || layout > 3) return SMOLQ_ERR_TYPE;
-    const smolq_type_ops *o = smolq_find_nonk_ops(type, layout);
-    if (o) {
-        *ops = *o;
-        return 0;
+    for (size_t i = 0; i < sizeof(OPS_FINDERS) / sizeof(OPS_FINDERS[0]); i++) {
+        const smolq_type_ops *o = OPS_FINDERS[i](type, layout);
+        if (o) {
+            *ops = *o;
+            return 0;
+        }
     }
     for (size_t i = 0; i < sizeof(KQUANTS) / sizeof(KQUANTS[0]); i++) {
         const kquant_entry *k = &KQUANTS[i];

@@ -1,5 +1,5 @@
 /* Internal interface between kernel.c (dispatch, threads, tensors) and
- * quants.c (row kernels of every non-K type). Not part of the public C API. */
+ * the row kernels (quants.c, quants_k.c, quants_iq.c). Not part of the public C API. */
 #ifndef SMOLQ_KERNEL_INTERNAL_H
 #define SMOLQ_KERNEL_INTERNAL_H
 
@@ -19,6 +19,10 @@ typedef struct {
 /* The ops of a non-K (type, layout) (quants.c) or NULL. */
 const smolq_type_ops *smolq_find_nonk_ops(int type, int layout);
 
+/* The ops of IQ4_NL, IQ4_XS, MXFP4, IQ3_XXS, IQ3_S (quants_iq.c) or NULL;
+ * one layout, so `layout` is not looked at. */
+const smolq_type_ops *smolq_find_iq_ops(int type, int layout);
+
 /* Relayout of the 32-element ggjt-era block types (quants.c). */
 int64_t smolq_relayout_blocks(int type, int src_layout, int dst_layout,
                               const void *src, void *dst, int64_t nblocks, int *lossless_out);
@@ -34,7 +38,9 @@ enum {
     SMOLQ_T_Q4_2 = 4, SMOLQ_T_Q4_3 = 5, SMOLQ_T_Q5_0 = 6, SMOLQ_T_Q5_1 = 7,
     SMOLQ_T_Q8_0 = 8, SMOLQ_T_Q2_K = 10, SMOLQ_T_Q3_K = 11, SMOLQ_T_Q4_K = 12,
     SMOLQ_T_Q5_K = 13, SMOLQ_T_Q6_K = 14, SMOLQ_T_BF16 = 30,
-    SMOLQ_T_TQ1_0 = 34, SMOLQ_T_TQ2_0 = 35
+    SMOLQ_T_TQ1_0 = 34, SMOLQ_T_TQ2_0 = 35,
+    SMOLQ_T_IQ3_XXS = 18, SMOLQ_T_IQ4_NL = 20, SMOLQ_T_IQ3_S = 21, SMOLQ_T_IQ4_XS = 23,
+    SMOLQ_T_MXFP4 = 39
 };
 
 #endif

@@ -1,6 +1,7 @@
-/* Helpers shared by quants.c (legacy and ternary types) and quants_k.c
- * (K-quants): ggml's rounding trick and clamping macros, little-endian
- * field access, and the two ggml scale searches both families use.
+/* Helpers shared by quants.c (legacy and ternary types), quants_k.c
+ * (K-quants) and quants_iq.c (i-quants, MXFP4): ggml's rounding trick and
+ * clamping macros, little-endian field access, ggml's fp16 store, and the
+ * two ggml scale searches the legacy and K families use.
  * Not part of the public C API.
  *
  * Bit-exactness: each search does the float operations of its ggml
@@ -43,6 +44,20 @@ static inline float rdf32(const uint8_t *p) { return smolq_bits_f32(rd32(p)); }
  * payloads kept (fp16.h, F16C and numpy's conversion). */
 static inline float f16_load(const uint8_t *p) { return smolq_fp16_to_fp32(rd16(p)); }
 static inline void f16_store(uint8_t *p, float f) { wr16(p, smolq_fp32_to_fp16(f)); }
+
+/* ggml's ggml_compute_fp32_to_fp16 (the GGML_FP32_TO_FP16 of its quantizers)
+ * rounds to nearest even like fp16.h, but turns every NaN into the one quiet
+ * NaN 0x7e00 (keeping the sign). */
+static inline void f16_put(uint8_t h[2], float f) {
+    if (f != f) wr16(h, (uint16_t)(((smolq_f32_bits(f) >> 16) & 0x8000) | 0x7e00));
+    else f16_store(h, f);
+}
+
+/* Round through fp16 and back: what ggml does when it stores d and reads it. */
+static inline float f16_store_load(uint8_t h[2], float f) {
+    f16_put(h, f);
+    return f16_load(h);
+}
 
 /* ------------------------------------------------------------------------ */
 /* ggml's search helpers.                                                    */

@@ -36,21 +36,6 @@ typedef char assert_q4_K_size[sizeof(block_q4_K) == 144 ? 1 : -1];
 typedef char assert_q5_K_size[sizeof(block_q5_K) == 176 ? 1 : -1];
 typedef char assert_q6_K_size[sizeof(block_q6_K) == 210 ? 1 : -1];
 
-/* ------------------------------------------------------------------ fp16 */
-
-/* ggml's ggml_compute_fp32_to_fp16 rounds to nearest even like fp16.h, but
- * turns every NaN into the one quiet NaN 0x7e00 (keeping the sign). */
-static inline void f16_put(uint8_t h[2], float f) {
-    if (f != f) wr16(h, (uint16_t)(((smolq_f32_bits(f) >> 16) & 0x8000) | 0x7e00));
-    else f16_store(h, f);
-}
-
-/* Round through fp16 and back: what ggml does when it stores d and reads it. */
-static inline float f16_store_load(uint8_t h[2], float f) {
-    f16_put(h, f);
-    return f16_load(h);
-}
-
 /* --------------------------------------------------------- search helpers */
 
 /* ggml make_q3_quants with do_rmse = true (Q3_K's reference path): start from
