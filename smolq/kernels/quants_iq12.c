@@ -33,6 +33,18 @@
 #include "quants_common.h"
 #include "quants_iq12.h"
 
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__clang__)
+/* The fast rows are plain loops written to vectorize; this asks GCC for an
+ * AVX2 clone picked at load time, with the baseline clone elsewhere. Same
+ * float operations either way (no FMA: -std=c99). */
+#define FAST_FN __attribute__((target_clones("avx2", "default")))
+#else
+#define FAST_FN
+#endif
+/* Block code is written once with a constant `fast` flag and inlined into
+ * the reference and the fast rows, so each gets its own specialised copy. */
+#define IQ_INLINE static inline __attribute__((always_inline))
+
 /* ggml's thresholds below which a block counts as all zero. */
 #define GROUP_MAX_EPS_IQ2_S 1e-8f
 #define GROUP_MAX_EPS_IQ1_M 1e-7f
@@ -232,17 +244,48 @@ static int iq2_best_neighbour(const iq_grid *g, int key, const float *xval, cons
     return best;
 }
 
+/* The fast path's iq2_best_neighbour: each element's three possible terms
+ * w*diff*diff computed once, so a point's distance is the same sum of the
+ * same terms in the same order, for 8 adds instead of 8 x 4 operations. */
+IQ_INLINE int iq2_best_neighbour_terms(const iq_grid *g, int key, const float *xval, const float *w, float scale,
+                                       int8_t *L) {
+    float terms[8][3];
+    for (int i = 0; i < 8; ++i)
+        for (int l = 0; l < 3; ++l) {
+            const float q = 2 * l + 1;
+            const float diff = scale * q - xval[i];
+            terms[i][l] = w[i] * diff * diff;
+        }
+    const uint16_t *nb = neighbour_list(g, key);
+    float best_d2 = FLT_MAX;
+    int best = -1;
+    for (int j = 1; j <= nb[0]; ++j) {
+        const int8_t *pl = g->levels + 8 * nb[j];
+        float d2 = 0;
+        for (int i = 0; i < 8; ++i) d2 += terms[i][pl[i]];
+        if (d2 < best_d2) {
+            best_d2 = d2;
+            best = nb[j];
+        }
+    }
+    if (best >= 0) copy_levels(g, best, L);
+    return best;
+}
+
 /* One group of 8 rounded at inverse scale id into L; if that is no grid
  * point, the best neighbour at `scale` (weights waux) replaces it. Returns 1
  * if it was on the grid, 0 if replaced, -1 if no neighbour was found. */
-static int iq2_round_group(const iq_grid *g, float id, float scale, const float *xval, const float *waux, int8_t *L) {
+IQ_INLINE int iq2_round_group(const iq_grid *g, float id, float scale, const float *xval, const float *waux, int8_t *L,
+                              int fast) {
     int key = 0;
     for (int i = 0; i < 8; ++i) {
         L[i] = iq2_level(id, xval[i]);
         key |= L[i] << (2 * i);
     }
     if (g->map[key] >= 0) return 1;
-    return iq2_best_neighbour(g, key, xval, waux, scale, L) < 0 ? -1 : 0;
+    const int p = fast ? iq2_best_neighbour_terms(g, key, xval, waux, scale, L)
+                       : iq2_best_neighbour(g, key, xval, waux, scale, L);
+    return p < 0 ? -1 : 0;
 }
 
 /* sum w*x*q and sum w*q*q over n elements, q = 2L+1, left to right. */
@@ -319,8 +362,8 @@ static inline int scale_level(float id, float scale, int lmax) {
  * scale: 13 trial inverse scales, the best by weighted least squares, then
  * every group rounded again at that scale and the scale refit. L: levels.
  * 0, or SMOLQ_ERR_RANGE where ggml asserts. */
-static int iq2_xxs_search(const iq_grid *g, const float *xval, const float *weight, const float *waux, int8_t *L,
-                          float *scale_io) {
+IQ_INLINE int iq2_xxs_search(const iq_grid *g, const float *xval, const float *weight, const float *waux, int8_t *L,
+                             float *scale_io, int fast) {
     const float eff_max = *scale_io * 3;
     float scale = *scale_io, best = 0;
     int8_t Laux[32];
@@ -328,7 +371,7 @@ static int iq2_xxs_search(const iq_grid *g, const float *xval, const float *weig
         const float id = (5 + is * 0.1f) / eff_max;
         const float this_scale = 1 / id;
         for (int k = 0; k < 4; ++k)
-            if (iq2_round_group(g, id, this_scale, xval + 8 * k, waux + 8 * k, Laux + 8 * k) < 0)
+            if (iq2_round_group(g, id, this_scale, xval + 8 * k, waux + 8 * k, Laux + 8 * k, fast) < 0)
                 return SMOLQ_ERR_RANGE;
         float sumqx, sumq2;
         iq2_sums(32, weight, xval, Laux, &sumqx, &sumq2);
@@ -341,7 +384,7 @@ static int iq2_xxs_search(const iq_grid *g, const float *xval, const float *weig
     if (scale > 0) {
         const float id = 1 / scale;
         for (int k = 0; k < 4; ++k)
-            if (iq2_round_group(g, id, scale, xval + 8 * k, waux + 8 * k, L + 8 * k) < 0) return SMOLQ_ERR_RANGE;
+            if (iq2_round_group(g, id, scale, xval + 8 * k, waux + 8 * k, L + 8 * k, fast) < 0) return SMOLQ_ERR_RANGE;
         float sumqx, sumq2;
         iq2_sums(32, weight, xval, L, &sumqx, &sumq2);
         if (sumq2 > 0) scale = sumqx / sumq2;
@@ -354,8 +397,8 @@ static int iq2_xxs_search(const iq_grid *g, const float *xval, const float *weig
  * inverse scales around 5/max, the best by weighted least squares; groups
  * that were off the grid then rounded again at that scale and the scale
  * refit. L (zeroed by the caller): levels. 0, or SMOLQ_ERR_RANGE. */
-static int iq2_search16(const iq_grid *g, const float *xval, const float *weight, const float *waux, float max,
-                        int8_t *L, float *scale_out) {
+IQ_INLINE int iq2_search16(const iq_grid *g, const float *xval, const float *weight, const float *waux, float max,
+                           int8_t *L, float *scale_out, int fast) {
     float best = 0, scale = max / 5;
     int on_grid[2] = {1, 1}, on_grid_aux[2];
     int8_t Laux[16];
@@ -363,7 +406,7 @@ static int iq2_search16(const iq_grid *g, const float *xval, const float *weight
         const float id = (5 + is * 0.1f) / max;
         const float this_scale = 1 / id;
         for (int k = 0; k < 2; ++k) {
-            on_grid_aux[k] = iq2_round_group(g, id, this_scale, xval + 8 * k, waux + 8 * k, Laux + 8 * k);
+            on_grid_aux[k] = iq2_round_group(g, id, this_scale, xval + 8 * k, waux + 8 * k, Laux + 8 * k, fast);
             if (on_grid_aux[k] < 0) return SMOLQ_ERR_RANGE;
         }
         float sumqx, sumq2;
@@ -379,7 +422,7 @@ static int iq2_search16(const iq_grid *g, const float *xval, const float *weight
     if ((!on_grid[0] || !on_grid[1]) && scale > 0) {
         const float id = 1 / scale;
         for (int k = 0; k < 2; ++k)
-            if (!on_grid[k] && iq2_round_group(g, id, scale, xval + 8 * k, waux + 8 * k, L + 8 * k) < 0)
+            if (!on_grid[k] && iq2_round_group(g, id, scale, xval + 8 * k, waux + 8 * k, L + 8 * k, fast) < 0)
                 return SMOLQ_ERR_RANGE;
         float sumqx, sumq2;
         iq2_sums(16, weight, xval, L, &sumqx, &sumq2);
@@ -393,7 +436,7 @@ static int iq2_search16(const iq_grid *g, const float *xval, const float *weight
 /* IQ2_XXS: 8 blocks of 32; per block 4 grid indices (8 bits), 4x7 sign bits
  * and a 4-bit scale in two u32.                                            */
 
-static int iq2_xxs_block(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out) {
+IQ_INLINE int iq2_xxs_block(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out, int fast) {
     uint32_t q2[16] = {0};
     float scales[8], max_scale = 0;
     const float sigma2 = sum_squares(xbl, QK_K) / QK_K;
@@ -408,7 +451,7 @@ static int iq2_xxs_block(const iq_grid *g, const float *xbl, const float *qwbl, 
         if (max_of(xval, 32) < GROUP_MAX_EPS) continue;
         float scale = make_qp_quants(32, 4, xval, (uint8_t *)L, weight);
         if (scale * 3 <= 0) continue;
-        const int err = iq2_xxs_search(g, xval, weight, waux, L, &scale);
+        const int err = iq2_xxs_search(g, xval, weight, waux, L, &scale, fast);
         if (err) return err;
         if (scale < 0) { /* ggml: "should never happen"; flip scale and signs */
             scale = -scale;
@@ -438,7 +481,7 @@ static int iq2_xxs_block(const iq_grid *g, const float *xbl, const float *qwbl, 
 /* IQ2_XS: 16 blocks of 16; per group a u16 of 9-bit grid index and 7 sign
  * bits; per block a 4-bit scale.                                           */
 
-static int iq2_xs_block(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out) {
+IQ_INLINE int iq2_xs_block(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out, int fast) {
     uint16_t q2[32] = {0};
     float scales[16], max_scale = 0;
     const float sigma2 = sum_squares(xbl, QK_K) / QK_K;
@@ -452,7 +495,7 @@ static int iq2_xs_block(const iq_grid *g, const float *xbl, const float *qwbl, u
         const float max = max_of(xval, 16);
         scales[ib] = 0;
         if (max < GROUP_MAX_EPS) continue;
-        const int err = iq2_search16(g, xval, weight, waux, max, L, &scale);
+        const int err = iq2_search16(g, xval, weight, waux, max, L, &scale, fast);
         if (err) return err;
         if (scale < 0) {
             scale = -scale;
@@ -482,7 +525,7 @@ static int iq2_xs_block(const iq_grid *g, const float *xbl, const float *qwbl, u
  * and 8 sign bits; per block a 4-bit scale. Without importance weights the
  * weights are sigma2/4 + x^2 (ggml's fallback).                            */
 
-static int iq2_s_block(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out) {
+IQ_INLINE int iq2_s_block(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out, int fast) {
     float scales[16], max_scale = 0;
     const float sigma2 = 2 * sum_squares(xbl, QK_K) / QK_K;
     memset(out, 0, IQ2_S_BYTES);
@@ -501,7 +544,7 @@ static int iq2_s_block(const iq_grid *g, const float *xbl, const float *qwbl, ui
         const float max = max_of(xval, 16);
         scales[ib] = 0;
         if (max < GROUP_MAX_EPS_IQ2_S) continue;
-        const int err = iq2_search16(g, xval, weight, waux, max, L, &scale);
+        const int err = iq2_search16(g, xval, weight, waux, max, L, &scale, fast);
         if (err) return err;
         if (scale < 0) {
             scale = -scale;
@@ -555,6 +598,25 @@ static void sort_by_value(const float *xb, int n, value_index *pairs) {
     qsort(pairs, (size_t)n, sizeof(value_index), by_value);
 }
 
+/* The fast path's sort: insertion sort, which gives qsort's order whenever
+ * the values are distinct (the order is then unique); with any tie (equal
+ * under the comparator, -0 == +0 included) it falls back to qsort itself. */
+IQ_INLINE void sort_by_value_fast(const float *xb, int n, value_index *pairs) {
+    int tie = 0;
+    for (int j = 0; j < n && !tie; ++j) {
+        const float v = xb[j];
+        int k = j;
+        while (k > 0 && pairs[k - 1].x > v) {
+            pairs[k] = pairs[k - 1];
+            --k;
+        }
+        tie = k > 0 && !(pairs[k - 1].x < v);
+        pairs[k].x = v;
+        pairs[k].i = j;
+    }
+    if (tie) sort_by_value(xb, n, pairs);
+}
+
 /* ggml iq1_find_best_neighbour2: the listed point nearest xb at `scale` with
  * coordinates xx[level], first on ties; its levels into L. -1 if no distance
  * is below FLT_MAX (ggml then scans the whole grid reading past its group,
@@ -580,15 +642,41 @@ static int iq1_best_neighbour(const iq_grid *g, int key, const float *xb, const 
     return best;
 }
 
+/* The fast path's iq1_best_neighbour, from per-element terms as in
+ * iq2_best_neighbour_terms. */
+IQ_INLINE int iq1_best_neighbour_terms(const iq_grid *g, int key, const float *xb, const float *w, float scale,
+                                       const float *xx, int8_t *L) {
+    float terms[8][3];
+    for (int i = 0; i < 8; ++i)
+        for (int l = 0; l < 3; ++l) {
+            const float diff = scale * xx[l] - xb[i];
+            terms[i][l] = w[i] * diff * diff;
+        }
+    const uint16_t *nb = neighbour_list(g, key);
+    float best_d2 = FLT_MAX;
+    int best = -1;
+    for (int j = 1; j <= nb[0]; ++j) {
+        const int8_t *pl = g->levels + 8 * nb[j];
+        float d2 = 0;
+        for (int i = 0; i < 8; ++i) d2 += terms[i][pl[i]];
+        if (d2 < best_d2) {
+            best_d2 = d2;
+            best = nb[j];
+        }
+    }
+    if (best >= 0) copy_levels(g, best, L);
+    return best;
+}
+
 /* A group's grid point: its own if on the grid, else the best neighbour
  * (L updated); -1 if none. *on_grid cleared for a neighbour. */
-static int iq1_group_point(const iq_grid *g, const float *xb, const float *w, float scale, const float *xx,
-                           int8_t *L, int *on_grid) {
+IQ_INLINE int iq1_group_point(const iq_grid *g, const float *xb, const float *w, float scale, const float *xx,
+                              int8_t *L, int *on_grid, int fast) {
     int key = 0;
     for (int i = 0; i < 8; ++i) key |= L[i] << (2 * i);
     if (g->map[key] >= 0) return g->map[key];
     *on_grid = 0;
-    return iq1_best_neighbour(g, key, xb, w, scale, xx, L);
+    return fast ? iq1_best_neighbour_terms(g, key, xb, w, scale, xx, L) : iq1_best_neighbour(g, key, xb, w, scale, xx, L);
 }
 
 /* Adds w*q*x and w*q*q over a group at grid point p, q = xx[level]. */
@@ -649,7 +737,48 @@ static iq1_split iq1_s_best_split(const float *xb, const float *weight, const va
     return best;
 }
 
-static int iq1_s_block(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out) {
+/* The fast path's IQ1_S split search: for each i1 the candidates of every
+ * i2 are computed first (a loop the compiler vectorizes; each lane does the
+ * reference's operations in its order), then tried in the reference's
+ * order. */
+IQ_INLINE iq1_split iq1_s_best_split_fast(const float *xb, const float *weight, const value_index *sorted,
+                                          float max) {
+    float sumx[33], sumw[33];
+    sumx[0] = sumw[0] = 0;
+    for (int j = 0; j < 32; ++j) {
+        const int i = sorted[j].i;
+        sumx[j + 1] = sumx[j] + weight[i] * xb[i];
+        sumw[j + 1] = sumw[j] + weight[i];
+    }
+    iq1_split best = {-1, -1, 0, max};
+    float best_score = -FLT_MAX;
+    float qx[2][33], q2[2][33];
+    for (int i1 = 0; i1 <= 32; ++i1) {
+        const float x1 = sumx[i1] - sumx[0], w1 = sumw[i1] - sumw[0];
+        for (int s = 0; s < 2; ++s) {
+            const float *xx = s == 0 ? IQ1S_XP : IQ1S_XM;
+            const float a0 = xx[0], a1 = xx[1], a2 = xx[2];
+            for (int i2 = i1; i2 <= 32; ++i2) {
+                qx[s][i2] = x1 * a0 + (sumx[i2] - sumx[i1]) * a1 + (sumx[32] - sumx[i2]) * a2;
+                q2[s][i2] = w1 * a0 * a0 + (sumw[i2] - sumw[i1]) * a1 * a1 + (sumw[32] - sumw[i2]) * a2 * a2;
+            }
+        }
+        for (int i2 = i1; i2 <= 32; ++i2)
+            for (int s = 0; s < 2; ++s) {
+                const float sumqx = qx[s][i2], sumq2 = q2[s][i2];
+                if (sumq2 > 0 && sumqx * sumqx > best_score * sumq2) {
+                    best.scale = sumqx / sumq2;
+                    best_score = best.scale * sumqx;
+                    best.i1 = i1;
+                    best.i2 = i2;
+                    best.shift = s == 0 ? 1 : -1;
+                }
+            }
+    }
+    return best;
+}
+
+IQ_INLINE int iq1_s_block(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out, int fast) {
     float scales[8], max_scale = 0;
     int8_t shifts[8];
     const float sigma2 = 2 * sum_squares(xbl, QK_K) / QK_K;
@@ -664,8 +793,8 @@ static int iq1_s_block(const iq_grid *g, const float *xbl, const float *qwbl, ui
         shifts[ib] = 1;
         if (max < GROUP_MAX_EPS_IQ1_S) continue;
         value_index sorted[32];
-        sort_by_value(xb, 32, sorted);
-        iq1_split sp = iq1_s_best_split(xb, weight, sorted, max);
+        if (fast) sort_by_value_fast(xb, 32, sorted); else sort_by_value(xb, 32, sorted);
+        iq1_split sp = fast ? iq1_s_best_split_fast(xb, weight, sorted, max) : iq1_s_best_split(xb, weight, sorted, max);
         if (sp.i1 < 0 || sp.i2 < 0 || sp.shift == 0) continue;
         int8_t L[32];
         split_levels(sorted, 32, sp.i1, sp.i2, L);
@@ -677,7 +806,7 @@ static int iq1_s_block(const iq_grid *g, const float *xbl, const float *qwbl, ui
         const float *xx = sp.shift == 1 ? IQ1S_XP : IQ1S_XM;
         int index[4], on_grid = 1;
         for (int k = 0; k < 4; ++k) {
-            index[k] = iq1_group_point(g, xb + 8 * k, weight + 8 * k, sp.scale, xx, L + 8 * k, &on_grid);
+            index[k] = iq1_group_point(g, xb + 8 * k, weight + 8 * k, sp.scale, xx, L + 8 * k, &on_grid, fast);
             if (index[k] < 0) return SMOLQ_ERR_RANGE;
         }
         if (!on_grid) {
@@ -767,6 +896,65 @@ static iq1_split iq1_m_best_split(const float *xb, const float *weight, const va
     return best;
 }
 
+/* The fast path's IQ1_M split search: for each i1 the four candidates of
+ * every i2 first (vectorizable, the reference's operations per lane, the
+ * i2-independent products hoisted), then tried in the reference's order. */
+IQ_INLINE iq1_split iq1_m_best_split_fast(const float *xb, const float *weight, const value_index *sorted,
+                                          float max) {
+    float px[2][17], pw[2][17];
+    px[0][0] = px[1][0] = 0;
+    pw[0][0] = pw[1][0] = 0;
+    for (int j = 0; j < 16; ++j) {
+        const int i = sorted[j].i, h = i < 8 ? 0 : 1;
+        px[h][j + 1] = px[h][j] + weight[i] * xb[i];
+        px[1 - h][j + 1] = px[1 - h][j];
+        pw[h][j + 1] = pw[h][j] + weight[i];
+        pw[1 - h][j + 1] = pw[1 - h][j];
+    }
+    const float p2 = IQ1M_XP[2], m2 = IQ1M_XM[2];
+    const float cp1 = IQ1M_XP[0] * IQ1M_XP[0] - IQ1M_XP[1] * IQ1M_XP[1];
+    const float cp2 = IQ1M_XP[1] * IQ1M_XP[1] - IQ1M_XP[2] * IQ1M_XP[2];
+    const float cm1 = IQ1M_XM[0] * IQ1M_XM[0] - IQ1M_XM[1] * IQ1M_XM[1];
+    const float cm2 = IQ1M_XM[1] * IQ1M_XM[1] - IQ1M_XM[2] * IQ1M_XM[2];
+    const float tp0 = px[0][16] * p2, tp1 = px[1][16] * p2, tm0 = px[0][16] * m2, tm1 = px[1][16] * m2;
+    const float wp0 = pw[0][16] * p2 * p2, wp1 = pw[1][16] * p2 * p2;
+    const float wm0 = pw[0][16] * m2 * m2, wm1 = pw[1][16] * m2 * m2;
+    iq1_split best = {-1, -1, -1, max};
+    float best_score = -FLT_MAX;
+    float sqx[4][17], sq2[4][17];
+    for (int i1 = 0; i1 <= 16; ++i1) {
+        const float x0 = px[0][i1], x1 = px[1][i1];
+        const float p0c = wp0 + pw[0][i1] * cp1, p1c = wp1 + pw[1][i1] * cp1;
+        const float m0c = wm0 + pw[0][i1] * cm1, m1c = wm1 + pw[1][i1] * cm1;
+        for (int i2 = i1; i2 <= 16; ++i2) {
+            const float sx0 = x0 + px[0][i2], sx1 = x1 + px[1][i2];
+            const float qx_p0 = tp0 - sx0, qx_p1 = tp1 - sx1, qx_m0 = tm0 - sx0, qx_m1 = tm1 - sx1;
+            const float q2_p0 = p0c + pw[0][i2] * cp2, q2_p1 = p1c + pw[1][i2] * cp2;
+            const float q2_m0 = m0c + pw[0][i2] * cm2, q2_m1 = m1c + pw[1][i2] * cm2;
+            sqx[0][i2] = qx_p0 + qx_p1;
+            sqx[1][i2] = qx_p0 + qx_m1;
+            sqx[2][i2] = qx_m0 + qx_p1;
+            sqx[3][i2] = qx_m0 + qx_m1;
+            sq2[0][i2] = q2_p0 + q2_p1;
+            sq2[1][i2] = q2_p0 + q2_m1;
+            sq2[2][i2] = q2_m0 + q2_p1;
+            sq2[3][i2] = q2_m0 + q2_m1;
+        }
+        for (int i2 = i1; i2 <= 16; ++i2)
+            for (int k = 0; k < 4; ++k) {
+                const float sumqx = sqx[k][i2], sumq2 = sq2[k][i2];
+                if (sumq2 > 0 && sumqx * sumqx > best_score * sumq2) {
+                    best.scale = sumqx / sumq2;
+                    best_score = best.scale * sumqx;
+                    best.i1 = i1;
+                    best.i2 = i2;
+                    best.shift = k;
+                }
+            }
+    }
+    return best;
+}
+
 /* The shifted coordinates of group k (0, 1) of an IQ1_M block with shifts k. */
 static const float *iq1_m_xx(int shifts, int k) {
     const int minus = k == 0 ? shifts >= 2 : shifts % 2 == 1;
@@ -806,7 +994,7 @@ static float iq1_m_refit(const iq_grid *g, const float *xbl, const float *qwbl, 
     return sumq2 > 0 ? sumqx / sumq2 : d;
 }
 
-static int iq1_m_block(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out) {
+IQ_INLINE int iq1_m_block(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out, int fast) {
     static const uint8_t SHIFT_MASKS[4] = {0x00, 0x80, 0x08, 0x88};
     float scales[16], max_scale = 0;
     int8_t shifts[16];
@@ -822,8 +1010,8 @@ static int iq1_m_block(const iq_grid *g, const float *xbl, const float *qwbl, ui
         shifts[ib] = 0;
         if (max < GROUP_MAX_EPS_IQ1_M) continue;
         value_index sorted[16];
-        sort_by_value(xb, 16, sorted);
-        iq1_split sp = iq1_m_best_split(xb, weight, sorted, max);
+        if (fast) sort_by_value_fast(xb, 16, sorted); else sort_by_value(xb, 16, sorted);
+        iq1_split sp = fast ? iq1_m_best_split_fast(xb, weight, sorted, max) : iq1_m_best_split(xb, weight, sorted, max);
         if (sp.i1 < 0 || sp.i2 < 0 || sp.shift < 0) continue;
         int8_t L[16];
         split_levels(sorted, 16, sp.i1, sp.i2, L);
@@ -835,7 +1023,7 @@ static int iq1_m_block(const iq_grid *g, const float *xbl, const float *qwbl, ui
         int index[2], on_grid = 1;
         for (int k = 0; k < 2; ++k) {
             index[k] = iq1_group_point(g, xb + 8 * k, weight + 8 * k, sp.scale, iq1_m_xx(sp.shift, k), L + 8 * k,
-                                       &on_grid);
+                                       &on_grid, fast);
             if (index[k] < 0) return SMOLQ_ERR_RANGE;
         }
         if (!on_grid) {
@@ -875,42 +1063,35 @@ static int iq1_m_block(const iq_grid *g, const float *xbl, const float *qwbl, ui
 /* ======================================================================== */
 /* Rows                                                                     */
 
-typedef int (*block_quantizer)(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out);
-
-static int quantize_row(int grid, block_quantizer block, int bytes, const float *x, void *vy, int64_t n,
-                        const float *imatrix) {
-    const iq_grid *g = grid_tables(grid);
-    if (!g) return SMOLQ_ERR_ARG;
-    uint8_t *y = vy;
-    for (int64_t ibl = 0; ibl < n / QK_K; ++ibl) {
-        const int err = block(g, x + QK_K * ibl, imatrix ? imatrix + QK_K * ibl : NULL, y + bytes * ibl);
-        if (err) return err;
+/* One type's row quantizers: NAME_ref (exported, the reference) and NAME_fast
+ * (the same block code with the fast searches, built for AVX2 where the
+ * compiler can). Each row is its blocks in turn; the imatrix row is the
+ * same for every row. */
+#define IQ_ROWS(name, grid, block, bytes, needs_imatrix)                                              \
+    IQ_INLINE int name##_row(const float *x, void *vy, int64_t n, const float *imatrix, int fast) {   \
+        if ((needs_imatrix) && !imatrix) return SMOLQ_ERR_IMATRIX;                                    \
+        const iq_grid *g = grid_tables(grid);                                                         \
+        if (!g) return SMOLQ_ERR_ARG;                                                                 \
+        uint8_t *y = vy;                                                                              \
+        for (int64_t ibl = 0; ibl < n / QK_K; ++ibl) {                                                \
+            const float *qw = imatrix ? imatrix + QK_K * ibl : NULL;                                  \
+            const int err = block(g, x + QK_K * ibl, qw, y + (bytes) * ibl, fast);                    \
+            if (err) return err;                                                                      \
+        }                                                                                             \
+        return 0;                                                                                     \
+    }                                                                                                 \
+    int smolq_quantize_row_##name(const float *x, void *y, int64_t n, const float *imatrix) {         \
+        return name##_row(x, y, n, imatrix, 0);                                                       \
+    }                                                                                                 \
+    FAST_FN static int name##_fast(const float *x, void *y, int64_t n, const float *imatrix) {        \
+        return name##_row(x, y, n, imatrix, 1);                                                       \
     }
-    return 0;
-}
 
-int smolq_quantize_row_iq2_xxs(const float *x, void *y, int64_t n, const float *imatrix) {
-    if (!imatrix) return SMOLQ_ERR_IMATRIX;
-    return quantize_row(GRID_IQ2XXS, iq2_xxs_block, IQ2_XXS_BYTES, x, y, n, imatrix);
-}
-
-int smolq_quantize_row_iq2_xs(const float *x, void *y, int64_t n, const float *imatrix) {
-    if (!imatrix) return SMOLQ_ERR_IMATRIX;
-    return quantize_row(GRID_IQ2XS, iq2_xs_block, IQ2_XS_BYTES, x, y, n, imatrix);
-}
-
-int smolq_quantize_row_iq2_s(const float *x, void *y, int64_t n, const float *imatrix) {
-    return quantize_row(GRID_IQ2S, iq2_s_block, IQ2_S_BYTES, x, y, n, imatrix);
-}
-
-int smolq_quantize_row_iq1_s(const float *x, void *y, int64_t n, const float *imatrix) {
-    if (!imatrix) return SMOLQ_ERR_IMATRIX;
-    return quantize_row(GRID_IQ1S, iq1_s_block, IQ1_S_BYTES, x, y, n, imatrix);
-}
-
-int smolq_quantize_row_iq1_m(const float *x, void *y, int64_t n, const float *imatrix) {
-    return quantize_row(GRID_IQ1S, iq1_m_block, IQ1_M_BYTES, x, y, n, imatrix);
-}
+IQ_ROWS(iq2_xxs, GRID_IQ2XXS, iq2_xxs_block, IQ2_XXS_BYTES, 1)
+IQ_ROWS(iq2_xs, GRID_IQ2XS, iq2_xs_block, IQ2_XS_BYTES, 1)
+IQ_ROWS(iq2_s, GRID_IQ2S, iq2_s_block, IQ2_S_BYTES, 0)
+IQ_ROWS(iq1_s, GRID_IQ1S, iq1_s_block, IQ1_S_BYTES, 1)
+IQ_ROWS(iq1_m, GRID_IQ1S, iq1_m_block, IQ1_M_BYTES, 0)
 
 /* ======================================================================== */
 /* Dequantization (ggml's dequantize_row_*, same float operations)           */
@@ -1014,19 +1195,19 @@ void smolq_dequantize_row_iq1_m(const void *vx, float *y, int64_t n) {
 static const smolq_type_ops OPS[] = {
     {SMOLQ_T_IQ2_XXS, 0, QK_K, IQ2_XXS_BYTES, {NULL, NULL},
      {smolq_dequantize_row_iq2_xxs, smolq_dequantize_row_iq2_xxs}, 1,
-     {smolq_quantize_row_iq2_xxs, smolq_quantize_row_iq2_xxs}},
+     {smolq_quantize_row_iq2_xxs, iq2_xxs_fast}},
     {SMOLQ_T_IQ2_XS, 0, QK_K, IQ2_XS_BYTES, {NULL, NULL},
      {smolq_dequantize_row_iq2_xs, smolq_dequantize_row_iq2_xs}, 1,
-     {smolq_quantize_row_iq2_xs, smolq_quantize_row_iq2_xs}},
+     {smolq_quantize_row_iq2_xs, iq2_xs_fast}},
     {SMOLQ_T_IQ2_S, 0, QK_K, IQ2_S_BYTES, {NULL, NULL},
      {smolq_dequantize_row_iq2_s, smolq_dequantize_row_iq2_s}, 0,
-     {smolq_quantize_row_iq2_s, smolq_quantize_row_iq2_s}},
+     {smolq_quantize_row_iq2_s, iq2_s_fast}},
     {SMOLQ_T_IQ1_S, 0, QK_K, IQ1_S_BYTES, {NULL, NULL},
      {smolq_dequantize_row_iq1_s, smolq_dequantize_row_iq1_s}, 1,
-     {smolq_quantize_row_iq1_s, smolq_quantize_row_iq1_s}},
+     {smolq_quantize_row_iq1_s, iq1_s_fast}},
     {SMOLQ_T_IQ1_M, 0, QK_K, IQ1_M_BYTES, {NULL, NULL},
      {smolq_dequantize_row_iq1_m, smolq_dequantize_row_iq1_m}, 0,
-     {smolq_quantize_row_iq1_m, smolq_quantize_row_iq1_m}},
+     {smolq_quantize_row_iq1_m, iq1_m_fast}},
 };
 
 const smolq_type_ops *smolq_find_iq12_ops(int type) {
