@@ -737,10 +737,20 @@ static iq1_split iq1_s_best_split(const float *xb, const float *weight, const va
     return best;
 }
 
+/* Whether any of n candidates passes the split searches' test against
+ * best_score. If none does, trying them in order changes nothing (the best
+ * only moves when one passes), so the fast searches skip them; the test is
+ * the reference's, operation for operation, in a loop that vectorizes. */
+IQ_INLINE int any_improves(const float *sumqx, const float *sumq2, int n, float best_score) {
+    int any = 0;
+    for (int i = 0; i < n; ++i) any |= (sumq2[i] > 0) & (sumqx[i] * sumqx[i] > best_score * sumq2[i]);
+    return any;
+}
+
 /* The fast path's IQ1_S split search: for each i1 the candidates of every
  * i2 are computed first (a loop the compiler vectorizes; each lane does the
- * reference's operations in its order), then tried in the reference's
- * order. */
+ * reference's operations in its order), then, unless none can pass, tried in
+ * the reference's order. */
 IQ_INLINE iq1_split iq1_s_best_split_fast(const float *xb, const float *weight, const value_index *sorted,
                                           float max) {
     float sumx[33], sumw[33];
@@ -763,6 +773,9 @@ IQ_INLINE iq1_split iq1_s_best_split_fast(const float *xb, const float *weight, 
                 q2[s][i2] = w1 * a0 * a0 + (sumw[i2] - sumw[i1]) * a1 * a1 + (sumw[32] - sumw[i2]) * a2 * a2;
             }
         }
+        if (!any_improves(qx[0] + i1, q2[0] + i1, 33 - i1, best_score) &&
+            !any_improves(qx[1] + i1, q2[1] + i1, 33 - i1, best_score))
+            continue;
         for (int i2 = i1; i2 <= 32; ++i2)
             for (int s = 0; s < 2; ++s) {
                 const float sumqx = qx[s][i2], sumq2 = q2[s][i2];
@@ -898,7 +911,8 @@ static iq1_split iq1_m_best_split(const float *xb, const float *weight, const va
 
 /* The fast path's IQ1_M split search: for each i1 the four candidates of
  * every i2 first (vectorizable, the reference's operations per lane, the
- * i2-independent products hoisted), then tried in the reference's order. */
+ * i2-independent products hoisted), then, unless none can pass, tried in the
+ * reference's order. */
 IQ_INLINE iq1_split iq1_m_best_split_fast(const float *xb, const float *weight, const value_index *sorted,
                                           float max) {
     float px[2][17], pw[2][17];
@@ -940,6 +954,9 @@ IQ_INLINE iq1_split iq1_m_best_split_fast(const float *xb, const float *weight, 
             sq2[2][i2] = q2_m0 + q2_p1;
             sq2[3][i2] = q2_m0 + q2_m1;
         }
+        int any = 0;
+        for (int k = 0; k < 4; ++k) any |= any_improves(sqx[k] + i1, sq2[k] + i1, 17 - i1, best_score);
+        if (!any) continue;
         for (int i2 = i1; i2 <= 16; ++i2)
             for (int k = 0; k < 4; ++k) {
                 const float sumqx = sqx[k][i2], sumq2 = sq2[k][i2];
