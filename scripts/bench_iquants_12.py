@@ -7,7 +7,9 @@ thread, on the same random f32 rows and importance vector.
     .venv/bin/python scripts/bench_iquants_12.py --rows 64 --types iq1_s iq1_m
 
 Throughput is MB/s of f32 input (rows * cols * 4 bytes), best of --repeat
-runs, after each side has built its search tables (timed apart as "init":
+runs, timed by the calling thread's CPU time (both sides run in it; on a
+busy machine that is steadier than the wall clock, which the JSON also
+records), after each side has built its search tables (timed apart as "init":
 llama.cpp's iq2xs_init_impl, smolq's tables on first use). "ratio" is smolq's
 MB/s over llama.cpp's (>= 1: smolq at least as fast); "same" says whether the
 bytes are identical. Any ggml type the kernel quantizes can be named, so the
@@ -38,13 +40,14 @@ from ggml_lib import NO_LIBGGML, find_libggml  # noqa: E402
 DEFAULT_TYPES = ["iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m"]
 
 
-def best_time(fn, repeat: int) -> tuple[float, object]:
-    best, out = float("inf"), None
+def best_time(fn, repeat: int) -> tuple[float, float, object]:
+    """Best thread CPU time and best wall time of `repeat` runs, and the last result."""
+    cpu, wall, out = float("inf"), float("inf"), None
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        c0, w0 = time.thread_time(), time.perf_counter()
         out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+        cpu, wall = min(cpu, time.thread_time() - c0), min(wall, time.perf_counter() - w0)
+    return cpu, wall, out
 
 
 def load_libggml() -> ctypes.CDLL:
@@ -79,12 +82,13 @@ def bench_type(lib: ctypes.CDLL, name: str, x: np.ndarray, imatrix: np.ndarray, 
     K.quantize(x[:1], t, imatrix=imatrix, threads=1)
     smolq_init = time.perf_counter() - t0
     mb = x.nbytes / 1e6
-    t_ggml, want = best_time(ggml, repeat)
-    t_smolq, got = best_time(smolq, repeat)
-    t_ref, ref = best_time(lambda: smolq("ref"), repeat)
+    t_ggml, w_ggml, want = best_time(ggml, repeat)
+    t_smolq, w_smolq, got = best_time(smolq, repeat)
+    t_ref, _, ref = best_time(lambda: smolq("ref"), repeat)
     return {
         "type": t.name, "ggml_mb_s": mb / t_ggml, "smolq_mb_s": mb / t_smolq, "smolq_ref_mb_s": mb / t_ref,
         "ratio": t_ggml / t_smolq, "same": bool(np.array_equal(got, want) and np.array_equal(ref, want)),
+        "ggml_wall_mb_s": mb / w_ggml, "smolq_wall_mb_s": mb / w_smolq,
         "ggml_init_s": ggml_init, "smolq_init_s": smolq_init,
     }
 
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     lib = load_libggml()
 
     results = [bench_type(lib, name, x, imatrix, args.repeat) for name in args.types]
-    print(f"{args.rows} x {args.cols} f32 ({x.nbytes / 1e6:.1f} MB), 1 thread, best of {args.repeat}")
+    print(f"{args.rows} x {args.cols} f32 ({x.nbytes / 1e6:.1f} MB), 1 thread, best of {args.repeat} (thread CPU time)")
     print(f"{'type':8} {'llama.cpp MB/s':>14} {'smolq MB/s':>10} {'ref MB/s':>9} {'ratio':>6} {'same':>5}"
           f" {'init llama.cpp':>14} {'init smolq':>10}")
     for r in results:
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
               f" {r['ratio']:6.2f} {'yes' if r['same'] else 'NO':>5} {r['ggml_init_s']:13.2f}s {r['smolq_init_s']:9.3f}s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "rows": args.rows, "cols": args.cols, "repeat": args.repeat, "threads": 1,
+        "rows": args.rows, "cols": args.cols, "repeat": args.repeat, "threads": 1, "timing": "thread CPU time",
         "machine": platform.machine(), "processor": platform.processor(), "libggml": str(find_libggml()),
         "results": results,
     }, indent=2) + "\n")
