@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import signal
 from functools import lru_cache
 
@@ -70,6 +71,8 @@ def ggml_quantize(name: str, x: np.ndarray, imatrix: np.ndarray | None) -> np.nd
     if pid == 0:  # child: quantize, send the bytes, never return into pytest
         try:
             os.close(rfd)
+            os.environ["GGML_NO_BACKTRACE"] = "1"  # else ggml_abort attaches a debugger: seconds per abort
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, 2)  # llama.cpp's "Oops" lines
             os.dup2(null, 1)
