@@ -236,8 +236,11 @@ def test_options_pure_leave_output_and_overrides():
     assert got[("token_embd", None)] == T.Q5_K
     assert all(got[("attn_q", i)] == T.Q8_0 for i in range(N_LAYER))
     assert got[("ffn_down", 1)] == T.F16
-    assert got[("ffn_down", 4)] == T.Q4_K  # 4 is not a "more bits" layer
-    assert got[("ffn_down", 6)] == T.Q6_K
+    # An overridden tensor skips the mix, and with it llama.cpp's ffn_down counter: layer 4's
+    # ffn_down is the 4th one counted (i = 3, a "more bits" position), layer 6's is i = 5 (not one).
+    assert got[("ffn_down", 4)] == T.Q6_K
+    assert got[("ffn_down", 6)] == T.Q4_K
+    assert got[("ffn_down", 7)] == T.Q6_K  # i = 6: (6 - 4) % 3 == 2
     # overrides also match legacy names through their GGUF name
     legacy = plan_tensor_types(to_legacy(tensors), resolve_preset("Q4_K_M"), LLAMA7B, opts)
     assert all(t.dst_type == T.Q8_0 for t in legacy.tensors if ".attention.wq." in t.name)

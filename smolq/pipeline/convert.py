@@ -21,7 +21,7 @@ from smolq.arch import Arch, TensorMap, arch_for_config
 from smolq.errors import InputError
 from smolq.formats.base import TensorEntry
 from smolq.formats.gguf import Split
-from smolq.formats.legacy import infer_file_type
+from smolq.formats.legacy import check_predates, infer_file_type
 from smolq.ggml_types import GGMLType, is_quantized, tensor_nbytes
 from smolq.kernels import quantize, relayout
 from smolq.lazy import lazy_module
@@ -109,6 +109,7 @@ def _check_storable(arch: Arch, target: Target, steps: list[Step], path: Path) -
     lt = target.legacy
     allowed = target_types(target, arch.family)
     for s in steps:
+        check_predates(path, lt.container, lt.version, s.type)
         if s.type not in allowed:
             holds = ", ".join(sorted(t.name for t in allowed))
             raise InputError(path, f"{target.format} ({arch.family}, {lt.dialect}) cannot hold {s.type.name} "
