@@ -31,6 +31,7 @@ common/imatrix-loader.cpp).
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -306,3 +307,112 @@ def test_fallback_counts_by_hand(shapes):
     assert {types[f"blk.{i}.ffn_down.weight"] for i in range(n_layer)} == {GGMLType.F16}
     assert types["output.weight"] == GGMLType.Q8_0
     assert s.results[("Q4_0", False)].types["output.weight"] == GGMLType.Q8_0
+
+
+# --------------------------------------------------------------------------- the new families
+
+# Tiny checkpoints of the families llama.cpp's converter writes as their own GGUF architectures
+# (or as "llama" with experts): transformers config class, config fields. 8 layers, rows of 256.
+_COMMON = dict(vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=8,
+               max_position_embeddings=256, tie_word_embeddings=False)
+FAMILIES = {
+    "llama3": ("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=2, rope_theta=500000.0,
+                                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=64)),
+    "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=64)),
+    "gemma3": ("Gemma3TextConfig", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+                                        tie_word_embeddings=True, sliding_window=64)),
+    # 8 experts: the n_expert == 8 rules, and MXFP4_MOE's expert tensors
+    "mixtral": ("MixtralConfig", dict(num_attention_heads=4, num_key_value_heads=1, num_local_experts=8,
+                                      num_experts_per_tok=2)),
+}
+
+
+def _write_family(name: str, directory: Path, tokenizer_from: Path) -> Path:
+    import torch
+    import transformers
+
+    cls_name, fields = FAMILIES[name]
+    config = getattr(transformers, cls_name)(**{**_COMMON, **fields})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_from / f).exists():
+            shutil.copy(tokenizer_from / f, directory / f)
+    return directory
+
+
+def make_family_ggufs(root: Path) -> dict[str, Path]:
+    """F16 GGUFs of FAMILIES written by llama.cpp's converter (one child process for all)."""
+    from smolq.tiny import make_tiny_model
+    from test_vs_llama_converter import converter_dir, run_llama_converter
+
+    conv = converter_dir()
+    if conv is None:
+        pytest.skip("llama.cpp's converter is not fetched (scripts/fetch_llama_converter.py)")
+    tokenizer = make_tiny_model("llama", root / "tokenizer-source", vocab_size=512, hidden_size=64)
+    jobs, out = [], {}
+    for name in FAMILIES:
+        d = _write_family(name, root / f"{name}-hf", tokenizer)
+        out[name] = root / f"{name}-f16.gguf"
+        jobs.append([str(d), "--outfile", str(out[name]), "--outtype", "f16"])
+    run_llama_converter(conv, jobs, {}, root)
+    return out
+
+
+# llama-quantize runs per family: every preset but the IQ1/IQ2 ones whose tables take seconds to
+# build (IQ2_XXS stays: the very-low-bit branch with each family's GQA / expert count).
+FAMILY_PRESETS = tuple(p for p in ALL_PRESETS if p not in SLOW_PRESETS + ("IQ2_M", "IQ3_XXS"))
+
+
+def family_runs() -> list[tuple[str, bool]]:
+    out = [(p, p in NEEDS_IMATRIX) for p in FAMILY_PRESETS]
+    return out + [(p, not imx) for p, imx in out if p in IMATRIX_RULES and p not in NEEDS_IMATRIX]
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory) -> dict[str, Shape]:
+    """Each family's GGUF from llama.cpp's converter, trimmed, quantized by llama-quantize with every run."""
+    tool = _tool()
+    root = tmp_path_factory.mktemp("mix-families")
+    out = {}
+    for name, full in make_family_ggufs(root).items():
+        trimmed = trim_rows(full, root / f"{name}-trimmed.gguf")
+        shape = Shape(name, full, trimmed, write_imatrix(trimmed, root / f"{name}.imatrix"))
+        for preset, imx in family_runs():
+            shape.results[(preset, imx)] = llama_quantize(tool, trimmed, root / f"{name}-{preset}.gguf", preset,
+                                                          shape.imatrix if imx else None)
+        out[name] = shape
+    return out
+
+
+FAMILY_RUNS = [(f, p, imx) for f in FAMILIES for p, imx in family_runs()]
+
+
+@pytest.mark.parametrize("family,preset,imx", FAMILY_RUNS,
+                         ids=[f"{f}-{p}-{'imatrix' if i else 'plain'}" for f, p, i in FAMILY_RUNS])
+def test_family_plan_matches_llama_quantize(families, family, preset, imx):
+    s = families[family]
+    done = s.results[(preset, imx)]
+    assert done.types is not None, f"llama-quantize {preset} failed:\n{done.log[-3000:]}"
+    assert mismatches(smolq_plan(s.trimmed, preset, has_imatrix=imx), done.types) == []
+
+
+def test_family_facts_the_rules_read(families):
+    """The converted files have what the comparisons are meant to exercise (read with gguf-py)."""
+    facts = {}
+    for name, s in families.items():
+        r = gguf.GGUFReader(s.trimmed)
+        arch = r.fields["general.architecture"].contents()
+        names = {t.name for t in r.tensors}
+        experts = r.fields.get(f"{arch}.expert_count")
+        facts[name] = (arch, "output.weight" in names, experts.contents() if experts else 0)
+    assert facts == {"llama3": ("llama", True, 0), "mistral": ("llama", True, 0), "qwen2": ("qwen2", False, 0),
+                     "qwen3": ("qwen3", True, 0), "gemma3": ("gemma3", False, 0), "mixtral": ("llama", True, 8)}
+    mixtral = families["mixtral"].results[("MXFP4_MOE", False)].types
+    assert mixtral["blk.0.ffn_down_exps.weight"] == GGMLType.MXFP4  # where MXFP4_MOE applies
+    assert mixtral["blk.0.attn_v.weight"] == GGMLType.Q8_0
+    assert families["gemma3"].results[("Q4_K_M", False)].types["token_embd.weight"] == GGMLType.Q6_K  # tied
