@@ -13,7 +13,12 @@ Shapes (tiny LLaMA checkpoints from smolq.tiny, converted by smolq to F16 GGUF):
 - `gqa_tied`: 16 layers, 8 heads on 2 KV heads (GQA 4: the ">= 4" rules), tied embeddings
   (no output.weight: token_embd takes the output rule);
 - `fallback`: 8 layers, rows of 320 (a multiple of 32, not of 256: K and IQ types fall back)
-  and an FFN of 336 (not a multiple of 32 either: ffn_down falls back to F16).
+  and an FFN of 336 (not a multiple of 32 either: ffn_down falls back to F16);
+- `mpt_qkv`: a tiny MPT (8 layers, rows of 256): the fused attn_qkv, which follows attn_v's rules.
+
+and the new families, as llama.cpp's own converter writes them from tiny transformers
+checkpoints: Llama 3 (GQA, llama3 RoPE), Mistral, Qwen2 (tied, GQA 2), Qwen3, Gemma 3 (tied)
+and Mixtral (8 experts: the n_expert == 8 rules, and MXFP4_MOE's expert tensors).
 
 The rules read a tensor's name, its row length and its expert count, never its number of
 rows, so every file is quantized as a copy with each tensor cut to ROWS rows (`trim_rows`;
@@ -70,8 +75,20 @@ SLOW_PRESETS = ("IQ1_S", "IQ1_M", "IQ2_XS", "IQ2_S")
 IMATRIX_RULES = ("Q4_0", "Q5_0", "IQ3_XXS", "IQ4_NL", "IQ4_XS")
 
 
+# llama-quantize runs per family: every preset but the IQ1/IQ2 ones whose tables take seconds to
+# build (IQ2_XXS stays: the very-low-bit branch with each family's GQA / expert count).
+FAMILY_PRESETS = tuple(p for p in ALL_PRESETS if p not in SLOW_PRESETS + ("IQ2_M", "IQ3_XXS"))
+
+
+def family_runs() -> list[tuple[str, bool]]:
+    out = [(p, p in NEEDS_IMATRIX) for p in FAMILY_PRESETS]
+    return out + [(p, not imx) for p, imx in out if p in IMATRIX_RULES and p not in NEEDS_IMATRIX]
+
+
 def runs(shape: str) -> list[tuple[str, bool]]:
     """(preset, with imatrix) for every llama-quantize run of one shape."""
+    if shape == "mpt_qkv":
+        return family_runs()
     presets = [p for p in ALL_PRESETS if shape != "mha" or p not in SLOW_PRESETS]
     out = [(p, p in NEEDS_IMATRIX) for p in presets]
     # the other way round where llama-quantize can (IQ3_XXS without one: see test_overrides_...)
@@ -181,10 +198,13 @@ class Shape:
 
 
 SHAPES = {
-    # name: make_tiny_model arguments
-    "mha": dict(n_layers=16, hidden_size=256, config_overrides={"intermediate_size": 256}),
-    "gqa_tied": dict(n_layers=16, hidden_size=256, gqa=True, tied=True, config_overrides={"intermediate_size": 256}),
-    "fallback": dict(n_layers=8, hidden_size=320, config_overrides={"intermediate_size": 336}),
+    # name: (family, make_tiny_model arguments)
+    "mha": ("llama", dict(n_layers=16, hidden_size=256, config_overrides={"intermediate_size": 256})),
+    "gqa_tied": ("llama", dict(n_layers=16, hidden_size=256, gqa=True, tied=True,
+                               config_overrides={"intermediate_size": 256})),
+    "fallback": ("llama", dict(n_layers=8, hidden_size=320, config_overrides={"intermediate_size": 336})),
+    # attn_qkv: one fused tensor that takes attn_v's rules and counter
+    "mpt_qkv": ("mpt", dict(n_layers=8, hidden_size=256)),
 }
 
 
@@ -200,7 +220,8 @@ def _make_shape(name: str, root: Path) -> Shape:
     from smolq.pipeline.convert import convert
     from smolq.tiny import make_tiny_model
 
-    hf = make_tiny_model("llama", root / f"{name}-hf", vocab_size=512, **SHAPES[name])
+    family, kwargs = SHAPES[name]
+    hf = make_tiny_model(family, root / f"{name}-hf", vocab_size=512, **kwargs)
     full = root / f"{name}-f16.gguf"
     convert(hf, full, outtype="f16")
     trimmed = trim_rows(full, root / f"{name}-trimmed.gguf")
@@ -361,16 +382,6 @@ def make_family_ggufs(root: Path) -> dict[str, Path]:
         jobs.append([str(d), "--outfile", str(out[name]), "--outtype", "f16"])
     run_llama_converter(conv, jobs, {}, root)
     return out
-
-
-# llama-quantize runs per family: every preset but the IQ1/IQ2 ones whose tables take seconds to
-# build (IQ2_XXS stays: the very-low-bit branch with each family's GQA / expert count).
-FAMILY_PRESETS = tuple(p for p in ALL_PRESETS if p not in SLOW_PRESETS + ("IQ2_M", "IQ3_XXS"))
-
-
-def family_runs() -> list[tuple[str, bool]]:
-    out = [(p, p in NEEDS_IMATRIX) for p in FAMILY_PRESETS]
-    return out + [(p, not imx) for p, imx in out if p in IMATRIX_RULES and p not in NEEDS_IMATRIX]
 
 
 @pytest.fixture(scope="module")
