@@ -159,3 +159,14 @@ def test_imatrix_changes_q4_0_and_iq4_xs_ffn_down():
     assert planned(rows, "Q4_0", info, has_imatrix=True)["blk.2.ffn_down.weight"] == T.Q4_0
     assert planned(rows, "IQ4_XS", info)["blk.1.ffn_down.weight"] == T.Q5_K
     assert planned(rows, "IQ4_XS", info, has_imatrix=True)["blk.1.ffn_down.weight"] == T.IQ4_XS
+
+
+def test_convert_refuses_a_preset_that_needs_an_imatrix(capsys, tmp_path):
+    from smolq.tiny import make_tiny_model
+
+    hf = make_tiny_model("llama", tmp_path / "hf", hidden_size=256, n_layers=2)
+    out = tmp_path / "out.gguf"
+    rc, _, err = run_cli(capsys, "convert", hf, out, "--outtype", "iq1_m", "-q")
+    assert rc == 2 and not out.exists()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "IQ1_M needs an importance matrix" in lines[0], err

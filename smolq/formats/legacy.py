@@ -177,8 +177,9 @@ LEGACY_TYPES = frozenset(
 
 
 def check_predates(path, container: str, version: int | None, t: GGMLType) -> None:
-    """A type no legacy container can hold is refused in one line: "ggjt v3 predates IQ3_S; use GGUF"."""
-    if t not in LEGACY_TYPES:
+    """A block type no legacy container can hold is refused in one line: "ggjt v3 predates IQ3_S; use GGUF".
+    (A float type they lack, BF16, gets the usual "cannot hold ... it holds F32, F16" instead.)"""
+    if is_quantized(t) and t not in LEGACY_TYPES:
         name = container if version is None else f"{container} v{version}"
         raise InputError(path, f"{name} predates {t.name}; use GGUF")
 

@@ -1,10 +1,16 @@
 """Decide what each tensor becomes: llama.cpp's quantization mixes as data.
 
-llama-quantize (src/llama-quant.cpp, llamacpp.md 2.3) picks a per-tensor type
-from the requested file type ("ftype" preset): a default type, then bumps for
-the output/embedding tensors, attn_v, ffn_down, attn_output and attn_qkv by
-layer position, then a fallback when a row length does not fit the block.
-This module reproduces those decisions; it never touches tensor data.
+llama-quantize (src/llama-quant.cpp of the llama.cpp tree in llama-cpp-python
+0.3.36, llamacpp.md 2.3) picks a per-tensor type from the requested file type
+("ftype" preset): a default type; the user's --token-embedding-type,
+--output-tensor-type and --tensor-type; else the mix, by tensor category
+(output, token_embd, attn_v-like, attn_k, attn_q, attn_output, ffn_*), layer
+position (counters walked in llama.cpp's order), the model's GQA, expert
+count and 70B-ness, and whether an importance matrix is given; then a fallback
+when a row length does not fit the block. This module reproduces those
+decisions (tests/test_mix_vs_llama_quantize.py holds them to llama-quantize's),
+and which tensors llama.cpp refuses to write without an importance matrix; it
+never touches tensor data.
 
 Rules are written against GGUF tensor names ("blk.N.attn_v.weight") with the
 substring tests llama.cpp uses. Legacy ggml names (LLaMA "layers.N.attention.wv",
