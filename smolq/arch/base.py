@@ -41,6 +41,9 @@ class TensorMap:
     keep_f32: bool = False
     legacy_f32: bool = False
     inverse: Callable[[np.ndarray], np.ndarray] | None = None  # undoes `transform` (ggml layout -> HF)
+    # A tensor computed from the config, not read from the checkpoint (Llama 3.1's rope_freqs):
+    # `source` is then only its label, and `make()` gives its float32 values.
+    make: Callable[[], np.ndarray] | None = None
 
     def row_permutation(self, path: Path | None = None) -> np.ndarray | None:
         """`transform` as an index array over rows (None: no transform), so rows
@@ -205,6 +208,9 @@ class Arch:
 
     def legacy_target(self, fmt: str, path: Path) -> LegacyTarget:
         target = self.legacy_targets.get(fmt)
+        if target is None and not self.legacy_targets:
+            raise InputError(path, f"{self.family} has no legacy container (no 2023 reader knows it); "
+                                   f"{fmt} holds LLaMA, GPT-J and MPT: write GGUF")
         if target is None:
             known = ", ".join(self.legacy_targets)
             raise InputError(path, f"{self.family} cannot be written as {fmt}; legacy formats for it: {known}")
@@ -214,6 +220,8 @@ class Arch:
         """Every mapped source present with its expected shape; nothing unaccounted for."""
         used: set[str] = set()
         for m in maps:
+            if m.make is not None:
+                continue
             t = tensors.get(m.source)
             if t is None:
                 raise FormatError(self.config_path.parent, f"checkpoint has no tensor {m.source} ({self.family} needs it)")

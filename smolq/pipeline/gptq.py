@@ -81,7 +81,8 @@ FAMILIES = {
     "mpt": FamilyLayout("transformer.blocks", (
         ("attn.Wqkv",), ("attn.out_proj",), ("ffn.up_proj",), ("ffn.down_proj",))),
 }
-MODEL_TYPES = {"llama": "llama", "mistral": "llama", "gptj": "gptj", "mpt": "mpt"}
+# model_type -> layout; Mistral, Qwen2 and Qwen3 blocks have LLaMA's Linears under the same names.
+MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gptj": "gptj", "mpt": "mpt"}
 
 
 @dataclass
@@ -255,7 +256,7 @@ def _load_model(src: Path):
     config = AutoConfig.from_pretrained(src)
     family = MODEL_TYPES.get(getattr(config, "model_type", ""))
     if family is None:
-        raise InputError(src / "config.json", f"GPTQ supports LLaMA, GPT-J and MPT, not model_type "
+        raise InputError(src / "config.json", f"GPTQ supports LLaMA, Mistral, Qwen2, Qwen3, GPT-J and MPT, not model_type "
                                               f"{getattr(config, 'model_type', None)!r}")
     try:
         import torch

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smolq.arch import Arch, family_arch
+from smolq.arch import ARCHES, Arch, family_arch
 from smolq.arch.legacy_config import Guess, LegacyConfig
 from smolq.errors import FormatError, InputError
 from smolq.formats.base import TensorEntry
@@ -21,7 +21,8 @@ from smolq.sources.checkpoint import read_json_object
 
 np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
-FAMILIES = ("llama", "gptj", "mpt")
+# GGUF architectures that are a family of their own (Mistral's files are `llama`).
+FAMILIES = tuple(a.family for a in ARCHES if a.family == a.gguf_arch)
 
 
 @dataclass
