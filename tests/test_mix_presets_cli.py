@@ -170,3 +170,15 @@ def test_convert_refuses_a_preset_that_needs_an_imatrix(capsys, tmp_path):
     assert rc == 2 and not out.exists()
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "IQ1_M needs an importance matrix" in lines[0], err
+
+
+def test_token_embedding_type_and_the_per_layer_table():
+    """--token-embedding-type covers token_embd and per_layer_token_embd, unless a --tensor-type names the
+    latter (llama_tensor_get_type); it wins over the mix, and over --tensor-type for token_embd."""
+    rows = layers(2) + [("per_layer_token_embd.weight", T.F16, (32000, 4096))]
+    info = ModelInfo("gemma3n", 2, 32, 32)
+    got = planned(rows, "Q4_K_M", info, token_embedding_type=T.Q8_0)
+    assert got["token_embd.weight"] == T.Q8_0 and got["per_layer_token_embd.weight"] == T.Q8_0
+    overrides = [("per_layer_token_embd", T.Q4_0), ("token_embd", T.Q5_0)]
+    got = planned(rows, "Q4_K_M", info, token_embedding_type=T.Q8_0, tensor_types=overrides)
+    assert got["token_embd.weight"] == T.Q8_0 and got["per_layer_token_embd.weight"] == T.Q4_0

@@ -696,7 +696,9 @@ def _chosen_type(name: str, gguf_name: str, shape: tuple[int, ...], preset: Pres
     category = tensor_category(gguf_name)
     # --token-embedding-type / --output-tensor-type win over everything. llama.cpp applies no shape
     # fallback to them (an unfitting type fails later); smolq falls back rather than fail.
-    if opts.token_embedding_type is not None and category == "token_embd":
+    # (Gemma 3n's per_layer_token_embd is a large table of its own: a --tensor-type naming it wins.)
+    named = gguf_name == "per_layer_token_embd.weight" and _override(name, gguf_name, opts.tensor_types)
+    if opts.token_embedding_type is not None and category == "token_embd" and not named:
         return with_shape_fallback(opts.token_embedding_type, shape)
     if opts.output_tensor_type is not None and category == "output":
         return with_shape_fallback(opts.output_tensor_type, shape)
