@@ -90,7 +90,8 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     src: a GGUF / legacy file (requantized with RTN, container kept unless
     `format` says otherwise), or an HF checkpoint directory (RTN: converted;
     GPTQ: calibrated and solved, block by block).
-    type: a preset ("q4_0", "q4_k_m", "q3_k_s", "tq2_0", "f16" ...) or a plain
+    type: a preset as llama-quantize names it ("q4_0", "q4_k_m", "q2_k_s", "iq4_xs", "iq2_m", "mxfp4_moe",
+    "tq2_0", "f16" ...; IQ1/IQ2 mixes, iq3_xxs, iq3_xs and q2_k_s need an importance matrix) or a plain
     type; bits: 2, 3, 4, 5, 6 or 8 for that width's default preset.
     method: "rtn" or "gptq" (needs an HF checkpoint; the GPTQ options below
     apply to it only). format "gptq" (or an OUT without suffix) with method

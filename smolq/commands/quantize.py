@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
     def quantize(
         src: Path = typer.Argument(..., metavar="IN", help="GGUF / legacy ggml file, or a Hugging Face checkpoint directory."),
         out: Path = typer.Argument(..., metavar="OUT", help="Output file (written atomically)."),
-        type_name: Optional[str] = typer.Option(None, "--type", "-t", help="Preset (q4_0 q4_1 q5_0 q5_1 q8_0 q2_k q3_k_s/m/l q4_k_s/m q5_k_s/m q6_k tq1_0 tq2_0 f16 bf16 f32) or a plain type.", rich_help_panel="Types and mix"),
+        type_name: Optional[str] = typer.Option(None, "--type", "-t", help="Preset, as llama-quantize names them (q4_0 q4_1 q5_0 q5_1 q8_0, q2_k q2_k_s q3_k_s/m/l q4_k_s/m q5_k_s/m q6_k, iq1_s/m iq2_xxs/xs/s/m iq3_xxs/xs/s/m iq4_nl/xs, mxfp4_moe, tq1_0 tq2_0, f16 bf16 f32; case-insensitive), or a plain type. IQ1/IQ2 mixes, iq3_xxs, iq3_xs and q2_k_s need an importance matrix.", rich_help_panel="Types and mix"),
         bits: Optional[int] = typer.Option(None, "--bits", "-b", help="2, 3, 4, 5, 6 or 8: the default preset for that width (4 -> q4_k_m).", rich_help_panel="Types and mix"),
         method: str = typer.Option("rtn", "--method", help="rtn (round to nearest, C kernel) or gptq (needs the HF checkpoint).", rich_help_panel="Types and mix"),
         fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Output container: gguf, gguf-v1..v3, ggml, ggmf, ggjt-v1..v3, ggmm (default: the input's); mlc: MLC-LLM weights from an HF checkpoint (--type q4f16_1, q4f16_0, q3f16_1, q0f16); nf4, fp4: a bitsandbytes 4-bit directory from an HF checkpoint.", rich_help_panel="Input/output"),

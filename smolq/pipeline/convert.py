@@ -21,9 +21,9 @@ from smolq.arch import Arch, TensorMap, arch_for_config
 from smolq.errors import InputError
 from smolq.formats.base import TensorEntry
 from smolq.formats.gguf import Split
-from smolq.formats.legacy import infer_file_type
+from smolq.formats.legacy import check_predates, infer_file_type
 from smolq.ggml_types import GGMLType, is_quantized, tensor_nbytes
-from smolq.kernels import quantize, relayout
+from smolq.kernels import QUANTIZE_TYPES, quantize, relayout
 from smolq.lazy import lazy_module
 from smolq.pipeline.hf_export import export_gptq_hf, export_hf
 from smolq.pipeline.mlc import convert_mlc
@@ -85,6 +85,11 @@ def plan_types(arch: Arch, maps: list[TensorMap], target: Target, outtype: str, 
                      n_head=getattr(arch, "n_head", 0), n_head_kv=getattr(arch, "n_head_kv", 0))
     rows = [(_gguf_name(arch, m), T.F32, m.shape) for m in maps]
     plan = plan_tensor_types(rows, preset, info, PlanOptions(pure=_predates_k_quants(arch, target)))
+    missing = plan.missing_imatrix()
+    if missing:
+        raise InputError(path, f"{preset.name} needs an importance matrix for {len(missing)} tensors (e.g. "
+                               f"{missing[0].name}: {missing[0].dst_type.name}); convert to f16, then "
+                               f"`smolq quantize --imatrix FILE`")
     out = []
     for m, tp in zip(maps, plan.tensors):
         t = tp.dst_type
@@ -105,14 +110,24 @@ def _check_storable(arch: Arch, target: Target, steps: list[Step], path: Path) -
     if target.legacy is None:
         if any(s.type in (T.Q4_2, T.Q4_3) for s in steps):
             raise InputError(path, "GGUF cannot hold Q4_2/Q4_3")
+        _check_kernel_writes(steps, path)
         return
     lt = target.legacy
     allowed = target_types(target, arch.family)
     for s in steps:
+        check_predates(path, lt.container, lt.version, s.type)
         if s.type not in allowed:
             holds = ", ".join(sorted(t.name for t in allowed))
             raise InputError(path, f"{target.format} ({arch.family}, {lt.dialect}) cannot hold {s.type.name} "
                                    f"for {s.name}; it holds {holds}")
+
+
+def _check_kernel_writes(steps: list[Step], path: Path) -> None:
+    """A type the plan may name (an i-quant, MXFP4) that the C kernel cannot write yet: one line, before any work."""
+    unwritable = sorted({s.type.name for s in steps
+                         if not getattr(s, "exact", False) and (s.type, "v3") not in QUANTIZE_TYPES})
+    if unwritable:
+        raise InputError(path, f"the kernel cannot write {', '.join(unwritable)} yet")
 
 
 # ------------------------------------------------------------------ tensor data

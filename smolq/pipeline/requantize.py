@@ -18,7 +18,7 @@ from smolq.errors import InputError
 from smolq.formats.base import TensorEntry
 from smolq.formats.detect import ModelFile, open_model, sniff_container
 from smolq.formats.gguf import Metadata, MetaValue, Split
-from smolq.formats.legacy import infer_file_type
+from smolq.formats.legacy import check_predates, infer_file_type
 from smolq.ggml_types import GGMLType, block_size, is_quantized, tensor_nbytes
 from smolq.pipeline.bnb import BNB_FORMATS, quantize_hf_bnb
 from smolq.pipeline.convert import add_shards, check_split, convert
@@ -201,6 +201,7 @@ def _fit_legacy(plan: QuantPlan, target: Target, allowed: frozenset | None, note
     if allowed is None:
         return
     base = plan.preset.default_type
+    check_predates(None, target.container, target.version, base)
     bumped = 0
     for tp in plan.tensors:
         if target.container == "ggmm" and tp.name == "transformer.wte.weight":
@@ -208,6 +209,7 @@ def _fit_legacy(plan: QuantPlan, target: Target, allowed: frozenset | None, note
             continue
         if tp.dst_type in allowed:
             continue
+        check_predates(None, target.container, target.version, tp.dst_type)
         if base in allowed and tensor_fits(base, tp.shape):
             tp.dst_type = base
             bumped += 1
@@ -228,6 +230,20 @@ def make_plan(mf: ModelFile, req: Request) -> QuantPlan:
     return plan_tensor_types(rows, req.preset, info, req.opts)
 
 
+def _check_imatrix(plan: QuantPlan, req: Request, notes: list[str]) -> None:
+    """llama.cpp refuses the very-low-bit types without an importance matrix (the result is garbage);
+    a dry run says which tensors would need one, as llama-quantize --dry-run does."""
+    missing = plan.missing_imatrix()
+    if not missing:
+        return
+    kinds = ", ".join(sorted({t.dst_type.name for t in missing}))
+    if req.dry_run:
+        notes.append(f"{len(missing)} tensors ({kinds}) would need an importance matrix (--imatrix)")
+        return
+    raise InputError(req.src, f"{plan.preset.name} needs an importance matrix for {len(missing)} tensors "
+                              f"({kinds}, e.g. {missing[0].name}); pass --imatrix FILE")
+
+
 def _check_requantize(plan: QuantPlan, req: Request) -> None:
     again = plan.requantized()
     if again and not req.allow_requantize:
@@ -236,14 +252,21 @@ def _check_requantize(plan: QuantPlan, req: Request) -> None:
                                   f"loses quality: pass --allow-requantize to do it anyway")
 
 
-def _check_kernel_types(plan: QuantPlan, mf: ModelFile, target: Target) -> None:
+def _check_kernel_types(plan: QuantPlan, mf: ModelFile, target: Target, dry_run: bool, notes: list[str]) -> None:
+    """Every conversion the plan asks for must be one the kernel does; a dry run only says which are not."""
+    unwritable = set()
     for tp, entry in zip(plan.tensors, mf.tensors):
         if not tp.converts:
             continue
         if (tp.src_type, entry.layout) not in kernels.DEQUANTIZE_TYPES:
             raise InputError(mf.path, f"tensor {tp.name}: cannot decode {tp.src_type.name} ({entry.layout} layout)")
         if (tp.dst_type, target.layout) not in kernels.QUANTIZE_TYPES:
-            raise InputError(None, f"tensor {tp.name}: the kernel cannot write {tp.dst_type.name}")
+            if not dry_run:
+                raise InputError(None, f"tensor {tp.name}: the kernel cannot write {tp.dst_type.name}")
+            unwritable.add(tp.dst_type.name)
+    if unwritable:
+        notes.append(f"the kernel cannot write {', '.join(sorted(unwritable))} yet: the plan is llama.cpp's, "
+                     f"a real run would stop")
 
 
 def quantize_file(req: Request) -> dict[str, Any]:
@@ -259,7 +282,8 @@ def quantize_file(req: Request) -> dict[str, Any]:
             infer_file_type(req.out, target.container, mf.architecture, target.dialect,
                             [(tp.dst_type, tp.shape) for tp in plan.tensors])
         _check_requantize(plan, req)
-        _check_kernel_types(plan, mf, target)
+        _check_imatrix(plan, req, notes)
+        _check_kernel_types(plan, mf, target, req.dry_run, notes)
         if plan.n_fallback:
             notes.append(f"{plan.n_fallback} tensors used a fallback type (rows not a multiple of the block)")
         summary = _summary(mf, req, target, plan, notes)
@@ -314,6 +338,8 @@ def _row(tp: TensorPlan, layout: str) -> dict[str, Any]:
            "type": tp.dst_type.name, "bytes": tensor_nbytes(tp.dst_type, tp.shape, layout)}
     if tp.fallback:
         row["fallback"] = True
+    if tp.needs_imatrix:
+        row["needs_imatrix"] = True
     return row
 
 
