@@ -47,6 +47,8 @@ def convert(src: PathLike, out: PathLike, *, format: str | None = None, outtype:
             vocab_only: bool = False, dry_run: bool = False,
             split_max_size: int | str | None = None, split_max_tensors: int | None = None,
             max_shard_size: int | str | None = None,
+            imatrix: PathLike | None = None, include_weights: Iterable[str] = (),
+            exclude_weights: Iterable[str] = (),
             on_progress: Progress | None = None) -> dict[str, Any]:
     """Convert a Hugging Face checkpoint directory (plain or GPTQ) into GGUF or a legacy ggml file,
     or (format "hf") a GGUF or legacy model file back into a Hugging Face checkpoint directory.
@@ -65,12 +67,17 @@ def convert(src: PathLike, out: PathLike, *, format: str | None = None, outtype:
     format "hf": src is a GGUF or legacy file (LLaMA); outtype "f32", "f16" or "bf16" (None:
     the file's float type, else f16); max_shard_size ("5GB", the default, or bytes):
     safetensors shards above it, with model.safetensors.index.json.
+    imatrix: an importance matrix (llama.cpp's GGUF or .dat file, e.g. from smolq.imatrix) that
+    the block types are quantized with, as llama-quantize --imatrix; include_weights /
+    exclude_weights: substrings of entry names to keep / drop (not both).
     Returns the summary; with dry_run=True nothing is written.
     """
     return common_summary(_convert.convert(src, out, format=format, outtype=outtype, vocab_only=vocab_only,
                                            dry_run=dry_run, on_progress=on_progress,
                                            split=Split.of(split_max_size, split_max_tensors),
-                                           max_shard_size=max_shard_size))
+                                           max_shard_size=max_shard_size, imatrix=imatrix,
+                                           include_weights=list(include_weights),
+                                           exclude_weights=list(exclude_weights)))
 
 
 def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int | None = None,
@@ -84,6 +91,8 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
              scale_rule: str = "weighted", seed: int = 0, resume: bool = False,
              double_quant: bool = True, blocksize: int = 64,
              split_max_size: int | str | None = None, split_max_tensors: int | None = None,
+             imatrix: PathLike | None = None, include_weights: Iterable[str] = (),
+             exclude_weights: Iterable[str] = (),
              dry_run: bool = False, quiet: bool = True) -> dict[str, Any]:
     """Quantize a model, as `smolq quantize` does.
 
@@ -103,6 +112,9 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     tensor_types: "REGEX=TYPE" strings, or a {regex: type} mapping (wins over the mix).
     quiet=False shows progress bars on stderr (the CLI's default).
     split_max_size / split_max_tensors: a GGUF output in shards, as in convert().
+    imatrix: an importance matrix file (llama.cpp's GGUF or .dat; smolq.imatrix writes both)
+    used as llama-quantize --imatrix uses it (method "rtn"); include_weights /
+    exclude_weights: substrings of entry names to keep / drop (not both).
     Returns the summary; with dry_run=True nothing is written.
     """
     src, out = Path(src), Path(out)
@@ -138,7 +150,9 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     request = _requantize.Request(src, out, resolve_preset(type, bits), opts, method, format, allow_requantize,
                                   threads, Path(calib) if calib is not None else None, dry_run, quiet, gptq,
                                   {"double_quant": double_quant, "blocksize": blocksize},
-                                  Split.of(split_max_size, split_max_tensors))
+                                  Split.of(split_max_size, split_max_tensors),
+                                  Path(imatrix) if imatrix is not None else None,
+                                  list(include_weights), list(exclude_weights))
     return common_summary(_requantize.run(request))
 
 

@@ -244,6 +244,10 @@ class PlanOptions:
     output_tensor_type: GGMLType | None = None
     token_embedding_type: GGMLType | None = None
     tensor_types: Sequence[tuple[str, GGMLType]] = ()  # (regex, type), first match wins
+    # An importance matrix is in use (llama.cpp's qs.has_imatrix).
+    # TODO(lead): the `mixes` branch owns the rules that read it (Q4_0/Q5_0 ffn_down -> Q4_1/Q5_1
+    # in the first n/8 layers, the IQ mixes); until it lands, nothing here looks at it.
+    has_imatrix: bool = False
 
 
 def parse_tensor_type_overrides(specs: Iterable[str]) -> list[tuple[str, GGMLType]]:
