@@ -28,7 +28,10 @@ from smolq.arch import arch_for_config
 from smolq.errors import InputError
 from smolq.formats.detect import open_model
 from smolq.formats.gguf import Split
+from smolq.formats.imatrix import Imatrix
+from smolq.formats.imatrix import read_imatrix as _read_imatrix
 from smolq.pipeline import convert as _convert
+from smolq.pipeline import imatrix as _imatrix
 from smolq.pipeline import migrate as _migrate
 from smolq.pipeline import requantize as _requantize
 from smolq.pipeline import split as _split
@@ -40,7 +43,8 @@ from smolq.sources.gptq import looks_like_gptq
 PathLike = str | os.PathLike
 Progress = Callable[[dict[str, Any]], None]
 
-__all__ = ["convert", "quantize", "migrate", "split", "merge", "open", "Source", "TensorInfo"]
+__all__ = ["convert", "quantize", "imatrix", "read_imatrix", "migrate", "split", "merge", "open", "Source",
+           "TensorInfo"]
 
 
 def convert(src: PathLike, out: PathLike, *, format: str | None = None, outtype: str | None = None,
@@ -154,6 +158,27 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
                                   Path(imatrix) if imatrix is not None else None,
                                   list(include_weights), list(exclude_weights))
     return common_summary(_requantize.run(request))
+
+
+def imatrix(src: PathLike, out: PathLike, *, calib: PathLike, ctx: int = 512, chunks: int = -1,
+            process_output: bool = False, format: str | None = None, threads: int = 0, resume: bool = False,
+            quiet: bool = True, on_progress: Progress | None = None) -> dict[str, Any]:
+    """The importance matrix of the HF checkpoint `src` on the text `calib`, as llama-imatrix computes it.
+
+    Written to `out` in llama.cpp's GGUF imatrix format, or the legacy .dat one (format "dat",
+    or an OUT ending in .dat); llama-quantize --imatrix and smolq.quantize(imatrix=...) read both.
+    ctx: tokens per chunk; chunks: how many (-1: all the text gives); process_output: also
+    output.weight. Block by block, bounded memory; resume=True continues an interrupted run.
+    Returns a summary (output, format, chunks, tokens, n_entries, bytes, seconds).
+    """
+    return _imatrix.compute_imatrix(src, out, calib, ctx=ctx, chunks=chunks, process_output=process_output,
+                                    format=format, threads=threads, resume=resume, quiet=quiet,
+                                    on_progress=on_progress)
+
+
+def read_imatrix(path: PathLike) -> Imatrix:
+    """An imatrix file (llama.cpp's GGUF or legacy .dat): entries, chunk_count, datasets, importance(name)."""
+    return _read_imatrix(path)
 
 
 def migrate(src: PathLike, out: PathLike, *, format: str | None = None, config: PathLike | None = None,
