@@ -285,8 +285,8 @@ def quantize_file(req: Request) -> dict[str, Any]:
             infer_file_type(req.out, target.container, mf.architecture, target.dialect,
                             [(tp.dst_type, tp.shape) for tp in plan.tensors])
         _check_requantize(plan, req)
+        vectors = importance_vectors(plan, choice, req.src)  # before the kernel check, as llama-quantize
         _check_kernel_types(plan, mf, target)
-        vectors = importance_vectors(plan, choice, req.src)
         if plan.n_fallback:
             notes.append(f"{plan.n_fallback} tensors used a fallback type (rows not a multiple of the block)")
         summary = _summary(mf, req, target, plan, notes)
