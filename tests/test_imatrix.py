@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import smolq
+
 from smolq.formats.imatrix import Imatrix, ImatrixEntry, from_sums, read_imatrix, write_imatrix
 from smolq.plan.imatrix import tensor_requires_imatrix
 from smolq.ggml_types import GGMLType as T
@@ -201,9 +203,7 @@ def test_process_output_matches_llama_imatrix(tiny):
     tool = require_llama_tool("llama-imatrix")
     _llama(tool, "-m", "model-f32.gguf", "-f", "calib.txt", "-c", CTX, "--chunks", 2, "-t", "1", "--no-ppl",
            "--process-output", "-o", "po-llama.gguf", cwd=tiny)
-    proc = _smolq("imatrix", tiny / "hf", "--calib", tiny / "calib.txt", "-o", tiny / "po.gguf", "--ctx", CTX,
-                  "--chunks", 2, "--process-output", "-q")
-    assert proc.returncode == 0, proc.stderr
+    smolq.imatrix(tiny / "hf", tiny / "po.gguf", calib=tiny / "calib.txt", ctx=CTX, chunks=2, process_output=True)
     ours, theirs = read_imatrix(tiny / "po.gguf"), read_imatrix(tiny / "po-llama.gguf")
     assert "output.weight" in theirs.entries and sorted(ours.entries) == sorted(theirs.entries)
     assert _cosine(ours.importance("output.weight"), theirs.importance("output.weight")) >= 0.999
@@ -235,9 +235,8 @@ def test_quantize_with_imatrix_equals_llama_quantize(tiny, smolq_imatrix, preset
     flags = ["--pure"] if pure else []
     _llama(tool, *flags, "--imatrix", smolq_imatrix.name, "model-f32.gguf", f"llama-{tag}.gguf", preset, "1",
            cwd=tiny)
-    proc = _smolq("quantize", tiny / "model-f32.gguf", tiny / f"smolq-{tag}.gguf", "--type", preset, *flags,
-                  "--imatrix", smolq_imatrix, "--quiet")
-    assert proc.returncode == 0, proc.stderr
+    smolq.quantize(tiny / "model-f32.gguf", tiny / f"smolq-{tag}.gguf", type=preset, pure=pure,
+                   imatrix=smolq_imatrix)
     ours, theirs = _tensors(tiny / f"smolq-{tag}.gguf"), _tensors(tiny / f"llama-{tag}.gguf")
     assert sorted(ours) == sorted(theirs)  # llama-quantize writes them in its own order
     for name in theirs:
@@ -245,7 +244,7 @@ def test_quantize_with_imatrix_equals_llama_quantize(tiny, smolq_imatrix, preset
         assert ours[name][1] == theirs[name][1], f"{name}: bytes differ"
     # the imatrix changed something (else this would test RTN alone)
     plain = tiny / f"plain-{tag}.gguf"
-    assert _smolq("quantize", tiny / "model-f32.gguf", plain, "--type", preset, *flags, "-q").returncode == 0
+    smolq.quantize(tiny / "model-f32.gguf", plain, type=preset, pure=pure)
     assert _tensors(plain) != ours
     keys = _imatrix_keys(tiny / f"smolq-{tag}.gguf")
     assert keys["quantize.imatrix.entries_count"] == 14 and keys["quantize.imatrix.chunks_count"] == CHUNKS
@@ -261,9 +260,7 @@ def test_dat_and_llama_files_are_accepted_both_ways(tiny, smolq_imatrix, llama_i
     runs = {"smolq-dat": dat, "llama-gguf": llama_imatrix["gguf"], "llama-dat": llama_imatrix["dat"]}
     for tag, im in runs.items():
         _llama(tool, "--imatrix", im, tiny / "model-f32.gguf", tmp_path / f"l-{tag}.gguf", preset, "1", cwd=tmp_path)
-        proc = _smolq("quantize", tiny / "model-f32.gguf", tmp_path / f"s-{tag}.gguf", "--type", preset,
-                      "--imatrix", im, "-q")
-        assert proc.returncode == 0, proc.stderr
+        smolq.quantize(tiny / "model-f32.gguf", tmp_path / f"s-{tag}.gguf", type=preset, imatrix=im)
         assert _tensors(tmp_path / f"s-{tag}.gguf") == _tensors(tmp_path / f"l-{tag}.gguf"), tag
 
 
@@ -356,44 +353,45 @@ def test_interrupted_run_leaves_no_output_and_resumes_to_the_same_file(tiny, tmp
 # --- bad input: one line naming the file, exit 2, no output -----------------------------------
 
 def _refused(proc, out: Path, names: Path | str, says: str) -> None:
-    assert proc.returncode == 2, proc.stderr
+    """proc: a CompletedProcess or the `cli` fixture's result (exit code, stderr)."""
+    assert getattr(proc, "returncode") == 2, proc.stderr
     line = proc.stderr.strip()
     assert "\n" not in line and "Traceback" not in line, line
     assert str(names) in line and says in line, line
     assert not out.exists() and not list(out.parent.glob(f".{out.name}.*.part"))
 
 
-def test_imatrix_for_another_model(tiny, tmp_path):
+def test_imatrix_for_another_model(tiny, tmp_path, cli):
     other = from_sums({"blk.0.attn_q.weight": np.ones(512, np.float32)}, {"blk.0.attn_q.weight": 64},
                       datasets=["x"], chunk_count=1, chunk_size=64)
     write_imatrix(tmp_path / "other.imatrix", other)
     out = tmp_path / "o.gguf"
-    proc = _smolq("quantize", tiny / "model-f32.gguf", out, "--type", "q4_k_m", "--imatrix",
+    proc = cli("quantize", tiny / "model-f32.gguf", out, "--type", "q4_k_m", "--imatrix",
                   tmp_path / "other.imatrix")
     _refused(proc, out, tmp_path / "other.imatrix", "another model")
-    proc = _smolq("convert", tiny / "hf", out, "--outtype", "q4_0", "--imatrix", tmp_path / "other.imatrix")
+    proc = cli("convert", tiny / "hf", out, "--outtype", "q4_0", "--imatrix", tmp_path / "other.imatrix")
     _refused(proc, out, tmp_path / "other.imatrix", "another model")
 
 
 @pytest.mark.parametrize("fmt", ["gguf", "dat"])
-def test_truncated_imatrix(tiny, smolq_imatrix, tmp_path, fmt):
+def test_truncated_imatrix(tiny, smolq_imatrix, tmp_path, cli, fmt):
     full = tmp_path / f"full.{fmt}"
     write_imatrix(full, read_imatrix(smolq_imatrix), fmt)
     cut = tmp_path / f"cut.{fmt}"
     cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
     out = tmp_path / "o.gguf"
-    proc = _smolq("quantize", tiny / "model-f32.gguf", out, "--type", "q4_0", "--imatrix", cut)
+    proc = cli("quantize", tiny / "model-f32.gguf", out, "--type", "q4_0", "--imatrix", cut)
     _refused(proc, out, cut, "truncated")
 
 
-def test_include_with_exclude_is_refused(tiny, smolq_imatrix, tmp_path):
+def test_include_with_exclude_is_refused(tiny, smolq_imatrix, tmp_path, cli):
     out = tmp_path / "o.gguf"
-    proc = _smolq("quantize", tiny / "model-f32.gguf", out, "--type", "q4_0", "--imatrix", smolq_imatrix,
+    proc = cli("quantize", tiny / "model-f32.gguf", out, "--type", "q4_0", "--imatrix", smolq_imatrix,
                   "--include-weights", "attn", "--exclude-weights", "ffn")
     assert proc.returncode == 2 and "cannot be used together" in proc.stderr and not out.exists()
 
 
-def test_very_low_bit_types_without_an_imatrix_are_refused(tiny, tmp_path):
+def test_very_low_bit_types_without_an_imatrix_are_refused(tiny, tmp_path, cli):
     from smolq.errors import InputError
     from smolq.plan.mix import resolve_preset
 
@@ -402,22 +400,22 @@ def test_very_low_bit_types_without_an_imatrix_are_refused(tiny, tmp_path):
     except InputError:
         pytest.skip("IQ2_XXS is not a preset yet (the i-quant kernels and mixes land separately)")
     out = tmp_path / "o.gguf"
-    proc = _smolq("quantize", tiny / "model-f32.gguf", out, "--type", "iq2_xxs")
+    proc = cli("quantize", tiny / "model-f32.gguf", out, "--type", "iq2_xxs")
     _refused(proc, out, tiny / "model-f32.gguf", "needs an importance matrix")
 
 
-def test_short_text_and_bad_model(tiny, tmp_path):
+def test_short_text_and_bad_model(tiny, tmp_path, cli):
     (tmp_path / "short.txt").write_text("the quick brown fox")
     out = tmp_path / "x.imatrix"
-    proc = _smolq("imatrix", tiny / "hf", "--calib", tmp_path / "short.txt", "-o", out, "--ctx", CTX)
+    proc = cli("imatrix", tiny / "hf", "--calib", tmp_path / "short.txt", "-o", out, "--ctx", CTX)
     _refused(proc, out, tmp_path / "short.txt", "needs at least")
-    proc = _smolq("imatrix", tiny / "model-f32.gguf", "--calib", tiny / "calib.txt", "-o", out)
+    proc = cli("imatrix", tiny / "model-f32.gguf", "--calib", tiny / "calib.txt", "-o", out)
     _refused(proc, out, tiny / "model-f32.gguf", "Hugging Face checkpoint")
 
 
-def test_a_model_is_not_an_imatrix_and_back(tiny, smolq_imatrix, tmp_path):
+def test_a_model_is_not_an_imatrix_and_back(tiny, smolq_imatrix, tmp_path, cli):
     out = tmp_path / "o.gguf"
-    proc = _smolq("quantize", tiny / "model-f32.gguf", out, "--type", "q4_0", "--imatrix", tiny / "model-f32.gguf")
+    proc = cli("quantize", tiny / "model-f32.gguf", out, "--type", "q4_0", "--imatrix", tiny / "model-f32.gguf")
     _refused(proc, out, tiny / "model-f32.gguf", "not an imatrix")
-    proc = _smolq("quantize", smolq_imatrix, out, "--type", "q4_0")
+    proc = cli("quantize", smolq_imatrix, out, "--type", "q4_0")
     _refused(proc, out, smolq_imatrix, "not a model")
