@@ -204,20 +204,26 @@ class WorkDir:
             return 0
         return int(json.loads(state.read_text())["done"])
 
-    def save(self, done: int, sums: SquareSums, hidden: list) -> None:
-        """After block `done - 1`: all sums so far and the inputs of block `done`, then the marker."""
+    def save(self, done: int, sums: SquareSums, acts) -> None:
+        """After block `done - 1`: all sums so far and block `done`'s inputs (written one
+        sample at a time, so memory stays bounded), then the marker that makes them count."""
         import torch
 
         arrays = {f"sum:{n}": v for n, v in sums.as_numpy().items()}
         arrays.update({f"count:{n}": np.array([c], dtype=np.int64) for n, c in sums.counts.items()})
         with atomic_output(self.path / "sums.npz") as fh:
             np.savez(fh, **arrays)
-        with atomic_output(self.path / "hidden.npz") as fh:
-            np.savez(fh, *[h.to(torch.float32).numpy() for h in hidden])
+        shapes = []
+        with atomic_output(self.path / "hidden.f32") as fh:
+            for j in range(len(acts)):
+                h = _hidden_of(*acts.call(j)).detach().to(torch.float32).contiguous()
+                shapes.append(list(h.shape))
+                fh.write(memoryview(h.numpy()).cast("B"))
         with atomic_output(self.path / "state.json") as fh:
-            fh.write(json.dumps({"done": done}).encode())
+            fh.write(json.dumps({"done": done, "shapes": shapes}).encode())
 
-    def load(self, sums: SquareSums) -> list:
+    def load(self, sums: SquareSums, acts) -> None:
+        """Sums so far into `sums`; the saved inputs into `acts`, one sample at a time."""
         import torch
 
         with np.load(self.path / "sums.npz") as z:
@@ -227,8 +233,13 @@ class WorkDir:
                     sums.sums[name] = torch.from_numpy(z[key].astype(np.float64))
                 else:
                     sums.counts[name] = int(z[key][0])
-        with np.load(self.path / "hidden.npz") as z:
-            return [torch.from_numpy(z[f"arr_{i}"]) for i in range(len(z.files))]
+        shapes = json.loads((self.path / "state.json").read_text())["shapes"]
+        if len(shapes) != len(acts):
+            raise InputError(self.path, "--resume: the saved activations do not fit this run; start afresh")
+        with open(self.path / "hidden.f32", "rb") as fh:
+            for j, shape in enumerate(shapes):
+                data = np.fromfile(fh, dtype=np.float32, count=int(np.prod(shape))).reshape(shape)
+                acts.replace(j, torch.from_numpy(data))
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -317,8 +328,7 @@ def _collect(model, family, cal, weights, work: WorkDir, gguf_of, process_output
     sums = SquareSums()
     start = work.done_blocks()
     if start:
-        for i, h in enumerate(work.load(sums)):
-            acts.replace(i, h)
+        work.load(sums, acts)
     hidden_size = model.get_input_embeddings().weight.shape[1]
     per_block = cal.n_tokens * hidden_size * 4
     n_steps = len(blocks) + int(process_output)
@@ -328,7 +338,7 @@ def _collect(model, family, cal, weights, work: WorkDir, gguf_of, process_output
             _event(on_progress, event="tensor", name=f"block {i} (saved)", nbytes=per_block)
         for i in range(start, len(blocks)):
             _one_block(blocks[i], i, family, acts, weights, gguf_of, sums)
-            work.save(i + 1, sums, [_hidden_of(*acts.call(j)) for j in range(len(acts))])
+            work.save(i + 1, sums, acts)
             _event(on_progress, event="tensor", name=f"block {i}", nbytes=per_block)
         if process_output:
             _output_sums(model, family, acts, weights, gguf_of, sums)
