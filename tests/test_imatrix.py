@@ -333,6 +333,7 @@ def test_interrupted_run_leaves_no_output_and_resumes_to_the_same_file(tiny, tmp
         return real(block, index, *a, **k)
 
     out = tmp_path / "r.imatrix"
+    monkeypatch.setattr(pipe, "SAVE_EVERY_S", 0.0)  # save after every block
     monkeypatch.setattr(pipe, "_one_block", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
         smolq.imatrix(tiny / "hf", out, calib=tiny / "calib.txt", ctx=CTX, chunks=3)

@@ -17,8 +17,9 @@ only with --process-output. Entries are named by GGUF tensor names; q/k/v
 
 Memory is one block plus the activations (gptq.py's streaming). After each
 block its sums and the next block's inputs are saved in a work directory
-beside the output, so Ctrl-C loses at most one block and --resume goes on
-from there; the output is written (atomically) only at the end.
+beside the output (every SAVE_EVERY_S seconds at most: the inputs are as big
+as the calibration activations), so Ctrl-C loses at most that much work and
+--resume goes on from there; the output is written (atomically) only at the end.
 """
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 # The module that normalises the last block's output before lm_head (--process-output).
 FINAL_NORM = {"llama": "model.norm", "gptj": "transformer.ln_f", "mpt": "transformer.norm_f"}
 BATCH_TOKENS = 2048  # chunks run together up to this many tokens (llama-imatrix's default -b)
+# Finished blocks are saved for --resume at most this often (and after the last one): saving
+# costs a write of every block input, so a Ctrl-C loses up to this much work, never more.
+SAVE_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ class SquareSums:
             col = self._last[1]
         else:
             flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-            col = torch.einsum("ti,ti->i", flat, flat).to(torch.float64)
+            col = (flat * flat).sum(dim=0).to(torch.float64)  # per batch in fp32, across batches in fp64
             self._last = (x, col)
         tokens = x.numel() // x.shape[-1]
         if name in self.sums:
@@ -336,9 +340,12 @@ def _collect(model, family, cal, weights, work: WorkDir, gguf_of, process_output
     try:
         for i in range(start):
             _event(on_progress, event="tensor", name=f"block {i} (saved)", nbytes=per_block)
+        saved = time.monotonic()
         for i in range(start, len(blocks)):
             _one_block(blocks[i], i, family, acts, weights, gguf_of, sums)
-            work.save(i + 1, sums, acts)
+            if time.monotonic() - saved >= SAVE_EVERY_S and i + 1 < len(blocks):
+                work.save(i + 1, sums, acts)
+                saved = time.monotonic()
             _event(on_progress, event="tensor", name=f"block {i}", nbytes=per_block)
         if process_output:
             _output_sums(model, family, acts, weights, gguf_of, sums)
