@@ -238,18 +238,28 @@ def make_plan(mf: ModelFile, req: Request, has_imatrix: bool = False) -> QuantPl
     return plan_tensor_types(rows, req.preset, info, opts)
 
 
-def importance_vectors(plan: QuantPlan, choice: ImatrixChoice | None, model: Path) -> list:
+def importance_vectors(plan: QuantPlan, choice: ImatrixChoice | None, model: Path,
+                       notes: list[str] | None = None) -> list:
     """Per planned tensor: the importance vector it is quantized with, or None.
 
     Only tensors that are quantized take one (llama-quantize); a very-low-bit
-    type without one is refused here, before anything is written."""
-    out = []
+    type without one is refused here, before anything is written. Given
+    `notes` (a dry run), that refusal becomes a note, as llama-quantize warns."""
+    out, refused = [], []
     for tp in plan.tensors:
         vec = None
         if tp.converts and is_quantized(tp.dst_type):
             vec = choice.vector(tp.name, tp.shape) if choice is not None else None
-            check_required(choice, tp.name, tp.dst_type, plan.preset.name, vec, model)
+            try:
+                check_required(choice, tp.name, tp.dst_type, plan.preset.name, vec, model)
+            except InputError as exc:
+                if notes is None:
+                    raise
+                refused.append(exc.message)
         out.append(vec)
+    if refused:
+        more = f" (and {len(refused) - 1} more tensors)" if len(refused) > 1 else ""
+        notes.append(f"the real run would stop: {refused[0]}{more}")
     return out
 
 
@@ -285,7 +295,8 @@ def quantize_file(req: Request) -> dict[str, Any]:
             infer_file_type(req.out, target.container, mf.architecture, target.dialect,
                             [(tp.dst_type, tp.shape) for tp in plan.tensors])
         _check_requantize(plan, req)
-        vectors = importance_vectors(plan, choice, req.src)  # before the kernel check, as llama-quantize
+        vectors = importance_vectors(plan, choice, req.src, notes if req.dry_run else None)  # as llama-quantize,
+        # before the kernel check
         _check_kernel_types(plan, mf, target)
         if plan.n_fallback:
             notes.append(f"{plan.n_fallback} tensors used a fallback type (rows not a multiple of the block)")
