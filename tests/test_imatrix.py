@@ -420,3 +420,30 @@ def test_a_model_is_not_an_imatrix_and_back(tiny, smolq_imatrix, tmp_path, cli):
     _refused(proc, out, tiny / "model-f32.gguf", "not an imatrix")
     proc = cli("quantize", smolq_imatrix, out, "--type", "q4_0")
     _refused(proc, out, smolq_imatrix, "not a model")
+
+
+# --- a real model (slow: make test-slow) ------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_imatrix_matches_llama_imatrix(smollm2_gguf, tmp_path):
+    """SmolLM2-135M rebuilt as an HF directory; llama-imatrix on its f16 GGUF; same text, ctx, chunks."""
+    import importlib.util
+    import sysconfig
+
+    tool = require_llama_tool("llama-imatrix")
+    spec = importlib.util.spec_from_file_location("hf_from_gguf", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "hf_from_gguf.py")
+    helper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helper)
+    hf = helper.hf_from_gguf(smollm2_gguf, tmp_path / "hf")
+    smolq.convert(hf, tmp_path / "f16.gguf", outtype="f16")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    (tmp_path / "calib.txt").write_text((stdlib / "argparse.py").read_text() + (stdlib / "textwrap.py").read_text())
+    _llama(tool, "-m", "f16.gguf", "-f", "calib.txt", "-c", 128, "--chunks", 4, "--no-ppl", "-o", "llama.gguf",
+           cwd=tmp_path)
+    smolq.imatrix(hf, tmp_path / "smolq.gguf", calib=tmp_path / "calib.txt", ctx=128, chunks=4)
+    ours, theirs = read_imatrix(tmp_path / "smolq.gguf"), read_imatrix(tmp_path / "llama.gguf")
+    assert sorted(ours.entries) == sorted(theirs.entries) and len(ours.entries) == 30 * 7
+    assert ours.chunk_count == theirs.chunk_count == 4
+    worst = min((_cosine(ours.importance(n), theirs.importance(n)), n) for n in theirs.entries)
+    assert worst[0] >= 0.999, worst
