@@ -15,7 +15,7 @@ and OMP/MKL at 1; llama-imatrix -t 1 --no-ppl), timed as a whole (start-up and
 model loading included) with its peak RSS from wait4. Then, per tensor, the
 cosine similarity of the two importance vectors and the chunk counts; with
 --ppl, llama-quantize Q4_K_M with each file and llama-perplexity (ctx 512) on
-the evaluation text. Results: a table on stdout and JSON in bench-results/.
+the evaluation text (--ppl-chunks windows). Results: a table on stdout and JSON in bench-results/.
 """
 from __future__ import annotations
 
@@ -100,9 +100,9 @@ def cosines(a_path: Path, b_path: Path) -> dict[str, float]:
     return out
 
 
-def perplexity(tools: Path, model: Path, text: Path, log: Path) -> float:
-    timed([str(tools / "llama-perplexity"), "-m", str(model), "-f", str(text), "-c", "512", "-t", "2", "-b", "512"],
-          log)
+def perplexity(tools: Path, model: Path, text: Path, chunks: int, log: Path) -> float:
+    timed([str(tools / "llama-perplexity"), "-m", str(model), "-f", str(text), "-c", "512", "-t", "2", "-b", "512",
+           "--chunks", str(chunks)], log)
     for _ in range(3):  # llama.cpp's async logger can drop its last lines: read the log, retry a moment later
         m = re.search(r"Final estimate: PPL = ([0-9.]+)", log.read_text(errors="replace"))
         if m:
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--chunks", type=int, default=20)
     p.add_argument("--ppl", action="store_true", help="also Q4_K_M perplexity with each imatrix (llama.cpp tools)")
+    p.add_argument("--ppl-chunks", type=int, default=40, help="evaluation windows of 512 tokens (--ppl)")
     p.add_argument("--work", type=Path, help="work directory (default: a temporary one)")
     p.add_argument("--out", type=Path, default=ROOT / "bench-results" / "imatrix.json")
     args = p.parse_args(argv)
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             q = work / f"q4_k_m-{tag}.gguf"
             timed([str(tools / "llama-quantize"), "--imatrix", str(im), str(f16), str(q), "Q4_K_M", "2"],
                   work / f"quantize-{tag}.log")
-            result["q4_k_m_ppl"][tag] = perplexity(tools, q, ev, work / f"ppl-{tag}.log")
+            result["q4_k_m_ppl"][tag] = perplexity(tools, q, ev, args.ppl_chunks, work / f"ppl-{tag}.log")
         ppl = result["q4_k_m_ppl"]
         result["q4_k_m_ppl"]["relative_difference"] = abs(ppl["smolq"] - ppl["llama"]) / ppl["llama"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
