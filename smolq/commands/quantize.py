@@ -19,6 +19,7 @@ EPILOG = (
     "  smolq quantize model-f16.gguf model-q4_k_m.gguf --type q4_k_m\n\n"
     "  smolq quantize model-f16.gguf model-q4_0.gguf --bits 4 --pure --dry-run\n\n"
     "  smolq quantize ggml-model-f16.bin ggml-model-q4_0.bin --type q4_0   (ggjt v3 out)\n\n"
+    "  smolq quantize model-f16.gguf model-q4_k_m.gguf --type q4_k_m --imatrix model.imatrix\n\n"
     "  smolq quantize ./hf-model out.gguf --bits 4 --method gptq --calib text.txt\n\n"
     "  smolq quantize ./hf-model out-gptq --method gptq --format gptq --bits 3 --act-order --calib text.txt\n\n"
     "  smolq quantize ./hf-model out.gguf --type q3_k_m --method gptq --calib text.txt --resume   (after Ctrl-C)\n\n"
@@ -41,6 +42,9 @@ def register(app: typer.Typer) -> None:
         output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="Type for output.weight.", rich_help_panel="Types and mix"),
         token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type", help="Type for token_embd.weight.", rich_help_panel="Types and mix"),
         tensor_type: Optional[List[str]] = typer.Option(None, "--tensor-type", help="REGEX=TYPE for matching tensors (repeatable; wins over the mix).", rich_help_panel="Types and mix"),
+        imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama.cpp's GGUF or .dat, from smolq imatrix or llama-imatrix) for the block types, as llama-quantize --imatrix.", rich_help_panel="Importance matrix"),
+        include_weights: Optional[List[str]] = typer.Option(None, "--include-weights", help="Use the imatrix only for entries whose name contains this (repeatable).", rich_help_panel="Importance matrix"),
+        exclude_weights: Optional[List[str]] = typer.Option(None, "--exclude-weights", help="Do not use the imatrix for entries whose name contains this (repeatable; not with --include-weights).", rich_help_panel="Importance matrix"),
         allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Allow quantizing tensors that are already quantized (loses quality).", rich_help_panel="Types and mix"),
         threads: int = typer.Option(0, "--threads", help="Kernel threads (0 = all cores).", rich_help_panel="Performance"),
         calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (file or .jsonl); default: sampled from the model.", rich_help_panel="GPTQ"),
@@ -75,7 +79,8 @@ def register(app: typer.Typer) -> None:
             act_order=act_order, sym=not asym, damp=damp, nsamples=nsamples, seqlen=seqlen, device=device,
             true_sequential=true_sequential, static_groups=static_groups, mse=mse, scale_rule=scale_rule,
             seed=seed, resume=resume, double_quant=double_quant, blocksize=blocksize,
-            split_max_size=split_max_size, split_max_tensors=split_max_tensors, dry_run=dry_run,
+            split_max_size=split_max_size, split_max_tensors=split_max_tensors, imatrix=imatrix,
+            include_weights=include_weights or [], exclude_weights=exclude_weights or [], dry_run=dry_run,
             quiet=quiet or json_out)
         for line in summary.get("notes", []):
             note(f"note: {line}", quiet or json_out)
