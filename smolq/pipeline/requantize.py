@@ -233,10 +233,13 @@ def tensor_fits(t: GGMLType, shape: tuple[int, ...]) -> bool:
     return bool(shape) and shape[-1] % block_size(t) == 0
 
 
-def make_plan(mf: ModelFile, req: Request, has_imatrix: bool = False) -> QuantPlan:
+def make_plan(mf: ModelFile, req: Request, has_imatrix: bool | None = None) -> QuantPlan:
+    """The plan for `mf`; has_imatrix (an --imatrix file was read) overrides req.opts' when given."""
     rows = [(t.name, t.type, tuple(t.shape)) for t in mf.tensors]
     info = ModelInfo.from_metadata(mf.architecture, mf.metadata, [(name, shape) for name, _, shape in rows])
-    opts = req.opts if req.opts.has_imatrix == has_imatrix else replace(req.opts, has_imatrix=has_imatrix)
+    opts = req.opts
+    if has_imatrix is not None and has_imatrix != opts.has_imatrix:
+        opts = replace(opts, has_imatrix=has_imatrix)
     return plan_tensor_types(rows, req.preset, info, opts)
 
 

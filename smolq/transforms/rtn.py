@@ -58,9 +58,11 @@ def _same_type_loader(src: TensorEntry, layout: str):
 def _quantize_loader(src: TensorEntry, dst: GGMLType, layout: str, threads: int,
                      imatrix: np.ndarray | None):
     def load() -> np.ndarray:
-
         x = to_float32(src, threads)
-        return kernels.quantize(x, dst, layout=layout, imatrix=imatrix, threads=threads).reshape(-1)
+        try:
+            return kernels.quantize(x, dst, layout=layout, imatrix=imatrix, threads=threads).reshape(-1)
+        except ValueError as exc:  # a row llama.cpp would abort on (IQ2/IQ1 search overflow), a missing imatrix
+            raise InputError(None, f"tensor {src.name}: cannot quantize to {dst.name}: {exc}") from None
 
     return load
 
