@@ -205,15 +205,11 @@ class Arch:
     def skip(self, name: str) -> bool:
         return name.endswith(self.skip_suffixes)
 
-    @classmethod
-    def legacy_target(cls, fmt: str, path: Path) -> LegacyTarget:
-        target = cls.legacy_targets.get(fmt)
-        if target is None and not cls.legacy_targets:
-            raise InputError(path, f"{cls.family} cannot be written as {fmt}: no legacy container holds it "
-                                   "(ggml, ggmf and ggjt predate it); write GGUF")
+    def legacy_target(self, fmt: str, path: Path) -> LegacyTarget:
+        target = self.legacy_targets.get(fmt)
         if target is None:
-            known = ", ".join(cls.legacy_targets)
-            raise InputError(path, f"{cls.family} cannot be written as {fmt}; legacy formats for it: {known}")
+            known = ", ".join(self.legacy_targets)
+            raise InputError(path, f"{self.family} cannot be written as {fmt}; legacy formats for it: {known}")
         return target
 
     def check_tensors(self, maps: list[TensorMap], tensors: dict[str, Any], file_of: Callable[[str], Path]) -> None:
