@@ -4,6 +4,7 @@
     .venv/bin/python scripts/bench_convert.py                 # ~1.1B params (TinyLlama shapes), f16
     .venv/bin/python scripts/bench_convert.py --size small    # ~110M, quick check
     .venv/bin/python scripts/bench_convert.py --outtypes f16 q4_0 q8_0
+    .venv/bin/python scripts/bench_convert.py --profile      # + time per phase (smolq.fileio.PROFILE)
 
 The checkpoint is written as sharded f16 safetensors into a temp dir by a
 streaming writer (one tensor in memory at a time). Each conversion runs in a
@@ -50,8 +51,9 @@ def llama_tensors(hidden, layers, heads, kv, inter, vocab):
     yield "lm_head.weight", (vocab, hidden)
 
 
-def write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], rng) -> None:
-    """A safetensors file written tensor by tensor (header first, then random f16 data)."""
+def write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], rng, sparse: bool = False) -> None:
+    """A safetensors file written tensor by tensor (header first, then random f16 data).
+    sparse: the data is a hole (zeros, no disk space): for memory checks of huge shapes."""
     header, offset = {}, 0
     for name, shape in tensors:
         n = int(np.prod(shape)) * 2
@@ -61,13 +63,16 @@ def write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], rng) -> 
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)) + raw)
+        if sparse:
+            fh.truncate(8 + len(raw) + offset)
+            return
         for name, shape in tensors:
             scale = 1.0 if len(shape) == 1 else 0.02
             data = (rng.standard_normal(shape, dtype=np.float32) * scale).astype(np.float16)
             fh.write(data.tobytes())
 
 
-def make_checkpoint(directory: Path, size: str) -> int:
+def make_checkpoint(directory: Path, size: str, sparse: bool = False) -> int:
     hidden, layers, heads, kv, inter, vocab = SIZES[size]
     rng = np.random.default_rng(0)
     tensors = list(llama_tensors(hidden, layers, heads, kv, inter, vocab))
@@ -83,7 +88,7 @@ def make_checkpoint(directory: Path, size: str) -> int:
     weight_map = {}
     for k, shard in enumerate(shards, 1):
         fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        write_shard(directory / fname, shard, rng)
+        write_shard(directory / fname, shard, rng, sparse)
         weight_map.update({name: fname for name, _ in shard})
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = {
@@ -118,17 +123,20 @@ def rss(field):
             return int(line.split()[1]) * 1024
 import smolq
 from smolq import convert
+from smolq.fileio import PROFILE
+PROFILE.enabled = sys.argv[4] == "1"
 base = rss("VmRSS:")
 t = time.perf_counter()
 s = convert(sys.argv[1], sys.argv[2], outtype=sys.argv[3])
 wall = time.perf_counter() - t
 print(json.dumps({"wall_s": wall, "baseline_rss": base, "peak_rss": rss("VmHWM:"), "bytes": s["bytes"],
-                  "n_tensors": s["n_tensors"]}))
+                  "n_tensors": s["n_tensors"], "phases": PROFILE.as_dict()}))
 """
 
 
-def run_one(src: Path, out: Path, outtype: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), outtype], capture_output=True, text=True)
+def run_one(src: Path, out: Path, outtype: str, profile: bool = False) -> dict:
+    r = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), outtype, "1" if profile else "0"],
+                       capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"convert failed for {outtype}:\n{r.stderr}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -140,6 +148,7 @@ def main() -> None:
     ap.add_argument("--outtypes", nargs="+", default=["f16", "q4_0"])
     ap.add_argument("--workdir", default=None, help="where to put the checkpoint and outputs (default: a temp dir)")
     ap.add_argument("--results", default="bench-results")
+    ap.add_argument("--profile", action="store_true", help="time per phase: produce, write, copy, writeback, fsync, rename")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="smolq-bench-") as tmp:
@@ -153,18 +162,24 @@ def main() -> None:
         rows = []
         for outtype in args.outtypes:
             out = Path(tmp) / f"out-{outtype}.gguf"
-            r = run_one(src, out, outtype)
+            r = run_one(src, out, outtype, args.profile)
             out.unlink()
             rows.append({
                 "outtype": outtype, "wall_s": round(r["wall_s"], 2),
                 "params_per_s": round(n_params / r["wall_s"]), "src_MiB_per_s": round(src_bytes / 2**20 / r["wall_s"], 1),
                 "out_bytes": r["bytes"], "peak_rss_above_baseline_MiB": round((r["peak_rss"] - r["baseline_rss"]) / 2**20, 1),
-                "baseline_rss_MiB": round(r["baseline_rss"] / 2**20, 1),
+                "baseline_rss_MiB": round(r["baseline_rss"] / 2**20, 1), "phases": r["phases"],
             })
     print(f"{'outtype':8} {'wall s':>8} {'Mparam/s':>9} {'src MiB/s':>10} {'out MiB':>9} {'peak RSS +MiB':>14}")
     for r in rows:
         print(f"{r['outtype']:8} {r['wall_s']:8.2f} {r['params_per_s'] / 1e6:9.1f} {r['src_MiB_per_s']:10.1f} "
               f"{r['out_bytes'] / 2**20:9.1f} {r['peak_rss_above_baseline_MiB']:14.1f}")
+    if args.profile:
+        for r in rows:
+            print(f"\n{r['outtype']}: time per phase (per thread; produce runs beside write/copy)")
+            for k, v in r["phases"].items():
+                print(f"  {k:10} {v['calls']:5d} calls  wall {v['wall_s']:7.3f}  user {v['user_s']:7.3f}  "
+                      f"sys {v['sys_s']:7.3f}")
     results = Path(args.results)
     results.mkdir(exist_ok=True)
     record = {"bench": "convert", "size": args.size, "n_params": n_params, "cpus": os.cpu_count(),

@@ -5,6 +5,7 @@ optionally llama.cpp's llama-quantize, on the same random weights.
     .venv/bin/python scripts/bench_rtn.py                       # 4096 x 4096 f32
     .venv/bin/python scripts/bench_rtn.py --rows 1024 --types q4_0 q8_0
     LLAMA_QUANTIZE=/path/to/llama-quantize .venv/bin/python scripts/bench_rtn.py
+    .venv/bin/python scripts/bench_rtn.py --profile --types q4_0 q4_k   # + whole-file quantize, time per phase
 
 Throughput is MB/s of f32 input (rows * cols * 4 bytes) over the best of
 --repeat runs. smolq runs at 1 thread and at --threads (default: all cores),
@@ -32,6 +33,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchlib import measure  # noqa: E402
 
 import smolq.kernels as K  # noqa: E402
 from smolq.ggml_types import GGMLType  # noqa: E402
@@ -113,6 +117,8 @@ def main() -> int:
     ap.add_argument("--types", nargs="+", default=DEFAULT_TYPES)
     ap.add_argument("--no-gguf", action="store_true", help="skip the (slow) gguf.quants numpy runs")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bench_rtn.json")
+    ap.add_argument("--profile", action="store_true",
+                    help="also run `smolq quantize --pure --threads 1` on the matrix as an f16 GGUF; time per phase")
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
@@ -124,7 +130,7 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "bench-f16.gguf"
-        if llama_exe:
+        if llama_exe or args.profile:
             write_f16_gguf(src, x)
         for tname in args.types:
             name = GGMLType.from_name(tname).name
@@ -140,8 +146,14 @@ def main() -> int:
                 for key, th in (("llama_quantize_1t", 1), ("llama_quantize_nt", nt)):
                     t = time_llama_quantize(llama_exe, src, name, th, max(1, args.repeat - 1))
                     row[key] = mb / t if t else None
+            if args.profile:
+                row["phases"] = profile_quantize(src, Path(tmp) / f"out-{name}.gguf", name)
             results.append(row)
             print_row(row, first=len(results) == 1, nt=nt, llama=bool(llama_exe))
+    for row in results:
+        for k, v in row.get("phases", {}).items():
+            print(f"  {row['type']:6} {k:16} {v['calls']:5d} calls  wall {v['wall_s']:7.3f}  user {v['user_s']:7.3f}  "
+                  f"sys {v['sys_s']:7.3f}")
 
     report = {
         "shape": [args.rows, args.cols], "input_mb_f32": mb, "threads": nt, "repeat": args.repeat,
@@ -152,6 +164,17 @@ def main() -> int:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nMB/s of f32 input ({args.rows} x {args.cols} = {mb:.1f} MB); JSON: {args.out}")
     return 0
+
+
+def profile_quantize(src: Path, out: Path, name: str) -> dict:
+    """Phases of one whole-file `smolq quantize` (smolq.fileio.PROFILE via SMOLQ_PROFILE), plus the process."""
+    prof = out.with_suffix(".profile.json")
+    total = measure([sys.executable, "-m", "smolq", "quantize", str(src), str(out), "--type", name, "--pure",
+                     "--threads", "1"], {"SMOLQ_PROFILE": str(prof)})
+    phases = json.loads(prof.read_text())
+    phases["(whole process)"] = {"calls": 1, **{k: round(total[k], 3) for k in ("wall_s", "user_s", "sys_s")}}
+    out.unlink(missing_ok=True)
+    return phases
 
 
 def cpu_name() -> str:

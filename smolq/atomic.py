@@ -15,9 +15,10 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 from smolq.errors import InputError
+from smolq.fileio import OutputFile, phase
 
 PART_SUFFIX = ".part"
 
@@ -71,7 +72,7 @@ def _clean_beside(target: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
+def atomic_output(path: str | os.PathLike) -> Iterator[OutputFile]:
     """Yield a binary file that becomes `path` only if the block finishes.
 
     The temporary file lives in the target's directory so the final rename is
@@ -89,10 +90,16 @@ def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
         # mkstemp creates 0600; give the output the mode a plain open() would.
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-            os.replace(tmp_name, target)  # still locked: no other run can take it for stale
+            out = OutputFile(fh)
+            try:
+                yield out
+            finally:
+                out.settle()
+            with phase("fsync"):
+                fh.flush()
+                os.fsync(fh.fileno())
+            with phase("rename"):
+                os.replace(tmp_name, target)  # still locked: no other run can take it for stale
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
@@ -106,9 +113,9 @@ class AtomicSet:
 
     def __init__(self) -> None:
         self._pending: list[tuple[str, Path]] = []
-        self._open: list[BinaryIO] = []
+        self._open: list[OutputFile] = []
 
-    def open(self, path: str | os.PathLike) -> BinaryIO:
+    def open(self, path: str | os.PathLike) -> OutputFile:
         target = Path(path)
         directory = target.parent if str(target.parent) else Path(".")
         try:
@@ -117,15 +124,17 @@ class AtomicSet:
             raise InputError(target, f"cannot write output: {exc.strerror or exc}") from None
         self._pending.append((tmp_name, target))
         os.fchmod(fd, 0o666 & ~_umask())
-        fh = os.fdopen(fd, "wb")
+        fh = OutputFile(os.fdopen(fd, "wb"))
         self._open.append(fh)
         return fh
 
-    def finish(self, fh: BinaryIO) -> None:
+    def finish(self, fh: OutputFile) -> None:
         """Flush, fsync and close one file (its rename waits for the rest)."""
+        fh.settle()
         if not fh.closed:
-            fh.flush()
-            os.fsync(fh.fileno())
+            with phase("fsync"):
+                fh.flush()
+                os.fsync(fh.fileno())
             fh.close()
 
     def _commit(self) -> None:
@@ -136,6 +145,7 @@ class AtomicSet:
 
     def _abort(self) -> None:
         for fh in self._open:
+            fh.settle()
             with contextlib.suppress(OSError):
                 fh.close()
         for tmp_name, _ in self._pending:

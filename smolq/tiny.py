@@ -24,11 +24,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-FAMILIES = ("llama", "gptj", "mpt", "gemma3")
-DEFAULT_VOCAB = {"llama": 384, "gptj": 320, "mpt": 320, "gemma3": 384}
+FAMILIES = ("llama", "gptj", "mpt", "mistral", "qwen2", "qwen3", "gemma3")
+# Families with LLaMA's block (RMSNorm, SwiGLU, RoPE, GQA); Mistral has LLaMA's SentencePiece tokenizer.
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+DEFAULT_VOCAB = {"llama": 384, "gptj": 320, "mpt": 320, "mistral": 384, "qwen2": 384, "qwen3": 384, "gemma3": 384}
 LEGACY_VOCAB = {"llama": 32000, "gptj": 50400, "mpt": 50432}
 TINY_CONTEXT = 128
 LLAMA_ROPE_THETA = 50000.0  # deliberately not a common default, so a dropped RoPE base shows
+QWEN_ROPE_THETA = 1000000.0  # Qwen2.5's and Qwen3's
+# Llama 3.1's RoPE scaling (rope_type llama3; llama.cpp writes it as the rope_freqs tensor), with a
+# short original context so that the tiny head size has factors of all three kinds.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 LLAMA_N_MULT = 32  # legacy LLaMA headers store n_mult; intermediate_size is rebuilt from it
 
 # A fixed text for the tokenizers: a few paragraphs of plain English with
@@ -52,7 +59,8 @@ Tokenizers split text into pieces; frequent pieces become single tokens,
 rare ones fall back to bytes. The dog sleeps while the fox runs again.
 """
 
-Family = Literal["llama", "gptj", "mpt", "gemma3"]
+Family = Literal["llama", "gptj", "mpt", "mistral", "qwen2", "qwen3", "gemma3"]
+BpeStyle = Literal["llama3", "qwen2"]
 
 
 def make_tiny_model(
@@ -71,6 +79,8 @@ def make_tiny_model(
     n_layers: int = 2,
     config_overrides: Mapping[str, Any] | None = None,
     legacy_buffers: bool = False,
+    bpe: BpeStyle | None = None,
+    llama3_rope: bool = False,
 ) -> Path:
     """Write a tiny random checkpoint of `family` into `out_dir` and return it.
 
@@ -91,6 +101,12 @@ def make_tiny_model(
         MPT clip_qkv, or n_heads) applied before the model is built.
     legacy_buffers: GPT-J only; add the attn.bias / attn.masked_bias
         buffers that old GPT-J checkpoints carry (converters must skip them).
+    bpe: LLaMA/Mistral: a byte-level BPE tokenizer instead of SentencePiece,
+        "llama3" (Llama 3's pre-tokenizer, BOS added, <|begin_of_text|> ...)
+        or "qwen2"; Qwen2/Qwen3 always get "qwen2" (<|im_start|> ...).
+    llama3_rope: LLaMA: Llama 3.1's RoPE scaling (LLAMA3_ROPE).
+    Mistral, Qwen2 and Qwen3 use GQA (4 query heads, 2 KV heads); Qwen3
+    has head_dim 32, not hidden_size / heads, as its real models do.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -98,7 +114,11 @@ def make_tiny_model(
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     if gqa and family != "llama":
-        raise ValueError("gqa is only available for llama")
+        raise ValueError("gqa is only available for llama (the other LLaMA-like families always have it)")
+    if (bpe or llama3_rope) and family not in ("llama", "mistral"):
+        raise ValueError("bpe and llama3_rope are options of llama and mistral")
+    if llama3_rope:
+        config_overrides = {**(config_overrides or {}), "rope_parameters": dict(LLAMA3_ROPE)}
     if tied and family == "gptj":
         raise ValueError("GPT-J checkpoints are never tied (lm_head has its own weight and bias)")
     if shards < 1:
@@ -124,9 +144,13 @@ def make_tiny_model(
         if family != "gptj":
             raise ValueError("legacy_buffers is only meaningful for gptj")
         _add_gptj_legacy_buffers(out, config)
-    if family == "llama":
+    if family in LLAMA_LIKE:
         _rewrite_rope_params(out / "config.json", rope_params_style)
-        _write_llama_tokenizer(out, n_vocab)
+    style = bpe or ("qwen2" if family in ("qwen2", "qwen3") else None)
+    if style is not None:
+        _write_chat_bpe_tokenizer(out, style, n_vocab, config, jinja_file=family == "qwen3")
+    elif family in LLAMA_LIKE:
+        write_llama_tokenizer(out, n_vocab)
     elif family == "gemma3":
         _gemma3_transformers4_config(out / "config.json", rope_params_style)
         _write_gemma_tokenizer(out, n_vocab)
@@ -141,7 +165,7 @@ def _resolve_vocab_size(family: str, vocab_size: int | str | None) -> int:
     if vocab_size == "legacy":
         return LEGACY_VOCAB[family]
     n = int(vocab_size)
-    floor = 300 if family in ("llama", "gemma3") else 280  # room for bytes, specials and a few merges
+    floor = 300 if family in LLAMA_LIKE + ("gemma3",) else 280  # room for bytes, specials and a few merges
     if n < floor:
         raise ValueError(f"vocab_size {n} is too small for {family} (minimum {floor})")
     return n
@@ -154,6 +178,8 @@ def _build_config(family, n_vocab, hidden, n_layers, gqa, tied, overrides):
     from transformers import GPTJConfig, LlamaConfig, MptConfig
 
     overrides = dict(overrides or {})
+    if family in ("mistral", "qwen2", "qwen3"):
+        return _build_gqa_config(family, n_vocab, hidden, n_layers, tied, overrides)
     if family == "gemma3":
         return _gemma3_config(n_vocab, hidden, n_layers, tied, overrides)
     if family == "llama":
@@ -214,6 +240,39 @@ def _build_config(family, n_vocab, hidden, n_layers, gqa, tied, overrides):
     return MptConfig(**kwargs)
 
 
+def _build_gqa_config(family, n_vocab, hidden, n_layers, tied, overrides):
+    """Mistral / Qwen2 / Qwen3 configs as their real models have them (GQA, their RoPE bases and
+    token ids; Mistral's 4096 sliding window, longer than the tiny context)."""
+    from transformers import MistralConfig, Qwen2Config, Qwen3Config
+
+    qwen = family != "mistral"
+    special = _qwen_specials(n_vocab) if qwen else {"bos_token_id": 1, "eos_token_id": 2}
+    kwargs = dict(
+        vocab_size=n_vocab, hidden_size=hidden, intermediate_size=_llama_ffn_size(hidden, LLAMA_N_MULT),
+        num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=TINY_CONTEXT, rms_norm_eps=1e-6 if qwen else 1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": QWEN_ROPE_THETA if qwen else LLAMA_ROPE_THETA},
+        tie_word_embeddings=tied, architectures=[{"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                                  "qwen3": "Qwen3ForCausalLM"}[family]],
+        **special,
+    )
+    if family == "mistral":
+        kwargs.update(sliding_window=4096)
+    else:
+        kwargs.update(use_sliding_window=False, sliding_window=None)
+    if family == "qwen3":
+        kwargs.update(head_dim=2 * hidden // 4, attention_bias=False)
+    kwargs.update(overrides)
+    cls = {"mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    return cls(**kwargs)
+
+
+def _qwen_specials(n_vocab: int) -> dict[str, int]:
+    """Qwen's config.json ids: bos <|endoftext|>, eos <|im_end|> (at their tiny ids, see chat_bpe_layout)."""
+    ids = chat_bpe_layout("qwen2", n_vocab)["added_ids"]
+    return {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]}
+
+
 GEMMA3_ROPE_THETA = (60000.0, 5000.0)  # (global, local): not Gemma 3's own, so a dropped base shows
 GEMMA3_SLIDING_WINDOW = 5  # shorter than the test sequences, so the local layers' window matters
 
@@ -271,9 +330,9 @@ def _rewrite_rope_params(config_path: Path, style: str) -> None:
     if style != "top":
         raise ValueError(f"rope_params_style must be 'top' or 'nested', not {style!r}")
     cfg = json.loads(config_path.read_text())
-    params = cfg.pop("rope_parameters", None) or {}
-    cfg["rope_theta"] = params.get("rope_theta", LLAMA_ROPE_THETA)
-    cfg["rope_scaling"] = None
+    params = dict(cfg.pop("rope_parameters", None) or {})
+    cfg["rope_theta"] = params.pop("rope_theta", LLAMA_ROPE_THETA)
+    cfg["rope_scaling"] = params if params.get("rope_type", "default") != "default" else None
     config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
@@ -417,7 +476,8 @@ def _merge_extra_tensors(out: Path, extra: dict, shard_name: str | None) -> None
 SPM_NORMAL, SPM_UNKNOWN, SPM_CONTROL, SPM_USER_DEFINED, SPM_UNUSED, SPM_BYTE = 1, 2, 3, 4, 5, 6
 
 
-def _write_llama_tokenizer(out: Path, n_vocab: int) -> None:
+def write_llama_tokenizer(out: Path, n_vocab: int) -> None:
+    """tokenizer.model (SentencePiece, LLaMA layout) + tokenizer.json and configs for `n_vocab` ids."""
     proto = build_sentencepiece_model(n_vocab)
     (out / "tokenizer.model").write_bytes(proto)
     # Real LLaMA repos ship tokenizer.json too; transformers 5 needs protobuf
@@ -779,3 +839,87 @@ def _write_bpe_tokenizer(out: Path, family: str, n_vocab: int) -> None:
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- byte-level BPE with chat tokens
+# (Llama 3, Qwen2/Qwen3)
+
+# The Split regexes of the real tokenizers' tokenizer.json (llama.cpp quotes them in llama-vocab.cpp;
+# smolq/sources/bpe_pre.py holds the same strings, tests/test_bpe_pre.py checks they agree).
+LLAMA3_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                      r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT_REGEX = LLAMA3_SPLIT_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
+QWEN_UNUSED_ROWS = 8  # Qwen's embedding has rows no token uses (151936 for 151665 tokens)
+
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+# style -> added tokens (content, special) after the BPE vocabulary, the Split regex, tokenizer_config.
+CHAT_BPE_STYLES: dict[str, dict[str, Any]] = {
+    "llama3": {
+        "added": (("<|begin_of_text|>", True), ("<|end_of_text|>", True), ("<|reserved_special_token_0|>", True),
+                  ("<|start_header_id|>", True), ("<|end_header_id|>", True), ("<|eot_id|>", True)),
+        "regex": LLAMA3_SPLIT_REGEX, "ignore_merges": True, "unused_rows": 0, "add_bos": True,
+        "config": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE,
+                   "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": True},
+    },
+    "qwen2": {
+        # <think>/<tool_call> are not special in Qwen's tokenizer (llama.cpp: USER_DEFINED).
+        "added": (("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<think>", False),
+                  ("</think>", False), ("<tool_call>", False)),
+        "regex": QWEN2_SPLIT_REGEX, "ignore_merges": False, "unused_rows": QWEN_UNUSED_ROWS, "add_bos": False,
+        "config": {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                   "chat_template": QWEN_TEMPLATE, "tokenizer_class": "Qwen2Tokenizer", "errors": "replace",
+                   "add_prefix_space": False, "split_special_tokens": False},
+    },
+}
+
+
+def chat_bpe_layout(style: str, n_vocab: int) -> dict[str, Any]:
+    """n_bpe BPE tokens, then the style's added tokens (their ids), then unused embedding rows."""
+    spec = CHAT_BPE_STYLES[style]
+    n_bpe = n_vocab - spec["unused_rows"] - len(spec["added"])
+    return {"n_bpe": n_bpe, "added_ids": {t: n_bpe + i for i, (t, _) in enumerate(spec["added"])}}
+
+
+def _write_chat_bpe_tokenizer(out: Path, style: str, n_vocab: int, config, jinja_file: bool = False) -> None:
+    """tokenizer.json / tokenizer_config.json shaped like Llama 3's or Qwen2's: a BPE trained on
+    TINY_TEXT, the real Split regex before a ByteLevel that only maps bytes, the chat tokens added.
+    jinja_file: the chat template in chat_template.jinja, as transformers 5 saves it."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    spec = CHAT_BPE_STYLES[style]
+    layout = chat_bpe_layout(style, n_vocab)
+    alphabet = _alphabet_in_gpt2_order()
+    merges = train_byte_bpe(TINY_TEXT, layout["n_bpe"] - len(alphabet))
+    learned = [t for t in dict.fromkeys(a + b for a, b in merges) if t not in alphabet]
+    base = alphabet + learned
+    base += _padding_names("Ġ<pad{}>", layout["n_bpe"] - len(base), set(base))
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(base)}, merges=merges,
+                               ignore_merges=spec["ignore_merges"]))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(spec["regex"]), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens([AddedToken(t, special=special, normalized=False) for t, special in spec["added"]])
+    steps = [processors.ByteLevel(trim_offsets=False)]
+    if spec["add_bos"]:
+        bos = spec["config"]["bos_token"]
+        steps.append(processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                   special_tokens=[(bos, layout["added_ids"][bos])]))
+    tok.post_processor = processors.Sequence(steps)
+    tok.save(str(out / "tokenizer.json"))
+    cfg = {**spec["config"], "model_max_length": TINY_CONTEXT}
+    if jinja_file:
+        (out / "chat_template.jinja").write_text(cfg.pop("chat_template"), encoding="utf-8")
+    _write_json(out / "tokenizer_config.json", cfg)
+    if style == "llama3":  # Llama 3.1 Instruct: config.json lists every end-of-turn id; llama.cpp takes none of a list
+        ids = layout["added_ids"]
+        path = out / "config.json"
+        data = json.loads(path.read_text())
+        data.update(bos_token_id=ids["<|begin_of_text|>"], eos_token_id=[ids["<|end_of_text|>"], ids["<|eot_id|>"]])
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

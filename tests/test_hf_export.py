@@ -164,6 +164,9 @@ ROUND_TRIP_KEY_CHANGES = {
     "general.name": "the HF directory's name, not the original model's",
     "general.file_type": "the f32 round trip is ALL_F32 whatever the original's type",
     "general.quantization_version": "written only for quantized files",
+    # The export states add_prefix_space (true: SentencePiece's dummy prefix, llama.cpp's default when the
+    # key is absent); converting the directory back writes it as llama.cpp's LLaMA converter does.
+    "tokenizer.ggml.add_space_prefix": "stated by the export's tokenizer_config.json",
 }
 
 
@@ -607,8 +610,10 @@ def test_an_unknown_pre_tokenizer_is_refused_not_guessed():
     from smolq.sources.hf_tokenizer import hf_tokenizer
     from smolq.sources.vocab import Vocab
 
-    vocab = Vocab("gpt2", ["a", "b", "ab"], [1, 1, 1], None, ["a b"], {}, pre="llama-bpe")
-    with pytest.raises(InputError, match="tokenizer.ggml.pre 'llama-bpe'"):
+    # llama.cpp knows "deepseek-llm"; smolq has no Hugging Face pre-tokenizer form for it
+    # ("llama-bpe" and "qwen2" it has: sources/bpe_pre.py PRE_TOKENIZER_FORMS).
+    vocab = Vocab("gpt2", ["a", "b", "ab"], [1, 1, 1], None, ["a b"], {}, pre="deepseek-llm")
+    with pytest.raises(InputError, match="tokenizer.ggml.pre 'deepseek-llm'"):
         hf_tokenizer(vocab)
     assert hf_tokenizer(Vocab("gpt2", ["a", "b", "ab"], [1, 1, 1], None, ["a b"], {}, pre="gpt2")).encode("ab").ids == [2]
 

@@ -282,16 +282,27 @@ def test_renamed_first_shard(set3, tmp_path, cli):
 def test_split_failure_leaves_nothing(unsplit, tmp_path, monkeypatch):
     from smolq.formats import gguf as fg
 
-    calls = {"n": 0}
-    real = fg._write_tensor_data
+    from smolq import fileio
 
-    def fail_late(fh, entry, data, endian):
+    calls = {"n": 0}
+    real_write, real_copy = fg._write_tensor_data, fileio.OutputFile.copy_span
+
+    def disk_full_at_15th_tensor():
         calls["n"] += 1
         if calls["n"] == 15:
             raise OSError(28, "No space left on device")
-        real(fh, entry, data, endian)
 
+    def fail_late(fh, entry, data, endian):
+        disk_full_at_15th_tensor()
+        real_write(fh, entry, data, endian)
+
+    def fail_late_copy(self, span):
+        disk_full_at_15th_tensor()
+        return real_copy(self, span)
+
+    # Tensors are written from bytes or copied file to file (stored unchanged): fail either way.
     monkeypatch.setattr(fg, "_write_tensor_data", fail_late)
+    monkeypatch.setattr(fileio.OutputFile, "copy_span", fail_late_copy)
     with pytest.raises(OSError):
         smolq.split(unsplit, tmp_path / "p", split_max_tensors=4)
     assert os.listdir(tmp_path) == []

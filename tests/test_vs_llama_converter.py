@@ -96,13 +96,15 @@ json.dump(result, open(result_path, "w"))
 """
 
 
-def run_llama_converter(conv: Path, converts: list[list[str]], special_vocab: dict[str, str], work: Path) -> dict:
+def run_llama_converter(conv: Path, converts: list[list[str]], special_vocab: dict[str, str], work: Path,
+                        driver: str = DRIVER, **extra) -> dict:
+    """Run `driver` in a child process with jobs.json = {"convert": ..., "special_vocab": ..., **extra}."""
     jobs, result = work / "jobs.json", work / "result.json"
-    jobs.write_text(json.dumps({"convert": converts, "special_vocab": special_vocab}))
+    jobs.write_text(json.dumps({"convert": converts, "special_vocab": special_vocab, **extra}))
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([str(conv / "gguf-py"), str(conv)]))
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(conv), str(jobs), str(result)], env=env,
+    proc = subprocess.run([sys.executable, "-c", driver, str(conv), str(jobs), str(result)], env=env,
                           capture_output=True, text=True, timeout=CONVERTER_TIMEOUT_S, cwd=work)
     if proc.returncode != 0:
         pytest.fail(f"llama.cpp's converter failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -12,10 +12,13 @@ from smolq.arch.base import Arch, LegacyTarget, MLCParam, NameTable, TensorMap
 from smolq.arch.gemma3 import Gemma3
 from smolq.arch.gptj import GPTJ
 from smolq.arch.llama import Llama
+from smolq.arch.mistral import Mistral
 from smolq.arch.mpt import MPT
+from smolq.arch.qwen2 import Qwen2
+from smolq.arch.qwen3 import Qwen3
 from smolq.errors import InputError
 
-ARCHES: tuple[type[Arch], ...] = (Llama, GPTJ, MPT, Gemma3)
+ARCHES: tuple[type[Arch], ...] = (Llama, GPTJ, MPT, Mistral, Qwen2, Qwen3, Gemma3)
 
 BY_ARCHITECTURE: dict[str, type[Arch]] = {name: a for a in ARCHES for name in a.hf_architectures}
 BY_MODEL_TYPE: dict[str, type[Arch]] = {name: a for a in ARCHES for name in a.model_types}
@@ -43,7 +46,7 @@ def arch_for_config(config: dict[str, Any], config_path: Path) -> Arch:
 
 
 def family_arch(family: str) -> type[Arch]:
-    """The Arch class of a family name ("llama", "gptj", "mpt") or GGUF architecture."""
+    """The Arch class of a family name ("llama", "gptj", "mpt", "qwen2" ...) or GGUF architecture."""
     try:
         return BY_FAMILY[family]
     except KeyError:
@@ -52,5 +55,5 @@ def family_arch(family: str) -> type[Arch]:
 
 __all__ = [
     "ARCHES", "Arch", "LegacyTarget", "MLCParam", "NameTable", "TensorMap",
-    "arch_for_config", "family_arch", "find_arch_class", "Llama", "GPTJ", "MPT", "Gemma3",
+    "arch_for_config", "family_arch", "find_arch_class", "Llama", "GPTJ", "MPT", "Mistral", "Qwen2", "Qwen3", "Gemma3",
 ]

@@ -41,6 +41,9 @@ class TensorMap:
     keep_f32: bool = False
     legacy_f32: bool = False
     inverse: Callable[[np.ndarray], np.ndarray] | None = None  # undoes `transform` (ggml layout -> HF)
+    # A tensor computed from the config, not read from the checkpoint (Llama 3.1's rope_freqs):
+    # `source` is then only its label, and `make()` gives its float32 values.
+    make: Callable[[], np.ndarray] | None = None
 
     def row_permutation(self, path: Path | None = None) -> np.ndarray | None:
         """`transform` as an index array over rows (None: no transform), so rows
@@ -205,17 +208,28 @@ class Arch:
     def skip(self, name: str) -> bool:
         return name.endswith(self.skip_suffixes)
 
-    def legacy_target(self, fmt: str, path: Path) -> LegacyTarget:
-        target = self.legacy_targets.get(fmt)
+    @classmethod
+    def legacy_target_for(cls, fmt: str, path: Path) -> LegacyTarget:
+        """The family's legacy container `fmt`, or a one-line refusal (the class's own rule)."""
+        target = cls.legacy_targets.get(fmt)
+        if target is None and not cls.legacy_targets:
+            raise InputError(path, f"{cls.family} cannot be written as {fmt}: no legacy container holds it "
+                                   "(no 2023 reader knows it; ggml, ggmf and ggjt predate it); write GGUF")
         if target is None:
-            known = ", ".join(self.legacy_targets)
-            raise InputError(path, f"{self.family} cannot be written as {fmt}; legacy formats for it: {known}")
+            known = ", ".join(cls.legacy_targets)
+            raise InputError(path, f"{cls.family} cannot be written as {fmt}; legacy formats for it: {known}")
         return target
+
+    def legacy_target(self, fmt: str, path: Path) -> LegacyTarget:
+        """legacy_target_for, plus what this model's hyperparameters rule out (MPT with GQA)."""
+        return self.legacy_target_for(fmt, path)
 
     def check_tensors(self, maps: list[TensorMap], tensors: dict[str, Any], file_of: Callable[[str], Path]) -> None:
         """Every mapped source present with its expected shape; nothing unaccounted for."""
         used: set[str] = set()
         for m in maps:
+            if m.make is not None:
+                continue
             t = tensors.get(m.source)
             if t is None:
                 raise FormatError(self.config_path.parent, f"checkpoint has no tensor {m.source} ({self.family} needs it)")

@@ -7,6 +7,7 @@ legacy loaders require output.weight, so it is written from the embedding.
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
 
@@ -143,10 +144,10 @@ class Llama(Arch):
 
     @classmethod
     def config_from_gguf(cls, meta: dict[str, Any], path) -> dict[str, Any]:
-        k = GGUFKeys(meta, cls.family, path)
+        k = GGUFKeys(meta, cls.gguf_arch, path)
         n_vocab = k.n_vocab()
         cfg = {
-            "architectures": ["LlamaForCausalLM"], "vocab_size": n_vocab, "hidden_size": k.need("embedding_length"),
+            "architectures": [cls.hf_architectures[0]], "vocab_size": n_vocab, "hidden_size": k.need("embedding_length"),
             "intermediate_size": k.need("feed_forward_length"), "num_hidden_layers": k.need("block_count"),
             "num_attention_heads": k.need("attention.head_count"),
             "num_key_value_heads": k.get("attention.head_count_kv") or k.need("attention.head_count"),
@@ -160,7 +161,7 @@ class Llama(Arch):
             cfg["head_dim"] = key_length
         n_rot = k.get("rope.dimension_count")
         if n_rot is not None and n_rot != head_dim:  # llama.cpp refuses it too ("invalid n_rot")
-            raise FormatError(path, f"{cls.family}.rope.dimension_count {n_rot} is not the head size {head_dim}")
+            raise FormatError(path, f"{cls.gguf_arch}.rope.dimension_count {n_rot} is not the head size {head_dim}")
         scaling = k.get("rope.scaling.type")
         if scaling == "linear":
             cfg["rope_scaling"] = {"type": "linear", "factor": k.get("rope.scaling.factor")}
@@ -186,10 +187,12 @@ class Llama(Arch):
         self.rope_theta = theta
         self.tied = bool(c.get("tie_word_embeddings", False))
         self.rope_scaling = rope_scaling(c)
+        self.rope_kind = None
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind != "linear":
-                raise InputError(self.config_path, f"RoPE scaling type {kind!r} is not supported (only linear)")
+            self.rope_kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if self.rope_kind not in ("linear", "llama3"):
+                raise InputError(self.config_path, f"RoPE scaling type {self.rope_kind!r} is not supported "
+                                                   "(linear and llama3 are)")
         if self.n_head % self.n_head_kv:
             raise InputError(self.config_path, f"num_attention_heads {self.n_head} is not a multiple of num_key_value_heads {self.n_head_kv}")
 
@@ -197,8 +200,10 @@ class Llama(Arch):
     def n_vocab(self) -> int:
         return self.vocab_size
 
-    def tensor_maps(self, available: set[str]) -> list[TensorMap]:
-        E, F, V, hd = self.n_embd, self.n_ff, self.vocab_size, self.head_dim
+    def layer_tensors(self) -> list[tuple[str, str, tuple[int, ...], Any, Any]]:
+        """Per block: (HF name under model.layers.N., GGUF name under blk.N., shape, transform, inverse).
+        LLaMA's Q/K rows go from HF's rotate-half order to ggml's interleaved one."""
+        E, F, hd = self.n_embd, self.n_ff, self.head_dim
         q_rows, kv_rows = self.n_head * hd, self.n_head_kv * hd
         shapes = {
             "input_layernorm.weight": (E,), "post_attention_layernorm.weight": (E,),
@@ -206,26 +211,49 @@ class Llama(Arch):
             "self_attn.v_proj.weight": (kv_rows, E), "self_attn.o_proj.weight": (E, q_rows),
             "mlp.gate_proj.weight": (F, E), "mlp.up_proj.weight": (F, E), "mlp.down_proj.weight": (E, F),
         }
-        transforms = {
-            "self_attn.q_proj.weight": partial(permute_qk, n_heads=self.n_head),
-            "self_attn.k_proj.weight": partial(permute_qk, n_heads=self.n_head_kv),
-        }
-        inverses = {
-            "self_attn.q_proj.weight": partial(unpermute_qk, n_heads=self.n_head),
-            "self_attn.k_proj.weight": partial(unpermute_qk, n_heads=self.n_head_kv),
-        }
+        heads = {"self_attn.q_proj.weight": self.n_head, "self_attn.k_proj.weight": self.n_head_kv}
+        out = []
+        for hf, gg in _LAYER_TENSORS:
+            n = heads.get(hf)
+            transform = partial(permute_qk, n_heads=n) if n else None
+            inverse = partial(unpermute_qk, n_heads=n) if n else None
+            out.append((hf, gg, shapes[hf], transform, inverse))
+        return out
+
+    def tensor_maps(self, available: set[str]) -> list[TensorMap]:
+        E, V = self.n_embd, self.vocab_size
         maps = [self._map("model.embed_tokens.weight", (V, E), "token_embd.weight")]
+        if self.rope_kind == "llama3":
+            maps.append(TensorMap("rope_freqs", (self.head_dim // 2,), "rope_freqs.weight", None, keep_f32=True,
+                                  make=self.llama3_rope_factors))
         for i in range(self.n_layer):
-            for hf, gg in _LAYER_TENSORS:
-                maps.append(self._map(f"model.layers.{i}.{hf}", shapes[hf], f"blk.{i}.{gg}", transforms.get(hf),
-                                      inverses.get(hf)))
+            for hf, gg, shape, transform, inverse in self.layer_tensors():
+                maps.append(self._map(f"model.layers.{i}.{hf}", shape, f"blk.{i}.{gg}", transform, inverse))
         maps.append(self._map("model.norm.weight", (E,), "output_norm.weight"))
         if "lm_head.weight" in available:
             maps.append(self._map("lm_head.weight", (V, E), "output.weight"))
         else:
             # Tied: GGUF omits output.weight; legacy loaders need it, so copy the embedding there.
-            maps.append(TensorMap("model.embed_tokens.weight", (V, E), None, "output.weight"))
+            maps.append(TensorMap("model.embed_tokens.weight", (V, E), None, self.names.to_legacy("output.weight")))
         return maps
+
+    def llama3_rope_factors(self) -> np.ndarray:
+        """rope_freqs for Llama 3.1 RoPE scaling (rope_type llama3): per rotary pair, the factor llama.cpp
+        divides its frequency by. Computed in float32 with the operations llama.cpp's converter's torch
+        code performs (torch turns `scalar / tensor` into reciprocal-then-multiply), so the tensor is
+        the bytes it writes; the defaults are the converter's for keys a config leaves out."""
+        p = self.rope_scaling
+        f32 = np.float32
+        factor = f32(p.get("factor", 8.0))
+        low, high = float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0))
+        old_ctx = float(p.get("original_max_position_embeddings", 8192))
+        dim = self.head_dim
+        freqs = f32(1.0) / (f32(self.rope_theta) ** (np.arange(0, dim, 2, dtype=f32) / f32(dim)))
+        wavelen = (f32(1.0) / freqs) * f32(2 * math.pi)
+        smooth = ((f32(1.0) / wavelen) * f32(old_ctx) - f32(low)) / f32(high - low)
+        blended = f32(1.0) / ((f32(1.0) - smooth) / factor + smooth)
+        out = np.where(wavelen < f32(old_ctx / high), f32(1.0), np.where(wavelen > f32(old_ctx / low), factor, blended))
+        return out.astype(f32)
 
     def mlc_params(self) -> list[MLCParam]:
         E, F, V, hd = self.n_embd, self.n_ff, self.vocab_size, self.head_dim
@@ -271,7 +299,7 @@ class Llama(Arch):
 
         rope: dict[str, Any] = {"rope_theta": short(self.rope_theta), "rope_type": "default"}
         cfg: dict[str, Any] = {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
+            "architectures": [self.hf_architectures[0]], "model_type": self.model_types[0], "vocab_size": self.vocab_size,
             "hidden_size": self.n_embd, "intermediate_size": self.n_ff, "num_hidden_layers": self.n_layer,
             "num_attention_heads": self.n_head, "num_key_value_heads": self.n_head_kv,
             "max_position_embeddings": self.n_ctx, "rms_norm_eps": short(self.rms_eps),
@@ -305,12 +333,15 @@ class Llama(Arch):
         if self.config.get("head_dim") is not None:
             md[f"{a}.attention.key_length"] = meta("u32", self.head_dim)
             md[f"{a}.attention.value_length"] = meta("u32", self.head_dim)
-        if self.rope_scaling is not None:
+        if self.rope_kind == "linear":  # llama3 scaling is the rope_freqs tensor, no key (as llama.cpp writes it)
             md[f"{a}.rope.scaling.type"] = meta("str", "linear")
             md[f"{a}.rope.scaling.factor"] = meta("f32", float(self.rope_scaling["factor"]))
         return md
 
     def legacy_hparams(self, target: LegacyTarget) -> dict[str, int | float]:
+        if self.rope_kind is not None:
+            raise InputError(self.config_path, f"{self.rope_kind} RoPE scaling has no place in a legacy LLaMA header "
+                                               "(no 2023 loader knows it); write GGUF")
         if self.head_dim * self.n_head != self.n_embd:
             raise InputError(self.config_path, "legacy LLaMA headers assume head_dim = hidden_size / num_attention_heads")
 

@@ -35,7 +35,8 @@ from typing import Any, Callable
 
 from smolq.atomic import atomic_output, atomic_outputs
 from smolq.errors import FormatError, InputError
-from smolq.formats.base import TensorEntry, find_tensor
+from smolq.fileio import FileSpan, MappedWindow, SpanLoad, phase, produce_ahead
+from smolq.formats.base import TensorEntry, find_tensor, tensor_payload
 from smolq.ggml_types import TYPE_INFO, GGMLType
 from smolq.lazy import lazy_module
 
@@ -488,10 +489,30 @@ def _read_array(cur: _Cursor, version: GGUFVersion, what: str, depth: int) -> Me
     if it == V.ARRAY:
         items = [_read_array(cur, version, f"{what}[{i}]", depth + 1) for i in range(n)]
     elif it == V.STRING:
-        items = [cur.string(version, f"{what}[{i}]").decode("utf-8", "surrogateescape") for i in range(n)]
+        items = _read_string_items(cur, version, n, what)
     else:
         items = _read_numeric_items(cur, it, n, what)
     return MetaValue._trusted(V.ARRAY, items, it)
+
+
+def _read_string_items(cur: _Cursor, version: GGUFVersion, n: int, what: str) -> list[str]:
+    """n length-prefixed strings. A vocabulary is tens of thousands of them, so this is one
+    tight loop (the error path re-reads the failing item through the checked cursor)."""
+    length = _struct(cur.endian, version.length)
+    unpack_from, width, buf, size = length.unpack_from, length.size, cur.buf, cur.size
+    items, pos = [], cur.pos
+    for i in range(n):
+        if pos + width > size:
+            break
+        (k,) = unpack_from(buf, pos)
+        if pos + width + k > size:
+            break
+        items.append(bytes(buf[pos + width:pos + width + k]).decode("utf-8", "surrogateescape"))
+        pos += width + k
+    cur.pos = pos
+    if len(items) < n:
+        cur.string(version, f"{what}[{len(items)}]")  # raises the one-line truncation error
+    return items
 
 
 def _read_numeric_items(cur: _Cursor, it: GGUFValueType, n: int, what: str) -> list[Any]:
@@ -595,6 +616,7 @@ class GGUFFile:
                  metadata: Metadata, tensors: list[TensorEntry], data_offset: int, size: int):
         self.path = path
         self._mm = mm
+        self._window = MappedWindow(mm) if mm is not None else None
         self.version = version
         self.endian = endian
         self.alignment = alignment
@@ -626,20 +648,21 @@ class GGUFFile:
         return "little" if self.endian == "<" else "big"
 
     def _loader(self, offset: int, nbytes: int, ggml_type: GGMLType) -> Callable[[], np.ndarray]:
-        swap = self.endian == ">" and _is_element_type(ggml_type) and TYPE_INFO[ggml_type].type_size > 1
+        swap = _needs_swap(ggml_type, self.endian)
 
         def load() -> np.ndarray:
             if self._mm is None:
                 raise ValueError(f"{self.path}: GGUF file is closed")
             if nbytes == 0:
                 return np.empty(0, dtype=np.uint8)
-            view = np.frombuffer(self._mm, dtype=np.uint8, count=nbytes, offset=offset)
+            view = np.frombuffer(self._window.view(offset, nbytes), dtype=np.uint8)
             if not swap:
                 return view
             # Element data in a big-endian file: hand out the little-endian layout (a copy).
             return view.view(_element_dtype(ggml_type, ">")).astype(_element_dtype(ggml_type, "<")).view(np.uint8)
 
-        return load
+        # Unswapped, load() is exactly the file's bytes there: a sink may copy them file to file.
+        return load if swap else SpanLoad(FileSpan(self.path, offset, nbytes), load)
 
 
 def read_gguf(path: str | os.PathLike, whole_set: bool = True) -> GGUFFile:
@@ -854,19 +877,6 @@ def _encode_head(path: Path, version: GGUFVersion, endian: str, meta: Metadata,
     return bytes(p.out)
 
 
-def _as_bytes(data: Any) -> memoryview:
-    """A flat byte view of whatever load() returned (bytes, memoryview, numpy array, ...)."""
-    if isinstance(data, np.ndarray):
-        return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-    try:
-        mv = memoryview(data)
-    except TypeError:
-        return memoryview(np.ascontiguousarray(np.asarray(data)).reshape(-1).view(np.uint8))
-    if not mv.c_contiguous:
-        return memoryview(mv.tobytes())
-    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
-
-
 _SWAP_CHUNK = 1 << 24  # bytes per chunk when byte swapping, so a swap never copies a whole tensor
 
 
@@ -924,20 +934,30 @@ def _check_tensors(path: Path, tensors: list[TensorEntry]) -> None:
 
 def _write_body(fh: Any, path: Path, head: bytes, tensors: list[TensorEntry], order: str, alignment: int,
                 on_tensor: Callable[[TensorEntry, int], None] | None) -> int:
-    """Header bytes, padding, then each tensor's data padded to `alignment`; returns the size."""
+    """Header bytes, padding, then each tensor's data padded to `alignment`; returns the size.
+
+    Bytes stored unchanged (a SpanLoad in this file's byte order) are copied
+    file to file; the rest are produced one tensor ahead of the write."""
     fh.write(head)
     pos = _pad(fh, len(head), alignment)
-    for t in tensors:
-        data = _as_bytes(t.load())
-        if len(data) != t.nbytes:
-            raise InputError(path, f"tensor {t.name!r}: load() returned {len(data)} bytes, "
-                                   f"{GGMLType(t.type).name} {list(t.shape)} needs {t.nbytes}")
-        _write_tensor_data(fh, t, data, order)
+    def payload(t: TensorEntry):
+        return tensor_payload(path, t, t.layout, copyable=not _needs_swap(t.type, order))
+
+    for t, data in produce_ahead(tensors, payload):
+        if isinstance(data, FileSpan):
+            fh.copy_span(data)
+        else:
+            with phase("write"):
+                _write_tensor_data(fh, t, data, order)
         del data
         pos = _pad(fh, pos + t.nbytes, alignment)
         if on_tensor is not None:
             on_tensor(t, t.nbytes)
     return pos
+
+
+def _needs_swap(ggml_type: GGMLType, order: str) -> bool:
+    return order != "<" and _is_element_type(ggml_type) and TYPE_INFO[ggml_type].type_size > 1
 
 
 def _pad(fh: Any, pos: int, alignment: int) -> int:

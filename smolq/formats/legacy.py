@@ -18,11 +18,13 @@ import os
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from smolq.atomic import atomic_output
 from smolq.errors import FormatError, InputError
-from smolq.formats.base import TensorEntry, find_tensor
+from smolq.fileio import FileSpan, MappedWindow, SpanLoad, phase, produce_ahead
+from smolq.formats.base import TensorEntry, find_tensor, tensor_payload
 from smolq.formats.legacy_tables import (
     ALIGNMENT,
     CONTAINER_BY_MAGIC,
@@ -207,6 +209,7 @@ class _Cursor:
         self.size = len(buf)
         self.path = path
         self.pos = 0
+        self.window = MappedWindow(buf) if isinstance(buf, mmap.mmap) else None
 
     @property
     def remaining(self) -> int:
@@ -339,7 +342,7 @@ def _read_tensor(cur: _Cursor, era: Era, aligned: bool, index: int, fmt: str) ->
                        f"({cur.remaining} bytes left)")
     entry = TensorEntry(name=name, type=ggml_type, shape=shape, layout=era.layout, offset=cur.pos,
                         extra={"file_type_id": type_id})
-    entry.load = _mmap_view(cur.buf, cur.pos, nbytes)
+    entry.load = _mmap_view(cur, cur.pos, nbytes)
     return entry, nbytes
 
 
@@ -357,11 +360,16 @@ def _skip_padding(cur: _Cursor, name: str) -> None:
                        f"at offset {cur.pos - pad} (misaligned data)")
 
 
-def _mmap_view(buf, offset: int, nbytes: int) -> Callable[[], np.ndarray]:
-    def load() -> np.ndarray:
-        return np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=offset)
+def _mmap_view(cur: _Cursor, offset: int, nbytes: int) -> Callable[[], np.ndarray]:
+    """The tensor's bytes as stored: a view of the map, which a sink may copy file to file."""
+    buf, window = cur.buf, cur.window
 
-    return load
+    def load() -> np.ndarray:
+        if window is None:
+            return np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=offset)
+        return np.frombuffer(window.view(offset, nbytes), dtype=np.uint8)
+
+    return SpanLoad(FileSpan(Path(cur.path), offset, nbytes), load)
 
 
 def _parse(buf, path: str, spec: FormatSpec, container: str, version: int | None) -> LegacyFile:
@@ -686,14 +694,6 @@ def _pack_vocab(path, spec: FormatSpec, vocab: Sequence, special: frozenset[int]
             yield struct.pack("<I", length) + text + struct.pack("<f", score)
 
 
-def _as_bytes(obj) -> memoryview:
-    """A flat byte view of what a TensorEntry.load() returned, without copying when possible."""
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        return memoryview(obj).cast("B") if isinstance(obj, memoryview) else memoryview(obj)
-    arr = np.ascontiguousarray(np.asarray(obj))
-    return memoryview(arr.reshape(-1).view(np.uint8))
-
-
 def _record_head(e: TensorEntry, file_id: int) -> bytes:
     name = e.name.encode("utf-8")
     ne = tuple(reversed(e.shape))
@@ -751,16 +751,16 @@ def write_legacy(
         offset = fh.write(header)
         for token in _pack_vocab(path, spec, vocab, special):
             offset += fh.write(token)
-        for entry, file_id in zip(entries, file_ids):
-            offset += fh.write(_record_head(entry, file_id))
+        ids = dict(zip((id(e) for e in entries), file_ids))
+        for entry, data in produce_ahead(entries, lambda e: tensor_payload(path, e, era.layout)):
+            offset += fh.write(_record_head(entry, ids[id(entry)]))
             if CONTAINERS[container].aligned:
                 offset += fh.write(bytes(-offset % ALIGNMENT))
-            data = _as_bytes(entry.load())
-            expected = tensor_nbytes(entry.type, entry.shape, era.layout)
-            if data.nbytes != expected:
-                raise InputError(path, f"tensor {entry.name}: load() gave {data.nbytes} bytes, expected "
-                                       f"{expected} for {entry.type.name} {list(entry.shape)} in layout {era.layout}")
-            offset += fh.write(data)
+            if isinstance(data, FileSpan):
+                offset += fh.copy_span(data)
+            else:
+                with phase("write"):
+                    offset += fh.write(data)
             del data
             if on_tensor is not None:
                 on_tensor(entry)

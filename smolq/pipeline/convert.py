@@ -150,9 +150,10 @@ def _loader(step: Step, layout: str) -> Callable[[], Any]:
     if step.exact:
         return lambda: place_blocks(src.exact_blocks(dst), m, dst, layout, src.file)
 
+    if m.transform is None and SOURCE_TYPES.get(src.dtype) == dst and src.dtype != "F64":
+        return src.raw_loader()  # same type, no transform: the stored bytes as they are
+
     def load():
-        if m.transform is None and SOURCE_TYPES.get(src.dtype) == dst and src.dtype != "F64":
-            return src.load_raw()  # same type, no transform: the mapped bytes as they are
         x = src.load()
         if m.transform is not None:
             x = m.transform(x)
@@ -185,7 +186,7 @@ def build_steps(arch: Arch, ckpt: Checkpoint, target: Target, outtype: str | Non
     arch.check_tensors(maps, ckpt.tensors, ckpt.file_of)
     maps = [m for m in maps if (m.gguf if target.is_gguf else m.legacy) is not None]
     types, preset = plan_types(arch, maps, target, outtype or "f16", out_path)
-    steps = [Step(m.gguf if target.is_gguf else m.legacy, m, ckpt.tensors[m.source], t, fb, target.layout)
+    steps = [Step(m.gguf if target.is_gguf else m.legacy, m, _source_of(m, ckpt, arch), t, fb, target.layout)
              for m, (t, fb) in zip(maps, types)]
     if getattr(ckpt, "linears", None):
         preset = _gptq_types(steps, outtype, preset)
@@ -194,6 +195,13 @@ def build_steps(arch: Arch, ckpt: Checkpoint, target: Target, outtype: str | Non
         lt = target.legacy
         infer_file_type(out_path, lt.container, arch.family, lt.dialect, [(s.type, s.map.shape) for s in steps])
     return steps, preset
+
+
+def _source_of(m: TensorMap, ckpt: Checkpoint, arch: Arch) -> SourceTensor:
+    """The checkpoint tensor a map reads, or for one the config defines (rope_freqs) its computed values."""
+    if m.make is None:
+        return ckpt.tensors[m.source]
+    return SourceTensor(m.source, "F32", tuple(m.shape), arch.config_path, m.make)
 
 
 def _gptq_types(steps: list[Step], outtype: str | None, preset):
@@ -257,6 +265,8 @@ def convert(
         if vocab_only:
             steps = []
         vocab = load_vocab(ckpt.path, arch.n_vocab, arch.family, ckpt.config)
+        if target.legacy:
+            vocab.check_legacy(arch.family, out)
         summary = _summary(ckpt, arch, target, outtype, steps, vocab, out)
         file_type = preset.ftype
         md = gguf_metadata(arch, vocab, ckpt, file_type) if target.is_gguf else {}

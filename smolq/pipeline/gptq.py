@@ -88,7 +88,9 @@ FAMILIES = {
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
         ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)), kinds="layer_types"),
 }
-MODEL_TYPES = {"llama": "llama", "mistral": "llama", "gptj": "gptj", "mpt": "mpt", "gemma3_text": "gemma3"}
+# model_type -> layout; Mistral, Qwen2 and Qwen3 blocks have LLaMA's Linears under the same names.
+MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gptj": "gptj", "mpt": "mpt",
+               "gemma3_text": "gemma3"}
 
 
 @dataclass
@@ -262,7 +264,8 @@ def _load_model(src: Path):
     config = AutoConfig.from_pretrained(src)
     family = MODEL_TYPES.get(getattr(config, "model_type", ""))
     if family is None:
-        raise InputError(src / "config.json", f"GPTQ supports LLaMA, GPT-J, MPT and Gemma 3, not model_type "
+        raise InputError(src / "config.json", f"GPTQ supports LLaMA, Mistral, Qwen2, Qwen3, GPT-J, MPT and Gemma 3, "
+                                              f"not model_type "
                                               f"{getattr(config, 'model_type', None)!r}")
     try:
         import torch

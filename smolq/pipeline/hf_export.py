@@ -44,6 +44,10 @@ def hf_tensors(arch: Arch, tensors: dict[str, TensorEntry], tied: bool, path: Pa
     A tensor the family has no HF name for is refused; a tied output.weight (legacy
     LLaMA and MPT GGUF files store the embedding's copy: a map with no GGUF name, or one
     whose HF source is already written) is dropped, as transformers ties it back."""
+    if "rope_freqs.weight" in tensors:
+        raise InputError(path, "rope_freqs.weight (Llama 3.1 RoPE scaling) holds per-frequency factors, not the "
+                               "rope_parameters transformers needs (factor, low/high_freq_factor, original context); "
+                               "export from the original checkpoint's config instead")
     maps: list[TensorMap] = arch.tensor_maps(set() if tied else {"lm_head.weight"})
     out, used, written = [], set(), set()
     for m in maps:

@@ -137,7 +137,7 @@ def resolve_target(fmt: str | None, out: str | Path, arch: Arch | None = None, *
         return legacy_target(key, arch.legacy_target(key, out))
     if family is None:
         raise InputError(out, f"{key} holds only LLaMA, GPT-J and MPT models; the source is none of them")
-    return legacy_target(key, family_arch(family).legacy_target(key, out))
+    return legacy_target(key, family_arch(family).legacy_target_for(key, out))
 
 
 def is_mlc_format(fmt: str | None) -> bool:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from smolq.errors import FormatError, InputError
+from smolq.fileio import FileSpan, SpanLoad
 from smolq.lazy import lazy_module
 
 np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
@@ -65,6 +66,7 @@ class SourceTensor:
     shape: tuple[int, ...]
     file: Path
     _read: Callable[[], np.ndarray] = field(repr=False)
+    span: FileSpan | None = None  # where the stored bytes lie, when they are one range of `file`
 
     @property
     def n_elements(self) -> int:
@@ -76,6 +78,10 @@ class SourceTensor:
 
     def load_raw(self) -> np.ndarray:
         return self._read()
+
+    def raw_loader(self) -> Callable[[], np.ndarray]:
+        """load_raw, as a loader a sink may copy file to file when the bytes are one stored range."""
+        return SpanLoad(self.span, self._read) if self.span is not None else self._read
 
     def load(self) -> np.ndarray:
         if self.dtype not in FLOAT_DTYPES and self.dtype != "F64":
@@ -209,7 +215,7 @@ def _safetensors_tensors(path: Path) -> dict[str, SourceTensor]:
         def read(path=path, offset=data_start + begin, nbytes=end - begin, np_dtype=np_dtype, shape=shape):
             return _map_bytes(path, offset, nbytes).view(np_dtype).reshape(shape)
 
-        out[name] = SourceTensor(name, dtype, shape, path, read)
+        out[name] = SourceTensor(name, dtype, shape, path, read, FileSpan(path, data_start + begin, end - begin))
     return out
 
 

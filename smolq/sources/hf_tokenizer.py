@@ -27,7 +27,9 @@ from typing import Any
 
 from smolq.errors import InputError
 from smolq.lazy import lazy_module
-from smolq.sources.vocab import ADDED_TOKEN_SCORE, BYTE, CONTROL, NORMAL, SPIECE_SPACE, UNKNOWN, UNUSED, USER_DEFINED, Vocab
+from smolq.sources.bpe_pre import PRE_TOKENIZER_FORMS
+from smolq.sources.vocab import (ADDED_TOKEN_SCORE, BYTE, CONTROL, NORMAL, SPIECE_SPACE, UNKNOWN, UNUSED, USER_DEFINED,
+                                 Vocab)
 
 tokenizers = lazy_module("tokenizers")  # imported at first use: `smolq --help` stays fast
 
@@ -74,9 +76,10 @@ def _token_ids(vocab: Vocab, path: Any) -> dict[str, int]:
 
 def _byte_level_bpe(vocab: Vocab, path: Any):
     pre = vocab.pre or "default"
-    if pre not in PRE_TOKENIZERS:
+    if pre not in PRE_TOKENIZERS and pre not in PRE_TOKENIZER_FORMS:
+        known = sorted(set(PRE_TOKENIZERS) | set(PRE_TOKENIZER_FORMS))
         raise InputError(path, f"tokenizer.ggml.pre {pre!r} has no known Hugging Face pre-tokenizer "
-                               f"(known: {', '.join(sorted(PRE_TOKENIZERS))})")
+                               f"(known: {', '.join(known)})")
     merges = [tuple(m.split(" ", 1)) for m in vocab.merges] if vocab.merges else merges_from_ranks(vocab)
     if not merges:
         raise InputError(path, "the byte-level BPE vocabulary has no merges (tokenizer.ggml.merges)")
@@ -92,11 +95,24 @@ def _byte_level_bpe(vocab: Vocab, path: Any):
     pt = tokenizers.pre_tokenizers
     steps = {"digits": pt.Digits(individual_digits=True),
              "bytelevel": pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)}
-    tok.pre_tokenizer = pt.Sequence([steps[s] for s in PRE_TOKENIZERS[pre]])
+    if pre in PRE_TOKENIZERS:
+        tok.pre_tokenizer = pt.Sequence([steps[s] for s in PRE_TOKENIZERS[pre]])
+    else:  # Llama 3's, Qwen2's: the Split regex of the original tokenizer.json (sources/bpe_pre.py)
+        tok.pre_tokenizer = pt.Sequence([_pre_tokenizer_step(s) for s in PRE_TOKENIZER_FORMS[pre]])
     if NORMALIZERS.get(pre) == "nfc":
         tok.normalizer = tokenizers.normalizers.NFC()
     tok.decoder = tokenizers.decoders.ByteLevel()
     return tok
+
+
+def _pre_tokenizer_step(step: tuple[str, ...]):
+    """One step of a PRE_TOKENIZER_FORMS entry as a `tokenizers` pre-tokenizer."""
+    pt = tokenizers.pre_tokenizers
+    if step[0] == "split":
+        return pt.Split(tokenizers.Regex(step[1]), behavior="isolated", invert=False)
+    if step[0] == "digits":
+        return pt.Digits(individual_digits=True)
+    return pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=step[0] == "bytelevel")
 
 
 def merges_from_ranks(vocab: Vocab) -> list[tuple[str, str]]:

@@ -21,7 +21,8 @@ from smolq.sources.checkpoint import read_json_object
 
 np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
-FAMILIES = tuple(a.family for a in ARCHES)  # GGUF architecture names smolq has a family module for
+# GGUF architectures that are a family of their own (Mistral's files are `llama`).
+FAMILIES = tuple(a.family for a in ARCHES if a.family == a.gguf_arch)
 
 
 @dataclass

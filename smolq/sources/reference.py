@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -89,21 +90,26 @@ def _gelu_erf(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)).astype(x.dtype))
 
 
-def rope_normal(x: np.ndarray, n_rot: int, base: float, position_scale: float = 1.0) -> np.ndarray:
-    """ggml RoPE mode 0 on x [batch, seq, heads, head_dim]: for each pair
-    (2i, 2i+1) with 2i < n_rot, rotate by angle p·base^(-2i/n_rot); the
-    dimensions from n_rot on pass through. p is the position in the sequence
-    (times `position_scale` for linear RoPE scaling)."""
+def rope_normal(x: np.ndarray, n_rot: int, base: float, position_scale: float = 1.0,
+                freq_factors: np.ndarray | None = None, neox: bool = False) -> np.ndarray:
+    """ggml RoPE on x [batch, seq, heads, head_dim]: rotate pair i (i < n_rot/2) by angle
+    p·base^(-2i/n_rot) / freq_factors[i] (Llama 3.1's rope_freqs; none: 1); the dimensions
+    from n_rot on pass through. p is the position in the sequence (times `position_scale`
+    for linear RoPE scaling). Mode 0 pairs (2i, 2i+1); NeoX mode (Qwen) pairs (i, i + n_rot/2)."""
     seq = x.shape[1]
     pos = np.arange(seq, dtype=np.float64) * position_scale
     inv_freq = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+    if freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(freq_factors, dtype=np.float64)
     angle = pos[:, None] * inv_freq[None, :]  # [seq, n_rot/2]
     cos = np.cos(angle)[None, :, None, :].astype(x.dtype)
     sin = np.sin(angle)[None, :, None, :].astype(x.dtype)
-    even, odd = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+    first, second = (slice(0, n_rot // 2), slice(n_rot // 2, n_rot)) if neox else \
+        (slice(0, n_rot, 2), slice(1, n_rot, 2))
+    a, b = x[..., first], x[..., second]
     out = x.copy()
-    out[..., 0:n_rot:2] = even * cos - odd * sin
-    out[..., 1:n_rot:2] = even * sin + odd * cos
+    out[..., first] = a * cos - b * sin
+    out[..., second] = a * sin + b * cos
     return out
 
 
@@ -192,7 +198,9 @@ def _block_count(hp: _HParams, tensors: Mapping[str, np.ndarray]) -> int:
 # --------------------------------------------------------------------------- architectures
 
 
-def _llama(t: Mapping[str, np.ndarray], hp: _HParams, tokens: np.ndarray) -> np.ndarray:
+def _llama(t: Mapping[str, np.ndarray], hp: _HParams, tokens: np.ndarray, neox: bool = False) -> np.ndarray:
+    """LLaMA and the families built like it: Mistral (a `llama` file), Qwen2 (q/k/v biases, which
+    _linear adds) and Qwen3 (RMSNorm of each Q and K head before RoPE), both in NeoX RoPE order."""
     n_embd = int(hp("embedding_length"))
     n_head = int(hp("attention.head_count"))
     n_kv = int(hp("attention.head_count_kv", n_head))
@@ -201,12 +209,20 @@ def _llama(t: Mapping[str, np.ndarray], hp: _HParams, tokens: np.ndarray) -> np.
     eps = float(hp("attention.layer_norm_rms_epsilon"))
     base = float(hp("rope.freq_base", DEFAULT_ROPE_BASE))
     scale = _rope_position_scale(hp)
+    factors = t.get("rope_freqs.weight")
     x = t["token_embd.weight"][tokens]
+
+    def heads(h: np.ndarray, p: str, kind: str, n: int) -> np.ndarray:
+        y = _heads(_linear(h, t, f"{p}.attn_{kind}"), n)
+        norm = t.get(f"{p}.attn_{kind}_norm.weight")
+        if norm is not None:
+            y = _rms_norm(y, norm, eps)
+        return rope_normal(y, n_rot, base, scale, factors, neox)
+
     for i in range(_block_count(hp, t)):
         p = f"blk.{i}"
         h = _rms_norm(x, t[f"{p}.attn_norm.weight"], eps)
-        q = rope_normal(_heads(_linear(h, t, f"{p}.attn_q"), n_head), n_rot, base, scale)
-        k = rope_normal(_heads(_linear(h, t, f"{p}.attn_k"), n_kv), n_rot, base, scale)
+        q, k = heads(h, p, "q", n_head), heads(h, p, "k", n_kv)
         v = _heads(_linear(h, t, f"{p}.attn_v"), n_kv)
         x = x + _linear(_attention(q, k, v, 1.0 / math.sqrt(head_dim)), t, f"{p}.attn_output")
         h = _rms_norm(x, t[f"{p}.ffn_norm.weight"], eps)
@@ -330,7 +346,10 @@ def _gemma3(t: Mapping[str, np.ndarray], hp: _HParams, tokens: np.ndarray) -> np
     return cap * np.tanh(logits / cap) if cap else logits
 
 
-ARCHITECTURES: dict[str, Callable[..., np.ndarray]] = {"llama": _llama, "gptj": _gptj, "mpt": _mpt, "gemma3": _gemma3}
+ARCHITECTURES: dict[str, Callable[..., np.ndarray]] = {
+    "llama": _llama, "gptj": _gptj, "mpt": _mpt,
+    "qwen2": partial(_llama, neox=True), "qwen3": partial(_llama, neox=True), "gemma3": _gemma3,
+}
 
 
 def forward(arch: str, tensors: Mapping[str, np.ndarray], hparams: Mapping[str, Any], tokens: np.ndarray,

@@ -19,6 +19,7 @@ from typing import Any
 
 from smolq.arch.base import meta
 from smolq.errors import FormatError, InputError
+from smolq.sources.bpe_pre import identify_pre
 
 # tokenizer.ggml.token_type values (formats.md 6.5)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -110,6 +111,8 @@ class Vocab:
         for kind, flag in (("bos", self.add_bos), ("sep", self.add_sep), ("eos", self.add_eos)):
             if flag is not None:
                 md[f"tokenizer.ggml.add_{kind}_token"] = meta("bool", flag)
+        if self.add_space_prefix is not None:
+            md["tokenizer.ggml.add_space_prefix"] = meta("bool", self.add_space_prefix)
         if self.chat_template:
             md["tokenizer.chat_template"] = meta("str", self.chat_template)
         return md
@@ -127,8 +130,16 @@ class Vocab:
         return text.replace(SPIECE_SPACE, " ").encode("utf-8")
 
     # ---------------------------------------------------------- legacy
+    def check_legacy(self, family: str, path: Path | None) -> None:
+        """Legacy LLaMA loaders read SentencePiece pieces; a byte-level BPE vocabulary (Llama 3's)
+        would be read as such pieces and tokenize wrongly, so it has no place there."""
+        if family == "llama" and self.byte_level:
+            raise InputError(path, "a byte-level BPE vocabulary (Llama 3 style) has no place in a legacy LLaMA file: "
+                                   "no 2023 loader reads one; write GGUF")
+
     def legacy_tokens(self, family: str, container: str, dialect: str) -> list[tuple[bytes, float, bool]]:
         """(text bytes, score, special) per token, by the rules of formats.md 3."""
+        self.check_legacy(family, self.source)
         if family == "llama":
             return [self._llama_legacy(i) for i in range(len(self))]
         if family == "mpt" and container == "ggml":
@@ -220,9 +231,21 @@ def _special_settings(directory: Path, token_to_id: dict[str, int], model_config
             vocab.notes.append(f"{kind} token id {vocab.special_ids.pop(kind)} is outside the vocabulary; dropped")
     flags = add_token_flags(tokenizer_json, tok_config)
     vocab.add_bos, vocab.add_eos, vocab.add_sep = flags.get("bos"), flags.get("eos"), flags.get("sep")
-    template = tok_config.get("chat_template")
+    template = tok_config.get("chat_template", _chat_template_file(directory))
     if isinstance(template, str):
         vocab.chat_template = template
+    elif template is not None:
+        vocab.notes.append("chat template given as a list of named templates; only a single template is written")
+
+
+def _chat_template_file(directory: Path) -> Any:
+    """The chat template transformers 5 saves beside tokenizer_config.json (chat_template.jinja,
+    or chat_template.json's "chat_template"), which llama.cpp's converter reads when the config has none."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    data = _read_json(directory / "chat_template.json")
+    return data.get("chat_template") if isinstance(data, dict) else None
 
 
 def add_token_flags(tokenizer_json: Any, tok_config: dict | None) -> dict[str, bool]:
@@ -429,8 +452,9 @@ def _sentencepiece_with_added(directory: Path, sp_path: Path, n_vocab: int, note
 
 
 def _merge_strings(merges: list[Any]) -> list[str]:
-    """tokenizers keeps merges as "a b" strings (old) or [a, b] pairs (new); GGUF wants "a b"."""
-    return [m if isinstance(m, str) else " ".join(m) for m in merges]
+    """tokenizers keeps merges as "a b" strings (old) or [a, b] pairs (new); GGUF wants "a b".
+    A space inside a pair's part is written as U+0120, as gguf-py's SpecialVocab does."""
+    return [m if isinstance(m, str) else " ".join(part.replace(" ", "\u0120") for part in m) for m in merges]
 
 
 def _bpe_from_tokenizer_json(path: Path, data: dict) -> tuple[str, dict[str, int], list[str]]:
@@ -456,8 +480,11 @@ def _bpe_from_files(directory: Path) -> tuple[str, dict[str, int], list[str]]:
     return "gpt2", vocab, merges
 
 
-# Families whose tokenizer.model llama.cpp's converter reads (_create_vocab_sentencepiece); others use tokenizer.json.
-SENTENCEPIECE_FAMILIES = ("llama", "gemma3")
+# Families whose vocabulary smolq reads as they were in 2023 (their GGUF and legacy files predate
+# llama.cpp's rules for added tokens and pre-tokenizer hashes); every other family follows the converter.
+LEGACY_VOCAB_FAMILIES = ("gptj", "mpt")
+# Families written as GGUF `llama`, whose converter also writes tokenizer_config's add_prefix_space.
+LLAMA_GGUF_FAMILIES = ("llama", "mistral")
 # Families whose tokenizer.json alone llama.cpp's converter cannot place (no pre-tokenizer hash for it).
 SENTENCEPIECE_ONLY = ("gemma3",)
 
@@ -472,13 +499,13 @@ def load_vocab(directory: str | Path, n_vocab: int, family: str, model_config: d
     if family in SENTENCEPIECE_ONLY and not sp_path.is_file():
         raise InputError(directory, f"no tokenizer.model: {family}'s vocabulary is read from it (llama.cpp's "
                                     "converter knows no pre-tokenizer for its tokenizer.json alone)")
-    if family in SENTENCEPIECE_FAMILIES and sp_path.is_file():
+    if family not in LEGACY_VOCAB_FAMILIES and sp_path.is_file():
         tokens, types, scores, n_base, originals = _sentencepiece_with_added(directory, sp_path, n_vocab, notes)
         vocab = Vocab("llama", tokens, types, scores, [], {}, pre="default", source=sp_path, notes=notes,
                       n_base=n_base, base_pieces=originals)
         _special_settings(directory, {t: i for i, t in enumerate(tokens)}, model_config, vocab, tokenizer_json)
+        _space_prefix(directory, family, vocab)
         return vocab
-    added = _added_tokens(directory, tokenizer_json)
     if tokenizer_json is not None:
         model, token_to_id, merges = _bpe_from_tokenizer_json(directory / "tokenizer.json", tokenizer_json)
         source = directory / "tokenizer.json"
@@ -487,10 +514,11 @@ def load_vocab(directory: str | Path, n_vocab: int, family: str, model_config: d
         source = directory / "vocab.json"
     else:
         raise InputError(directory, "no tokenizer found (tokenizer.model, tokenizer.json or vocab.json)")
+    if family not in LEGACY_VOCAB_FAMILIES and model == "gpt2":
+        return _byte_level_vocab(directory, source, tokenizer_json, token_to_id, merges, n_vocab, family, model_config)
+    added = _added_tokens(directory, tokenizer_json)
     tokens, types, scores = _tokens_by_id(source, token_to_id, model)
-    pre = {"mpt": "mpt", "llama": "default" if model == "llama" else "gpt-2"}.get(family)
-    if family == "llama" and model == "gpt2":
-        pre = _known_bpe_pre(tokenizer_json) or pre
+    pre = {"mpt": "mpt", "gptj": None}.get(family, "default")  # GPT4All's GPT-J reader takes no pre
     if model == "llama":
         merges = []  # SentencePiece-style: llama.cpp merges by score
     n_base = len(tokens)
@@ -498,22 +526,50 @@ def load_vocab(directory: str | Path, n_vocab: int, family: str, model_config: d
     _fit(tokens, types, scores, n_vocab, notes)
     vocab = Vocab(model, tokens, types, scores, merges, {}, pre=pre, source=source, notes=notes, n_base=n_base)
     _special_settings(directory, {t: i for i, t in enumerate(tokens)}, model_config, vocab, tokenizer_json)
+    _space_prefix(directory, family, vocab)
     return vocab
 
 
-def _known_bpe_pre(tokenizer_json: Any) -> str | None:
-    """tokenizer.ggml.pre for a byte-level pre-tokenizer that splits exactly as one of llama.cpp's
-    regex sets: Digits(individual) then ByteLevel's GPT-2 regex is "smollm" (\\p{N}, then GPT-2's)."""
-    pre = tokenizer_json.get("pre_tokenizer") if isinstance(tokenizer_json, dict) else None
-    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else None
-    if not isinstance(steps, list) or len(steps) != 2 or not all(isinstance(x, dict) for x in steps):
-        return None
-    digits, byte_level = steps
-    if (digits.get("type") == "Digits" and digits.get("individual_digits") is True
-            and byte_level.get("type") == "ByteLevel" and byte_level.get("use_regex", True) is True
-            and not byte_level.get("add_prefix_space", False)):
-        return "smollm"
-    return None
+def _space_prefix(directory: Path, family: str, vocab: Vocab) -> None:
+    """llama.cpp's LLaMA converter writes tokenizer_config's add_prefix_space as add_space_prefix."""
+    value = (_read_json(directory / "tokenizer_config.json") or {}).get("add_prefix_space")
+    if family in LLAMA_GGUF_FAMILIES and isinstance(value, bool):
+        vocab.add_space_prefix = value
+
+
+def _byte_level_vocab(directory: Path, source: Path, tokenizer_json: dict | None, token_to_id: dict[str, int],
+                      merges: list[str], n_vocab: int, family: str, model_config: dict[str, Any]) -> Vocab:
+    """A byte-level BPE vocabulary by the rules of llama.cpp's converter (get_vocab_base, SpecialVocab):
+
+    - ids 0..n_vocab-1; an id no token has is [PADi], UNUSED (the converter refuses ids >= n_vocab,
+      smolq drops them with a note);
+    - tokens of tokenizer.json's added_tokens are CONTROL when flagged special or looking special
+      (<|...|>, <pad>, ...), else USER_DEFINED with '▁' pre-normalized to a space; the rest NORMAL;
+    - no scores; merges as SpecialVocab writes them; tokenizer.ggml.pre by the check-text hash;
+    - special token ids: tokenizer_config's bos/eos/... content looked up among the added tokens,
+      else config.json's <kind>_token_id.
+    """
+    notes: list[str] = []
+    tokens, types, _ = _tokens_by_id(source, token_to_id, "gpt2")
+    n_base = len(tokens)
+    added = {int(a["id"]): a for a in (tokenizer_json or {}).get("added_tokens") or []
+             if isinstance(a, dict) and isinstance(a.get("content"), str) and isinstance(a.get("id"), int)}
+    for tid, info in sorted(added.items()):
+        while len(tokens) <= tid:
+            tokens.append(f"[PAD{len(tokens)}]")
+            types.append(UNUSED)
+        text = info["content"]
+        if info.get("special") or _looks_special(text):
+            tokens[tid], types[tid] = text, CONTROL
+        else:
+            tokens[tid], types[tid] = text.replace(SPIECE_SPACE, " "), USER_DEFINED
+    _fit(tokens, types, None, n_vocab, notes)
+    pre = identify_pre(source, tokenizer_json or {}, notes) if source.name == "tokenizer.json" else "gpt-2"
+    vocab = Vocab("gpt2", tokens, types, None, merges, {}, pre=pre, source=source, notes=notes, n_base=n_base)
+    added_ids = {info["content"]: tid for tid, info in sorted(added.items(), reverse=True)}  # first match wins
+    _special_settings(directory, added_ids, model_config, vocab, tokenizer_json)
+    _space_prefix(directory, family, vocab)
+    return vocab
 
 
 def _tokens_by_id(source: Path, token_to_id: dict[str, int], model: str) -> tuple[list[str], list[int], list[float] | None]:
