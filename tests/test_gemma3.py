@@ -474,3 +474,30 @@ def test_split_output_is_the_unsplit_file(tmp_path):
     tokens = [[2, 10, 20, 30, 40, 50]]
     np.testing.assert_array_equal(np.stack(open_llama(shards[0]).logits(tokens)),
                                   np.stack(open_llama(whole).logits(tokens)))
+
+
+# ------------------------------------------------------------------------------------------ imatrix
+
+def test_imatrix_matches_llama_imatrix(tmp_path):
+    """`smolq imatrix` on a Gemma 3 checkpoint (block by block, each kind of block with its own
+    arguments) against llama-imatrix on smolq's f32 GGUF of it: the same entries, token counts
+    and importance (cosine), output.weight included (--process-output, untied head)."""
+    import smolq
+    from smolq.formats.imatrix import read_imatrix
+    from tests.real_loaders import require_llama_tool
+    from tests.test_imatrix import CTX, _cosine, _llama, _text
+
+    tool = require_llama_tool("llama-imatrix")
+    src = make_tiny_model("gemma3", tmp_path / "hf", n_layers=N_LAYERS, seed=4, hidden_size=256)
+    convert(src, tmp_path / "model-f32.gguf", outtype="f32")
+    (tmp_path / "calib.txt").write_text(_text(1))
+    _llama(tool, "-m", "model-f32.gguf", "-f", "calib.txt", "-c", CTX, "--chunks", 3, "-t", "1", "--no-ppl",
+           "--process-output", "-o", "llama.gguf", cwd=tmp_path)
+    smolq.imatrix(src, tmp_path / "smolq.gguf", calib=tmp_path / "calib.txt", ctx=CTX, chunks=3,
+                  process_output=True)
+    ours, theirs = read_imatrix(tmp_path / "smolq.gguf"), read_imatrix(tmp_path / "llama.gguf")
+    assert "output.weight" in theirs.entries and "blk.5.attn_q.weight" in theirs.entries
+    assert sorted(ours.entries) == sorted(theirs.entries)
+    for name in theirs.entries:
+        assert ours.entries[name].counts.tolist() == theirs.entries[name].counts.tolist(), name
+        assert _cosine(ours.importance(name), theirs.importance(name)) >= 0.999, name

@@ -521,16 +521,21 @@ class _Activations:
         self._rest.setdefault(kind, []).append((self._dedupe(args), self._dedupe(kwargs)))
 
     def call(self, i: int, kind=None):
-        """(args, kwargs) of sample i's call of a block of `kind`."""
+        """(args, kwargs) of sample i's call of a block of `kind` (None: families whose blocks
+        all take the same arguments; a kind never captured is a KeyError, not another's)."""
+        args, kwargs = self._rest[kind][i]
+        return _with_hidden(args, kwargs, self.hidden(i))
+
+    def hidden(self, i: int):
+        """Sample i's hidden states alone (what any block of any kind gets)."""
         import torch
 
-        args, kwargs = self._rest[kind][i]
         h = self._hidden[i]
-        if self._fh is not None:
-            offset, shape = h
-            self._fh.seek(offset)
-            h = torch.from_numpy(np.fromfile(self._fh, dtype=np.float32, count=int(np.prod(shape))).reshape(shape))
-        return _with_hidden(args, kwargs, h)
+        if self._fh is None:
+            return h
+        offset, shape = h
+        self._fh.seek(offset)
+        return torch.from_numpy(np.fromfile(self._fh, dtype=np.float32, count=int(np.prod(shape))).reshape(shape))
 
     def replace(self, i: int, hidden) -> None:
         hidden = hidden.detach().cpu()

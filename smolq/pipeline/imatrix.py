@@ -42,11 +42,11 @@ from smolq.pipeline.gptq import (
     FAMILIES,
     _blocks,
     _capture_block_inputs,
-    _hidden_of,
     _linears,
     _load_model,
     _run_block,
     _Weights,
+    _block_kinds,
 )
 from smolq.sources.checkpoint import open_checkpoint
 from smolq.transforms.calib import Calibration
@@ -54,7 +54,7 @@ from smolq.transforms.calib import Calibration
 np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 # The module that normalises the last block's output before lm_head (--process-output).
-FINAL_NORM = {"llama": "model.norm", "gptj": "transformer.ln_f", "mpt": "transformer.norm_f"}
+FINAL_NORM = {"llama": "model.norm", "gptj": "transformer.ln_f", "mpt": "transformer.norm_f", "gemma3": "model.norm"}
 BATCH_TOKENS = 2048  # chunks run together up to this many tokens (llama-imatrix's default -b)
 # Finished blocks are saved for --resume at most this often (and after the last one): saving
 # costs a write of every block input, so a Ctrl-C loses up to this much work, never more.
@@ -220,7 +220,7 @@ class WorkDir:
         shapes = []
         with atomic_output(self.path / "hidden.f32") as fh:
             for j in range(len(acts)):
-                h = _hidden_of(*acts.call(j)).detach().to(torch.float32).contiguous()
+                h = acts.hidden(j).detach().to(torch.float32).contiguous()
                 shapes.append(list(h.shape))
                 fh.write(memoryview(h.numpy()).cast("B"))
         with atomic_output(self.path / "state.json") as fh:
@@ -328,6 +328,7 @@ def _say_how_to_resume(work: WorkDir) -> None:
 
 def _collect(model, family, cal, weights, work: WorkDir, gguf_of, process_output, quiet, on_progress) -> SquareSums:
     blocks = _blocks(model, family)
+    kinds = _block_kinds(model, family)  # Gemma 3: sliding and global blocks take different arguments
     acts = _capture_block_inputs(model, family, cal, weights, work.path, quiet)
     sums = SquareSums()
     start = work.done_blocks()
@@ -342,7 +343,7 @@ def _collect(model, family, cal, weights, work: WorkDir, gguf_of, process_output
             _event(on_progress, event="tensor", name=f"block {i} (saved)", nbytes=per_block)
         saved = time.monotonic()
         for i in range(start, len(blocks)):
-            _one_block(blocks[i], i, family, acts, weights, gguf_of, sums)
+            _one_block(blocks[i], i, family, acts, weights, gguf_of, sums, kinds[i])
             if time.monotonic() - saved >= SAVE_EVERY_S and i + 1 < len(blocks):
                 work.save(i + 1, sums, acts)
                 saved = time.monotonic()
@@ -360,13 +361,13 @@ def _event(on_progress, **event) -> None:
         on_progress(event)
 
 
-def _one_block(block, index, family, acts, weights, gguf_of, sums: SquareSums) -> None:
+def _one_block(block, index, family, acts, weights, gguf_of, sums: SquareSums, kind=None) -> None:
     import torch
 
     weights.materialize(block, f"{FAMILIES[family].blocks}.{index}.")
     handles = _hook_linears(block, _block_entries(family, index, gguf_of), sums)
     try:
-        _run_block(block, acts, torch.device("cpu"), replace=True)
+        _run_block(block, acts, torch.device("cpu"), replace=True, kind=kind)
     finally:
         for h in handles:
             h.remove()
@@ -387,7 +388,7 @@ def _output_sums(model, family, acts, weights, gguf_of, sums: SquareSums) -> Non
     try:
         with torch.no_grad():
             for j in range(len(acts)):
-                sums.add(entry, norm(_hidden_of(*acts.call(j))))
+                sums.add(entry, norm(acts.hidden(j)))
                 sums.release()
     finally:
         weights.release(norm)

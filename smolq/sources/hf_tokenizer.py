@@ -212,7 +212,7 @@ def tokenizer_config(vocab: Vocab, model_max_length: int) -> dict[str, Any]:
         if i is not None and 0 <= i < len(vocab):
             cfg[name] = vocab.tokens[i]
     listed = _listed_added_tokens(vocab)
-    if listed:
+    if listed or vocab.model != "llama":  # byte-level BPE: always written, possibly empty
         cfg["added_tokens_decoder"] = {
             str(i): {"content": vocab.tokens[i], "lstrip": False, "rstrip": False, "normalized": False,
                      "single_word": False, "special": vocab.types[i] != USER_DEFINED} for i in listed}

@@ -113,21 +113,6 @@ def rope_normal(x: np.ndarray, n_rot: int, base: float, position_scale: float = 
     return out
 
 
-def rope_neox(x: np.ndarray, n_rot: int, base: float, position_scale: float = 1.0) -> np.ndarray:
-    """ggml RoPE NEOX mode on x [batch, seq, heads, head_dim]: dimension i < n_rot/2 turns
-    with i + n_rot/2 by angle p·base^(-2i/n_rot) (transformers' rotate_half)."""
-    seq, half = x.shape[1], n_rot // 2
-    pos = np.arange(seq, dtype=np.float64) * position_scale
-    angle = pos[:, None] * (base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot))[None, :]
-    cos = np.cos(angle)[None, :, None, :].astype(x.dtype)
-    sin = np.sin(angle)[None, :, None, :].astype(x.dtype)
-    first, second = x[..., :half], x[..., half:n_rot]
-    out = x.copy()
-    out[..., :half] = first * cos - second * sin
-    out[..., half:n_rot] = second * cos + first * sin
-    return out
-
-
 def alibi_slopes(n_head: int, max_bias: float) -> np.ndarray:
     """ggml's ALiBi slopes: m0^(k+1) for the first 2^floor(log2 n) heads,
     then odd powers of m1 = 2^(-max_bias/2 / that count) for the rest."""
@@ -334,7 +319,7 @@ def _gemma3(t: Mapping[str, np.ndarray], hp: _HParams, tokens: np.ndarray) -> np
         h = _rms_norm(x, t[f"{p}.attn_norm.weight"], eps)
         q = _rms_norm(_heads(_linear(h, t, f"{p}.attn_q"), n_head), t[f"{p}.attn_q_norm.weight"], eps)
         k = _rms_norm(_heads(_linear(h, t, f"{p}.attn_k"), n_kv), t[f"{p}.attn_k_norm.weight"], eps)
-        q, k = rope_neox(q, head_dim, base, position_scale), rope_neox(k, head_dim, base, position_scale)
+        q, k = (rope_normal(y, head_dim, base, position_scale, neox=True) for y in (q, k))
         v = _heads(_linear(h, t, f"{p}.attn_v"), n_kv)
         attn = _linear(_attention(q, k, v, scale, bias if sliding[i] else None), t, f"{p}.attn_output")
         x = x + _rms_norm(attn, t[f"{p}.post_attention_norm.weight"], eps)
