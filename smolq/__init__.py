@@ -1,12 +1,23 @@
 """smolq: convert Hugging Face checkpoints into GGUF and legacy ggml files, and quantize them.
 
-The public API (smolq.api): convert, quantize, migrate, split, merge, open.
+The public API (smolq.api): convert, quantize, imatrix, read_imatrix, migrate, split, merge, open.
 """
 
 __version__ = "0.1.0"
 
-from smolq.api import Source, TensorInfo, convert, merge, migrate, open, quantize, split  # noqa: E402,F401
+from smolq.api import (  # noqa: E402,F401
+    Source,
+    TensorInfo,
+    convert,
+    imatrix,
+    merge,
+    migrate,
+    open,
+    quantize,
+    read_imatrix,
+    split,
+)
 from smolq.errors import FormatError, InputError, SmolqError  # noqa: E402,F401
 
-__all__ = ["__version__", "convert", "quantize", "migrate", "split", "merge", "open", "Source", "TensorInfo",
+__all__ = ["__version__", "convert", "quantize", "imatrix", "read_imatrix", "migrate", "split", "merge", "open", "Source", "TensorInfo",
            "SmolqError", "InputError", "FormatError"]

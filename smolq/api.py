@@ -28,7 +28,10 @@ from smolq.arch import arch_for_config
 from smolq.errors import InputError
 from smolq.formats.detect import open_model
 from smolq.formats.gguf import Split
+from smolq.formats.imatrix import Imatrix
+from smolq.formats.imatrix import read_imatrix as _read_imatrix
 from smolq.pipeline import convert as _convert
+from smolq.pipeline import imatrix as _imatrix
 from smolq.pipeline import migrate as _migrate
 from smolq.pipeline import requantize as _requantize
 from smolq.pipeline import split as _split
@@ -40,13 +43,16 @@ from smolq.sources.gptq import looks_like_gptq
 PathLike = str | os.PathLike
 Progress = Callable[[dict[str, Any]], None]
 
-__all__ = ["convert", "quantize", "migrate", "split", "merge", "open", "Source", "TensorInfo"]
+__all__ = ["convert", "quantize", "imatrix", "read_imatrix", "migrate", "split", "merge", "open", "Source",
+           "TensorInfo"]
 
 
 def convert(src: PathLike, out: PathLike, *, format: str | None = None, outtype: str | None = None,
             vocab_only: bool = False, dry_run: bool = False,
             split_max_size: int | str | None = None, split_max_tensors: int | None = None,
             max_shard_size: int | str | None = None,
+            imatrix: PathLike | None = None, include_weights: Iterable[str] = (),
+            exclude_weights: Iterable[str] = (),
             on_progress: Progress | None = None) -> dict[str, Any]:
     """Convert a Hugging Face checkpoint directory (plain or GPTQ) into GGUF or a legacy ggml file,
     or (format "hf") a GGUF or legacy model file back into a Hugging Face checkpoint directory.
@@ -65,12 +71,17 @@ def convert(src: PathLike, out: PathLike, *, format: str | None = None, outtype:
     format "hf": src is a GGUF or legacy file (LLaMA); outtype "f32", "f16" or "bf16" (None:
     the file's float type, else f16); max_shard_size ("5GB", the default, or bytes):
     safetensors shards above it, with model.safetensors.index.json.
+    imatrix: an importance matrix (llama.cpp's GGUF or .dat file, e.g. from smolq.imatrix) that
+    the block types are quantized with, as llama-quantize --imatrix; include_weights /
+    exclude_weights: substrings of entry names to keep / drop (not both).
     Returns the summary; with dry_run=True nothing is written.
     """
     return common_summary(_convert.convert(src, out, format=format, outtype=outtype, vocab_only=vocab_only,
                                            dry_run=dry_run, on_progress=on_progress,
                                            split=Split.of(split_max_size, split_max_tensors),
-                                           max_shard_size=max_shard_size))
+                                           max_shard_size=max_shard_size, imatrix=imatrix,
+                                           include_weights=list(include_weights),
+                                           exclude_weights=list(exclude_weights)))
 
 
 def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int | None = None,
@@ -84,13 +95,16 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
              scale_rule: str = "weighted", seed: int = 0, resume: bool = False,
              double_quant: bool = True, blocksize: int = 64,
              split_max_size: int | str | None = None, split_max_tensors: int | None = None,
+             imatrix: PathLike | None = None, include_weights: Iterable[str] = (),
+             exclude_weights: Iterable[str] = (),
              dry_run: bool = False, quiet: bool = True) -> dict[str, Any]:
     """Quantize a model, as `smolq quantize` does.
 
     src: a GGUF / legacy file (requantized with RTN, container kept unless
     `format` says otherwise), or an HF checkpoint directory (RTN: converted;
     GPTQ: calibrated and solved, block by block).
-    type: a preset ("q4_0", "q4_k_m", "q3_k_s", "tq2_0", "f16" ...) or a plain
+    type: a preset as llama-quantize names it ("q4_0", "q4_k_m", "q2_k_s", "iq4_xs", "iq2_m", "mxfp4_moe",
+    "tq2_0", "f16" ...; IQ1/IQ2 mixes, iq3_xxs, iq3_xs and q2_k_s need an importance matrix) or a plain
     type; bits: 2, 3, 4, 5, 6 or 8 for that width's default preset.
     method: "rtn" or "gptq" (needs an HF checkpoint; the GPTQ options below
     apply to it only). format "gptq" (or an OUT without suffix) with method
@@ -103,6 +117,9 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     tensor_types: "REGEX=TYPE" strings, or a {regex: type} mapping (wins over the mix).
     quiet=False shows progress bars on stderr (the CLI's default).
     split_max_size / split_max_tensors: a GGUF output in shards, as in convert().
+    imatrix: an importance matrix file (llama.cpp's GGUF or .dat; smolq.imatrix writes both)
+    used as llama-quantize --imatrix uses it (method "rtn"); include_weights /
+    exclude_weights: substrings of entry names to keep / drop (not both).
     Returns the summary; with dry_run=True nothing is written.
     """
     src, out = Path(src), Path(out)
@@ -138,8 +155,31 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     request = _requantize.Request(src, out, resolve_preset(type, bits), opts, method, format, allow_requantize,
                                   threads, Path(calib) if calib is not None else None, dry_run, quiet, gptq,
                                   {"double_quant": double_quant, "blocksize": blocksize},
-                                  Split.of(split_max_size, split_max_tensors))
+                                  Split.of(split_max_size, split_max_tensors),
+                                  Path(imatrix) if imatrix is not None else None,
+                                  list(include_weights), list(exclude_weights))
     return common_summary(_requantize.run(request))
+
+
+def imatrix(src: PathLike, out: PathLike, *, calib: PathLike, ctx: int = 512, chunks: int = -1,
+            process_output: bool = False, format: str | None = None, threads: int = 0, resume: bool = False,
+            quiet: bool = True, on_progress: Progress | None = None) -> dict[str, Any]:
+    """The importance matrix of the HF checkpoint `src` on the text `calib`, as llama-imatrix computes it.
+
+    Written to `out` in llama.cpp's GGUF imatrix format, or the legacy .dat one (format "dat",
+    or an OUT ending in .dat); llama-quantize --imatrix and smolq.quantize(imatrix=...) read both.
+    ctx: tokens per chunk; chunks: how many (-1: all the text gives); process_output: also
+    output.weight. Block by block, bounded memory; resume=True continues an interrupted run.
+    Returns a summary (output, format, chunks, tokens, n_entries, bytes, seconds).
+    """
+    return _imatrix.compute_imatrix(src, out, calib, ctx=ctx, chunks=chunks, process_output=process_output,
+                                    format=format, threads=threads, resume=resume, quiet=quiet,
+                                    on_progress=on_progress)
+
+
+def read_imatrix(path: PathLike) -> Imatrix:
+    """An imatrix file (llama.cpp's GGUF or legacy .dat): entries, chunk_count, datasets, importance(name)."""
+    return _read_imatrix(path)
 
 
 def migrate(src: PathLike, out: PathLike, *, format: str | None = None, config: PathLike | None = None,

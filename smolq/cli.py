@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from smolq.commands import convert, demo, eval, inspect, migrate, quantize, split, verify, zoo
+from smolq.commands import convert, demo, eval, imatrix, inspect, migrate, quantize, split, verify, zoo
 from smolq.commands.runner import run_app
 
 app = typer.Typer(
@@ -35,7 +35,7 @@ def _root() -> None:
 
 
 # Commands in the order `smolq --help` lists them.
-for command in (convert, quantize, inspect, verify, migrate, split, eval, zoo, demo):
+for command in (convert, quantize, imatrix, inspect, verify, migrate, split, eval, zoo, demo):
     command.register(app)
 
 

@@ -54,6 +54,7 @@ class GGMLType(IntEnum):
     BF16 = 30
     TQ1_0 = 34
     TQ2_0 = 35
+    MXFP4 = 39  # OCP microscaling FP4: E8M0 scale per 32, E2M1 values
 
     @classmethod
     def from_name(cls, name: str) -> "GGMLType":
@@ -106,6 +107,7 @@ TYPE_INFO: dict[GGMLType, TypeInfo] = {
     T.IQ1_M: TypeInfo(QK_K, 56, True),
     T.TQ1_0: TypeInfo(QK_K, 54, True),
     T.TQ2_0: TypeInfo(QK_K, 66, True),
+    T.MXFP4: TypeInfo(32, 17, True),
 }
 
 # Bytes per block where an older layout differs from v3 (formats.md 5.2.1-5.2.3).

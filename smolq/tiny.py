@@ -24,10 +24,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-FAMILIES = ("llama", "gptj", "mpt", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "gptj", "mpt", "mistral", "qwen2", "qwen3", "gemma3")
 # Families with LLaMA's block (RMSNorm, SwiGLU, RoPE, GQA); Mistral has LLaMA's SentencePiece tokenizer.
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
-DEFAULT_VOCAB = {"llama": 384, "gptj": 320, "mpt": 320, "mistral": 384, "qwen2": 384, "qwen3": 384}
+DEFAULT_VOCAB = {"llama": 384, "gptj": 320, "mpt": 320, "mistral": 384, "qwen2": 384, "qwen3": 384, "gemma3": 384}
 LEGACY_VOCAB = {"llama": 32000, "gptj": 50400, "mpt": 50432}
 TINY_CONTEXT = 128
 LLAMA_ROPE_THETA = 50000.0  # deliberately not a common default, so a dropped RoPE base shows
@@ -59,7 +59,7 @@ Tokenizers split text into pieces; frequent pieces become single tokens,
 rare ones fall back to bytes. The dog sleeps while the fox runs again.
 """
 
-Family = Literal["llama", "gptj", "mpt", "mistral", "qwen2", "qwen3"]
+Family = Literal["llama", "gptj", "mpt", "mistral", "qwen2", "qwen3", "gemma3"]
 BpeStyle = Literal["llama3", "qwen2"]
 
 
@@ -85,14 +85,18 @@ def make_tiny_model(
     """Write a tiny random checkpoint of `family` into `out_dir` and return it.
 
     gqa: LLaMA only; 8 query heads share 2 KV heads (8 // 2 != 2, so a K
-        permutation keyed on n_head // n_head_kv is caught).
-    tied: LLaMA only (tie_word_embeddings, no lm_head in the checkpoint).
+        permutation keyed on n_head // n_head_kv is caught). Gemma 3 always
+        has 4 query heads over 2 KV heads.
+    tied: LLaMA and Gemma 3 (tie_word_embeddings, no lm_head in the checkpoint).
         MPT is always tied; GPT-J never is.
     shards: number of weight files (an index json is written when > 1).
     weights: "safetensors" (via save_pretrained) or "bin" (torch.save).
     rope_params_style: LLaMA: "nested" keeps rope_theta inside
         rope_parameters (transformers 5); "top" writes it at the top level
-        of config.json as transformers 4 did.
+        of config.json as transformers 4 did. Gemma 3: "top" writes
+        rope_theta, rope_local_base_freq, rope_scaling and
+        sliding_window_pattern (transformers 4) instead of the per-layer-type
+        rope_parameters and layer_types.
     config_overrides: extra config fields (e.g. {"attn_config": {...}} for
         MPT clip_qkv, or n_heads) applied before the model is built.
     legacy_buffers: GPT-J only; add the attn.bias / attn.masked_bias
@@ -147,6 +151,9 @@ def make_tiny_model(
         _write_chat_bpe_tokenizer(out, style, n_vocab, config, jinja_file=family == "qwen3")
     elif family in LLAMA_LIKE:
         write_llama_tokenizer(out, n_vocab)
+    elif family == "gemma3":
+        _gemma3_transformers4_config(out / "config.json", rope_params_style)
+        _write_gemma_tokenizer(out, n_vocab)
     else:
         _write_bpe_tokenizer(out, family, n_vocab)
     return out
@@ -158,7 +165,7 @@ def _resolve_vocab_size(family: str, vocab_size: int | str | None) -> int:
     if vocab_size == "legacy":
         return LEGACY_VOCAB[family]
     n = int(vocab_size)
-    floor = 300 if family in LLAMA_LIKE else 280  # room for bytes, specials and a few merges
+    floor = 300 if family in LLAMA_LIKE + ("gemma3",) else 280  # room for bytes, specials and a few merges
     if n < floor:
         raise ValueError(f"vocab_size {n} is too small for {family} (minimum {floor})")
     return n
@@ -173,6 +180,8 @@ def _build_config(family, n_vocab, hidden, n_layers, gqa, tied, overrides):
     overrides = dict(overrides or {})
     if family in ("mistral", "qwen2", "qwen3"):
         return _build_gqa_config(family, n_vocab, hidden, n_layers, tied, overrides)
+    if family == "gemma3":
+        return _gemma3_config(n_vocab, hidden, n_layers, tied, overrides)
     if family == "llama":
         n_head, n_kv = (8, 2) if gqa else (4, 4)
         kwargs = dict(
@@ -262,6 +271,51 @@ def _qwen_specials(n_vocab: int) -> dict[str, int]:
     """Qwen's config.json ids: bos <|endoftext|>, eos <|im_end|> (at their tiny ids, see chat_bpe_layout)."""
     ids = chat_bpe_layout("qwen2", n_vocab)["added_ids"]
     return {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]}
+
+
+GEMMA3_ROPE_THETA = (60000.0, 5000.0)  # (global, local): not Gemma 3's own, so a dropped base shows
+GEMMA3_SLIDING_WINDOW = 5  # shorter than the test sequences, so the local layers' window matters
+
+
+def _gemma3_config(n_vocab, hidden, n_layers, tied, overrides):
+    """A Gemma3TextConfig: 4 query heads over 2 KV heads of width 16 (head_dim != hidden / heads
+    would be allowed; here it is equal), query_pre_attn_scalar = head_dim (what llama.cpp
+    assumes), the default layer pattern (every 6th layer global: 6 layers give both kinds)."""
+    from transformers import Gemma3TextConfig
+
+    glob, local = GEMMA3_ROPE_THETA
+    head_dim = hidden // 4
+    kwargs = dict(
+        vocab_size=n_vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+        max_position_embeddings=TINY_CONTEXT, rms_norm_eps=1e-6, sliding_window=GEMMA3_SLIDING_WINDOW,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": glob},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": local}},
+        tie_word_embeddings=tied, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        architectures=["Gemma3ForCausalLM"],
+    )
+    kwargs.update(overrides)
+    return Gemma3TextConfig(**kwargs)
+
+
+def _gemma3_transformers4_config(config_path: Path, style: str) -> None:
+    """Rewrite a Gemma 3 config.json in transformers 4's layout (style "top")."""
+    if style == "nested":
+        return
+    if style != "top":
+        raise ValueError(f"rope_params_style must be 'top' or 'nested', not {style!r}")
+    cfg = json.loads(config_path.read_text())
+    params = cfg.pop("rope_parameters")
+    full, local = params["full_attention"], params["sliding_attention"]
+    cfg["rope_theta"], cfg["rope_local_base_freq"] = full["rope_theta"], local["rope_theta"]
+    scaled = full.get("rope_type") == "linear"
+    cfg["rope_scaling"] = {"rope_type": "linear", "factor": full["factor"]} if scaled else None
+    types = cfg.pop("layer_types")
+    pattern = types.index("full_attention") + 1 if "full_attention" in types else len(types) + 1
+    if types != ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(len(types))]:
+        raise ValueError("layer_types has no sliding_window_pattern form")
+    cfg["sliding_window_pattern"] = pattern
+    config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _llama_ffn_size(n_embd: int, n_mult: int) -> int:
@@ -476,32 +530,27 @@ def build_sentencepiece_model(n_vocab: int) -> bytes:
         num_threads=1,
         minloglevel=2,
     )
-    proto = buf.getvalue()
-    processor = spm.SentencePieceProcessor(model_proto=proto)
-    have = processor.get_piece_size()
-    if have > n_vocab:
-        raise ValueError(f"vocab_size {n_vocab} is smaller than the {have} pieces the tiny text needs")
-    existing = {processor.id_to_piece(i) for i in range(have)}
-    lowest = min(processor.get_score(i) for i in range(have))
-    extra = _padding_names("<extra_{}>", n_vocab - have, existing)
-    pieces = [_encode_spm_piece(p, lowest - 1.0 - i, SPM_NORMAL) for i, p in enumerate(extra)]
-    return _append_pieces(proto, pieces)
+    return _pad_pieces(buf.getvalue(), n_vocab)
 
 
-def sentencepiece_to_tokenizer_json(proto: bytes):
+def sentencepiece_to_tokenizer_json(proto: bytes, dummy_prefix: bool = True, user_defined: tuple[str, ...] = ()):
     """A `tokenizers` BPE equivalent to a SentencePiece BPE model (byte
-    fallback, dummy prefix), built the way HF's LLaMA fast tokenizer is:
-    every normal piece that splits into two pieces gives a merge, ranked by
-    the piece's score (SentencePiece merges the highest-scoring pair first)."""
+    fallback, a dummy prefix unless told otherwise), built the way HF's LLaMA
+    fast tokenizer is: every normal piece that splits into two pieces gives a
+    merge, ranked by the piece's score (SentencePiece merges the
+    highest-scoring pair first). Control and user-defined pieces are added
+    tokens (`user_defined`: the model's user-defined pieces, which SentencePiece
+    keeps whole)."""
     import sentencepiece as spm
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
     sp = spm.SentencePieceProcessor(model_proto=proto)
     pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
     vocab = {piece: i for i, piece in enumerate(pieces)}
+    kept_whole = {vocab[p] for p in user_defined}
     ranked = []
     for i, piece in enumerate(pieces):
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or i in kept_whole:
             continue
         for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
@@ -510,14 +559,16 @@ def sentencepiece_to_tokenizer_json(proto: bytes):
     merges = [pair for *_, pair in sorted(ranked)]
     unk = pieces[sp.unk_id()]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    tok.decoder = decoders.Sequence([
-        decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
-    ])
+    prefix = [normalizers.Prepend("\u2581")] if dummy_prefix else []
+    tok.normalizer = normalizers.Sequence([*prefix, normalizers.Replace(" ", "\u2581")])
+    strip = [decoders.Strip(" ", 1, 0)] if dummy_prefix else []
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
     bos = pieces[sp.bos_id()]
     tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                        special_tokens=[(bos, sp.bos_id())])
-    tok.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False) for i in (sp.unk_id(), sp.bos_id(), sp.eos_id())])
+    fixed = sorted({sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()} - {-1})
+    specials = [i for i in range(len(pieces)) if i in fixed or sp.is_control(i) or i in kept_whole]
+    tok.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False) for i in specials])
     return tok
 
 
@@ -589,6 +640,75 @@ def _append_pieces(proto: bytes, pieces: list[bytes]) -> bytes:
             raise ValueError(f"unexpected protobuf wire type {wire}")
         (head if key >> 3 == 1 else tail).append(proto[start:pos])
     return b"".join(head) + b"".join(pieces) + b"".join(tail)
+
+
+# --------------------------------------------------------------------------- SentencePiece (Gemma)
+
+# Gemma's special pieces at the ids its tokenizer.model has them (<pad> 0, <eos> 1, <bos> 2, <unk> 3),
+# two control pieces and the chat turn markers (user-defined pieces in Gemma's model).
+GEMMA_CONTROL = ("<mask>", "[multimodal]")
+GEMMA_TURNS = ("<start_of_turn>", "<end_of_turn>")
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
+    "else message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def build_gemma_sentencepiece_model(n_vocab: int) -> bytes:
+    """A Gemma-shaped SentencePiece BPE model: <pad>/<eos>/<bos>/<unk> at 0-3, control and
+    user-defined specials next, byte fallback, digits split, no dummy prefix; exactly n_vocab
+    pieces (padded as build_sentencepiece_model pads)."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TINY_TEXT.splitlines()), model_writer=buf, model_type="bpe",
+        vocab_size=min(n_vocab, DEFAULT_VOCAB["gemma3"]), hard_vocab_limit=False, byte_fallback=True,
+        character_coverage=1.0, normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, split_digits=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        control_symbols=list(GEMMA_CONTROL), user_defined_symbols=list(GEMMA_TURNS),
+        num_threads=1, minloglevel=2,
+    )
+    return _pad_pieces(buf.getvalue(), n_vocab)
+
+
+def _pad_pieces(proto: bytes, n_vocab: int) -> bytes:
+    """The model with "<extra_N>" pieces of the lowest scores appended up to n_vocab pieces."""
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_proto=proto)
+    have = processor.get_piece_size()
+    if have > n_vocab:
+        raise ValueError(f"vocab_size {n_vocab} is smaller than the {have} pieces the tiny text needs")
+    existing = {processor.id_to_piece(i) for i in range(have)}
+    lowest = min(processor.get_score(i) for i in range(have))
+    extra = _padding_names("<extra_{}>", n_vocab - have, existing)
+    return _append_pieces(proto, [_encode_spm_piece(p, lowest - 1.0 - i, SPM_NORMAL) for i, p in enumerate(extra)])
+
+
+def _write_gemma_tokenizer(out: Path, n_vocab: int) -> None:
+    """tokenizer.model, tokenizer.json and the config files as Gemma 3 repositories carry them:
+    the specials listed in added_tokens_decoder (special: true), add_bos only, a chat template."""
+    proto = build_gemma_sentencepiece_model(n_vocab)
+    (out / "tokenizer.model").write_bytes(proto)
+    sentencepiece_to_tokenizer_json(proto, dummy_prefix=False, user_defined=GEMMA_TURNS).save(str(out / "tokenizer.json"))
+    names = ("<pad>", "<eos>", "<bos>", "<unk>") + GEMMA_CONTROL + GEMMA_TURNS
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    decoder = {str(sp.piece_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                        "single_word": False, "special": True} for t in names}
+    special = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    config = {**special, "add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": decoder,
+              "chat_template": GEMMA_CHAT_TEMPLATE, "model_max_length": TINY_CONTEXT,
+              "spaces_between_special_tokens": False, "tokenizer_class": "GemmaTokenizer",
+              "clean_up_tokenization_spaces": False}
+    _write_json(out / "tokenizer_config.json", config)
+    _write_json(out / "special_tokens_map.json", special)
 
 
 # --------------------------------------------------------------------------- byte-level BPE (GPT-J, MPT)

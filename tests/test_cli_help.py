@@ -22,6 +22,7 @@ def test_top_level_help_lists_commands_with_an_example(capsys, monkeypatch):
     ("inspect", "smolq inspect model.gguf"),
     ("quantize", "smolq quantize model-f16.gguf model-q4_k_m.gguf --type q4_k_m"),
     ("verify", "smolq verify model-q4_0.gguf --against model-f16.gguf"),
+    ("imatrix", "smolq imatrix ./hf-model --calib text.txt -o model.imatrix"),
 ])
 def test_command_help_has_usage_and_example(capsys, monkeypatch, command, example):
     monkeypatch.setenv("COLUMNS", "200")

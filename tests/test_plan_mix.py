@@ -236,8 +236,11 @@ def test_options_pure_leave_output_and_overrides():
     assert got[("token_embd", None)] == T.Q5_K
     assert all(got[("attn_q", i)] == T.Q8_0 for i in range(N_LAYER))
     assert got[("ffn_down", 1)] == T.F16
-    assert got[("ffn_down", 4)] == T.Q4_K  # 4 is not a "more bits" layer
-    assert got[("ffn_down", 6)] == T.Q6_K
+    # An overridden tensor skips the mix, and with it llama.cpp's ffn_down counter: layer 4's
+    # ffn_down is the 4th one counted (i = 3, a "more bits" position), layer 6's is i = 5 (not one).
+    assert got[("ffn_down", 4)] == T.Q6_K
+    assert got[("ffn_down", 6)] == T.Q4_K
+    assert got[("ffn_down", 7)] == T.Q6_K  # i = 6: (6 - 4) % 3 == 2
     # overrides also match legacy names through their GGUF name
     legacy = plan_tensor_types(to_legacy(tensors), resolve_preset("Q4_K_M"), LLAMA7B, opts)
     assert all(t.dst_type == T.Q8_0 for t in legacy.tensors if ".attention.wq." in t.name)
@@ -308,3 +311,17 @@ def test_matches_llama_cpp_gemma3_q4_k_m(gemma_gguf):
     plan, actual = _replan(gemma_gguf, "Q4_K_M")
     for t in plan.tensors:
         assert t.dst_type == actual[t.name], t.name
+
+
+def test_readme_preset_table_is_made_from_the_tables():
+    """README's table of the i-quant types and presets is scripts/preset_table.py's output, verbatim."""
+    import runpy
+
+    repo = Path(__file__).resolve().parents[1]
+    made = runpy.run_path(str(repo / "scripts" / "preset_table.py"))["markdown"]()
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    start = readme.index("<!-- preset table: made by scripts/preset_table.py from the type table -->\n")
+    end = readme.index("<!-- end of preset table -->")
+    assert readme[start:end].split("\n", 1)[1] == made
+    # spot checks by hand: IQ2_XXS is 66 bytes per 256 weights (2.0625 bpw); IQ2_M's base type is IQ2_S
+    assert "| IQ2_XXS | 256 | 66 | 2.0625 |" in made and "| `iq2_m` | 29 | IQ2_S | 2.5625 / " in made

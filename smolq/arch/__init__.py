@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from smolq.arch.base import Arch, LegacyTarget, MLCParam, NameTable, TensorMap
+from smolq.arch.gemma3 import Gemma3
 from smolq.arch.gptj import GPTJ
 from smolq.arch.llama import Llama
 from smolq.arch.mistral import Mistral
@@ -17,7 +18,7 @@ from smolq.arch.qwen2 import Qwen2
 from smolq.arch.qwen3 import Qwen3
 from smolq.errors import InputError
 
-ARCHES: tuple[type[Arch], ...] = (Llama, GPTJ, MPT, Mistral, Qwen2, Qwen3)
+ARCHES: tuple[type[Arch], ...] = (Llama, GPTJ, MPT, Mistral, Qwen2, Qwen3, Gemma3)
 
 BY_ARCHITECTURE: dict[str, type[Arch]] = {name: a for a in ARCHES for name in a.hf_architectures}
 BY_MODEL_TYPE: dict[str, type[Arch]] = {name: a for a in ARCHES for name in a.model_types}
@@ -54,5 +55,5 @@ def family_arch(family: str) -> type[Arch]:
 
 __all__ = [
     "ARCHES", "Arch", "LegacyTarget", "MLCParam", "NameTable", "TensorMap",
-    "arch_for_config", "family_arch", "find_arch_class", "Llama", "GPTJ", "MPT", "Mistral", "Qwen2", "Qwen3",
+    "arch_for_config", "family_arch", "find_arch_class", "Llama", "GPTJ", "MPT", "Mistral", "Qwen2", "Qwen3", "Gemma3",
 ]

@@ -127,6 +127,8 @@ class Arch:
     mlc_model_type: ClassVar[str | None] = None
     # Whether a model file of this family can be written back as a transformers checkpoint (hf_config).
     hf_export: ClassVar[bool] = False
+    # tokenizer.ggml.add_space_prefix as llama.cpp's converter writes it for the family (None: not written).
+    add_space_prefix: ClassVar[bool | None] = None
 
     def __init__(self, config: dict[str, Any], config_path: Path):
         self.config = config
@@ -206,15 +208,21 @@ class Arch:
     def skip(self, name: str) -> bool:
         return name.endswith(self.skip_suffixes)
 
-    def legacy_target(self, fmt: str, path: Path) -> LegacyTarget:
-        target = self.legacy_targets.get(fmt)
-        if target is None and not self.legacy_targets:
-            raise InputError(path, f"{self.family} has no legacy container (no 2023 reader knows it); "
-                                   f"{fmt} holds LLaMA, GPT-J and MPT: write GGUF")
+    @classmethod
+    def legacy_target_for(cls, fmt: str, path: Path) -> LegacyTarget:
+        """The family's legacy container `fmt`, or a one-line refusal (the class's own rule)."""
+        target = cls.legacy_targets.get(fmt)
+        if target is None and not cls.legacy_targets:
+            raise InputError(path, f"{cls.family} cannot be written as {fmt}: no legacy container holds it "
+                                   "(no 2023 reader knows it; ggml, ggmf and ggjt predate it); write GGUF")
         if target is None:
-            known = ", ".join(self.legacy_targets)
-            raise InputError(path, f"{self.family} cannot be written as {fmt}; legacy formats for it: {known}")
+            known = ", ".join(cls.legacy_targets)
+            raise InputError(path, f"{cls.family} cannot be written as {fmt}; legacy formats for it: {known}")
         return target
+
+    def legacy_target(self, fmt: str, path: Path) -> LegacyTarget:
+        """legacy_target_for, plus what this model's hyperparameters rule out (MPT with GQA)."""
+        return self.legacy_target_for(fmt, path)
 
     def check_tensors(self, maps: list[TensorMap], tensors: dict[str, Any], file_of: Callable[[str], Path]) -> None:
         """Every mapped source present with its expected shape; nothing unaccounted for."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -36,6 +36,9 @@ def register(app: typer.Typer) -> None:
         max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", metavar="SIZE", help="--format hf: safetensors shards of at most SIZE (5GB default; decimal units, or 2GiB), with model.safetensors.index.json.", rich_help_panel="Input/output"),
         split_max_size: Optional[str] = typer.Option(None, "--split-max-size", metavar="SIZE", help="GGUF in shards of at most SIZE bytes of tensor data (decimal K/M/G: 2G = 2*10^9), named OUT-00001-of-0000N.gguf as llama.cpp's gguf-split writes them.", rich_help_panel="Split GGUF"),
         split_max_tensors: Optional[int] = typer.Option(None, "--split-max-tensors", metavar="N", min=1, help="GGUF in shards of at most N tensors each (with --split-max-size: whichever comes first).", rich_help_panel="Split GGUF"),
+        imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama.cpp's GGUF or .dat) for a quantized --outtype, as llama-quantize --imatrix.", rich_help_panel="Importance matrix"),
+        include_weights: Optional[List[str]] = typer.Option(None, "--include-weights", help="Use the imatrix only for entries whose name contains this (repeatable).", rich_help_panel="Importance matrix"),
+        exclude_weights: Optional[List[str]] = typer.Option(None, "--exclude-weights", help="Do not use the imatrix for entries whose name contains this (repeatable; not with --include-weights).", rich_help_panel="Importance matrix"),
         vocab_only: bool = typer.Option(False, "--vocab-only", help="Write the header and vocabulary only, no tensors.", rich_help_panel="Input/output"),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensor, source dtype, target type, bytes) and write nothing.", rich_help_panel="Output control"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes.", rich_help_panel="Output control"),
@@ -48,7 +51,8 @@ def register(app: typer.Typer) -> None:
             summary = api.convert(src, out, format=format, outtype=outtype, vocab_only=vocab_only,
                                   dry_run=dry_run, split_max_size=split_max_size,
                                   split_max_tensors=split_max_tensors, max_shard_size=max_shard_size,
-                                  on_progress=on_progress)
+                                  imatrix=imatrix, include_weights=include_weights or [],
+                                  exclude_weights=exclude_weights or [], on_progress=on_progress)
 
         for line in summary["guesses"]:
             note(f"guess: {line}", quiet)

@@ -17,14 +17,15 @@ EPILOG = (
     "Examples:\n\n"
     "  smolq inspect model.gguf\n\n"
     "  smolq inspect old-ggjt-v3.bin --json | jq '.tensors[0]'\n\n"
-    "  smolq inspect model.gguf --all   (every array item, every tensor detail)"
+    "  smolq inspect model.gguf --all   (every array item, every tensor detail)\n\n"
+    "  smolq inspect model.imatrix   (entries, chunks, datasets, each entry's top columns)"
 )
 
 
 def register(app: typer.Typer) -> None:
     @app.command(epilog=EPILOG)
     def inspect(
-        file: Path = typer.Argument(..., help="A GGUF (v1-v3) or legacy ggml/ggmf/ggjt/ggmm model file."),
+        file: Path = typer.Argument(..., help="A GGUF (v1-v3) or legacy ggml/ggmf/ggjt/ggmm model file, or an imatrix file (GGUF or .dat)."),
         json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables.", rich_help_panel="Output control"),
         show_all: bool = typer.Option(False, "--all", help="Do not shorten long arrays and strings.", rich_help_panel="Output control"),
     ) -> None:
@@ -32,6 +33,8 @@ def register(app: typer.Typer) -> None:
         report = describe_file(file, full=show_all)
         if json_out:
             emit_json(report)
+        elif report["container"] == "imatrix":
+            render_imatrix(report)
         else:
             render(report, full=show_all)
 
@@ -105,3 +108,31 @@ def render(report: dict[str, Any], full: bool = False) -> None:
         offset = "" if t["offset"] is None else f"{t['offset']:,}"
         tensors.add_row(str(i), Text(t["name"]), t["type"], Text(str(t["shape"])), offset, f"{t['bytes']:,}")
     console.print(fit_table(console, tensors))
+
+
+def render_imatrix(report: dict[str, Any]) -> None:
+    """An importance matrix: the file's fields, then per entry its tokens and its top columns."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(highlight=False)
+    head = Table(title=f"{report['file']}", show_header=False, title_justify="left")
+    head.add_column("field", style="bold", no_wrap=True)
+    head.add_column("value", overflow="fold")
+    kind = "GGUF imatrix" if report["format"] == "gguf" else "legacy imatrix (.dat)"
+    size = f", {report['chunk_size']} tokens each" if report["chunk_size"] else ""
+    for k, v in (("format", kind), ("entries", report["n_entries"]), ("chunks", f"{report['chunk_count']}{size}"),
+                 ("datasets", ", ".join(report["datasets"]) or "none")):
+        head.add_row(Text(k), Text(str(v)))
+    console.print(head)
+    table = Table(title="entries (importance: mean squared input; top columns as column:importance)",
+                  title_justify="left")
+    for col, just in (("name", "left"), ("columns", "right"), ("counts", "right"), ("mean", "right"),
+                      ("max", "right"), ("top columns", "left")):
+        table.add_column(col, justify=just, no_wrap=col != "top columns")
+    for e in report["entries"]:
+        top = " ".join(f"{c}:{v:.3g}" for c, v in e["top_columns"])
+        counts = ", ".join(str(c) for c in e["counts"])
+        table.add_row(Text(e["name"]), str(e["n_per_row"]), counts, f"{e['mean']:.4g}", f"{e['max']:.4g}", Text(top))
+    console.print(fit_table(console, table))

@@ -19,6 +19,7 @@ EPILOG = (
     "  smolq quantize model-f16.gguf model-q4_k_m.gguf --type q4_k_m\n\n"
     "  smolq quantize model-f16.gguf model-q4_0.gguf --bits 4 --pure --dry-run\n\n"
     "  smolq quantize ggml-model-f16.bin ggml-model-q4_0.bin --type q4_0   (ggjt v3 out)\n\n"
+    "  smolq quantize model-f16.gguf model-q4_k_m.gguf --type q4_k_m --imatrix model.imatrix\n\n"
     "  smolq quantize ./hf-model out.gguf --bits 4 --method gptq --calib text.txt\n\n"
     "  smolq quantize ./hf-model out-gptq --method gptq --format gptq --bits 3 --act-order --calib text.txt\n\n"
     "  smolq quantize ./hf-model out.gguf --type q3_k_m --method gptq --calib text.txt --resume   (after Ctrl-C)\n\n"
@@ -32,7 +33,7 @@ def register(app: typer.Typer) -> None:
     def quantize(
         src: Path = typer.Argument(..., metavar="IN", help="GGUF / legacy ggml file, or a Hugging Face checkpoint directory."),
         out: Path = typer.Argument(..., metavar="OUT", help="Output file (written atomically)."),
-        type_name: Optional[str] = typer.Option(None, "--type", "-t", help="Preset (q4_0 q4_1 q5_0 q5_1 q8_0 q2_k q3_k_s/m/l q4_k_s/m q5_k_s/m q6_k tq1_0 tq2_0 f16 bf16 f32) or a plain type.", rich_help_panel="Types and mix"),
+        type_name: Optional[str] = typer.Option(None, "--type", "-t", help="Preset, as llama-quantize names them (q4_0 q4_1 q5_0 q5_1 q8_0, q2_k q2_k_s q3_k_s/m/l q4_k_s/m q5_k_s/m q6_k, iq1_s/m iq2_xxs/xs/s/m iq3_xxs/xs/s/m iq4_nl/xs, mxfp4_moe, tq1_0 tq2_0, f16 bf16 f32; case-insensitive), or a plain type. IQ1/IQ2 mixes, iq3_xxs, iq3_xs and q2_k_s need an importance matrix.", rich_help_panel="Types and mix"),
         bits: Optional[int] = typer.Option(None, "--bits", "-b", help="2, 3, 4, 5, 6 or 8: the default preset for that width (4 -> q4_k_m).", rich_help_panel="Types and mix"),
         method: str = typer.Option("rtn", "--method", help="rtn (round to nearest, C kernel) or gptq (needs the HF checkpoint).", rich_help_panel="Types and mix"),
         fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Output container: gguf, gguf-v1..v3, ggml, ggmf, ggjt-v1..v3, ggmm (default: the input's); mlc: MLC-LLM weights from an HF checkpoint (--type q4f16_1, q4f16_0, q3f16_1, q0f16); nf4, fp4: a bitsandbytes 4-bit directory from an HF checkpoint.", rich_help_panel="Input/output"),
@@ -41,6 +42,9 @@ def register(app: typer.Typer) -> None:
         output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="Type for output.weight.", rich_help_panel="Types and mix"),
         token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type", help="Type for token_embd.weight.", rich_help_panel="Types and mix"),
         tensor_type: Optional[List[str]] = typer.Option(None, "--tensor-type", help="REGEX=TYPE for matching tensors (repeatable; wins over the mix).", rich_help_panel="Types and mix"),
+        imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama.cpp's GGUF or .dat, from smolq imatrix or llama-imatrix) for the block types, as llama-quantize --imatrix.", rich_help_panel="Importance matrix"),
+        include_weights: Optional[List[str]] = typer.Option(None, "--include-weights", help="Use the imatrix only for entries whose name contains this (repeatable).", rich_help_panel="Importance matrix"),
+        exclude_weights: Optional[List[str]] = typer.Option(None, "--exclude-weights", help="Do not use the imatrix for entries whose name contains this (repeatable; not with --include-weights).", rich_help_panel="Importance matrix"),
         allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Allow quantizing tensors that are already quantized (loses quality).", rich_help_panel="Types and mix"),
         threads: int = typer.Option(0, "--threads", help="Kernel threads (0 = all cores).", rich_help_panel="Performance"),
         calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (file or .jsonl); default: sampled from the model.", rich_help_panel="GPTQ"),
@@ -75,7 +79,8 @@ def register(app: typer.Typer) -> None:
             act_order=act_order, sym=not asym, damp=damp, nsamples=nsamples, seqlen=seqlen, device=device,
             true_sequential=true_sequential, static_groups=static_groups, mse=mse, scale_rule=scale_rule,
             seed=seed, resume=resume, double_quant=double_quant, blocksize=blocksize,
-            split_max_size=split_max_size, split_max_tensors=split_max_tensors, dry_run=dry_run,
+            split_max_size=split_max_size, split_max_tensors=split_max_tensors, imatrix=imatrix,
+            include_weights=include_weights or [], exclude_weights=exclude_weights or [], dry_run=dry_run,
             quiet=quiet or json_out)
         for line in summary.get("notes", []):
             note(f"note: {line}", quiet or json_out)

@@ -26,7 +26,7 @@ def print_plan(summary: dict[str, Any]) -> None:
                          overflow="ellipsis")
     for t in summary.get("tensors", []):
         src = t.get("source_type") or t.get("source_dtype", "")
-        to = t["type"] + (" (fallback)" if t.get("fallback") else "")
+        to = t["type"] + (" (fallback)" if t.get("fallback") else "") + (" (imatrix)" if t.get("needs_imatrix") else "")
         table.add_row(Text(t["name"]), "x".join(map(str, t["shape"])), src, to, f"{t['bytes']:,}")
     console = Console(highlight=False)
     console.print(table)

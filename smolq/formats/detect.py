@@ -17,11 +17,18 @@ from typing import Any
 from smolq.errors import FormatError
 from smolq.formats.base import TensorEntry
 from smolq.formats.gguf import GGUFFile, read_gguf
+from smolq.formats.imatrix import is_imatrix
 from smolq.formats.legacy import read_legacy
 from smolq.formats.legacy_tables import ALIGNMENT, CONTAINER_BY_MAGIC, CONTAINERS, OTHER_MAGICS
 
 GGUF_MAGIC = b"GGUF"
 LEGACY_CONTAINERS = ("ggml", "ggmf", "ggjt", "ggmm")
+
+
+def sniff_kind(path: str | os.PathLike) -> str:
+    """"imatrix" for llama.cpp's importance-matrix files (GGUF with general.type "imatrix", or
+    legacy .dat), else the model container as sniff_container says."""
+    return "imatrix" if is_imatrix(path) else sniff_container(path)
 
 
 def sniff_container(path: str | os.PathLike) -> str:
@@ -47,6 +54,8 @@ def sniff_container(path: str | os.PathLike) -> str:
     if magic in CONTAINER_BY_MAGIC:
         return CONTAINER_BY_MAGIC[magic].name
     what = OTHER_MAGICS.get(magic)
+    if what is None and is_imatrix(p):
+        what = "a llama.cpp imatrix .dat file; `smolq inspect` shows it"
     hint = f" ({what})" if what else ""
     raise FormatError(p, f"not a GGUF or ggml file: magic {head!r} = 0x{magic:08x}{hint}")
 
@@ -105,6 +114,10 @@ def open_model(path: str | os.PathLike, family: str | None = None) -> ModelFile:
 def _from_gguf(path: Path) -> ModelFile:
 
     gf = read_gguf(path)
+    if gf.metadata.value("general.type") == "imatrix":
+        gf.close()
+        raise FormatError(path, "is an importance matrix (llama.cpp imatrix GGUF), not a model; "
+                                "`smolq inspect` shows it, `--imatrix` takes it")
     meta = {key: mv.to_python() for key, mv in gf.metadata.items()}
     arch = str(meta.get("general.architecture", "unknown"))
     return ModelFile(

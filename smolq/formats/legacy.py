@@ -58,6 +58,8 @@ __all__ = [
     "write_legacy",
     "layout_for",
     "storable_types",
+    "check_predates",
+    "LEGACY_TYPES",
     "format_name",
     "llama_n_ff",
     "find_n_mult",
@@ -166,6 +168,22 @@ def storable_types(container: str, version: int | None = None, family: str | Non
     if (qntvr or 0) not in spec.eras if spec.qntvr_in_ftype else version not in spec.eras:
         raise ValueError(f"{format_name(container, version, qntvr)} is not a {family} format version")
     return frozenset(_spec_era(spec, version, qntvr or 0).type_ids.values())
+
+
+# Every type some legacy container version can hold. The i-quants and MXFP4 came after GGUF
+# had replaced these containers: no loader of theirs knows them.
+LEGACY_TYPES = frozenset(
+    t for eras in [*(spec.eras.values() for spec in FORMAT_SPECS), ERA_BY_QNTVR.values()]
+    for era in eras for t in era.type_ids.values()
+)
+
+
+def check_predates(path, container: str, version: int | None, t: GGMLType) -> None:
+    """A block type no legacy container can hold is refused in one line: "ggjt v3 predates IQ3_S; use GGUF".
+    (A float type they lack, BF16, gets the usual "cannot hold ... it holds F32, F16" instead.)"""
+    if is_quantized(t) and t not in LEGACY_TYPES:
+        name = container if version is None else f"{container} v{version}"
+        raise InputError(path, f"{name} predates {t.name}; use GGUF")
 
 
 def _spec_or_raise(path, container: str, family: str, dialect: str | None, error=InputError) -> FormatSpec:
@@ -628,7 +646,8 @@ def _infer_ftype(path, spec: FormatSpec, tensors: Iterable[tuple[GGMLType, Seque
     return spec.ftype_of[main]
 
 
-def _check_tensors(path, spec: FormatSpec, era: Era, fmt: str, entries: Sequence[TensorEntry]) -> list[int]:
+def _check_tensors(path, spec: FormatSpec, era: Era, fmt: str, entries: Sequence[TensorEntry],
+                   version: int | None = None) -> list[int]:
     """Everything about the tensors that can be refused before a byte is written; their file type ids."""
     file_ids, seen = [], set()
     for e in entries:
@@ -637,6 +656,7 @@ def _check_tensors(path, spec: FormatSpec, era: Era, fmt: str, entries: Sequence
         seen.add(e.name)
         if not e.name or not 1 <= len(e.shape) <= MAX_DIMS or any(not 1 <= d < 2**31 for d in e.shape):
             raise InputError(path, f"tensor {e.name!r}: shape {list(e.shape)} cannot be stored in {fmt}")
+        check_predates(path, spec.container, version, e.type)
         file_id = era.file_id(e.type)
         if file_id is None:
             holds = ", ".join(t.name for t in era.type_ids.values())
@@ -743,7 +763,7 @@ def write_legacy(
         ftype = hparams["ftype"] if "ftype" in hparams else _infer_ftype(path, spec, [(e.type, e.shape) for e in entries])
     if spec.qntvr_in_ftype and not 0 <= ftype < QNTVR_FACTOR:
         raise InputError(path, f"ftype {ftype} is out of range 0..999 for {spec.dialect} files")
-    file_ids = _check_tensors(path, spec, era, fmt, entries)
+    file_ids = _check_tensors(path, spec, era, fmt, entries, version)
     header = _pack_header(path, spec, version, hparams, qntvr * QNTVR_FACTOR + ftype, len(vocab))
     special = frozenset(special_tokens)
 

@@ -21,13 +21,15 @@ from smolq.lazy import lazy_module
 np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 __all__ = [
-    "KERNEL_TYPES", "QUANTIZE_TYPES", "DEQUANTIZE_TYPES", "quantize", "dequantize", "row_size", "relayout",
+    "KERNEL_TYPES", "QUANTIZE_TYPES", "DEQUANTIZE_TYPES", "NEEDS_IMATRIX", "quantize", "dequantize", "row_size", "relayout",
     "gptq_pack", "gptq_unpack", "error_stats", "checksum", "count_nonfinite",
     "BNB_QUANT_TYPES", "bnb_code", "bnb4_quantize", "bnb4_dequantize", "bnb8_quantize", "bnb8_dequantize", "bnb_mean",
 ]
 
 _ABI_VERSION = 2
-_ERRORS = {-1: "type/layout not supported", -2: "row length not a multiple of the block size", -3: "bad argument"}
+_ERRORS = {-1: "type/layout not supported", -2: "row length not a multiple of the block size", -3: "bad argument",
+           -4: "the type needs an importance matrix",
+           -5: "values too large for the type's search (llama.cpp aborts on them)"}
 
 
 def _load_library() -> ctypes.CDLL:
@@ -67,8 +69,12 @@ for _name, (_res, _args) in _SIGNATURES.items():
 
 T = GGMLType
 _FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
+_IQ12 = frozenset({T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M})
 _QUANTIZABLE = frozenset({T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
-                          T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.TQ1_0, T.TQ2_0})
+                          T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.TQ1_0, T.TQ2_0,
+                          T.IQ4_NL, T.IQ4_XS, T.MXFP4, T.IQ3_XXS, T.IQ3_S}) | _IQ12
+#: Types llama.cpp refuses to quantize without an importance matrix (ggml_quantize_requires_imatrix).
+NEEDS_IMATRIX: frozenset[GGMLType] = frozenset({T.IQ2_XXS, T.IQ2_XS, T.IQ1_S})
 _READ_ONLY_V1 = frozenset({T.Q4_2, T.Q4_3})  # removed 2023 types: decoded from v1 files only
 
 
@@ -157,8 +163,9 @@ def quantize(x: np.ndarray, qtype: Any, layout: str = "v3", imatrix: np.ndarray 
     """Quantize rows (the last dimension) of float data; returns uint8 (nrows, row_bytes).
 
     imatrix: None (llama.cpp's reference quantizer) or one importance weight per
-    column (llama.cpp's quantize_* with quant_weights; ignored by Q8_0, TQ and
-    the float types)."""
+    column (llama.cpp's quantize_* with quant_weights; ignored by Q8_0, TQ, MXFP4
+    and the float types; required by the types in NEEDS_IMATRIX). The i-quants
+    follow ggml_quantize_chunk (what llama-quantize writes) with and without one."""
     t = _qtype(qtype)
     _check_pair(t, layout, QUANTIZE_TYPES, "quantize to")
     x = np.asarray(x)
@@ -175,6 +182,8 @@ def quantize(x: np.ndarray, qtype: Any, layout: str = "v3", imatrix: np.ndarray 
     if t not in _FLOAT_TYPES and count_nonfinite(x, threads):
         raise ValueError(f"cannot quantize NaN or infinite values to {t.name}")
     w = None
+    if imatrix is None and t in NEEDS_IMATRIX:
+        raise ValueError(f"{t.name} needs an importance matrix (imatrix=...), as in llama.cpp")
     if imatrix is not None:
         w = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
         if w.size != n_per_row:

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "kernel_internal.h"
+#include "quants_iq12.h"
 
 #define ABI_VERSION 2
 
@@ -72,7 +73,9 @@ static void parallel_for(int64_t n, int64_t min_items, int nthreads, range_fn fn
 }
 
 /* ------------------------------------------------------------------------ */
-/* Type dispatch: non-K types from quants.c, K-quants from quants_k.c.      */
+/* Type dispatch: non-K types from quants.c, IQ3/IQ4 i-quants and MXFP4
+ * from quants_iq.c, IQ2/IQ1 i-quants from quants_iq12.c, K-quants from
+ * quants_k.c.                                                               */
 
 typedef struct {
     int type, bytes;
@@ -88,13 +91,24 @@ static const kquant_entry KQUANTS[] = {
     {SMOLQ_T_Q6_K, 210, smolq_quantize_row_q6_K, smolq_dequantize_row_q6_K},
 };
 
+/* The row-kernel tables of the other files, asked in turn. */
+typedef const smolq_type_ops *(*ops_finder)(int type, int layout);
+static const smolq_type_ops *find_iq12_ops(int type, int layout) {
+    (void)layout; /* one layout */
+    return smolq_find_iq12_ops(type);
+}
+
+static const ops_finder OPS_FINDERS[] = {smolq_find_nonk_ops, smolq_find_iq_ops, find_iq12_ops};
+
 /* Fills *ops for (type, layout); 0 on success, SMOLQ_ERR_TYPE otherwise. */
 static int lookup_ops(int type, int layout, smolq_type_ops *ops) {
     if (layout < 1 || layout > 3) return SMOLQ_ERR_TYPE;
-    const smolq_type_ops *o = smolq_find_nonk_ops(type, layout);
-    if (o) {
-        *ops = *o;
-        return 0;
+    for (size_t i = 0; i < sizeof(OPS_FINDERS) / sizeof(OPS_FINDERS[0]); i++) {
+        const smolq_type_ops *o = OPS_FINDERS[i](type, layout);
+        if (o) {
+            *ops = *o;
+            return 0;
+        }
     }
     for (size_t i = 0; i < sizeof(KQUANTS) / sizeof(KQUANTS[0]); i++) {
         const kquant_entry *k = &KQUANTS[i];
@@ -102,7 +116,7 @@ static int lookup_ops(int type, int layout, smolq_type_ops *ops) {
         smolq_quantize_row_fn fq = smolq_kquant_fast_quantize(type);
         smolq_dequantize_row_fn fd = smolq_kquant_fast_dequantize(type);
         *ops = (smolq_type_ops){type, 0, 256, k->bytes, {k->quant, fq ? fq : k->quant},
-                                {k->dequant, fd ? fd : k->dequant}};
+                                {k->dequant, fd ? fd : k->dequant}, 0, {NULL, NULL}};
         return 0;
     }
     return SMOLQ_ERR_TYPE;
@@ -126,12 +140,25 @@ typedef struct {
     uint8_t *qdst;
     int64_t n_per_row, row_bytes;
     const float *imatrix;
+    smolq_quantize_row_checked_fn checked; /* instead of quant, for rows that can be refused */
+    int status;                            /* 0, or the error of some refused row */
 } rows_job;
 
 static void quantize_rows(void *ctx, int64_t begin, int64_t end) {
-    const rows_job *j = ctx;
-    for (int64_t r = begin; r < end; r++)
-        j->quant(j->fsrc + r * j->n_per_row, j->qdst + r * j->row_bytes, j->n_per_row, j->imatrix);
+    rows_job *j = ctx;
+    for (int64_t r = begin; r < end; r++) {
+        const float *x = j->fsrc + r * j->n_per_row;
+        uint8_t *y = j->qdst + r * j->row_bytes;
+        if (!j->checked) {
+            j->quant(x, y, j->n_per_row, j->imatrix);
+            continue;
+        }
+        const int err = j->checked(x, y, j->n_per_row, j->imatrix);
+        if (err) {
+            __atomic_store_n(&j->status, err, __ATOMIC_RELAXED); /* threads may race; any error will do */
+            return;
+        }
+    }
 }
 
 static void dequantize_rows(void *ctx, int64_t begin, int64_t end) {
@@ -154,13 +181,14 @@ int64_t smolq_quantize(int type, int layout, const float *src, void *dst, int64_
     if (err) return err;
     if (nrows < 0 || n_per_row < 0 || (impl != 0 && impl != 1)) return SMOLQ_ERR_ARG;
     if (n_per_row % ops.block) return SMOLQ_ERR_ROWLEN;
-    if (!ops.quant[0]) return SMOLQ_ERR_TYPE;
+    if (!ops.quant[0] && !ops.checked[0]) return SMOLQ_ERR_TYPE;
+    if (ops.needs_imatrix && !imatrix) return SMOLQ_ERR_IMATRIX;
     const int64_t row_bytes = n_per_row / ops.block * ops.bytes;
     if (nrows == 0 || n_per_row == 0) return 0;
     if (!src || !dst) return SMOLQ_ERR_ARG;
-    rows_job j = {ops.quant[impl], NULL, src, NULL, NULL, dst, n_per_row, row_bytes, imatrix};
+    rows_job j = {ops.quant[impl], NULL, src, NULL, NULL, dst, n_per_row, row_bytes, imatrix, ops.checked[impl], 0};
     parallel_for(nrows, rows_per_thread(n_per_row), nthreads, quantize_rows, &j);
-    return nrows * row_bytes;
+    return j.status ? j.status : nrows * row_bytes;
 }
 
 int64_t smolq_dequantize(int type, int layout, const void *src, float *dst, int64_t nrows, int64_t n_per_row,
@@ -173,7 +201,7 @@ int64_t smolq_dequantize(int type, int layout, const void *src, float *dst, int6
     const int64_t row_bytes = n_per_row / ops.block * ops.bytes;
     if (nrows == 0 || n_per_row == 0) return 0;
     if (!src || !dst) return SMOLQ_ERR_ARG;
-    rows_job j = {NULL, ops.dequant[impl], NULL, src, dst, NULL, n_per_row, row_bytes, NULL};
+    rows_job j = {NULL, ops.dequant[impl], NULL, src, dst, NULL, n_per_row, row_bytes, NULL, NULL, 0};
     parallel_for(nrows, rows_per_thread(n_per_row), nthreads, dequantize_rows, &j);
     return nrows * n_per_row;
 }

@@ -1,12 +1,17 @@
 /* Internal interface between kernel.c (dispatch, threads, tensors) and
- * quants.c (row kernels of every non-K type). Not part of the public C API. */
+ * the row kernels (quants.c, quants_k.c, quants_iq.c). Not part of the public C API. */
 #ifndef SMOLQ_KERNEL_INTERNAL_H
 #define SMOLQ_KERNEL_INTERNAL_H
 
 #include "smolq_kernel.h"
 
+/* A row quantizer that can refuse its row where llama.cpp would abort:
+ * returns 0, or an SMOLQ_ERR_* code (the row's bytes are then undefined). */
+typedef int (*smolq_quantize_row_checked_fn)(const float *x, void *y, int64_t n, const float *imatrix);
+
 /* Row kernels of one (type, layout): [0] the scalar reference, [1] the fast
- * path (may be the same function). quant is NULL for read-only types. */
+ * path (may be the same function). A type has quant or checked (the i-quants),
+ * or neither if it is read-only. */
 typedef struct {
     int type;
     int layout;                 /* 1, 2, 3; 0 = the same bytes in every layout */
@@ -14,10 +19,16 @@ typedef struct {
     int bytes;                  /* bytes per block */
     smolq_quantize_row_fn quant[2];
     smolq_dequantize_row_fn dequant[2];
+    int needs_imatrix;          /* llama.cpp refuses to quantize it without quant_weights */
+    smolq_quantize_row_checked_fn checked[2];
 } smolq_type_ops;
 
 /* The ops of a non-K (type, layout) (quants.c) or NULL. */
 const smolq_type_ops *smolq_find_nonk_ops(int type, int layout);
+
+/* The ops of IQ4_NL, IQ4_XS, MXFP4, IQ3_XXS, IQ3_S (quants_iq.c) or NULL;
+ * one layout, so `layout` is not looked at. */
+const smolq_type_ops *smolq_find_iq_ops(int type, int layout);
 
 /* Relayout of the 32-element ggjt-era block types (quants.c). */
 int64_t smolq_relayout_blocks(int type, int src_layout, int dst_layout,
@@ -34,7 +45,9 @@ enum {
     SMOLQ_T_Q4_2 = 4, SMOLQ_T_Q4_3 = 5, SMOLQ_T_Q5_0 = 6, SMOLQ_T_Q5_1 = 7,
     SMOLQ_T_Q8_0 = 8, SMOLQ_T_Q2_K = 10, SMOLQ_T_Q3_K = 11, SMOLQ_T_Q4_K = 12,
     SMOLQ_T_Q5_K = 13, SMOLQ_T_Q6_K = 14, SMOLQ_T_BF16 = 30,
-    SMOLQ_T_TQ1_0 = 34, SMOLQ_T_TQ2_0 = 35
+    SMOLQ_T_TQ1_0 = 34, SMOLQ_T_TQ2_0 = 35,
+    SMOLQ_T_IQ2_XXS = 16, SMOLQ_T_IQ2_XS = 17, SMOLQ_T_IQ3_XXS = 18, SMOLQ_T_IQ1_S = 19, SMOLQ_T_IQ4_NL = 20,
+    SMOLQ_T_IQ3_S = 21, SMOLQ_T_IQ2_S = 22, SMOLQ_T_IQ4_XS = 23, SMOLQ_T_IQ1_M = 29, SMOLQ_T_MXFP4 = 39
 };
 
 #endif

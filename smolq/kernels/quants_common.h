@@ -1,6 +1,7 @@
-/* Helpers shared by quants.c (legacy and ternary types) and quants_k.c
- * (K-quants): ggml's rounding trick and clamping macros, little-endian
- * field access, and the two ggml scale searches both families use.
+/* Helpers shared by quants.c (legacy and ternary types), quants_k.c
+ * (K-quants) and the i-quant files (quants_iq.c: IQ3/IQ4, MXFP4; quants_iq12.c:
+ * IQ2/IQ1): ggml's rounding trick and clamping macros, little-endian field
+ * access, ggml's fp16 store, and ggml's scale searches.
  * Not part of the public C API.
  *
  * Bit-exactness: each search does the float operations of its ggml
@@ -43,6 +44,20 @@ static inline float rdf32(const uint8_t *p) { return smolq_bits_f32(rd32(p)); }
  * payloads kept (fp16.h, F16C and numpy's conversion). */
 static inline float f16_load(const uint8_t *p) { return smolq_fp16_to_fp32(rd16(p)); }
 static inline void f16_store(uint8_t *p, float f) { wr16(p, smolq_fp32_to_fp16(f)); }
+
+/* ggml's ggml_compute_fp32_to_fp16 (the GGML_FP32_TO_FP16 of its quantizers)
+ * rounds to nearest even like fp16.h, but turns every NaN into the one quiet
+ * NaN 0x7e00 (keeping the sign). */
+static inline void f16_put(uint8_t h[2], float f) {
+    if (f != f) wr16(h, (uint16_t)(((smolq_f32_bits(f) >> 16) & 0x8000) | 0x7e00));
+    else f16_store(h, f);
+}
+
+/* Round through fp16 and back: what ggml does when it stores d and reads it. */
+static inline float f16_store_load(uint8_t h[2], float f) {
+    f16_put(h, f);
+    return f16_load(h);
+}
 
 /* ------------------------------------------------------------------------ */
 /* ggml's search helpers.                                                    */
@@ -209,6 +224,79 @@ static float make_qkx_quants(int n, int nmax, const float *x, const float *weigh
     }
     *the_min = -min;
     return scale;
+}
+
+/* ggml make_qp_quants: quantize non-negative values (sub-block scales or
+ * mins) to [0, nmax] with a weighted search, for the imatrix paths
+ * (K-quant sub-block scales; IQ2_XXS group scales). L is
+ * uint8_t as in ggml, so a negative level wraps exactly as it does there. */
+static float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *quant_weights) {
+    float max = 0;
+    for (int i = 0; i < n; ++i) max = MAX(max, x[i]);
+    if (max < GROUP_MAX_EPS) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        return 0.f;
+    }
+    float iscale = nmax / max;
+    for (int i = 0; i < n; ++i) L[i] = (uint8_t)nearest_int(iscale * x[i]);
+    float scale = 1 / iscale;
+    float best_mse = 0;
+    for (int i = 0; i < n; ++i) {
+        float diff = x[i] - scale * L[i];
+        float w = quant_weights[i];
+        best_mse += w * diff * diff;
+    }
+    for (int is = -4; is <= 4; ++is) {
+        if (is == 0) continue;
+        float iscale_is = (0.1f * is + nmax) / max;
+        float scale_is = 1 / iscale_is;
+        float mse = 0;
+        for (int i = 0; i < n; ++i) {
+            int l = nearest_int(iscale_is * x[i]);
+            l = MIN(nmax, l);
+            float diff = x[i] - scale_is * l;
+            float w = quant_weights[i];
+            mse += w * diff * diff;
+        }
+        if (mse < best_mse) {
+            best_mse = mse;
+            iscale = iscale_is;
+        }
+    }
+    float sumlx = 0;
+    float suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = nearest_int(iscale * x[i]);
+        l = MIN(nmax, l);
+        L[i] = (uint8_t)l;
+        float w = quant_weights[i];
+        sumlx += w * x[i] * l;
+        suml2 += w * l * l;
+    }
+    for (int itry = 0; itry < 5; ++itry) {
+        int n_changed = 0;
+        for (int i = 0; i < n; ++i) {
+            float w = quant_weights[i];
+            float slx = sumlx - w * x[i] * L[i];
+            float sl2 = suml2 - w * L[i] * L[i];
+            if (slx > 0 && sl2 > 0) {
+                int new_l = nearest_int(x[i] * sl2 / slx);
+                new_l = MIN(nmax, new_l);
+                if (new_l != L[i]) {
+                    slx += w * x[i] * new_l;
+                    sl2 += w * new_l * new_l;
+                    if (slx * slx * suml2 > sumlx * sumlx * sl2) {
+                        L[i] = (uint8_t)new_l;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        ++n_changed;
+                    }
+                }
+            }
+        }
+        if (!n_changed) break;
+    }
+    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
 }
 
 /* The imatrix paths' element weights (quantize_row_*_impl): the importance

@@ -36,21 +36,6 @@ typedef char assert_q4_K_size[sizeof(block_q4_K) == 144 ? 1 : -1];
 typedef char assert_q5_K_size[sizeof(block_q5_K) == 176 ? 1 : -1];
 typedef char assert_q6_K_size[sizeof(block_q6_K) == 210 ? 1 : -1];
 
-/* ------------------------------------------------------------------ fp16 */
-
-/* ggml's ggml_compute_fp32_to_fp16 rounds to nearest even like fp16.h, but
- * turns every NaN into the one quiet NaN 0x7e00 (keeping the sign). */
-static inline void f16_put(uint8_t h[2], float f) {
-    if (f != f) wr16(h, (uint16_t)(((smolq_f32_bits(f) >> 16) & 0x8000) | 0x7e00));
-    else f16_store(h, f);
-}
-
-/* Round through fp16 and back: what ggml does when it stores d and reads it. */
-static inline float f16_store_load(uint8_t h[2], float f) {
-    f16_put(h, f);
-    return f16_load(h);
-}
-
 /* --------------------------------------------------------- search helpers */
 
 /* ggml make_q3_quants with do_rmse = true (Q3_K's reference path): start from
@@ -85,78 +70,6 @@ static float make_q3_quants(int n, int nmax, const float *x, int8_t *L) {
         if (!n_changed) break;
     }
     for (int i = 0; i < n; ++i) L[i] = (int8_t)(L[i] + nmax);
-    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
-}
-
-/* ggml make_qp_quants: quantize non-negative values (sub-block scales or
- * mins) to [0, nmax] with a weighted search, for the imatrix paths. L is
- * uint8_t as in ggml, so a negative level wraps exactly as it does there. */
-static float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *quant_weights) {
-    float max = 0;
-    for (int i = 0; i < n; ++i) max = MAX(max, x[i]);
-    if (max < GROUP_MAX_EPS) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
-        return 0.f;
-    }
-    float iscale = nmax / max;
-    for (int i = 0; i < n; ++i) L[i] = (uint8_t)nearest_int(iscale * x[i]);
-    float scale = 1 / iscale;
-    float best_mse = 0;
-    for (int i = 0; i < n; ++i) {
-        float diff = x[i] - scale * L[i];
-        float w = quant_weights[i];
-        best_mse += w * diff * diff;
-    }
-    for (int is = -4; is <= 4; ++is) {
-        if (is == 0) continue;
-        float iscale_is = (0.1f * is + nmax) / max;
-        float scale_is = 1 / iscale_is;
-        float mse = 0;
-        for (int i = 0; i < n; ++i) {
-            int l = nearest_int(iscale_is * x[i]);
-            l = MIN(nmax, l);
-            float diff = x[i] - scale_is * l;
-            float w = quant_weights[i];
-            mse += w * diff * diff;
-        }
-        if (mse < best_mse) {
-            best_mse = mse;
-            iscale = iscale_is;
-        }
-    }
-    float sumlx = 0;
-    float suml2 = 0;
-    for (int i = 0; i < n; ++i) {
-        int l = nearest_int(iscale * x[i]);
-        l = MIN(nmax, l);
-        L[i] = (uint8_t)l;
-        float w = quant_weights[i];
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
-    }
-    for (int itry = 0; itry < 5; ++itry) {
-        int n_changed = 0;
-        for (int i = 0; i < n; ++i) {
-            float w = quant_weights[i];
-            float slx = sumlx - w * x[i] * L[i];
-            float sl2 = suml2 - w * L[i] * L[i];
-            if (slx > 0 && sl2 > 0) {
-                int new_l = nearest_int(x[i] * sl2 / slx);
-                new_l = MIN(nmax, new_l);
-                if (new_l != L[i]) {
-                    slx += w * x[i] * new_l;
-                    sl2 += w * new_l * new_l;
-                    if (slx * slx * suml2 > sumlx * sumlx * sl2) {
-                        L[i] = (uint8_t)new_l;
-                        sumlx = slx;
-                        suml2 = sl2;
-                        ++n_changed;
-                    }
-                }
-            }
-        }
-        if (!n_changed) break;
-    }
     return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
 }
 

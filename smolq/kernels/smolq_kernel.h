@@ -21,6 +21,8 @@
 #define SMOLQ_ERR_TYPE    (-1)   /* type/layout not supported for this operation */
 #define SMOLQ_ERR_ROWLEN  (-2)   /* n_per_row not a multiple of the block size */
 #define SMOLQ_ERR_ARG     (-3)   /* bad argument (NULL, negative size, bits) */
+#define SMOLQ_ERR_IMATRIX (-4)   /* the type needs an importance matrix (llama.cpp asserts one) */
+#define SMOLQ_ERR_RANGE   (-5)   /* values the type's search cannot handle (llama.cpp aborts on them) */
 
 /* One row: n elements, a multiple of the type's block size. imatrix is NULL
  * or n importance weights (llama.cpp's quant_weights). */

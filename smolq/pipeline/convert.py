@@ -21,13 +21,14 @@ from smolq.arch import Arch, TensorMap, arch_for_config
 from smolq.errors import InputError
 from smolq.formats.base import TensorEntry
 from smolq.formats.gguf import Split
-from smolq.formats.legacy import infer_file_type
+from smolq.formats.legacy import check_predates, infer_file_type
 from smolq.ggml_types import GGMLType, is_quantized, tensor_nbytes
-from smolq.kernels import quantize, relayout
+from smolq.kernels import QUANTIZE_TYPES, quantize, relayout
 from smolq.lazy import lazy_module
 from smolq.pipeline.hf_export import export_gptq_hf, export_hf
 from smolq.pipeline.mlc import convert_mlc
-from smolq.plan.mix import ModelInfo, PlanOptions, plan_tensor_types, resolve_preset
+from smolq.plan.imatrix import ImatrixChoice, check_required, choose_imatrix, imatrix_metadata, record_use
+from smolq.plan.mix import ModelInfo, PlanOptions, Preset, plan_tensor_types, resolve_preset
 from smolq.plan.targets import (
     ALL_FORMATS,
     FORMAT_ALIASES,
@@ -65,6 +66,7 @@ class Step:
     fallback: bool = False
     layout: str = "v3"
     exact: bool = False  # GPTQ source whose grid is copied into `type` unchanged (gptq_import.py)
+    imatrix: Any = None  # importance vector (llama.cpp's quant_weights) for the quantizer, or None
 
     @property
     def nbytes(self) -> int:
@@ -77,14 +79,20 @@ def _gguf_name(arch: Arch, m: TensorMap) -> str:
     return m.gguf or arch.names.to_gguf(m.legacy or "") or m.source
 
 
-def plan_types(arch: Arch, maps: list[TensorMap], target: Target, outtype: str, path: Path) -> tuple[list[tuple[GGMLType, bool]], Any]:
+def plan_types(arch: Arch, maps: list[TensorMap], target: Target, outtype: str, path: Path,
+               has_imatrix: bool = False) -> tuple[list[tuple[GGMLType, bool]], Any]:
     """Per-tensor (type, fell back) with llama.cpp's rules: 1-D and norms stay F32 (plan.py)."""
 
     preset = resolve_preset(type_name=outtype)
     info = ModelInfo(arch=arch.gguf_arch, n_layer=getattr(arch, "n_layer", 0),
                      n_head=getattr(arch, "n_head", 0), n_head_kv=getattr(arch, "n_head_kv", 0))
     rows = [(_gguf_name(arch, m), T.F32, m.shape) for m in maps]
-    plan = plan_tensor_types(rows, preset, info, PlanOptions(pure=_predates_k_quants(arch, target)))
+    opts = PlanOptions(pure=_predates_k_quants(arch, target), has_imatrix=has_imatrix)
+    plan = plan_tensor_types(rows, preset, info, opts)
+    missing = plan.missing_imatrix()
+    if missing:
+        raise InputError(path, f"{preset.name} needs an importance matrix for {len(missing)} tensors (e.g. "
+                               f"{missing[0].name}: {missing[0].dst_type.name}); pass --imatrix FILE")
     out = []
     for m, tp in zip(maps, plan.tensors):
         t = tp.dst_type
@@ -105,14 +113,24 @@ def _check_storable(arch: Arch, target: Target, steps: list[Step], path: Path) -
     if target.legacy is None:
         if any(s.type in (T.Q4_2, T.Q4_3) for s in steps):
             raise InputError(path, "GGUF cannot hold Q4_2/Q4_3")
+        _check_kernel_writes(steps, path)
         return
     lt = target.legacy
     allowed = target_types(target, arch.family)
     for s in steps:
+        check_predates(path, lt.container, lt.version, s.type)
         if s.type not in allowed:
             holds = ", ".join(sorted(t.name for t in allowed))
             raise InputError(path, f"{target.format} ({arch.family}, {lt.dialect}) cannot hold {s.type.name} "
                                    f"for {s.name}; it holds {holds}")
+
+
+def _check_kernel_writes(steps: list[Step], path: Path) -> None:
+    """A type the plan may name (an i-quant, MXFP4) that the C kernel cannot write yet: one line, before any work."""
+    unwritable = sorted({s.type.name for s in steps
+                         if not getattr(s, "exact", False) and (s.type, "v3") not in QUANTIZE_TYPES})
+    if unwritable:
+        raise InputError(path, f"the kernel cannot write {', '.join(unwritable)} yet")
 
 
 # ------------------------------------------------------------------ tensor data
@@ -122,15 +140,16 @@ def _to_bf16(x: np.ndarray) -> np.ndarray:
     return quantize(x.reshape(-1, x.shape[-1]), T.BF16)
 
 
-def convert_tensor(x: np.ndarray, dst: GGMLType, layout: str = "v3") -> np.ndarray:
-    """Float data (HF-layout already transformed) -> the bytes of `dst` in `layout`."""
+def convert_tensor(x: np.ndarray, dst: GGMLType, layout: str = "v3", imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Float data (HF-layout already transformed) -> the bytes of `dst` in `layout`
+    (block types weighted by the importance vector `imatrix` when given)."""
     if dst == T.F32:
         return np.ascontiguousarray(x, dtype="<f4")
     if dst == T.F16:
         return np.ascontiguousarray(x, dtype="<f2")
 
     n = x.shape[-1] if x.ndim else 1
-    return quantize(np.asarray(x, dtype=np.float32).reshape(-1, n), dst, layout=layout)
+    return quantize(np.asarray(x, dtype=np.float32).reshape(-1, n), dst, layout=layout, imatrix=imatrix)
 
 
 def place_blocks(data: np.ndarray, m: TensorMap, t: GGMLType, layout: str, path: Path | None = None) -> np.ndarray:
@@ -157,7 +176,7 @@ def _loader(step: Step, layout: str) -> Callable[[], Any]:
         x = src.load()
         if m.transform is not None:
             x = m.transform(x)
-        return convert_tensor(x, dst, layout)
+        return convert_tensor(x, dst, layout, step.imatrix)
 
     return load
 
@@ -178,19 +197,22 @@ def _legacy_ftype(arch: Arch, preset) -> int | None:
     return preset.ftype if arch.family == "llama" and preset.ftype is not None else None
 
 
-def build_steps(arch: Arch, ckpt: Checkpoint, target: Target, outtype: str | None, out_path: Path):
-    """outtype None: f16 for an HF checkpoint; for a GPTQ one, each Linear's exact type (else by bits)."""
+def build_steps(arch: Arch, ckpt: Checkpoint, target: Target, outtype: str | None, out_path: Path,
+                choice: ImatrixChoice | None = None):
+    """outtype None: f16 for an HF checkpoint; for a GPTQ one, each Linear's exact type (else by bits).
+    choice: the importance matrix the block types are quantized with (--imatrix)."""
     maps = arch.tensor_maps(set(ckpt.tensors))
     if getattr(ckpt, "linears", None):
         ckpt.drop_zero_biases({m.source for m in maps})
     arch.check_tensors(maps, ckpt.tensors, ckpt.file_of)
     maps = [m for m in maps if (m.gguf if target.is_gguf else m.legacy) is not None]
-    types, preset = plan_types(arch, maps, target, outtype or "f16", out_path)
+    types, preset = plan_types(arch, maps, target, outtype or "f16", out_path, has_imatrix=choice is not None)
     steps = [Step(m.gguf if target.is_gguf else m.legacy, m, _source_of(m, ckpt, arch), t, fb, target.layout)
              for m, (t, fb) in zip(maps, types)]
     if getattr(ckpt, "linears", None):
         preset = _gptq_types(steps, outtype, preset)
     _check_storable(arch, target, steps, out_path)
+    _give_importance(arch, steps, choice, preset, ckpt.path)
     if target.legacy and _legacy_ftype(arch, preset) is None:  # the writer will name the file type itself
         lt = target.legacy
         infer_file_type(out_path, lt.container, arch.family, lt.dialect, [(s.type, s.map.shape) for s in steps])
@@ -202,6 +224,17 @@ def _source_of(m: TensorMap, ckpt: Checkpoint, arch: Arch) -> SourceTensor:
     if m.make is None:
         return ckpt.tensors[m.source]
     return SourceTensor(m.source, "F32", tuple(m.shape), arch.config_path, m.make)
+
+
+def _give_importance(arch: Arch, steps: list[Step], choice: ImatrixChoice | None, preset: Preset,
+                     model: Path) -> None:
+    """Each block-type step's importance vector, by its GGUF name (plan/imatrix.py's rules)."""
+    for s in steps:
+        if not is_quantized(s.type) or s.exact:
+            continue
+        name = _gguf_name(arch, s.map)
+        s.imatrix = choice.vector(name, s.map.shape) if choice is not None else None
+        check_required(choice, name, s.type, preset, s.imatrix, model)
 
 
 def _gptq_types(steps: list[Step], outtype: str | None, preset):
@@ -227,6 +260,9 @@ def convert(
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     split: Split | None = None,
     max_shard_size: int | str | None = None,
+    imatrix: str | os.PathLike | None = None,
+    include_weights: list[str] | tuple[str, ...] = (),
+    exclude_weights: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Convert a Hugging Face checkpoint directory; returns a summary dict.
     With format "hf" the source is a GGUF or legacy model file instead, written back as a
@@ -241,9 +277,14 @@ def convert(
     onto one, else Q2_K/Q3_K/Q4_K/Q8_0 by bits (gptq_import.py).
     on_progress(event) gets {"event": "start"|"tensor"|"done", ...}.
     split: shard a GGUF output as llama.cpp's gguf-split does (sinks.gguf).
+    imatrix: an importance matrix file (llama.cpp GGUF or .dat) for the block types, with
+    llama-quantize's include_weights / exclude_weights substring filters.
     """
     started = time.perf_counter()
     out = Path(out_path)
+    if imatrix is not None and (is_hf_format(format) or (format or "").lower() == "mlc"):
+        raise InputError(out, f"--imatrix applies to GGUF and legacy outputs, not --format {format}")
+    choice = choose_imatrix(imatrix, include_weights, exclude_weights)
     if is_hf_format(format):
         if split or vocab_only:
             raise InputError(out, "--format hf takes --max-shard-size, not --split-max-size/-tensors or --vocab-only")
@@ -260,7 +301,7 @@ def convert(
             return convert_mlc(ckpt, arch, out, outtype, vocab_only=vocab_only, dry_run=dry_run,
                                on_progress=on_progress)
         check_split(split, target, out)
-        steps, preset = build_steps(arch, ckpt, target, outtype, out)
+        steps, preset = build_steps(arch, ckpt, target, outtype, out, choice)
         hparams = arch.legacy_hparams(target.legacy) if target.legacy else None  # refuses early
         if vocab_only:
             steps = []
@@ -270,6 +311,7 @@ def convert(
         summary = _summary(ckpt, arch, target, outtype, steps, vocab, out)
         file_type = preset.ftype
         md = gguf_metadata(arch, vocab, ckpt, file_type) if target.is_gguf else {}
+        _add_imatrix(summary, md, choice, steps)
         add_shards(summary, out, md, _entries(steps, "v3") if target.is_gguf else [], split)
         if dry_run:
             summary["dry_run"] = True
@@ -288,6 +330,14 @@ def convert(
         return summary
     finally:
         ckpt.close()
+
+
+def _add_imatrix(summary: dict[str, Any], md: dict, choice: ImatrixChoice | None, steps: list[Step]) -> None:
+    """Record the importance matrix as llama-quantize does (GGUF keys) and in the summary."""
+    if choice is None:
+        return
+    md.update(imatrix_metadata(choice))
+    record_use(summary, choice, [s.imatrix for s in steps])
 
 
 def check_split(split: Split | None, target: Target, out: Path) -> None:

@@ -9,14 +9,19 @@ import os
 from collections import Counter
 from typing import Any
 
-from smolq.formats.detect import ModelFile, open_model
+from smolq.formats.detect import ModelFile, open_model, sniff_kind
+from smolq.formats.imatrix import describe_imatrix, read_imatrix
 from smolq.plan.mix import FTYPE_NAME
 
 ARRAY_PREVIEW = 8  # items of a long array kept unless full
+IMATRIX_TOP = 5  # an imatrix entry's most important columns shown (IMATRIX_TOP_FULL with --all)
+IMATRIX_TOP_FULL = 20
 
 
 def describe_file(path: str | os.PathLike, full: bool = False) -> dict[str, Any]:
-    """Open `path` (GGUF v1-v3 or any legacy container) and describe it."""
+    """Open `path` (GGUF v1-v3 or any legacy container, or an imatrix file) and describe it."""
+    if sniff_kind(path) == "imatrix":
+        return describe_imatrix(read_imatrix(path), top=IMATRIX_TOP_FULL if full else IMATRIX_TOP)
     with open_model(path) as mf:
         return describe(mf, full=full)
 

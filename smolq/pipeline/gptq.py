@@ -69,6 +69,10 @@ T = GGMLType
 class FamilyLayout:
     blocks: str  # attribute path of the block list
     groups: tuple[tuple[str, ...], ...]  # true-sequential groups of Linear names inside a block
+    # The config attribute naming each block's kind where blocks of different kinds get different
+    # call arguments (Gemma 3's layer_types: sliding-window layers get the local RoPE table and a
+    # windowed mask, global ones the global table and the causal mask); None: all blocks alike.
+    kinds: str | None = None
 
 
 # AutoGPTQ's per-architecture lists (gptq.md 1.9).
@@ -80,9 +84,13 @@ FAMILIES = {
         ("attn.q_proj", "attn.k_proj", "attn.v_proj"), ("attn.out_proj",), ("mlp.fc_in",), ("mlp.fc_out",))),
     "mpt": FamilyLayout("transformer.blocks", (
         ("attn.Wqkv",), ("attn.out_proj",), ("ffn.up_proj",), ("ffn.down_proj",))),
+    "gemma3": FamilyLayout("model.layers", (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)), kinds="layer_types"),
 }
 # model_type -> layout; Mistral, Qwen2 and Qwen3 blocks have LLaMA's Linears under the same names.
-MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gptj": "gptj", "mpt": "mpt"}
+MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gptj": "gptj", "mpt": "mpt",
+               "gemma3_text": "gemma3"}
 
 
 @dataclass
@@ -256,7 +264,8 @@ def _load_model(src: Path):
     config = AutoConfig.from_pretrained(src)
     family = MODEL_TYPES.get(getattr(config, "model_type", ""))
     if family is None:
-        raise InputError(src / "config.json", f"GPTQ supports LLaMA, Mistral, Qwen2, Qwen3, GPT-J and MPT, not model_type "
+        raise InputError(src / "config.json", f"GPTQ supports LLaMA, Mistral, Qwen2, Qwen3, GPT-J, MPT and Gemma 3, "
+                                              f"not model_type "
                                               f"{getattr(config, 'model_type', None)!r}")
     try:
         import torch
@@ -390,6 +399,14 @@ def _blocks(model, family):
     return obj
 
 
+def _block_kinds(model, family) -> list:
+    """Each block's kind (None everywhere for families whose blocks all take the same arguments)."""
+    n = len(_blocks(model, family))
+    attr = FAMILIES[family].kinds
+    kinds = list(getattr(model.config, attr)) if attr else []
+    return kinds[:n] if len(kinds) >= n else [None] * n
+
+
 def _linears(family):
     return [name for group in FAMILIES[family].groups for name in group]
 
@@ -470,7 +487,9 @@ class _Activations:
     do not depend on where they are kept) are the bulk: in RAM while small,
     else in a scratch file read and rewritten one sample at a time. A block's
     output replaces its input in place. The other call arguments (RoPE
-    cos/sin, masks, positions) stay in RAM, each distinct value once.
+    cos/sin, masks, positions) stay in RAM, each distinct value once, per
+    block kind (FamilyLayout.kinds) where blocks of different kinds get
+    different ones.
     """
 
     def __init__(self, n_values: int, path: Path):
@@ -478,17 +497,17 @@ class _Activations:
         self.path = path if self.nbytes > ACTIVATIONS_IN_RAM_MAX else None
         self._fh = open(path, "w+b") if self.path else None
         self._hidden: list = []  # tensors (RAM) or (offset, shape) (file)
-        self._rest: list = []  # (args, kwargs) with hidden_states = None
+        self._rest: dict[Any, list] = {}  # block kind -> per sample (args, kwargs) with hidden_states = None
         self._pool: list = []
         self._end = 0
 
     def __len__(self) -> int:
-        return len(self._rest)
+        return len(self._hidden)
 
-    def add(self, args, kwargs) -> None:
+    def add(self, args, kwargs, kind=None) -> None:
+        """Sample i's inputs of the first block (whose kind is `kind`)."""
         hidden = _hidden_of(args, kwargs)
-        args, kwargs = _with_hidden(args, kwargs, None)
-        self._rest.append((self._dedupe(args), self._dedupe(kwargs)))
+        self.add_arguments(args, kwargs, kind)
         if self._fh is None:
             self._hidden.append(hidden.detach().cpu())
         else:
@@ -496,11 +515,16 @@ class _Activations:
             self._end += hidden.numel() * 4
             self.replace(len(self._hidden) - 1, hidden)
 
-    def call(self, i: int):
-        """(args, kwargs) of sample i's block call."""
+    def add_arguments(self, args, kwargs, kind) -> None:
+        """Sample i's call arguments but the hidden states, for blocks of `kind`."""
+        args, kwargs = _with_hidden(args, kwargs, None)
+        self._rest.setdefault(kind, []).append((self._dedupe(args), self._dedupe(kwargs)))
+
+    def call(self, i: int, kind=None):
+        """(args, kwargs) of sample i's call of a block of `kind`."""
         import torch
 
-        args, kwargs = self._rest[i]
+        args, kwargs = self._rest[kind][i]
         h = self._hidden[i]
         if self._fh is not None:
             offset, shape = h
@@ -546,12 +570,14 @@ class _Activations:
 
 
 def _capture_block_inputs(model, family, cal, weights: "_Weights", work: Path, quiet: bool) -> _Activations:
-    """Block 0's call arguments per sample; only the embedding is loaded, and the
-    forward stops at block 0."""
+    """Block 0's call arguments per sample, and those of the first block of every other kind;
+    only the embedding is loaded: the blocks up to the last one needed just record their
+    arguments and pass the hidden states on, and the forward stops there."""
     import torch
 
-
     blocks = _blocks(model, family)
+    kinds = _block_kinds(model, family)
+    firsts = {kinds.index(k) for k in kinds}  # the first block of each kind
     embed = model.get_input_embeddings()
     hidden_size = embed.weight.shape[1]
     acts = _Activations(cal.n_tokens * hidden_size, work / "activations.f32")
@@ -559,12 +585,20 @@ def _capture_block_inputs(model, family, cal, weights: "_Weights", work: Path, q
          f"{acts.nbytes / 2**20:.1f} MiB " + (f"in {acts.path.name} (work dir)" if acts.path else "in RAM"),
          quiet=quiet)
 
-    def hook(_module, args, kwargs):
-        acts.add(args, kwargs)
-        raise _StopForward
+    def recorder(j: int):
+        def forward(*args, **kwargs):
+            if j == 0:
+                acts.add(args, kwargs, kinds[0])
+            elif j in firsts:
+                acts.add_arguments(args, kwargs, kinds[j])
+            if j == max(firsts):
+                raise _StopForward
+            return _hidden_of(args, kwargs)  # the block is not loaded: the next one only needs the arguments
+        return forward
 
     weights.materialize(embed, weights.embed_name[:-len("weight")])
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    for j in range(max(firsts) + 1):
+        blocks[j].forward = recorder(j)
     try:
         with torch.no_grad():
             for i, ids in enumerate(cal.samples):
@@ -573,7 +607,8 @@ def _capture_block_inputs(model, family, cal, weights: "_Weights", work: Path, q
                 except _StopForward:
                     pass
     finally:
-        handle.remove()
+        for j in range(max(firsts) + 1):
+            del blocks[j].forward
         weights.release(embed)
     return acts
 
@@ -602,14 +637,14 @@ def _to(obj, dev):
     return obj
 
 
-def _run_block(block, acts: _Activations, dev, replace: bool = False) -> None:
-    """Run `block` on every sample's inputs (moved to `dev` for the call); with
+def _run_block(block, acts: _Activations, dev, replace: bool = False, kind=None) -> None:
+    """Run `block` (of `kind`) on every sample's inputs (moved to `dev` for the call); with
     `replace`, its outputs become the inputs of the next block."""
     import torch
 
     with torch.no_grad():
         for i in range(len(acts)):
-            args, kwargs = acts.call(i)
+            args, kwargs = acts.call(i, kind)
             a, k = _to(args, dev), _to(kwargs, dev)
             k = {key: v for key, v in k.items() if key not in ("past_key_values", "past_key_value", "layer_past")}
             k["use_cache"] = False
@@ -624,6 +659,7 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
 
 
     blocks = _blocks(model, family)
+    kinds = _block_kinds(model, family)
     acts = _capture_block_inputs(model, family, cal, weights, work, quiet)
     if acts.other_bytes():
         note(f"other block arguments (RoPE tables, masks): {acts.other_bytes() / 2**20:.1f} MiB in RAM", quiet=quiet)
@@ -645,7 +681,7 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
                     todo = [n for n in group if plan.get(f"{prefix}.{n}.weight") != "skip"]
                     if not todo:
                         continue
-                    hessians = _collect_hessians(block, todo, acts, dev)
+                    hessians = _collect_hessians(block, todo, acts, dev, kinds[i])
                     for name in todo:
                         rec, damp_used = _solve_linear(block.get_submodule(name), hessians.pop(name),
                                                        plan.get(f"{prefix}.{name}.weight"), settings, dev)
@@ -655,7 +691,7 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
                             damp_raised.append(f"{prefix}.{name}: damp {damp_used:.3g}")
                 _save_block(saved, records)
                 what = "quantized"
-            _run_block(block, acts, dev, replace=True)
+            _run_block(block, acts, dev, replace=True, kind=kinds[i])
             weights.release(block)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -667,7 +703,7 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
     return {"n_linears": n_linears, "damp_raised": damp_raised, "notes": notes}
 
 
-def _collect_hessians(block, names, acts: _Activations, dev):
+def _collect_hessians(block, names, acts: _Activations, dev, kind=None):
 
     accs, handles = {}, []
     for name in names:
@@ -679,7 +715,7 @@ def _collect_hessians(block, names, acts: _Activations, dev):
 
         handles.append(lin.register_forward_hook(hook))
     try:
-        _run_block(block, acts, dev)
+        _run_block(block, acts, dev, kind=kind)
     finally:
         for h in handles:
             h.remove()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,12 @@ from smolq.errors import InputError
 from smolq.formats.base import TensorEntry
 from smolq.formats.detect import ModelFile, open_model, sniff_container
 from smolq.formats.gguf import Metadata, MetaValue, Split
-from smolq.formats.legacy import infer_file_type
+from smolq.formats.legacy import check_predates, infer_file_type
 from smolq.ggml_types import GGMLType, block_size, is_quantized, tensor_nbytes
 from smolq.pipeline.bnb import BNB_FORMATS, quantize_hf_bnb
 from smolq.pipeline.convert import add_shards, check_split, convert
 from smolq.pipeline.gptq import quantize_hf
+from smolq.plan.imatrix import ImatrixChoice, check_required, choose_imatrix, imatrix_metadata, record_use
 from smolq.plan.mix import ModelInfo, PlanOptions, Preset, QuantPlan, TensorPlan, plan_tensor_types
 from smolq.plan.targets import Target, resolve_target, target_types
 from smolq.progress import WorkProgress, event_progress
@@ -52,6 +53,9 @@ class Request:
     gptq: dict[str, Any] | None = None  # GPTQ solver settings, passed through to the pipeline
     bnb: dict[str, Any] | None = None  # --format nf4/fp4: double_quant, blocksize
     split: Split | None = None  # shard a GGUF output (--split-max-size / --split-max-tensors)
+    imatrix: Path | None = None  # --imatrix FILE (llama.cpp's GGUF or .dat importance matrix)
+    include_weights: list[str] = field(default_factory=list)  # --include-weights (substrings)
+    exclude_weights: list[str] = field(default_factory=list)  # --exclude-weights (substrings)
 
 
 # Defaults of the GPTQ-only options: anything else given with --method rtn is a mistake.
@@ -66,10 +70,14 @@ def run(req: Request) -> dict[str, Any]:
         raise InputError(None, f"unknown --method {req.method!r}; choose rtn or gptq")
     if not req.src.exists():
         raise InputError(req.src, "no such file or directory")
+    if req.method != "rtn" and (req.imatrix is not None or req.include_weights or req.exclude_weights):
+        raise InputError(None, "--imatrix applies to --method rtn (GPTQ computes its own Hessians)")
     if req.method == "rtn" and (req.calib is not None or _changed_gptq_options(req)):
         names = ", ".join(["--calib"] * (req.calib is not None) + [f"--{k.replace('_', '-')}" for k in _changed_gptq_options(req)])
         raise InputError(None, f"{names} apply to --method gptq only")
     fmt = (req.fmt or "").lower()
+    if fmt in BNB_FORMATS and req.imatrix is not None:
+        raise InputError(None, f"--imatrix does not apply to --format {fmt} (bitsandbytes' own rounding)")
     if fmt in BNB_FORMATS:
         return _bnb_from_hf(req, fmt)
     if req.bnb and (req.bnb.get("double_quant", True) is not True or req.bnb.get("blocksize", 64) != 64):
@@ -161,7 +169,8 @@ def _from_hf(req: Request) -> dict[str, Any]:
 
     with event_progress("quantize", quiet=req.quiet) as on_progress:
         summary = convert(req.src, req.out, format=req.fmt, outtype=req.preset.name, dry_run=req.dry_run,
-                          on_progress=on_progress, split=req.split)
+                          on_progress=on_progress, split=req.split, imatrix=req.imatrix,
+                          include_weights=req.include_weights, exclude_weights=req.exclude_weights)
     summary.setdefault("preset", req.preset.name)
     summary.setdefault("method", "rtn")
     if req.dry_run:
@@ -201,6 +210,7 @@ def _fit_legacy(plan: QuantPlan, target: Target, allowed: frozenset | None, note
     if allowed is None:
         return
     base = plan.preset.default_type
+    check_predates(None, target.container, target.version, base)
     bumped = 0
     for tp in plan.tensors:
         if target.container == "ggmm" and tp.name == "transformer.wte.weight":
@@ -208,6 +218,7 @@ def _fit_legacy(plan: QuantPlan, target: Target, allowed: frozenset | None, note
             continue
         if tp.dst_type in allowed:
             continue
+        check_predates(None, target.container, target.version, tp.dst_type)
         if base in allowed and tensor_fits(base, tp.shape):
             tp.dst_type = base
             bumped += 1
@@ -222,10 +233,53 @@ def tensor_fits(t: GGMLType, shape: tuple[int, ...]) -> bool:
     return bool(shape) and shape[-1] % block_size(t) == 0
 
 
-def make_plan(mf: ModelFile, req: Request) -> QuantPlan:
+def make_plan(mf: ModelFile, req: Request, has_imatrix: bool = False) -> QuantPlan:
     rows = [(t.name, t.type, tuple(t.shape)) for t in mf.tensors]
     info = ModelInfo.from_metadata(mf.architecture, mf.metadata, [(name, shape) for name, _, shape in rows])
-    return plan_tensor_types(rows, req.preset, info, req.opts)
+    opts = req.opts if req.opts.has_imatrix == has_imatrix else replace(req.opts, has_imatrix=has_imatrix)
+    return plan_tensor_types(rows, req.preset, info, opts)
+
+
+def importance_vectors(plan: QuantPlan, choice: ImatrixChoice | None, model: Path,
+                       notes: list[str] | None = None) -> list:
+    """Per planned tensor: the importance vector it is quantized with, or None.
+
+    Only tensors that are quantized take one (llama-quantize); a very-low-bit
+    type without one is refused here, before anything is written. Given
+    `notes` (a dry run), that refusal becomes a note, as llama-quantize warns."""
+    out, refused = [], []
+    for tp in plan.tensors:
+        vec = None
+        if tp.converts and is_quantized(tp.dst_type):
+            if choice is None:
+                out.append(None)  # no imatrix at all: _check_imatrix has said what needs one
+                continue
+            vec = choice.vector(tp.name, tp.shape)
+            try:
+                check_required(choice, tp.name, tp.dst_type, plan.preset, vec, model)
+            except InputError as exc:
+                if notes is None:
+                    raise
+                refused.append(exc.message)
+        out.append(vec)
+    if refused:
+        more = f" (and {len(refused) - 1} more tensors)" if len(refused) > 1 else ""
+        notes.append(f"the real run would stop: {refused[0]}{more}")
+    return out
+
+
+def _check_imatrix(plan: QuantPlan, req: Request, notes: list[str]) -> None:
+    """llama.cpp refuses the very-low-bit types without an importance matrix (the result is garbage);
+    a dry run says which tensors would need one, as llama-quantize --dry-run does."""
+    missing = plan.missing_imatrix()
+    if not missing:
+        return
+    kinds = ", ".join(sorted({t.dst_type.name for t in missing}))
+    if req.dry_run:
+        notes.append(f"{len(missing)} tensors ({kinds}) would need an importance matrix (--imatrix)")
+        return
+    raise InputError(req.src, f"{plan.preset.name} needs an importance matrix for {len(missing)} tensors "
+                              f"({kinds}, e.g. {missing[0].name}); pass --imatrix FILE")
 
 
 def _check_requantize(plan: QuantPlan, req: Request) -> None:
@@ -236,46 +290,59 @@ def _check_requantize(plan: QuantPlan, req: Request) -> None:
                                   f"loses quality: pass --allow-requantize to do it anyway")
 
 
-def _check_kernel_types(plan: QuantPlan, mf: ModelFile, target: Target) -> None:
+def _check_kernel_types(plan: QuantPlan, mf: ModelFile, target: Target, dry_run: bool, notes: list[str]) -> None:
+    """Every conversion the plan asks for must be one the kernel does; a dry run only says which are not."""
+    unwritable = set()
     for tp, entry in zip(plan.tensors, mf.tensors):
         if not tp.converts:
             continue
         if (tp.src_type, entry.layout) not in kernels.DEQUANTIZE_TYPES:
             raise InputError(mf.path, f"tensor {tp.name}: cannot decode {tp.src_type.name} ({entry.layout} layout)")
         if (tp.dst_type, target.layout) not in kernels.QUANTIZE_TYPES:
-            raise InputError(None, f"tensor {tp.name}: the kernel cannot write {tp.dst_type.name}")
+            if not dry_run:
+                raise InputError(None, f"tensor {tp.name}: the kernel cannot write {tp.dst_type.name}")
+            unwritable.add(tp.dst_type.name)
+    if unwritable:
+        notes.append(f"the kernel cannot write {', '.join(sorted(unwritable))} yet: the plan is llama.cpp's, "
+                     f"a real run would stop")
 
 
 def quantize_file(req: Request) -> dict[str, Any]:
     """RTN-requantize one GGUF / legacy file into the same container family."""
     started = time.perf_counter()
     notes: list[str] = []
+    choice = choose_imatrix(req.imatrix, req.include_weights, req.exclude_weights)
     with open_model(req.src) as mf:
         target = resolve_target(req.fmt, req.out, source=mf)
         check_split(req.split, target, req.out)
-        plan = make_plan(mf, req)
+        plan = make_plan(mf, req, has_imatrix=choice is not None)
         _fit_legacy(plan, target, None if target.is_gguf else target_types(target, mf.architecture), notes)
         if not target.is_gguf and mf.architecture != "llama":  # the writer names the file type: can it?
             infer_file_type(req.out, target.container, mf.architecture, target.dialect,
                             [(tp.dst_type, tp.shape) for tp in plan.tensors])
         _check_requantize(plan, req)
-        _check_kernel_types(plan, mf, target)
+        _check_imatrix(plan, req, notes)  # no imatrix at all, as llama-quantize: before the kernel check
+        vectors = importance_vectors(plan, choice, req.src, notes if req.dry_run else None)
+        _check_kernel_types(plan, mf, target, req.dry_run, notes)
         if plan.n_fallback:
             notes.append(f"{plan.n_fallback} tensors used a fallback type (rows not a multiple of the block)")
         summary = _summary(mf, req, target, plan, notes)
+        record_use(summary, choice, vectors)
         if target.is_gguf:
             add_shards(summary, req.out, mf.raw.metadata,
                        [TensorEntry(tp.name, tp.dst_type, tuple(tp.shape)) for tp in plan.tensors], req.split)
         if req.dry_run:
             summary["dry_run"] = True
             return summary
-        size = _write(mf, req, target, plan)
+        size = _write(mf, req, target, plan, vectors, choice)
     summary.update(bytes=size, seconds=round(time.perf_counter() - started, 3))
     return summary
 
 
-def _write(mf: ModelFile, req: Request, target: Target, plan: QuantPlan) -> int:
-    entries = quantize_entries(mf.tensors, [tp.dst_type for tp in plan.tensors], target.layout, req.threads)
+def _write(mf: ModelFile, req: Request, target: Target, plan: QuantPlan, vectors: list,
+           choice: ImatrixChoice | None) -> int:
+    entries = quantize_entries(mf.tensors, [tp.dst_type for tp in plan.tensors], target.layout, req.threads,
+                               imatrices=vectors)
     total = sum(e.nbytes for e in entries)
     with WorkProgress(len(entries), total, "quantize", quiet=req.quiet) as bar:
         def on_tensor(entry: Any, *_: Any) -> None:
@@ -283,7 +350,7 @@ def _write(mf: ModelFile, req: Request, target: Target, plan: QuantPlan) -> int:
             bar.done(entry.nbytes)
 
         if target.is_gguf:
-            return gguf_sink.write(req.out, target.version, requantized_metadata(mf, plan.preset), entries,
+            return gguf_sink.write(req.out, target.version, requantized_metadata(mf, plan.preset, choice), entries,
                                    endian="<" if mf.endian == "little" else ">", on_tensor=on_tensor,
                                    split=req.split)
         lf = mf.raw
@@ -296,15 +363,20 @@ def _write(mf: ModelFile, req: Request, target: Target, plan: QuantPlan) -> int:
                                  on_tensor=on_tensor)
 
 
-def requantized_metadata(mf: ModelFile, preset: Preset) -> Metadata:
-    """The input's KVs, with file type and quantization version set as llama.cpp's quantizer does."""
+def requantized_metadata(mf: ModelFile, preset: Preset, choice: ImatrixChoice | None = None) -> Metadata:
+    """The input's KVs, with file type and quantization version set as llama.cpp's quantizer does,
+    then the importance matrix's quantize.imatrix.* keys when one is used."""
     meta = Metadata(mf.raw.metadata.items())
     meta["general.quantization_version"] = MetaValue.u32(GGML_QNT_VERSION)
     if preset.ftype is not None:
         meta["general.file_type"] = MetaValue.u32(preset.ftype)
     elif "general.file_type" in meta:
         del meta["general.file_type"]  # a plain type without a LLAMA_FTYPE: do not keep a wrong one
+    if choice is not None:
+        for key, value in imatrix_metadata(choice):
+            meta[key] = value
     return meta
+
 
 
 # --- reporting -----------------------------------------------------------------------------
@@ -314,6 +386,8 @@ def _row(tp: TensorPlan, layout: str) -> dict[str, Any]:
            "type": tp.dst_type.name, "bytes": tensor_nbytes(tp.dst_type, tp.shape, layout)}
     if tp.fallback:
         row["fallback"] = True
+    if tp.needs_imatrix:
+        row["needs_imatrix"] = True
     return row
 
 

@@ -137,11 +137,7 @@ def resolve_target(fmt: str | None, out: str | Path, arch: Arch | None = None, *
         return legacy_target(key, arch.legacy_target(key, out))
     if family is None:
         raise InputError(out, f"{key} holds only LLaMA, GPT-J and MPT models; the source is none of them")
-    lt = family_arch(family).legacy_targets.get(key)
-    if lt is None:
-        known = ", ".join(family_arch(family).legacy_targets)
-        raise InputError(out, f"{family} cannot be written as {key}; legacy formats for it: {known}")
-    return legacy_target(key, lt)
+    return legacy_target(key, family_arch(family).legacy_target_for(key, out))
 
 
 def is_mlc_format(fmt: str | None) -> bool:

@@ -52,6 +52,8 @@ def gguf_metadata(arch: Arch, vocab: Vocab, ckpt: Checkpoint | None, file_type: 
         md["general.file_type"] = meta("u32", file_type)
     md["general.quantization_version"] = meta("u32", GGML_QUANT_VERSION)
     md.update(vocab.tokenizer_keys(arch.family))
+    if arch.add_space_prefix is not None:  # Gemma: the SentencePiece model adds no dummy prefix
+        md["tokenizer.ggml.add_space_prefix"] = meta("bool", arch.add_space_prefix)
     return md
 
 

@@ -28,7 +28,8 @@ from typing import Any
 from smolq.errors import InputError
 from smolq.lazy import lazy_module
 from smolq.sources.bpe_pre import PRE_TOKENIZER_FORMS
-from smolq.sources.vocab import BYTE, CONTROL, NORMAL, SPIECE_SPACE, UNKNOWN, UNUSED, USER_DEFINED, Vocab
+from smolq.sources.vocab import (ADDED_TOKEN_SCORE, BYTE, CONTROL, NORMAL, SPIECE_SPACE, UNKNOWN, UNUSED, USER_DEFINED,
+                                 Vocab)
 
 tokenizers = lazy_module("tokenizers")  # imported at first use: `smolq --help` stays fast
 
@@ -210,17 +211,32 @@ def tokenizer_config(vocab: Vocab, model_max_length: int) -> dict[str, Any]:
         i = vocab.special_ids.get(kind)
         if i is not None and 0 <= i < len(vocab):
             cfg[name] = vocab.tokens[i]
-    if vocab.model != "llama":
-        # A SentencePiece vocabulary keeps its control and user-defined pieces (with their
-        # scores) in tokenizer.model; listing them here too would make llama.cpp's converter
-        # re-type them as added tokens (score -1000). tokenizer.json lists them for transformers.
+    listed = _listed_added_tokens(vocab)
+    if listed:
         cfg["added_tokens_decoder"] = {
-            str(i): {"content": t, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
-                     "special": kind != USER_DEFINED}
-            for i, (t, kind) in enumerate(zip(vocab.tokens, vocab.types)) if kind in (CONTROL, USER_DEFINED, UNKNOWN)}
+            str(i): {"content": vocab.tokens[i], "lstrip": False, "rstrip": False, "normalized": False,
+                     "single_word": False, "special": vocab.types[i] != USER_DEFINED} for i in listed}
     if vocab.chat_template:
         cfg["chat_template"] = vocab.chat_template
     return cfg
+
+
+def _listed_added_tokens(vocab: Vocab) -> list[int]:
+    """Ids tokenizer_config.json lists as added tokens.
+
+    Byte-level BPE: every control, user-defined and unknown token. SentencePiece: only those
+    that were added tokens in the checkpoint the GGUF came from, i.e. control / user-defined
+    with llama.cpp's added-token score (-1000): the pieces of tokenizer.model keep their own
+    types and scores there, and listing one would make llama.cpp's converter re-type it as an
+    added token; listing the added ones makes it type them as it did (Gemma's specials and its
+    user-defined newline runs come back CONTROL and USER_DEFINED, not NORMAL)."""
+    kinds = (CONTROL, USER_DEFINED, UNKNOWN)
+    if vocab.model != "llama":
+        return [i for i, kind in enumerate(vocab.types) if kind in kinds]
+    if vocab.scores is None:
+        return []
+    return [i for i, (kind, score) in enumerate(zip(vocab.types, vocab.scores))
+            if kind in (CONTROL, USER_DEFINED) and score == ADDED_TOKEN_SCORE]
 
 
 # SentencePiece's ModelProto (sentencepiece_model.proto), the fields written here:

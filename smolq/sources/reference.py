@@ -17,6 +17,12 @@ the tensors as stored in the file, not from the HF checkpoint:
 - MPT: fused attn_qkv (rows Q, K, V), optional clamp, ALiBi slopes as ggml
   computes them (the interleaved extension for non-power-of-2 head counts),
   LayerNorm with or without bias.
+- Gemma 3: as llama.cpp's gemma3 graph: the embedding times sqrt(n_embd),
+  RMS norms on Q and K per head and after each branch (weights as stored,
+  i.e. with the +1 already in), NEOX RoPE (halves rotated together) with
+  the local base on sliding-window layers and the global base (and linear
+  scaling) on the others, the layer pattern of the file (every 6th global
+  by default), GELU(tanh) gating, optional final logit soft-capping.
 
 Numerics are float64 by default, so that on an f32 file the only error left
 in a comparison is transformers' own float32 rounding. Activations follow
@@ -104,6 +110,21 @@ def rope_normal(x: np.ndarray, n_rot: int, base: float, position_scale: float = 
     out = x.copy()
     out[..., first] = a * cos - b * sin
     out[..., second] = a * sin + b * cos
+    return out
+
+
+def rope_neox(x: np.ndarray, n_rot: int, base: float, position_scale: float = 1.0) -> np.ndarray:
+    """ggml RoPE NEOX mode on x [batch, seq, heads, head_dim]: dimension i < n_rot/2 turns
+    with i + n_rot/2 by angle p·base^(-2i/n_rot) (transformers' rotate_half)."""
+    seq, half = x.shape[1], n_rot // 2
+    pos = np.arange(seq, dtype=np.float64) * position_scale
+    angle = pos[:, None] * (base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot))[None, :]
+    cos = np.cos(angle)[None, :, None, :].astype(x.dtype)
+    sin = np.sin(angle)[None, :, None, :].astype(x.dtype)
+    first, second = x[..., :half], x[..., half:n_rot]
+    out = x.copy()
+    out[..., :half] = first * cos - second * sin
+    out[..., half:n_rot] = second * cos + first * sin
     return out
 
 
@@ -274,9 +295,60 @@ def _mpt(t: Mapping[str, np.ndarray], hp: _HParams, tokens: np.ndarray) -> np.nd
     return _output(_layer_norm(x, t, "output_norm", eps), t)
 
 
+GEMMA3_SWA_PATTERN = 6  # llama.cpp's gemma3 loader: every 6th layer global unless the file says
+GEMMA3_27B_LAYERS = 62  # llama.cpp scales attention by 1/sqrt(n_embd / n_head) for this size only
+
+
+def _gemma3_sliding(hp: _HParams, n_layer: int) -> list[bool]:
+    """Which layers attend within the sliding window, as llama.cpp's loader decides."""
+    if not hp("attention.sliding_window", 0):
+        return [False] * n_layer
+    pattern = hp("attention.sliding_window_pattern", GEMMA3_SWA_PATTERN)
+    if isinstance(pattern, (list, tuple)):
+        return [bool(flag) for flag in pattern]
+    return [bool(pattern) and i % int(pattern) < int(pattern) - 1 for i in range(n_layer)]
+
+
+def _window_bias(seq: int, window: int) -> np.ndarray:
+    """-inf where the key lies `window` or more positions before the query ([1, seq, seq])."""
+    q, k = np.arange(seq)[:, None], np.arange(seq)[None, :]
+    return np.where(q - k >= window, -np.inf, 0.0)[None]
+
+
+def _gemma3(t: Mapping[str, np.ndarray], hp: _HParams, tokens: np.ndarray) -> np.ndarray:
+    n_embd = int(hp("embedding_length"))
+    n_head = int(hp("attention.head_count"))
+    n_kv = int(hp("attention.head_count_kv", n_head))
+    head_dim = int(hp("attention.key_length", n_embd // n_head))
+    eps = float(hp("attention.layer_norm_rms_epsilon"))
+    n_layer = _block_count(hp, t)
+    sliding = _gemma3_sliding(hp, n_layer)
+    window = int(hp("attention.sliding_window", 0))
+    rope = {True: (float(hp("rope.freq_base_swa", DEFAULT_ROPE_BASE)), 1.0),
+            False: (float(hp("rope.freq_base", DEFAULT_ROPE_BASE)), _rope_position_scale(hp))}
+    scale = 1.0 / math.sqrt(n_embd / n_head if n_layer == GEMMA3_27B_LAYERS else head_dim)
+    x = t["token_embd.weight"][tokens] * np.asarray(math.sqrt(n_embd), dtype=t["token_embd.weight"].dtype)
+    bias = _window_bias(tokens.shape[1], window) if window else None
+    for i in range(n_layer):
+        p, base, position_scale = f"blk.{i}", *rope[sliding[i]]
+        h = _rms_norm(x, t[f"{p}.attn_norm.weight"], eps)
+        q = _rms_norm(_heads(_linear(h, t, f"{p}.attn_q"), n_head), t[f"{p}.attn_q_norm.weight"], eps)
+        k = _rms_norm(_heads(_linear(h, t, f"{p}.attn_k"), n_kv), t[f"{p}.attn_k_norm.weight"], eps)
+        q, k = rope_neox(q, head_dim, base, position_scale), rope_neox(k, head_dim, base, position_scale)
+        v = _heads(_linear(h, t, f"{p}.attn_v"), n_kv)
+        attn = _linear(_attention(q, k, v, scale, bias if sliding[i] else None), t, f"{p}.attn_output")
+        x = x + _rms_norm(attn, t[f"{p}.post_attention_norm.weight"], eps)
+        h = _rms_norm(x, t[f"{p}.ffn_norm.weight"], eps)
+        gated = _gelu_tanh(_linear(h, t, f"{p}.ffn_gate")) * _linear(h, t, f"{p}.ffn_up")
+        x = x + _rms_norm(_linear(gated, t, f"{p}.ffn_down"), t[f"{p}.post_ffw_norm.weight"], eps)
+    logits = _output(_rms_norm(x, t["output_norm.weight"], eps), t)
+    cap = hp("final_logit_softcapping", None)
+    return cap * np.tanh(logits / cap) if cap else logits
+
+
 ARCHITECTURES: dict[str, Callable[..., np.ndarray]] = {
     "llama": _llama, "gptj": _gptj, "mpt": _mpt,
-    "qwen2": partial(_llama, neox=True), "qwen3": partial(_llama, neox=True),
+    "qwen2": partial(_llama, neox=True), "qwen3": partial(_llama, neox=True), "gemma3": _gemma3,
 }
 
 
@@ -387,6 +459,8 @@ def hf_hparams(hf_dir: str | os.PathLike) -> dict[str, Any]:
         return {"gptj.attention.layer_norm_epsilon": cfg.get("layer_norm_epsilon", 1e-5)}
     if model_type == "mpt":
         return {"mpt.attention.layer_norm_epsilon": cfg.get("layer_norm_epsilon", 1e-5)}
+    if model_type == "gemma3_text":  # GGUF only: its files carry every key; this fills nothing they have
+        return {"gemma3.attention.layer_norm_rms_epsilon": cfg.get("rms_norm_eps", 1e-6)}
     raise ValueError(f"{hf_dir}: no reference for model_type {model_type!r}")
 
 

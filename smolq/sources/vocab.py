@@ -485,6 +485,8 @@ def _bpe_from_files(directory: Path) -> tuple[str, dict[str, int], list[str]]:
 LEGACY_VOCAB_FAMILIES = ("gptj", "mpt")
 # Families written as GGUF `llama`, whose converter also writes tokenizer_config's add_prefix_space.
 LLAMA_GGUF_FAMILIES = ("llama", "mistral")
+# Families whose tokenizer.json alone llama.cpp's converter cannot place (no pre-tokenizer hash for it).
+SENTENCEPIECE_ONLY = ("gemma3",)
 
 
 def load_vocab(directory: str | Path, n_vocab: int, family: str, model_config: dict[str, Any] | None = None) -> Vocab:
@@ -494,6 +496,9 @@ def load_vocab(directory: str | Path, n_vocab: int, family: str, model_config: d
     tokenizer_json = _read_json(directory / "tokenizer.json")
     sp_path = directory / "tokenizer.model"
     notes: list[str] = []
+    if family in SENTENCEPIECE_ONLY and not sp_path.is_file():
+        raise InputError(directory, f"no tokenizer.model: {family}'s vocabulary is read from it (llama.cpp's "
+                                    "converter knows no pre-tokenizer for its tokenizer.json alone)")
     if family not in LEGACY_VOCAB_FAMILIES and sp_path.is_file():
         tokens, types, scores, n_base, originals = _sentencepiece_with_added(directory, sp_path, n_vocab, notes)
         vocab = Vocab("llama", tokens, types, scores, [], {}, pre="default", source=sp_path, notes=notes,

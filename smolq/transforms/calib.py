@@ -41,7 +41,7 @@ class Calibration:
 
     @property
     def n_tokens(self) -> int:
-        return sum(int(s.shape[1]) for s in self.samples)
+        return sum(int(s.numel()) for s in self.samples)  # samples may be batches of equal length
 
 
 def model_context_length(config) -> int | None:

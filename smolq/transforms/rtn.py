@@ -77,13 +77,16 @@ def quantize_entry(src: TensorEntry, dst: GGMLType, layout: str = "v3", threads:
 
 
 def quantize_entries(entries: Sequence[TensorEntry], types: Sequence[GGMLType], layout: str = "v3",
-                     threads: int = 0, names: Sequence[str] | None = None) -> list[TensorEntry]:
-    """One lazy output entry per input entry, with the planned types (and optional new names)."""
+                     threads: int = 0, names: Sequence[str] | None = None,
+                     imatrices: Sequence[np.ndarray | None] | None = None) -> list[TensorEntry]:
+    """One lazy output entry per input entry, with the planned types (and optional new names,
+    and per-tensor importance vectors, llama.cpp's quant_weights)."""
     if len(entries) != len(types):
         raise ValueError(f"{len(entries)} tensors but {len(types)} planned types")
+    imatrices = imatrices if imatrices is not None else [None] * len(entries)
     out = []
     for i, (entry, t) in enumerate(zip(entries, types)):
-        q = quantize_entry(entry, t, layout, threads)
+        q = quantize_entry(entry, t, layout, threads, imatrices[i])
         if names is not None:
             q.name = names[i]
         out.append(q)
