@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 KERNEL_SRC := $(wildcard smolq/kernels/*.c smolq/kernels/*.h)
 
-.PHONY: setup kernel demo test test-slow bench clean
+.PHONY: setup kernel demo test test-slow test-peers peers bench clean
 
 setup: $(VENV)/.installed $(VENV)/.real-readers kernel
 
@@ -71,6 +71,35 @@ test: setup
 # Tests marked slow (long model builds, benchmarks-as-checks); not part of CI.
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# The GPTQ loaders people run smolq's --format gptq directories with, each in a venv of its own
+# under .venv/peers (tests/test_gptq_real_loaders.py finds them; without them its tests skip,
+# saying so). Not part of `make setup`: each takes ~5 min to install on 2 cores, and each pins
+# what the test venv must not have.
+# - GPTQModel 7.6.0, the newest release that installs on CPU torch 2.13.0 (7.7.0 needs
+#   torch>=2.14.1, which PyPI only has as a CUDA build of several GB). It pulls numpy 2.2,
+#   datasets, pandas and pyarrow. optimum 2.3.0 lets transformers' GPTQ integration load through it.
+# - AutoGPTQ 0.7.1 (March 2024) without its CUDA extension: it imports names transformers 5
+#   removed, so it gets the transformers, peft, accelerate and datasets of its time.
+PEERS := $(VENV)/peers
+PEER_PIP = $(@D)/bin/python -m pip --disable-pip-version-check -q
+peers: $(PEERS)/gptqmodel/.installed $(PEERS)/autogptq/.installed
+
+$(PEERS)/gptqmodel/.installed:
+	rm -rf $(@D) && $(PYTHON) -m venv $(@D)
+	$(PEER_PIP) install "torch==2.13.0"
+	$(PEER_PIP) install "torch==2.13.0" "gptqmodel==7.6.0" "optimum==2.3.0"
+	touch $@
+
+$(PEERS)/autogptq/.installed:
+	rm -rf $(@D) && $(PYTHON) -m venv $(@D)
+	$(PEER_PIP) install "torch==2.13.0"
+	BUILD_CUDA_EXT=0 $(PEER_PIP) install "torch==2.13.0" "auto-gptq==0.7.1" "transformers==4.38.2" "peft==0.9.0" \
+		"accelerate<1" "datasets==2.18.0" "fsspec<=2024.2.0"
+	touch $@
+
+test-peers: setup peers
+	$(PY) -m pytest -q tests/test_gptq_real_loaders.py
 
 bench: setup
 	$(PY) scripts/bench_rtn.py

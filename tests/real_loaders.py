@@ -79,8 +79,10 @@ def _signal_name(returncode: int) -> str | None:
 
 
 def run_reader(reader: str, child_code: str, request: dict, *, model: str | os.PathLike = "-",
-               env: dict[str, str] | None = None, timeout: float = LLAMA_CPP_TIMEOUT_S) -> dict:
-    """Run `child_code` (a Python program) in a fresh interpreter as
+               env: dict[str, str] | None = None, timeout: float = LLAMA_CPP_TIMEOUT_S,
+               python: str | os.PathLike | None = None) -> dict:
+    """Run `child_code` (a Python program) in a fresh interpreter (`python`, by
+    default this one; a peer's own venv for the GPTQ loaders) as
     `python -c child_code request.json result.json out_dir` and return the
     JSON object it wrote to result.json (with "_dir": a directory holding any
     other files it wrote there, valid until the next call's clean-up: read
@@ -92,7 +94,7 @@ def run_reader(reader: str, child_code: str, request: dict, *, model: str | os.P
         req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
         req.write_text(json.dumps(request))
         try:
-            proc = subprocess.run([sys.executable, "-c", child_code, str(req), str(res), tmp],
+            proc = subprocess.run([str(python or sys.executable), "-c", child_code, str(req), str(res), tmp],
                                   env={**os.environ, **(env or {})}, cwd=tmp, capture_output=True, text=True,
                                   errors="replace", timeout=timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired as exc:
@@ -135,6 +137,8 @@ def reader_inventory() -> list[tuple[str, str | None]]:
         out.append((f"gpt4all {version}", why))
     why = None if llama_tool("llama-quantize") else "not built (make setup: scripts/build_llama_tools.py)"
     out.append(("llama.cpp tools (llama-quantize, llama-imatrix, llama-perplexity)", why))
+    for name, what in PEER_VENVS.items():
+        out.append((what, None if peer_python(name) else f"not installed in .venv/peers/{name} (make test-peers)"))
     # Not run through run_reader: bitsandbytes loads in the test process, tvm in tests/test_mlc.py's own children.
     for module, dist in (("bitsandbytes", "bitsandbytes"), ("tvm", "apache-tvm")):
         if importlib.util.find_spec(module) is None:
@@ -184,6 +188,37 @@ def require_llama_tool(name: str) -> Path:
     if path is None:
         pytest.skip(f"llama.cpp's {name} is not built (make setup runs scripts/build_llama_tools.py "
                     f"into .venv/real/llama.cpp-tools)")
+    return path
+
+
+# The GPTQ loaders each live in a venv of their own under .venv/peers/<name> (`make test-peers`
+# builds them; see the Makefile for why they stay out of the test venv): name -> what is in it.
+PEER_VENVS = {
+    "gptqmodel": "GPTQModel 7.6.0 + optimum 2.3.0 on CPU torch 2.13.0",
+    "autogptq": "AutoGPTQ 0.7.1 (no CUDA extension) + transformers 4.38.2 on CPU torch 2.13.0",
+}
+
+
+def peer_python(name: str) -> Path | None:
+    """The interpreter of the peer venv `name` (a key of PEER_VENVS), or None when it is not built.
+
+    Looked for beside the running interpreter's venv (sys.prefix/peers/<name>), then in the
+    repository's .venv; SMOLQ_PEER_<NAME> (a venv directory) overrides both. A venv counts once
+    `make test-peers` finished it (its .installed marker), never half installed.
+    """
+    env = os.environ.get(f"SMOLQ_PEER_{name.upper()}")
+    candidates = [Path(env)] if env else [Path(sys.prefix) / "peers" / name, REPO / ".venv" / "peers" / name]
+    for venv in candidates:
+        if (venv / ".installed").is_file() and (venv / "bin" / "python").exists():
+            return venv / "bin" / "python"
+    return None
+
+
+def require_peer(name: str) -> Path:
+    path = peer_python(name)
+    if path is None:
+        pytest.skip(f"{PEER_VENVS[name]} is not installed in .venv/peers/{name} (make test-peers builds it; "
+                    f"the README says why it is not part of make test)")
     return path
 
 
