@@ -215,8 +215,15 @@ def test_process_output_matches_llama_imatrix(tiny):
 # --- quantize --imatrix: tensor for tensor what llama-quantize writes -------------------------
 
 # (preset, pure). IQ types and their mixes join as the kernel learns them.
-QUANT_CASES = [(p, pure) for p in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L",
-                                   "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K") for pure in (True, False)]
+# --pure presets whose base type (IQ2_S's is IQ2_XS) cannot quantize token_embd/output without a
+# vector, which no imatrix has: llama-quantize aborts in ggml; smolq refuses in one line (test below).
+PURE_ABORTS = ("IQ1_S", "IQ2_XXS", "IQ2_XS", "IQ2_S")
+QUANT_CASES = [(p, pure) for p in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L",
+                                   "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
+                                   "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M",
+                                   "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M", "IQ4_NL", "IQ4_XS")
+               for pure in (True, False)
+               if not (pure and p in PURE_ABORTS)]
 
 
 def _tensors(path: Path) -> dict[str, tuple[int, bytes]]:
@@ -247,8 +254,12 @@ def test_quantize_with_imatrix_equals_llama_quantize(tiny, smolq_imatrix, preset
         assert ours[name][1] == theirs[name][1], f"{name}: bytes differ"
     # the imatrix changed something (else this would test RTN alone)
     plain = tiny / f"plain-{tag}.gguf"
-    smolq.quantize(tiny / "model-f32.gguf", plain, type=preset, pure=pure)
-    assert _tensors(plain) != ours
+    try:
+        smolq.quantize(tiny / "model-f32.gguf", plain, type=preset, pure=pure)
+    except smolq.InputError as exc:  # the types that cannot go without one
+        assert "importance matrix" in str(exc) and not plain.exists()
+    else:
+        assert _tensors(plain) != ours
     keys = _imatrix_keys(tiny / f"smolq-{tag}.gguf")
     assert keys["quantize.imatrix.entries_count"] == 14 and keys["quantize.imatrix.chunks_count"] == CHUNKS
     assert keys["quantize.imatrix.dataset"] == "calib.txt"
@@ -408,6 +419,15 @@ def test_very_low_bit_types_without_an_imatrix_are_refused(tiny, tmp_path, cli):
     _refused(proc, out, tiny / "model-f32.gguf", "needs an importance matrix")
 
 
+@pytest.mark.parametrize("preset", PURE_ABORTS)
+def test_pure_types_that_cannot_go_without_a_vector(tiny, smolq_imatrix, tmp_path, cli, preset):
+    """--pure puts token_embd in a type whose quantizer needs a vector the imatrix never has
+    (llama-quantize aborts in ggml): one line naming the imatrix, exit 2, nothing written."""
+    out = tmp_path / "o.gguf"
+    proc = cli("quantize", tiny / "model-f32.gguf", out, "--type", preset, "--pure", "--imatrix", smolq_imatrix)
+    _refused(proc, out, smolq_imatrix, "has no entry for token_embd.weight")
+
+
 def test_short_text_and_bad_model(tiny, tmp_path, cli):
     (tmp_path / "short.txt").write_text("the quick brown fox")
     out = tmp_path / "x.imatrix"
@@ -450,3 +470,30 @@ def test_smollm2_imatrix_matches_llama_imatrix(smollm2_gguf, tmp_path):
     assert ours.chunk_count == theirs.chunk_count == 4
     worst = min((_cosine(ours.importance(n), theirs.importance(n)), n) for n in theirs.entries)
     assert worst[0] >= 0.999, worst
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """8 layers, so the rules for the first n/8 ffn_down layers (which look at has_imatrix) apply."""
+    from smolq.tiny import make_tiny_model
+
+    d = tmp_path_factory.mktemp("imatrix-deep")
+    make_tiny_model("llama", d / "hf", hidden_size=256, n_layers=8)
+    smolq.convert(d / "hf", d / "model-f32.gguf", outtype="f32")
+    (d / "calib.txt").write_text(_text(2))
+    smolq.imatrix(d / "hf", d / "smolq.imatrix", calib=d / "calib.txt", ctx=CTX, chunks=2)
+    return d
+
+
+@pytest.mark.parametrize("preset", ["Q4_0", "Q5_0", "IQ4_NL", "IQ4_XS", "IQ3_XXS"])
+def test_mix_rules_that_look_at_the_imatrix(deep, preset):
+    """With an imatrix, llama-quantize's Q4_0/Q5_0 give the first ffn_down Q4_1/Q5_1, IQ4_NL/XS keep
+    their own type there, IQ3_XXS's attn_v changes: same types and bytes as llama-quantize."""
+    tool = require_llama_tool("llama-quantize")
+    _llama(tool, "--imatrix", "smolq.imatrix", "model-f32.gguf", f"llama-{preset}.gguf", preset, "1", cwd=deep)
+    smolq.quantize(deep / "model-f32.gguf", deep / f"smolq-{preset}.gguf", type=preset,
+                   imatrix=deep / "smolq.imatrix")
+    ours, theirs = _tensors(deep / f"smolq-{preset}.gguf"), _tensors(deep / f"llama-{preset}.gguf")
+    assert ours == theirs
+    if preset in ("Q4_0", "Q5_0"):
+        assert theirs["blk.0.ffn_down.weight"][0] == int(T.Q4_1 if preset == "Q4_0" else T.Q5_1)

@@ -22,6 +22,7 @@ from smolq.errors import InputError
 from smolq.formats.gguf import MetaValue
 from smolq.formats.imatrix import Imatrix, read_imatrix
 from smolq.ggml_types import GGMLType
+from smolq.kernels import NEEDS_IMATRIX
 from smolq.lazy import lazy_module
 from smolq.plan.mix import Preset, canonical_name, requires_imatrix
 
@@ -62,13 +63,24 @@ class ImatrixChoice:
 
 def check_required(choice: ImatrixChoice | None, name: str, dst: GGMLType, preset: Preset,
                    vec: np.ndarray | None, model: str | os.PathLike | None = None) -> None:
-    """Refuse, before anything is written, a very-low-bit tensor without an importance vector."""
+    """Refuse, before anything is written, a very-low-bit tensor without an importance vector.
+
+    Besides llama-quantize's rule (requires_imatrix, which spares token_embd and
+    output), the quantizers of NEEDS_IMATRIX cannot run without one at all: there
+    llama-quantize aborts (GGML_ASSERT) on a tensor the imatrix has no entry for,
+    e.g. output.weight in a --pure IQ2_XXS file; smolq says so in one line."""
     gguf_name = canonical_name(name)
-    if vec is not None or not requires_imatrix(gguf_name, dst, preset):
+    by_rule = requires_imatrix(gguf_name, dst, preset)
+    if vec is not None or not (by_rule or dst in NEEDS_IMATRIX):
         return
     if choice is None:
         raise InputError(model, f"{dst.name} (tensor {gguf_name}) needs an importance matrix: "
                                 f"pass --imatrix FILE (smolq imatrix or llama-imatrix makes one)")
+    if not by_rule:  # token_embd / output: llama-quantize gives them no vector, then aborts in ggml
+        raise InputError(choice.path, f"has no entry for {gguf_name}, and {dst.name} cannot be written without "
+                                      f"one (llama-quantize aborts here): give it another type "
+                                      f"(--output-tensor-type / --token-embedding-type, or no --pure), or make the "
+                                      f"imatrix with --process-output")
     raise InputError(choice.path, f"has no entry for {gguf_name}, which {dst.name} cannot be quantized "
                                   f"without: an imatrix for another model?")
 
