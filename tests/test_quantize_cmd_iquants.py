@@ -1,7 +1,7 @@
 """`smolq quantize --type <i-quant> --pure` end to end: a GGUF whose every
 tensor equals what llama.cpp's llama-quantize --pure writes from the same f32
-file (types and bytes), and MXFP4 / IQ3_XXS, which llama-quantize offers no
-plain way to write, decoded by gguf-py close to the source."""
+file (types and bytes), and MXFP4 / IQ3_XXS (with an importance matrix, which
+IQ3_XXS needs as in llama-quantize), decoded by gguf-py close to the source."""
 from __future__ import annotations
 
 import subprocess
@@ -52,10 +52,28 @@ def test_pure_quantize_equals_llama_quantize(f32_gguf, tmp_path, qtype):
         assert np.array_equal(a[name][1], b[name][1]), name
 
 
+def random_imatrix(f32_gguf, path):
+    """An importance matrix (positive random column weights) for every 2-D weight of the file."""
+    from smolq.formats.imatrix import from_sums, write_imatrix
+
+    rng = np.random.default_rng(3)
+    names = {t.name: int(t.shape[0]) for t in gguf.GGUFReader(str(f32_gguf)).tensors if len(t.shape) == 2}
+    sums = {n: rng.uniform(0.1, 2.0, k).astype(np.float32) * 64 for n, k in names.items()}
+    write_imatrix(path, from_sums(sums, {n: 64 for n in names}, datasets=["random"], chunk_count=1,
+                                  chunk_size=64))
+    return path
+
+
 @pytest.mark.parametrize("qtype, min_snr_db", [("MXFP4", 17), ("IQ3_XXS", 12)])
 def test_pure_quantize_decodes_close_to_the_source(f32_gguf, tmp_path, qtype, min_snr_db):
     out = tmp_path / "q.gguf"
-    smolq_cli("quantize", f32_gguf, out, "--type", qtype.lower(), "--pure", "--quiet")
+    extra = []
+    if qtype == "IQ3_XXS":  # llama-quantize refuses IQ3_XXS without an imatrix; so does smolq
+        refused = subprocess.run([sys.executable, "-m", "smolq", "quantize", str(f32_gguf), str(out), "--type",
+                                  "iq3_xxs", "--pure", "--quiet"], capture_output=True, text=True)
+        assert refused.returncode == 2 and "needs an importance matrix" in refused.stderr and not out.exists()
+        extra = ["--imatrix", random_imatrix(f32_gguf, tmp_path / "r.imatrix")]
+    smolq_cli("quantize", f32_gguf, out, "--type", qtype.lower(), "--pure", "--quiet", *extra)
     src = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(f32_gguf)).tensors}
     n = 0
     for t in gguf.GGUFReader(str(out)).tensors:
