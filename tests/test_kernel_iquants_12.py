@@ -106,6 +106,16 @@ def test_types_that_need_an_imatrix_refuse_without_one(name):
         K.quantize(x, name)
 
 
+def test_the_c_kernel_itself_refuses_a_missing_imatrix():
+    """Below the binding's own check: smolq_quantize answers SMOLQ_ERR_IMATRIX (-4)."""
+    x = np.ones(256, np.float32)
+    out = np.zeros(82, np.uint8)
+    for name in TYPES:
+        t = int(GGMLType.from_name(name))
+        code = K._lib.smolq_quantize(t, 3, x.ctypes.data, out.ctypes.data, 1, 256, None, 1, 0)
+        assert code == (-4 if name in NEEDS_IMATRIX else K.row_size(name, 256)), name
+
+
 @pytest.mark.parametrize("name", TYPES)
 def test_threads_and_impls_agree_on_many_rows(name):
     rng = np.random.default_rng(5)
