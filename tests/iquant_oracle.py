@@ -19,18 +19,15 @@ import numpy as np
 import smolq.kernels as K
 from smolq.ggml_types import GGMLType
 
-from ggml_lib import find_libggml
+from ggml_lib import load_libggml
 
 
 @lru_cache(maxsize=1)
 def libggml() -> ctypes.CDLL | None:
-    path = find_libggml()
-    if path is None:
+    """ggml_lib's libggml-base, plus the two i-quant entry points this oracle also calls."""
+    lib = load_libggml()
+    if lib is None:
         return None
-    lib = ctypes.CDLL(str(path))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.ggml_quantize_init.restype = None
     lib.ggml_quantize_init.argtypes = [ctypes.c_int]
     lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
