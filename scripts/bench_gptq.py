@@ -485,8 +485,10 @@ class BusyProgram:
     def __init__(self, gguf: Path, text: Path):
         import threading
 
-        tool = ROOT / ".venv" / "real" / "llama.cpp-tools" / "bin" / "llama-perplexity"
-        if tool.is_file():
+        tools = [Path(sys.prefix) / "real" / "llama.cpp-tools" / "bin" / "llama-perplexity",
+                 ROOT / ".venv" / "real" / "llama.cpp-tools" / "bin" / "llama-perplexity"]
+        tool = next((t for t in tools if t.is_file()), None)
+        if tool is not None:
             self.cmds = [[str(tool), "-m", str(gguf), "-f", str(text), "-t", "2", "-c", "256", "--chunks", "400"]]
             self.what = "llama-perplexity -t 2"
         else:
@@ -542,13 +544,17 @@ def speed_main(args) -> int:
             results["profile"][setting] = {"seconds": run["seconds"], "phases": phases}
             print(f"\n{setting} ({run['n_tokens']} tokens), {n_blocks} blocks, {threads} threads, "
                   f"{run['seconds']:.1f} s in all, {run['seconds'] / n_blocks:.1f} s/block")
-            print(f"  {'phase':34s} {'s/block':>9s} {'share':>6s}")
+            print(f"  {'phase':40s} {'s/block':>9s} {'share':>6s}")
             acc = phases.get("gptq hessian accumulate", {}).get("wall_s", 0.0)
+            timed = 0.0
             for name in PHASES:
                 wall = phases.get(name, {}).get("wall_s", 0.0)
                 if name == "gptq forward for hessians":
                     name, wall = "gptq forward for hessians (excl. acc.)", wall - acc
-                print(f"  {name:34s} {wall / n_blocks:9.2f} {wall / run['seconds']:6.1%}")
+                timed += wall
+                print(f"  {name:40s} {wall / n_blocks:9.2f} {wall / run['seconds']:6.1%}")
+            rest = run["seconds"] - timed
+            print(f"  {'other (imports, tokenizing, model setup)':40s} {rest / n_blocks:9.2f} {rest / run['seconds']:6.1%}")
     if args.under_load:
         n, L = (int(x) for x in args.settings.split(",")[-1].lower().split("x"))
         out = work / "speed-load.gguf"
