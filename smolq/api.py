@@ -90,7 +90,7 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
              token_embedding_type: str | None = None, tensor_types: Iterable[str] | Mapping[str, str] = (),
              allow_requantize: bool = False, threads: int = 0,
              calib: PathLike | None = None, group_size: int = 128, act_order: bool = False, sym: bool = True,
-             damp: float = 0.01, nsamples: int = 128, seqlen: int = 2048, device: str = "cpu",
+             damp: float = 0.01, nsamples: int | None = None, seqlen: int | None = None, device: str = "cpu",
              true_sequential: bool = True, static_groups: bool = False, mse: float = 0.0,
              scale_rule: str = "weighted", seed: int = 0, resume: bool = False,
              double_quant: bool = True, blocksize: int = 64,
@@ -128,7 +128,7 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
         given = {"pure": pure, "leave_output_tensor": leave_output_tensor, "output_tensor_type": output_tensor_type,
                  "token_embedding_type": token_embedding_type, "tensor_type": list(tensor_types),
                  "allow_requantize": allow_requantize, "group_size": group_size != 128, "act_order": act_order,
-                 "asym": not sym, "damp": damp != 0.01, "nsamples": nsamples != 128, "seqlen": seqlen != 2048,
+                 "asym": not sym, "damp": damp != 0.01, "nsamples": nsamples is not None, "seqlen": seqlen is not None,
                  "static_groups": static_groups, "mse": mse != 0.0, "resume": resume, "device": device != "cpu",
                  "true_sequential": not true_sequential, "scale_rule": scale_rule != "weighted", "seed": seed != 0}
         return common_summary(_requantize.run_mlc(src, out, type, bits, method=method, calib=calib and Path(calib),

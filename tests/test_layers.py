@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "smolq"
 
 LAYERS = [
     # 0: the ground everything stands on: errors, atomic output, progress, the ggml type table
-    ("base", ["smolq.errors", "smolq.fileio", "smolq.atomic", "smolq.progress", "smolq.lazy", "smolq.ggml_types", "smolq.tiny"]),
+    ("base", ["smolq.errors", "smolq.fileio", "smolq.atomic", "smolq.progress", "smolq.lazy", "smolq.threads", "smolq.ggml_types", "smolq.tiny"]),
     # 1: bytes and blocks: containers (readers, writers) and the C kernel
     ("formats and kernels", ["smolq.formats", "smolq.kernels"]),
     # 2: what each model family is: names, hyperparameters, tensor transforms

@@ -39,6 +39,8 @@ from typing import Any
 from smolq.arch import arch_for_config
 from smolq.atomic import atomic_directory, atomic_output
 from smolq.errors import InputError
+from smolq.fileio import phase
+from smolq.threads import set_threads
 from smolq.formats import gptq_ckpt
 from smolq.formats.base import TensorEntry
 from smolq.formats.gptq_ckpt import GPTQLayer
@@ -127,7 +129,8 @@ class _StopForward(Exception):
 
 def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | None = None, bits: int = 4,
                      group_size: int = 128, act_order: bool = False, sym: bool = True, true_sequential: bool = True,
-                     damp: float = 0.01, calib=None, nsamples: int = 128, seqlen: int = 2048, device: str = "cpu",
+                     damp: float = 0.01, calib=None, nsamples: int | None = None, seqlen: int | None = None,
+                     device: str = "cpu",
                      seed: int = 0, resume: bool = False, quiet: bool = False, static_groups: bool = False,
                      scale_rule: str = "weighted", mse: float = 0.0) -> dict[str, Any]:
     """GPTQ-quantize the HF checkpoint `src_dir` into `out_path`; returns a summary.
@@ -136,7 +139,8 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
     Otherwise a GGUF / legacy format name (as `smolq convert --format`):
     `qtype` is a type or llama.cpp mix ("q4_k_m"); without it `bits` picks
     the default mix for that width. Linears whose planned type is a ggml
-    block type are GPTQ-rounded onto that type's grid.
+    block type are GPTQ-rounded onto that type's grid. `nsamples` / `seqlen`
+    None: chosen from the calibration text's length (transforms/calib.py).
     """
     import torch
 
@@ -178,6 +182,8 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
     with open_checkpoint(src) as ckpt:
         weights = _Weights(ckpt, model)
         cal = _calibration(model, tokenizer, weights, calib, nsamples, seqlen, seed, quiet)
+        if not quiet:
+            note(_plan_line(model, family, cal, plan, dev))
         work = _work_dir(out, settings, src, resume)
         try:
             stats = _quantize_blocks(model, family, cal, plan, settings, dev, work, quiet, weights)
@@ -185,10 +191,11 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
             _say_how_to_resume(work)
             raise
 
-    if fmt == "gptq":
-        size = _write_gptq_dir(model, family, src, out, work, settings)
-    else:
-        size = _write_ggml_file(src, out, fmt, qtype, model, family, work)
+    with phase("gptq write output"):
+        if fmt == "gptq":
+            size = _write_gptq_dir(model, family, src, out, work, settings)
+        else:
+            size = _write_ggml_file(src, out, fmt, qtype, model, family, work)
     shutil.rmtree(work, ignore_errors=True)
     return {
         "source": str(src), "output": str(out), "format": fmt, "method": "gptq", "family": family,
@@ -199,6 +206,70 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
         "damp_raised": stats["damp_raised"], "bytes": size, "seconds": round(time.perf_counter() - started, 3),
         "device": str(dev),
     }
+
+
+def _plan_line(model, family, cal, plan, dev) -> str:
+    """What the run will do and about how long it takes, printed before it starts."""
+    import torch
+
+    blocks = _blocks(model, family)
+    linears = [(f"{FAMILIES[family].blocks}.{i}.{n}", block.get_submodule(n))
+               for i, block in enumerate(blocks) for n in _linears(family)]
+    linears = [lin for name, lin in linears if plan.get(f"{name}.weight") != "skip"]
+    passes = len(FAMILIES[family].groups) + 1  # one block run per true-sequential group, one to pass outputs on
+    seconds = estimate_seconds([tuple(lin.weight.shape) for lin in linears], cal.n_tokens, passes,
+                               len(cal.samples) * len(blocks) * passes, dev)
+    return (f"GPTQ plan: {len(cal.samples)} x {cal.seqlen} = {cal.n_tokens} calibration tokens, {len(blocks)} blocks "
+            f"({len(linears)} linears), {torch.get_num_threads()} threads on {dev}; estimated {_minutes(seconds)} "
+            f"(rough; an ETA follows each block)")
+
+
+def estimate_seconds(shapes: list[tuple[int, int]], n_tokens: int, passes: int, block_calls: int, dev) -> float:
+    """A rough time for GPTQ of Linears of `shapes` ([out, in]) on `n_tokens` calibration tokens,
+    each block run `passes` times, `block_calls` calls of a block on one sample in all:
+    floating-point work (block runs, Hessians, Cholesky, the lazy-batch updates) at the rate a
+    short matmul probe measures here, plus a fixed cost per column of the solve and per block
+    call for their small ops."""
+    rate, op_seconds = _probe_speed(dev)
+    flops = 0.0
+    for rows, cols in shapes:
+        flops += 2.0 * rows * cols * n_tokens * passes  # the Linear inside every block run
+        flops += 2.0 * cols * cols * n_tokens  # its Hessian
+        flops += 2.0 * cols ** 3 + 2.0 * rows * cols * (cols + 128)  # Cholesky and inverse; updates
+    columns = sum(cols for _, cols in shapes)
+    return flops / rate + (columns * COLUMN_OPS + block_calls * BLOCK_CALL_OPS) * op_seconds
+
+
+COLUMN_OPS = 12  # small torch ops per column of the solve (rounding, error, the in-batch update)
+BLOCK_CALL_OPS = 150  # small ops (norms, RoPE, reshapes, hooks) per call of a block on one sample
+
+
+def _probe_speed(dev) -> tuple[float, float]:
+    """(float32 matmul flop/s, seconds per small op) measured in about 0.1 s on `dev`."""
+    import torch
+
+    a = torch.randn(256, 512, device=dev)
+    b = torch.randn(512, 512, device=dev)
+    v = torch.randn(576, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    torch.mm(a, b)  # warm up
+    sync()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 0.05:
+        torch.mm(a, b)
+        sync()
+        n += 1
+    rate = n * 2.0 * 256 * 512 * 512 / (time.perf_counter() - t0)
+    t0, m = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 0.05:
+        v.mul_(1.0)
+        sync()
+        m += 1
+    return rate, (time.perf_counter() - t0) / m
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def _say_how_to_resume(work: Path) -> None:
@@ -215,10 +286,7 @@ def quantize_hf(*, src, out, preset: str | None = None, fmt: str | None = None, 
     fmt = (fmt or ("gptq" if Path(out).suffix == "" else "gguf")).lower()
     if dry_run:
         raise InputError(out, "--dry-run is not available with --method gptq")
-    if threads and threads > 0:
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)  # torch and OpenMP; the C kernel gets the same count through `threads`
     if fmt == "gptq":
         m = re.search(r"(\d)", preset or "Q4")
         return quantize_hf_gptq(src, out, format="gptq", bits=int(m.group(1)) if m else 4, calib=calib,
@@ -665,17 +733,20 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
 
     blocks = _blocks(model, family)
     kinds = _block_kinds(model, family)
-    acts = _capture_block_inputs(model, family, cal, weights, work, quiet)
+    with phase("gptq capture block 0 inputs"):
+        acts = _capture_block_inputs(model, family, cal, weights, work, quiet)
     if acts.other_bytes():
         note(f"other block arguments (RoPE tables, masks): {acts.other_bytes() / 2**20:.1f} MiB in RAM", quiet=quiet)
     groups = FAMILIES[family].groups if settings.true_sequential else (tuple(_linears(family)),)
     n_linears, damp_raised, notes = 0, [], []
+    spent: list[float] = []  # seconds per block so far, for the ETA
     try:
         for i, block in enumerate(blocks):
             t0 = time.perf_counter()
             prefix = f"{FAMILIES[family].blocks}.{i}"
-            weights.materialize(block, prefix + ".")
-            block.to(dev)
+            with phase("gptq load block"):
+                weights.materialize(block, prefix + ".")
+                block.to(dev)
             saved = work / f"block-{i:04d}.safetensors"
             if saved.is_file():
                 _restore_block(block, saved)
@@ -686,7 +757,8 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
                     todo = [n for n in group if plan.get(f"{prefix}.{n}.weight") != "skip"]
                     if not todo:
                         continue
-                    hessians = _collect_hessians(block, todo, acts, dev, kinds[i])
+                    with phase("gptq forward for hessians"):
+                        hessians = _collect_hessians(block, todo, acts, dev, kinds[i])
                     for name in todo:
                         rec, damp_used = _solve_linear(block.get_submodule(name), hessians.pop(name),
                                                        plan.get(f"{prefix}.{name}.weight"), settings, dev)
@@ -694,13 +766,17 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
                         n_linears += 1
                         if damp_used > settings.damp:
                             damp_raised.append(f"{prefix}.{name}: damp {damp_used:.3g}")
-                _save_block(saved, records)
+                with phase("gptq save block"):
+                    _save_block(saved, records)
                 what = "quantized"
-            _run_block(block, acts, dev, replace=True, kind=kinds[i])
+            with phase("gptq recompute outputs"):
+                _run_block(block, acts, dev, replace=True, kind=kinds[i])
             weights.release(block)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-            note(f"block {i + 1}/{len(blocks)} {what} in {time.perf_counter() - t0:.1f}s", quiet=quiet)
+            spent.append(time.perf_counter() - t0)
+            eta = sum(spent) / len(spent) * (len(blocks) - i - 1)
+            note(f"block {i + 1}/{len(blocks)} {what} in {spent[-1]:.1f}s, ETA {_minutes(eta)}", quiet=quiet)
     finally:
         acts.close()
     if damp_raised:

@@ -59,8 +59,8 @@ class Request:
 
 
 # Defaults of the GPTQ-only options: anything else given with --method rtn is a mistake.
-GPTQ_DEFAULTS = {"group_size": 128, "act_order": False, "sym": True, "damp": 0.01, "nsamples": 128,
-                 "seqlen": 2048, "device": "cpu", "true_sequential": True, "static_groups": False, "mse": 0.0,
+GPTQ_DEFAULTS = {"group_size": 128, "act_order": False, "sym": True, "damp": 0.01, "nsamples": None,
+                 "seqlen": None, "device": "cpu", "true_sequential": True, "static_groups": False, "mse": 0.0,
                  "scale_rule": "weighted", "seed": 0, "resume": False}
 
 

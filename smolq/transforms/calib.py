@@ -14,6 +14,14 @@
 
 `seqlen` is capped by the model's context length. Everything is
 deterministic for a given seed.
+
+Without --nsamples/--seqlen (None) the windows follow the text (issue #19:
+the reference's 128 x 2048 cut from an 8K-token text showed every token ~30
+times and took half an hour on a 135M model): windows of AUTO_SEQLEN tokens,
+as many as cover the text about MAX_REPEAT times, at most AUTO_MAX_SAMPLES
+(64 x 512 is a few minutes for SmolLM2-135M on 2 CPU cores). A jsonl file
+gets one window per record, at most AUTO_MAX_SAMPLES; data-free sampling
+keeps DATA_FREE_DEFAULT.
 """
 from __future__ import annotations
 
@@ -25,6 +33,10 @@ from pathlib import Path
 from smolq.errors import InputError
 
 DATA_FREE_MAX_SEQLEN = 512  # sampling from the model costs one forward per token
+AUTO_SEQLEN = 512
+AUTO_MAX_SAMPLES = 64
+MAX_REPEAT = 2  # automatic windows see each token of the text about this many times at most
+DATA_FREE_DEFAULT = (128, DATA_FREE_MAX_SEQLEN)  # (nsamples, seqlen) when neither is given
 
 
 @dataclass
@@ -52,17 +64,28 @@ def model_context_length(config) -> int | None:
     return None
 
 
-def load_calibration(model, tokenizer, calib: str | Path | None, *, nsamples: int = 128, seqlen: int = 2048,
-                     seed: int = 0) -> Calibration:
-    if nsamples < 1 or seqlen < 2:
+def auto_windows(n_tokens: int, nsamples: int | None, seqlen: int | None, ctx: int | None) -> tuple[int, int]:
+    """(nsamples, seqlen) for a text of `n_tokens`, filling in whichever is None (module docstring)."""
+    if seqlen is None:
+        seqlen = max(2, min(AUTO_SEQLEN, ctx or AUTO_SEQLEN, n_tokens))
+    if nsamples is None:
+        nsamples = max(1, min(AUTO_MAX_SAMPLES, MAX_REPEAT * n_tokens // seqlen))
+    return nsamples, seqlen
+
+
+def load_calibration(model, tokenizer, calib: str | Path | None, *, nsamples: int | None = None,
+                     seqlen: int | None = None, seed: int = 0) -> Calibration:
+    if (nsamples is not None and nsamples < 1) or (seqlen is not None and seqlen < 2):
         raise InputError(calib, "--nsamples must be >= 1 and --seqlen >= 2")
     notes = []
     ctx = model_context_length(model.config)
-    if ctx is not None and seqlen > ctx:
+    if ctx is not None and seqlen is not None and seqlen > ctx:
         notes.append(f"seqlen {seqlen} capped at the model's context length {ctx}")
         seqlen = ctx
     rng = random.Random(seed)
     if calib is None:
+        nsamples = DATA_FREE_DEFAULT[0] if nsamples is None else nsamples
+        seqlen = DATA_FREE_DEFAULT[1] if seqlen is None else seqlen
         n = min(seqlen, DATA_FREE_MAX_SEQLEN)
         if n < seqlen:
             notes.append(f"data-free calibration: sequences of {n} tokens sampled from the model")
@@ -78,9 +101,16 @@ def load_calibration(model, tokenizer, calib: str | Path | None, *, nsamples: in
         raise InputError(path, f"cannot read calibration text: {exc}") from None
     records = _jsonl_texts(path, text)
     if records is not None:
+        nsamples = min(AUTO_MAX_SAMPLES, len(records)) if nsamples is None else nsamples
+        seqlen = min(AUTO_SEQLEN, ctx or AUTO_SEQLEN) if seqlen is None else seqlen
         samples = _from_records(tokenizer, records, nsamples, seqlen, rng, path)
         return Calibration(samples, f"jsonl:{path}", seqlen, notes)
-    samples = _from_text(tokenizer, text, nsamples, seqlen, rng, path)
+    ids = _encode(tokenizer, text)
+    if nsamples is None or seqlen is None:
+        nsamples, seqlen = auto_windows(ids.shape[1], nsamples, seqlen, ctx)
+        notes.append(f"calibration: {nsamples} windows of {seqlen} tokens from a text of {ids.shape[1]} tokens "
+                     f"(--nsamples/--seqlen choose others)")
+    samples = _from_text(ids, nsamples, seqlen, rng, path)
     if len(samples) == 1 and samples[0].shape[1] < seqlen:
         notes.append(f"calibration text has only {samples[0].shape[1]} tokens: one short sample")
     return Calibration(samples, f"file:{path}", seqlen, notes)
@@ -115,8 +145,7 @@ def _encode(tokenizer, text: str):
     return ids.to(torch.long)
 
 
-def _from_text(tokenizer, text, nsamples, seqlen, rng, path):
-    ids = _encode(tokenizer, text)
+def _from_text(ids, nsamples, seqlen, rng, path):
     n = ids.shape[1]
     if n < 2:
         raise InputError(path, "calibration text is empty")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from smolq.fileio import phase
 from smolq.lazy import lazy_module
+from smolq.threads import one_thread
 from smolq.transforms.grids import Grid
 
 torch = lazy_module("torch")  # imported at first use: `smolq --help` stays fast
@@ -40,10 +42,11 @@ class HessianAccumulator:
         if mask is not None:
             x = x[mask.to(self.H.device).bool()]
         x = x.reshape(-1, x.shape[-1])
-        self.H *= self.n / (self.n + b)
-        self.n += b
-        x = x * (2.0 / self.n) ** 0.5
-        self.H.addmm_(x.T, x)
+        with phase("gptq hessian accumulate"):
+            self.H *= self.n / (self.n + b)
+            self.n += b
+            x = x * (2.0 / self.n) ** 0.5
+            self.H.addmm_(x.T, x)
 
 
 @dataclass
@@ -115,7 +118,8 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int =
     W = W[:, perm]
     H = H[perm][:, perm]
     hp = hdiag[perm]
-    Hinv, damp_used = inverse_cholesky_upper(H, damp)
+    with phase("gptq cholesky"):
+        Hinv, damp_used = inverse_cholesky_upper(H, damp)
     del H
 
     Q = torch.zeros_like(W)
@@ -127,24 +131,35 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int =
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            p = i1 + i
+        with one_thread():  # ops of one column: too small for threads (smolq/threads.py)
+            _solve_columns(grid, levels, perm, perm_list, static_groups, W, W1, Err1, Hinv1, Q, loss, i1, i2, hp,
+                           n_cols)
+        with phase("gptq column solve"):
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    return SolveResult(Q=Q[:, inv], loss=float(loss), damp=damp_used, perm=perm)
+
+
+def _solve_columns(grid, levels, perm, perm_list, static_groups, W, W1, Err1, Hinv1, Q, loss, i1, i2, hp, n_cols):
+    """Columns i1..i2 of one lazy batch: round each, push its error onto the rest of the batch
+    (W1, Q, Err1 and loss are updated in place)."""
+    for i in range(i2 - i1):
+        p = i1 + i
+        with phase("gptq grid rounding"):
             if not static_groups:
                 for level, size in enumerate(levels):
                     if p % size == 0:
                         _choose_group(grid, level, perm, p, min(p + size, n_cols), W, W1, i1, i2, hp)
             w = W1[:, i]
-            d = Hinv1[i, i]
             q = grid.quantize(perm_list[p], w)
+        with phase("gptq column solve"):
+            d = Hinv1[i, i]
             Q[:, p] = q
             err = (w - q) / d
             loss += (err * err).sum() / 2
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-
-    inv = torch.argsort(perm)
-    return SolveResult(Q=Q[:, inv], loss=float(loss), damp=damp_used, perm=perm)
 
 
 def _choose_group(grid, level, perm, a, b, W, W1, i1, i2, hp):
