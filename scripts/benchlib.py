@@ -3,6 +3,12 @@
 `measure` runs one command as a child and reads that child's own resource
 usage (os.wait4), so wall time, user/system time and peak RSS are the whole
 process's, imports included, the same way for smolq and for its peers.
+The child is started by a small launcher process, not by the benchmark itself:
+Linux keeps a process's peak RSS across execve, and a child spawned straight
+from a benchmark that has built a model in memory would report the
+benchmark's own peak as its floor (a vfork shares the parent's memory until
+the exec). The launcher is a bare Python (-S -I), so the floor it leaves is
+its own ~10 MiB.
 `disk_floor` is the physical floor of a job in the same run: reading its
 input once (cat to /dev/null) plus writing its output's size durably (dd from
 /dev/zero with conv=fdatasync).
@@ -13,27 +19,43 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 
+# Runs argv[2:] as its child and writes that child's wall, user, sys, peak RSS and exit code to fd argv[1].
+_LAUNCHER = """
+import os, sys, time
+fd, cmd = int(sys.argv[1]), sys.argv[2:]
+t0 = time.perf_counter()
+pid = os.posix_spawnp(cmd[0], cmd, os.environ)
+_, status, u = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+os.write(fd, f"{wall} {u.ru_utime} {u.ru_stime} {u.ru_maxrss} {os.waitstatus_to_exitcode(status)}".encode())
+"""
+
+
 def measure(cmd: Sequence[str], env: dict | None = None, cwd: str | None = None) -> dict:
     """Run cmd; {wall_s, user_s, sys_s, peak_rss_MiB}. Raises SystemExit with its stderr on failure."""
+    read_end, write_end = os.pipe()
     with tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.DEVNULL, stderr=err,
+        launcher = [sys.executable, "-S", "-I", "-c", _LAUNCHER, str(write_end), *map(str, cmd)]
+        proc = subprocess.Popen(launcher, stdout=subprocess.DEVNULL, stderr=err, pass_fds=(write_end,),
                                 env={**os.environ, **(env or {})}, cwd=cwd)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as r:
+            report = r.read().decode()
+        proc.wait()
+        if proc.returncode != 0 or not report or int(report.split()[4]) != 0:
             err.seek(0)
-            raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
+            raise SystemExit(f"{' '.join(map(str, cmd))} failed ({report or proc.returncode}):\n"
                              f"{err.read().decode(errors='replace')[-3000:]}")
-    return {"wall_s": wall, "user_s": usage.ru_utime, "sys_s": usage.ru_stime,
-            "peak_rss_MiB": usage.ru_maxrss / 1024}
+    wall, user, system, maxrss_kib, _ = report.split()
+    return {"wall_s": float(wall), "user_s": float(user), "sys_s": float(system),
+            "peak_rss_MiB": int(maxrss_kib) / 1024}
 
 
 def median_runs(runs: list[dict]) -> dict:
