@@ -149,6 +149,15 @@ def _ptr(a: np.ndarray) -> int | None:
     return a.ctypes.data if a.size else None
 
 
+def _out_array(out: np.ndarray | None, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A fresh array, or the caller's (checked: the C code writes through its pointer)."""
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if out.dtype != dtype or tuple(out.shape) != tuple(shape) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {np.dtype(dtype)} array of shape {tuple(shape)}")
+    return out
+
+
 # --------------------------------------------------------------------------- quantize / dequantize
 
 def row_size(qtype: Any, n_per_row: int, layout: str = "v3") -> int:
@@ -159,8 +168,10 @@ def row_size(qtype: Any, n_per_row: int, layout: str = "v3") -> int:
 
 
 def quantize(x: np.ndarray, qtype: Any, layout: str = "v3", imatrix: np.ndarray | None = None,
-             threads: int = 0, impl: str = "fast") -> np.ndarray:
+             threads: int = 0, impl: str = "fast", out: np.ndarray | None = None) -> np.ndarray:
     """Quantize rows (the last dimension) of float data; returns uint8 (nrows, row_bytes).
+
+    out: a C-contiguous uint8 (nrows, row_bytes) array to write into (returned).
 
     imatrix: None (llama.cpp's reference quantizer) or one importance weight per
     column (llama.cpp's quantize_* with quant_weights; ignored by Q8_0, TQ, MXFP4
@@ -190,7 +201,7 @@ def quantize(x: np.ndarray, qtype: Any, layout: str = "v3", imatrix: np.ndarray 
             raise ValueError(f"imatrix has {w.size} weights for rows of {n_per_row} elements")
         if count_nonfinite(w) or (w < 0).any():
             raise ValueError("imatrix weights must be finite and >= 0")
-    out = np.empty((nrows, n_per_row // block * bpb), dtype=np.uint8)
+    out = _out_array(out, (nrows, n_per_row // block * bpb), np.uint8)
     _raise_on(_lib.smolq_quantize(int(t), _layout(layout), _ptr(x), _ptr(out), nrows, n_per_row,
                                   _ptr(w) if w is not None else None, _threads(threads), _impl(impl)),
               f"quantize to {t.name}")
@@ -198,8 +209,9 @@ def quantize(x: np.ndarray, qtype: Any, layout: str = "v3", imatrix: np.ndarray 
 
 
 def dequantize(data: Any, qtype: Any, shape: Sequence[int], layout: str = "v3", threads: int = 0,
-               impl: str = "fast") -> np.ndarray:
-    """Decode a tensor of `shape` (PyTorch order, last dimension contiguous) to float32."""
+               impl: str = "fast", out: np.ndarray | None = None) -> np.ndarray:
+    """Decode a tensor of `shape` (PyTorch order, last dimension contiguous) to float32
+    (into `out`, a C-contiguous float32 array of that shape, when given)."""
     t = _qtype(qtype)
     _check_pair(t, layout, DEQUANTIZE_TYPES, "dequantize")
     shape = tuple(int(d) for d in shape)
@@ -214,7 +226,7 @@ def dequantize(data: Any, qtype: Any, shape: Sequence[int], layout: str = "v3", 
     need = nrows * (n_per_row // block) * bpb
     if raw.size != need:
         raise ValueError(f"{t.name} ({layout}) tensor of shape {shape} needs {need} bytes, got {raw.size}")
-    out = np.empty(shape, dtype=np.float32)
+    out = _out_array(out, shape, np.float32)
     _raise_on(_lib.smolq_dequantize(int(t), _layout(layout), _ptr(raw), _ptr(out), nrows, n_per_row,
                                     _threads(threads), _impl(impl)), f"dequantize {t.name}")
     return out
