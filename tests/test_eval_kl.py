@@ -62,7 +62,7 @@ LLAMA_NUMBERS = {  # name -> regex over llama-perplexity's final statistics
 }
 
 
-def _llama_perplexity(d: Path, *args) -> str:
+def _llama_perplexity(d: Path, *args, expect=LLAMA_NUMBERS.values()) -> str:
     tool = require_llama_tool("llama-perplexity")
     # -b CTX: one window per decode, as smolq runs them; -fa off: llama-cpp-python's default attention
     # (flash attention, llama-perplexity's CPU default, rounds differently: ~1e-4 in PPL)
@@ -72,20 +72,25 @@ def _llama_perplexity(d: Path, *args) -> str:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=d, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out = proc.stdout + proc.stderr
-        if "--kl-divergence" not in args or all(re.search(p, out) for p in LLAMA_NUMBERS.values()):
+        if all(re.search(p, out) for p in expect):
             return out
     raise AssertionError(f"llama-perplexity printed no final statistics:\n{out[-3000:]}")
 
 
+PLAIN_PPL = r"Final estimate: PPL = ([-\d.]+) \+/- ([-\d.]+)"
+
+
 @pytest.fixture(scope="module")
 def llama_numbers(tiny):
-    _llama_perplexity(tiny, "-m", "f32.gguf", "--kl-divergence-base", "base.kld")
+    out = _llama_perplexity(tiny, "-m", "f32.gguf", "--kl-divergence-base", "base.kld", expect=[PLAIN_PPL])
+    plain = tuple(float(g) for g in re.search(PLAIN_PPL, out).groups())
     out = _llama_perplexity(tiny, "-m", "q2_k.gguf", "--kl-divergence-base", "base.kld", "--kl-divergence")
     found = {}
     for name, pattern in LLAMA_NUMBERS.items():
         match = re.search(pattern, out)
         assert match, f"no {name} in llama-perplexity's output:\n{out[-3000:]}"
         found[name] = tuple(float(g) for g in match.groups())
+    found["plain_ppl_f32"] = plain
     return found
 
 
@@ -128,6 +133,56 @@ def test_agrees_with_llama_perplexity(smolq_numbers, llama_numbers):
     assert 100 * s["same_top"]["unc"] == pytest.approx(ref["same_top"][1], abs=0.05)
     assert 100 * s["p_diff"]["rms"] == pytest.approx(ref["rms_dp"][0], abs=5e-3)
     assert s["kld"]["mean"] > 100 * kld_tol  # the comparison means something: Q2_K is far from f32
+
+
+def test_perplexity_alone_agrees_with_llama_perplexity(tiny, llama_numbers):
+    """Without a reference: llama-perplexity's plain "Final estimate" on the f32 file (same logits; it
+    prints 4 and 5 decimals)."""
+    proc = _smolq("eval", tiny / "f32.gguf", "--text", tiny / "text.txt", "--ctx", CTX, "--max-windows", CHUNKS,
+                  "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(proc.stdout)
+    assert "kld" not in s["stats"] and s["tokenizer"].endswith("(llama.cpp)")
+    assert s["ppl"] == pytest.approx(llama_numbers["plain_ppl_f32"][0], abs=1e-4)
+    assert s["stats"]["ppl"]["unc"] == pytest.approx(llama_numbers["plain_ppl_f32"][1], abs=1e-5)
+
+
+def test_reference_backend_runs_what_llama_cpp_runs(tiny):
+    """The f32 GGUF through smolq's reference forward pass and through llama.cpp: same perplexity (both
+    float32; summation orders differ), and KL against the HF checkpoint (transformers) close to zero."""
+    runs = {}
+    for backend in ("reference", "llama"):
+        proc = _smolq("eval", tiny / "f32.gguf", "--text", tiny / "text.txt", "--ctx", CTX, "--max-windows", 4,
+                      "--kl-against", tiny / "hf", "--backend", backend, "--json")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[backend] = json.loads(proc.stdout)
+    assert runs["reference"]["backend"] == "smolq reference" and runs["llama"]["backend"].startswith("llama.cpp")
+    assert runs["reference"]["ref_backend"] == "transformers"
+    assert runs["reference"]["ppl"] == pytest.approx(runs["llama"]["ppl"], rel=1e-4)
+    assert runs["reference"]["kld"] < 1e-8 and runs["llama"]["kld"] < 1e-5
+    assert runs["reference"]["stats"]["same_top"]["value"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def legacy(tiny):
+    from smolq.cli import main
+
+    path = tiny / "q4_0.bin"
+    assert main(["convert", str(tiny / "hf"), str(path), "--outtype", "q4_0", "-q"]) == 0
+    return path
+
+
+def test_legacy_file_runs_on_the_reference_backend(tiny, legacy):
+    """auto: a legacy ggjt file is no GGUF for llama-cpp-python; smolq's forward pass runs it."""
+    args = ("eval", legacy, "--text", tiny / "text.txt", "--ctx", CTX, "--max-windows", 4,
+            "--kl-against", tiny / "f32.gguf", "--json")
+    proc = _smolq(*args)  # a ggjt header has no RMS norm epsilon: the HF config must say it
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--tokenizer" in proc.stderr, proc.stderr
+    proc = _smolq(*args, "--tokenizer", tiny / "hf")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(proc.stdout)
+    assert s["backend"] == "smolq reference" and s["ref_backend"].startswith("llama.cpp")
+    assert 0 < s["kld"] < 0.5 and s["stats"]["kld"]["p99"] >= s["stats"]["kld"]["median"]
 
 
 def test_table_says_what_ran(tiny):
@@ -249,8 +304,12 @@ def test_gguf_reference_with_another_vocabulary_through_llama_cpp(tiny, other_vo
     assert re.search(r"other\.gguf.*vocabulary of \d+ tokens", proc.stderr), proc.stderr[-2000:]
 
 
+def test_llama_backend_refuses_a_legacy_file(tiny, legacy, cli):
+    res = cli("eval", legacy, "--text", tiny / "text.txt", "--tokenizer", tiny / "hf", "--backend", "llama")
+    assert res.returncode == 2 and "--backend llama" in res.stderr and str(legacy) in res.stderr, res.stderr
+
+
 @pytest.mark.parametrize("args, says", [
-    (("--backend", "llama"), "--backend llama"),       # an HF directory is not a GGUF
     (("--score", "third"), "--score"),
     (("--backend", "fast"), "--backend"),
     (("--ctx", "3"), "--ctx"),

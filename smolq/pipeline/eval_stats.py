@@ -35,6 +35,7 @@ from smolq.lazy import lazy_module
 np = lazy_module("numpy")
 
 # the KLD percentiles reported (llama-perplexity prints these and a few lower ones)
+ROWS_PER_STEP = 64  # logits rows turned into statistics at once
 KLD_PERCENTILES = (("max", 1.0), ("p99.9", 0.999), ("p99", 0.99), ("p95", 0.95), ("p90", 0.90))
 
 
@@ -57,6 +58,12 @@ class TokenStats:
 
     def add(self, logits: np.ndarray, targets: np.ndarray, ref_logits: np.ndarray | None = None) -> None:
         """logits [n, vocab] predicting targets [n]; ref_logits [n, vocab] of the reference, if any."""
+        # a few rows at a time: float64 copies of 512 rows of a 128k vocabulary would take gigabytes
+        for start in range(0, len(targets), ROWS_PER_STEP):
+            rows = slice(start, start + ROWS_PER_STEP)
+            self._add_rows(logits[rows], targets[rows], None if ref_logits is None else ref_logits[rows])
+
+    def _add_rows(self, logits: np.ndarray, targets: np.ndarray, ref_logits: np.ndarray | None) -> None:
         rows = np.arange(len(targets))
         lp = log_softmax(logits)
         self.nll.append(-lp[rows, targets])

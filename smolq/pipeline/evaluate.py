@@ -82,12 +82,16 @@ class FileModel:
     backend = "smolq reference"
 
     def __init__(self, path: Path, hparams_override):
+        self.path = path
         self.arch, self.tensors, hp = read_model(path)
         self.hparams = {**dict(hparams_override or {}), **hp}
         self.n_vocab = int(self.tensors["token_embd.weight"].shape[0])
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
-        return forward(self.arch, self.tensors, self.hparams, tokens, dtype=np.float32)
+        try:
+            return forward(self.arch, self.tensors, self.hparams, tokens, dtype=np.float32)
+        except KeyError as exc:  # a legacy header lacks e.g. the RMS norm epsilon
+            raise InputError(self.path, f"{exc.args[0]}: pass --tokenizer HF_DIR, whose config.json has it") from None
 
 
 class LlamaCppModel:
@@ -152,8 +156,8 @@ def open_model(path: Path, device: str = "cpu", hparams_from: Path | None = None
     """Something with .logits(tokens [1, n]) -> [1, n, vocab] and .n_vocab: llama-cpp-python, transformers
     (HF, GPTQ) or the reference forward pass of a file, as `backend` (auto, llama, reference) asks."""
     kind = _kind(path)
-    if backend == "llama" and not (kind == "file" and _llama_loadable(path)):
-        raise InputError(path, "--backend llama runs GGUF files through llama-cpp-python: not a GGUF file, "
+    if backend == "llama" and kind == "file" and not _llama_loadable(path):
+        raise InputError(path, "--backend llama runs model files through llama-cpp-python: not a GGUF file, "
                                "or llama-cpp-python is not installed")
     fallback = None
     if backend in ("llama", "auto") and kind == "file" and _llama_loadable(path):
