@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from real_loaders import require_llama_tool
+from real_loaders import READERS_USED, require_llama_tool
 
 REPO = Path(__file__).resolve().parents[1]
+TOOLS = "llama.cpp tools (llama-quantize, llama-imatrix, llama-perplexity)"  # conftest's summary line
 CTX, CHUNKS = 64, 12  # 12 chunks x 31 scored tokens: over the 100 llama-perplexity wants for its statistics
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly boxing frogs "
          "and many other creatures of the forest sing").split()
@@ -64,11 +65,13 @@ LLAMA_NUMBERS = {  # name -> regex over llama-perplexity's final statistics
 
 def _llama_perplexity(d: Path, *args, expect=LLAMA_NUMBERS.values()) -> str:
     tool = require_llama_tool("llama-perplexity")
-    # -b CTX: one window per decode, as smolq runs them; -fa off: llama-cpp-python's default attention
+    # -b CTX: one window per decode, as smolq runs them; -fa off: llama-cpp-python's default attention;
+    # -t 1: two threads spin-wait for minutes on a busy 2-core machine
     # (flash attention, llama-perplexity's CPU default, rounds differently: ~1e-4 in PPL)
-    cmd = [str(tool), "-f", "text.txt", "-c", str(CTX), "-b", str(CTX), "--chunks", str(CHUNKS), "-t", "2",
+    cmd = [str(tool), "-f", "text.txt", "-c", str(CTX), "-b", str(CTX), "--chunks", str(CHUNKS), "-t", "1",
            "-fa", "off", *map(str, args)]
     for _ in range(5):  # its asynchronous logger can drop the last lines at exit (DESIGN.md): run again
+        READERS_USED[TOOLS] += 1
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=d, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out = proc.stdout + proc.stderr
@@ -147,15 +150,17 @@ def test_perplexity_alone_agrees_with_llama_perplexity(tiny, llama_numbers):
     assert s["stats"]["ppl"]["unc"] == pytest.approx(llama_numbers["plain_ppl_f32"][1], abs=1e-5)
 
 
-def test_reference_backend_runs_what_llama_cpp_runs(tiny):
-    """The f32 GGUF through smolq's reference forward pass and through llama.cpp: same perplexity (both
-    float32; summation orders differ), and KL against the HF checkpoint (transformers) close to zero."""
-    runs = {}
-    for backend in ("reference", "llama"):
-        proc = _smolq("eval", tiny / "f32.gguf", "--text", tiny / "text.txt", "--ctx", CTX, "--max-windows", 4,
-                      "--kl-against", tiny / "hf", "--backend", backend, "--json")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[backend] = json.loads(proc.stdout)
+def test_reference_backend_runs_what_llama_cpp_runs(tiny, cli):
+    """The f32 GGUF through smolq's reference forward pass (in this process: no llama.cpp in it) and
+    through llama.cpp (in a child): same perplexity (both float32; summation orders differ), and KL
+    against the HF checkpoint (transformers) close to zero."""
+    args = ("eval", tiny / "f32.gguf", "--text", tiny / "text.txt", "--ctx", CTX, "--max-windows", 4,
+            "--kl-against", tiny / "hf", "--json", "--backend")
+    res = cli(*args, "reference")
+    assert res.returncode == 0, res.stderr[-3000:]
+    proc = _smolq(*args, "llama")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {"reference": json.loads(res.stdout), "llama": json.loads(proc.stdout)}
     assert runs["reference"]["backend"] == "smolq reference" and runs["llama"]["backend"].startswith("llama.cpp")
     assert runs["reference"]["ref_backend"] == "transformers"
     assert runs["reference"]["ppl"] == pytest.approx(runs["llama"]["ppl"], rel=1e-4)
@@ -176,8 +181,6 @@ def test_legacy_file_runs_on_the_reference_backend(tiny, legacy):
     """auto: a legacy ggjt file is no GGUF for llama-cpp-python; smolq's forward pass runs it."""
     args = ("eval", legacy, "--text", tiny / "text.txt", "--ctx", CTX, "--max-windows", 4,
             "--kl-against", tiny / "f32.gguf", "--json")
-    proc = _smolq(*args)  # a ggjt header has no RMS norm epsilon: the HF config must say it
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--tokenizer" in proc.stderr, proc.stderr
     proc = _smolq(*args, "--tokenizer", tiny / "hf")
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads(proc.stdout)
@@ -302,6 +305,14 @@ def test_gguf_reference_with_another_vocabulary_through_llama_cpp(tiny, other_vo
                   "--kl-against", tiny / "other.gguf")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert re.search(r"other\.gguf.*vocabulary of \d+ tokens", proc.stderr), proc.stderr[-2000:]
+
+
+def test_legacy_file_without_its_config(tiny, legacy, cli):
+    """A ggjt header has no RMS norm epsilon: without an HF config to supply it, one line, exit 2."""
+    res = cli("eval", legacy, "--text", tiny / "text.txt", "--ctx", CTX, "--kl-against", tiny / "f32.gguf",
+              "--backend", "reference")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "--tokenizer" in res.stderr, res.stderr
+    assert str(legacy) in res.stderr
 
 
 def test_llama_backend_refuses_a_legacy_file(tiny, legacy, cli):

@@ -86,6 +86,7 @@ class FileModel:
         self.arch, self.tensors, hp = read_model(path)
         self.hparams = {**dict(hparams_override or {}), **hp}
         self.n_vocab = int(self.tensors["token_embd.weight"].shape[0])
+        self.logits(np.zeros((1, 1), dtype=np.int64))  # one token: a missing hyperparameter shows now, not later
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         try:
