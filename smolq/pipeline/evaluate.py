@@ -299,37 +299,48 @@ def _measure(model, ref, tokens: np.ndarray, bos: int | None, ctx: int, first: i
     return stats
 
 
+def _open_models(paths: list[Path], tokenizer: Path | None, device: str, backend: str, ctx: int) -> list:
+    """MODEL (and REF) opened on their backends, checked to share one vocabulary."""
+    hparams_from = tokenizer or next((p for p in paths if p.is_dir()), None)  # what a legacy header lacks
+    models = [open_model(p, device, hparams_from, backend=backend, ctx=ctx) for p in paths]
+    if len(models) == 2:
+        _check_vocab(paths[0], models[0], paths[1], models[1])
+    return models
+
+
+def _n_windows(tokens: np.ndarray, ctx: int, max_windows: int, text: Path) -> int:
+    n = len(tokens) // ctx
+    if max_windows > 0:
+        n = min(n, max_windows)
+    if n == 0:
+        raise InputError(text, f"text has {len(tokens)} tokens, fewer than one window of {ctx}")
+    return n
+
+
 def evaluate(model: Path, text: Path, *, ctx: int = 512, device: str = "cpu", kl_against: Path | None = None,
              tokenizer: Path | None = None, max_windows: int = 0, backend: str = "auto",
              score: str = "second-half") -> dict[str, Any]:
     """Perplexity of `model` on `text` (and KLD etc. against `kl_against`), as a JSON-able summary
-    (the numbers: smolq.pipeline.eval_stats.summarize)."""
+    (the numbers: smolq.pipeline.eval_stats.summarize, under "stats")."""
     started = time.perf_counter()
     _validate(ctx, score, backend)
-    model, text = Path(model), Path(text)
-    ref_path = Path(kl_against) if kl_against is not None else None
-    paths = [model] + ([ref_path] if ref_path is not None else [])
+    text = Path(text)
+    raw = _read_text(text)
+    paths = [Path(model)] + ([Path(kl_against)] if kl_against is not None else [])
     kinds = [_kind(p) for p in paths]
-    hparams_from = tokenizer or next((p for p in paths if p.is_dir()), None)
-    models = [open_model(p, device, hparams_from, backend=backend, ctx=ctx) for p in paths]
-    m, ref = models[0], (models[1] if ref_path is not None else None)
-    _check_vocab(model, m, ref_path, ref)
+    models = _open_models(paths, tokenizer, device, backend, ctx)
     tok, tok_name = _pick_tokenizer(tokenizer, paths, models)
-    tokens, bos = tokens_for(tok, _read_text(text), score)
-    _check_tokens(tokens, model, m, tok_name)
-    n_windows = len(tokens) // ctx
-    if max_windows > 0:
-        n_windows = min(n_windows, max_windows)
-    if n_windows == 0:
-        raise InputError(text, f"text has {len(tokens)} tokens, fewer than one window of {ctx}")
-    first = first_scored(ctx, score)
-    stats = _measure(m, ref, tokens, bos, ctx, first, n_windows)
-    summary = summarize(stats)
-    out = {"model": str(model), "kind": kinds[0], "backend": m.backend, "text": str(text), "tokenizer": tok_name,
-           "ctx": ctx, "score": score, "bos": bos, "n_windows": n_windows, "n_tokens": summary["n_scored"],
-           "ppl": summary["ppl"]["value"], "nll": summary["ppl"]["nll"], "stats": summary}
+    tokens, bos = tokens_for(tok, raw, score)
+    _check_tokens(tokens, paths[0], models[0], tok_name)
+    n_windows = _n_windows(tokens, ctx, max_windows, text)
+    ref = models[1] if len(models) == 2 else None
+    summary = summarize(_measure(models[0], ref, tokens, bos, ctx, first_scored(ctx, score), n_windows))
+    out = {"model": str(paths[0]), "kind": kinds[0], "backend": models[0].backend, "text": str(text),
+           "tokenizer": tok_name, "ctx": ctx, "score": score, "bos": bos, "n_windows": n_windows,
+           "n_tokens": summary["n_scored"], "ppl": summary["ppl"]["value"], "nll": summary["ppl"]["nll"],
+           "stats": summary}
     if ref is not None:
-        out.update({"kl_against": str(ref_path), "ref_kind": kinds[1], "ref_backend": ref.backend,
+        out.update({"kl_against": str(paths[1]), "ref_kind": kinds[1], "ref_backend": ref.backend,
                     "kld": summary["kld"]["mean"]})
     out["seconds"] = round(time.perf_counter() - started, 3)
     return out
