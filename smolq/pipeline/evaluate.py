@@ -108,10 +108,11 @@ class LlamaCppModel:
         self.backend = f"llama.cpp (llama-cpp-python {importlib.metadata.version('llama_cpp_python')})"
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
+        """A view of llama-cpp-python's logits buffer (no copy of ctx x vocab floats): valid until the next call."""
         window = [int(t) for t in tokens[0]]
         self.llm.reset()
         self.llm.eval(window)
-        return np.array(self.llm.scores[: len(window)], dtype=np.float32)[None]
+        return self.llm.scores[: len(window)][None]
 
     def encode(self, text: str, specials: bool) -> list[int]:
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=specials, special=False))
