@@ -17,7 +17,8 @@ from smolq.progress import emit_json
 
 SCORE_HELP = ("second-half: llama-perplexity's windows (BOS first, the second half of each window scored); "
               "all: every token after a window's first, no BOS.")
-BACKEND_HELP = "auto: llama-cpp-python for a GGUF it loads, else the reference (transformers / smolq's forward)."
+BACKEND_HELP = ("auto: llama-cpp-python for a GGUF it loads, else reference; llama: every model file through "
+                "llama-cpp-python; reference: smolq's forward pass (directories: transformers, always).")
 
 
 def _pm(value: float, unc: float, digits: int, scale: float = 1.0, unit: str = "") -> str:
