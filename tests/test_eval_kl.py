@@ -118,9 +118,9 @@ def test_agrees_with_llama_perplexity(smolq_numbers, llama_numbers):
     no flash attention), so PPL(Q) agrees to the digits printed. llama-perplexity keeps the reference's
     log-probabilities as 16-bit steps of at most 16/65535 nats: each is off by at most
     d = 8/65535 = 1.2e-4 nats, which moves a token's NLL by <= d (PPL(base): relative <= d) and its KLD,
-    sum p (lp_ref - lp), by <= d * (1 + sum p |lp_ref - lp|) ~ 2.5e-4 here; and it drops tokens more than
-    16 nats below the best (p < 1e-7 each, 512 of them). Same top token: equal, but for near-ties the
-    16-bit steps can reorder, so one token either way."""
+    sum p (lp_ref - lp), by <= d * (1 + sum p |lp_ref - lp|) ~ 2.5e-4 here; and it drops tokens more
+    than 16 nats below the best (p < 1.2e-7 each, at most 384 of them here). Same top token: equal, but
+    for near-ties the 16-bit steps can reorder, so one token either way."""
     s, ref = smolq_numbers["stats"], llama_numbers
     d = 8 / 65535
     kld_tol = 3 * d
