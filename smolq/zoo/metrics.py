@@ -7,8 +7,9 @@
 - Per-tensor RMSE of a GPTQ directory: its dequantized linears against the
   HF source's tensors of the same names (GPTQ keeps HF names and layout).
 - Perplexity: smolq.pipeline.evaluate.evaluate (non-overlapping windows,
-  exp of the mean NLL), with the HF source's tokenizer, so the zoo and
-  `smolq eval` report the same number.
+  exp of the mean NLL over every token after a window's first, the
+  reference forward pass), with the HF source's tokenizer, so the zoo and
+  `smolq eval --score all --backend reference` report the same number.
 """
 from __future__ import annotations
 
@@ -69,6 +70,6 @@ def perplexity(model: Path, hf_dir: Path | None, text_file: Path, ctx: int) -> t
     if hf_dir is None:
         return None, "perplexity needs the HF tokenizer (the source is a model file)"
     try:
-        return float(evaluate(model, text_file, ctx=ctx, tokenizer=hf_dir)["ppl"]), None
+        return float(evaluate(model, text_file, ctx=ctx, tokenizer=hf_dir, backend="reference", score="all")["ppl"]), None
     except SmolqError as exc:
         return None, f"perplexity not measured: {exc.message}"
