@@ -22,11 +22,11 @@ np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 __all__ = [
     "KERNEL_TYPES", "QUANTIZE_TYPES", "DEQUANTIZE_TYPES", "NEEDS_IMATRIX", "quantize", "dequantize", "row_size", "relayout",
-    "gptq_pack", "gptq_unpack", "error_stats", "checksum", "count_nonfinite",
+    "iq4_rounding_scales", "gptq_pack", "gptq_unpack", "error_stats", "checksum", "count_nonfinite",
     "BNB_QUANT_TYPES", "bnb_code", "bnb4_quantize", "bnb4_dequantize", "bnb8_quantize", "bnb8_dequantize", "bnb_mean",
 ]
 
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _ERRORS = {-1: "type/layout not supported", -2: "row length not a multiple of the block size", -3: "bad argument",
            -4: "the type needs an importance matrix",
            -5: "values too large for the type's search (llama.cpp aborts on them)"}
@@ -56,6 +56,7 @@ _SIGNATURES = {
     "smolq_error_stats": (_int, [_vp, _vp, _i64, _int, ctypes.POINTER(ctypes.c_double)]),
     "smolq_checksum": (_u64, [_vp, _i64, _int]),
     "smolq_count_nonfinite": (_i64, [_vp, _i64, _int]),
+    "smolq_iq4_rounding_scales": (_i64, [_int, _vp, _vp, _vp, _i64, _i64, _vp]),
     "smolq_bnb_code": (_int, [_int, _vp]),
     "smolq_bnb4_quantize": (_i64, [_int, _vp, _vp, _vp, _i64, _i64, _int, _int]),
     "smolq_bnb4_dequantize": (_i64, [_int, _vp, _vp, _vp, _i64, _i64, _int]),
@@ -218,6 +219,34 @@ def dequantize(data: Any, qtype: Any, shape: Sequence[int], layout: str = "v3", 
     _raise_on(_lib.smolq_dequantize(int(t), _layout(layout), _ptr(raw), _ptr(out), nrows, n_per_row,
                                     _threads(threads), _impl(impl)), f"dequantize {t.name}")
     return out
+
+
+def iq4_rounding_scales(x: np.ndarray, qtype: Any, imatrix: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """IQ4_NL / IQ4_XS blocks of 2-D float rows, as quantize() writes them, and
+    the float scale whose inverse picked each 32-element block's levels
+    ([nrows, n/32]; ggml stores only an fp16 of it). For grids that re-round."""
+    t = _qtype(qtype)
+    if t not in (T.IQ4_NL, T.IQ4_XS):
+        raise ValueError(f"rounding scales exist for IQ4_NL and IQ4_XS, not {t.name}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"iq4_rounding_scales needs 2-D rows, got shape {x.shape}")
+    nrows, n_per_row = x.shape
+    block, bpb = _block_bytes(t, "v3")
+    if n_per_row % block:
+        raise ValueError(f"row of {n_per_row} elements is not a multiple of {t.name}'s block of {block}")
+    if count_nonfinite(x):
+        raise ValueError(f"cannot quantize NaN or infinite values to {t.name}")
+    w = None
+    if imatrix is not None:
+        w = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+        if w.size != n_per_row or count_nonfinite(w) or (w < 0).any():
+            raise ValueError(f"imatrix must be {n_per_row} finite weights >= 0")
+    out = np.empty((nrows, n_per_row // block * bpb), dtype=np.uint8)
+    scales = np.empty((nrows, n_per_row // 32), dtype=np.float32)
+    _raise_on(_lib.smolq_iq4_rounding_scales(int(t), _ptr(x), _ptr(out), _ptr(scales), nrows, n_per_row,
+                                             _ptr(w) if w is not None else None), f"quantize to {t.name}")
+    return out, scales
 
 
 # --------------------------------------------------------------------------- relayout

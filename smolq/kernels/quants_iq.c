@@ -145,8 +145,10 @@ typedef struct {
 
 static const iq4_steps IQ4_REF = {iq4_block_scale, iq4_levels};
 
-/* block_iq4_nl: d (fp16), qs[16]. */
-static void iq4_nl_rows(const float *x, void *vy, int64_t n, const float *imatrix, const iq4_steps *s) {
+/* block_iq4_nl: d (fp16), qs[16]. rscale (NULL or one float per 32
+ * elements) receives the unrounded scale whose inverse picked the levels. */
+static void iq4_nl_rows(const float *x, void *vy, int64_t n, const float *imatrix, const iq4_steps *s,
+                        float *rscale) {
     uint8_t *y = vy;
     float weight[QK4_NL];
     uint8_t L[QK4_NL];
@@ -155,6 +157,7 @@ static void iq4_nl_rows(const float *x, void *vy, int64_t n, const float *imatri
         sigma2 *= 2.f / QK4_NL;
         iq_weights(x, imatrix ? imatrix + QK4_NL * ib : NULL, sigma2, QK4_NL, weight);
         const float d = s->block_scale(x, weight);
+        if (rscale) rscale[ib] = d;
         f16_put(y, d);
         s->levels(x, QK4_NL, d ? 1 / d : 0, L);
         pack_nibble_halves(L, QK4_NL, y + 2);
@@ -163,7 +166,8 @@ static void iq4_nl_rows(const float *x, void *vy, int64_t n, const float *imatri
 
 /* block_iq4_xs: d (fp16), scales_h (u16: 2 high bits per block), scales_l[4]
  * (4 low bits per block), qs[128]. Block scales are 6-bit multiples of d. */
-static void iq4_xs_rows(const float *x, void *vy, int64_t n, const float *imatrix, const iq4_steps *s) {
+static void iq4_xs_rows(const float *x, void *vy, int64_t n, const float *imatrix, const iq4_steps *s,
+                        float *rscale) {
     uint8_t *y = vy;
     float weight[32], scales[QK_K / 32];
     uint8_t L[QK_K];
@@ -189,6 +193,7 @@ static void iq4_xs_rows(const float *x, void *vy, int64_t n, const float *imatri
             int l = nearest_int(id * scales[ib]);
             l = MAX(-32, MIN(31, l));
             const float dl = d * l;
+            if (rscale) rscale[QK_K / 32 * ibl + ib] = dl;
             s->levels(x + 32 * ib, 32, dl ? 1 / dl : 0.f, L + 32 * ib);
             l += 32;
             if (ib % 2 == 0) scales_l[ib / 2] = (uint8_t)(l & 0xf);
@@ -200,8 +205,8 @@ static void iq4_xs_rows(const float *x, void *vy, int64_t n, const float *imatri
     }
 }
 
-static void iq4_nl_quant(const float *x, void *y, int64_t n, const float *w) { iq4_nl_rows(x, y, n, w, &IQ4_REF); }
-static void iq4_xs_quant(const float *x, void *y, int64_t n, const float *w) { iq4_xs_rows(x, y, n, w, &IQ4_REF); }
+static void iq4_nl_quant(const float *x, void *y, int64_t n, const float *w) { iq4_nl_rows(x, y, n, w, &IQ4_REF, NULL); }
+static void iq4_xs_quant(const float *x, void *y, int64_t n, const float *w) { iq4_xs_rows(x, y, n, w, &IQ4_REF, NULL); }
 
 #if IQ_HAVE_FAST
 /* best_index_int8 over kvalues_iq4nl as a count: for a non-NaN x, the
@@ -291,17 +296,35 @@ static const iq4_steps IQ4_FAST = {iq4_block_scale_fast, iq4_levels_fast};
 
 static void iq4_nl_quant_fast(const float *x, void *y, int64_t n, const float *w) {
     pthread_once(&iq4_once, iq4_build_thresholds);
-    iq4_nl_rows(x, y, n, w, &IQ4_FAST);
+    iq4_nl_rows(x, y, n, w, &IQ4_FAST, NULL);
 }
 
 static void iq4_xs_quant_fast(const float *x, void *y, int64_t n, const float *w) {
     pthread_once(&iq4_once, iq4_build_thresholds);
-    iq4_xs_rows(x, y, n, w, &IQ4_FAST);
+    iq4_xs_rows(x, y, n, w, &IQ4_FAST, NULL);
 }
 #else
 #define iq4_nl_quant_fast iq4_nl_quant
 #define iq4_xs_quant_fast iq4_xs_quant
 #endif
+
+int64_t smolq_iq4_rounding_scales(int type, const float *src, void *dst, float *scales, int64_t nrows,
+                                  int64_t n_per_row, const float *imatrix) {
+    if (type != SMOLQ_T_IQ4_NL && type != SMOLQ_T_IQ4_XS) return SMOLQ_ERR_TYPE;
+    if (!src || !dst || !scales || nrows < 0 || n_per_row < 0) return SMOLQ_ERR_ARG;
+    const int xs = type == SMOLQ_T_IQ4_XS;
+    const int64_t block = xs ? QK_K : QK4_NL, bytes = xs ? IQ4_XS_BYTES : IQ4_NL_BYTES;
+    if (n_per_row % block) return SMOLQ_ERR_ROWLEN;
+    const int64_t row_bytes = n_per_row / block * bytes;
+    for (int64_t r = 0; r < nrows; ++r) {
+        const float *x = src + r * n_per_row;
+        uint8_t *y = (uint8_t *)dst + r * row_bytes;
+        float *rs = scales + r * (n_per_row / 32);
+        if (xs) iq4_xs_rows(x, y, n_per_row, imatrix, &IQ4_REF, rs);
+        else iq4_nl_rows(x, y, n_per_row, imatrix, &IQ4_REF, rs);
+    }
+    return nrows * row_bytes;
+}
 
 static void iq4_nl_dequant(const void *vx, float *y, int64_t n) {
     const uint8_t *x = vx;

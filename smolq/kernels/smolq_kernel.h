@@ -90,6 +90,14 @@ int smolq_error_stats(const float *ref, const float *test, int64_t n, int nthrea
  * bytes LE). Independent of nthreads. */
 uint64_t smolq_checksum(const void *buf, int64_t nbytes, int nthreads);
 
+/* IQ4_NL / IQ4_XS rows exactly as smolq_quantize writes them (imatrix as
+ * there), plus, per 32-element block, the float scale whose inverse picked the
+ * block's levels: ggml rounds with the unrounded scale and stores only an fp16
+ * of it, so a GPTQ grid that re-rounds the block needs this one. Scalar
+ * reference path, one thread. Returns the bytes written, or < 0. */
+int64_t smolq_iq4_rounding_scales(int type, const float *src, void *dst, float *scales, int64_t nrows,
+                                  int64_t n_per_row, const float *imatrix);
+
 /* Number of NaN / inf values among n floats. */
 int64_t smolq_count_nonfinite(const float *x, int64_t n, int nthreads);
 

@@ -59,7 +59,8 @@ from smolq.sources.gptq import looks_like_gptq
 from smolq.sources.vocab import load_vocab
 from smolq.transforms.calib import load_calibration
 from smolq.transforms.gptq import HessianAccumulator, gptq_solve
-from smolq.transforms.grids import BLOCK_SPECS, SCALE_RULES, make_grid
+from smolq.transforms.grids import BLOCK_SPECS, SCALE_RULES
+from smolq.transforms.iq_grids import GPTQ_GRID_TYPES, grid_for
 
 np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
@@ -491,7 +492,7 @@ def _plan_types(src, out, fmt, qtype, model, family) -> dict[str, GGMLType | Non
         target = resolve_target(fmt, out, arch)
         steps, _ = build_steps(arch, ckpt, target, qtype, out)
     by_source = {s.map.source: s.type for s in steps}
-    return {n: by_source.get(n) if by_source.get(n) in BLOCK_SPECS else "skip" for n in names}
+    return {n: by_source.get(n) if by_source.get(n) in GPTQ_GRID_TYPES else "skip" for n in names}
 
 
 def _check_scale_rule(rule: str, plan: dict[str, GGMLType | None], out: Path) -> None:
@@ -810,8 +811,8 @@ def _solve_linear(lin, H, qtype, settings: Settings, dev):
 
     W = lin.weight.data.to(dev, torch.float32)
     rows, cols = W.shape
-    grid = make_grid(rows, cols, qtype=qtype, bits=settings.bits, group_size=settings.group_size,
-                     sym=settings.sym, mse=settings.mse, rule=settings.scale_rule, device=dev)
+    grid = grid_for(rows, cols, qtype=qtype, bits=settings.bits, group_size=settings.group_size,
+                    sym=settings.sym, mse=settings.mse, rule=settings.scale_rule, device=dev)
     res = gptq_solve(W, H, grid, damp=settings.damp, act_order=settings.act_order,
                      static_groups=settings.static_groups)
     lin.weight.data.copy_(res.Q.to(lin.weight.device, lin.weight.dtype))
