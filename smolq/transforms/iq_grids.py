@@ -12,9 +12,9 @@ then it rounds one column at a time.
   to the nearest of the 16 kvalues_iq4nl by that inverse scale, with ggml's
   tie rule, and decodes with the stored scale. With a diagonal Hessian no
   error moves, so the blocks are llama.cpp's RTN bytes.
-- TQ1_0 / TQ2_0 (`TernaryGrid`): d = max |w| of the 256-block, codes
-  lroundf(w/d) in {-1, 0, 1} (ggml's reference quantizer; it takes no
-  importance matrix).
+- TQ1_0 / TQ2_0 (`TernaryGrid`): codes lroundf(w/d) in {-1, 0, 1} with one
+  fp16 d per 256: ggml's max |w| under rule "plain" (its quantizer takes no
+  importance matrix), else the Hessian-weighted best scale.
 
 `grid_for` is the one entry that picks a grid for any GPTQ target.
 """
@@ -131,11 +131,23 @@ class IQ4Grid(Grid):
         return out.reshape(self.rows, -1)
 
 
-class TernaryGrid(Grid):
-    """TQ1_0 / TQ2_0: one fp16 scale max|w| per 256, codes {-1, 0, 1} (ggml's reference rule)."""
+# Fractions f of max|w| tried as ternary scales by the weighted rule (ggml's own is f = 1).
+TERNARY_FRACTIONS = tuple(1 / (1 + 0.1 * i) for i in range(40))
 
-    def __init__(self, qtype: GGMLType, rows: int, cols: int, device="cpu"):
+
+class TernaryGrid(Grid):
+    """TQ1_0 / TQ2_0: one fp16 scale per 256, codes {-1, 0, 1}.
+
+    rule "plain": ggml's reference rule, d = max|w| (llama.cpp's TQ
+    quantizers take no importance matrix, so this is its RTN). Any other
+    rule: the d of least Hessian-diagonal-weighted error among fractions of
+    max|w| and their least-squares refits (at max|w| nearly every weight of
+    a Gaussian-like row rounds to 0).
+    """
+
+    def __init__(self, qtype: GGMLType, rows: int, cols: int, rule: str = "weighted", device="cpu"):
         self.qtype, self.rows, self.cols = qtype, rows, cols
+        self.weighted = rule != "plain"
         self.block = _check_shape(qtype, cols)
         self.levels = (self.block,)
         n = cols // self.block
@@ -147,11 +159,25 @@ class TernaryGrid(Grid):
         return whole_block_order(self.cols, self.levels, hdiag, act_order)
 
     def choose(self, level, cols, W, h):
-        first, _ = _whole_block(cols, self.block)
+        first, srt = _whole_block(cols, self.block)
         amax = W.abs().max(dim=1).values
+        d = self._weighted_scale(W[:, srt], h[srt], amax) if self.weighted else amax
         b = first // self.block
-        self.rid[:, b] = safe_reciprocal(amax)
-        self.d[:, b] = fp16_round(amax)
+        self.rid[:, b] = safe_reciprocal(d)
+        self.d[:, b] = fp16_round(d)
+
+    @staticmethod
+    def _weighted_scale(x, h, amax):
+        """Per row, the scale of least sum h (x - d q)^2 with q = clamp(round(x / d), -1, 1)."""
+        fr = torch.tensor(TERNARY_FRACTIONS, dtype=x.dtype, device=x.device)
+        d0 = amax[None, :] * fr[:, None]  # [C, rows]
+        q = torch.clamp(round_half_away(x[None] * safe_reciprocal(d0)[..., None]), -1, 1)
+        den = (h * q * q).sum(-1)
+        d1 = torch.where(den > 0, (h * q * x[None]).sum(-1) / torch.where(den > 0, den, 1), d0)
+        cand = fp16_round(torch.cat([d0, d1]))
+        q = torch.clamp(round_half_away(x[None] * safe_reciprocal(cand)[..., None]), -1, 1)
+        err = (h * (x[None] - cand[..., None] * q) ** 2).sum(-1)
+        return cand.gather(0, err.argmin(0, keepdim=True)).squeeze(0)
 
     def quantize(self, col, w):
         b = col // self.block
@@ -200,6 +226,6 @@ def grid_for(rows: int, cols: int, *, qtype: GGMLType | None = None, bits: int =
     if qtype in (T.IQ4_NL, T.IQ4_XS):
         return IQ4Grid(qtype, rows, cols, rule=rule, device=device)
     if qtype in (T.TQ1_0, T.TQ2_0):
-        return TernaryGrid(qtype, rows, cols, device=device)
+        return TernaryGrid(qtype, rows, cols, rule=rule, device=device)
     return make_grid(rows, cols, qtype=qtype, bits=bits, group_size=group_size, sym=sym, mse=mse, rule=rule,
                      device=device)
