@@ -98,6 +98,23 @@ uint64_t smolq_checksum(const void *buf, int64_t nbytes, int nthreads);
 int64_t smolq_iq4_rounding_scales(int type, const float *src, void *dst, float *scales, int64_t nrows,
                                   int64_t n_per_row, const float *imatrix);
 
+/* IQ3_XXS / IQ3_S rows exactly as smolq_quantize writes them, plus how ggml
+ * picked them, for a GPTQ grid that re-rounds 4-element groups: per group
+ * (n/4 a row) the inverse scale and scale its levels were picked with, per
+ * element the sign that makes xval = sign * x and the search weight
+ * sqrt(w), per 32-element block the scale its values decode with (db) and
+ * 1 where ggml skipped the block as all zero. Scalar path, one thread.
+ * Returns the bytes written, or < 0. */
+int64_t smolq_iq3_rounding_plan(int type, const float *src, void *dst, float *group_id, float *group_scale,
+                                float *sign, float *waux, float *db, uint8_t *skipped, int64_t nrows,
+                                int64_t n_per_row, const float *imatrix);
+/* n 4-element groups onto the type's lattice as ggml rounds them (levels at
+ * the inverse scale id, an off-lattice result snapped to the neighbour of
+ * least waux-weighted error at `scale`): xval, waux [4n], id, scale [n] ->
+ * the point index and its 4 published grid bytes. Returns n, or < 0. */
+int64_t smolq_iq3_round_groups(int type, const float *xval, const float *waux, const float *id, const float *scale,
+                               int64_t n, uint16_t *points, uint8_t *magnitudes);
+
 /* Number of NaN / inf values among n floats. */
 int64_t smolq_count_nonfinite(const float *x, int64_t n, int nthreads);
 
