@@ -22,7 +22,7 @@ from smolq.ggml_types import GGMLType
 from smolq.transforms.gptq import gptq_solve, layer_error
 from smolq.transforms.iq_grids import grid_for
 
-TYPES = ("IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0")
+TYPES = ("IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0")
 # llama.cpp's TQ quantizers take no importance matrix: their RTN is smolq's "plain" rule.
 RTN_RULE = {"TQ1_0": "plain", "TQ2_0": "plain"}
 ROWS, COLS = 12, 512
@@ -94,6 +94,26 @@ def test_plain_rule_gives_llama_cpp_bytes_without_imatrix():
         np.testing.assert_array_equal(grid.to_bytes(), ggml_quantize(name, W.numpy(), None))
 
 
+@pytest.mark.parametrize("name", ["IQ3_XXS", "IQ3_S"])
+def test_all_zero_block_keeps_llama_cpp_bytes(name):
+    """ggml skips an all-zero 32-block (IQ3_S then shifts the row's later points): still its bytes."""
+    ggml_quantize = _oracle()
+    W = _weights(4)
+    W[0, 32:64] = 0
+    W[3, 256:288] = 0
+    hdiag = torch.from_numpy(np.random.default_rng(5).uniform(0.05, 4.0, COLS).astype(np.float32))
+    grid = grid_for(ROWS, COLS, qtype=GGMLType.from_name(name))
+    res = gptq_solve(W, torch.diag(hdiag), grid)
+    ours = grid.to_bytes()
+    np.testing.assert_array_equal(ours, ggml_quantize(name, W.numpy(), hdiag.numpy()))
+    np.testing.assert_array_equal(_gguf_decode(ours, name, W.shape), res.Q.numpy())
+
+
+def test_lattice_grids_refuse_static_groups():
+    with pytest.raises(ValueError, match="static groups"):
+        gptq_solve(_weights(0), torch.eye(COLS), grid_for(ROWS, COLS, qtype=GGMLType.IQ3_S), static_groups=True)
+
+
 def test_rows_not_a_multiple_of_the_block_are_refused():
     with pytest.raises(ValueError, match="multiple of 256"):
         grid_for(4, 96, qtype=GGMLType.IQ4_XS)
@@ -118,7 +138,8 @@ def _kl(p_logits, q_logits) -> float:
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
-@pytest.mark.parametrize("preset,types", [("iq4_xs", {"IQ4_XS"}), ("iq4_nl", {"IQ4_NL"})])
+@pytest.mark.parametrize("preset,types", [("iq4_xs", {"IQ4_XS"}), ("iq4_nl", {"IQ4_NL"}),
+                                          ("iq3_s", {"IQ3_S"}), ("iq3_m", {"IQ3_S"})])
 def test_gguf_from_gptq_on_iq_grid_reads_and_runs_in_llama_cpp(tiny256, preset, types):
     import gguf
     from real_loaders import open_llama

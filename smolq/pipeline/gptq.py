@@ -60,7 +60,7 @@ from smolq.sources.vocab import load_vocab
 from smolq.transforms.calib import load_calibration
 from smolq.transforms.gptq import HessianAccumulator, gptq_solve
 from smolq.transforms.grids import BLOCK_SPECS, SCALE_RULES
-from smolq.transforms.iq_grids import GPTQ_GRID_TYPES, grid_for
+from smolq.transforms.iq_grids import GPTQ_GRID_TYPES, JOINT_GRID_TYPES, grid_for
 
 np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
@@ -180,6 +180,7 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
     model, tokenizer, family = _load_model(src)
     plan = _plan_types(src, out, fmt, qtype, model, family)
     _check_scale_rule(scale_rule, plan, out)
+    _check_static_groups(static_groups, plan, out)
     with open_checkpoint(src) as ckpt:
         weights = _Weights(ckpt, model)
         cal = _calibration(model, tokenizer, weights, calib, nsamples, seqlen, seed, quiet)
@@ -501,6 +502,14 @@ def _check_scale_rule(rule: str, plan: dict[str, GGMLType | None], out: Path) ->
     if rule == "plain" and kquants:
         raise InputError(out, f"--scale-rule plain exists for the 32-element block types only; "
                               f"this plan also has {', '.join(kquants)}")
+
+
+def _check_static_groups(static: bool, plan: dict[str, GGMLType | None], out: Path) -> None:
+    """Lattice grids round 4 columns together as the solver reaches them: nothing to fix up front."""
+    lattice = sorted({t.name for t in plan.values() if t in JOINT_GRID_TYPES})
+    if static and lattice:
+        raise InputError(out, f"--static-groups does not apply to the lattice types ({', '.join(lattice)}): "
+                              f"they round groups of columns jointly under the error feedback")
 
 
 def _work_dir(out: Path, settings: Settings, src: Path, resume: bool) -> Path:

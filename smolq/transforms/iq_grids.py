@@ -1,5 +1,6 @@
 """GPTQ grids for the ggml types whose scales come from smolq's C kernel:
-the non-linear IQ4_NL / IQ4_XS and the ternary TQ1_0 / TQ2_0.
+the non-linear IQ4_NL / IQ4_XS, the IQ3_XXS / IQ3_S lattices and the ternary
+TQ1_0 / TQ2_0.
 
 The solver contract is grids.py's: at the first column of every block the
 grid chooses the block's parameters from the current, error-updated weights;
@@ -12,6 +13,8 @@ then it rounds one column at a time.
   to the nearest of the 16 kvalues_iq4nl by that inverse scale, with ggml's
   tie rule, and decodes with the stored scale. With a diagonal Hessian no
   error moves, so the blocks are llama.cpp's RTN bytes.
+- IQ3_XXS / IQ3_S (`IQ3Grid`): the same for lattice points of 4 values,
+  rounded jointly at each group's first column (see the class).
 - TQ1_0 / TQ2_0 (`TernaryGrid`): codes lroundf(w/d) in {-1, 0, 1} with one
   fp16 d per 256: ggml's max |w| under rule "plain" (its quantizer takes no
   importance matrix), else the Hessian-weighted best scale.
@@ -36,7 +39,11 @@ T = GGMLType
 KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 # Elements per block (the grid's group) of each type.
-KERNEL_GRID_BLOCKS: dict[GGMLType, int] = {T.IQ4_NL: 32, T.IQ4_XS: 256, T.TQ1_0: 256, T.TQ2_0: 256}
+KERNEL_GRID_BLOCKS: dict[GGMLType, int] = {T.IQ4_NL: 32, T.IQ4_XS: 256, T.TQ1_0: 256, T.TQ2_0: 256,
+                                           T.IQ3_XXS: 256, T.IQ3_S: 256}
+
+#: Types whose grid points span several columns (rounded jointly; no static groups).
+JOINT_GRID_TYPES: frozenset[GGMLType] = frozenset({T.IQ3_XXS, T.IQ3_S})
 
 #: Every ggml type the GPTQ pipeline can round onto.
 GPTQ_GRID_TYPES: frozenset[GGMLType] = frozenset(BLOCK_SPECS) | frozenset(KERNEL_GRID_BLOCKS)
@@ -135,6 +142,100 @@ class IQ4Grid(Grid):
 TERNARY_FRACTIONS = tuple(1 / (1 + 0.1 * i) for i in range(40))
 
 
+class IQ3Grid(Grid):
+    """IQ3_XXS / IQ3_S: lattice points of 4 values, rounded jointly under GPTQ's error feedback.
+
+    At each 256-block the kernel quantizes the current weights as llama.cpp
+    does (stored scales, signs, and for every 4-element group the inverse
+    scale and scale ggml picked its point with). At each group's first
+    column the grid rounds the group's current values, signs fixed, onto the
+    lattice the way ggml does (smolq_iq3_round_groups); the solver then
+    pushes the 4 columns' errors on, one column at a time. Act-order moves
+    whole groups only. A super-block row where ggml skipped an all-zero
+    block keeps ggml's bytes (IQ3_S then shifts later blocks' points; there
+    is nothing to re-round consistently).
+    """
+
+    def __init__(self, qtype: GGMLType, rows: int, cols: int, rule: str = "weighted", device="cpu"):
+        self.qtype, self.rows, self.cols = qtype, rows, cols
+        self.block = _check_shape(qtype, cols)
+        self.levels = (self.block, 4)
+        self.weighted = rule != "plain"
+        self.bpb = type_size(qtype)
+        n_super = cols // self.block
+        self.blocks = np.zeros((rows, n_super, self.bpb), dtype=np.uint8)
+        self.frozen = np.zeros((rows, n_super), dtype=bool)
+        self.points = np.zeros((rows, cols // 4), dtype=np.uint16)
+        self.plan: dict[str, np.ndarray] = {}  # the current super-block's rounding plan
+        self.Q = torch.zeros(rows, cols, device=device)  # decoded values, set a group at a time
+
+    def order(self, hdiag, act_order):
+        return whole_block_order(self.cols, self.levels, hdiag, act_order, keep_last=True)
+
+    def choose_static(self, W, hdiag):
+        raise ValueError(f"{self.qtype.name} rounds 4 columns jointly as GPTQ reaches them: no static groups")
+
+    def choose(self, level, cols, W, h):
+        if level == 0:
+            self._choose_super(cols, W, h)
+        else:
+            self._round_group(cols, W)
+
+    def _choose_super(self, cols, W, h):
+        first, srt = _whole_block(cols, self.block)
+        x = W[:, srt].detach().to("cpu", torch.float32).numpy()
+        imatrix = h[srt].detach().to("cpu", torch.float32).numpy() if self.weighted else None
+        plan = kernels.iq3_rounding_plan(x, self.qtype, imatrix)
+        s = first // self.block
+        self.blocks[:, s] = plan["blocks"]
+        self.frozen[:, s] = plan["skipped"].any(1)
+        self.plan = dict(plan, first=first, decoded=kernels.dequantize(plan["blocks"], self.qtype, x.shape))
+        self.points[:, first // 4:(first + self.block) // 4] = _points_of(plan["blocks"], self.qtype)
+
+    def _round_group(self, cols, W):
+        first, srt = _whole_block(cols, 4)
+        p = self.plan
+        at = first - p["first"]
+        if not 0 <= at < self.block:
+            raise ValueError("an IQ3 group outside the super-block chosen last")
+        g = at // 4
+        sign = p["sign"][:, at:at + 4]
+        x = W[:, srt].detach().to("cpu", torch.float32).numpy()
+        points, mags = kernels.iq3_round_groups(self.qtype, sign * x, p["waux"][:, at:at + 4], p["id"][:, g],
+                                                p["scale"][:, g])
+        q = p["db"][:, at // 32][:, None] * mags.astype(np.float32) * sign
+        frozen = self.frozen[:, p["first"] // self.block]
+        q[frozen] = p["decoded"][frozen, at:at + 4]
+        self.points[~frozen, first // 4] = points[~frozen]
+        self.Q[:, first:first + 4] = torch.from_numpy(q).to(self.Q.device)
+
+    def quantize(self, col, w):
+        return self.Q[:, col]
+
+    def dequantized(self) -> torch.Tensor:
+        return self.Q.clone()
+
+    def to_bytes(self) -> np.ndarray:
+        """ggml's blocks with the solver's lattice points (frozen super-block rows as ggml wrote them)."""
+        out = self.blocks.copy()
+        pts = self.points.reshape(self.rows, -1, self.block // 4)
+        live = ~self.frozen
+        out[..., 2:66][live] = (pts[live] & 255).astype(np.uint8)
+        if self.qtype == T.IQ3_S:  # 9th bits: bit k of qh[ib] is point 8 ib + k's
+            high = (pts[live] >> 8).astype(np.uint8).reshape(-1, 8, 8)
+            out[..., 66:74][live] = (high << np.arange(8, dtype=np.uint8)).sum(-1, dtype=np.uint8)
+        return out.reshape(self.rows, -1)
+
+
+def _points_of(blocks: np.ndarray, qtype: GGMLType) -> np.ndarray:
+    """The lattice point of every 4-group of [rows, one super-block's bytes] (ggml's layout)."""
+    pts = blocks[:, 2:66].astype(np.uint16)
+    if qtype == T.IQ3_S:
+        qh = blocks[:, 66:74]
+        pts |= (((qh[:, :, None] >> np.arange(8, dtype=np.uint8)) & 1).reshape(-1, 64).astype(np.uint16) << 8)
+    return pts
+
+
 class TernaryGrid(Grid):
     """TQ1_0 / TQ2_0: one fp16 scale per 256, codes {-1, 0, 1}.
 
@@ -225,6 +326,8 @@ def grid_for(rows: int, cols: int, *, qtype: GGMLType | None = None, bits: int =
     """The GPTQ grid of `qtype` (a ggml type), or the GPTQ integer grid without one."""
     if qtype in (T.IQ4_NL, T.IQ4_XS):
         return IQ4Grid(qtype, rows, cols, rule=rule, device=device)
+    if qtype in (T.IQ3_XXS, T.IQ3_S):
+        return IQ3Grid(qtype, rows, cols, rule=rule, device=device)
     if qtype in (T.TQ1_0, T.TQ2_0):
         return TernaryGrid(qtype, rows, cols, rule=rule, device=device)
     return make_grid(rows, cols, qtype=qtype, bits=bits, group_size=group_size, sym=sym, mse=mse, rule=rule,
