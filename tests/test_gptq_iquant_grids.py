@@ -22,7 +22,7 @@ from smolq.ggml_types import GGMLType
 from smolq.transforms.gptq import gptq_solve, layer_error
 from smolq.transforms.iq_grids import grid_for
 
-TYPES = ("IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0")
+TYPES = ("IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "TQ1_0", "TQ2_0")
 # llama.cpp's TQ quantizers take no importance matrix: their RTN is smolq's "plain" rule.
 RTN_RULE = {"TQ1_0": "plain", "TQ2_0": "plain"}
 ROWS, COLS = 12, 512
@@ -94,7 +94,7 @@ def test_plain_rule_gives_llama_cpp_bytes_without_imatrix():
         np.testing.assert_array_equal(grid.to_bytes(), ggml_quantize(name, W.numpy(), None))
 
 
-@pytest.mark.parametrize("name", ["IQ3_XXS", "IQ3_S"])
+@pytest.mark.parametrize("name", ["IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S"])
 def test_all_zero_block_keeps_llama_cpp_bytes(name):
     """ggml skips an all-zero 32-block (IQ3_S then shifts the row's later points): still its bytes."""
     ggml_quantize = _oracle()

@@ -115,6 +115,17 @@ int64_t smolq_iq3_rounding_plan(int type, const float *src, void *dst, float *gr
 int64_t smolq_iq3_round_groups(int type, const float *xval, const float *waux, const float *id, const float *scale,
                                int64_t n, uint16_t *points, uint8_t *magnitudes);
 
+/* The same for IQ2_XXS / IQ2_XS / IQ2_S and 8-element groups (group_id,
+ * group_scale: n/8 a row; db, skipped: per 32-element block for IQ2_XXS,
+ * per 16 for IQ2_XS / IQ2_S; skipped also marks a block whose levels no
+ * single group rounding reproduces). IQ2_XXS / IQ2_XS need an imatrix. */
+int64_t smolq_iq2_rounding_plan(int type, const float *src, void *dst, float *group_id, float *group_scale,
+                                float *sign, float *waux, float *db, uint8_t *skipped, int64_t nrows,
+                                int64_t n_per_row, const float *imatrix);
+/* xval, waux [8n], id, scale [n] -> point index and its 8 grid bytes. */
+int64_t smolq_iq2_round_groups(int type, const float *xval, const float *waux, const float *id, const float *scale,
+                               int64_t n, uint16_t *points, uint8_t *magnitudes);
+
 /* Number of NaN / inf values among n floats. */
 int64_t smolq_count_nonfinite(const float *x, int64_t n, int nthreads);
 

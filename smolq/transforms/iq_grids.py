@@ -1,6 +1,6 @@
 """GPTQ grids for the ggml types whose scales come from smolq's C kernel:
-the non-linear IQ4_NL / IQ4_XS, the IQ3_XXS / IQ3_S lattices and the ternary
-TQ1_0 / TQ2_0.
+the non-linear IQ4_NL / IQ4_XS, the IQ3_XXS / IQ3_S / IQ2_XXS / IQ2_XS / IQ2_S
+lattices and the ternary TQ1_0 / TQ2_0.
 
 The solver contract is grids.py's: at the first column of every block the
 grid chooses the block's parameters from the current, error-updated weights;
@@ -13,8 +13,9 @@ then it rounds one column at a time.
   to the nearest of the 16 kvalues_iq4nl by that inverse scale, with ggml's
   tie rule, and decodes with the stored scale. With a diagonal Hessian no
   error moves, so the blocks are llama.cpp's RTN bytes.
-- IQ3_XXS / IQ3_S (`IQ3Grid`): the same for lattice points of 4 values,
-  rounded jointly at each group's first column (see the class).
+- IQ3_XXS / IQ3_S / IQ2_XXS / IQ2_XS / IQ2_S (`LatticeGrid`): the same for
+  grid points of 4 or 8 values, rounded jointly at each group's first column
+  (see the class).
 - TQ1_0 / TQ2_0 (`TernaryGrid`): codes lroundf(w/d) in {-1, 0, 1} with one
   fp16 d per 256: ggml's max |w| under rule "plain" (its quantizer takes no
   importance matrix), else the Hessian-weighted best scale.
@@ -40,10 +41,11 @@ KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69
 
 # Elements per block (the grid's group) of each type.
 KERNEL_GRID_BLOCKS: dict[GGMLType, int] = {T.IQ4_NL: 32, T.IQ4_XS: 256, T.TQ1_0: 256, T.TQ2_0: 256,
-                                           T.IQ3_XXS: 256, T.IQ3_S: 256}
+                                           T.IQ3_XXS: 256, T.IQ3_S: 256, T.IQ2_XXS: 256, T.IQ2_XS: 256,
+                                           T.IQ2_S: 256}
 
 #: Types whose grid points span several columns (rounded jointly; no static groups).
-JOINT_GRID_TYPES: frozenset[GGMLType] = frozenset({T.IQ3_XXS, T.IQ3_S})
+JOINT_GRID_TYPES: frozenset[GGMLType] = frozenset({T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S})
 
 #: Every ggml type the GPTQ pipeline can round onto.
 GPTQ_GRID_TYPES: frozenset[GGMLType] = frozenset(BLOCK_SPECS) | frozenset(KERNEL_GRID_BLOCKS)
@@ -138,34 +140,32 @@ class IQ4Grid(Grid):
         return out.reshape(self.rows, -1)
 
 
-# Fractions f of max|w| tried as ternary scales by the weighted rule (ggml's own is f = 1).
-TERNARY_FRACTIONS = tuple(1 / (1 + 0.1 * i) for i in range(40))
-
-
-class IQ3Grid(Grid):
-    """IQ3_XXS / IQ3_S: lattice points of 4 values, rounded jointly under GPTQ's error feedback.
+class LatticeGrid(Grid):
+    """IQ3_XXS / IQ3_S / IQ2_XXS / IQ2_XS / IQ2_S: grid points of g = 4 or 8
+    values, rounded jointly under GPTQ's error feedback.
 
     At each 256-block the kernel quantizes the current weights as llama.cpp
-    does (stored scales, signs, and for every 4-element group the inverse
-    scale and scale ggml picked its point with). At each group's first
-    column the grid rounds the group's current values, signs fixed, onto the
-    lattice the way ggml does (smolq_iq3_round_groups); the solver then
-    pushes the 4 columns' errors on, one column at a time. Act-order moves
-    whole groups only. A super-block row where ggml skipped an all-zero
-    block keeps ggml's bytes (IQ3_S then shifts later blocks' points; there
-    is nothing to re-round consistently).
+    does (stored scales and signs, and for every g-group the inverse scale and
+    scale ggml rounded its point with). At each group's first column the grid
+    rounds the group's current values, signs fixed, onto the lattice the way
+    ggml does (kernels.lattice_round_groups); the solver then pushes the g
+    columns' errors on, one column at a time. Act-order moves whole groups
+    only. A super-block row where ggml skipped a block (all zero, or levels no
+    single rounding reproduces) keeps ggml's bytes: IQ3_S even shifts the
+    later blocks' points there, so there is nothing to re-round consistently.
     """
 
     def __init__(self, qtype: GGMLType, rows: int, cols: int, rule: str = "weighted", device="cpu"):
         self.qtype, self.rows, self.cols = qtype, rows, cols
         self.block = _check_shape(qtype, cols)
-        self.levels = (self.block, 4)
-        self.weighted = rule != "plain"
+        self.group, self.dblock = kernels.LATTICE_GROUPS[qtype]
+        self.levels = (self.block, self.group)
+        self.weighted = rule != "plain" or qtype in kernels.NEEDS_IMATRIX
         self.bpb = type_size(qtype)
         n_super = cols // self.block
         self.blocks = np.zeros((rows, n_super, self.bpb), dtype=np.uint8)
         self.frozen = np.zeros((rows, n_super), dtype=bool)
-        self.points = np.zeros((rows, cols // 4), dtype=np.uint16)
+        self.points = np.zeros((rows, cols // self.group), dtype=np.uint16)
         self.plan: dict[str, np.ndarray] = {}  # the current super-block's rounding plan
         self.Q = torch.zeros(rows, cols, device=device)  # decoded values, set a group at a time
 
@@ -173,7 +173,8 @@ class IQ3Grid(Grid):
         return whole_block_order(self.cols, self.levels, hdiag, act_order, keep_last=True)
 
     def choose_static(self, W, hdiag):
-        raise ValueError(f"{self.qtype.name} rounds 4 columns jointly as GPTQ reaches them: no static groups")
+        raise ValueError(f"{self.qtype.name} rounds {self.group} columns jointly as GPTQ reaches them: "
+                         f"no static groups")
 
     def choose(self, level, cols, W, h):
         if level == 0:
@@ -185,29 +186,28 @@ class IQ3Grid(Grid):
         first, srt = _whole_block(cols, self.block)
         x = W[:, srt].detach().to("cpu", torch.float32).numpy()
         imatrix = h[srt].detach().to("cpu", torch.float32).numpy() if self.weighted else None
-        plan = kernels.iq3_rounding_plan(x, self.qtype, imatrix)
+        plan = kernels.lattice_rounding_plan(x, self.qtype, imatrix)
         s = first // self.block
         self.blocks[:, s] = plan["blocks"]
         self.frozen[:, s] = plan["skipped"].any(1)
         self.plan = dict(plan, first=first, decoded=kernels.dequantize(plan["blocks"], self.qtype, x.shape))
-        self.points[:, first // 4:(first + self.block) // 4] = _points_of(plan["blocks"], self.qtype)
 
     def _round_group(self, cols, W):
-        first, srt = _whole_block(cols, 4)
+        g = self.group
+        first, srt = _whole_block(cols, g)
         p = self.plan
         at = first - p["first"]
         if not 0 <= at < self.block:
-            raise ValueError("an IQ3 group outside the super-block chosen last")
-        g = at // 4
-        sign = p["sign"][:, at:at + 4]
+            raise ValueError("a lattice group outside the super-block chosen last")
+        sign = p["sign"][:, at:at + g]
         x = W[:, srt].detach().to("cpu", torch.float32).numpy()
-        points, mags = kernels.iq3_round_groups(self.qtype, sign * x, p["waux"][:, at:at + 4], p["id"][:, g],
-                                                p["scale"][:, g])
-        q = p["db"][:, at // 32][:, None] * mags.astype(np.float32) * sign
+        points, mags = kernels.lattice_round_groups(self.qtype, sign * x, p["waux"][:, at:at + g], p["id"][:, at // g],
+                                                    p["scale"][:, at // g])
+        q = p["db"][:, at // self.dblock][:, None] * mags.astype(np.float32) * sign
         frozen = self.frozen[:, p["first"] // self.block]
-        q[frozen] = p["decoded"][frozen, at:at + 4]
-        self.points[~frozen, first // 4] = points[~frozen]
-        self.Q[:, first:first + 4] = torch.from_numpy(q).to(self.Q.device)
+        q[frozen] = p["decoded"][frozen, at:at + g]
+        self.points[:, first // g] = points
+        self.Q[:, first:first + g] = torch.from_numpy(q).to(self.Q.device)
 
     def quantize(self, col, w):
         return self.Q[:, col]
@@ -216,24 +216,41 @@ class IQ3Grid(Grid):
         return self.Q.clone()
 
     def to_bytes(self) -> np.ndarray:
-        """ggml's blocks with the solver's lattice points (frozen super-block rows as ggml wrote them)."""
+        """ggml's blocks with the solver's grid points (frozen super-block rows as ggml wrote them)."""
         out = self.blocks.copy()
-        pts = self.points.reshape(self.rows, -1, self.block // 4)
         live = ~self.frozen
-        out[..., 2:66][live] = (pts[live] & 255).astype(np.uint8)
-        if self.qtype == T.IQ3_S:  # 9th bits: bit k of qh[ib] is point 8 ib + k's
-            high = (pts[live] >> 8).astype(np.uint8).reshape(-1, 8, 8)
-            out[..., 66:74][live] = (high << np.arange(8, dtype=np.uint8)).sum(-1, dtype=np.uint8)
+        pts = self.points.reshape(self.rows, -1, self.block // self.group)[live]
+        blocks = out[live]
+        _set_points(self.qtype, blocks, pts)
+        out[live] = blocks
         return out.reshape(self.rows, -1)
 
 
-def _points_of(blocks: np.ndarray, qtype: GGMLType) -> np.ndarray:
-    """The lattice point of every 4-group of [rows, one super-block's bytes] (ggml's layout)."""
-    pts = blocks[:, 2:66].astype(np.uint16)
-    if qtype == T.IQ3_S:
-        qh = blocks[:, 66:74]
-        pts |= (((qh[:, :, None] >> np.arange(8, dtype=np.uint8)) & 1).reshape(-1, 64).astype(np.uint16) << 8)
-    return pts
+def _set_points(qtype: GGMLType, blocks: np.ndarray, pts: np.ndarray) -> None:
+    """Write grid point indices pts [n, points per block] into blocks [n, block bytes] (ggml's layouts)."""
+    low = (pts & 255).astype(np.uint8)
+    high = (pts >> 8).astype(np.uint8)
+    if qtype == T.IQ3_XXS:
+        blocks[:, 2:66] = low
+    elif qtype == T.IQ3_S:  # 9th bit of point 8 ib + k: bit k of qh[ib]
+        blocks[:, 2:66] = low
+        blocks[:, 66:74] = (high.reshape(-1, 8, 8) << np.arange(8, dtype=np.uint8)).sum(-1, dtype=np.uint8)
+    elif qtype == T.IQ2_XXS:  # per 32: a u32 of 4 point bytes, then a u32 of signs and scale
+        i = np.arange(32)
+        blocks[:, 2 + 8 * (i // 4) + i % 4] = low
+    elif qtype == T.IQ2_XS:  # per group a little-endian u16: 9-bit point, 7 sign bits above it
+        at = 2 + 2 * np.arange(32)
+        blocks[:, at] = low
+        blocks[:, at + 1] = (blocks[:, at + 1] & 0xFE) | high
+    elif qtype == T.IQ2_S:  # low 8 bits in qs, the top 2 bits of point 4 ib + k at bits 2k of qh[ib]
+        blocks[:, 2:34] = low
+        blocks[:, 66:74] = (high.reshape(-1, 8, 4) << (2 * np.arange(4, dtype=np.uint8))).sum(-1, dtype=np.uint8)
+    else:  # pragma: no cover - LATTICE_GROUPS and this table move together
+        raise ValueError(qtype)
+
+
+# Fractions f of max|w| tried as ternary scales by the weighted rule (ggml's own is f = 1).
+TERNARY_FRACTIONS = tuple(1 / (1 + 0.1 * i) for i in range(40))
 
 
 class TernaryGrid(Grid):
@@ -326,8 +343,8 @@ def grid_for(rows: int, cols: int, *, qtype: GGMLType | None = None, bits: int =
     """The GPTQ grid of `qtype` (a ggml type), or the GPTQ integer grid without one."""
     if qtype in (T.IQ4_NL, T.IQ4_XS):
         return IQ4Grid(qtype, rows, cols, rule=rule, device=device)
-    if qtype in (T.IQ3_XXS, T.IQ3_S):
-        return IQ3Grid(qtype, rows, cols, rule=rule, device=device)
+    if qtype in JOINT_GRID_TYPES:
+        return LatticeGrid(qtype, rows, cols, rule=rule, device=device)
     if qtype in (T.TQ1_0, T.TQ2_0):
         return TernaryGrid(qtype, rows, cols, rule=rule, device=device)
     return make_grid(rows, cols, qtype=qtype, bits=bits, group_size=group_size, sym=sym, mse=mse, rule=rule,
