@@ -138,13 +138,20 @@ def _kl(p_logits, q_logits) -> float:
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
-@pytest.mark.parametrize("preset,types", [("iq4_xs", {"IQ4_XS"}), ("iq4_nl", {"IQ4_NL"}),
-                                          ("iq3_s", {"IQ3_S"}), ("iq3_m", {"IQ3_S"})])
+# Presets end to end: (preset, block types it must contain). The KL bound: far below what a
+# misplaced block or scale costs on this model; ternary (TQ2_0) is bounded by llama.cpp's RTN.
+PRESETS = [("iq4_xs", {"IQ4_XS"}), ("iq4_nl", {"IQ4_NL"}), ("iq3_s", {"IQ3_S"}), ("iq3_m", {"IQ3_S"}),
+           ("iq3_xxs", {"IQ3_XXS"}), ("iq2_m", {"IQ2_S"}), ("tq2_0", {"TQ2_0"})]
+KL_BOUND = 0.3
+
+
+@pytest.mark.parametrize("preset,types", PRESETS)
 def test_gguf_from_gptq_on_iq_grid_reads_and_runs_in_llama_cpp(tiny256, preset, types):
     import gguf
     from real_loaders import open_llama
     from transformers import AutoModelForCausalLM
 
+    from smolq.pipeline.convert import convert
     from smolq.pipeline.gptq import quantize_hf_gptq
 
     root, hf = tiny256
@@ -156,10 +163,26 @@ def test_gguf_from_gptq_on_iq_grid_reads_and_runs_in_llama_cpp(tiny256, preset, 
     block_types = {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2}
     assert types <= block_types
     tokens = np.arange(1, 25) * 7 % 300
-    llm = open_llama(out)
-    got = np.asarray(llm.logits([tokens])[0])
-    assert np.isfinite(got).all()
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     with torch.no_grad():
         ref = model(input_ids=torch.as_tensor(tokens)[None], use_cache=False).logits[0].numpy()
-    assert _kl(ref, got) < 0.3  # a misplaced block or scale costs far more on this model
+    got = np.asarray(open_llama(out).logits([tokens])[0])
+    assert np.isfinite(got).all()
+    bound = KL_BOUND
+    if preset.startswith("tq"):  # llama.cpp's own ternary RTN of the same model (smolq's is byte-identical)
+        rtn = root / f"rtn-{preset}.gguf"
+        convert(hf, rtn, outtype=preset)
+        bound = _kl(ref, np.asarray(open_llama(rtn).logits([tokens])[0]))
+    assert _kl(ref, got) < bound
+
+
+def test_static_groups_with_a_lattice_preset_is_refused_before_any_work(tiny256):
+    from smolq.errors import InputError
+    from smolq.pipeline.gptq import quantize_hf_gptq
+
+    root, hf = tiny256
+    out = root / "static-iq3_s.gguf"
+    with pytest.raises(InputError, match="static-groups"):
+        quantize_hf_gptq(hf, out, format="gguf", qtype="iq3_s", calib=root / "calib.txt", nsamples=4, seqlen=32,
+                         quiet=True, static_groups=True, act_order=True)
+    assert not out.exists()

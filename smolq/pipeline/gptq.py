@@ -491,9 +491,15 @@ def _plan_types(src, out, fmt, qtype, model, family) -> dict[str, GGMLType | Non
     with open_checkpoint(src) as ckpt:
         arch = arch_for_config(ckpt.config, ckpt.path / "config.json")
         target = resolve_target(fmt, out, arch)
-        steps, _ = build_steps(arch, ckpt, target, qtype, out)
+        steps, _ = build_steps(arch, ckpt, target, qtype, out, calibrated=_calibrated(names))
     by_source = {s.map.source: s.type for s in steps}
     return {n: by_source.get(n) if by_source.get(n) in GPTQ_GRID_TYPES else "skip" for n in names}
+
+
+def _calibrated(names):
+    """build_steps' test for the tensors GPTQ quantizes itself (the Hessian is their importance)."""
+    names = frozenset(names)
+    return lambda source, t: source in names and t in GPTQ_GRID_TYPES
 
 
 def _check_scale_rule(rule: str, plan: dict[str, GGMLType | None], out: Path) -> None:
@@ -949,7 +955,7 @@ def _write_ggml_file(src: Path, out: Path, fmt: str, qtype: str, model, family, 
     with open_checkpoint(src) as ckpt:
         arch = arch_for_config(ckpt.config, ckpt.path / "config.json")
         target = resolve_target(fmt, out, arch)
-        steps, preset = build_steps(arch, ckpt, target, qtype, out)
+        steps, preset = build_steps(arch, ckpt, target, qtype, out, calibrated=_calibrated(records))
         entries = []
         for st in steps:
             e = cp._entries([st], target.layout)[0]
