@@ -186,3 +186,25 @@ def test_static_groups_with_a_lattice_preset_is_refused_before_any_work(tiny256)
         quantize_hf_gptq(hf, out, format="gguf", qtype="iq3_s", calib=root / "calib.txt", nsamples=4, seqlen=32,
                          quiet=True, static_groups=True, act_order=True)
     assert not out.exists()
+
+
+def test_cli_quantize_gptq_type_iq4_xs(tiny256, cli):
+    """`smolq quantize SRC OUT --method gptq --type iq4_xs --calib FILE`: a GGUF gguf-py reads."""
+    import gguf
+
+    root, hf = tiny256
+    out = root / "cli-iq4_xs.gguf"
+    r = cli("quantize", hf, out, "--method", "gptq", "--type", "iq4_xs", "--calib", root / "calib.txt",
+            "--nsamples", "2", "--seqlen", "16", "-q")
+    assert r.returncode == 0, r.stderr
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.0.ffn_down.weight"] == "IQ4_XS" and types["blk.1.attn_q.weight"] == "IQ4_XS"
+
+
+def test_cli_static_groups_on_lattice_type_is_one_line_exit_2(tiny256, cli):
+    root, hf = tiny256
+    out = root / "cli-static.gguf"
+    r = cli("quantize", hf, out, "--method", "gptq", "--type", "iq2_s", "--static-groups", "--act-order",
+            "--calib", root / "calib.txt", "--nsamples", "2", "--seqlen", "16", "-q")
+    assert r.returncode == 2 and "static-groups" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
