@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from smolq.pipeline import gptq as gptq_pipeline
-from smolq.transforms import grids
+from smolq.transforms import iq_grids
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +47,16 @@ def test_mse_and_seed_change_what_is_solved(tiny, cli, monkeypatch):
     root, hf = tiny
     seen = []
 
-    orig = grids.make_grid
+    orig = iq_grids.grid_for
 
     def spy(*a, **k):
         seen.append(k.get("mse"))
         return orig(*a, **k)
 
-    monkeypatch.setattr(gptq_pipeline, "make_grid", spy)
+    monkeypatch.setattr(gptq_pipeline, "grid_for", spy)
     r = cli("quantize", hf, root / "mse", "--method", "gptq", "--format", "gptq", "--mse", "2.4", *_calib(root), "-q")
     assert r.returncode == 0, r.stderr
-    assert seen and set(seen) == {2.4}  # the grid the pipeline builds (it imports make_grid at module top)
+    assert seen and set(seen) == {2.4}  # the grid the pipeline builds (it imports grid_for at module top)
 
     outs = []
     for seed in ("1", "1", "2"):

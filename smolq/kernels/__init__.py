@@ -22,11 +22,11 @@ np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 __all__ = [
     "KERNEL_TYPES", "QUANTIZE_TYPES", "DEQUANTIZE_TYPES", "NEEDS_IMATRIX", "quantize", "dequantize", "row_size", "relayout",
-    "gptq_pack", "gptq_unpack", "error_stats", "checksum", "count_nonfinite",
+    "iq4_rounding_scales", "LATTICE_GROUPS", "lattice_rounding_plan", "lattice_round_groups", "gptq_pack", "gptq_unpack", "error_stats", "checksum", "count_nonfinite",
     "BNB_QUANT_TYPES", "bnb_code", "bnb4_quantize", "bnb4_dequantize", "bnb8_quantize", "bnb8_dequantize", "bnb_mean",
 ]
 
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _ERRORS = {-1: "type/layout not supported", -2: "row length not a multiple of the block size", -3: "bad argument",
            -4: "the type needs an importance matrix",
            -5: "values too large for the type's search (llama.cpp aborts on them)"}
@@ -56,6 +56,11 @@ _SIGNATURES = {
     "smolq_error_stats": (_int, [_vp, _vp, _i64, _int, ctypes.POINTER(ctypes.c_double)]),
     "smolq_checksum": (_u64, [_vp, _i64, _int]),
     "smolq_count_nonfinite": (_i64, [_vp, _i64, _int]),
+    "smolq_iq4_rounding_scales": (_i64, [_int, _vp, _vp, _vp, _i64, _i64, _vp]),
+    "smolq_iq3_rounding_plan": (_i64, [_int, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _i64, _i64, _vp]),
+    "smolq_iq3_round_groups": (_i64, [_int, _vp, _vp, _vp, _vp, _i64, _vp, _vp]),
+    "smolq_iq2_rounding_plan": (_i64, [_int, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _i64, _i64, _vp]),
+    "smolq_iq2_round_groups": (_i64, [_int, _vp, _vp, _vp, _vp, _i64, _vp, _vp]),
     "smolq_bnb_code": (_int, [_int, _vp]),
     "smolq_bnb4_quantize": (_i64, [_int, _vp, _vp, _vp, _i64, _i64, _int, _int]),
     "smolq_bnb4_dequantize": (_i64, [_int, _vp, _vp, _vp, _i64, _i64, _int]),
@@ -230,6 +235,96 @@ def dequantize(data: Any, qtype: Any, shape: Sequence[int], layout: str = "v3", 
     _raise_on(_lib.smolq_dequantize(int(t), _layout(layout), _ptr(raw), _ptr(out), nrows, n_per_row,
                                     _threads(threads), _impl(impl)), f"dequantize {t.name}")
     return out
+
+
+def iq4_rounding_scales(x: np.ndarray, qtype: Any, imatrix: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """IQ4_NL / IQ4_XS blocks of 2-D float rows, as quantize() writes them, and
+    the float scale whose inverse picked each 32-element block's levels
+    ([nrows, n/32]; ggml stores only an fp16 of it). For grids that re-round."""
+    t = _qtype(qtype)
+    if t not in (T.IQ4_NL, T.IQ4_XS):
+        raise ValueError(f"rounding scales exist for IQ4_NL and IQ4_XS, not {t.name}")
+    x, w, out = _plan_args(x, t, imatrix)
+    nrows, n_per_row = x.shape
+    scales = np.empty((nrows, n_per_row // 32), dtype=np.float32)
+    _raise_on(_lib.smolq_iq4_rounding_scales(int(t), _ptr(x), _ptr(out), _ptr(scales), nrows, n_per_row,
+                                             _ptr(w) if w is not None else None), f"quantize to {t.name}")
+    return out, scales
+
+
+def _plan_args(x, t: GGMLType, imatrix):
+    """Checked rows, importance weights and the output blocks of the rounding-plan entries."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"a rounding plan needs 2-D rows, got shape {x.shape}")
+    nrows, n_per_row = x.shape
+    block, bpb = _block_bytes(t, "v3")
+    if n_per_row % block:
+        raise ValueError(f"row of {n_per_row} elements is not a multiple of {t.name}'s block of {block}")
+    if count_nonfinite(x):
+        raise ValueError(f"cannot quantize NaN or infinite values to {t.name}")
+    w = None
+    if imatrix is not None:
+        w = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+        if w.size != n_per_row or count_nonfinite(w) or (w < 0).any():
+            raise ValueError(f"imatrix must be {n_per_row} finite weights >= 0")
+    return x, w, np.empty((nrows, n_per_row // block * bpb), dtype=np.uint8)
+
+
+#: Lattice i-quants: (values per grid point, values per decode scale, the kernel's plan and
+#: rounding entries).
+LATTICE_GROUPS: dict[GGMLType, tuple[int, int]] = {T.IQ3_XXS: (4, 32), T.IQ3_S: (4, 32), T.IQ2_XXS: (8, 32),
+                                                   T.IQ2_XS: (8, 16), T.IQ2_S: (8, 16)}
+
+
+def _lattice_entries(t: GGMLType):
+    if t not in LATTICE_GROUPS:
+        raise ValueError(f"no lattice rounding for {t.name}")
+    if t in (T.IQ3_XXS, T.IQ3_S):
+        return _lib.smolq_iq3_rounding_plan, _lib.smolq_iq3_round_groups
+    return _lib.smolq_iq2_rounding_plan, _lib.smolq_iq2_round_groups
+
+
+def lattice_rounding_plan(x: np.ndarray, qtype: Any, imatrix: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Lattice i-quant blocks of 2-D float rows, as quantize() writes them, and how ggml
+    picked their grid points: "blocks"; per g-element group "id", "scale" [nrows, n/g];
+    per element "sign", "waux" [nrows, n]; per decode block "db" and "skipped"
+    (see smolq_kernel.h; g and the decode block from LATTICE_GROUPS)."""
+    t = _qtype(qtype)
+    plan_fn, _ = _lattice_entries(t)
+    group, dblock = LATTICE_GROUPS[t]
+    x, w, out = _plan_args(x, t, imatrix)
+    nrows, n = x.shape
+    f = lambda k: np.empty((nrows, k), dtype=np.float32)  # noqa: E731
+    plan = {"blocks": out, "id": f(n // group), "scale": f(n // group), "sign": f(n), "waux": f(n),
+            "db": f(n // dblock), "skipped": np.empty((nrows, n // dblock), dtype=np.uint8)}
+    _raise_on(plan_fn(int(t), _ptr(x), _ptr(out), *(_ptr(plan[k]) for k in ("id", "scale", "sign", "waux", "db",
+                                                                            "skipped")),
+                      nrows, n, _ptr(w) if w is not None else None), f"quantize to {t.name}")
+    return plan
+
+
+def lattice_round_groups(qtype: Any, xval: np.ndarray, waux: np.ndarray, gid: np.ndarray,
+                         gscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """g-element groups xval, waux [n, g] onto the lattice with their (id, scale) [n], as
+    ggml rounds them: (point index uint16 [n], its grid bytes uint8 [n, g])."""
+    t = _qtype(qtype)
+    _, round_fn = _lattice_entries(t)
+    group = LATTICE_GROUPS[t][0]
+    xval = np.ascontiguousarray(xval, dtype=np.float32).reshape(-1, group)
+    n = xval.shape[0]
+    waux = np.ascontiguousarray(waux, dtype=np.float32).reshape(-1, group)
+    gid = np.ascontiguousarray(gid, dtype=np.float32).reshape(-1)
+    gscale = np.ascontiguousarray(gscale, dtype=np.float32).reshape(-1)
+    if waux.shape[0] != n or gid.size != n or gscale.size != n:
+        raise ValueError(f"{n} groups need {n} x {group} weights and {n} ids and scales")
+    if count_nonfinite(xval):
+        raise ValueError("cannot round NaN or infinite values")
+    points = np.empty(n, dtype=np.uint16)
+    mags = np.empty((n, group), dtype=np.uint8)
+    _raise_on(round_fn(int(t), _ptr(xval), _ptr(waux), _ptr(gid), _ptr(gscale), n, _ptr(points), _ptr(mags)),
+              f"round onto {t.name}")
+    return points, mags
 
 
 # --------------------------------------------------------------------------- relayout

@@ -145,8 +145,10 @@ typedef struct {
 
 static const iq4_steps IQ4_REF = {iq4_block_scale, iq4_levels};
 
-/* block_iq4_nl: d (fp16), qs[16]. */
-static void iq4_nl_rows(const float *x, void *vy, int64_t n, const float *imatrix, const iq4_steps *s) {
+/* block_iq4_nl: d (fp16), qs[16]. rscale (NULL or one float per 32
+ * elements) receives the unrounded scale whose inverse picked the levels. */
+static void iq4_nl_rows(const float *x, void *vy, int64_t n, const float *imatrix, const iq4_steps *s,
+                        float *rscale) {
     uint8_t *y = vy;
     float weight[QK4_NL];
     uint8_t L[QK4_NL];
@@ -155,6 +157,7 @@ static void iq4_nl_rows(const float *x, void *vy, int64_t n, const float *imatri
         sigma2 *= 2.f / QK4_NL;
         iq_weights(x, imatrix ? imatrix + QK4_NL * ib : NULL, sigma2, QK4_NL, weight);
         const float d = s->block_scale(x, weight);
+        if (rscale) rscale[ib] = d;
         f16_put(y, d);
         s->levels(x, QK4_NL, d ? 1 / d : 0, L);
         pack_nibble_halves(L, QK4_NL, y + 2);
@@ -163,7 +166,8 @@ static void iq4_nl_rows(const float *x, void *vy, int64_t n, const float *imatri
 
 /* block_iq4_xs: d (fp16), scales_h (u16: 2 high bits per block), scales_l[4]
  * (4 low bits per block), qs[128]. Block scales are 6-bit multiples of d. */
-static void iq4_xs_rows(const float *x, void *vy, int64_t n, const float *imatrix, const iq4_steps *s) {
+static void iq4_xs_rows(const float *x, void *vy, int64_t n, const float *imatrix, const iq4_steps *s,
+                        float *rscale) {
     uint8_t *y = vy;
     float weight[32], scales[QK_K / 32];
     uint8_t L[QK_K];
@@ -189,6 +193,7 @@ static void iq4_xs_rows(const float *x, void *vy, int64_t n, const float *imatri
             int l = nearest_int(id * scales[ib]);
             l = MAX(-32, MIN(31, l));
             const float dl = d * l;
+            if (rscale) rscale[QK_K / 32 * ibl + ib] = dl;
             s->levels(x + 32 * ib, 32, dl ? 1 / dl : 0.f, L + 32 * ib);
             l += 32;
             if (ib % 2 == 0) scales_l[ib / 2] = (uint8_t)(l & 0xf);
@@ -200,8 +205,8 @@ static void iq4_xs_rows(const float *x, void *vy, int64_t n, const float *imatri
     }
 }
 
-static void iq4_nl_quant(const float *x, void *y, int64_t n, const float *w) { iq4_nl_rows(x, y, n, w, &IQ4_REF); }
-static void iq4_xs_quant(const float *x, void *y, int64_t n, const float *w) { iq4_xs_rows(x, y, n, w, &IQ4_REF); }
+static void iq4_nl_quant(const float *x, void *y, int64_t n, const float *w) { iq4_nl_rows(x, y, n, w, &IQ4_REF, NULL); }
+static void iq4_xs_quant(const float *x, void *y, int64_t n, const float *w) { iq4_xs_rows(x, y, n, w, &IQ4_REF, NULL); }
 
 #if IQ_HAVE_FAST
 /* best_index_int8 over kvalues_iq4nl as a count: for a non-NaN x, the
@@ -291,17 +296,35 @@ static const iq4_steps IQ4_FAST = {iq4_block_scale_fast, iq4_levels_fast};
 
 static void iq4_nl_quant_fast(const float *x, void *y, int64_t n, const float *w) {
     pthread_once(&iq4_once, iq4_build_thresholds);
-    iq4_nl_rows(x, y, n, w, &IQ4_FAST);
+    iq4_nl_rows(x, y, n, w, &IQ4_FAST, NULL);
 }
 
 static void iq4_xs_quant_fast(const float *x, void *y, int64_t n, const float *w) {
     pthread_once(&iq4_once, iq4_build_thresholds);
-    iq4_xs_rows(x, y, n, w, &IQ4_FAST);
+    iq4_xs_rows(x, y, n, w, &IQ4_FAST, NULL);
 }
 #else
 #define iq4_nl_quant_fast iq4_nl_quant
 #define iq4_xs_quant_fast iq4_xs_quant
 #endif
+
+int64_t smolq_iq4_rounding_scales(int type, const float *src, void *dst, float *scales, int64_t nrows,
+                                  int64_t n_per_row, const float *imatrix) {
+    if (type != SMOLQ_T_IQ4_NL && type != SMOLQ_T_IQ4_XS) return SMOLQ_ERR_TYPE;
+    if (!src || !dst || !scales || nrows < 0 || n_per_row < 0) return SMOLQ_ERR_ARG;
+    const int xs = type == SMOLQ_T_IQ4_XS;
+    const int64_t block = xs ? QK_K : QK4_NL, bytes = xs ? IQ4_XS_BYTES : IQ4_NL_BYTES;
+    if (n_per_row % block) return SMOLQ_ERR_ROWLEN;
+    const int64_t row_bytes = n_per_row / block * bytes;
+    for (int64_t r = 0; r < nrows; ++r) {
+        const float *x = src + r * n_per_row;
+        uint8_t *y = (uint8_t *)dst + r * row_bytes;
+        float *rs = scales + r * (n_per_row / 32);
+        if (xs) iq4_xs_rows(x, y, n_per_row, imatrix, &IQ4_REF, rs);
+        else iq4_nl_rows(x, y, n_per_row, imatrix, &IQ4_REF, rs);
+    }
+    return nrows * row_bytes;
+}
 
 static void iq4_nl_dequant(const void *vx, float *y, int64_t n) {
     const uint8_t *x = vx;
@@ -684,7 +707,7 @@ typedef struct {
 /* Splits a 32-element block into magnitudes and sign bytes (ggml: xval,
  * block_signs). IQ3_XXS keeps 7 bits per 8 elements: with an odd number of
  * negatives, the element of least w*x*x keeps the wrong sign. */
-static void iq3_signs(int xxs, const float *xb, const float *weight, float *xval, uint8_t signs[4]) {
+static void iq3_signs(int xxs, const float *xb, const float *weight, float *xval, uint8_t signs[4], float *sgn) {
     for (int k = 0; k < 4; ++k) {
         int nflip = 0;
         uint8_t s = 0;
@@ -709,23 +732,36 @@ static void iq3_signs(int xxs, const float *xb, const float *weight, float *xval
             xval[8 * k + imin] = -xval[8 * k + imin];
             s ^= (uint8_t)(1 << imin);
         }
+        if (sgn)
+            for (int i = 0; i < 8; ++i) sgn[8 * k + i] = s >> i & 1 ? -1.f : 1.f;
         signs[k] = xxs ? s & 127 : s;
     }
 }
+
+/* What a GPTQ grid needs to re-round a 32-element block the way ggml picked
+ * it (NULL when not wanted): per 4-element group the inverse scale and scale
+ * its levels were picked with (iq3_group's id, scale), per element the sign
+ * that makes xval = sign * x and the search weight sqrt(w). */
+typedef struct {
+    float *id, *scale; /* [8] */
+    float *sign, *waux; /* [32] */
+} iq3_block_plan;
 
 /* One 32-element block of a super-block (ggml quantize_row_iq3_xxs_impl /
  * quantize_row_iq3_s_impl, the loop body over ib): the block scale (>= 0),
  * its 8 lattice points and 4 sign bytes. Returns -1 (nothing written) for an
  * all (near) zero block, which ggml skips. */
 static float iq3_block(const iq3_kind *kind, iq3_finder find, const float *xb, const float *qw, float sigma2, uint16_t points[8],
-                       uint8_t signs[4]) {
+                       uint8_t signs[4], const iq3_block_plan *plan) {
     const iq3_lattice *t = kind->lattice;
     float weight[32], waux[32], xval[32];
     int8_t L[32], Laux[32];
     int on_grid[8], on_grid_aux[8];
     iq_weights(xb, qw, sigma2, 32, weight);
     for (int i = 0; i < 32; ++i) waux[i] = sqrtf(weight[i]);
-    iq3_signs(kind->xxs, xb, weight, xval, signs);
+    iq3_signs(kind->xxs, xb, weight, xval, signs, plan ? plan->sign : NULL);
+    float gid[8] = {0}, gscale[8] = {0}, gid_aux[8], gscale_aux[8]; /* (id, scale) each group was picked with */
+    if (plan) memcpy(plan->waux, waux, sizeof waux);
     float max = xval[0];
     for (int i = 1; i < 32; ++i) max = MAX(max, xval[i]);
     if (kind->xxs ? max < GROUP_MAX_EPS_IQ3_XXS : !max) return -1;
@@ -735,8 +771,11 @@ static float iq3_block(const iq3_kind *kind, iq3_finder find, const float *xb, c
     for (int is = -kind->scan; is <= kind->scan; ++is) {
         const float id = (15 + is * 0.2f) / max;
         const float this_scale = 1 / id;
-        for (int k = 0; k < 8; ++k)
+        for (int k = 0; k < 8; ++k) {
             on_grid_aux[k] = iq3_group(t, find, xval + 4 * k, waux + 4 * k, id, this_scale, Laux + 4 * k);
+            gid_aux[k] = id;
+            gscale_aux[k] = this_scale;
+        }
         float sumqx, sumq2;
         iq3_fit(weight, xval, Laux, &sumqx, &sumq2);
         if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
@@ -744,6 +783,8 @@ static float iq3_block(const iq3_kind *kind, iq3_finder find, const float *xb, c
             best = scale * sumqx;
             memcpy(L, Laux, sizeof L);
             memcpy(on_grid, on_grid_aux, sizeof on_grid);
+            memcpy(gid, gid_aux, sizeof gid);
+            memcpy(gscale, gscale_aux, sizeof gscale);
         }
     }
     int n_off = 0;
@@ -751,7 +792,11 @@ static float iq3_block(const iq3_kind *kind, iq3_finder find, const float *xb, c
     if (n_off > 0 && scale > 0) {
         const float id = 1 / scale;
         for (int k = 0; k < 8; ++k)
-            if (!(kind->xxs && on_grid[k])) iq3_group(t, find, xval + 4 * k, waux + 4 * k, id, scale, L + 4 * k);
+            if (!(kind->xxs && on_grid[k])) {
+                iq3_group(t, find, xval + 4 * k, waux + 4 * k, id, scale, L + 4 * k);
+                gid[k] = id;
+                gscale[k] = scale;
+            }
         float sumqx, sumq2;
         iq3_fit(weight, xval, L, &sumqx, &sumq2);
         if (sumq2 > 0) scale = sumqx / sumq2;
@@ -759,6 +804,16 @@ static float iq3_block(const iq3_kind *kind, iq3_finder find, const float *xb, c
     if (scale < 0) { /* ggml: "should never happen"; flip the scale and the signs */
         scale = -scale;
         for (int k = 0; k < 4; ++k) signs[k] = kind->xxs ? (uint8_t)(~signs[k] & 127) : (uint8_t)~signs[k];
+        for (int k = 0; k < 8; ++k) { /* -xval picked with -id, -scale: the same levels */
+            gid[k] = -gid[k];
+            gscale[k] = -gscale[k];
+        }
+        if (plan)
+            for (int i = 0; i < 32; ++i) plan->sign[i] = -plan->sign[i];
+    }
+    if (plan) {
+        memcpy(plan->id, gid, sizeof gid);
+        memcpy(plan->scale, gscale, sizeof gscale);
     }
     for (int k = 0; k < 8; ++k) points[k] = (uint16_t)t->map[iq3_key(L + 4 * k)]; /* on the lattice by now */
     return scale;
@@ -775,12 +830,40 @@ static float iq3_sigma2(const float *x) {
     return 2 * sumx2 / QK_K;
 }
 
+/* A row's iq3_block_plans (id, scale: n/4; sign, waux: n) plus, per 32-element
+ * block, the scale its values decode with (db) and whether ggml skipped it as
+ * all zero (its bytes then decode to something else; IQ3_S even shifts the
+ * later blocks' points). NULL when not wanted. */
+typedef struct {
+    float *id, *scale, *sign, *waux, *db;
+    uint8_t *skipped;
+} iq3_row_plan;
+
+/* The plan of block ib of super-block ibl, or NULL. */
+static const iq3_block_plan *iq3_plan_at(const iq3_row_plan *rp, int64_t ibl, int ib, iq3_block_plan *out) {
+    if (!rp) return NULL;
+    const int64_t b = QK_K / 32 * ibl + ib;
+    *out = (iq3_block_plan){rp->id + 8 * b, rp->scale + 8 * b, rp->sign + 32 * b, rp->waux + 32 * b};
+    return out;
+}
+
+/* db and the skipped flags of super-block ibl once its bytes are final. */
+static void iq3_plan_scales(const iq3_row_plan *rp, int64_t ibl, const float scales[QK_K / 32], const float db[QK_K / 32]) {
+    if (!rp) return;
+    for (int ib = 0; ib < QK_K / 32; ++ib) {
+        const int64_t b = QK_K / 32 * ibl + ib;
+        rp->skipped[b] = scales[ib] < 0;
+        rp->db[b] = db[ib];
+    }
+}
+
 static const iq3_kind IQ3_XXS_KIND = {&IQ3XXS_LATTICE, 15, 1};
 static const iq3_kind IQ3_S_KIND = {&IQ3S_LATTICE, 9, 0};
 
 /* block_iq3_xxs: d (fp16), qs[64] (a point per 4 elements), then 8 u32: 4x7
  * sign bits and the 4-bit block scale in the top bits. */
-static void iq3_xxs_rows(const float *x, void *vy, int64_t n, const float *imatrix, iq3_finder find) {
+static void iq3_xxs_rows(const float *x, void *vy, int64_t n, const float *imatrix, iq3_finder find,
+                         const iq3_row_plan *rp) {
     iq3_init();
     uint8_t *y = vy;
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, y += IQ3_XXS_BYTES) {
@@ -794,23 +877,31 @@ static void iq3_xxs_rows(const float *x, void *vy, int64_t n, const float *imatr
         for (int ib = 0; ib < QK_K / 32; ++ib) {
             uint16_t points[8];
             uint8_t signs[4];
-            const float scale = iq3_block(&IQ3_XXS_KIND, find, x + 32 * ib, qw ? qw + 32 * ib : NULL, sigma2, points, signs);
-            scales[ib] = 0;
+            iq3_block_plan bp;
+            const float scale = iq3_block(&IQ3_XXS_KIND, find, x + 32 * ib, qw ? qw + 32 * ib : NULL, sigma2, points, signs,
+                                          iq3_plan_at(rp, ibl, ib, &bp));
+            scales[ib] = scale;
             if (scale < 0) continue;
             for (int k = 0; k < 8; ++k) qs[8 * ib + k] = (uint8_t)points[k];
             scales_and_signs[ib] = signs[0] | signs[1] << 7 | signs[2] << 14 | (uint32_t)signs[3] << 21;
-            scales[ib] = scale;
             max_scale = MAX(max_scale, scale);
         }
+        float db[QK_K / 32] = {0};
         if (!max_scale) {
             memset(y, 0, IQ3_XXS_BYTES);
+            for (int ib = 0; ib < QK_K / 32; ++ib) scales[ib] = -1; /* every block skipped */
+            iq3_plan_scales(rp, ibl, scales, db);
             continue;
         }
         const float d = max_scale / 31;
         f16_put(y, d * 1.0125f);
-        const float id = 1 / d;
-        for (int ib = 0; ib < QK_K / 32; ++ib)
-            wr32(qs + QK_K / 4 + 4 * ib, scales_and_signs[ib] | (uint32_t)iq3_scale_level(id, scales[ib]) << 28);
+        const float id = 1 / d, dstored = f16_load(y);
+        for (int ib = 0; ib < QK_K / 32; ++ib) {
+            const int ls = iq3_scale_level(id, MAX(scales[ib], 0));
+            wr32(qs + QK_K / 4 + 4 * ib, scales_and_signs[ib] | (uint32_t)ls << 28);
+            db[ib] = dstored * (0.5f + ls) * 0.5f;
+        }
+        iq3_plan_scales(rp, ibl, scales, db);
     }
 }
 
@@ -818,7 +909,8 @@ static void iq3_xxs_rows(const float *x, void *vy, int64_t n, const float *imatr
  * qh[8] (their 9th bits), signs[32], scales[4] (4 bits per block).
  * As in ggml, qs and signs advance only past the blocks written: after an
  * all-zero block the next blocks' bytes sit one block early. */
-static void iq3_s_rows(const float *x, void *vy, int64_t n, const float *imatrix, iq3_finder find) {
+static void iq3_s_rows(const float *x, void *vy, int64_t n, const float *imatrix, iq3_finder find,
+                       const iq3_row_plan *rp) {
     iq3_init();
     uint8_t *y = vy;
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, y += IQ3_S_BYTES) {
@@ -831,8 +923,10 @@ static void iq3_s_rows(const float *x, void *vy, int64_t n, const float *imatrix
         for (int ib = 0; ib < QK_K / 32; ++ib) {
             uint16_t points[8];
             uint8_t signs[4];
-            const float scale = iq3_block(&IQ3_S_KIND, find, x + 32 * ib, qw ? qw + 32 * ib : NULL, sigma2, points, signs);
-            scales[ib] = 0;
+            iq3_block_plan bp;
+            const float scale = iq3_block(&IQ3_S_KIND, find, x + 32 * ib, qw ? qw + 32 * ib : NULL, sigma2, points, signs,
+                                          iq3_plan_at(rp, ibl, ib, &bp));
+            scales[ib] = scale;
             if (scale < 0) continue;
             for (int k = 0; k < 8; ++k) {
                 qs[k] = (uint8_t)(points[k] & 255);
@@ -841,31 +935,42 @@ static void iq3_s_rows(const float *x, void *vy, int64_t n, const float *imatrix
             memcpy(sg, signs, 4);
             qs += 8;
             sg += 4;
-            scales[ib] = scale;
             max_scale = MAX(max_scale, scale);
         }
-        if (!max_scale) continue;
+        float db[QK_K / 32] = {0};
+        if (!max_scale) {
+            for (int ib = 0; ib < QK_K / 32; ++ib) scales[ib] = -1; /* every block skipped */
+            iq3_plan_scales(rp, ibl, scales, db);
+            continue;
+        }
         const float d = max_scale / 31;
         f16_put(y, d * 1.033f);
-        const float id = 1 / d;
-        for (int ib = 0; ib < QK_K / 32; ib += 2)
-            sc[ib / 2] = (uint8_t)(iq3_scale_level(id, scales[ib]) | iq3_scale_level(id, scales[ib + 1]) << 4);
+        const float id = 1 / d, dstored = f16_load(y);
+        int ls[QK_K / 32];
+        for (int ib = 0; ib < QK_K / 32; ++ib) {
+            ls[ib] = iq3_scale_level(id, MAX(scales[ib], 0));
+            db[ib] = dstored * (1 + 2 * ls[ib]);
+        }
+        for (int ib = 0; ib < QK_K / 32; ib += 2) sc[ib / 2] = (uint8_t)(ls[ib] | ls[ib + 1] << 4);
+        iq3_plan_scales(rp, ibl, scales, db);
     }
 }
 
 static void iq3_xxs_quant(const float *x, void *y, int64_t n, const float *w) {
-    iq3_xxs_rows(x, y, n, w, iq3_best_neighbour);
+    iq3_xxs_rows(x, y, n, w, iq3_best_neighbour, NULL);
 }
 
-static void iq3_s_quant(const float *x, void *y, int64_t n, const float *w) { iq3_s_rows(x, y, n, w, iq3_best_neighbour); }
+static void iq3_s_quant(const float *x, void *y, int64_t n, const float *w) {
+    iq3_s_rows(x, y, n, w, iq3_best_neighbour, NULL);
+}
 
 #if IQ_HAVE_FAST
 static void iq3_xxs_quant_fast(const float *x, void *y, int64_t n, const float *w) {
-    iq3_xxs_rows(x, y, n, w, iq3_best_neighbour_fast);
+    iq3_xxs_rows(x, y, n, w, iq3_best_neighbour_fast, NULL);
 }
 
 static void iq3_s_quant_fast(const float *x, void *y, int64_t n, const float *w) {
-    iq3_s_rows(x, y, n, w, iq3_best_neighbour_fast);
+    iq3_s_rows(x, y, n, w, iq3_best_neighbour_fast, NULL);
 }
 #else
 #define iq3_xxs_quant_fast iq3_xxs_quant
@@ -936,4 +1041,45 @@ const smolq_type_ops *smolq_find_iq_ops(int type, int layout) {
     for (size_t i = 0; i < sizeof(IQ_OPS) / sizeof(IQ_OPS[0]); i++)
         if (IQ_OPS[i].type == type) return &IQ_OPS[i];
     return NULL;
+}
+
+/* ======================================================================== */
+/* IQ3 re-rounding for GPTQ grids (smolq_kernel.h)                          */
+
+int64_t smolq_iq3_rounding_plan(int type, const float *src, void *dst, float *group_id, float *group_scale,
+                                float *sign, float *waux, float *db, uint8_t *skipped, int64_t nrows,
+                                int64_t n_per_row, const float *imatrix) {
+    if (type != SMOLQ_T_IQ3_XXS && type != SMOLQ_T_IQ3_S) return SMOLQ_ERR_TYPE;
+    if (!src || !dst || !group_id || !group_scale || !sign || !waux || !db || !skipped || nrows < 0 || n_per_row < 0)
+        return SMOLQ_ERR_ARG;
+    if (n_per_row % QK_K) return SMOLQ_ERR_ROWLEN;
+    const int xxs = type == SMOLQ_T_IQ3_XXS;
+    const int64_t row_bytes = n_per_row / QK_K * (xxs ? IQ3_XXS_BYTES : IQ3_S_BYTES);
+    for (int64_t r = 0; r < nrows; ++r) {
+        const int64_t n4 = r * (n_per_row / 4), n32 = r * (n_per_row / 32);
+        const iq3_row_plan rp = {group_id + n4, group_scale + n4, sign + r * n_per_row, waux + r * n_per_row,
+                                 db + n32, skipped + n32};
+        uint8_t *y = (uint8_t *)dst + r * row_bytes;
+        if (xxs) iq3_xxs_rows(src + r * n_per_row, y, n_per_row, imatrix, iq3_best_neighbour, &rp);
+        else iq3_s_rows(src + r * n_per_row, y, n_per_row, imatrix, iq3_best_neighbour, &rp);
+    }
+    return nrows * row_bytes;
+}
+
+int64_t smolq_iq3_round_groups(int type, const float *xval, const float *waux, const float *id, const float *scale,
+                               int64_t n, uint16_t *points, uint8_t *magnitudes) {
+    if (type != SMOLQ_T_IQ3_XXS && type != SMOLQ_T_IQ3_S) return SMOLQ_ERR_TYPE;
+    if (n < 0 || (n && (!xval || !waux || !id || !scale || !points || !magnitudes))) return SMOLQ_ERR_ARG;
+    iq3_init();
+    const int xxs = type == SMOLQ_T_IQ3_XXS;
+    const iq3_lattice *t = xxs ? &IQ3XXS_LATTICE : &IQ3S_LATTICE;
+    const uint32_t *grid = xxs ? smolq_iq3xxs_grid : smolq_iq3s_grid;
+    for (int64_t g = 0; g < n; ++g) {
+        int8_t L[4];
+        iq3_group(t, iq3_best_neighbour, xval + 4 * g, waux + 4 * g, id[g], scale[g], L);
+        const int p = t->map[iq3_key(L)];
+        points[g] = (uint16_t)p;
+        grid_bytes(grid[p], magnitudes + 4 * g);
+    }
+    return n;
 }

@@ -358,12 +358,46 @@ static inline int scale_level(float id, float scale, int lmax) {
     return MAX(0, MIN(lmax, l));
 }
 
+/* How ggml picked one super-block's points, for GPTQ grids that re-round
+ * groups (smolq_iq2_rounding_plan); NULL when not wanted. Per 8-group: the
+ * inverse scale and scale its levels were rounded with; per element: the sign
+ * making xval = sign * x, and the search weight; per block: the decode scale
+ * and 1 where ggml skipped it (or its levels came from no group rounding). */
+typedef struct {
+    float *id, *scale; /* [32] */
+    float *sign, *waux; /* [256] */
+    float *db;         /* [blocks] */
+    uint8_t *skipped;  /* [blocks] */
+} iq2_plan;
+
+/* The 8 signs of a group as +-1, from its stored bits (bit 7 implied by even
+ * parity when only 7 are stored). */
+static void plan_signs(uint8_t bits, int parity7, float *sign) {
+    if (parity7) bits = (uint8_t)(bits | (__builtin_popcount(bits & 127) & 1) << 7);
+    for (int i = 0; i < 8; ++i) sign[i] = bits >> i & 1 ? -1.f : 1.f;
+}
+
+/* After ggml's "should never happen" flip of scale and signs: -xval rounds
+ * with -id, -scale to the same levels. */
+static void plan_flip(float *id, float *scale, float *sign, int ngroups) {
+    for (int k = 0; k < ngroups; ++k) {
+        id[k] = -id[k];
+        scale[k] = -scale[k];
+    }
+    for (int i = 0; i < 8 * ngroups; ++i) sign[i] = -sign[i];
+}
+
+/* The decode scales d * (0.5 + l) / 4 of blocks with 4-bit scale levels l. */
+static void plan_block_scales(const iq2_plan *plan, float dstored, float id, const float *scales, int nblocks) {
+    for (int ib = 0; ib < nblocks; ++ib) plan->db[ib] = dstored * (0.5f + scale_level(id, scales[ib], 15)) * 0.25f;
+}
+
 /* IQ2_XXS's search over a block of 32 (four groups), from make_qp_quants'
  * scale: 13 trial inverse scales, the best by weighted least squares, then
  * every group rounded again at that scale and the scale refit. L: levels.
  * 0, or SMOLQ_ERR_RANGE where ggml asserts. */
 IQ_INLINE int iq2_xxs_search(const iq_grid *g, const float *xval, const float *weight, const float *waux, int8_t *L,
-                             float *scale_io, int fast) {
+                             float *scale_io, int fast, float *gid, float *gscale, int *replayable) {
     const float eff_max = *scale_io * 3;
     float scale = *scale_io, best = 0;
     int8_t Laux[32];
@@ -381,10 +415,16 @@ IQ_INLINE int iq2_xxs_search(const iq_grid *g, const float *xval, const float *w
             memcpy(L, Laux, 32);
         }
     }
+    *replayable = scale > 0; /* else the levels are make_qp_quants' or a scan's: no one rounding */
     if (scale > 0) {
         const float id = 1 / scale;
-        for (int k = 0; k < 4; ++k)
+        for (int k = 0; k < 4; ++k) {
             if (iq2_round_group(g, id, scale, xval + 8 * k, waux + 8 * k, L + 8 * k, fast) < 0) return SMOLQ_ERR_RANGE;
+            if (gid) {
+                gid[k] = id;
+                gscale[k] = scale;
+            }
+        }
         float sumqx, sumq2;
         iq2_sums(32, weight, xval, L, &sumqx, &sumq2);
         if (sumq2 > 0) scale = sumqx / sumq2;
@@ -398,10 +438,11 @@ IQ_INLINE int iq2_xxs_search(const iq_grid *g, const float *xval, const float *w
  * that were off the grid then rounded again at that scale and the scale
  * refit. L (zeroed by the caller): levels. 0, or SMOLQ_ERR_RANGE. */
 IQ_INLINE int iq2_search16(const iq_grid *g, const float *xval, const float *weight, const float *waux, float max,
-                           int8_t *L, float *scale_out, int fast) {
+                           int8_t *L, float *scale_out, int fast, float *gid, float *gscale) {
     float best = 0, scale = max / 5;
     int on_grid[2] = {1, 1}, on_grid_aux[2];
     int8_t Laux[16];
+    float pick_id[2] = {0, 0}, pick_scale[2] = {0, 0}; /* all-zero levels until a trial wins: id 0 rounds to them */
     for (int is = -9; is <= 9; ++is) {
         const float id = (5 + is * 0.1f) / max;
         const float this_scale = 1 / id;
@@ -417,18 +458,28 @@ IQ_INLINE int iq2_search16(const iq_grid *g, const float *xval, const float *wei
             memcpy(L, Laux, 16);
             on_grid[0] = on_grid_aux[0];
             on_grid[1] = on_grid_aux[1];
+            pick_id[0] = pick_id[1] = id;
+            pick_scale[0] = pick_scale[1] = this_scale;
         }
     }
     if ((!on_grid[0] || !on_grid[1]) && scale > 0) {
         const float id = 1 / scale;
         for (int k = 0; k < 2; ++k)
-            if (!on_grid[k] && iq2_round_group(g, id, scale, xval + 8 * k, waux + 8 * k, L + 8 * k, fast) < 0)
-                return SMOLQ_ERR_RANGE;
+            if (!on_grid[k]) {
+                if (iq2_round_group(g, id, scale, xval + 8 * k, waux + 8 * k, L + 8 * k, fast) < 0) return SMOLQ_ERR_RANGE;
+                pick_id[k] = id;
+                pick_scale[k] = scale;
+            }
         float sumqx, sumq2;
         iq2_sums(16, weight, xval, L, &sumqx, &sumq2);
         if (sumq2 > 0) scale = sumqx / sumq2;
     }
     *scale_out = scale;
+    if (gid)
+        for (int k = 0; k < 2; ++k) {
+            gid[k] = pick_id[k];
+            gscale[k] = pick_scale[k];
+        }
     return 0;
 }
 
@@ -436,7 +487,8 @@ IQ_INLINE int iq2_search16(const iq_grid *g, const float *xval, const float *wei
 /* IQ2_XXS: 8 blocks of 32; per block 4 grid indices (8 bits), 4x7 sign bits
  * and a 4-bit scale in two u32.                                            */
 
-IQ_INLINE int iq2_xxs_block(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out, int fast) {
+IQ_INLINE int iq2_xxs_block_plan(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out, int fast,
+                                 const iq2_plan *plan) {
     uint32_t q2[16] = {0};
     float scales[8], max_scale = 0;
     const float sigma2 = sum_squares(xbl, QK_K) / QK_K;
@@ -447,15 +499,26 @@ IQ_INLINE int iq2_xxs_block(const iq_grid *g, const float *xbl, const float *qwb
         uint8_t signs[4];
         iq2_weights(xb, qwbl + 32 * ib, sigma2, 32, weight, waux);
         for (int k = 0; k < 4; ++k) signs[k] = fold_signs_even(xb + 8 * k, weight + 8 * k, xval + 8 * k);
+        float *gid = plan ? plan->id + 4 * ib : NULL, *gscale = plan ? plan->scale + 4 * ib : NULL;
+        if (plan) {
+            plan->skipped[ib] = 1;
+            memset(gid, 0, 4 * sizeof(float));
+            memset(gscale, 0, 4 * sizeof(float));
+            memcpy(plan->waux + 32 * ib, waux, sizeof waux);
+            for (int k = 0; k < 4; ++k) plan_signs(signs[k], 1, plan->sign + 32 * ib + 8 * k);
+        }
         scales[ib] = 0;
         if (max_of(xval, 32) < GROUP_MAX_EPS) continue;
         float scale = make_qp_quants(32, 4, xval, (uint8_t *)L, weight);
         if (scale * 3 <= 0) continue;
-        const int err = iq2_xxs_search(g, xval, weight, waux, L, &scale, fast);
+        int replayable;
+        const int err = iq2_xxs_search(g, xval, weight, waux, L, &scale, fast, gid, gscale, &replayable);
         if (err) return err;
+        if (plan) plan->skipped[ib] = !replayable;
         if (scale < 0) { /* ggml: "should never happen"; flip scale and signs */
             scale = -scale;
             for (int k = 0; k < 4; ++k) signs[k] = (uint8_t)(~signs[k] & 127);
+            if (plan) plan_flip(gid, gscale, plan->sign + 32 * ib, 4);
         }
         for (int k = 0; k < 4; ++k) {
             const int p = grid_point(g, L + 8 * k);
@@ -468,20 +531,33 @@ IQ_INLINE int iq2_xxs_block(const iq_grid *g, const float *xbl, const float *qwb
         max_scale = MAX(max_scale, scale);
     }
     memset(out, 0, IQ2_XXS_BYTES);
-    if (!max_scale) return 0;
+    if (plan) memset(plan->db, 0, 8 * sizeof(float));
+    if (!max_scale) {
+        if (plan) memset(plan->skipped, 1, 8);
+        return 0;
+    }
     const float d = max_scale / 31;
     f16_store(out, d);
-    const float id = 1 / d;
-    for (int ib = 0; ib < 8; ++ib) q2[2 * ib + 1] |= (uint32_t)scale_level(id, scales[ib], 15) << 28;
+    const float id = 1 / d, dstored = f16_load(out);
+    for (int ib = 0; ib < 8; ++ib) {
+        const int ls = scale_level(id, scales[ib], 15);
+        q2[2 * ib + 1] |= (uint32_t)ls << 28;
+        if (plan) plan->db[ib] = dstored * (0.5f + ls) * 0.25f;
+    }
     for (int i = 0; i < 16; ++i) wr32(out + IQ2_XXS_QS + 4 * i, q2[i]);
     return 0;
+}
+
+IQ_INLINE int iq2_xxs_block(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out, int fast) {
+    return iq2_xxs_block_plan(g, xbl, qwbl, out, fast, NULL);
 }
 
 /* ------------------------------------------------------------------------ */
 /* IQ2_XS: 16 blocks of 16; per group a u16 of 9-bit grid index and 7 sign
  * bits; per block a 4-bit scale.                                           */
 
-IQ_INLINE int iq2_xs_block(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out, int fast) {
+IQ_INLINE int iq2_xs_block_plan(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out, int fast,
+                                const iq2_plan *plan) {
     uint16_t q2[32] = {0};
     float scales[16], max_scale = 0;
     const float sigma2 = sum_squares(xbl, QK_K) / QK_K;
@@ -492,14 +568,23 @@ IQ_INLINE int iq2_xs_block(const iq_grid *g, const float *xbl, const float *qwbl
         uint8_t signs[2];
         iq2_weights(xb, qwbl + 16 * ib, sigma2, 16, weight, waux);
         for (int k = 0; k < 2; ++k) signs[k] = fold_signs_even(xb + 8 * k, weight + 8 * k, xval + 8 * k);
+        float *gid = plan ? plan->id + 2 * ib : NULL, *gscale = plan ? plan->scale + 2 * ib : NULL;
+        if (plan) {
+            plan->skipped[ib] = 1;
+            gid[0] = gid[1] = gscale[0] = gscale[1] = 0;
+            memcpy(plan->waux + 16 * ib, waux, sizeof waux);
+            for (int k = 0; k < 2; ++k) plan_signs(signs[k], 1, plan->sign + 16 * ib + 8 * k);
+        }
         const float max = max_of(xval, 16);
         scales[ib] = 0;
         if (max < GROUP_MAX_EPS) continue;
-        const int err = iq2_search16(g, xval, weight, waux, max, L, &scale, fast);
+        const int err = iq2_search16(g, xval, weight, waux, max, L, &scale, fast, gid, gscale);
         if (err) return err;
+        if (plan) plan->skipped[ib] = 0;
         if (scale < 0) {
             scale = -scale;
             for (int k = 0; k < 2; ++k) signs[k] = (uint8_t)(~signs[k] & 127);
+            if (plan) plan_flip(gid, gscale, plan->sign + 16 * ib, 2);
         }
         for (int k = 0; k < 2; ++k) {
             const int p = grid_point(g, L + 8 * k);
@@ -511,13 +596,22 @@ IQ_INLINE int iq2_xs_block(const iq_grid *g, const float *xbl, const float *qwbl
         max_scale = MAX(max_scale, scale);
     }
     memset(out, 0, IQ2_XS_BYTES);
-    if (!max_scale) return 0;
+    if (plan) memset(plan->db, 0, 16 * sizeof(float));
+    if (!max_scale) {
+        if (plan) memset(plan->skipped, 1, 16);
+        return 0;
+    }
     const float d = max_scale / 31;
     f16_store(out, d);
     const float id = 1 / d;
     for (int ib = 0; ib < 16; ++ib) out[IQ2_XS_SCALES + ib / 2] |= (uint8_t)(scale_level(id, scales[ib], 15) << 4 * (ib % 2));
     for (int i = 0; i < 32; ++i) wr16(out + IQ2_XS_QS + 2 * i, q2[i]);
+    if (plan) plan_block_scales(plan, f16_load(out), id, scales, 16);
     return 0;
+}
+
+IQ_INLINE int iq2_xs_block(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out, int fast) {
+    return iq2_xs_block_plan(g, xbl, qwbl, out, fast, NULL);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -525,7 +619,8 @@ IQ_INLINE int iq2_xs_block(const iq_grid *g, const float *xbl, const float *qwbl
  * and 8 sign bits; per block a 4-bit scale. Without importance weights the
  * weights are sigma2/4 + x^2 (ggml's fallback).                            */
 
-IQ_INLINE int iq2_s_block(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out, int fast) {
+IQ_INLINE int iq2_s_block_plan(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out, int fast,
+                               const iq2_plan *plan) {
     float scales[16], max_scale = 0;
     const float sigma2 = 2 * sum_squares(xbl, QK_K) / QK_K;
     memset(out, 0, IQ2_S_BYTES);
@@ -541,14 +636,23 @@ IQ_INLINE int iq2_s_block(const iq_grid *g, const float *xbl, const float *qwbl,
         }
         for (int i = 0; i < 16; ++i) waux[i] = sqrtf(weight[i]);
         for (int k = 0; k < 2; ++k) signs[k] = fold_signs(xb + 8 * k, xval + 8 * k);
+        float *gid = plan ? plan->id + 2 * ib : NULL, *gscale = plan ? plan->scale + 2 * ib : NULL;
+        if (plan) {
+            plan->skipped[ib] = 1;
+            gid[0] = gid[1] = gscale[0] = gscale[1] = 0;
+            memcpy(plan->waux + 16 * ib, waux, sizeof waux);
+            for (int k = 0; k < 2; ++k) plan_signs(signs[k], 0, plan->sign + 16 * ib + 8 * k);
+        }
         const float max = max_of(xval, 16);
         scales[ib] = 0;
         if (max < GROUP_MAX_EPS_IQ2_S) continue;
-        const int err = iq2_search16(g, xval, weight, waux, max, L, &scale, fast);
+        const int err = iq2_search16(g, xval, weight, waux, max, L, &scale, fast, gid, gscale);
         if (err) return err;
+        if (plan) plan->skipped[ib] = 0;
         if (scale < 0) {
             scale = -scale;
             for (int k = 0; k < 2; ++k) signs[k] = (uint8_t)~signs[k];
+            if (plan) plan_flip(gid, gscale, plan->sign + 16 * ib, 2);
         }
         for (int k = 0; k < 2; ++k) {
             const int p = grid_point(g, L + 8 * k);
@@ -562,12 +666,21 @@ IQ_INLINE int iq2_s_block(const iq_grid *g, const float *xbl, const float *qwbl,
         scales[ib] = scale;
         max_scale = MAX(max_scale, scale);
     }
-    if (!max_scale) return 0;
+    if (plan) memset(plan->db, 0, 16 * sizeof(float));
+    if (!max_scale) {
+        if (plan) memset(plan->skipped, 1, 16);
+        return 0;
+    }
     const float d = max_scale / 31;
     f16_store(out, d * 0.9875f);
     const float id = 1 / d;
     for (int ib = 0; ib < 16; ++ib) out[IQ2_S_SCALES + ib / 2] |= (uint8_t)(scale_level(id, scales[ib], 15) << 4 * (ib % 2));
+    if (plan) plan_block_scales(plan, f16_load(out), id, scales, 16);
     return 0;
+}
+
+IQ_INLINE int iq2_s_block(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out, int fast) {
+    return iq2_s_block_plan(g, xbl, qwbl, out, fast, NULL);
 }
 
 /* ======================================================================== */
@@ -1231,4 +1344,63 @@ const smolq_type_ops *smolq_find_iq12_ops(int type) {
     for (size_t i = 0; i < sizeof(OPS) / sizeof(OPS[0]); i++)
         if (OPS[i].type == type) return &OPS[i];
     return NULL;
+}
+
+/* ======================================================================== */
+/* IQ2 re-rounding for GPTQ grids (smolq_kernel.h)                          */
+
+typedef int (*iq2_plan_block_fn)(const iq_grid *g, const float *xbl, const float *qwbl, uint8_t *out, int fast,
+                                 const iq2_plan *plan);
+
+/* The grid, block function, bytes and 32/16-element block count of an IQ2 type, or 0. */
+static int iq2_kind(int type, int *grid, iq2_plan_block_fn *fn, int *bytes, int *nblocks) {
+    switch (type) {
+    case SMOLQ_T_IQ2_XXS: *grid = GRID_IQ2XXS; *fn = iq2_xxs_block_plan; *bytes = IQ2_XXS_BYTES; *nblocks = 8; return 1;
+    case SMOLQ_T_IQ2_XS: *grid = GRID_IQ2XS; *fn = iq2_xs_block_plan; *bytes = IQ2_XS_BYTES; *nblocks = 16; return 1;
+    case SMOLQ_T_IQ2_S: *grid = GRID_IQ2S; *fn = iq2_s_block_plan; *bytes = IQ2_S_BYTES; *nblocks = 16; return 1;
+    default: return 0;
+    }
+}
+
+int64_t smolq_iq2_rounding_plan(int type, const float *src, void *dst, float *group_id, float *group_scale,
+                                float *sign, float *waux, float *db, uint8_t *skipped, int64_t nrows,
+                                int64_t n_per_row, const float *imatrix) {
+    int grid, bytes, nblocks;
+    iq2_plan_block_fn fn;
+    if (!iq2_kind(type, &grid, &fn, &bytes, &nblocks)) return SMOLQ_ERR_TYPE;
+    if (!src || !dst || !group_id || !group_scale || !sign || !waux || !db || !skipped || nrows < 0 || n_per_row < 0)
+        return SMOLQ_ERR_ARG;
+    if (n_per_row % QK_K) return SMOLQ_ERR_ROWLEN;
+    if (!imatrix && type != SMOLQ_T_IQ2_S) return SMOLQ_ERR_IMATRIX;
+    const iq_grid *g = grid_tables(grid);
+    if (!g) return SMOLQ_ERR_ARG;
+    const int64_t nsuper = n_per_row / QK_K;
+    for (int64_t r = 0; r < nrows; ++r)
+        for (int64_t ibl = 0; ibl < nsuper; ++ibl) {
+            const int64_t e = r * n_per_row + QK_K * ibl, b = (r * nsuper + ibl) * nblocks;
+            const iq2_plan plan = {group_id + e / 8, group_scale + e / 8, sign + e, waux + e, db + b, skipped + b};
+            const int err = fn(g, src + e, imatrix ? imatrix + QK_K * ibl : NULL,
+                               (uint8_t *)dst + (r * nsuper + ibl) * bytes, 0, &plan);
+            if (err) return err;
+        }
+    return nrows * nsuper * bytes;
+}
+
+int64_t smolq_iq2_round_groups(int type, const float *xval, const float *waux, const float *id, const float *scale,
+                               int64_t n, uint16_t *points, uint8_t *magnitudes) {
+    int grid, bytes, nblocks;
+    iq2_plan_block_fn fn;
+    if (!iq2_kind(type, &grid, &fn, &bytes, &nblocks)) return SMOLQ_ERR_TYPE;
+    if (n < 0 || (n && (!xval || !waux || !id || !scale || !points || !magnitudes))) return SMOLQ_ERR_ARG;
+    const iq_grid *g = grid_tables(grid);
+    if (!g) return SMOLQ_ERR_ARG;
+    for (int64_t k = 0; k < n; ++k) {
+        int8_t L[8];
+        if (iq2_round_group(g, id[k], scale[k], xval + 8 * k, waux + 8 * k, L, 0) < 0) return SMOLQ_ERR_RANGE;
+        const int p = grid_point(g, L);
+        if (p < 0) return SMOLQ_ERR_RANGE;
+        points[k] = (uint16_t)p;
+        for (int i = 0; i < 8; ++i) magnitudes[8 * k + i] = (uint8_t)(g->published[p] >> (8 * i));
+    }
+    return n;
 }

@@ -90,6 +90,42 @@ int smolq_error_stats(const float *ref, const float *test, int64_t n, int nthrea
  * bytes LE). Independent of nthreads. */
 uint64_t smolq_checksum(const void *buf, int64_t nbytes, int nthreads);
 
+/* IQ4_NL / IQ4_XS rows exactly as smolq_quantize writes them (imatrix as
+ * there), plus, per 32-element block, the float scale whose inverse picked the
+ * block's levels: ggml rounds with the unrounded scale and stores only an fp16
+ * of it, so a GPTQ grid that re-rounds the block needs this one. Scalar
+ * reference path, one thread. Returns the bytes written, or < 0. */
+int64_t smolq_iq4_rounding_scales(int type, const float *src, void *dst, float *scales, int64_t nrows,
+                                  int64_t n_per_row, const float *imatrix);
+
+/* IQ3_XXS / IQ3_S rows exactly as smolq_quantize writes them, plus how ggml
+ * picked them, for a GPTQ grid that re-rounds 4-element groups: per group
+ * (n/4 a row) the inverse scale and scale its levels were picked with, per
+ * element the sign that makes xval = sign * x and the search weight
+ * sqrt(w), per 32-element block the scale its values decode with (db) and
+ * 1 where ggml skipped the block as all zero. Scalar path, one thread.
+ * Returns the bytes written, or < 0. */
+int64_t smolq_iq3_rounding_plan(int type, const float *src, void *dst, float *group_id, float *group_scale,
+                                float *sign, float *waux, float *db, uint8_t *skipped, int64_t nrows,
+                                int64_t n_per_row, const float *imatrix);
+/* n 4-element groups onto the type's lattice as ggml rounds them (levels at
+ * the inverse scale id, an off-lattice result snapped to the neighbour of
+ * least waux-weighted error at `scale`): xval, waux [4n], id, scale [n] ->
+ * the point index and its 4 published grid bytes. Returns n, or < 0. */
+int64_t smolq_iq3_round_groups(int type, const float *xval, const float *waux, const float *id, const float *scale,
+                               int64_t n, uint16_t *points, uint8_t *magnitudes);
+
+/* The same for IQ2_XXS / IQ2_XS / IQ2_S and 8-element groups (group_id,
+ * group_scale: n/8 a row; db, skipped: per 32-element block for IQ2_XXS,
+ * per 16 for IQ2_XS / IQ2_S; skipped also marks a block whose levels no
+ * single group rounding reproduces). IQ2_XXS / IQ2_XS need an imatrix. */
+int64_t smolq_iq2_rounding_plan(int type, const float *src, void *dst, float *group_id, float *group_scale,
+                                float *sign, float *waux, float *db, uint8_t *skipped, int64_t nrows,
+                                int64_t n_per_row, const float *imatrix);
+/* xval, waux [8n], id, scale [n] -> point index and its 8 grid bytes. */
+int64_t smolq_iq2_round_groups(int type, const float *xval, const float *waux, const float *id, const float *scale,
+                               int64_t n, uint16_t *points, uint8_t *magnitudes);
+
 /* Number of NaN / inf values among n floats. */
 int64_t smolq_count_nonfinite(const float *x, int64_t n, int nthreads);
 

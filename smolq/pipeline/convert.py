@@ -198,21 +198,27 @@ def _legacy_ftype(arch: Arch, preset) -> int | None:
 
 
 def build_steps(arch: Arch, ckpt: Checkpoint, target: Target, outtype: str | None, out_path: Path,
-                choice: ImatrixChoice | None = None):
+                choice: ImatrixChoice | None = None,
+                calibrated: Callable[[str, GGMLType], bool] | None = None):
     """outtype None: f16 for an HF checkpoint; for a GPTQ one, each Linear's exact type (else by bits).
-    choice: the importance matrix the block types are quantized with (--imatrix)."""
+    choice: the importance matrix the block types are quantized with (--imatrix).
+    calibrated(source name, type): True for the tensors whose blocks the caller makes itself from
+    calibration data (GPTQ's Hessian is their importance): the plan then counts as having an
+    importance matrix (llama.cpp's imatrix presets), and those tensors need no --imatrix."""
     maps = arch.tensor_maps(set(ckpt.tensors))
     if getattr(ckpt, "linears", None):
         ckpt.drop_zero_biases({m.source for m in maps})
     arch.check_tensors(maps, ckpt.tensors, ckpt.file_of)
     maps = [m for m in maps if (m.gguf if target.is_gguf else m.legacy) is not None]
-    types, preset = plan_types(arch, maps, target, outtype or "f16", out_path, has_imatrix=choice is not None)
+    types, preset = plan_types(arch, maps, target, outtype or "f16", out_path,
+                               has_imatrix=choice is not None or calibrated is not None)
     steps = [Step(m.gguf if target.is_gguf else m.legacy, m, _source_of(m, ckpt, arch), t, fb, target.layout)
              for m, (t, fb) in zip(maps, types)]
     if getattr(ckpt, "linears", None):
         preset = _gptq_types(steps, outtype, preset)
     _check_storable(arch, target, steps, out_path)
-    _give_importance(arch, steps, choice, preset, ckpt.path)
+    _give_importance(arch, [s for s in steps if not (calibrated and calibrated(s.map.source, s.type))],
+                     choice, preset, ckpt.path)
     if target.legacy and _legacy_ftype(arch, preset) is None:  # the writer will name the file type itself
         lt = target.legacy
         infer_file_type(out_path, lt.container, arch.family, lt.dialect, [(s.type, s.map.shape) for s in steps])

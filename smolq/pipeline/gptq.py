@@ -59,7 +59,8 @@ from smolq.sources.gptq import looks_like_gptq
 from smolq.sources.vocab import load_vocab
 from smolq.transforms.calib import load_calibration
 from smolq.transforms.gptq import HessianAccumulator, gptq_solve
-from smolq.transforms.grids import BLOCK_SPECS, SCALE_RULES, make_grid
+from smolq.transforms.grids import BLOCK_SPECS, SCALE_RULES
+from smolq.transforms.iq_grids import GPTQ_GRID_TYPES, JOINT_GRID_TYPES, grid_for
 
 np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
@@ -179,6 +180,7 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
     model, tokenizer, family = _load_model(src)
     plan = _plan_types(src, out, fmt, qtype, model, family)
     _check_scale_rule(scale_rule, plan, out)
+    _check_static_groups(static_groups, plan, out)
     with open_checkpoint(src) as ckpt:
         weights = _Weights(ckpt, model)
         cal = _calibration(model, tokenizer, weights, calib, nsamples, seqlen, seed, quiet)
@@ -489,9 +491,15 @@ def _plan_types(src, out, fmt, qtype, model, family) -> dict[str, GGMLType | Non
     with open_checkpoint(src) as ckpt:
         arch = arch_for_config(ckpt.config, ckpt.path / "config.json")
         target = resolve_target(fmt, out, arch)
-        steps, _ = build_steps(arch, ckpt, target, qtype, out)
+        steps, _ = build_steps(arch, ckpt, target, qtype, out, calibrated=_calibrated(names))
     by_source = {s.map.source: s.type for s in steps}
-    return {n: by_source.get(n) if by_source.get(n) in BLOCK_SPECS else "skip" for n in names}
+    return {n: by_source.get(n) if by_source.get(n) in GPTQ_GRID_TYPES else "skip" for n in names}
+
+
+def _calibrated(names):
+    """build_steps' test for the tensors GPTQ quantizes itself (the Hessian is their importance)."""
+    names = frozenset(names)
+    return lambda source, t: source in names and t in GPTQ_GRID_TYPES
 
 
 def _check_scale_rule(rule: str, plan: dict[str, GGMLType | None], out: Path) -> None:
@@ -500,6 +508,14 @@ def _check_scale_rule(rule: str, plan: dict[str, GGMLType | None], out: Path) ->
     if rule == "plain" and kquants:
         raise InputError(out, f"--scale-rule plain exists for the 32-element block types only; "
                               f"this plan also has {', '.join(kquants)}")
+
+
+def _check_static_groups(static: bool, plan: dict[str, GGMLType | None], out: Path) -> None:
+    """Lattice grids round 4 columns together as the solver reaches them: nothing to fix up front."""
+    lattice = sorted({t.name for t in plan.values() if t in JOINT_GRID_TYPES})
+    if static and lattice:
+        raise InputError(out, f"--static-groups does not apply to the lattice types ({', '.join(lattice)}): "
+                              f"they round groups of columns jointly under the error feedback")
 
 
 def _work_dir(out: Path, settings: Settings, src: Path, resume: bool) -> Path:
@@ -810,8 +826,8 @@ def _solve_linear(lin, H, qtype, settings: Settings, dev):
 
     W = lin.weight.data.to(dev, torch.float32)
     rows, cols = W.shape
-    grid = make_grid(rows, cols, qtype=qtype, bits=settings.bits, group_size=settings.group_size,
-                     sym=settings.sym, mse=settings.mse, rule=settings.scale_rule, device=dev)
+    grid = grid_for(rows, cols, qtype=qtype, bits=settings.bits, group_size=settings.group_size,
+                    sym=settings.sym, mse=settings.mse, rule=settings.scale_rule, device=dev)
     res = gptq_solve(W, H, grid, damp=settings.damp, act_order=settings.act_order,
                      static_groups=settings.static_groups)
     lin.weight.data.copy_(res.Q.to(lin.weight.device, lin.weight.dtype))
@@ -939,7 +955,7 @@ def _write_ggml_file(src: Path, out: Path, fmt: str, qtype: str, model, family, 
     with open_checkpoint(src) as ckpt:
         arch = arch_for_config(ckpt.config, ckpt.path / "config.json")
         target = resolve_target(fmt, out, arch)
-        steps, preset = build_steps(arch, ckpt, target, qtype, out)
+        steps, preset = build_steps(arch, ckpt, target, qtype, out, calibrated=_calibrated(records))
         entries = []
         for st in steps:
             e = cp._entries([st], target.layout)[0]

@@ -178,6 +178,33 @@ class IntGrid(Grid):
 # ---------------------------------------------------------------------------
 
 
+def whole_block_order(cols: int, levels: tuple[int, ...], hdiag: torch.Tensor, act_order: bool,
+                      keep_last: bool = False) -> torch.Tensor:
+    """Processing order of a block grid: natural, or group-aware act-order.
+
+    Act-order ranks whole groups of each level (outermost first) by their
+    summed diag(H), then the columns inside the innermost group, so each
+    group's parameters are still chosen from up-to-date weights at its first
+    column. keep_last: the innermost level's columns stay in natural order
+    (lattice grids round those columns jointly).
+    """
+    every = torch.arange(cols, device=hdiag.device)
+    if not act_order:
+        return every
+    return _group_aware(every, hdiag, levels, 0, keep_last)
+
+
+def _group_aware(cols, hdiag, levels, level, keep_last):
+    if level == len(levels):
+        return cols[torch.argsort(hdiag[cols], descending=True, stable=True)]
+    if keep_last and level == len(levels) - 1:
+        units = cols.reshape(-1, levels[level])
+        return units[torch.argsort(hdiag[units].sum(1), descending=True, stable=True)].reshape(-1)
+    units = cols.reshape(-1, levels[level])
+    ranked = units[torch.argsort(hdiag[units].sum(1), descending=True, stable=True)]
+    return torch.cat([_group_aware(u, hdiag, levels, level + 1, keep_last) for u in ranked])
+
+
 @dataclass(frozen=True)
 class BlockSpec:
     """How one ggml type decodes: value = mul*q - sub per sub-block.
@@ -360,18 +387,7 @@ class BlockGrid(Grid):
     # -- processing order: act-order moves whole blocks (group-aware), so each
     # block's scale is still chosen from up-to-date weights at its first column.
     def order(self, hdiag, act_order):
-        if not act_order:
-            return torch.arange(self.cols, device=hdiag.device)
-        return self._group_aware(torch.arange(self.cols, device=hdiag.device), hdiag, 0)
-
-    def _group_aware(self, cols, hdiag, level):
-        if level == len(self.levels):
-            return cols[torch.argsort(hdiag[cols], descending=True, stable=True)]
-        size = self.levels[level]
-        units = cols.reshape(-1, size) if level == 0 else cols.reshape(-1, size)
-        weight = hdiag[units].sum(1)
-        ranked = units[torch.argsort(weight, descending=True, stable=True)]
-        return torch.cat([self._group_aware(u, hdiag, level + 1) for u in ranked])
+        return whole_block_order(self.cols, self.levels, hdiag, act_order)
 
     # -- choosing parameters
     def choose(self, level, cols, W, h):
