@@ -23,12 +23,14 @@ passed instead of rtn_loss.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from smolq import kernels
 from smolq.errors import InputError
 from smolq.formats.base import TensorEntry
+from smolq.formats.detect import open_model
 from smolq.formats.gguf import Metadata, MetaValue, aligned, gguf_head_size
 from smolq.ggml_types import GGMLType, tensor_nbytes
 from smolq.lazy import lazy_module
@@ -41,6 +43,7 @@ from smolq.plan.budget import (
     allocate,
     candidate_types,
     recipe_json,
+    write_recipe,
 )
 from smolq.plan.imatrix import ImatrixChoice
 from smolq.plan.mix import QuantPlan, canonical_name, is_quantizable, requires_imatrix
@@ -86,6 +89,14 @@ class Chosen:
         return {"target": self.target.describe(), "candidates": self.candidates, "n_tensors": len(self.names),
                 "budget_bytes": self.budget, "chosen_bytes": a.nbytes, "predicted_loss": a.loss,
                 "losses": dict(zip(self.names, a.losses))}
+
+
+def save_file_recipe(model: str | os.PathLike, out: str | os.PathLike) -> dict[str, GGMLType]:
+    """`smolq inspect FILE --recipe OUT`: any model file's tensor -> type, as a recipe --recipe applies."""
+    with open_model(model) as mf:
+        recipe = {t.name: t.type for t in mf.tensors}
+    write_recipe(out, recipe)
+    return recipe
 
 
 def allocation_metadata(recipe: dict[str, GGMLType]) -> list[tuple[str, MetaValue]]:
