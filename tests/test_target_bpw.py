@@ -265,3 +265,18 @@ def test_bad_recipe_file_one_line(model, tmp_path, cli):
     r = cli("quantize", model["base"], tmp_path / "o.gguf", "--recipe", bad)
     assert r.returncode == 2 and "has no type for tensor" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_from_a_checkpoint_equals_the_gguf_route(model, tmp_path, cli):
+    """`convert DIR --target-size` and `quantize DIR --target-size` convert to F32 first (a temporary
+    directory beside OUT): the same bytes as quantizing the F32 GGUF; a bad budget leaves nothing."""
+    hf = model["base"].parent / "hf0"
+    via_gguf, via_convert, via_quantize = tmp_path / "g.gguf", tmp_path / "c.gguf", tmp_path / "q.gguf"
+    api.quantize(model["base"], via_gguf, target_size="1.2MB", candidates="q4_k,q6_k,q8_0")
+    assert cli("convert", hf, via_convert, "--target-size", "1.2MB", "--candidates", "q4_k,q6_k,q8_0", "-q").returncode == 0
+    assert cli("quantize", hf, via_quantize, "--target-size", "1.2MB", "--candidates", "q4_k,q6_k,q8_0", "-q").returncode == 0
+    assert via_gguf.read_bytes() == via_convert.read_bytes() == via_quantize.read_bytes()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    r = cli("convert", hf, bad / "x.gguf", "--target-size", "10000", "-q")
+    assert r.returncode == 2 and "too small" in r.stderr and not list(bad.iterdir())

@@ -11,8 +11,7 @@ from typing import List, Optional
 import typer
 
 from smolq import api
-from smolq.commands.render import allocation_line, note_shards, print_plan
-from smolq.progress import emit_json, human_bytes, note
+from smolq.commands.render import render_quantized
 
 EPILOG = (
     "Examples:\n\n"
@@ -91,19 +90,4 @@ def register(app: typer.Typer) -> None:
             target_bpw=target_bpw, target_size=target_size, candidates=candidates, recipe=recipe,
             save_recipe=save_recipe, dry_run=dry_run,
             quiet=quiet or json_out)
-        for line in summary.get("notes", []):
-            note(f"note: {line}", quiet or json_out)
-        if json_out:
-            emit_json(summary)
-        elif dry_run:
-            print_plan(summary)
-        elif not quiet:
-
-            what = (f"{summary['n_layers_quantized']} linears by GPTQ" if summary.get("method") == "gptq"
-                    else f"{summary['n_quantized']} linears" if summary.get("format") in ("nf4", "fp4")
-                    else f"{summary['n_tensors']} tensors")
-            note(f"wrote {summary['output']}: {summary['format']}, {summary['preset']}, {what}, "
-                 f"{human_bytes(summary['bytes'])} in {summary.get('seconds', 0)} s")
-            note_shards(summary, quiet)
-            if summary.get("allocation"):
-                note(allocation_line(summary["allocation"]), quiet)
+        render_quantized(summary, dry_run, quiet, json_out)

@@ -3,13 +3,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from smolq.progress import human_bytes, note
+from smolq.progress import emit_json, human_bytes, note
 
 
 def note_shards(summary: dict[str, Any], quiet: bool) -> None:
     """One line per shard of a split GGUF output (nothing for one file)."""
     for shard in summary.get("shards") or []:
         note(f"  shard {shard if isinstance(shard, str) else shard['path']}", quiet)
+
+
+def render_quantized(summary: dict[str, Any], dry_run: bool, quiet: bool, json_out: bool) -> None:
+    """A quantize summary for the terminal: notes, then the JSON, the plan (--dry-run) or one line."""
+    for line in summary.get("notes", []):
+        note(f"note: {line}", quiet or json_out)
+    if json_out:
+        emit_json(summary)
+    elif dry_run:
+        print_plan(summary)
+    elif not quiet:
+        what = (f"{summary['n_layers_quantized']} linears by GPTQ" if summary.get("method") == "gptq"
+                else f"{summary['n_quantized']} linears" if summary.get("format") in ("nf4", "fp4")
+                else f"{summary['n_tensors']} tensors")
+        note(f"wrote {summary['output']}: {summary['format']}, {summary['preset']}, {what}, "
+             f"{human_bytes(summary['bytes'])} in {summary.get('seconds', 0)} s")
+        note_shards(summary, quiet)
+        if summary.get("allocation"):
+            note(allocation_line(summary["allocation"]), quiet)
 
 
 def print_plan(summary: dict[str, Any]) -> None:

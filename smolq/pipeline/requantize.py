@@ -8,6 +8,7 @@ hand an HF checkpoint to convert (RTN) or to GPTQ.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -125,9 +126,6 @@ def _check_chooser(req: Request) -> None:
         raise InputError(None, f"{what} and --recipe both choose the types; give one")
     if req.method != "rtn":
         raise InputError(None, f"{what} applies to --method rtn for now (GPTQ's layer error as the loss is to come)")
-    if req.src.is_dir():
-        raise InputError(req.src, f"{what} quantizes a GGUF file: convert the checkpoint first "
-                                  f"(smolq convert DIR model-f16.gguf), then quantize that")
     if req.split:
         raise InputError(None, f"{what} sizes one file: quantize unsplit, then `smolq split` the output")
     o = req.opts
@@ -207,7 +205,8 @@ def _from_hf(req: Request) -> dict[str, Any]:
     if o.pure or o.leave_output_tensor or o.output_tensor_type or o.token_embedding_type or o.tensor_types:
         raise InputError(req.src, "--pure/--leave-output-tensor/--*-type apply to GGUF or legacy inputs; "
                                   "convert first (smolq convert) and quantize the file")
-
+    if req.chooses_types:
+        return _chosen_from_hf(req)
     with event_progress("quantize", quiet=req.quiet) as on_progress:
         summary = convert(req.src, req.out, format=req.fmt, outtype=req.preset.name, dry_run=req.dry_run,
                           on_progress=on_progress, split=req.split, imatrix=req.imatrix,
@@ -216,6 +215,22 @@ def _from_hf(req: Request) -> dict[str, Any]:
     summary.setdefault("method", "rtn")
     if req.dry_run:
         summary["dry_run"] = True
+    return summary
+
+
+def _chosen_from_hf(req: Request) -> dict[str, Any]:
+    """--target-*/--recipe from a checkpoint: convert to an F32 GGUF (lossless for f32/f16/bf16
+    weights) in a temporary directory beside OUT, then quantize that file; the directory goes
+    whatever happens. Streaming as both steps are; the disk holds the F32 copy meanwhile."""
+    if req.fmt is not None and not req.fmt.lower().startswith("gguf"):
+        raise InputError(req.out, "--target-*/--recipe write GGUF")
+    parent = req.out.parent if str(req.out.parent) else Path(".")
+    with tempfile.TemporaryDirectory(prefix=".smolq-", dir=parent) as tmp:
+        mid = Path(tmp) / "f32.gguf"
+        with event_progress("convert", quiet=req.quiet) as on_progress:
+            convert(req.src, mid, format="gguf", outtype="f32", on_progress=on_progress)
+        summary = quantize_file(replace(req, src=mid))
+    summary["source"] = str(req.src)
     return summary
 
 
