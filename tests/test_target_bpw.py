@@ -280,3 +280,18 @@ def test_from_a_checkpoint_equals_the_gguf_route(model, tmp_path, cli):
     bad.mkdir()
     r = cli("convert", hf, bad / "x.gguf", "--target-size", "10000", "-q")
     assert r.returncode == 2 and "too small" in r.stderr and not list(bad.iterdir())
+
+
+def test_llama_cpp_loads_and_runs_a_budget_file(model, tmp_path):
+    """A per-tensor mix of K- and i-quants with quantize.recipe in its metadata: llama.cpp loads it,
+    and its logits follow the F32 file's."""
+    from real_loaders import llama_cpp_logits, open_llama, probe_sequences
+
+    out = tmp_path / "m.gguf"
+    s = api.quantize(model["base"], out, target_bpw=5.0, candidates=CANDIDATES)
+    assert len({r["type"] for r in s["tensors"] if "loss" in r}) > 1
+    ref_llm, llm = open_llama(model["base"]), open_llama(out)
+    seqs = probe_sequences(ref_llm, 384)
+    for ref, got in zip(llama_cpp_logits(ref_llm, seqs), llama_cpp_logits(llm, seqs)):
+        assert np.isfinite(got).all()
+        assert np.corrcoef(ref.reshape(-1), got.reshape(-1))[0, 1] > 0.95

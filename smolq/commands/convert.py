@@ -53,7 +53,10 @@ def register(app: typer.Typer) -> None:
         """Convert a Hugging Face checkpoint (LLaMA, GPT-J, MPT; plain or GPTQ) into GGUF or a legacy ggml file,
         or a GGUF / legacy LLaMA file back into a Hugging Face checkpoint (--format hf)."""
 
-        if target_bpw is not None or target_size is not None or recipe is not None or save_recipe is not None:
+        if save_recipe is not None and target_bpw is None and target_size is None and recipe is None:
+            raise InputError(None, "--save-recipe goes with --target-bpw/--target-size/--recipe here "
+                                   "(or use smolq quantize, or smolq inspect --recipe on the output)")
+        if target_bpw is not None or target_size is not None or recipe is not None:
             if outtype is not None:
                 raise InputError(None, "--target-bpw/--target-size/--recipe choose every tensor's type: drop --outtype")
             # the quantize pipeline's budget step (it converts, then chooses)
