@@ -189,7 +189,7 @@ def test_sizes_against_the_written_file_over_random_budgets(model, tmp_path):
                                 dry_run=True)
     largest_tensor = max(r["bytes"] for r in largest_file["tensors"])
     results = []
-    for i, size in enumerate(sorted(int(s) for s in rng.integers(smallest, largest_file["allocation"]["file_bytes"], 5))):
+    for i, size in enumerate(sorted(int(s) for s in rng.integers(smallest, largest_file["allocation"]["file_bytes"], 8))):
         out = tmp_path / f"b{i}.gguf"
         s = api.quantize(model["base"], out, target_size=size, candidates=CANDIDATES)
         written = out.stat().st_size
@@ -295,3 +295,19 @@ def test_llama_cpp_loads_and_runs_a_budget_file(model, tmp_path):
     for ref, got in zip(llama_cpp_logits(ref_llm, seqs), llama_cpp_logits(llm, seqs)):
         assert np.isfinite(got).all()
         assert np.corrcoef(ref.reshape(-1), got.reshape(-1))[0, 1] > 0.95
+
+
+def test_a_tied_embedding_counts_twice(tmp_path):
+    """No output.weight: token_embd is also the output projection, and its loss is weighed double."""
+    hf = make_tiny_model("llama", tmp_path / "hf", tied=True, hidden_size=256,
+                         config_overrides={"intermediate_size": 768})
+    f32, out = tmp_path / "f32.gguf", tmp_path / "t.gguf"
+    api.convert(hf, f32, outtype="f32")
+    s = api.quantize(f32, out, target_bpw=5.0, candidates="q4_k,q6_k")
+    src, written = read_tensors(f32), read_tensors(out)
+    assert "output.weight" not in written
+    rows = {r["name"]: r for r in s["tensors"] if "loss" in r}
+    assert rows["token_embd.weight"]["loss"] == pytest.approx(
+        2 * numpy_loss(src["token_embd.weight"], written["token_embd.weight"], None), rel=1e-4)
+    assert rows["blk.0.ffn_up.weight"]["loss"] == pytest.approx(
+        numpy_loss(src["blk.0.ffn_up.weight"], written["blk.0.ffn_up.weight"], None), rel=1e-4)

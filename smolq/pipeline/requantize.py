@@ -377,6 +377,8 @@ def quantize_file(req: Request) -> dict[str, Any]:
         plan = make_plan(mf, req, has_imatrix=choice is not None)
         if req.chooses_types and not target.is_gguf:
             raise InputError(req.out, f"--target-*/--recipe write GGUF; {target.format} cannot hold the types they choose")
+        if req.chooses_types:
+            _check_requantize(plan, req)  # before the loss pass: a quantized input needs --allow-requantize
         chosen = _choose(mf, req, target, plan, choice)
         _fit_legacy(plan, target, None if target.is_gguf else target_types(target, mf.architecture), notes)
         if not target.is_gguf and mf.architecture != "llama":  # the writer names the file type: can it?
