@@ -139,9 +139,7 @@ def candidate_types(shape: Sequence[int], candidates: Sequence[GGMLType], has_ve
     for t in candidates:
         if t in NEEDS_VECTOR and not has_vector:
             continue
-        t, _ = with_shape_fallback(t, tuple(shape))
-        if t in NEEDS_VECTOR and not has_vector:  # a fallback never lands here, but say it once
-            continue
+        t, _ = with_shape_fallback(t, tuple(shape))  # fallbacks (IQ4_NL, Q4_0 ...) need no vector
         if (writable is None or t in writable) and t not in out:
             out.append(t)
     return out
