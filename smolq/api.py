@@ -36,6 +36,7 @@ from smolq.pipeline import migrate as _migrate
 from smolq.pipeline import requantize as _requantize
 from smolq.pipeline import split as _split
 from smolq.pipeline.summary import common_summary
+from smolq.plan.budget import MIXED, SizeTarget, parse_candidates
 from smolq.plan.mix import PlanOptions, parse_tensor_type_overrides, parse_type, resolve_preset
 from smolq.plan.targets import is_mlc_format
 from smolq.sources.gptq import looks_like_gptq
@@ -97,6 +98,9 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
              split_max_size: int | str | None = None, split_max_tensors: int | None = None,
              imatrix: PathLike | None = None, include_weights: Iterable[str] = (),
              exclude_weights: Iterable[str] = (),
+             target_bpw: float | None = None, target_size: int | str | None = None,
+             candidates: str | Iterable[str] | None = None, recipe: PathLike | None = None,
+             save_recipe: PathLike | None = None,
              dry_run: bool = False, quiet: bool = True) -> dict[str, Any]:
     """Quantize a model, as `smolq quantize` does.
 
@@ -120,7 +124,12 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     imatrix: an importance matrix file (llama.cpp's GGUF or .dat; smolq.imatrix writes both)
     used as llama-quantize --imatrix uses it (method "rtn"); include_weights /
     exclude_weights: substrings of entry names to keep / drop (not both).
-    Returns the summary; with dry_run=True nothing is written.
+    target_bpw (bits per weight of the tensor data) / target_size (file bytes: 80_000_000, "80MiB",
+    "1.2G"): instead of a type, choose each tensor's type from `candidates` ("q4_k,q6_k,...";
+    default: Q2_K..Q8_0 and the i-quants) for the least predicted loss that fits (a GGUF file in;
+    summary["allocation"] says what was chosen); recipe: a JSON {tensor: type} file applied
+    instead (save_recipe writes the run's one).
+    Returns the summary; with dry_run=True nothing is written (but save_recipe).
     """
     src, out = Path(src), Path(out)
     method = method.lower()
@@ -152,12 +161,21 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
         if type is not None or bits is not None:
             raise InputError(None, f"--type/--bits do not apply to --format {format.lower()} (4-bit by definition)")
         type = "f16"  # carried, unused
-    request = _requantize.Request(src, out, resolve_preset(type, bits), opts, method, format, allow_requantize,
+    size_target = SizeTarget.of(target_bpw, target_size)
+    chooses = size_target is not None or recipe is not None
+    if chooses and (type is not None or bits is not None):
+        raise InputError(None, "--target-bpw/--target-size/--recipe choose every tensor's type: drop --type/--bits")
+    if candidates is not None and size_target is None:
+        raise InputError(None, "--candidates applies to --target-bpw / --target-size")
+    preset = MIXED if chooses else resolve_preset(type, bits)
+    request = _requantize.Request(src, out, preset, opts, method, format, allow_requantize,
                                   threads, Path(calib) if calib is not None else None, dry_run, quiet, gptq,
                                   {"double_quant": double_quant, "blocksize": blocksize},
                                   Split.of(split_max_size, split_max_tensors),
                                   Path(imatrix) if imatrix is not None else None,
-                                  list(include_weights), list(exclude_weights))
+                                  list(include_weights), list(exclude_weights), size_target,
+                                  parse_candidates(candidates), Path(recipe) if recipe is not None else None,
+                                  Path(save_recipe) if save_recipe is not None else None)
     return common_summary(_requantize.run(request))
 
 

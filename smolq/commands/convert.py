@@ -9,7 +9,8 @@ from typing import List, Optional
 import typer
 
 from smolq import api
-from smolq.commands.render import note_shards
+from smolq.commands.render import note_shards, render_quantized
+from smolq.errors import InputError
 from smolq.progress import emit_json, event_progress, human_bytes, note
 
 
@@ -39,6 +40,11 @@ def register(app: typer.Typer) -> None:
         imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama.cpp's GGUF or .dat) for a quantized --outtype, as llama-quantize --imatrix.", rich_help_panel="Importance matrix"),
         include_weights: Optional[List[str]] = typer.Option(None, "--include-weights", help="Use the imatrix only for entries whose name contains this (repeatable).", rich_help_panel="Importance matrix"),
         exclude_weights: Optional[List[str]] = typer.Option(None, "--exclude-weights", help="Do not use the imatrix for entries whose name contains this (repeatable; not with --include-weights).", rich_help_panel="Importance matrix"),
+        target_bpw: Optional[float] = typer.Option(None, "--target-bpw", metavar="B", help="Instead of --outtype: each tensor's type chosen for the least predicted loss within B bits per weight (as smolq quantize --target-bpw; an F32 copy is made on disk meanwhile).", rich_help_panel="Size budget"),
+        target_size: Optional[str] = typer.Option(None, "--target-size", metavar="SIZE", help="As --target-bpw, for a file of at most SIZE bytes (80MiB, 1.2G, bytes).", rich_help_panel="Size budget"),
+        candidates: Optional[str] = typer.Option(None, "--candidates", metavar="T1,T2,...", help="Types the budget chooses from (default: q2_k ... q8_0 and the i-quants).", rich_help_panel="Size budget"),
+        recipe: Optional[Path] = typer.Option(None, "--recipe", metavar="FILE", help="Apply a saved recipe (JSON tensor -> type) instead of --outtype.", rich_help_panel="Size budget"),
+        save_recipe: Optional[Path] = typer.Option(None, "--save-recipe", metavar="FILE", help="Write the run's tensor -> type as a JSON recipe.", rich_help_panel="Size budget"),
         vocab_only: bool = typer.Option(False, "--vocab-only", help="Write the header and vocabulary only, no tensors.", rich_help_panel="Input/output"),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensor, source dtype, target type, bytes) and write nothing.", rich_help_panel="Output control"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes.", rich_help_panel="Output control"),
@@ -47,6 +53,19 @@ def register(app: typer.Typer) -> None:
         """Convert a Hugging Face checkpoint (LLaMA, GPT-J, MPT; plain or GPTQ) into GGUF or a legacy ggml file,
         or a GGUF / legacy LLaMA file back into a Hugging Face checkpoint (--format hf)."""
 
+        if save_recipe is not None and target_bpw is None and target_size is None and recipe is None:
+            raise InputError(None, "--save-recipe goes with --target-bpw/--target-size/--recipe here "
+                                   "(or use smolq quantize, or smolq inspect --recipe on the output)")
+        if target_bpw is not None or target_size is not None or recipe is not None:
+            if outtype is not None:
+                raise InputError(None, "--target-bpw/--target-size/--recipe choose every tensor's type: drop --outtype")
+            # the quantize pipeline's budget step (it converts, then chooses)
+            summary = api.quantize(src, out, format=format, imatrix=imatrix, include_weights=include_weights or [],
+                                   exclude_weights=exclude_weights or [], target_bpw=target_bpw,
+                                   target_size=target_size, candidates=candidates, recipe=recipe,
+                                   save_recipe=save_recipe, dry_run=dry_run, quiet=quiet or json_out)
+            render_quantized(summary, dry_run, quiet, json_out)
+            return
         with event_progress("convert", quiet=quiet or json_out) as on_progress:
             summary = api.convert(src, out, format=format, outtype=outtype, vocab_only=vocab_only,
                                   dry_run=dry_run, split_max_size=split_max_size,

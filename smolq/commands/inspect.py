@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
 from smolq.commands.render import fit_table
+from smolq.pipeline.allocate import save_file_recipe
 from smolq.pipeline.describe import describe_file
-from smolq.progress import emit_json
+from smolq.progress import emit_json, note
 
 STRING_PREVIEW = 160  # characters of a long string shown in the table unless --all
 WORD_MAX = 24  # a metadata value's word up to this long is never broken across lines
@@ -18,6 +19,7 @@ EPILOG = (
     "  smolq inspect model.gguf\n\n"
     "  smolq inspect old-ggjt-v3.bin --json | jq '.tensors[0]'\n\n"
     "  smolq inspect model.gguf --all   (every array item, every tensor detail)\n\n"
+    "  smolq inspect model-q4_k_m.gguf --recipe q4_k_m.json   (its types, for smolq quantize --recipe)\n\n"
     "  smolq inspect model.imatrix   (entries, chunks, datasets, each entry's top columns)"
 )
 
@@ -28,8 +30,12 @@ def register(app: typer.Typer) -> None:
         file: Path = typer.Argument(..., help="A GGUF (v1-v3) or legacy ggml/ggmf/ggjt/ggmm model file, or an imatrix file (GGUF or .dat)."),
         json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables.", rich_help_panel="Output control"),
         show_all: bool = typer.Option(False, "--all", help="Do not shorten long arrays and strings.", rich_help_panel="Output control"),
+        recipe: Optional[Path] = typer.Option(None, "--recipe", metavar="OUT", help="Also write the file's tensor -> type as a JSON recipe (for smolq quantize --recipe).", rich_help_panel="Output control"),
     ) -> None:
         """Show a model file's container, version, header, metadata and tensors."""
+        if recipe is not None:
+            saved = save_file_recipe(file, recipe)
+            note(f"wrote recipe {recipe}: {len(saved)} tensors", json_out)
         report = describe_file(file, full=show_all)
         if json_out:
             emit_json(report)

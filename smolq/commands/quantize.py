@@ -11,8 +11,7 @@ from typing import List, Optional
 import typer
 
 from smolq import api
-from smolq.commands.render import note_shards, print_plan
-from smolq.progress import emit_json, human_bytes, note
+from smolq.commands.render import render_quantized
 
 EPILOG = (
     "Examples:\n\n"
@@ -20,6 +19,8 @@ EPILOG = (
     "  smolq quantize model-f16.gguf model-q4_0.gguf --bits 4 --pure --dry-run\n\n"
     "  smolq quantize ggml-model-f16.bin ggml-model-q4_0.bin --type q4_0   (ggjt v3 out)\n\n"
     "  smolq quantize model-f16.gguf model-q4_k_m.gguf --type q4_k_m --imatrix model.imatrix\n\n"
+    "  smolq quantize model-f16.gguf model-80m.gguf --target-size 80MiB --imatrix model.imatrix --dry-run\n\n"
+    "  smolq quantize finetune-f16.gguf finetune.gguf --recipe base.recipe.json\n\n"
     "  smolq quantize ./hf-model out.gguf --bits 4 --method gptq --calib text.txt\n\n"
     "  smolq quantize ./hf-model out-gptq --method gptq --format gptq --bits 3 --act-order --calib text.txt\n\n"
     "  smolq quantize ./hf-model out.gguf --type q3_k_m --method gptq --calib text.txt --resume   (after Ctrl-C)\n\n"
@@ -63,6 +64,11 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its saved blocks (same settings).", rich_help_panel="GPTQ"),
         double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="nf4/fp4: quantize the absmax values again (8-bit, blocks of 256), as bnb_4bit_use_double_quant=True.", rich_help_panel="bitsandbytes"),
         blocksize: int = typer.Option(64, "--blocksize", help="nf4/fp4: values per absmax block (32 ... 4096).", rich_help_panel="bitsandbytes"),
+        target_bpw: Optional[float] = typer.Option(None, "--target-bpw", metavar="B", help="Instead of --type: choose each tensor's type (from --candidates) for the least predicted loss within B bits per weight of tensor data (GGUF in).", rich_help_panel="Size budget"),
+        target_size: Optional[str] = typer.Option(None, "--target-size", metavar="SIZE", help="As --target-bpw, for a file of at most SIZE bytes (80MiB, 1.2G, 123456; K/M/G decimal, KiB/MiB/GiB binary); never exceeded.", rich_help_panel="Size budget"),
+        candidates: Optional[str] = typer.Option(None, "--candidates", metavar="T1,T2,...", help="Types the budget chooses from (default: q2_k q3_k q4_k q5_k q6_k q8_0 and the i-quants; those needing an imatrix only with --imatrix).", rich_help_panel="Size budget"),
+        recipe: Optional[Path] = typer.Option(None, "--recipe", metavar="FILE", help="Apply a saved recipe (JSON tensor -> type, from --save-recipe or smolq inspect --recipe) to a model of the same shapes, without the loss pass.", rich_help_panel="Size budget"),
+        save_recipe: Optional[Path] = typer.Option(None, "--save-recipe", metavar="FILE", help="Write the run's tensor -> type as a JSON recipe (also with --dry-run).", rich_help_panel="Size budget"),
         split_max_size: Optional[str] = typer.Option(None, "--split-max-size", metavar="SIZE", help="GGUF in shards of at most SIZE bytes of tensor data (decimal K/M/G: 2G = 2*10^9), named OUT-00001-of-0000N.gguf as llama.cpp's gguf-split writes them.", rich_help_panel="Split GGUF"),
         split_max_tensors: Optional[int] = typer.Option(None, "--split-max-tensors", metavar="N", min=1, help="GGUF in shards of at most N tensors each (with --split-max-size: whichever comes first).", rich_help_panel="Split GGUF"),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and total size; write nothing.", rich_help_panel="Output control"),
@@ -80,19 +86,8 @@ def register(app: typer.Typer) -> None:
             true_sequential=true_sequential, static_groups=static_groups, mse=mse, scale_rule=scale_rule,
             seed=seed, resume=resume, double_quant=double_quant, blocksize=blocksize,
             split_max_size=split_max_size, split_max_tensors=split_max_tensors, imatrix=imatrix,
-            include_weights=include_weights or [], exclude_weights=exclude_weights or [], dry_run=dry_run,
+            include_weights=include_weights or [], exclude_weights=exclude_weights or [],
+            target_bpw=target_bpw, target_size=target_size, candidates=candidates, recipe=recipe,
+            save_recipe=save_recipe, dry_run=dry_run,
             quiet=quiet or json_out)
-        for line in summary.get("notes", []):
-            note(f"note: {line}", quiet or json_out)
-        if json_out:
-            emit_json(summary)
-        elif dry_run:
-            print_plan(summary)
-        elif not quiet:
-
-            what = (f"{summary['n_layers_quantized']} linears by GPTQ" if summary.get("method") == "gptq"
-                    else f"{summary['n_quantized']} linears" if summary.get("format") in ("nf4", "fp4")
-                    else f"{summary['n_tensors']} tensors")
-            note(f"wrote {summary['output']}: {summary['format']}, {summary['preset']}, {what}, "
-                 f"{human_bytes(summary['bytes'])} in {summary.get('seconds', 0)} s")
-            note_shards(summary, quiet)
+        render_quantized(summary, dry_run, quiet, json_out)

@@ -3,13 +3,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from smolq.progress import human_bytes, note
+from smolq.progress import emit_json, human_bytes, note
 
 
 def note_shards(summary: dict[str, Any], quiet: bool) -> None:
     """One line per shard of a split GGUF output (nothing for one file)."""
     for shard in summary.get("shards") or []:
         note(f"  shard {shard if isinstance(shard, str) else shard['path']}", quiet)
+
+
+def render_quantized(summary: dict[str, Any], dry_run: bool, quiet: bool, json_out: bool) -> None:
+    """A quantize summary for the terminal: notes, then the JSON, the plan (--dry-run) or one line."""
+    for line in summary.get("notes", []):
+        note(f"note: {line}", quiet or json_out)
+    if json_out:
+        emit_json(summary)
+    elif dry_run:
+        print_plan(summary)
+    elif not quiet:
+        what = (f"{summary['n_layers_quantized']} linears by GPTQ" if summary.get("method") == "gptq"
+                else f"{summary['n_quantized']} linears" if summary.get("format") in ("nf4", "fp4")
+                else f"{summary['n_tensors']} tensors")
+        note(f"wrote {summary['output']}: {summary['format']}, {summary['preset']}, {what}, "
+             f"{human_bytes(summary['bytes'])} in {summary.get('seconds', 0)} s")
+        note_shards(summary, quiet)
+        if summary.get("allocation"):
+            note(allocation_line(summary["allocation"]), quiet)
 
 
 def print_plan(summary: dict[str, Any]) -> None:
@@ -21,13 +40,15 @@ def print_plan(summary: dict[str, Any]) -> None:
     title = f"{summary.get('source')} -> {summary.get('output')} ({summary.get('format')}, {summary.get('preset')})"
     table = Table(title=title, title_justify="left")
     # Names, shapes and sizes never wrap; only "to" may break, at its space ("Q5_0 (fallback)").
-    for col in ("tensor", "shape", "from", "to", "bytes"):
-        table.add_column(col, justify="right" if col == "bytes" else "left", no_wrap=col != "to",
+    losses = any("loss" in t for t in summary.get("tensors", []))  # a --target-* run: each tensor's predicted loss
+    for col in ("tensor", "shape", "from", "to", "bytes") + (("loss",) if losses else ()):
+        table.add_column(col, justify="right" if col in ("bytes", "loss") else "left", no_wrap=col != "to",
                          overflow="ellipsis")
     for t in summary.get("tensors", []):
         src = t.get("source_type") or t.get("source_dtype", "")
         to = t["type"] + (" (fallback)" if t.get("fallback") else "") + (" (imatrix)" if t.get("needs_imatrix") else "")
-        table.add_row(Text(t["name"]), "x".join(map(str, t["shape"])), src, to, f"{t['bytes']:,}")
+        cells = [Text(t["name"]), "x".join(map(str, t["shape"])), src, to, f"{t['bytes']:,}"]
+        table.add_row(*cells, *([f"{t['loss']:.3g}" if "loss" in t else ""] if losses else []))
     console = Console(highlight=False)
     console.print(table)
     total = summary.get("tensor_bytes", 0)
@@ -35,6 +56,19 @@ def print_plan(summary: dict[str, Any]) -> None:
     if summary.get("source_bytes"):
         line += f" (from {human_bytes(summary['source_bytes'])})"
     console.print(line, markup=False)
+    if summary.get("allocation"):
+        console.print(allocation_line(summary["allocation"]), markup=False)
+
+
+def allocation_line(a: dict[str, Any]) -> str:
+    """What a --target-* or --recipe run chose, in one line: the file's size and bpw, the loss."""
+    line = f"file {a['file_bytes']:,} bytes ({human_bytes(a['file_bytes'])}), {a['bpw']:.4f} bpw"
+    if "target" in a:
+        line = (f"target {a['target']}: {line}; predicted loss {a['predicted_loss']:.6g} over {a['n_tensors']} "
+                f"tensors (sum of each tensor's importance-weighted error / its weighted energy)")
+    else:
+        line = f"recipe {a['recipe']}: {line}"
+    return line
 
 
 def fit_table(console: Any, table: Any) -> Any:

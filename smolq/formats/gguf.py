@@ -912,6 +912,23 @@ def write_gguf(path: str | os.PathLike, metadata: Mapping[str, MetaValue], tenso
         return _write_body(fh, path, head, tensors, order, alignment, on_tensor)
 
 
+def gguf_head_size(metadata: Mapping[str, MetaValue], tensors: Iterable[TensorEntry], version: int = 3,
+                   endian: str = "<") -> tuple[int, int]:
+    """(bytes before the tensor data, alignment) of the GGUF write_gguf would write: the file's size
+    is that plus each tensor's nbytes rounded up to the alignment (tensor types and sizes do not
+    change the header's length). Nothing is read or written."""
+    path = Path("<size estimate>")
+    spec, order = _version_and_order(path, version, endian)
+    meta, alignment = _effective_metadata(path, metadata, None)
+    head = _encode_head(path, spec, order, meta, list(tensors), alignment)
+    return _align(len(head), alignment), alignment
+
+
+def aligned(nbytes: int, alignment: int = DEFAULT_ALIGNMENT) -> int:
+    """nbytes rounded up to the alignment: what a tensor's data takes in a GGUF file."""
+    return _align(nbytes, alignment)
+
+
 def _version_and_order(path: Path, version: int, endian: str):
     """The version's field table and the struct byte order, or a one-line InputError."""
     spec = VERSIONS.get(version)

@@ -8,6 +8,7 @@ hand an HF checkpoint to convert (RTN) or to GPTQ.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,14 +18,26 @@ from smolq import kernels
 from smolq.errors import InputError
 from smolq.formats.base import TensorEntry
 from smolq.formats.detect import ModelFile, open_model, sniff_container
-from smolq.formats.gguf import Metadata, MetaValue, Split
+from smolq.formats.gguf import Metadata, MetaValue, Split, aligned, gguf_head_size
 from smolq.formats.legacy import check_predates, infer_file_type
 from smolq.ggml_types import GGMLType, block_size, is_quantized, tensor_nbytes
+from smolq.pipeline.allocate import Chosen, allocation_metadata, choose_types
 from smolq.pipeline.bnb import BNB_FORMATS, quantize_hf_bnb
 from smolq.pipeline.convert import add_shards, check_split, convert
 from smolq.pipeline.gptq import quantize_hf
+from smolq.plan.budget import DEFAULT_CANDIDATES, RECIPE_KEY, SizeTarget, read_recipe, recipe_for, write_recipe
 from smolq.plan.imatrix import ImatrixChoice, check_required, choose_imatrix, imatrix_metadata, record_use
-from smolq.plan.mix import ModelInfo, PlanOptions, Preset, QuantPlan, TensorPlan, plan_tensor_types
+from smolq.plan.mix import (
+    ModelInfo,
+    PlanOptions,
+    Preset,
+    QuantPlan,
+    TensorPlan,
+    canonical_name,
+    is_quantizable,
+    plan_tensor_types,
+    requires_imatrix,
+)
 from smolq.plan.targets import Target, resolve_target, target_types
 from smolq.progress import WorkProgress, event_progress
 from smolq.sinks import gguf as gguf_sink
@@ -56,6 +69,15 @@ class Request:
     imatrix: Path | None = None  # --imatrix FILE (llama.cpp's GGUF or .dat importance matrix)
     include_weights: list[str] = field(default_factory=list)  # --include-weights (substrings)
     exclude_weights: list[str] = field(default_factory=list)  # --exclude-weights (substrings)
+    target: SizeTarget | None = None  # --target-bpw / --target-size: the allocator chooses the types
+    candidates: tuple[GGMLType, ...] = DEFAULT_CANDIDATES  # --candidates: the types it chooses from
+    recipe: Path | None = None  # --recipe FILE: tensor -> type, applied without the loss pass
+    save_recipe: Path | None = None  # --save-recipe FILE: the run's tensor -> type, as JSON
+
+    @property
+    def chooses_types(self) -> bool:
+        """The types come from a size budget or a recipe, not from a preset's mix."""
+        return self.target is not None or self.recipe is not None
 
 
 # Defaults of the GPTQ-only options: anything else given with --method rtn is a mistake.
@@ -75,6 +97,7 @@ def run(req: Request) -> dict[str, Any]:
     if req.method == "rtn" and (req.calib is not None or _changed_gptq_options(req)):
         names = ", ".join(["--calib"] * (req.calib is not None) + [f"--{k.replace('_', '-')}" for k in _changed_gptq_options(req)])
         raise InputError(None, f"{names} apply to --method gptq only")
+    _check_chooser(req)
     fmt = (req.fmt or "").lower()
     if fmt in BNB_FORMATS and req.imatrix is not None:
         raise InputError(None, f"--imatrix does not apply to --format {fmt} (bitsandbytes' own rounding)")
@@ -92,6 +115,22 @@ def run(req: Request) -> dict[str, Any]:
         container = sniff_container(req.src)
         raise InputError(req.src, f"GPTQ needs the HF checkpoint (calibration runs the model); got a {container} file")
     return quantize_file(req)
+
+
+def _check_chooser(req: Request) -> None:
+    """--target-bpw / --target-size / --recipe: RTN of a GGUF file, one output file."""
+    if not req.chooses_types:
+        return
+    what = req.target.what() if req.target is not None else "--recipe"
+    if req.target is not None and req.recipe is not None:
+        raise InputError(None, f"{what} and --recipe both choose the types; give one")
+    if req.method != "rtn":
+        raise InputError(None, f"{what} applies to --method rtn for now (GPTQ's layer error as the loss is to come)")
+    if req.split:
+        raise InputError(None, f"{what} sizes one file: quantize unsplit, then `smolq split` the output")
+    o = req.opts
+    if o.pure or o.output_tensor_type or o.token_embedding_type or o.tensor_types:
+        raise InputError(None, f"{what} chooses every tensor's type: drop --pure and --*-type")
 
 
 def _changed_gptq_options(req: Request) -> list[str]:
@@ -166,7 +205,8 @@ def _from_hf(req: Request) -> dict[str, Any]:
     if o.pure or o.leave_output_tensor or o.output_tensor_type or o.token_embedding_type or o.tensor_types:
         raise InputError(req.src, "--pure/--leave-output-tensor/--*-type apply to GGUF or legacy inputs; "
                                   "convert first (smolq convert) and quantize the file")
-
+    if req.chooses_types:
+        return _chosen_from_hf(req)
     with event_progress("quantize", quiet=req.quiet) as on_progress:
         summary = convert(req.src, req.out, format=req.fmt, outtype=req.preset.name, dry_run=req.dry_run,
                           on_progress=on_progress, split=req.split, imatrix=req.imatrix,
@@ -175,6 +215,22 @@ def _from_hf(req: Request) -> dict[str, Any]:
     summary.setdefault("method", "rtn")
     if req.dry_run:
         summary["dry_run"] = True
+    return summary
+
+
+def _chosen_from_hf(req: Request) -> dict[str, Any]:
+    """--target-*/--recipe from a checkpoint: convert to an F32 GGUF (lossless for f32/f16/bf16
+    weights) in a temporary directory beside OUT, then quantize that file; the directory goes
+    whatever happens. Streaming as both steps are; the disk holds the F32 copy meanwhile."""
+    if req.fmt is not None and not req.fmt.lower().startswith("gguf"):
+        raise InputError(req.out, "--target-*/--recipe write GGUF")
+    parent = req.out.parent if str(req.out.parent) else Path(".")
+    with tempfile.TemporaryDirectory(prefix=".smolq-", dir=parent) as tmp:
+        mid = Path(tmp) / "f32.gguf"
+        with event_progress("convert", quiet=req.quiet) as on_progress:
+            convert(req.src, mid, format="gguf", outtype="f32", on_progress=on_progress)
+        summary = quantize_file(replace(req, src=mid))
+    summary["source"] = str(req.src)
     return summary
 
 
@@ -319,6 +375,11 @@ def quantize_file(req: Request) -> dict[str, Any]:
         target = resolve_target(req.fmt, req.out, source=mf)
         check_split(req.split, target, req.out)
         plan = make_plan(mf, req, has_imatrix=choice is not None)
+        if req.chooses_types and not target.is_gguf:
+            raise InputError(req.out, f"--target-*/--recipe write GGUF; {target.format} cannot hold the types they choose")
+        if req.chooses_types:
+            _check_requantize(plan, req)  # before the loss pass: a quantized input needs --allow-requantize
+        chosen = _choose(mf, req, target, plan, choice)
         _fit_legacy(plan, target, None if target.is_gguf else target_types(target, mf.architecture), notes)
         if not target.is_gguf and mf.architecture != "llama":  # the writer names the file type: can it?
             infer_file_type(req.out, target.container, mf.architecture, target.dialect,
@@ -331,19 +392,78 @@ def quantize_file(req: Request) -> dict[str, Any]:
             notes.append(f"{plan.n_fallback} tensors used a fallback type (rows not a multiple of the block)")
         summary = _summary(mf, req, target, plan, notes)
         record_use(summary, choice, vectors)
+        recipe = _recipe_of(plan, mf, req) if req.chooses_types else None
+        if req.chooses_types:
+            _record_choice(summary, chosen, mf, req, plan, target, choice, recipe)
+        if req.save_recipe is not None:
+            write_recipe(req.save_recipe, {tp.name: tp.dst_type for tp in plan.tensors})
         if target.is_gguf:
             add_shards(summary, req.out, mf.raw.metadata,
                        [TensorEntry(tp.name, tp.dst_type, tuple(tp.shape)) for tp in plan.tensors], req.split)
         if req.dry_run:
             summary["dry_run"] = True
             return summary
-        size = _write(mf, req, target, plan, vectors, choice)
+        size = _write(mf, req, target, plan, vectors, choice, recipe)
     summary.update(bytes=size, seconds=round(time.perf_counter() - started, 3))
     return summary
 
 
+# --- types from a size budget or a recipe (pipeline/allocate.py, plan/budget.py) ----------------
+
+def _choose(mf: ModelFile, req: Request, target: Target, plan: QuantPlan, choice: ImatrixChoice | None) -> Chosen | None:
+    """Overwrite the plan's types from --recipe, or from the allocator for --target-*."""
+    if req.recipe is not None:
+        _apply_recipe(plan, req, mf.architecture)
+        return None
+    if req.target is None:
+        return None
+    return choose_types(mf.tensors, plan, mf.architecture, choice, req.target, req.candidates,
+                        requantized_metadata(mf, plan.preset, choice), version=target.version,
+                        leave_output=req.opts.leave_output_tensor, threads=req.threads, quiet=req.quiet)
+
+
+def _apply_recipe(plan: QuantPlan, req: Request, arch: str) -> None:
+    recipe = read_recipe(req.recipe)
+    for tp, t in zip(plan.tensors, recipe_for([tp.name for tp in plan.tensors], recipe, req.recipe)):
+        if t == tp.dst_type:
+            continue
+        if not tensor_fits(t, tp.shape):
+            raise InputError(req.recipe, f"tensor {tp.name}: {t.name} does not fit its rows of {tp.shape[-1]}: "
+                                         f"a recipe of another model?")
+        if is_quantized(t) and not is_quantizable(tp.name, tp.shape, req.opts.leave_output_tensor, arch):
+            raise InputError(req.recipe, f"tensor {tp.name}: {t.name}, but llama.cpp never quantizes this tensor")
+        tp.dst_type, tp.fallback = t, False
+        tp.needs_imatrix = requires_imatrix(canonical_name(tp.name), t, plan.preset)
+
+
+def _recipe_of(plan: QuantPlan, mf: ModelFile, req: Request) -> dict[str, GGMLType]:
+    """What quantize.recipe records: the types of the tensors a budget or recipe chooses."""
+    return {tp.name: tp.dst_type for tp in plan.tensors
+            if is_quantizable(tp.name, tp.shape, req.opts.leave_output_tensor, mf.architecture)}
+
+
+def _record_choice(summary: dict[str, Any], chosen: Chosen | None, mf: ModelFile, req: Request, plan: QuantPlan,
+                   target: Target, choice: ImatrixChoice | None, recipe: dict[str, GGMLType]) -> None:
+    """The file's exact size and bpw (what --dry-run prints), and with a budget each tensor's loss."""
+    meta = requantized_metadata(mf, plan.preset, choice, recipe)
+    entries = [TensorEntry(tp.name, tp.dst_type, tuple(tp.shape)) for tp in plan.tensors]
+    head, alignment = gguf_head_size(meta, entries, target.version)
+    file_bytes = head + sum(aligned(e.nbytes, alignment) for e in entries)
+    n_elements = sum(e.n_elements for e in entries)
+    info = {"file_bytes": file_bytes, "bpw": summary["tensor_bytes"] * 8 / max(n_elements, 1)}
+    if chosen is not None:
+        info.update(chosen.report())
+        losses = info["losses"]
+        for row in summary["tensors"]:
+            if row["name"] in losses:
+                row["loss"] = losses[row["name"]]
+    else:
+        info["recipe"] = str(req.recipe)
+    summary["allocation"] = info
+
+
 def _write(mf: ModelFile, req: Request, target: Target, plan: QuantPlan, vectors: list,
-           choice: ImatrixChoice | None) -> int:
+           choice: ImatrixChoice | None, recipe: dict[str, GGMLType] | None = None) -> int:
     entries = quantize_entries(mf.tensors, [tp.dst_type for tp in plan.tensors], target.layout, req.threads,
                                imatrices=vectors)
     total = sum(e.nbytes for e in entries)
@@ -353,7 +473,8 @@ def _write(mf: ModelFile, req: Request, target: Target, plan: QuantPlan, vectors
             bar.done(entry.nbytes)
 
         if target.is_gguf:
-            return gguf_sink.write(req.out, target.version, requantized_metadata(mf, plan.preset, choice), entries,
+            return gguf_sink.write(req.out, target.version, requantized_metadata(mf, plan.preset, choice, recipe),
+                                   entries,
                                    endian="<" if mf.endian == "little" else ">", on_tensor=on_tensor,
                                    split=req.split)
         lf = mf.raw
@@ -366,9 +487,11 @@ def _write(mf: ModelFile, req: Request, target: Target, plan: QuantPlan, vectors
                                  on_tensor=on_tensor)
 
 
-def requantized_metadata(mf: ModelFile, preset: Preset, choice: ImatrixChoice | None = None) -> Metadata:
+def requantized_metadata(mf: ModelFile, preset: Preset, choice: ImatrixChoice | None = None,
+                         recipe: dict[str, GGMLType] | None = None) -> Metadata:
     """The input's KVs, with file type and quantization version set as llama.cpp's quantizer does,
-    then the importance matrix's quantize.imatrix.* keys when one is used."""
+    then the importance matrix's quantize.imatrix.* keys when one is used, then quantize.recipe
+    when the types were chosen by --target-*/--recipe."""
     meta = Metadata(mf.raw.metadata.items())
     meta["general.quantization_version"] = MetaValue.u32(GGML_QNT_VERSION)
     if preset.ftype is not None:
@@ -377,6 +500,10 @@ def requantized_metadata(mf: ModelFile, preset: Preset, choice: ImatrixChoice | 
         del meta["general.file_type"]  # a plain type without a LLAMA_FTYPE: do not keep a wrong one
     if choice is not None:
         for key, value in imatrix_metadata(choice):
+            meta[key] = value
+    meta.pop(RECIPE_KEY, None)  # a recipe the input was made with does not describe this output
+    if recipe is not None:
+        for key, value in allocation_metadata(recipe):
             meta[key] = value
     return meta
 
