@@ -83,9 +83,18 @@ def test_scale_rule_reaches_block_grids(tiny, cli):
     assert any(not np.array_equal(x, pick(b)[k]) for k, x in pick(a).items())
 
 
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--scale-rule", "best"], "unknown --scale-rule"),
     (["--mse", "-1"], "--mse must be"),
+    (["--device", "tpu"], "unknown --device 'tpu'"),
+    pytest.param(["--device", "cuda"], "--device cuda requested but CUDA is not available here",
+                 marks=pytest.mark.skipif(not _no_cuda(), reason="this machine has CUDA: the run would succeed")),
 ])
 def test_bad_gptq_options_are_one_line_errors(tiny, cli, args, message):
     root, hf = tiny
