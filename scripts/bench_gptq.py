@@ -5,6 +5,27 @@
     .venv/bin/python scripts/bench_gptq.py --only q4_0      # rows whose key contains "q4_0"
     .venv/bin/python scripts/bench_gptq.py --profile --blocks 4     # time per phase of GPTQ, per block
     .venv/bin/python scripts/bench_gptq.py --under-load --blocks 4  # idle vs beside a busy program
+    .venv/bin/python scripts/bench_gptq.py --peers [--group-size 64]  # vs llm-compressor, GPTQModel
+    .venv/bin/python scripts/bench_gptq.py --scaling [--blocks 2]     # SmolLM2 and a random 1.1B
+
+--peers (needs `make bench-peers`): SmolLM2-135M, int4, --group-size (128), sym, act-order,
+dampening 0.01, --threads (2) CPU threads for every tool, each tool in a child process from
+its own venv, all calibrated on ONE file of token ids (smolq's own windows of the calibration
+text, --nsamples x --seqlen, --seed, written as jsonl {"input_ids": [...]} records, which smolq
+reads as they are): smolq (GPTQ dir, the same with --static-groups, and GGUF Q4_K_M) vs
+llm-compressor 0.14 (GPTQModifier, CPU) vs GPTQModel 7.6 (CPU). PEERS holds each tool's
+version and settings (also in the JSON), and why llm-compressor cannot take every setting.
+Per row: the child's wall time and peak RSS (benchlib.measure: wait4 of the child), the load
+average around it, and the perplexity of the result measured one way for all: its dequantized
+Linear weights in the same transformers model on the evaluation text. Runs are kept per
+setting in --work (rerun to re-evaluate, --force to quantize again); a tool that is not
+installed or fails gets a row saying why. Results: bench-results/gptq_peers_g<G>.{json,md}.
+
+--scaling: smolq GPTQ (int4 g128 act-order, 16 x 512 tokens) of SmolLM2-135M and of a random
+LLaMA of TinyLlama-1.1B's shapes (scripts/bench_convert.py's writer; random token ids, its
+tokenizer being a placeholder): wall time and peak RSS of the child, next to the bound "one
+block's weights (f32) + calibration activations (f32) + 1 GiB". --blocks N keeps N blocks of
+each (same shapes) for a short run. Results: bench-results/gptq_scaling.json.
 
 --profile and --under-load run GPTQ (GGUF Q4_0, act-order) in a fresh child process per
 setting (so OMP_WAIT_POLICY and the thread count apply from torch's start), on SmolLM2-135M
