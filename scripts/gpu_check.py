@@ -25,6 +25,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -125,10 +126,10 @@ def compare(a: Path, b: Path) -> dict:
     return out
 
 
-def ppl(model: Path, text: Path, tokenizer: Path, windows: int) -> float:
+def ppl(model: Path, text: Path, tokenizer: Path, windows: int, device: str) -> float:
     from smolq.pipeline.evaluate import evaluate
 
-    return evaluate(model, text, ctx=512, device="cuda", tokenizer=tokenizer, max_windows=windows)["ppl"]
+    return evaluate(model, text, ctx=512, device=device, tokenizer=tokenizer, max_windows=windows)["ppl"]
 
 
 def main(argv=None) -> int:
@@ -141,44 +142,48 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-threads", type=int, default=0, help="threads of the CPU run (0: all cores)")
     p.add_argument("--windows", type=int, default=32, help="evaluation windows of 512 tokens")
     p.add_argument("--ppl-tolerance", type=float, default=0.01, help="PASS when |ppl_cuda/ppl_cpu - 1| <= this")
+    p.add_argument("--devices", default="cuda,cpu", help="the two runs (cpu,cpu checks this script without a GPU)")
     args = p.parse_args(argv)
 
     import torch
 
-    if not torch.cuda.is_available():
+    devices = args.devices.split(",")
+    if len(devices) != 2:
+        fail("--devices takes two devices, e.g. cuda,cpu")
+    if "cuda" in devices and not torch.cuda.is_available():
         fail(f"torch {torch.__version__} sees no CUDA device here; run this on a machine with an NVIDIA GPU "
              f"(scripts/gpu_check.sh sets up a CUDA torch)")
     args.work.mkdir(parents=True, exist_ok=True)
     hf, what = model_dir(args.work, args.model)
     calib, ev = texts(args.work)
-    print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__} (CUDA {torch.version.cuda}); CPU: "
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"GPU: {gpu}, torch {torch.__version__} (CUDA {torch.version.cuda}); CPU: "
           f"{os.cpu_count()} cores; model: {what}; {args.nsamples} x {args.seqlen} calibration tokens, seed {args.seed}",
           flush=True)
-    runs = {}
-    for device in ("cuda", "cpu"):
-        out = args.work / f"gptq-{device}"
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        runs[device] = quantize(hf, out, device, calib, args)
-        print(f"  --device {device:4s}: {runs[device]['wall_s']:7.1f} s (process), {runs[device]['seconds']:7.1f} s "
+    runs, outs = {}, {}
+    for i, device in enumerate(devices):
+        label = device if devices[0] != devices[1] else f"{device}-{i + 1}"
+        outs[label] = args.work / f"gptq-{label}"
+        shutil.rmtree(outs[label], ignore_errors=True)
+        runs[label] = quantize(hf, outs[label], device, calib, args)
+        print(f"  --device {device:4s}: {runs[label]['wall_s']:7.1f} s (process), {runs[label]['seconds']:7.1f} s "
               f"(smolq's own count)", flush=True)
-    diff = compare(args.work / "gptq-cuda", args.work / "gptq-cpu")
+    (a, b) = outs
+    diff = compare(outs[a], outs[b])
     if diff.get("bytes_equal"):
         print(f"  outputs: byte-identical ({diff['tensors']} tensors)")
     else:
         print(f"  outputs: {diff.get('tensors_differing')} of {diff.get('tensors')} tensors differ; largest dequantized "
               f"difference {diff.get('max_dequantized_diff', float('nan')):.3g} ({diff.get('at')})")
     results = {"model": what, "runs": runs, "compare": diff}
-    results["ppl"] = {name: ppl(d, ev, hf, args.windows) for name, d in
-                      (("unquantized", hf), ("cuda", args.work / "gptq-cuda"), ("cpu", args.work / "gptq-cpu"))}
-    rel = abs(results["ppl"]["cuda"] / results["ppl"]["cpu"] - 1)
+    eval_device = "cuda" if torch.cuda.is_available() else "cpu"
+    results["ppl"] = {name: ppl(d, ev, hf, args.windows, eval_device) for name, d in (("unquantized", hf), *outs.items())}
+    rel = abs(results["ppl"][a] / results["ppl"][b] - 1)
     results["pass"] = rel <= args.ppl_tolerance
-    print(f"  perplexity ({args.windows} x 512 tokens of other stdlib files): unquantized "
-          f"{results['ppl']['unquantized']:.4f}, cuda {results['ppl']['cuda']:.4f}, cpu {results['ppl']['cpu']:.4f} "
-          f"(relative difference {rel:.2%}, tolerance {args.ppl_tolerance:.0%})")
-    print(f"  speed-up of CUDA over CPU: {runs['cpu']['seconds'] / runs['cuda']['seconds']:.1f}x")
+    print(f"  perplexity ({args.windows} x 512 tokens of other stdlib files, on {eval_device}): " +
+          ", ".join(f"{k} {v:.4f}" for k, v in results["ppl"].items()) +
+          f" (relative difference {rel:.2%}, tolerance {args.ppl_tolerance:.0%})")
+    print(f"  speed-up of {a} over {b}: {runs[b]['seconds'] / runs[a]['seconds']:.1f}x")
     (args.work / "gpu_check.json").write_text(json.dumps(results, indent=1))
     print(f"{'PASS' if results['pass'] else 'FAIL'} ({args.work / 'gpu_check.json'})")
     return 0 if results["pass"] else 1
