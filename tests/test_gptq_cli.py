@@ -104,6 +104,21 @@ def test_bad_gptq_options_are_one_line_errors(tiny, cli, args, message):
     assert not (root / "bad.gguf").exists()
 
 
+def test_unreadable_tokenizer_is_a_one_line_error(tiny, tmp_path, cli):
+    """The tokenizers library raises a bare Exception for a tokenizer.json it cannot parse."""
+    import shutil
+
+    root, hf = tiny
+    src = tmp_path / "hf"
+    shutil.copytree(hf, src)
+    (src / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
+    for name in ("tokenizer.model", "vocab.json", "merges.txt"):
+        (src / name).unlink(missing_ok=True)
+    r = cli("quantize", src, tmp_path / "out", "--method", "gptq", "--format", "gptq", *_calib(root))
+    assert r.returncode == 2 and "tokenizer cannot be loaded" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_plain_scale_rule_on_k_quants_is_a_one_line_error(tmp_path, cli):
     """"plain" is the 32-block reference rounding; a plan with K-quants (256-wide rows) is refused, not a traceback."""
     from smolq.tiny import make_tiny_model
