@@ -868,7 +868,8 @@ def peer_line(row: dict) -> str:
     if "error" in row:
         return f"{row['key']:28s} FAILED: {row['error']}"
     inner = f" (quantize {row['seconds']:.1f}s)" if "seconds" in row else ""
-    return (f"{row['key']:28s} wall {row['wall_s']:8.1f}s{inner}  peak RSS {row['peak_rss_MiB']:7.0f} MiB  "
+    return (f"{row['key']:28s} wall {row['wall_s']:8.1f}s{inner}  CPU {row['user_s'] + row['sys_s']:7.1f}s  "
+            f"peak RSS {row['peak_rss_MiB']:7.0f} MiB  "
             f"ppl {row['ppl']:.4f}  load {row['load_before'][0]:.1f}->{row['load_after'][0]:.1f}")
 
 
@@ -880,13 +881,16 @@ def peers_markdown(r: dict) -> str:
              *[f"- {name}: {p['pins']}; {p['settings']}" for name, p in r["peers"].items()],
              f"- evaluation: {r['evaluation']['method']}; ctx {r['evaluation']['ctx']}, {r['evaluation']['windows']} "
              f"windows; unquantized reference ppl {r['reference_ppl']}", "",
-             "| tool | output | wall s (process) | peak RSS MiB | ppl | load avg before/after | note |",
-             "|---|---|---:|---:|---:|---|---|"]
+             "CPU s is user + system time of the child: on a shared machine it moves less than wall time, "
+             "though a tool whose threads spin while waiting pays for that in it too.", "",
+             "| tool | output | wall s (process) | CPU s | peak RSS MiB | ppl | load avg before/after | note |",
+             "|---|---|---:|---:|---:|---:|---|---|"]
     for row in r["rows"]:
         if "error" in row:
-            lines.append(f"| {row['tool']} | {row['key']} | | | | | failed: {row['error']} |")
+            lines.append(f"| {row['tool']} | {row['key']} | | | | | | failed: {row['error']} |")
             continue
-        lines.append(f"| {row['tool']} | {row['key']} | {row['wall_s']:.1f} | {row['peak_rss_MiB']:.0f} | "
+        lines.append(f"| {row['tool']} | {row['key']} | {row['wall_s']:.1f} | {row['user_s'] + row['sys_s']:.1f} | "
+                     f"{row['peak_rss_MiB']:.0f} | "
                      f"{row['ppl']:.4f} | {row['load_before'][0]:.1f} / {row['load_after'][0]:.1f} | "
                      f"{' '.join(f'{k} {v}' for k, v in row.get('versions', {}).items())} |")
     return "\n".join(lines) + "\n"
