@@ -820,7 +820,8 @@ def peers_main(args) -> int:
             shutil.rmtree(req["out"], ignore_errors=True)
             (work / f"{PEERS[name]['venv']}.request.json").write_text(json.dumps(req))
             rec = BL.measure([py, "-c", PEER_CHILDREN[name], work / f"{PEERS[name]['venv']}.request.json"],
-                             env={**thread_env(threads), **PEER_ENV, **PEERS[name].get("env", {}), "PYTHONPATH": ""})
+                             env={**thread_env(threads), **PEER_ENV, **PEERS[name].get("env", {}), "PYTHONPATH": ""},
+                             cwd=str(work))  # GPTQModel writes logs/ into its working directory
             return {**rec, **json.loads(Path(req["result"]).read_text())}
 
         state_of = (lambda _o, req=req: dense_state(Path(req["dequantized"]))) if name == "llm-compressor" \
