@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 KERNEL_SRC := $(wildcard smolq/kernels/*.c smolq/kernels/*.h)
 
-.PHONY: setup kernel demo test test-slow test-peers peers bench clean
+.PHONY: setup kernel demo test test-slow test-peers peers bench-peers bench clean
 
 setup: $(VENV)/.installed $(VENV)/.real-readers kernel
 
@@ -81,9 +81,13 @@ test-slow: setup
 #   datasets, pandas and pyarrow. optimum 2.3.0 lets transformers' GPTQ integration load through it.
 # - AutoGPTQ 0.7.1 (March 2024) without its CUDA extension: it imports names transformers 5
 #   removed, so it gets the transformers, peft, accelerate and datasets of its time.
+# - llm-compressor 0.14.0.1 (scripts/bench_gptq.py --peers only, not a loader): installs on CPU
+#   torch 2.13.0 (pip install --dry-run pulls no other torch); it brings transformers 5.17,
+#   compressed-tensors 0.19 and auto-round.
 PEERS := $(VENV)/peers
 PEER_PIP = $(@D)/bin/python -m pip --disable-pip-version-check -q
 peers: $(PEERS)/gptqmodel/.installed $(PEERS)/autogptq/.installed
+bench-peers: $(PEERS)/gptqmodel/.installed $(PEERS)/llmcompressor/.installed
 
 $(PEERS)/gptqmodel/.installed:
 	rm -rf $(@D) && $(PYTHON) -m venv $(@D)
@@ -96,6 +100,12 @@ $(PEERS)/autogptq/.installed:
 	$(PEER_PIP) install "torch==2.13.0"
 	BUILD_CUDA_EXT=0 $(PEER_PIP) install "torch==2.13.0" "auto-gptq==0.7.1" "transformers==4.38.2" "peft==0.9.0" \
 		"accelerate<1" "datasets==2.18.0" "fsspec<=2024.2.0"
+	touch $@
+
+$(PEERS)/llmcompressor/.installed:
+	rm -rf $(@D) && $(PYTHON) -m venv $(@D)
+	$(PEER_PIP) install "torch==2.13.0"
+	$(PEER_PIP) install "torch==2.13.0" "llmcompressor==0.14.0.1"
 	touch $@
 
 test-peers: setup peers

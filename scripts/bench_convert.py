@@ -110,8 +110,11 @@ def write_tokenizer(directory: Path, vocab: int) -> None:
     tokens = {enc[b]: b for b in range(256)}
     for i in range(256, vocab):
         tokens[f"tok{i}"] = i
+    # ByteLevel's options spelled out: the tokenizers library refuses the file without them, and
+    # bench_gptq.py --scaling / gpu_check.py run transformers on this directory.
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     tj = {"model": {"type": "BPE", "vocab": tokens, "merges": []},
-          "pre_tokenizer": {"type": "ByteLevel"}, "decoder": {"type": "ByteLevel"}, "added_tokens": []}
+          "pre_tokenizer": byte_level, "decoder": byte_level, "added_tokens": []}
     (directory / "tokenizer.json").write_text(json.dumps(tj))
 
 

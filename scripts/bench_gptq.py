@@ -5,6 +5,27 @@
     .venv/bin/python scripts/bench_gptq.py --only q4_0      # rows whose key contains "q4_0"
     .venv/bin/python scripts/bench_gptq.py --profile --blocks 4     # time per phase of GPTQ, per block
     .venv/bin/python scripts/bench_gptq.py --under-load --blocks 4  # idle vs beside a busy program
+    .venv/bin/python scripts/bench_gptq.py --peers [--group-size 64]  # vs llm-compressor, GPTQModel
+    .venv/bin/python scripts/bench_gptq.py --scaling [--blocks 2]     # SmolLM2 and a random 1.1B
+
+--peers (needs `make bench-peers`): SmolLM2-135M, int4, --group-size (128), sym, act-order,
+dampening 0.01, --threads (2) CPU threads for every tool, each tool in a child process from
+its own venv, all calibrated on ONE file of token ids (smolq's own windows of the calibration
+text, --nsamples x --seqlen, --seed, written as jsonl {"input_ids": [...]} records, which smolq
+reads as they are): smolq (GPTQ dir, the same with --static-groups, and GGUF Q4_K_M) vs
+llm-compressor 0.14 (GPTQModifier, CPU) vs GPTQModel 7.6 (CPU). PEERS holds each tool's
+version and settings (also in the JSON), and why llm-compressor cannot take every setting.
+Per row: the child's wall time and peak RSS (benchlib.measure: wait4 of the child), the load
+average around it, and the perplexity of the result measured one way for all: its dequantized
+Linear weights in the same transformers model on the evaluation text. Runs are kept per
+setting in --work (rerun to re-evaluate, --force to quantize again); a tool that is not
+installed or fails gets a row saying why. Results: bench-results/gptq_peers_g<G>.{json,md}.
+
+--scaling: smolq GPTQ (int4 g128 act-order, 16 x 512 tokens) of SmolLM2-135M and of a random
+LLaMA of TinyLlama-1.1B's shapes (scripts/bench_convert.py's writer; random token ids, its
+tokenizer being a placeholder): wall time and peak RSS of the child, next to the bound "one
+block's weights (f32) + calibration activations (f32) + 1 GiB". --blocks N keeps N blocks of
+each (same shapes) for a short run. Results: bench-results/gptq_scaling.json.
 
 --profile and --under-load run GPTQ (GGUF Q4_0, act-order) in a fresh child process per
 setting (so OMP_WAIT_POLICY and the thread count apply from torch's start), on SmolLM2-135M
@@ -51,6 +72,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import sysconfig
@@ -78,6 +100,14 @@ def _helper():
 
 
 HF = _helper()
+
+
+def _script(name: str):
+    """A sibling script as a module (benchlib's measure, bench_convert's random checkpoint)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def smollm2_gguf() -> Path:
@@ -140,17 +170,30 @@ class Evaluator:
         return math.exp(nll / count)
 
 
+def _gguf_pairs(path: Path, fn):
+    """fn(pairs) on the (HFTensor, GGUF entry) pairs of a GGUF, as `smolq convert --format hf` maps
+    them (smolq.pipeline.hf_export: names, Q/K rows unpermuted, a tied output dropped)."""
+    from smolq.formats.detect import open_model
+    from smolq.pipeline.hf_export import hf_tensors
+    from smolq.sources.model_file import describe
+
+    model = open_model(path)
+    try:
+        source = describe(model, {}, None)
+        return fn(hf_tensors(source.arch, source.tensors, source.tied, path))
+    finally:
+        model.close()
+
+
 def gguf_state(path: Path) -> dict[str, np.ndarray]:
-    return HF.state_dict_from_gguf(path)[1]
+    """HF name -> float32 weights of a GGUF, dequantized by smolq's kernel."""
+    return _gguf_pairs(path, lambda pairs: {t.name: np.asarray(t.load(), dtype=np.float32) for t, _ in pairs})
 
 
 def gguf_params(path: Path) -> tuple[int, dict[str, str]]:
     """(parameter count, HF name -> ggml type name) of a GGUF."""
-    from smolq.formats.gguf import read_gguf
-
-    with read_gguf(path) as gf:
-        return (sum(int(np.prod(t.shape)) for t in gf.tensors),
-                {HF.hf_name(t.name): t.type.name for t in gf.tensors})
+    return _gguf_pairs(path, lambda pairs: (sum(int(np.prod(t.shape)) for t, _ in pairs),
+                                            {t.name: e.type.name for t, e in pairs}))
 
 
 def dir_bytes(d: Path) -> int:
@@ -253,13 +296,21 @@ def main(argv=None) -> int:
     p.add_argument("--quantize-only", action="store_true", help="make the GPTQ outputs, evaluate nothing")
     p.add_argument("--profile", action="store_true", help="time per GPTQ phase (see the docstring)")
     p.add_argument("--under-load", action="store_true", help="GPTQ time alone vs beside a busy program")
-    p.add_argument("--blocks", type=int, default=0, help="--profile/--under-load: first N blocks only (0: all)")
+    p.add_argument("--peers", action="store_true", help="smolq vs llm-compressor vs GPTQModel (see the docstring)")
+    p.add_argument("--group-size", type=int, default=128, help="--peers: columns per group, for every tool")
+    p.add_argument("--scaling", action="store_true", help="time and peak RSS, SmolLM2-135M and a random 1.1B LLaMA")
+    p.add_argument("--blocks", type=int, default=0, help="--profile/--under-load/--peers/--scaling: first N blocks "
+                   "only (0: all)")
     p.add_argument("--settings", default="16x512,64x512", help="--profile: NSAMPLESxSEQLEN list")
     p.add_argument("--omp-wait-policy", default=None, help="--profile/--under-load: OMP_WAIT_POLICY for the "
                    "GPTQ child (default: smolq's, PASSIVE; ACTIVE shows the spinning behaviour)")
     args = p.parse_args(argv)
     if args.profile or args.under_load:
         return speed_main(args)
+    if args.peers:
+        return peers_main(args)
+    if args.scaling:
+        return scaling_main(args)
 
     import torch
 
@@ -437,7 +488,6 @@ PHASES = ("gptq capture block 0 inputs", "gptq load block", "gptq forward for he
 
 def first_blocks(hf_dir: Path, n: int, work: Path) -> Path:
     """A copy of the HF directory with only its first `n` blocks (0: the directory itself)."""
-    import re
     import shutil
 
     from safetensors.numpy import load_file, save_file
@@ -568,6 +618,366 @@ def speed_main(args) -> int:
     results["load_after"] = os.getloadavg()
     tag = (args.omp_wait_policy or "default").lower()
     (args.out / f"gptq_speed_{tag}.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+# --------------------------------------------------------------------------- --peers
+
+# One setting for every tool: int4, groups of --group-size (128), symmetric, act-order with groups
+# following the permuted columns (GPTQ's desc_act without static groups), dampening 1 % of mean
+# diag(H). Two limits of llm-compressor 0.14 (compressed-tensors 0.19), each said in its row:
+# - it refuses groups that do not divide a Linear's columns (SmolLM2's width is 576 = 4.5 x 128;
+#   its message says compressed-tensors cannot run or save them): at g128 its row records that
+#   refusal; --group-size 64 (576 = 9 x 64) runs all three;
+# - its act-order with groups that follow the permuted columns (actorder="group") "has been
+#   removed"; what is left, actorder="weight", is act-order with static groups (contiguous groups
+#   in the original column order, scales from the unquantized weights), which smolq runs too
+#   (--static-groups, the row "static groups") so that one comparison has equal settings.
+PEER_SETTINGS = {"bits": 4, "sym": True, "act_order": True, "damp": 0.01}
+# How each tool spells PEER_SETTINGS; recorded in the JSON. The venvs come from `make bench-peers`.
+PEERS = {
+    "llm-compressor": {
+        "venv": "llmcompressor", "pins": "llmcompressor==0.14.0.1 on CPU torch 2.13.0",
+        "settings": {"recipe": 'GPTQModifier(config_groups={"g": QuantizationScheme(targets=["Linear"], '
+                               'weights=QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", '
+                               'group_size=G, actorder="weight"))}, ignore=["lm_head"], dampening_frac=0.01): '
+                               'the W4A16 preset with group size G; actorder "weight" = act-order with static '
+                               'groups ("group" was removed in 0.14)',
+                     "pipeline": "sequential (one decoder layer at a time, its default)",
+                     "model dtype": "float32", "output": "compressed-tensors pack-quantized"}},
+    "GPTQModel": {
+        "venv": "gptqmodel", "pins": "gptqmodel==7.6.0 on CPU torch 2.13.0",
+        # Its CPU pool gets (cores + 1) // 2 workers, 1 on 2 cores, and then refuses its own model
+        # loader's 2 ("Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only
+        # has 1"): 2 workers, as many as the threads everyone gets.
+        "env": {"GPTQMODEL_CPU_WORKERS": "2"},
+        "settings": {"config": "QuantizeConfig(bits=4, group_size=G, desc_act=True, sym=True, "
+                               "act_group_aware=False, damp_percent=0.01, device='cpu')",
+                     "note": "damp_percent 0.01 as the others (its default is 0.05); act_group_aware "
+                             "is off with desc_act (it says so itself)",
+                     "output": "GPTQ v1 directory"}},
+}
+
+# The peers' children: argv[1] = a request JSON {model, tokens, out, threads, result, dequantized}.
+# Each reads the calibration windows from the same token-id jsonl smolq reads, quantizes, saves its
+# own output format, and writes {"seconds" (load + quantize + save), "versions"} to `result`.
+PEER_PRELUDE = r"""
+import json, sys, time
+from importlib.metadata import version
+req = json.load(open(sys.argv[1]))
+import torch
+torch.set_num_threads(req["threads"])
+windows = [json.loads(line)["input_ids"] for line in open(req["tokens"]) if line.strip()]
+def done(seconds, dists):
+    json.dump({"seconds": seconds, "versions": {d: version(d) for d in dists}}, open(req["result"], "w"))
+"""
+
+LLMCOMPRESSOR_CHILD = PEER_PRELUDE + r"""
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from safetensors.torch import save_file
+G = req["group_size"]
+t0 = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(req["model"], dtype=torch.float32)
+data = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
+weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=G, actorder="weight")
+recipe = GPTQModifier(config_groups={"g": QuantizationScheme(targets=["Linear"], weights=weights)}, ignore=["lm_head"],
+                      dampening_frac=0.01)
+oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=max(map(len, windows)),
+        num_calibration_samples=len(windows))
+quantized = time.perf_counter()
+# Before compression: each Linear's weight holds its quantize-dequantize values. Checked to lie on
+# the int4 grid of its own scales (so they are the result, not the float weights), then kept.
+state = {}
+for name, mod in model.named_modules():
+    if hasattr(mod, "weight_scale"):
+        w, scale = mod.weight.detach().float(), mod.weight_scale.detach().float()
+        g_idx = getattr(mod, "weight_g_idx", None)
+        cols = torch.arange(w.shape[1]) // G if g_idx is None or (g_idx < 0).all() else g_idx.long()
+        q = w / scale[:, cols]
+        off = float((q - q.round()).abs().max())
+        if off > 1e-3 or q.round().min() < -8 or q.round().max() > 7:
+            sys.exit(f"{name}: weights are not on the int4 grid (max off {off})")
+        state[name + ".weight"] = w.contiguous()
+save_file(state, req["dequantized"])
+dumped = time.perf_counter()
+model.save_pretrained(req["out"], save_compressed=True)
+done(time.perf_counter() - t0 - (dumped - quantized), ["llmcompressor", "compressed-tensors", "torch", "transformers"])
+"""
+
+GPTQMODEL_CHILD = PEER_PRELUDE + r"""
+from gptqmodel import GPTQModel, QuantizeConfig
+t0 = time.perf_counter()
+config = QuantizeConfig(bits=4, group_size=req["group_size"], desc_act=True, sym=True, act_group_aware=False, damp_percent=0.01,
+                        device="cpu")
+model = GPTQModel.load(req["model"], config)
+model.quantize([{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows], batch_size=1)
+model.save(req["out"])
+done(time.perf_counter() - t0, ["gptqmodel", "torch", "transformers"])
+"""
+PEER_CHILDREN = {"llm-compressor": LLMCOMPRESSOR_CHILD, "GPTQModel": GPTQMODEL_CHILD}
+PEER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def peer_python(venv: str) -> Path | None:
+    """The interpreter of .venv/peers/<venv> once `make bench-peers` finished it (its .installed)."""
+    for d in (Path(sys.prefix) / "peers" / venv, ROOT / ".venv" / "peers" / venv):
+        if (d / ".installed").is_file() and (d / "bin" / "python").exists():
+            return d / "bin" / "python"
+    return None
+
+
+def write_token_windows(E: "Evaluator", hf: Path, calib: Path, args, path: Path) -> int:
+    """smolq's calibration windows (text, nsamples, seqlen, seed) as token-id jsonl: the one input
+    every tool reads, so all see exactly the same tokens. Returns the token count."""
+    cal = calibration(hf, calib, args.nsamples, args.seqlen, args.seed, E.model, E.tokenizer)
+    path.write_text("".join(json.dumps({"input_ids": s[0].tolist()}) + "\n" for s in cal.samples))
+    return cal.n_tokens
+
+
+def thread_env(threads: int) -> dict:
+    n = str(threads)
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
+
+
+def measured(key: str, work: Path, force: bool, run) -> dict:
+    """run() -> a measurement dict, kept in work/<key>.run.json so a rerun evaluates without
+    quantizing again (--force quantizes again). A failure is kept as {"error": ...}."""
+    path = work / f"{key.replace(' ', '-')}.run.json"
+    if path.is_file() and not force:
+        return json.loads(path.read_text())
+    load = os.getloadavg()
+    try:
+        rec = run()
+    except SystemExit as exc:
+        rec = {"error": failure(str(exc))}
+    rec["load_before"] = [round(x, 2) for x in load]
+    rec["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    path.write_text(json.dumps(rec, indent=1))
+    return rec
+
+
+def failure(message: str) -> str:
+    """The line that says why a child failed: its exception's own line (the text after a
+    traceback's last "SomethingError: ...") or, without one, the last line; at most 400 characters."""
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()] or ["failed"]
+    said = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*:", ln)]
+    return (said[-1] if said else lines[-1])[:400]
+
+
+def smolq_cmd(hf: Path, out: Path, tokens: Path, n: int, seqlen: int, threads: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "smolq", "quantize", str(hf), str(out), "--method", "gptq", "--act-order",
+            "--damp", str(PEER_SETTINGS["damp"]), "--calib", str(tokens), "--nsamples", str(n), "--seqlen",
+            str(seqlen), "--threads", str(threads), *extra]
+
+
+def peers_main(args) -> int:
+    import shutil
+
+    BL = _script("benchlib")
+    G = args.group_size
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    src = smollm2_gguf()
+    hf_full = args.work / "smollm2-hf"
+    if not (hf_full / "config.json").is_file():
+        HF.hf_from_gguf(src, hf_full)
+    hf = first_blocks(hf_full, args.blocks, args.work)
+    work = args.work / f"peers-{hf.name}-{args.nsamples}x{args.seqlen}-seed{args.seed}"  # runs kept per setting
+    work.mkdir(parents=True, exist_ok=True)
+    calib, ev = write_texts(args.work)
+    threads = args.threads or 2
+    E = Evaluator(hf, ev, args.ctx, args.windows)
+    tokens = work / "calib-tokens.jsonl"
+    n_tokens = write_token_windows(E, hf, calib, args, tokens)
+    env = {**thread_env(threads), "PYTHONPATH": str(ROOT)}
+    rows = []
+
+    def smolq_row(key, out, fmt_args, state_of):
+        def run():
+            shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+            return BL.measure(smolq_cmd(hf, out, tokens, args.nsamples, args.seqlen, threads, *fmt_args), env=env)
+        rows.append((key, "smolq", measured(key, work, args.force, run), out, state_of))
+
+    smolq_row(f"smolq gptq int4 g{G}", work / f"smolq-int4-g{G}",
+              ["--format", "gptq", "--bits", "4", "--group-size", str(G)], gptq_dir_state)
+    smolq_row(f"smolq gptq int4 g{G} static groups", work / f"smolq-int4-g{G}-static",
+              ["--format", "gptq", "--bits", "4", "--group-size", str(G), "--static-groups"], gptq_dir_state)
+    smolq_row("smolq gptq gguf q4_k_m", work / "smolq-q4_k_m.gguf", ["--type", "q4_k_m"], gguf_state)
+    for name, peer in PEERS.items():
+        py = peer_python(peer["venv"])
+        out = work / f"{peer['venv']}-int4-g{G}"
+        req = {"model": str(hf), "tokens": str(tokens), "out": str(out), "threads": threads, "group_size": G,
+               "result": str(work / f"{peer['venv']}.result.json"), "dequantized": str(work / f"{peer['venv']}.deq.safetensors")}
+
+        def run(py=py, req=req, name=name):
+            if py is None:
+                raise SystemExit(f"not installed: make bench-peers builds .venv/peers/{PEERS[name]['venv']}")
+            shutil.rmtree(req["out"], ignore_errors=True)
+            (work / f"{PEERS[name]['venv']}.request.json").write_text(json.dumps(req))
+            rec = BL.measure([py, "-c", PEER_CHILDREN[name], work / f"{PEERS[name]['venv']}.request.json"],
+                             env={**thread_env(threads), **PEER_ENV, **PEERS[name].get("env", {}), "PYTHONPATH": ""},
+                             cwd=str(work))  # GPTQModel writes logs/ into its working directory
+            return {**rec, **json.loads(Path(req["result"]).read_text())}
+
+        state_of = (lambda _o, req=req: dense_state(Path(req["dequantized"]))) if name == "llm-compressor" \
+            else gptq_dir_state
+        rows.append((f"{name} int4 g{G}", name, measured(f"{name} int4 g{G}", work, args.force, run), out, state_of))
+
+    results = {"model": src.name, "blocks": json.loads((hf / "config.json").read_text())["num_hidden_layers"],
+               "threads": threads, "calibration": {"tokens_file": str(tokens), "text": str(calib), "nsamples": args.nsamples,
+                                                   "seqlen": args.seqlen, "seed": args.seed, "n_tokens": n_tokens},
+               "settings": {**PEER_SETTINGS, "group_size": G}, "peers": PEERS,
+               "evaluation": {"text": str(ev), "ctx": args.ctx, "windows": len(E.windows),
+                              "method": "each result's dequantized Linear weights (GPTQ dirs: smolq's GPTQ reader; "
+                                        "GGUF: smolq's kernel; llm-compressor: its own weights before compression, "
+                                        "checked on the int4 grid) in one transformers float32 model, exp(mean NLL)"},
+               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus", "rows": []}
+    E.load(None)
+    results["reference_ppl"] = round(E.ppl(), 4)
+    for key, tool, rec, out, state_of in rows:
+        row = {"key": key, "tool": tool, **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in rec.items()}}
+        if "error" not in rec:
+            E.load(state_of(out))
+            row["ppl"] = round(E.ppl(), 4)
+        results["rows"].append(row)
+        print(peer_line(row), flush=True)
+    stem = args.out / f"gptq_peers_g{G}"
+    BL.write_json(stem.with_suffix(".json"), results)
+    stem.with_suffix(".md").write_text(peers_markdown(results))
+    print(f"\nwrote {stem}.json and {stem}.md")
+    return 0
+
+
+def gptq_dir_state(out: Path) -> dict[str, np.ndarray]:
+    from smolq.pipeline.evaluate import load_gptq_as_hf
+
+    return {k: v.numpy() for k, v in load_gptq_as_hf(out).state_dict().items() if k.endswith("proj.weight")}
+
+
+def dense_state(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def peer_line(row: dict) -> str:
+    if "error" in row:
+        return f"{row['key']:28s} FAILED: {row['error']}"
+    inner = f" (quantize {row['seconds']:.1f}s)" if "seconds" in row else ""
+    return (f"{row['key']:28s} wall {row['wall_s']:8.1f}s{inner}  CPU {row['user_s'] + row['sys_s']:7.1f}s  "
+            f"peak RSS {row['peak_rss_MiB']:7.0f} MiB  "
+            f"ppl {row['ppl']:.4f}  load {row['load_before'][0]:.1f}->{row['load_after'][0]:.1f}")
+
+
+def peers_markdown(r: dict) -> str:
+    lines = [f"# GPTQ side by side on {r['model']} ({r['blocks']} blocks), {r['threads']} CPU threads each", "",
+             f"- calibration: {r['calibration']['nsamples']} x {r['calibration']['seqlen']} tokens "
+             f"({r['calibration']['n_tokens']}), the same token ids for every tool ({r['calibration']['tokens_file']})",
+             f"- settings: {r['settings']}",
+             *[f"- {name}: {p['pins']}; {p['settings']}" for name, p in r["peers"].items()],
+             f"- evaluation: {r['evaluation']['method']}; ctx {r['evaluation']['ctx']}, {r['evaluation']['windows']} "
+             f"windows; unquantized reference ppl {r['reference_ppl']}", "",
+             "CPU s is user + system time of the child: on a shared machine it moves less than wall time, "
+             "though a tool whose threads spin while waiting pays for that in it too.", "",
+             "| tool | output | wall s (process) | CPU s | peak RSS MiB | ppl | load avg before/after | note |",
+             "|---|---|---:|---:|---:|---:|---|---|"]
+    for row in r["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['tool']} | {row['key']} | | | | | | failed: {row['error']} |")
+            continue
+        lines.append(f"| {row['tool']} | {row['key']} | {row['wall_s']:.1f} | {row['user_s'] + row['sys_s']:.1f} | "
+                     f"{row['peak_rss_MiB']:.0f} | "
+                     f"{row['ppl']:.4f} | {row['load_before'][0]:.1f} / {row['load_after'][0]:.1f} | "
+                     f"{' '.join(f'{k} {v}' for k, v in row.get('versions', {}).items())} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- --scaling
+
+SCALING_TOKENS = (16, 512)  # nsamples x seqlen
+
+
+def random_llama_1b(work: Path, blocks: int) -> Path:
+    """scripts/bench_convert.py's random LLaMA of TinyLlama-1.1B's shapes (22 blocks of width 2048),
+    or its first `blocks` blocks: the same shapes, fewer of them."""
+    BC = _script("bench_convert")
+    hidden, layers, heads, kv, inter, vocab = BC.SIZES["1b"]
+    n = blocks or layers
+    out = work / f"random-llama-1.1b-{n}-of-{layers}-blocks"
+    if not (out / "config.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        BC.SIZES["this"] = (hidden, n, heads, kv, inter, vocab)  # this process's copy of the table
+        BC.make_checkpoint(out, "this")
+    return out
+
+
+def random_token_windows(path: Path, vocab: int, nsamples: int, seqlen: int, seed: int) -> Path:
+    """Token-id jsonl of random windows: the random model's tokenizer is a placeholder, and GPTQ's
+    time and memory depend on the shapes, not on which tokens."""
+    rng = np.random.default_rng(seed)
+    path.write_text("".join(json.dumps({"input_ids": rng.integers(0, vocab, seqlen).tolist()}) + "\n"
+                            for _ in range(nsamples)))
+    return path
+
+
+def rss_bound(config: dict, n_tokens: int) -> dict:
+    """The issue's bound: one block's weights (float32, as GPTQ computes) + the calibration
+    activations (one hidden state per token, float32) + 1 GiB, in MiB."""
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    kv_dim = config.get("num_key_value_heads", config["num_attention_heads"]) * (h // config["num_attention_heads"])
+    block = 4 * (2 * h * h + 2 * h * kv_dim + 3 * h * inter + 2 * h)
+    acts = 4 * n_tokens * h
+    return {"block_MiB": block / 2**20, "activations_MiB": acts / 2**20, "bound_MiB": (block + acts) / 2**20 + 1024}
+
+
+def scaling_main(args) -> int:
+    import shutil
+
+    BL = _script("benchlib")
+    work = args.work / "scaling"
+    work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    threads = args.threads or 2
+    n, L = SCALING_TOKENS
+    src = smollm2_gguf()
+    hf_full = args.work / "smollm2-hf"
+    if not (hf_full / "config.json").is_file():
+        HF.hf_from_gguf(src, hf_full)
+    calib, _ = write_texts(args.work)
+    big = random_llama_1b(work, args.blocks)
+    big_config = json.loads((big / "config.json").read_text())
+    models = {"SmolLM2-135M": (first_blocks(hf_full, args.blocks, args.work), calib),
+              "random LLaMA 1.1B (TinyLlama shapes)": (big, random_token_windows(
+                  work / "random-tokens.jsonl", big_config["vocab_size"], n, L, args.seed))}
+    env = {**thread_env(threads), "PYTHONPATH": str(ROOT)}
+    results = {"tokens": f"{n}x{L}", "threads": threads, "blocks_limit": args.blocks or None,
+               "command": "smolq quantize --method gptq --format gptq --bits 4 --group-size 128 --act-order",
+               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus", "rows": []}
+    print(f"GPTQ int4 g128 act-order, {n} x {L} tokens, {threads} threads; RSS bound = one block's weights "
+          f"(f32) + calibration activations (f32) + 1 GiB")
+    for name, (hf, cal) in models.items():
+        config = json.loads((hf / "config.json").read_text())
+        out = work / f"{hf.name}-int4-g128"
+        shutil.rmtree(out, ignore_errors=True)
+        load = os.getloadavg()
+        rec = BL.measure([sys.executable, "-m", "smolq", "quantize", str(hf), str(out), "--method", "gptq", "--format",
+                          "gptq", "--bits", "4", "--group-size", "128", "--act-order", "--calib", str(cal),
+                          "--nsamples", str(n), "--seqlen", str(L), "--threads", str(threads)], env=env)
+        row = {"model": name, "blocks": config["num_hidden_layers"], "hidden": config["hidden_size"], **rec,
+               **rss_bound(config, n * L), "load_before": load, "load_after": os.getloadavg()}
+        row["within_bound"] = row["peak_rss_MiB"] < row["bound_MiB"]
+        results["rows"].append(row)
+        print(f"{name:38s} {row['blocks']:3d} blocks  {rec['wall_s']:8.1f} s ({rec['wall_s'] / row['blocks']:.1f} s/block)"
+              f"  peak RSS {rec['peak_rss_MiB']:7.0f} MiB  bound {row['bound_MiB']:7.0f} MiB (block "
+              f"{row['block_MiB']:.0f} + activations {row['activations_MiB']:.0f} + 1024)  "
+              f"{'within' if row['within_bound'] else 'OVER'}  load {load[0]:.1f}", flush=True)
+    BL.write_json(args.out / "gptq_scaling.json", results)
+    print(f"\nwrote {args.out / 'gptq_scaling.json'}")
     return 0
 
 

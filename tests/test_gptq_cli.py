@@ -83,9 +83,18 @@ def test_scale_rule_reaches_block_grids(tiny, cli):
     assert any(not np.array_equal(x, pick(b)[k]) for k, x in pick(a).items())
 
 
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--scale-rule", "best"], "unknown --scale-rule"),
     (["--mse", "-1"], "--mse must be"),
+    (["--device", "tpu"], "unknown --device 'tpu'"),
+    pytest.param(["--device", "cuda"], "--device cuda requested but CUDA is not available here",
+                 marks=pytest.mark.skipif(not _no_cuda(), reason="this machine has CUDA: the run would succeed")),
 ])
 def test_bad_gptq_options_are_one_line_errors(tiny, cli, args, message):
     root, hf = tiny
@@ -93,6 +102,21 @@ def test_bad_gptq_options_are_one_line_errors(tiny, cli, args, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (root / "bad.gguf").exists()
+
+
+def test_unreadable_tokenizer_is_a_one_line_error(tiny, tmp_path, cli):
+    """The tokenizers library raises a bare Exception for a tokenizer.json it cannot parse."""
+    import shutil
+
+    root, hf = tiny
+    src = tmp_path / "hf"
+    shutil.copytree(hf, src)
+    (src / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
+    for name in ("tokenizer.model", "vocab.json", "merges.txt"):
+        (src / name).unlink(missing_ok=True)
+    r = cli("quantize", src, tmp_path / "out", "--method", "gptq", "--format", "gptq", *_calib(root))
+    assert r.returncode == 2 and "tokenizer cannot be loaded" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_plain_scale_rule_on_k_quants_is_a_one_line_error(tmp_path, cli):

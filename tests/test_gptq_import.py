@@ -355,3 +355,31 @@ def test_qweight_shape_mismatch(gptq, tmp_path, cli):
     out = tmp_path / "o" / "out.gguf"
     out.parent.mkdir()
     _one_line_error(cli("convert", d, out), out, shard.name, "up_proj.qweight", "shape")
+
+
+def test_bfloat16_tensors_are_read_as_gptqmodel_stores_them(gptq, tmp_path):
+    """GPTQModel writes a checkpoint's unquantized tensors (norms, embeddings) in bfloat16, which
+    numpy cannot hold: they are widened to float32 exactly (torch's own conversion is the oracle),
+    and such a directory converts."""
+    from safetensors.torch import load_file, save_file
+
+    from smolq.formats.gptq_ckpt import read_gptq_dir
+
+    src = gptq("sym4")
+    d = tmp_path / "model"
+    shutil.copytree(src, d)
+    tensors, floats = {}, []
+    for st_file in d.glob("*.safetensors"):
+        part = load_file(str(st_file))
+        mine = [k for k, v in part.items() if v.dtype in (torch.float16, torch.float32) and not k.endswith(".scales")]
+        part.update({k: part[k].to(torch.bfloat16) for k in mine})
+        save_file(part, str(st_file), metadata={"format": "pt"})
+        tensors.update(part)
+        floats += mine
+    assert any("norm" in k for k in floats) and "model.embed_tokens.weight" in floats
+    _, loaders = read_gptq_dir(d)
+    for k in floats:
+        got = loaders[k]()
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, tensors[k].float().numpy())
+    assert _convert(d, tmp_path / "out.gguf")["bytes"] > 0

@@ -208,3 +208,31 @@ def test_calibration_files(tiny, tmp_path):
         load_calibration(model, tok, bad, nsamples=2, seqlen=20)
     with pytest.raises(InputError, match="not found"):
         load_calibration(model, tok, tmp_path / "missing.txt", nsamples=2, seqlen=20)
+
+
+def test_calibration_token_id_records(tiny, tmp_path):
+    """jsonl records of token ids are used as given (no tokenizer), so another tool can be fed the
+    very same windows; ids outside the vocabulary are refused naming the file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smolq.transforms.calib import load_calibration
+
+    _, hf = tiny
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    tok = AutoTokenizer.from_pretrained(hf)
+    vocab = model.config.vocab_size
+    windows = [[(7 * i + j) % vocab for j in range(12)] for i in range(3)]
+    jl = tmp_path / "ids.jsonl"
+    jl.write_text("\n".join(json.dumps({"input_ids": w}) for w in windows))
+    cal = load_calibration(model, tok, jl, nsamples=3, seqlen=12, seed=0)
+    assert sorted(s[0].tolist() for s in cal.samples) == sorted(windows)
+    assert all(s.dtype == torch.long for s in cal.samples)
+    for bad_line in ('{"input_ids": [1, -2]}', '{"input_ids": [1, 2.5]}', '{"input_ids": "12"}'):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"input_ids": [1, 2]}\n' + bad_line + "\n")
+        with pytest.raises(InputError, match="line 2"):
+            load_calibration(model, tok, bad, nsamples=2, seqlen=12)
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"input_ids": [1, vocab]}) + "\n")
+    with pytest.raises(InputError, match=f"token id {vocab} is outside"):
+        load_calibration(model, tok, big, nsamples=1, seqlen=12)

@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         exclude_weights: Optional[List[str]] = typer.Option(None, "--exclude-weights", help="Do not use the imatrix for entries whose name contains this (repeatable; not with --include-weights).", rich_help_panel="Importance matrix"),
         allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Allow quantizing tensors that are already quantized (loses quality).", rich_help_panel="Types and mix"),
         threads: int = typer.Option(0, "--threads", help="Threads for the C kernel, torch and OpenMP together (0 = all available cores).", rich_help_panel="Performance"),
-        calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (file or .jsonl); default: sampled from the model.", rich_help_panel="GPTQ"),
+        calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (file, or .jsonl of {\"text\"} or {\"input_ids\"} records); default: sampled from the model.", rich_help_panel="GPTQ"),
         group_size: int = typer.Option(128, "--group-size", help="Columns per group (-1: one group per row).", rich_help_panel="GPTQ"),
         act_order: bool = typer.Option(False, "--act-order", help="Quantize columns in order of decreasing Hessian diagonal.", rich_help_panel="GPTQ"),
         asym: bool = typer.Option(False, "--asym", help="Asymmetric grid (zero point) instead of symmetric.", rich_help_panel="GPTQ"),

@@ -270,7 +270,9 @@ def read_gptq_dir(path: str | Path) -> tuple[dict, dict[str, Callable[[], np.nda
 
     def load(name: str) -> np.ndarray:
         with safe_open(str(where[name]), framework="numpy") as st:
-            return st.get_tensor(name)
+            if st.get_slice(name).get_dtype() != "BF16":
+                return st.get_tensor(name)
+        return _bf16_as_f32(where[name], name)
 
     out: dict[str, Callable[[], np.ndarray]] = {}
     modules = {k[: -len(".qweight")] for k in where if k.endswith(".qweight")}
@@ -284,6 +286,19 @@ def read_gptq_dir(path: str | Path) -> tuple[dict, dict[str, Callable[[], np.nda
             continue
         out[k] = (lambda k=k: load(k))
     return cfg, out
+
+
+def _bf16_as_f32(path: Path, name: str) -> np.ndarray:
+    """A bfloat16 tensor widened exactly to float32 (bf16 is an f32's top half). numpy has no
+    bfloat16, so safetensors' numpy reader refuses it; GPTQModel stores the unquantized tensors
+    (norms, embeddings) of its checkpoints in bf16."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        info = json.loads(fh.read(n))[name]
+        begin, end = info["data_offsets"]
+        fh.seek(8 + n + begin)
+        bits = np.frombuffer(fh.read(end - begin), dtype="<u2")
+    return (bits.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
 
 
 def _layer_loader(m, load, cfg, where):

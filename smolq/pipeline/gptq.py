@@ -342,9 +342,12 @@ def _load_model(src: Path):
 
         with _parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as exc:
         raise InputError(src, f"transformers cannot load it: {exc}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exception for a bad file
+        raise InputError(src, f"its tokenizer cannot be loaded: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
     model.eval()
     model.config.use_cache = False
     return model, tokenizer, family

@@ -3,11 +3,14 @@
 - Plain text: the whole file is tokenized once and `nsamples` random windows
   of `seqlen` tokens are cut from it (the reference's C4/wikitext recipe,
   gptq.md 1.9). A text shorter than one window gives one short sample.
-- jsonl (one JSON object per line with a "text" field): random records; a
+- jsonl (one JSON object per line with a "text" field, or an "input_ids"
+  list of token ids used as they are, untokenized): random records; a
   record longer than `seqlen` contributes a random window, a shorter one is
-  kept whole. Each sample is its own sequence of its own length, run as a
-  batch of one, so no padding is ever needed; `attention_mask` is still
-  returned (all ones) for callers that batch.
+  kept whole. Token-id records let another tool calibrate on exactly the
+  tokens smolq sees (scripts/bench_gptq.py --peers). Each sample is its
+  own sequence of its own length, run as a batch of one, so no padding is
+  ever needed; `attention_mask` is still returned (all ones) for callers
+  that batch.
 - No file: data-free. Sequences are sampled from the unquantized model
   itself (temperature 1, starting from BOS). Cheaper than real text and
   slightly worse; the summary says so.
@@ -99,10 +102,11 @@ def load_calibration(model, tokenizer, calib: str | Path | None, *, nsamples: in
         raise InputError(path, "calibration file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(path, f"cannot read calibration text: {exc}") from None
-    records = _jsonl_texts(path, text)
+    records = _jsonl_records(path, text)
     if records is not None:
         nsamples = min(AUTO_MAX_SAMPLES, len(records)) if nsamples is None else nsamples
         seqlen = min(AUTO_SEQLEN, ctx or AUTO_SEQLEN) if seqlen is None else seqlen
+        _check_token_ids(path, records, getattr(model.config, "vocab_size", None))
         samples = _from_records(tokenizer, records, nsamples, seqlen, rng, path)
         return Calibration(samples, f"jsonl:{path}", seqlen, notes)
     ids = _encode(tokenizer, text)
@@ -116,8 +120,8 @@ def load_calibration(model, tokenizer, calib: str | Path | None, *, nsamples: in
     return Calibration(samples, f"file:{path}", seqlen, notes)
 
 
-def _jsonl_texts(path: Path, text: str) -> list[str] | None:
-    """The "text" fields when the file is jsonl, else None (plain text)."""
+def _jsonl_records(path: Path, text: str) -> list[str | list[int]] | None:
+    """Each line's "text" string or "input_ids" list when the file is jsonl, else None (plain text)."""
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines or not lines[0].lstrip().startswith("{"):
         return None
@@ -129,13 +133,34 @@ def _jsonl_texts(path: Path, text: str) -> list[str] | None:
             if n == 1:
                 return None  # plain text that happens to start with "{"
             raise InputError(path, f"line {n}: not valid JSON") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise InputError(path, f"line {n}: expected an object with a \"text\" string")
-        if obj["text"]:
-            out.append(obj["text"])
+        record = _record(obj)
+        if record is None:
+            raise InputError(path, f"line {n}: expected an object with a \"text\" string or an \"input_ids\" "
+                                   f"list of non-negative integers")
+        if record:
+            out.append(record)
     if not out:
-        raise InputError(path, "no non-empty \"text\" records")
+        raise InputError(path, "no non-empty \"text\" or \"input_ids\" records")
     return out
+
+
+def _check_token_ids(path: Path, records, vocab: int | None) -> None:
+    """Token ids the model has no embedding for are the file's fault, said before any forward."""
+    top = max((max(r) for r in records if not isinstance(r, str)), default=-1)
+    if vocab and top >= vocab:
+        raise InputError(path, f"token id {top} is outside the model's vocabulary of {vocab}")
+
+
+def _record(obj) -> str | list[int] | None:
+    """A jsonl line's text or token ids; None when it holds neither."""
+    if not isinstance(obj, dict):
+        return None
+    if isinstance(obj.get("text"), str):
+        return obj["text"]
+    ids = obj.get("input_ids")
+    if isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        return ids
+    return None
 
 
 def _encode(tokenizer, text: str):
@@ -143,6 +168,12 @@ def _encode(tokenizer, text: str):
 
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
     return ids.to(torch.long)
+
+
+def _ids(ids: list[int]):
+    import torch
+
+    return torch.tensor([ids], dtype=torch.long)
 
 
 def _from_text(ids, nsamples, seqlen, rng, path):
@@ -163,7 +194,7 @@ def _from_records(tokenizer, records, nsamples, seqlen, rng, path):
     rng.shuffle(order)
     out = []
     for i in (order * (nsamples // len(order) + 1))[:nsamples]:
-        ids = _encode(tokenizer, records[i])
+        ids = _encode(tokenizer, records[i]) if isinstance(records[i], str) else _ids(records[i])
         if ids.shape[1] > seqlen:
             start = rng.randrange(0, ids.shape[1] - seqlen + 1)
             ids = ids[:, start:start + seqlen]
