@@ -86,6 +86,8 @@ def test_scale_rule_reaches_block_grids(tiny, cli):
 @pytest.mark.parametrize("args, message", [
     (["--scale-rule", "best"], "unknown --scale-rule"),
     (["--mse", "-1"], "--mse must be"),
+    (["--hessian-reg", "1.5"], "--hessian-reg must be"),
+    (["--hessian-reg", "lots"], "--hessian-reg must be"),
 ])
 def test_bad_gptq_options_are_one_line_errors(tiny, cli, args, message):
     root, hf = tiny
@@ -108,7 +110,8 @@ def test_plain_scale_rule_on_k_quants_is_a_one_line_error(tmp_path, cli):
     assert not (tmp_path / "out.gguf").exists()
 
 
-@pytest.mark.parametrize("flag", [["--resume"], ["--seed", "3"], ["--no-true-sequential"], ["--mse", "2.4"]])
+@pytest.mark.parametrize("flag", [["--resume"], ["--seed", "3"], ["--no-true-sequential"], ["--mse", "2.4"],
+                                  ["--hessian-reg", "auto"]])
 def test_gptq_only_options_refused_with_rtn(tiny, cli, flag):
     root, hf = tiny
     r = cli("quantize", hf, root / "rtn.gguf", "--type", "q4_0", *flag)

@@ -23,6 +23,7 @@ from smolq.ggml_types import GGMLType, block_size, is_quantized, tensor_nbytes
 from smolq.pipeline.bnb import BNB_FORMATS, quantize_hf_bnb
 from smolq.pipeline.convert import add_shards, check_split, convert
 from smolq.pipeline.gptq import quantize_hf
+from smolq.transforms.gptq import HESSIAN_REG_DEFAULT
 from smolq.plan.imatrix import ImatrixChoice, check_required, choose_imatrix, imatrix_metadata, record_use
 from smolq.plan.mix import ModelInfo, PlanOptions, Preset, QuantPlan, TensorPlan, plan_tensor_types
 from smolq.plan.targets import Target, resolve_target, target_types
@@ -61,7 +62,8 @@ class Request:
 # Defaults of the GPTQ-only options: anything else given with --method rtn is a mistake.
 GPTQ_DEFAULTS = {"group_size": 128, "act_order": False, "sym": True, "damp": 0.01, "nsamples": None,
                  "seqlen": None, "device": "cpu", "true_sequential": True, "static_groups": False, "mse": 0.0,
-                 "scale_rule": "weighted", "seed": 0, "resume": False}
+                 "scale_rule": "weighted", "seed": 0, "resume": False,
+                 "hessian_reg": HESSIAN_REG_DEFAULT}
 
 
 def run(req: Request) -> dict[str, Any]:
