@@ -244,7 +244,8 @@ def print_table(rows: list[dict], result: dict) -> None:
     print(f"model {result['model']}; calibration {Path(result['calibration']).name}; "
           f"eval1 {Path(result['eval1']).name}, eval2 {Path(result['eval2']).name}; "
           f"{result['chunks']} windows of 512; load average {result['load_average']}")
-    head = f"{'type':8} {'method':22} {'bytes':>11} {'bpw':>7}  {'PPL eval1':>16} {'ratio':>7}  {'PPL eval2':>16} {'ratio':>7}"
+    ppl = f"{'PPL':>16} {'ratio':>7}"
+    head = f"{'type':8} {'method':22} {'bytes':>11} {'bpw':>7}  eval1 {ppl}  eval2 {ppl}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -254,7 +255,7 @@ def print_table(rows: list[dict], result: dict) -> None:
         cells = [f"{r[t]['ppl']:8.3f} ±{r[t]['se']:6.3f} {r[t].get('ratio', float('nan')):7.4f}"
                  for t in ("eval1", "eval2")]
         flag = "  LARGER" if r.get("larger_than_llama") else ""
-        print(f"{r['type']:8} {r['method']:22} {r['bytes']:>11} {r['bpw']:>7.3f}  {cells[0]}  {cells[1]}{flag}")
+        print(f"{r['type']:8} {r['method']:22} {r['bytes']:>11} {r['bpw']:>7.3f}        {cells[0]}        {cells[1]}{flag}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,8 +58,8 @@ from smolq.sources.checkpoint import open_checkpoint
 from smolq.sources.gptq import looks_like_gptq
 from smolq.sources.vocab import load_vocab
 from smolq.transforms.calib import FIT, HELD, load_calibration
-from smolq.transforms.gptq import (HESSIAN_REG_DEFAULT, HessianAccumulator, choose_regularisation, gptq_solve, parse_hessian_reg,
-                                   regularise)
+from smolq.transforms.gptq import (HESSIAN_REG_DEFAULT, HessianAccumulator, choose_regularisation, gptq_solve,
+                                   parse_hessian_reg, regularise)
 from smolq.transforms.grids import BLOCK_SPECS, SCALE_RULES, make_grid
 
 np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
@@ -212,7 +212,8 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
         "act_order": act_order, "sym": sym, "true_sequential": true_sequential, "damp": damp,
         "calibration": cal.source, "n_samples": len(cal.samples), "n_tokens": cal.n_tokens,
         "seqlen": cal.seqlen, "notes": cal.notes + stats["notes"], "n_layers_quantized": stats["n_linears"],
-        "damp_raised": stats["damp_raised"], "hessian_reg": stats["hessian_reg"], "bytes": size, "seconds": round(time.perf_counter() - started, 3),
+        "damp_raised": stats["damp_raised"], "hessian_reg": stats["hessian_reg"], "bytes": size,
+        "seconds": round(time.perf_counter() - started, 3),
         "device": str(dev),
     }
 
