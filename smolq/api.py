@@ -40,6 +40,7 @@ from smolq.plan.budget import MIXED, SizeTarget, parse_candidates
 from smolq.plan.mix import PlanOptions, parse_tensor_type_overrides, parse_type, resolve_preset
 from smolq.plan.targets import is_mlc_format
 from smolq.sources.gptq import looks_like_gptq
+from smolq.transforms.gptq import HESSIAN_REG_DEFAULT
 
 PathLike = str | os.PathLike
 Progress = Callable[[dict[str, Any]], None]
@@ -94,7 +95,7 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
              damp: float = 0.01, nsamples: int | None = None, seqlen: int | None = None, device: str = "cpu",
              true_sequential: bool = True, static_groups: bool = False, mse: float = 0.0,
              scale_rule: str = "weighted", seed: int = 0, resume: bool = False,
-             double_quant: bool = True, blocksize: int = 64,
+             hessian_reg: str | float = HESSIAN_REG_DEFAULT, double_quant: bool = True, blocksize: int = 64,
              split_max_size: int | str | None = None, split_max_tensors: int | None = None,
              imatrix: PathLike | None = None, include_weights: Iterable[str] = (),
              exclude_weights: Iterable[str] = (),
@@ -139,7 +140,8 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
                  "allow_requantize": allow_requantize, "group_size": group_size != 128, "act_order": act_order,
                  "asym": not sym, "damp": damp != 0.01, "nsamples": nsamples is not None, "seqlen": seqlen is not None,
                  "static_groups": static_groups, "mse": mse != 0.0, "resume": resume, "device": device != "cpu",
-                 "true_sequential": not true_sequential, "scale_rule": scale_rule != "weighted", "seed": seed != 0}
+                 "true_sequential": not true_sequential, "scale_rule": scale_rule != "weighted", "seed": seed != 0,
+                 "hessian_reg": str(hessian_reg) != HESSIAN_REG_DEFAULT}
         return common_summary(_requantize.run_mlc(src, out, type, bits, method=method, calib=calib and Path(calib),
                                                   changed=[k for k, v in given.items() if v], dry_run=dry_run,
                                                   quiet=quiet))
@@ -156,7 +158,7 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     )
     gptq = {"group_size": group_size, "act_order": act_order, "sym": sym, "damp": damp, "nsamples": nsamples,
             "seqlen": seqlen, "device": device, "true_sequential": true_sequential, "static_groups": static_groups,
-            "mse": mse, "scale_rule": scale_rule, "seed": seed, "resume": resume}
+            "mse": mse, "scale_rule": scale_rule, "seed": seed, "resume": resume, "hessian_reg": hessian_reg}
     if (format or "").lower() in _requantize.BNB_FORMATS:  # bitsandbytes: its own type, no ggml preset
         if type is not None or bits is not None:
             raise InputError(None, f"--type/--bits do not apply to --format {format.lower()} (4-bit by definition)")

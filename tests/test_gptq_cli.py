@@ -95,6 +95,8 @@ def _no_cuda() -> bool:
     (["--device", "tpu"], "unknown --device 'tpu'"),
     pytest.param(["--device", "cuda"], "--device cuda requested but CUDA is not available here",
                  marks=pytest.mark.skipif(not _no_cuda(), reason="this machine has CUDA: the run would succeed")),
+    (["--hessian-reg", "1.5"], "--hessian-reg must be"),
+    (["--hessian-reg", "lots"], "--hessian-reg must be"),
 ])
 def test_bad_gptq_options_are_one_line_errors(tiny, cli, args, message):
     root, hf = tiny
@@ -132,7 +134,8 @@ def test_plain_scale_rule_on_k_quants_is_a_one_line_error(tmp_path, cli):
     assert not (tmp_path / "out.gguf").exists()
 
 
-@pytest.mark.parametrize("flag", [["--resume"], ["--seed", "3"], ["--no-true-sequential"], ["--mse", "2.4"]])
+@pytest.mark.parametrize("flag", [["--resume"], ["--seed", "3"], ["--no-true-sequential"], ["--mse", "2.4"],
+                                  ["--hessian-reg", "auto"]])
 def test_gptq_only_options_refused_with_rtn(tiny, cli, flag):
     root, hf = tiny
     r = cli("quantize", hf, root / "rtn.gguf", "--type", "q4_0", *flag)

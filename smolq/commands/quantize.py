@@ -12,6 +12,7 @@ import typer
 
 from smolq import api
 from smolq.commands.render import render_quantized
+from smolq.transforms.gptq import HESSIAN_REG_DEFAULT
 
 EPILOG = (
     "Examples:\n\n"
@@ -60,6 +61,7 @@ def register(app: typer.Typer) -> None:
         static_groups: bool = typer.Option(False, "--static-groups", help="Choose every group's scale up front from the original weights (with --act-order).", rich_help_panel="GPTQ"),
         mse: float = typer.Option(0.0, "--mse", help="Int grid: clipping search with |err|^p, p = this value (2.4 in the reference); 0 = off.", rich_help_panel="GPTQ"),
         scale_rule: str = typer.Option("weighted", "--scale-rule", help="On ggml grids: how block scales are chosen (weighted, imatrix, plain).", rich_help_panel="GPTQ"),
+        hessian_reg: str = typer.Option(HESSIAN_REG_DEFAULT, "--hessian-reg", metavar="auto|A", help="Shrink the Hessian toward its diagonal by A in [0, 1] (0: plain GPTQ, 1: weighted RTN); auto: chosen per linear by cross-validation on a held-out quarter of the calibration set.", rich_help_panel="GPTQ"),
         seed: int = typer.Option(0, "--seed", help="Seed of the calibration sampling (same seed, same output).", rich_help_panel="GPTQ"),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its saved blocks (same settings).", rich_help_panel="GPTQ"),
         double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="nf4/fp4: quantize the absmax values again (8-bit, blocks of 256), as bnb_4bit_use_double_quant=True.", rich_help_panel="bitsandbytes"),
@@ -84,7 +86,7 @@ def register(app: typer.Typer) -> None:
             allow_requantize=allow_requantize, threads=threads, calib=calib, group_size=group_size,
             act_order=act_order, sym=not asym, damp=damp, nsamples=nsamples, seqlen=seqlen, device=device,
             true_sequential=true_sequential, static_groups=static_groups, mse=mse, scale_rule=scale_rule,
-            seed=seed, resume=resume, double_quant=double_quant, blocksize=blocksize,
+            hessian_reg=hessian_reg, seed=seed, resume=resume, double_quant=double_quant, blocksize=blocksize,
             split_max_size=split_max_size, split_max_tensors=split_max_tensors, imatrix=imatrix,
             include_weights=include_weights or [], exclude_weights=exclude_weights or [],
             target_bpw=target_bpw, target_size=target_size, candidates=candidates, recipe=recipe,

@@ -57,8 +57,9 @@ from smolq.sinks.gguf import gguf_metadata
 from smolq.sources.checkpoint import open_checkpoint
 from smolq.sources.gptq import looks_like_gptq
 from smolq.sources.vocab import load_vocab
-from smolq.transforms.calib import load_calibration
-from smolq.transforms.gptq import HessianAccumulator, gptq_solve
+from smolq.transforms.calib import FIT, HELD, load_calibration
+from smolq.transforms.gptq import (HESSIAN_REG_DEFAULT, HessianAccumulator, choose_regularisation, gptq_solve,
+                                   parse_hessian_reg, regularise)
 from smolq.transforms.grids import BLOCK_SPECS, SCALE_RULES
 from smolq.transforms.iq_grids import GPTQ_GRID_TYPES, JOINT_GRID_TYPES, grid_for
 
@@ -113,6 +114,7 @@ class Settings:
     static_groups: bool = False
     scale_rule: str = "weighted"
     mse: float = 0.0
+    hessian_reg: str | float = 0.0  # "auto" (cross-validated per Linear) or a fixed amount
 
     def fingerprint(self, src: Path) -> str:
         d = dict(self.__dict__, src=str(src.resolve()))
@@ -133,7 +135,7 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
                      damp: float = 0.01, calib=None, nsamples: int | None = None, seqlen: int | None = None,
                      device: str = "cpu",
                      seed: int = 0, resume: bool = False, quiet: bool = False, static_groups: bool = False,
-                     scale_rule: str = "weighted", mse: float = 0.0) -> dict[str, Any]:
+                     scale_rule: str = "weighted", mse: float = 0.0, hessian_reg=HESSIAN_REG_DEFAULT) -> dict[str, Any]:
     """GPTQ-quantize the HF checkpoint `src_dir` into `out_path`; returns a summary.
 
     format "gptq": HF GPTQ directory with `bits` 2/3/4/8 and `group_size`.
@@ -142,6 +144,9 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
     the default mix for that width. Linears whose planned type is a ggml
     block type are GPTQ-rounded onto that type's grid. `nsamples` / `seqlen`
     None: chosen from the calibration text's length (transforms/calib.py).
+    `hessian_reg`: "auto" chooses each Linear's Hessian regularisation toward its
+    diagonal by cross-validation on a held-out part of the calibration set; a
+    number in [0, 1] fixes it (0: plain GPTQ).
     """
     import torch
 
@@ -162,13 +167,17 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
         raise InputError(out, f"unknown --scale-rule {scale_rule!r}; choose one of {', '.join(SCALE_RULES)}")
     if mse < 0:
         raise InputError(out, f"--mse must be 0 (off) or a positive exponent, not {mse}")
+    try:
+        hessian_reg = parse_hessian_reg(hessian_reg)
+    except ValueError:
+        raise InputError(out, f"--hessian-reg must be auto or a number in [0, 1], not {hessian_reg}") from None
 
     if looks_like_gptq(src):
         raise InputError(src, "is already GPTQ-quantized; `smolq convert` imports it (GGUF, exact where the grid maps)")
     dev = _device(device)
     settings = Settings(fmt, qtype, bits, group_size, act_order, sym, true_sequential, damp,
                         None if calib is None else str(Path(calib).resolve()), nsamples, seqlen, seed,
-                        static_groups, scale_rule, mse)
+                        static_groups, scale_rule, mse, hessian_reg)
 
     torch.manual_seed(seed)
     if quiet:
@@ -205,7 +214,8 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
         "act_order": act_order, "sym": sym, "true_sequential": true_sequential, "damp": damp,
         "calibration": cal.source, "n_samples": len(cal.samples), "n_tokens": cal.n_tokens,
         "seqlen": cal.seqlen, "notes": cal.notes + stats["notes"], "n_layers_quantized": stats["n_linears"],
-        "damp_raised": stats["damp_raised"], "bytes": size, "seconds": round(time.perf_counter() - started, 3),
+        "damp_raised": stats["damp_raised"], "hessian_reg": stats["hessian_reg"], "bytes": size,
+        "seconds": round(time.perf_counter() - started, 3),
         "device": str(dev),
     }
 
@@ -729,13 +739,16 @@ def _to(obj, dev):
     return obj
 
 
-def _run_block(block, acts: _Activations, dev, replace: bool = False, kind=None) -> None:
+def _run_block(block, acts: _Activations, dev, replace: bool = False, kind=None, before=None) -> None:
     """Run `block` (of `kind`) on every sample's inputs (moved to `dev` for the call); with
-    `replace`, its outputs become the inputs of the next block."""
+    `replace`, its outputs become the inputs of the next block; `before(i)` is called
+    before sample i runs."""
     import torch
 
     with torch.no_grad():
         for i in range(len(acts)):
+            if before is not None:
+                before(i)
             args, kwargs = acts.call(i, kind)
             a, k = _to(args, dev), _to(kwargs, dev)
             k = {key: v for key, v in k.items() if key not in ("past_key_values", "past_key_value", "layer_past")}
@@ -758,6 +771,7 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
         note(f"other block arguments (RoPE tables, masks): {acts.other_bytes() / 2**20:.1f} MiB in RAM", quiet=quiet)
     groups = FAMILIES[family].groups if settings.true_sequential else (tuple(_linears(family)),)
     n_linears, damp_raised, notes = 0, [], []
+    parts, reg_chosen = _cv_parts(cal, settings, notes), {}
     spent: list[float] = []  # seconds per block so far, for the ETA
     try:
         for i, block in enumerate(blocks):
@@ -777,10 +791,11 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
                     if not todo:
                         continue
                     with phase("gptq forward for hessians"):
-                        hessians = _collect_hessians(block, todo, acts, dev, kinds[i])
+                        hessians = _collect_hessians(block, todo, acts, dev, kinds[i], parts)
                     for name in todo:
-                        rec, damp_used = _solve_linear(block.get_submodule(name), hessians.pop(name),
-                                                       plan.get(f"{prefix}.{name}.weight"), settings, dev)
+                        rec, damp_used, a = _solve_linear(block.get_submodule(name), hessians.pop(name),
+                                                          plan.get(f"{prefix}.{name}.weight"), settings, dev)
+                        reg_chosen[f"{prefix}.{name}"] = a
                         records.update({f"{name}.{k}": v for k, v in rec.items()})
                         n_linears += 1
                         if damp_used > settings.damp:
@@ -800,46 +815,93 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
         acts.close()
     if damp_raised:
         notes.append("dampening raised for " + ", ".join(damp_raised))
-    return {"n_linears": n_linears, "damp_raised": damp_raised, "notes": notes}
+    if parts is not None and reg_chosen:
+        counts = {a: list(reg_chosen.values()).count(a) for a in sorted(set(reg_chosen.values()))}
+        notes.append("hessian regularisation chosen by cross-validation: " +
+                     ", ".join(f"{a:g} for {n} linears" for a, n in counts.items()))
+    return {"n_linears": n_linears, "damp_raised": damp_raised, "notes": notes,
+            "hessian_reg": {"mode": "auto" if parts is not None else settings.hessian_reg, "chosen": reg_chosen}}
 
 
-def _collect_hessians(block, names, acts: _Activations, dev, kind=None):
+def _cv_parts(cal, settings: Settings, notes: list) -> list | None:
+    """The samples' fit / held-out parts when --hessian-reg auto can use them, else None
+    (then a fixed amount applies: 0 when auto had no split to work with)."""
+    if settings.hessian_reg != "auto":
+        return None
+    if FIT in cal.parts and HELD in cal.parts:
+        return cal.parts
+    notes.append("--hessian-reg auto: the calibration set is too small to hold a part out; no regularisation")
+    settings.hessian_reg = 0.0
+    return None
 
+
+@dataclass
+class _Hessians:
+    full: Any  # every sample's, exactly as without cross-validation
+    fit: Any = None  # the fit part's, the held-out part's (--hessian-reg auto only)
+    held: Any = None
+
+
+def _collect_hessians(block, names, acts: _Activations, dev, kind=None, parts=None) -> dict[str, _Hessians]:
+    """Each Linear's input Hessian over all samples, and over the fit and held-out parts
+    when `parts` (one of FIT / HELD / None per sample) is given."""
     accs, handles = {}, []
+    current = [None]  # the part of the sample being run
+
+    def new_acc(n_in):
+        return {p: HessianAccumulator(n_in, device=dev) for p in ((None, FIT, HELD) if parts else (None,))}
+
     for name in names:
         lin = block.get_submodule(name)
-        accs[name] = HessianAccumulator(lin.weight.shape[1], device=dev)
+        accs[name] = new_acc(lin.weight.shape[1])
 
         def hook(_m, args, _out, acc=accs[name]):
-            acc.add(args[0].detach())
+            x = args[0].detach()
+            acc[None].add(x)
+            if current[0] is not None:
+                acc[current[0]].add(x)
 
         handles.append(lin.register_forward_hook(hook))
+
+    def before(i):
+        current[0] = parts[i] if parts else None
+
     try:
-        _run_block(block, acts, dev, kind=kind)
+        _run_block(block, acts, dev, kind=kind, before=before)
     finally:
         for h in handles:
             h.remove()
-    return {n: a.H for n, a in accs.items()}
+    return {n: _Hessians(a[None].H, a[FIT].H if parts else None, a[HELD].H if parts else None)
+            for n, a in accs.items()}
 
 
-def _solve_linear(lin, H, qtype, settings: Settings, dev):
-    """GPTQ one Linear; its weight becomes the dequantized result. Returns (record, damp)."""
+def _solve_linear(lin, hessians: _Hessians, qtype, settings: Settings, dev):
+    """GPTQ one Linear; its weight becomes the dequantized result. Returns (record, damp, a):
+    a is the Hessian regularisation used, chosen by cross-validation when the fit and
+    held-out Hessians are there (the final solve then uses every sample's Hessian)."""
     import torch
-
 
     W = lin.weight.data.to(dev, torch.float32)
     rows, cols = W.shape
-    grid = grid_for(rows, cols, qtype=qtype, bits=settings.bits, group_size=settings.group_size,
-                    sym=settings.sym, mse=settings.mse, rule=settings.scale_rule, device=dev)
-    res = gptq_solve(W, H, grid, damp=settings.damp, act_order=settings.act_order,
-                     static_groups=settings.static_groups)
+
+    def new_grid():
+        return grid_for(rows, cols, qtype=qtype, bits=settings.bits, group_size=settings.group_size,
+                        sym=settings.sym, mse=settings.mse, rule=settings.scale_rule, device=dev)
+
+    solve_kw = {"damp": settings.damp, "act_order": settings.act_order, "static_groups": settings.static_groups}
+    a = settings.hessian_reg
+    if hessians.held is not None:
+        with phase("gptq hessian-reg cross-validation"):
+            a = choose_regularisation(W, hessians.fit, hessians.held, new_grid, **solve_kw).a
+    grid = new_grid()
+    res = gptq_solve(W, regularise(hessians.full, a), grid, **solve_kw)
     lin.weight.data.copy_(res.Q.to(lin.weight.device, lin.weight.dtype))
     if qtype is None:
         rec = {"qint": grid.qint.cpu().numpy(), "scales": grid.scales.cpu().numpy(),
                "zeros": grid.zeros.cpu().numpy().astype(np.int32), "g_idx": grid.g_idx.cpu().numpy().astype(np.int32)}
     else:
         rec = {"blocks": grid.to_bytes(), "qtype": np.array([int(qtype)], dtype=np.int32)}
-    return rec, res.damp
+    return rec, res.damp, a
 
 
 def _save_block(path: Path, records: dict[str, np.ndarray]) -> None:

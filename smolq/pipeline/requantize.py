@@ -42,6 +42,7 @@ from smolq.plan.targets import Target, resolve_target, target_types
 from smolq.progress import WorkProgress, event_progress
 from smolq.sinks import gguf as gguf_sink
 from smolq.sinks import legacy as legacy_sink
+from smolq.transforms.gptq import HESSIAN_REG_DEFAULT
 from smolq.transforms.rtn import quantize_entries
 
 T = GGMLType
@@ -83,7 +84,8 @@ class Request:
 # Defaults of the GPTQ-only options: anything else given with --method rtn is a mistake.
 GPTQ_DEFAULTS = {"group_size": 128, "act_order": False, "sym": True, "damp": 0.01, "nsamples": None,
                  "seqlen": None, "device": "cpu", "true_sequential": True, "static_groups": False, "mse": 0.0,
-                 "scale_rule": "weighted", "seed": 0, "resume": False}
+                 "scale_rule": "weighted", "seed": 0, "resume": False,
+                 "hessian_reg": HESSIAN_REG_DEFAULT}
 
 
 def run(req: Request) -> dict[str, Any]:

@@ -25,6 +25,14 @@ as many as cover the text about MAX_REPEAT times, at most AUTO_MAX_SAMPLES
 (64 x 512 is a few minutes for SmolLM2-135M on 2 CPU cores). A jsonl file
 gets one window per record, at most AUTO_MAX_SAMPLES; data-free sampling
 keeps DATA_FREE_DEFAULT.
+
+Each sample also carries its part of a fit / held-out split (`parts`), for
+choosing the Hessian regularisation by cross-validation (--hessian-reg auto):
+held-out samples share no token with fit samples. A text: windows wholly in
+its last quarter are held out, windows wholly before it fit, windows across
+the cut are in neither part (they still calibrate the final solve). jsonl:
+every HOLD_OUT_EVERY-th record is held out; data-free: every HOLD_OUT_EVERY-th
+sequence.
 """
 from __future__ import annotations
 
@@ -40,6 +48,8 @@ AUTO_SEQLEN = 512
 AUTO_MAX_SAMPLES = 64
 MAX_REPEAT = 2  # automatic windows see each token of the text about this many times at most
 DATA_FREE_DEFAULT = (128, DATA_FREE_MAX_SEQLEN)  # (nsamples, seqlen) when neither is given
+HOLD_OUT_EVERY = 4  # a quarter of the calibration is held out for cross-validation
+FIT, HELD = "fit", "held"
 
 
 @dataclass
@@ -48,6 +58,7 @@ class Calibration:
     source: str  # "file:<path>", "jsonl:<path>" or "data-free"
     seqlen: int
     notes: list[str] = field(default_factory=list)
+    parts: list = field(default_factory=list)  # per sample FIT, HELD or None (module docstring)
 
     def attention_mask(self, i: int):
         import torch
@@ -94,7 +105,8 @@ def load_calibration(model, tokenizer, calib: str | Path | None, *, nsamples: in
             notes.append(f"data-free calibration: sequences of {n} tokens sampled from the model")
         else:
             notes.append("data-free calibration: sequences sampled from the unquantized model")
-        return Calibration(sample_from_model(model, tokenizer, nsamples, n, seed), "data-free", n, notes)
+        samples = sample_from_model(model, tokenizer, nsamples, n, seed)
+        return Calibration(samples, "data-free", n, notes, _every_kth(range(len(samples))))
     path = Path(calib)
     try:
         text = path.read_text(encoding="utf-8")
@@ -107,17 +119,27 @@ def load_calibration(model, tokenizer, calib: str | Path | None, *, nsamples: in
         nsamples = min(AUTO_MAX_SAMPLES, len(records)) if nsamples is None else nsamples
         seqlen = min(AUTO_SEQLEN, ctx or AUTO_SEQLEN) if seqlen is None else seqlen
         _check_token_ids(path, records, getattr(model.config, "vocab_size", None))
-        samples = _from_records(tokenizer, records, nsamples, seqlen, rng, path)
-        return Calibration(samples, f"jsonl:{path}", seqlen, notes)
+        samples, record_ids = _from_records(tokenizer, records, nsamples, seqlen, rng, path)
+        return Calibration(samples, f"jsonl:{path}", seqlen, notes, _every_kth(record_ids))
     ids = _encode(tokenizer, text)
     if nsamples is None or seqlen is None:
         nsamples, seqlen = auto_windows(ids.shape[1], nsamples, seqlen, ctx)
         notes.append(f"calibration: {nsamples} windows of {seqlen} tokens from a text of {ids.shape[1]} tokens "
                      f"(--nsamples/--seqlen choose others)")
-    samples = _from_text(ids, nsamples, seqlen, rng, path)
+    samples, starts = _from_text(ids, nsamples, seqlen, rng, path)
     if len(samples) == 1 and samples[0].shape[1] < seqlen:
         notes.append(f"calibration text has only {samples[0].shape[1]} tokens: one short sample")
-    return Calibration(samples, f"file:{path}", seqlen, notes)
+    return Calibration(samples, f"file:{path}", seqlen, notes, _text_parts(starts, samples, ids.shape[1]))
+
+
+def _every_kth(ids) -> list:
+    return [HELD if i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1 else FIT for i in ids]
+
+
+def _text_parts(starts, samples, n_tokens: int) -> list:
+    """Windows wholly in the text's last quarter: HELD; wholly before it: FIT; across: None."""
+    cut = n_tokens - n_tokens // HOLD_OUT_EVERY
+    return [HELD if s >= cut else FIT if s + w.shape[1] <= cut else None for s, w in zip(starts, samples)]
 
 
 def _jsonl_records(path: Path, text: str) -> list[str | list[int]] | None:
@@ -181,18 +203,19 @@ def _from_text(ids, nsamples, seqlen, rng, path):
     if n < 2:
         raise InputError(path, "calibration text is empty")
     if n <= seqlen:
-        return [ids]
-    out = []
+        return [ids], [0]
+    out, starts = [], []
     for _ in range(nsamples):
         start = rng.randrange(0, n - seqlen + 1)
         out.append(ids[:, start:start + seqlen])
-    return out
+        starts.append(start)
+    return out, starts
 
 
 def _from_records(tokenizer, records, nsamples, seqlen, rng, path):
     order = list(range(len(records)))
     rng.shuffle(order)
-    out = []
+    out, record_ids = [], []
     for i in (order * (nsamples // len(order) + 1))[:nsamples]:
         ids = _encode(tokenizer, records[i]) if isinstance(records[i], str) else _ids(records[i])
         if ids.shape[1] > seqlen:
@@ -200,9 +223,10 @@ def _from_records(tokenizer, records, nsamples, seqlen, rng, path):
             ids = ids[:, start:start + seqlen]
         if ids.shape[1] >= 2:
             out.append(ids)
+            record_ids.append(i)
     if not out:
         raise InputError(path, "every record is shorter than 2 tokens")
-    return out
+    return out, record_ids
 
 
 def sample_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int, batch: int = 16):

@@ -185,3 +185,80 @@ def layer_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
     """tr((W−Q) H (W−Q)ᵀ): the layer's output error on the calibration inputs."""
     D = (W - Q).to(torch.float64)
     return float(torch.einsum("ij,jk,ik->", D, H.to(torch.float64), D))
+
+
+# ---------------------------------------------------------------------------
+# Hessian regularisation toward its diagonal, chosen by cross-validation
+# ---------------------------------------------------------------------------
+
+# The amounts `choose_regularisation` tries, smallest first (a tie keeps the smaller one).
+# 0 is plain GPTQ, so the choice can never be worse than it on the held-out part;
+# 1 drops every correlation: Hessian-weighted RTN, no error feedback.
+REG_CANDIDATES = (0.0, 0.05, 0.2, 1.0)
+HESSIAN_REG_DEFAULT = "0"  # --hessian-reg when not given (README: GPTQ, the measurements)
+
+
+def regularise(H: torch.Tensor, a: float) -> torch.Tensor:
+    """H_a = (1−a)·H + a·diag(H): the input correlations shrunk by 1−a, the diagonal kept.
+
+    The correlations a calibration set of one domain measures are the part of H that
+    transfers worst to other text (the diagonal is what an importance matrix keeps);
+    shrinking them trades error feedback fitted to the calibration set for robustness.
+    The diagonal is untouched, so dead columns, act-order and the grid's
+    Hessian-weighted scale choice are the same for every `a`.
+    """
+    if a == 0:
+        return H
+    out = H * (1.0 - a)
+    out.diagonal().copy_(torch.diagonal(H))
+    return out
+
+
+@dataclass
+class RegChoice:
+    a: float  # the chosen amount
+    held_errors: dict[float, float]  # candidate -> tr((W−Q) H_held (W−Q)ᵀ) of its solve on H_fit
+
+
+def choose_regularisation(W: torch.Tensor, H_fit: torch.Tensor, H_held: torch.Tensor, new_grid,
+                          candidates=REG_CANDIDATES, **solve_kw) -> RegChoice:
+    """The amount of `regularise` whose GPTQ solve on the fit part's Hessian has the least
+    output error on the held-out part's inputs.
+
+    `new_grid()` makes a fresh grid for each solve; `solve_kw` go to gptq_solve. Only the
+    weight is solved again per candidate, never the model's forward. a = 1 is solved as
+    Hessian-weighted RTN, which is what GPTQ on a diagonal Hessian computes (no error is
+    propagated through a diagonal inverse; tests/test_gptq_regularise.py checks the bytes).
+    """
+    errors = {}
+    for a in candidates:
+        grid = new_grid()
+        if a == 1.0 and not solve_kw.get("act_order") and not solve_kw.get("static_groups") \
+                and grid.supports_static:  # lattice grids round jointly inside the column loop only
+            Q = diagonal_solve(W, H_fit, grid)
+        else:
+            Q = gptq_solve(W, regularise(H_fit, a), grid, **solve_kw).Q
+        errors[a] = layer_error(W, Q, H_held)
+    best = min(candidates, key=lambda a: errors[a])  # the first (smallest) of equal errors
+    return RegChoice(best, errors)
+
+
+def diagonal_solve(W: torch.Tensor, H: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """gptq_solve(W, regularise(H, 1), grid) without its column loop: Hessian-weighted RTN,
+    dead columns (zero diagonal) handled as gptq_solve handles them."""
+    hdiag = torch.diag(H).to(torch.float32).clone()
+    dead = hdiag == 0
+    W = W.to(torch.float32).clone()
+    W[:, dead] = 0
+    hdiag[dead] = 1
+    return rtn_solve(W, grid, hdiag)
+
+
+def parse_hessian_reg(value) -> str | float:
+    """--hessian-reg: "auto" or an amount in [0, 1]; ValueError otherwise."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    a = float(value)
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"--hessian-reg must be auto or a number in [0, 1], not {value}")
+    return a

@@ -54,6 +54,7 @@ class Grid:
     rows: int
     cols: int
     levels: tuple[int, ...]
+    supports_static = True  # choose_static works (all scales before any rounding)
 
     def order(self, hdiag: torch.Tensor, act_order: bool) -> torch.Tensor:
         """Processing order of the columns (a permutation of range(cols))."""

@@ -172,6 +172,8 @@ class LatticeGrid(Grid):
     def order(self, hdiag, act_order):
         return whole_block_order(self.cols, self.levels, hdiag, act_order, keep_last=True)
 
+    supports_static = False
+
     def choose_static(self, W, hdiag):
         raise ValueError(f"{self.qtype.name} rounds {self.group} columns jointly as GPTQ reaches them: "
                          f"no static groups")

