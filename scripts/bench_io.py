@@ -10,9 +10,14 @@ Jobs (each a fresh process; the output is deleted before every run):
   convert   HF f16 safetensors (5 shards for 1b) -> GGUF f16:
             `smolq convert` vs llama.cpp's convert_hf_to_gguf.py (llama-cpp-python 0.3.36 sdist,
             .venv/real/llama.cpp-converter).
-  quantize  that GGUF f16 -> Q4_0 and -> Q4_K, --pure, one thread:
+  quantize  that GGUF f16 -> Q4_0 and -> Q4_K (or --types), --pure, one thread:
             `smolq quantize --threads 1` vs `llama-quantize --pure IN OUT TYPE 1`
-            (.venv/real/llama.cpp-tools, scripts/build_llama_tools.py).
+            (.venv/real/llama.cpp-tools, scripts/build_llama_tools.py). The i-quants
+            (--types iq4_nl iq4_xs iq3_s iq3_xxs iq2_xxs iq2_xs iq2_s iq1_s iq1_m mxfp4)
+            take an importance matrix, as users run them (IQ3_XXS/IQ2/IQ1 refuse to go
+            without one): one synthetic imatrix file for every 2-D tensor of the model,
+            written once by smolq.formats.imatrix and given to both tools (--imatrix);
+            mxfp4 is llama-quantize's MXFP4_MOE file type (with --pure: every tensor MXFP4).
   floor     reading the job's input once (cat > /dev/null) + writing its output's size with
             dd conv=fdatasync: what the disk allows, measured in the same run.
 Each command runs once to warm the page cache, then --repeat times alternating with its peer;
@@ -41,6 +46,10 @@ REPO = Path(__file__).resolve().parents[1]
 CONVERTER = REPO / ".venv" / "real" / "llama.cpp-converter"
 TOOLS = REPO / ".venv" / "real" / "llama.cpp-tools" / "bin"
 SHAPES_13B = (5120, 40, 40, 40, 13824, 32000)
+# The quantize job's types that get the importance matrix (the i-quants; MXFP4 takes none).
+IMATRIX_TYPES = frozenset({"iq4_nl", "iq4_xs", "iq3_s", "iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m"})
+# smolq --type name -> llama-quantize's name where they differ.
+PEER_TYPE_NAMES = {"mxfp4": "MXFP4_MOE"}
 
 
 def make_model(directory: Path, size: str) -> Path:
@@ -55,6 +64,37 @@ def make_model(directory: Path, size: str) -> Path:
         write_llama_tokenizer(ckpt, bench_convert.SIZES[size][5])
         (ckpt / "DONE").write_text("")
     return ckpt
+
+
+def synthetic_imatrix(f16: Path, out: Path) -> Path:
+    """An importance matrix for every 2-D tensor of the GGUF `f16`, with llama-imatrix-like
+    spread (gamma-distributed per column), seeded: the same file for smolq and llama-quantize.
+    token_embd.weight is included although llama-imatrix never records it: with --pure it
+    is quantized to the IQ2/IQ1 type too, and ggml's quantizer asserts on a missing imatrix."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from smolq.formats.imatrix import from_sums, write_imatrix
+
+    rng = np.random.default_rng(0)
+    chunks, ctx = 10, 512
+    sums, counts = {}, {}
+    for t in GGUFReader(f16).tensors:
+        if len(t.shape) == 2:
+            sums[t.name] = (rng.gamma(0.7, 1.0, int(t.shape[0])) * chunks * ctx).astype(np.float32)  # shape[0]: ne0
+            counts[t.name] = chunks * ctx
+    write_imatrix(out, from_sums(sums, counts, datasets=["synthetic (bench_io.py)"], chunk_count=chunks,
+                                 chunk_size=ctx), "gguf")
+    return out
+
+
+def quantize_cmds(f16: Path, qtype: str, out: Path, out_peer: Path, imatrix: Path | None) -> tuple[list, list]:
+    """(smolq's, llama-quantize's) command for one quantize job, --pure, one thread."""
+    im = ["--imatrix", str(imatrix)] if imatrix else []
+    ours = smolq_cmd("quantize", str(f16), str(out), "--type", qtype, "--pure", *im, "--threads", "1")
+    peer = [str(TOOLS / "llama-quantize"), "--pure", *im, str(f16), str(out_peer),
+            PEER_TYPE_NAMES.get(qtype, qtype.upper()), "1"]
+    return ours, peer
 
 
 def smolq_cmd(*args: str) -> list[str]:
@@ -161,11 +201,14 @@ def main() -> int:
         profiles["convert f16"] = profile(ours[0], [f16], work)
     measure(ours[0])  # keep smolq's f16 GGUF as the quantize input
     rows[-1]["floor"] = disk_floor(shards, f16.stat().st_size, work)
-    for qtype in args.types:
+    synthetic = None  # written once, at the first type that takes it
+    for qtype in (t.lower() for t in args.types):
         out, out_peer = work / f"smolq-{qtype}.gguf", work / f"llama-{qtype}.gguf"
-        ours = (smolq_cmd("quantize", str(f16), str(out), "--type", qtype, "--pure", "--threads", "1"), {})
-        peer = ([str(TOOLS / "llama-quantize"), "--pure", str(f16), str(out_peer), qtype.upper(), "1"], {}) \
-            if have_quant else None
+        if qtype in IMATRIX_TYPES and synthetic is None:
+            synthetic = synthetic_imatrix(f16, work / "synthetic.imatrix")
+        imatrix = synthetic if qtype in IMATRIX_TYPES else None
+        cmd, peer_cmd = quantize_cmds(f16, qtype, out, out_peer, imatrix)
+        ours, peer = (cmd, {}), ((peer_cmd, {}) if have_quant else None)
         rows.append(pair(f"quantize {qtype}", ours, peer, [out, out_peer], args.repeat))
         if args.profile:
             profiles[f"quantize {qtype}"] = profile(ours[0], [out], work)

@@ -3,20 +3,26 @@
 ggml_quantize_chunk (libggml from llama-cpp-python), one thread each, in
 the same process, on the same random f32 rows with the same imatrix.
 
-    .venv/bin/python scripts/bench_iquants.py                  # 256 MB of f32 per type
+    .venv/bin/python scripts/bench_iquants.py                  # every i-quant and MXFP4, 256 MB of f32 each
     .venv/bin/python scripts/bench_iquants.py --mb 32 --types iq4_nl iq3_s
+    .venv/bin/python scripts/bench_iquants.py --mb 8 --types iq2_xxs iq1_s --ref
 
 The data is cut into chunks of --chunk-mb, and each chunk is quantized by
 both in turn, so a machine whose load changes during the run slows both
 alike; times are the calling thread's CPU time (smolq's includes the
-binding's checks). Throughput is MB/s of f32 input; "ratio" is smolq / llama.cpp
-(>= 1: smolq is at least as fast). "same" says whether the bytes are equal.
-smolq's scalar reference path is timed too with --ref. Results: a table on
-stdout and JSON in bench-results/bench_iquants.json.
+binding's checks). Each side builds its search tables first (IQ2/IQ1/IQ3
+grids and neighbour lists: llama.cpp's ggml_quantize_init, smolq's tables on
+first use), timed apart as "init". Throughput is MB/s of f32 input; "ratio" is
+smolq / llama.cpp (>= 1: smolq is at least as fast). "same" says whether the
+bytes are equal (exit 1 if not). smolq's scalar reference path is timed too
+with --ref. Any type the kernel quantizes can be named. Results: a table on
+stdout and JSON in bench-results/bench_iquants.json ($SMOLQ_LIBGGML points at
+another libggml).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -35,7 +41,7 @@ from smolq.ggml_types import GGMLType  # noqa: E402
 
 from ggml_lib import NO_LIBGGML, ggml_quantize_chunk, load_libggml  # noqa: E402
 
-DEFAULT_TYPES = ["iq4_nl", "iq4_xs", "mxfp4", "iq3_xxs", "iq3_s"]
+DEFAULT_TYPES = ["iq4_nl", "iq4_xs", "mxfp4", "iq3_xxs", "iq3_s", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m"]
 
 
 def make_rows(nrows: int, ncols: int, seed: int) -> np.ndarray:
@@ -55,9 +61,19 @@ def timed(fn) -> tuple[float, np.ndarray]:
     return time.thread_time() - t0, out
 
 
+def init_tables(lib, t: GGMLType, x: np.ndarray, imatrix: np.ndarray) -> dict:
+    """Each side's search tables built before the timing: seconds (wall) each took."""
+    t0 = time.perf_counter()
+    lib.ggml_quantize_init(int(t))
+    t1 = time.perf_counter()
+    K.quantize(x[:1], t, imatrix=imatrix, threads=1)
+    return {"llama_cpp_init_s": t1 - t0, "smolq_init_s": time.perf_counter() - t1}
+
+
 def bench_type(lib, name: str, chunks: list[np.ndarray], imatrix: np.ndarray, with_ref: bool) -> dict:
-    t = GGMLType.from_name(name)
+    t = GGMLType.from_name(name.upper())
     row_bytes = K.row_size(t, chunks[0].shape[1])
+    init = init_tables(lib, t, chunks[0], imatrix)
     total = {"smolq": 0.0, "llama": 0.0, "ref": 0.0}
     same = True
     for x in chunks:
@@ -72,7 +88,7 @@ def bench_type(lib, name: str, chunks: list[np.ndarray], imatrix: np.ndarray, wi
             same &= bool(np.array_equal(ref, theirs))
     mb = sum(x.nbytes for x in chunks) / 1e6
     row = {"type": t.name, "mb": mb, "smolq_mb_s": mb / total["smolq"], "llama_cpp_mb_s": mb / total["llama"],
-           "ratio": total["llama"] / total["smolq"], "same_bytes": same}
+           "ratio": total["llama"] / total["smolq"], "same_bytes": same, **init}
     if with_ref:
         row["smolq_ref_mb_s"] = mb / total["ref"]
     return row
@@ -91,6 +107,8 @@ def main() -> int:
     if lib is None:
         print(f"bench_iquants: {NO_LIBGGML}", file=sys.stderr)
         return 2
+    lib.ggml_quantize_init.restype = None
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
     if args.cols % 256:
         print(f"bench_iquants: --cols {args.cols} is not a multiple of 256", file=sys.stderr)
         return 2
@@ -118,7 +136,7 @@ def main() -> int:
     print(f"\nMB/s of f32 input, 1 thread, with an imatrix; JSON: {args.out}")
     if slower:
         print(f"smolq slower than llama.cpp for: {', '.join(slower)}")
-    return 0
+    return 0 if all(r["same_bytes"] for r in results) else 1
 
 
 def cpu_name() -> str:
@@ -133,7 +151,8 @@ def cpu_name() -> str:
 
 def print_row(row: dict, first: bool, with_ref: bool) -> None:
     cols = [("type", "type", "{}"), ("smolq_mb_s", "smolq", "{:,.1f}"), ("llama_cpp_mb_s", "llama.cpp", "{:,.1f}"),
-            ("ratio", "ratio", "{:.2f}"), ("same_bytes", "same", "{}")]
+            ("ratio", "ratio", "{:.2f}"), ("same_bytes", "same", "{}"), ("llama_cpp_init_s", "init llama", "{:.3f}s"),
+            ("smolq_init_s", "init smolq", "{:.3f}s")]
     if with_ref:
         cols.insert(2, ("smolq_ref_mb_s", "smolq ref", "{:,.1f}"))
     if first:

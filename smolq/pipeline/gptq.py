@@ -429,14 +429,16 @@ class _Weights:
             warnings.simplefilter("ignore", UserWarning)  # read-only numpy array: only read here
             return torch.from_numpy(t.load())
 
-    def materialize(self, module, prefix: str = "") -> None:
-        """Give every meta parameter of `module` (named `prefix` in the model) its checkpoint value."""
+    def materialize(self, module, prefix: str = "", read_only: bool = False) -> None:
+        """Give every meta parameter of `module` (named `prefix` in the model) its checkpoint value.
+        read_only: F32 parameters stay views of the mapped file (no copy; nothing may write them)."""
         import torch
 
+        load = self.load_f32_view if read_only else self.load
         for name, p in list(module.named_parameters(remove_duplicate=False)):
             if p.device.type == "meta":
                 owner, leaf = _owner(module, name)
-                owner._parameters[leaf] = torch.nn.Parameter(self.load(prefix + name, p.shape), requires_grad=False)
+                owner._parameters[leaf] = torch.nn.Parameter(load(prefix + name, p.shape), requires_grad=False)
         for name, b in list(module.named_buffers()):
             if self.ckpt.tensors.get(prefix + name) is not None:
                 owner, leaf = _owner(module, name)

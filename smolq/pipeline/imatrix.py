@@ -145,7 +145,7 @@ class SquareSums:
             col = self._last[1]
         else:
             flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-            col = (flat * flat).sum(dim=0).to(torch.float64)  # per batch in fp32, across batches in fp64
+            col = flat.square().sum(dim=0).to(torch.float64)  # per batch in fp32, across batches in fp64
             self._last = (x, col)
         tokens = x.numel() // x.shape[-1]
         if name in self.sums:
@@ -364,7 +364,8 @@ def _event(on_progress, **event) -> None:
 def _one_block(block, index, family, acts, weights, gguf_of, sums: SquareSums, kind=None) -> None:
     import torch
 
-    weights.materialize(block, f"{FAMILIES[family].blocks}.{index}.")
+    # Inference only: f32 weights stay views of the checkpoint (no copy).
+    weights.materialize(block, f"{FAMILIES[family].blocks}.{index}.", read_only=True)
     handles = _hook_linears(block, _block_entries(family, index, gguf_of), sums)
     try:
         _run_block(block, acts, torch.device("cpu"), replace=True, kind=kind)
