@@ -47,6 +47,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+from benchlib import measure  # noqa: E402
 CALIB_FILES = ("argparse.py", "textwrap.py", "difflib.py", "dataclasses.py", "pathlib.py", "functools.py",
                "collections/__init__.py", "json/decoder.py", "json/encoder.py", "heapq.py", "statistics.py",
                "fractions.py", "shutil.py", "tempfile.py")
@@ -91,13 +93,11 @@ def write_texts(work: Path) -> tuple[Path, Path]:
 
 
 def run(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """One child process, its output in `log`: exit code, wall and CPU seconds, peak RSS bytes."""
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
-        _, status, usage = os.wait4(proc.pid, 0)
-    return {"rc": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - t0,
-            "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": usage.ru_maxrss * 1024}
+    """One child process, its output in `log`: exit code, wall and CPU seconds, peak RSS bytes
+    (benchlib.measure: started from a small launcher, so the RSS is the child's own)."""
+    r = measure(cmd, env, log=log, check=False)
+    return {"rc": r["rc"], "seconds": r["wall_s"], "cpu_seconds": r["user_s"] + r["sys_s"],
+            "peak_rss_bytes": int(r["peak_rss_MiB"] * 2**20)}
 
 
 def timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:

@@ -38,24 +38,29 @@ os.write(fd, f"{wall} {u.ru_utime} {u.ru_stime} {u.ru_maxrss} {os.waitstatus_to_
 """
 
 
-def measure(cmd: Sequence[str], env: dict | None = None, cwd: str | None = None) -> dict:
-    """Run cmd; {wall_s, user_s, sys_s, peak_rss_MiB}. Raises SystemExit with its stderr on failure."""
+def measure(cmd: Sequence[str], env: dict | None = None, cwd: str | None = None, *,
+            log: Path | None = None, check: bool = True) -> dict:
+    """Run cmd; {wall_s, user_s, sys_s, peak_rss_MiB, rc}. Its stdout and stderr go to `log` when
+    given (else stdout is dropped). With check, a failure raises SystemExit with its stderr."""
     read_end, write_end = os.pipe()
-    with tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as err, open(log or os.devnull, "wb") as out:
         launcher = [sys.executable, "-S", "-I", "-c", _LAUNCHER, str(write_end), *map(str, cmd)]
-        proc = subprocess.Popen(launcher, stdout=subprocess.DEVNULL, stderr=err, pass_fds=(write_end,),
+        proc = subprocess.Popen(launcher, stdout=out, stderr=out if log else err, pass_fds=(write_end,),
                                 env={**os.environ, **(env or {})}, cwd=cwd)
         os.close(write_end)
         with os.fdopen(read_end, "rb") as r:
             report = r.read().decode()
         proc.wait()
-        if proc.returncode != 0 or not report or int(report.split()[4]) != 0:
+        rc = int(report.split()[4]) if report else proc.returncode or -1
+        if check and (proc.returncode != 0 or rc != 0):
             err.seek(0)
             raise SystemExit(f"{' '.join(map(str, cmd))} failed ({report or proc.returncode}):\n"
-                             f"{err.read().decode(errors='replace')[-3000:]}")
+                             f"{(log.read_text(errors='replace') if log else err.read().decode(errors='replace'))[-3000:]}")
+    if not report:
+        return {"wall_s": float("nan"), "user_s": 0.0, "sys_s": 0.0, "peak_rss_MiB": 0.0, "rc": rc}
     wall, user, system, maxrss_kib, _ = report.split()
     return {"wall_s": float(wall), "user_s": float(user), "sys_s": float(system),
-            "peak_rss_MiB": int(maxrss_kib) / 1024}
+            "peak_rss_MiB": int(maxrss_kib) / 1024, "rc": rc}
 
 
 def median_runs(runs: list[dict]) -> dict:
