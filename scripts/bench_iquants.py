@@ -35,8 +35,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import smolq.kernels as K  # noqa: E402
+from benchlib import cpu_name  # noqa: E402
 from smolq.ggml_types import GGMLType  # noqa: E402
 
 from ggml_lib import NO_LIBGGML, ggml_quantize_chunk, load_libggml  # noqa: E402
@@ -137,16 +139,6 @@ def main() -> int:
     if slower:
         print(f"smolq slower than llama.cpp for: {', '.join(slower)}")
     return 0 if all(r["same_bytes"] for r in results) else 1
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def print_row(row: dict, first: bool, with_ref: bool) -> None:

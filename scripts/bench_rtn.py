@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchlib import measure  # noqa: E402
+from benchlib import cpu_name, measure  # noqa: E402
 
 import smolq.kernels as K  # noqa: E402
 from smolq.ggml_types import GGMLType  # noqa: E402
@@ -175,16 +175,6 @@ def profile_quantize(src: Path, out: Path, name: str) -> dict:
     phases["(whole process)"] = {"calls": 1, **{k: round(total[k], 3) for k in ("wall_s", "user_s", "sys_s")}}
     out.unlink(missing_ok=True)
     return phases
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def fmt(v) -> str:

