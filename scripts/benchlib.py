@@ -39,6 +39,15 @@ os.write(fd, f"{wall} {u.ru_utime} {u.ru_stime} {u.ru_maxrss} {os.waitstatus_to_
 """
 
 
+def child_env(extra: dict | None = None) -> dict:
+    """This environment plus `extra`, with Python's bytecode cache allowed: an installed package
+    runs from its .pyc files, and a PYTHONDONTWRITEBYTECODE=1 inherited from a development shell
+    would make every Python command (smolq's and the peers' alike) recompile its modules on every
+    run (0.2 s of smolq's startup on this machine). The warm-up run writes the caches."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, **(extra or {})}
+
+
 def measure(cmd: Sequence[str], env: dict | None = None, cwd: str | None = None, *,
             log: Path | None = None, check: bool = True) -> dict:
     """Run cmd; {wall_s, user_s, sys_s, peak_rss_MiB, rc}. Its stdout and stderr go to `log` when
@@ -47,7 +56,7 @@ def measure(cmd: Sequence[str], env: dict | None = None, cwd: str | None = None,
     with tempfile.TemporaryFile() as err, open(log or os.devnull, "wb") as out:
         launcher = [sys.executable, "-S", "-I", "-c", _LAUNCHER, str(write_end), *map(str, cmd)]
         proc = subprocess.Popen(launcher, stdout=out, stderr=out if log else err, pass_fds=(write_end,),
-                                env={**os.environ, **(env or {})}, cwd=cwd)
+                                env=child_env(env), cwd=cwd)
         os.close(write_end)
         with os.fdopen(read_end, "rb") as r:
             report = r.read().decode()

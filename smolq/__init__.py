@@ -5,25 +5,44 @@ The public API (smolq.api): convert, quantize, imatrix, read_imatrix, migrate, s
 
 __version__ = "0.1.0"
 
-from smolq.threads import yielding_defaults  # noqa: E402
+from smolq.threads import yielding_defaults
 
 # Before anything imports torch: its OpenMP threads then sleep, not spin, when they wait
 # (a GPTQ run beside another busy process slowed ~30x without it; smolq/threads.py).
 yielding_defaults()
 
-from smolq.api import (  # noqa: E402,F401
-    Source,
-    TensorInfo,
-    convert,
-    imatrix,
-    merge,
-    migrate,
-    open,
-    quantize,
-    read_imatrix,
-    split,
-)
-from smolq.errors import FormatError, InputError, SmolqError  # noqa: E402,F401
+_API_NAMES = ("Source", "TensorInfo", "convert", "imatrix", "merge", "migrate", "open", "quantize",
+              "read_imatrix", "split")
+_ERROR_NAMES = ("FormatError", "InputError", "SmolqError")
 
-__all__ = ["__version__", "convert", "quantize", "imatrix", "read_imatrix", "migrate", "split", "merge", "open", "Source", "TensorInfo",
-           "SmolqError", "InputError", "FormatError"]
+
+def __getattr__(name: str):
+    """The public API, imported at first use: `smolq quantize` then loads the modules its
+    command needs, not every pipeline (about 0.3 s of imports on a 2-core machine)."""
+    if name in _API_NAMES:
+        from smolq import api
+
+        return getattr(api, name)
+    if name in _ERROR_NAMES:
+        from smolq import errors
+
+        return getattr(errors, name)
+    raise AttributeError(f"module 'smolq' has no attribute {name!r}")
+
+
+__all__ = [
+    "FormatError",
+    "InputError",
+    "SmolqError",
+    "Source",
+    "TensorInfo",
+    "__version__",
+    "convert",
+    "imatrix",
+    "merge",
+    "migrate",
+    "open",
+    "quantize",
+    "read_imatrix",
+    "split",
+]

@@ -21,15 +21,16 @@ from smolq.lazy import lazy_module
 np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 __all__ = [
-    "KERNEL_TYPES", "QUANTIZE_TYPES", "DEQUANTIZE_TYPES", "NEEDS_IMATRIX", "quantize", "dequantize", "row_size", "relayout",
+    "KERNEL_TYPES", "QUANTIZE_TYPES", "DEQUANTIZE_TYPES", "NEEDS_IMATRIX", "quantize", "dequantize", "requantize", "row_size", "relayout",
     "iq4_rounding_scales", "LATTICE_GROUPS", "lattice_rounding_plan", "lattice_round_groups", "gptq_pack", "gptq_unpack", "error_stats", "checksum", "count_nonfinite",
     "BNB_QUANT_TYPES", "bnb_code", "bnb4_quantize", "bnb4_dequantize", "bnb8_quantize", "bnb8_dequantize", "bnb_mean",
 ]
 
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 _ERRORS = {-1: "type/layout not supported", -2: "row length not a multiple of the block size", -3: "bad argument",
            -4: "the type needs an importance matrix",
-           -5: "values too large for the type's search (llama.cpp aborts on them)"}
+           -5: "values too large for the type's search (llama.cpp aborts on them)",
+           -6: "NaN or infinite values cannot be quantized"}
 
 
 def _load_library() -> ctypes.CDLL:
@@ -49,6 +50,7 @@ _i64, _int, _vp, _u64 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_
 _SIGNATURES = {
     "smolq_quantize": (_i64, [_int, _int, _vp, _vp, _i64, _i64, _vp, _int, _int]),
     "smolq_dequantize": (_i64, [_int, _int, _vp, _vp, _i64, _i64, _int, _int]),
+    "smolq_requantize": (_i64, [_int, _int, _vp, _int, _int, _vp, _i64, _i64, _vp, _int, _int, _int]),
     "smolq_row_size": (_i64, [_int, _int, _i64]),
     "smolq_relayout": (_i64, [_int, _int, _int, _vp, _vp, _i64, ctypes.POINTER(_int)]),
     "smolq_gptq_pack": (_i64, [_vp, _vp, _i64, _i64, _int, _int]),
@@ -197,19 +199,57 @@ def quantize(x: np.ndarray, qtype: Any, layout: str = "v3", imatrix: np.ndarray 
         raise ValueError(f"row of {n_per_row} elements is not a multiple of {t.name}'s block of {block}")
     if t not in _FLOAT_TYPES and count_nonfinite(x, threads):
         raise ValueError(f"cannot quantize NaN or infinite values to {t.name}")
-    w = None
-    if imatrix is None and t in NEEDS_IMATRIX:
-        raise ValueError(f"{t.name} needs an importance matrix (imatrix=...), as in llama.cpp")
-    if imatrix is not None:
-        w = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
-        if w.size != n_per_row:
-            raise ValueError(f"imatrix has {w.size} weights for rows of {n_per_row} elements")
-        if count_nonfinite(w) or (w < 0).any():
-            raise ValueError("imatrix weights must be finite and >= 0")
+    w = _importance(t, imatrix, n_per_row)
     out = _out_array(out, (nrows, n_per_row // block * bpb), np.uint8)
     _raise_on(_lib.smolq_quantize(int(t), _layout(layout), _ptr(x), _ptr(out), nrows, n_per_row,
                                   _ptr(w) if w is not None else None, _threads(threads), _impl(impl)),
               f"quantize to {t.name}")
+    return out
+
+
+def _importance(t: GGMLType, imatrix: np.ndarray | None, n_per_row: int) -> np.ndarray | None:
+    """The checked float32 importance weights for rows of n_per_row (None without an imatrix)."""
+    if imatrix is None:
+        if t in NEEDS_IMATRIX:
+            raise ValueError(f"{t.name} needs an importance matrix (imatrix=...), as in llama.cpp")
+        return None
+    w = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+    if w.size != n_per_row:
+        raise ValueError(f"imatrix has {w.size} weights for rows of {n_per_row} elements")
+    if count_nonfinite(w) or (w < 0).any():
+        raise ValueError("imatrix weights must be finite and >= 0")
+    return w
+
+
+def requantize(data: Any, src_type: Any, shape: Sequence[int], qtype: Any, src_layout: str = "v3",
+               layout: str = "v3", imatrix: np.ndarray | None = None, threads: int = 0, impl: str = "fast",
+               out: np.ndarray | None = None) -> np.ndarray:
+    """Stored rows of `src_type` decoded and quantized to `qtype` in one pass (uint8 (nrows,
+    row_bytes), into `out` when given): the bytes of quantize(dequantize(data, ...), ...),
+    without a float32 copy of the tensor. NaN or infinite values raise ValueError."""
+    s, t = _qtype(src_type), _qtype(qtype)
+    _check_pair(s, src_layout, DEQUANTIZE_TYPES, "dequantize")
+    _check_pair(t, layout, QUANTIZE_TYPES, "quantize to")
+    shape = tuple(int(d) for d in shape) or (1,)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"negative dimension in shape {shape}")
+    n_per_row, nrows = shape[-1], math.prod(shape[:-1])
+    for typ, lay in ((s, src_layout), (t, layout)):
+        if n_per_row % TYPE_INFO[typ].block_size:
+            raise ValueError(f"row of {n_per_row} elements is not a multiple of {typ.name}'s block of "
+                             f"{TYPE_INFO[typ].block_size}")
+    raw = _as_bytes(data)
+    need = nrows * row_size(s, n_per_row, src_layout)
+    if raw.size != need:
+        raise ValueError(f"{s.name} ({src_layout}) tensor of shape {shape} needs {need} bytes, got {raw.size}")
+    w = _importance(t, imatrix, n_per_row)
+    out = _out_array(out, (nrows, row_size(t, n_per_row, layout)), np.uint8)
+    code = _lib.smolq_requantize(int(s), _layout(src_layout), _ptr(raw), int(t), _layout(layout), _ptr(out),
+                                 nrows, n_per_row, _ptr(w) if w is not None else None,
+                                 int(t not in _FLOAT_TYPES), _threads(threads), _impl(impl))
+    if code == -6:
+        raise ValueError(f"cannot quantize NaN or infinite values to {t.name}")
+    _raise_on(code, f"quantize {s.name} to {t.name}")
     return out
 
 

@@ -10,7 +10,7 @@
 #include "kernel_internal.h"
 #include "quants_iq12.h"
 
-#define ABI_VERSION 3
+#define ABI_VERSION 4
 
 int smolq_kernel_abi_version(void) { return ABI_VERSION; }
 
@@ -398,17 +398,26 @@ typedef struct {
     int64_t *counts;
 } finite_job;
 
+/* Every quantize call runs this over its input first, so it is kept vectorisable: a
+ * 32-bit count per chunk (STAT_CHUNK < 2^32) and an AVX2 clone where the CPU has it. */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+static uint32_t nonfinite_in(const float *restrict x, int64_t n) {
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, x + i, 4);
+        bad += (u & 0x7f800000u) == 0x7f800000u;
+    }
+    return bad;
+}
+
 static void count_nonfinite_chunks(void *ctx, int64_t begin, int64_t end) {
     const finite_job *j = ctx;
     for (int64_t c = begin; c < end; c++) {
         const int64_t lo = c * STAT_CHUNK, hi = lo + STAT_CHUNK < j->n ? lo + STAT_CHUNK : j->n;
-        int64_t bad = 0;
-        for (int64_t i = lo; i < hi; i++) {
-            uint32_t u;
-            memcpy(&u, j->x + i, 4);
-            bad += (u & 0x7f800000u) == 0x7f800000u;
-        }
-        j->counts[c] = bad;
+        j->counts[c] = nonfinite_in(j->x + lo, hi - lo);
     }
 }
 
@@ -424,6 +433,67 @@ int64_t smolq_count_nonfinite(const float *x, int64_t n, int nthreads) {
     for (int64_t c = 0; c < nchunks; c++) total += counts[c];
     free(counts);
     return total;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Requantization: decode a row, check it, quantize it, with the row kept in a
+ * per-thread buffer that stays in cache. Round-to-nearest requantization of
+ * a GGUF (f16 -> Q4_0, Q8_0 -> Q4_K, ...) is then one pass over the input
+ * instead of three over memory (decode to a float array, the non-finite
+ * check, quantize), which is most of what `smolq quantize` costs (#18). Each
+ * row goes through the same row functions as smolq_dequantize and
+ * smolq_quantize, so the bytes are theirs.                                  */
+
+typedef struct {
+    smolq_dequantize_row_fn dequant;
+    smolq_quantize_row_fn quant;
+    smolq_quantize_row_checked_fn checked;
+    const uint8_t *src;
+    uint8_t *dst;
+    int64_t n_per_row, src_row_bytes, dst_row_bytes;
+    const float *imatrix;
+    int check_finite;
+    int status;
+} requant_job;
+
+static void requantize_rows(void *ctx, int64_t begin, int64_t end) {
+    requant_job *j = ctx;
+    float *row = malloc((size_t)j->n_per_row * sizeof(float));
+    if (!row) {
+        __atomic_store_n(&j->status, SMOLQ_ERR_ARG, __ATOMIC_RELAXED);
+        return;
+    }
+    for (int64_t r = begin; r < end; r++) {
+        j->dequant(j->src + r * j->src_row_bytes, row, j->n_per_row);
+        int err = j->check_finite && nonfinite_in(row, j->n_per_row) ? SMOLQ_ERR_NONFINITE : 0;
+        uint8_t *y = j->dst + r * j->dst_row_bytes;
+        if (!err && j->checked) err = j->checked(row, y, j->n_per_row, j->imatrix);
+        else if (!err) j->quant(row, y, j->n_per_row, j->imatrix);
+        if (err) {
+            __atomic_store_n(&j->status, err, __ATOMIC_RELAXED); /* threads may race; any error will do */
+            break;
+        }
+    }
+    free(row);
+}
+
+int64_t smolq_requantize(int src_type, int src_layout, const void *src, int dst_type, int dst_layout, void *dst,
+                         int64_t nrows, int64_t n_per_row, const float *imatrix, int check_finite, int nthreads,
+                         int impl) {
+    smolq_type_ops in, out;
+    int err = lookup_ops(src_type, src_layout, &in);
+    if (!err) err = lookup_ops(dst_type, dst_layout, &out);
+    if (err) return err;
+    if (nrows < 0 || n_per_row < 0 || (impl != 0 && impl != 1)) return SMOLQ_ERR_ARG;
+    if (n_per_row % in.block || n_per_row % out.block) return SMOLQ_ERR_ROWLEN;
+    if (!in.dequant[impl] || (!out.quant[impl] && !out.checked[impl])) return SMOLQ_ERR_TYPE;
+    if (out.needs_imatrix && !imatrix) return SMOLQ_ERR_IMATRIX;
+    if (nrows == 0 || n_per_row == 0) return 0;
+    if (!src || !dst) return SMOLQ_ERR_ARG;
+    requant_job j = {in.dequant[impl], out.quant[impl], out.checked[impl], src, dst, n_per_row,
+                     n_per_row / in.block * in.bytes, n_per_row / out.block * out.bytes, imatrix, check_finite, 0};
+    parallel_for(nrows, rows_per_thread(n_per_row), nthreads, requantize_rows, &j);
+    return j.status ? j.status : nrows * j.dst_row_bytes;
 }
 
 /* ------------------------------------------------------------------------ */

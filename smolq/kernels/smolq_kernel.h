@@ -23,6 +23,7 @@
 #define SMOLQ_ERR_ARG     (-3)   /* bad argument (NULL, negative size, bits) */
 #define SMOLQ_ERR_IMATRIX (-4)   /* the type needs an importance matrix (llama.cpp asserts one) */
 #define SMOLQ_ERR_RANGE   (-5)   /* values the type's search cannot handle (llama.cpp aborts on them) */
+#define SMOLQ_ERR_NONFINITE (-6) /* a NaN or infinity where a quantized type cannot hold one */
 
 /* One row: n elements, a multiple of the type's block size. imatrix is NULL
  * or n importance weights (llama.cpp's quant_weights). */
@@ -35,6 +36,13 @@ int64_t smolq_quantize(int type, int layout, const float *src, void *dst,
                        int nthreads, int impl);
 int64_t smolq_dequantize(int type, int layout, const void *src, float *dst,
                          int64_t nrows, int64_t n_per_row, int nthreads, int impl);
+/* Rows of (src_type, src_layout) decoded and quantized to (dst_type, dst_layout)
+ * a row at a time: the bytes of smolq_dequantize then smolq_quantize, in one
+ * pass. check_finite: refuse rows holding a NaN or infinity (SMOLQ_ERR_NONFINITE).
+ * Returns the bytes written, or < 0. */
+int64_t smolq_requantize(int src_type, int src_layout, const void *src, int dst_type, int dst_layout, void *dst,
+                         int64_t nrows, int64_t n_per_row, const float *imatrix, int check_finite, int nthreads,
+                         int impl);
 /* Bytes per row, or < 0. */
 int64_t smolq_row_size(int type, int layout, int64_t n_per_row);
 

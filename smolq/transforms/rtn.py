@@ -4,14 +4,13 @@ Each output TensorEntry's load() reads its source tensor (a view of the input
 file's mmap), decodes it to float32 when its type changes, and quantizes it
 to the planned type and block layout. Nothing runs until the writer asks for
 that tensor, and the writer drops the bytes before asking for the next. A
-tensor is decoded and quantized a slice of rows at a time through one reused
-float32 buffer, so peak memory is one tensor's output plus that buffer, not a
-float32 copy of the tensor (262 MB for a 32000 x 2048 embedding), and no time
-goes to faulting in fresh pages for it.
+tensor is decoded and quantized a row at a time inside the kernel
+(kernels.requantize), so peak memory is one tensor's output, not a float32
+copy of the tensor (262 MB for a 32000 x 2048 embedding), and the input is
+read once.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 from smolq import kernels
@@ -59,34 +58,15 @@ def _same_type_loader(src: TensorEntry, layout: str):
     return load
 
 
-# float32 bytes decoded per step: large enough that each kernel call splits well across threads,
-# small enough to stay one reused allocation.
-CHUNK_BYTES = 16 << 20
-
-
 def quantize_rows(src: TensorEntry, dst: GGMLType, layout: str, threads: int = 0,
                   imatrix: np.ndarray | None = None) -> np.ndarray:
-    """src's rows decoded and quantized to dst, CHUNK_BYTES of float32 at a time (every ggml
-    quantizer works row by row, so the bytes equal those of one call over the whole tensor)."""
+    """src's stored rows decoded and quantized to dst in one kernel pass (each row decoded into
+    a per-thread buffer and quantized from there), so no float32 copy of the tensor exists."""
     if src.extra.get("be_blocks_as_stored"):
         to_float32(src)  # raises the explanation
-    shape = tuple(int(d) for d in src.shape) or (1,)
-    n_per_row, nrows = shape[-1], math.prod(shape[:-1])
     data = _raw(src)
-    raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) \
-        else np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
-    in_row = kernels.row_size(src.type, n_per_row, src.layout)
-    if raw.size != nrows * in_row:
-        raise ValueError(f"{src.type.name} tensor of shape {shape} needs {nrows * in_row} bytes, got {raw.size}")
-    out = np.empty((nrows, kernels.row_size(dst, n_per_row, layout)), dtype=np.uint8)
-    step = max(1, CHUNK_BYTES // (4 * n_per_row))
-    scratch = np.empty((min(step, nrows), n_per_row), dtype=np.float32)
-    for r0 in range(0, nrows, step):
-        r1 = min(nrows, r0 + step)
-        x = scratch[:r1 - r0]
-        kernels.dequantize(raw[r0 * in_row:r1 * in_row], src.type, x.shape, layout=src.layout,
-                           threads=threads, out=x)
-        kernels.quantize(x, dst, layout=layout, imatrix=imatrix, threads=threads, out=out[r0:r1])
+    out = kernels.requantize(data, src.type, src.shape, dst, src_layout=src.layout, layout=layout,
+                             imatrix=imatrix, threads=threads)
     return out.reshape(-1)
 
 
