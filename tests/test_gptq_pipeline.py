@@ -236,3 +236,54 @@ def test_calibration_token_id_records(tiny, tmp_path):
     big.write_text(json.dumps({"input_ids": [1, vocab]}) + "\n")
     with pytest.raises(InputError, match=f"token id {vocab} is outside"):
         load_calibration(model, tok, big, nsamples=1, seqlen=12)
+
+
+def _hessians_one_per_linear(block, names, acts, dev, kind=None, parts=None):
+    """The plain way: every Linear accumulates its own input Hessian (what GPTQ did before q/k/v
+    and gate/up shared theirs), over all samples and over the cross-validation parts."""
+    from smolq.transforms.gptq import HessianAccumulator
+
+    keys = (None, "fit", "held") if parts else (None,)
+    accs = {n: {k: HessianAccumulator(block.get_submodule(n).weight.shape[1]) for k in keys} for n in names}
+    current = [None]
+
+    def hook_for(name):
+        def hook(_m, args, _out):
+            accs[name][None].add(args[0])
+            if current[0] is not None:
+                accs[name]["fit" if current[0] == gptq_pipeline.FIT else "held"].add(args[0])
+        return hook
+
+    handles = [block.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
+
+    def before(i):
+        current[0] = parts[i] if parts else None
+
+    try:
+        gptq_pipeline._run_block(block, acts, dev, kind=kind, before=before)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: gptq_pipeline._Hessians(a[None].H, a["fit"].H if parts else None, a["held"].H if parts else None)
+            for n, a in accs.items()}
+
+
+@pytest.mark.parametrize("reg", ["0", "auto"])
+def test_shared_input_hessians_give_the_same_bytes(tiny, monkeypatch, reg):
+    """q/k/v (and gate/up) take the same tensor, so GPTQ accumulates its Hessian once; the
+    file must be byte-identical to one made with a Hessian accumulated per Linear."""
+    from smolq.transforms.gptq import HessianAccumulator
+
+    root, hf = tiny
+    adds = []
+    real_add = HessianAccumulator.add
+    monkeypatch.setattr(HessianAccumulator, "add", lambda self, x, mask=None: (adds.append(1), real_add(self, x, mask)))
+    shared = root / f"shared-{reg}.gguf"
+    quantize_hf_gptq(hf, shared, format="gguf", qtype="q4_0", calib=root / "calib.txt", hessian_reg=reg, **FAST)
+    n_shared = len(adds)
+    monkeypatch.setattr(gptq_pipeline, "_collect_hessians", _hessians_one_per_linear)
+    adds.clear()
+    plain = root / f"plain-{reg}.gguf"
+    quantize_hf_gptq(hf, plain, format="gguf", qtype="q4_0", calib=root / "calib.txt", hessian_reg=reg, **FAST)
+    assert shared.read_bytes() == plain.read_bytes()
+    assert n_shared * 7 == len(adds) * 4, (n_shared, len(adds))  # 4 distinct inputs of 7 Linears per block

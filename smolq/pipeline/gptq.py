@@ -849,6 +849,10 @@ def _collect_hessians(block, names, acts: _Activations, dev, kind=None, parts=No
     when `parts` (one of FIT / HELD / None per sample) is given."""
     accs, handles = {}, []
     current = [None]  # the part of the sample being run
+    # Linears fed the very same tensor (q/k/v, gate/up) have the same Hessian: the first of
+    # them accumulates it, the others share its accumulators (one matmul, not three).
+    last: list = [None, None]  # (the latest input tensor, the Linear that accumulated it)
+    owner: dict[str, str] = {}  # Linear -> the one whose accumulators it shares (set by sample 0)
 
     def new_acc(n_in):
         return {p: HessianAccumulator(n_in, device=dev) for p in ((None, FIT, HELD) if parts else (None,))}
@@ -857,8 +861,18 @@ def _collect_hessians(block, names, acts: _Activations, dev, kind=None, parts=No
         lin = block.get_submodule(name)
         accs[name] = new_acc(lin.weight.shape[1])
 
-        def hook(_m, args, _out, acc=accs[name]):
-            x = args[0].detach()
+        def hook(_m, args, _out, name=name):
+            x = args[0]
+            shares = last[0] is x
+            if name not in owner:
+                owner[name] = owner[last[1]] if shares else name
+            elif (owner[name] != name) != shares:
+                raise RuntimeError(f"{name}: its input changed between calibration samples")
+            last[0], last[1] = x, name
+            if owner[name] != name:
+                return
+            acc = accs[name]
+            x = x.detach()
             acc[None].add(x)
             if current[0] is not None:
                 acc[current[0]].add(x)
@@ -873,8 +887,9 @@ def _collect_hessians(block, names, acts: _Activations, dev, kind=None, parts=No
     finally:
         for h in handles:
             h.remove()
+        last[0] = None
     return {n: _Hessians(a[None].H, a[FIT].H if parts else None, a[HELD].H if parts else None)
-            for n, a in accs.items()}
+            for n, a in ((n, accs[owner.get(n, n)]) for n in accs)}
 
 
 def _solve_linear(lin, hessians: _Hessians, qtype, settings: Settings, dev):
