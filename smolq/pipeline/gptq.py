@@ -755,7 +755,12 @@ def _run_block(block, acts: _Activations, dev, replace: bool = False, kind=None,
             a, k = _to(args, dev), _to(kwargs, dev)
             k = {key: v for key, v in k.items() if key not in ("past_key_values", "past_key_value", "layer_past")}
             k["use_cache"] = False
-            res = block(*a, **k)
+            try:
+                res = block(*a, **k)
+            except _StopForward:
+                if replace:
+                    raise
+                continue  # a hook has what it needs from this sample
             if replace:
                 acts.replace(i, res[0] if isinstance(res, (tuple, list)) else res)
 
@@ -852,6 +857,9 @@ def _collect_hessians(block, names, acts: _Activations, dev, kind=None, parts=No
     # Linears fed the very same tensor (q/k/v, gate/up) have the same Hessian: the first of
     # them accumulates it, the others share its accumulators (one matmul, not three).
     last: list = [None, None]  # (the latest input tensor, the Linear that accumulated it)
+    # True-sequential groups come in forward order, so a sample's forward stops once every
+    # Linear of this group has seen its input: the q/k/v group runs only the first norm.
+    fired: set[str] = set()
     owner: dict[str, str] = {}  # Linear -> the one whose accumulators it shares (set by sample 0)
 
     def new_acc(n_in):
@@ -869,18 +877,21 @@ def _collect_hessians(block, names, acts: _Activations, dev, kind=None, parts=No
             elif (owner[name] != name) != shares:
                 raise RuntimeError(f"{name}: its input changed between calibration samples")
             last[0], last[1] = x, name
-            if owner[name] != name:
-                return
-            acc = accs[name]
-            x = x.detach()
-            acc[None].add(x)
-            if current[0] is not None:
-                acc[current[0]].add(x)
+            fired.add(name)
+            if owner[name] == name:
+                acc = accs[name]
+                x = x.detach()
+                acc[None].add(x)
+                if current[0] is not None:
+                    acc[current[0]].add(x)
+            if len(fired) == len(names):
+                raise _StopForward  # the rest of the block does not feed these Linears
 
         handles.append(lin.register_forward_hook(hook))
 
     def before(i):
         current[0] = parts[i] if parts else None
+        fired.clear()
 
     try:
         _run_block(block, acts, dev, kind=kind, before=before)
