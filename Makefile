@@ -84,10 +84,18 @@ test-slow: setup
 # - llm-compressor 0.14.0.1 (scripts/bench_gptq.py --peers only, not a loader): installs on CPU
 #   torch 2.13.0 (pip install --dry-run pulls no other torch); it brings transformers 5.17,
 #   compressed-tensors 0.19 and auto-round.
+# - AutoRound 0.16.1 (scripts/bench_quality.py --autoround: its GGUF export as a quality peer),
+#   in a venv of its own so its version is the one named here, not llm-compressor's pin.
 PEERS := $(VENV)/peers
 PEER_PIP = $(@D)/bin/python -m pip --disable-pip-version-check -q
 peers: $(PEERS)/gptqmodel/.installed $(PEERS)/autogptq/.installed
-bench-peers: $(PEERS)/gptqmodel/.installed $(PEERS)/llmcompressor/.installed
+bench-peers: $(PEERS)/gptqmodel/.installed $(PEERS)/llmcompressor/.installed $(PEERS)/autoround/.installed
+
+$(PEERS)/autoround/.installed:
+	rm -rf $(@D) && $(PYTHON) -m venv $(@D)
+	$(PEER_PIP) install "torch==2.13.0"
+	$(PEER_PIP) install "torch==2.13.0" "auto-round==0.16.1" "gguf==0.19.0" sentencepiece  # its GGUF export imports both
+	touch $@
 
 $(PEERS)/gptqmodel/.installed:
 	rm -rf $(@D) && $(PYTHON) -m venv $(@D)

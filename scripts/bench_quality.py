@@ -25,8 +25,9 @@ Rows, for each type (a llama.cpp preset name):
   --hessian-reg value given (default: only smolq's default); types GPTQ has no grid
   for yet are n/a, with the reason smolq gives;
 - AutoRound (--autoround): the `auto-round` command of the peer venv
-  .venv/peers/autoround, GGUF export of the same type, --iters 0 (its recommendation for
-  GGUF), same calibration text; n/a when not installed.
+  .venv/peers/autoround (`make bench-peers`: auto-round 0.16.1), GGUF export of the same
+  type, --iters 0 (its recommendation for GGUF), same calibration text (as the JSON list of
+  strings AutoRound reads); n/a when not installed.
 Columns: file size (bytes, bits per weight of the model's parameters), perplexity ± its
 standard error from llama-perplexity (ctx 512, the first --chunks windows) on each
 evaluation text, and the ratio to llama.cpp's imatrix row; a row whose file is larger
@@ -198,13 +199,24 @@ class Bench:
             return {"file": None, "na": f"not installed ({AUTOROUND_VENV})"}
         outdir = self.work / f"{t}-autoround"
         log = self.work / f"{t}-autoround.log"
-        rc, seconds = run([exe, "--model", self.hf, "--format", f"gguf:{t}", "--iters", "0", "--dataset", self.calib,
-                           "--seqlen", "512", "--device", "cpu", "--output_dir", outdir], log)
+        rc, seconds = run([exe, "--model", self.hf, "--format", f"gguf:{t}", "--iters", "0",
+                           "--dataset", self._autoround_dataset(), "--seqlen", "512", "--device", "cpu",
+                           "--output_dir", outdir], log)
         found = sorted(outdir.rglob("*.gguf")) if outdir.is_dir() else []
         if rc != 0 or not found:
             return {"file": None, "na": last_line(log)}
         found[0].rename(out)
         return {"seconds": round(seconds, 1)}
+
+    def _autoround_dataset(self) -> Path:
+        """The calibration text as AutoRound takes a local dataset: a JSON list of strings. Pieces
+        of 3000 characters hold more than 512 tokens of source code, so each gives one full window
+        (AutoRound truncates a sample to --seqlen)."""
+        path = self.work / "calib-autoround.json"
+        if not path.is_file():
+            text = Path(self.calib).read_text(encoding="utf-8", errors="replace")
+            path.write_text(json.dumps([text[i:i + 3000] for i in range(0, len(text), 3000)]))
+        return path
 
     def measure(self, row: dict) -> dict:
         if not row.get("file"):
