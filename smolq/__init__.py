@@ -11,22 +11,19 @@ from smolq.threads import yielding_defaults
 # (a GPTQ run beside another busy process slowed ~30x without it; smolq/threads.py).
 yielding_defaults()
 
-_API_NAMES = ("Source", "TensorInfo", "convert", "imatrix", "merge", "migrate", "open", "quantize",
-              "read_imatrix", "split")
-_ERROR_NAMES = ("FormatError", "InputError", "SmolqError")
+from smolq.errors import FormatError, InputError, SmolqError  # noqa: E402
+from smolq.lazy import lazy_module  # noqa: E402
+
+# The public API is imported at first use: `smolq quantize` then loads the modules its command
+# needs, not every pipeline (about 0.3 s of imports on a 2-core machine).
+_api = lazy_module("smolq.api")
+_API_NAMES = frozenset({"Source", "TensorInfo", "convert", "imatrix", "merge", "migrate", "open", "quantize",
+                        "read_imatrix", "split"})
 
 
 def __getattr__(name: str):
-    """The public API, imported at first use: `smolq quantize` then loads the modules its
-    command needs, not every pipeline (about 0.3 s of imports on a 2-core machine)."""
     if name in _API_NAMES:
-        from smolq import api
-
-        return getattr(api, name)
-    if name in _ERROR_NAMES:
-        from smolq import errors
-
-        return getattr(errors, name)
+        return getattr(_api, name)
     raise AttributeError(f"module 'smolq' has no attribute {name!r}")
 
 
