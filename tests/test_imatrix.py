@@ -306,6 +306,46 @@ def test_convert_with_imatrix_equals_quantize_of_the_f32_file(tiny, smolq_imatri
     assert _imatrix_keys(tmp_path / "c.gguf")["quantize.imatrix.entries_count"] == 14
 
 
+GGUF_OF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+           "mlp.down_proj": "ffn_down"}
+
+
+def test_f16_checkpoint_matches_transformers_forward(tmp_path):
+    """An f16 checkpoint of three blocks (decoded into buffers reused block after block; the last
+    block's forward cut short after its last Linear's input): every entry is the mean square of
+    that Linear's inputs in transformers' own forward of the whole model, chunk by chunk."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smolq.tiny import make_tiny_model
+
+    make_tiny_model("llama", tmp_path / "hf", hidden_size=128, n_layers=3, dtype="float16")
+    (tmp_path / "calib.txt").write_text(_text(3))
+    smolq.imatrix(tmp_path / "hf", tmp_path / "m.imatrix", calib=tmp_path / "calib.txt", ctx=CTX, chunks=3)
+    ours = read_imatrix(tmp_path / "m.imatrix")
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tok((tmp_path / "calib.txt").read_text(), add_special_tokens=True)["input_ids"]
+    chunks = [[tok.bos_token_id] + ids[i * CTX + 1:(i + 1) * CTX] for i in range(3)]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    sums: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        rel = name.split(".", 3)[-1] if name.startswith("model.layers.") else ""
+        if rel in GGUF_OF:
+            entry = f"blk.{name.split('.')[2]}.{GGUF_OF[rel]}.weight"
+            module.register_forward_pre_hook(
+                lambda _m, args, entry=entry: sums.__setitem__(
+                    entry, sums.get(entry, 0) + args[0].reshape(-1, args[0].shape[-1]).double().square().sum(0)))
+    with torch.no_grad():
+        for chunk in chunks:
+            model(torch.tensor([chunk]))
+    assert sorted(ours.entries) == sorted(sums)
+    for name, total in sums.items():
+        assert ours.entries[name].counts.tolist() == [3 * CTX], name
+        np.testing.assert_allclose(ours.importance(name), (total / (3 * CTX)).numpy(), rtol=2e-5, err_msg=name)
+
+
 def test_api(tiny, tmp_path):
     import smolq
 

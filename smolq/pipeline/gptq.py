@@ -38,6 +38,7 @@ from typing import Any
 
 from smolq.arch import arch_for_config
 from smolq.atomic import atomic_directory, atomic_output
+from smolq import kernels
 from smolq.errors import InputError
 from smolq.fileio import phase
 from smolq.threads import set_threads
@@ -393,10 +394,15 @@ def _parameters_on_meta():
 class _Weights:
     """Checkpoint tensors put into (and taken back out of) the meta-device model, by name."""
 
-    def __init__(self, ckpt, model):
+    def __init__(self, ckpt, model, reuse_buffers: bool = False):
+        """reuse_buffers: read-only weights are decoded into float32 buffers kept from
+        the last released block of the same shapes (imatrix: every block alike), so
+        no block pays again for the page faults of fresh allocations."""
         self.ckpt, self.model = ckpt, model
         embed = model.get_input_embeddings()
         self.embed_name = next(n for n, m in model.named_modules() if m is embed) + ".weight"
+        self._free: dict[tuple[int, ...], list] | None = {} if reuse_buffers else None
+        self._lent: set[int] = set()  # data pointers of the buffers now in a module
 
     def source(self, name: str):
         """The checkpoint tensor behind parameter/buffer `name` (None: not in the checkpoint)."""
@@ -423,6 +429,8 @@ class _Weights:
         import torch
 
         t = self.source(name)
+        if t is not None and t.dtype == "F16" and self._free is not None and tuple(t.shape) == tuple(shape):
+            return self._decode_into_buffer(t)
         if t is None or t.dtype != "F32" or tuple(t.shape) != tuple(shape):
             return self.load(name, shape)
         with warnings.catch_warnings():
@@ -444,16 +452,30 @@ class _Weights:
                 owner, leaf = _owner(module, name)
                 owner._buffers[leaf] = self.load(prefix + name, b.shape).to(b.dtype)
 
-    @staticmethod
-    def release(module) -> None:
-        """Back to meta: the parameters' memory is freed, the skeleton stays."""
+    def _decode_into_buffer(self, t):
+        """An F16 checkpoint tensor decoded (the kernel's F16C path) into a reused buffer."""
+        import torch
+
+        shape = tuple(int(d) for d in t.shape)
+        free = self._free.setdefault(shape, [])
+        buf = free.pop() if free else torch.empty(shape, dtype=torch.float32)
+        kernels.dequantize(t.load(), GGMLType.F16, shape, threads=torch.get_num_threads(), out=buf.numpy())
+        self._lent.add(buf.data_ptr())
+        return buf
+
+    def release(self, module) -> None:
+        """Back to meta: the parameters' memory is freed (or kept for reuse), the skeleton stays."""
         import torch
 
         for name, p in list(module.named_parameters(remove_duplicate=False)):
             owner, leaf = _owner(module, name)
+            if p.device.type != "meta" and p.data_ptr() in self._lent:
+                self._lent.discard(p.data_ptr())
+                self._free[tuple(p.shape)].append(p.data)
             owner._parameters[leaf] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
                                                          requires_grad=False)
-        _trim_heap()
+        if self._free is None:
+            _trim_heap()
 
     def nbytes(self, module) -> int:
         return sum(p.numel() * 4 for p in module.parameters())

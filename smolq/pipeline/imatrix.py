@@ -40,6 +40,7 @@ from smolq.formats.imatrix import FORMATS, from_sums, write_imatrix
 from smolq.lazy import lazy_module
 from smolq.pipeline.gptq import (
     FAMILIES,
+    _StopForward,
     _blocks,
     _capture_block_inputs,
     _linears,
@@ -55,7 +56,11 @@ np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 # The module that normalises the last block's output before lm_head (--process-output).
 FINAL_NORM = {"llama": "model.norm", "gptj": "transformer.ln_f", "mpt": "transformer.norm_f", "gemma3": "model.norm"}
-BATCH_TOKENS = 2048  # chunks run together up to this many tokens (llama-imatrix's default -b)
+# Chunks run together up to this many tokens (llama.cpp's default micro-batch, -ub 512). Bigger
+# batches were measured slower on one thread (1.1B, 4 chunks: 61 s at 2048, 56 s at 512): an
+# MLP activation of 2048 tokens is past glibc's mmap threshold, so each one is a fresh mapping
+# whose page faults cost more system time than the wider matrix products save.
+BATCH_TOKENS = 512
 # Finished blocks are saved for --resume at most this often (and after the last one): saving
 # costs a write of every block input, so a Ctrl-C loses up to this much work, never more.
 SAVE_EVERY_S = 60.0
@@ -278,7 +283,7 @@ def compute_imatrix(src: str | os.PathLike, out: str | os.PathLike, calib: str |
                         process_output)
     with open_checkpoint(src) as ckpt:
         gguf_of = _gguf_names(ckpt)
-        weights = _Weights(ckpt, model)
+        weights = _Weights(ckpt, model, reuse_buffers=True)
         work = WorkDir(out, settings, resume)
         try:
             sums = _collect(model, family, cal, weights, work, gguf_of, process_output, quiet, on_progress)
@@ -343,7 +348,8 @@ def _collect(model, family, cal, weights, work: WorkDir, gguf_of, process_output
             _event(on_progress, event="tensor", name=f"block {i} (saved)", nbytes=per_block)
         saved = time.monotonic()
         for i in range(start, len(blocks)):
-            _one_block(blocks[i], i, family, acts, weights, gguf_of, sums, kinds[i])
+            outputs_needed = process_output or i + 1 < len(blocks)
+            _one_block(blocks[i], i, family, acts, weights, gguf_of, sums, kinds[i], outputs_needed)
             if time.monotonic() - saved >= SAVE_EVERY_S and i + 1 < len(blocks):
                 work.save(i + 1, sums, acts)
                 saved = time.monotonic()
@@ -361,19 +367,28 @@ def _event(on_progress, **event) -> None:
         on_progress(event)
 
 
-def _one_block(block, index, family, acts, weights, gguf_of, sums: SquareSums, kind=None) -> None:
+def _one_block(block, index, family, acts, weights, gguf_of, sums: SquareSums, kind=None,
+               outputs_needed: bool = True) -> None:
     import torch
 
     # Inference only: f32 weights stay views of the checkpoint (no copy).
     weights.materialize(block, f"{FAMILIES[family].blocks}.{index}.", read_only=True)
     handles = _hook_linears(block, _block_entries(family, index, gguf_of), sums)
+    if not outputs_needed:
+        # Nothing reads this block's output (the last one, without --process-output): the forward
+        # stops once the input of its last Linear is counted, and that product is never computed.
+        handles.append(block.get_submodule(_linears(family)[-1]).register_forward_pre_hook(_stop_forward))
     try:
-        _run_block(block, acts, torch.device("cpu"), replace=True, kind=kind)
+        _run_block(block, acts, torch.device("cpu"), replace=outputs_needed, kind=kind)
     finally:
         for h in handles:
             h.remove()
         sums.release()
         weights.release(block)
+
+
+def _stop_forward(_module, _args):
+    raise _StopForward
 
 
 def _output_sums(model, family, acts, weights, gguf_of, sums: SquareSums) -> None:
