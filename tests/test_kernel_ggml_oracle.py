@@ -86,3 +86,25 @@ def test_signed_zeros_and_ties_match_llama_cpp(ggml, name):
     want = ggml_quantize(ggml, name, x, None)
     for impl in ("ref", "fast"):
         assert np.array_equal(K.quantize(x, name, impl=impl), want), impl
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_halfway_and_extreme_scales_match_llama_cpp(ggml, name):
+    """Blocks whose scaled values sit exactly halfway between two codes (roundf's ties), and
+    blocks whose maximum is subnormal (the inverse scale overflows to inf, so x*id is inf or
+    NaN and the C float -> int cast decides the byte) or near FLT_MAX: the vector paths must
+    reproduce llama.cpp's bytes there too, not only on well-behaved weights."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((16, 256)).astype(np.float32)
+    halves = (rng.integers(-254, 255, (4, 256)) / 2).astype(np.float32)
+    halves[:, ::32] = 127.0  # amax 127: Q8_0's d = 1, so every half-integer is a tie
+    x[:4] = halves
+    x[4:6] = rng.integers(-3, 4, (2, 256)) * np.float32(1e-45)  # subnormal maxima
+    x[6] = -0.0
+    x[6, 5::32] = np.float32(1e-38)
+    x[7] *= np.float32(1e37)  # near overflow
+    want = ggml_quantize(ggml, name, x, None)
+    for impl in ("ref", "fast"):
+        got = K.quantize(x, name, impl=impl)
+        bad = np.nonzero((got != want).any(axis=1))[0]
+        assert bad.size == 0, f"{impl}: rows {bad.tolist()} differ from llama.cpp"

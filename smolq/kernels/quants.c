@@ -482,6 +482,46 @@ __attribute__((target("avx2,f16c"))) static void q4_0_v3_avx2(const float *restr
                          _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
     }
 }
+
+/* Q8_0 eight lanes at a time: q8_0_v3_vec's operations exactly (the |x|
+ * maximum as integer bits, d = amax / 127, x*id with no FMA), and roundf as
+ * truncation plus one step away from zero where the dropped part is at least
+ * one half: v - trunc(v) is exact for every float, so this is roundf itself,
+ * not an approximation of it. */
+__attribute__((target("avx2,f16c"))) static void q8_0_v3_avx2(const float *restrict x, uint8_t *restrict y, int64_t n) {
+    const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
+    const __m256i lane_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7), low_byte = _mm256_set1_epi32(0xff);
+    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < n / 32; i++, x += 32, y += 34) {
+        __m256i a[4];
+        for (int k = 0; k < 4; k++) a[k] = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + 8 * k)), magnitude);
+        __m256i m = _mm256_max_epu32(_mm256_max_epu32(a[0], a[1]), _mm256_max_epu32(a[2], a[3]));
+        m = _mm256_max_epu32(m, _mm256_permute2x128_si256(m, m, 1));
+        m = _mm256_max_epu32(m, _mm256_shuffle_epi32(m, 0x4e));
+        m = _mm256_max_epu32(m, _mm256_shuffle_epi32(m, 0xb1));
+        const float d = smolq_bits_f32((uint32_t)_mm256_cvtsi256_si32(m)) / 127;
+        const float id = d ? 1.0f / d : 0.0f;
+        wr16(y, (uint16_t)_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(d), _MM_FROUND_TO_NEAREST_INT), 0));
+        const __m256 vid = _mm256_set1_ps(id);
+        __m256i q[4];
+        for (int k = 0; k < 4; k++) {
+            const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + 8 * k), vid);
+            const __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            const __m256 dropped = _mm256_andnot_ps(sign, _mm256_sub_ps(v, t));
+            const __m256 step = _mm256_and_ps(_mm256_cmp_ps(dropped, half, _CMP_GE_OQ),
+                                              _mm256_or_ps(one, _mm256_and_ps(v, sign)));
+            /* the low byte, as the reference's int32 -> int8 cast keeps it: where a
+             * subnormal scale makes id infinite, x*id is inf or NaN and converts to
+             * INT32_MIN, whose low byte is 0 (a saturating pack would give -128) */
+            q[k] = _mm256_and_si256(_mm256_cvttps_epi32(_mm256_add_ps(t, step)), low_byte);
+        }
+        /* bytes 0..255 pass the unsigned packs unchanged; the packs work per 128-bit
+         * half, and the permutation puts the four-element dwords back in order */
+        const __m256i b = _mm256_packus_epi16(_mm256_packus_epi32(q[0], q[1]), _mm256_packus_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)(y + 2), _mm256_permutevar8x32_epi32(b, lane_order));
+    }
+}
+
 static int have_avx2(void) {
     static int cached = -1;
     if (cached < 0) cached = __builtin_cpu_supports("avx2");
@@ -500,8 +540,7 @@ FAST_V3(q5_0, sym_v3_fast, 5)
 FAST_V3(q4_1, asym_v3_fast, 4)
 FAST_V3(q5_1, asym_v3_fast, 5)
 
-FAST_FN static void q8_0_v3_fast(const float *restrict x, void *restrict vy, int64_t n, const float *imatrix) {
-    (void)imatrix; /* llama.cpp's quantize_q8_0 ignores quant_weights */
+FAST_FN static void q8_0_v3_vec(const float *restrict x, void *restrict vy, int64_t n) {
     uint8_t *restrict y = vy;
     const int64_t nb = n / 32;
     for (int64_t i = 0; i < nb; i++, x += 32, y += 34) {
@@ -513,6 +552,14 @@ FAST_FN static void q8_0_v3_fast(const float *restrict x, void *restrict vy, int
         for (int j = 0; j < 32; j++) q[j] = (int32_t)round_half_away(x[j] * id);
         for (int j = 0; j < 32; j++) y[2 + j] = (uint8_t)(int8_t)q[j];
     }
+}
+
+static void q8_0_v3_fast(const float *restrict x, void *restrict y, int64_t n, const float *imatrix) {
+    (void)imatrix; /* llama.cpp's quantize_q8_0 ignores quant_weights */
+#if SMOLQ_X86
+    if (have_avx2()) { q8_0_v3_avx2(x, y, n); return; }
+#endif
+    q8_0_v3_vec(x, y, n);
 }
 
 /* Q5_0/Q5_1 v3 blocks: unpack the codes, then one float loop. (For the 4-bit
