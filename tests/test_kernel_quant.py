@@ -194,3 +194,38 @@ def test_q4_1_zero_block_keeps_first_zero_sign():
         q = K.quantize(x, "Q4_1", impl=impl)
         assert q[0, 2:4].tobytes() == np.float16(-0.0).tobytes()
         assert q[1, 2:4].tobytes() == np.float16(0.0).tobytes()
+
+
+PORTABLE_CHECK = """
+import sys
+import numpy as np
+import smolq.kernels as K
+from tests.test_kernel_quant import hard_rows
+assert K._lib.smolq_use_avx2() == 0, "SMOLQ_NO_AVX2 did not turn the AVX2 paths off"
+rng = np.random.default_rng(3)
+x = np.concatenate([hard_rows(1, 512), rng.standard_normal((64, 512))]).astype(np.float32)
+w = (rng.random(512) + 0.01).astype(np.float32)
+bad = [f"{t}{' +imatrix' if m is not None else ''}"
+       for t in ("Q4_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K") for m in (None, w)
+       if not np.array_equal(K.quantize(x, t, imatrix=m, impl="ref"), K.quantize(x, t, imatrix=m, impl="fast"))]
+sys.exit(f"portable fast paths differ from the reference: {bad}" if bad else 0)
+"""
+
+
+def test_portable_fast_paths_equal_the_reference_where_avx2_is_turned_off():
+    """On an AVX2 machine the fast entry points take hand-written AVX2 code (Q4_0, Q8_0, the
+    K-quant searches eight lanes wide); CPUs without AVX2 take the portable vector paths.
+    SMOLQ_NO_AVX2 forces those here, in a child process, and they must give the reference's
+    bytes too; and the switch must really have switched."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, SMOLQ_NO_AVX2="1", PYTHONPATH=str(repo))
+    proc = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], capture_output=True, text=True, env=env,
+                          cwd=repo, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:] or proc.stdout[-2000:]
+    has_avx2 = " avx2 " in Path("/proc/cpuinfo").read_text().replace("\n", " ") if Path("/proc/cpuinfo").exists() else False
+    assert K._lib.smolq_use_avx2() == int(has_avx2 and os.environ.get("SMOLQ_NO_AVX2", "") in ("", "0"))

@@ -14,6 +14,22 @@
 
 int smolq_kernel_abi_version(void) { return ABI_VERSION; }
 
+/* The hand-written AVX2 paths run where the CPU has AVX2, unless SMOLQ_NO_AVX2
+ * is set (not "0") when the library is first used: then the portable fast
+ * paths run instead, so tests hold those to the reference on this machine too. */
+int smolq_use_avx2(void) {
+    static int cached = -1;
+    if (cached < 0) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__clang__)
+        const char *off = getenv("SMOLQ_NO_AVX2");
+        cached = __builtin_cpu_supports("avx2") && !(off && *off && strcmp(off, "0") != 0);
+#else
+        cached = 0;
+#endif
+    }
+    return cached;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Threads: a parallel for over [0, n) in contiguous ranges. Each item is
  * computed the same way whichever thread gets it, so results never depend

@@ -40,6 +40,20 @@ int64_t smolq_bnb4_quantize_blocks(int quant_type, const float *x, uint8_t *pack
 void smolq_bnb4_dequantize_blocks(int quant_type, const uint8_t *packed, const float *absmax, float *y, int64_t n,
                                   int64_t blocksize, int64_t b0, int64_t b1);
 
+/* Whether the hand-written AVX2 paths may run (kernel.c; SMOLQ_NO_AVX2 turns them off). */
+int smolq_use_avx2(void);
+
+/* The K-quant scale searches eight lanes wide (quants_k_avx2.c, compiled for
+ * AVX2 with GCC on x86-64); quants_k.c calls them only where the CPU has AVX2. */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define SMOLQ_KQ_AVX2 1
+void smolq_kq_qkx_batch_avx2(int nsub, int n, int nmax, const float *x, const float *weights, uint8_t *L,
+                             float *scales, float *mins, float rmin, float rdelta, int nstep, int use_mad);
+void smolq_kq_qx_batch_avx2(int nsub, int n, int nmax, const float *x, int8_t *L, const float *qw, float *scales);
+#else
+#define SMOLQ_KQ_AVX2 0
+#endif
+
 enum {
     SMOLQ_T_F32 = 0, SMOLQ_T_F16 = 1, SMOLQ_T_Q4_0 = 2, SMOLQ_T_Q4_1 = 3,
     SMOLQ_T_Q4_2 = 4, SMOLQ_T_Q4_3 = 5, SMOLQ_T_Q5_0 = 6, SMOLQ_T_Q5_1 = 7,

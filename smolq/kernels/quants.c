@@ -522,17 +522,12 @@ __attribute__((target("avx2,f16c"))) static void q8_0_v3_avx2(const float *restr
     }
 }
 
-static int have_avx2(void) {
-    static int cached = -1;
-    if (cached < 0) cached = __builtin_cpu_supports("avx2");
-    return cached;
-}
 #endif
 
 static void q4_0_v3_fast(const float *restrict x, void *restrict y, int64_t n, const float *w) {
     if (w) { q4_0_v3_quant(x, y, n, w); return; }
 #if SMOLQ_X86
-    if (have_avx2()) { q4_0_v3_avx2(x, y, n); return; }
+    if (smolq_use_avx2()) { q4_0_v3_avx2(x, y, n); return; }
 #endif
     sym_v3_fast(x, y, n, 4);
 }
@@ -557,7 +552,7 @@ FAST_FN static void q8_0_v3_vec(const float *restrict x, void *restrict vy, int6
 static void q8_0_v3_fast(const float *restrict x, void *restrict y, int64_t n, const float *imatrix) {
     (void)imatrix; /* llama.cpp's quantize_q8_0 ignores quant_weights */
 #if SMOLQ_X86
-    if (have_avx2()) { q8_0_v3_avx2(x, y, n); return; }
+    if (smolq_use_avx2()) { q8_0_v3_avx2(x, y, n); return; }
 #endif
     q8_0_v3_vec(x, y, n);
 }

@@ -19,7 +19,7 @@
  * K-quant quantizers use; each says which ggml function and mode it is. */
 #include <math.h>
 #include <string.h>
-#include "smolq_kernel.h"
+#include "kernel_internal.h"
 #include "quants_common.h"
 
 /* Block structs: byte arrays only, so no padding and no alignment demands on
@@ -524,7 +524,12 @@ static void quantize_q6_K(const float *x, void *vy, int64_t n, const float *imat
         quantize_##name(x, y, n, imatrix, FAST_OR_REF);                                          \
     }
 
-#ifdef SMOLQ_KQ_HAVE_FAST
+#if SMOLQ_KQ_AVX2
+static const kq_search AVX2_SEARCH = { smolq_kq_qkx_batch_avx2, smolq_kq_qx_batch_avx2 };
+
+static const kq_search *fast_search(void) { return smolq_use_avx2() ? &AVX2_SEARCH : &FAST_SEARCH; }
+#define FAST_OR_REF fast_search()
+#elif defined(SMOLQ_KQ_HAVE_FAST)
 #define FAST_OR_REF (&FAST_SEARCH)
 #else
 #define FAST_OR_REF (&REF_SEARCH)

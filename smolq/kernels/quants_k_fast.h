@@ -1,6 +1,7 @@
 /* Fast, byte-identical versions of the two scale searches that dominate
  * K-quant time: make_qkx_quants (Q2_K, Q4_K, Q5_K) and make_qx_quants (Q6_K,
- * Q3_K with an imatrix). Included once by quants_k.c, after the reference
+ * Q3_K with an imatrix). Included by quants_k.c (4 lanes) and quants_k_avx2.c
+ * (8 lanes, AVX2), after the reference
  * helpers (quants_common.h: nearest_int, MIN/MAX, GROUP_MAX_EPS).
  *
  * Why the bytes are the same: the sub-blocks of a super-block are searched
@@ -20,8 +21,9 @@
 #if defined(__GNUC__)
 #define SMOLQ_KQ_HAVE_FAST 1
 
-/* 4 lanes: one SSE2/NEON register, so no ABI games on the baseline target.
- * Sub-block counts (8, 16) are multiples of it. */
+/* 4 lanes: one SSE2/NEON register, so no ABI games on the baseline target;
+ * quants_k_avx2.c includes this file again with 8 for AVX2. Sub-block
+ * counts (8, 16) are multiples of either. */
 #ifndef KQ_LANES
 #define KQ_LANES 4
 #endif
