@@ -26,7 +26,7 @@ __all__ = [
     "BNB_QUANT_TYPES", "bnb_code", "bnb4_quantize", "bnb4_dequantize", "bnb8_quantize", "bnb8_dequantize", "bnb_mean",
 ]
 
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 _ERRORS = {-1: "type/layout not supported", -2: "row length not a multiple of the block size", -3: "bad argument",
            -4: "the type needs an importance matrix",
            -5: "values too large for the type's search (llama.cpp aborts on them)",

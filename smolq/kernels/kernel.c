@@ -10,7 +10,7 @@
 #include "kernel_internal.h"
 #include "quants_iq12.h"
 
-#define ABI_VERSION 4
+#define ABI_VERSION 5
 
 int smolq_kernel_abi_version(void) { return ABI_VERSION; }
 
