@@ -117,6 +117,22 @@ def test_dead_columns_are_zeroed():
     assert torch.all(W[:, 5] != 0)  # the caller's W is untouched
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_callers_hessian_is_left_as_it_was(act_order):
+    """The solve damps its own copy of H in place (no identity, no H + λI): the
+    caller's H must come back bit for bit, even with a dead column and a retry."""
+    W, H = _layer(8, 128, seed=4)
+    H[3, :] = 0
+    H[:, 3] = 0
+    before = H.clone()
+    gptq_solve(W, H, make_grid(8, 128, bits=4, group_size=32), act_order=act_order)
+    assert torch.equal(H, before)
+    bad = torch.tensor([[1.0, 1.05], [1.05, 1.0]])
+    kept = bad.clone()
+    inverse_cholesky_upper(bad, 0.01)  # retries before it succeeds
+    assert torch.equal(bad, kept)
+
+
 def test_damp_retry_is_logged(caplog):
     H = torch.tensor([[1.0, 1.05], [1.05, 1.0]])  # indefinite: needs damp > 0.05
     with caplog.at_level(logging.WARNING, logger="smolq.gptq"):
