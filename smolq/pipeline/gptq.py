@@ -822,8 +822,11 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
                     with phase("gptq forward for hessians"):
                         hessians = _collect_hessians(block, todo, acts, dev, kinds[i], parts)
                     for name in todo:
-                        rec, damp_used, a = _solve_linear(block.get_submodule(name), hessians.pop(name),
-                                                          plan.get(f"{prefix}.{name}.weight"), settings, dev)
+                        h = hessians.pop(name)
+                        last_user = all(other.full is not h.full for other in hessians.values())
+                        rec, damp_used, a = _solve_linear(block.get_submodule(name), h,
+                                                          plan.get(f"{prefix}.{name}.weight"), settings, dev,
+                                                          last_user)
                         reg_chosen[f"{prefix}.{name}"] = a
                         records.update({f"{name}.{k}": v for k, v in rec.items()})
                         n_linears += 1
@@ -925,10 +928,11 @@ def _collect_hessians(block, names, acts: _Activations, dev, kind=None, parts=No
             for n, a in ((n, accs[owner.get(n, n)]) for n in accs)}
 
 
-def _solve_linear(lin, hessians: _Hessians, qtype, settings: Settings, dev):
+def _solve_linear(lin, hessians: _Hessians, qtype, settings: Settings, dev, last_user: bool = False):
     """GPTQ one Linear; its weight becomes the dequantized result. Returns (record, damp, a):
     a is the Hessian regularisation used, chosen by cross-validation when the fit and
-    held-out Hessians are there (the final solve then uses every sample's Hessian)."""
+    held-out Hessians are there (the final solve then uses every sample's Hessian).
+    last_user: no other Linear shares these Hessians, so they are let go of before the solve."""
     import torch
 
     W = lin.weight.data.to(dev, torch.float32)
@@ -944,7 +948,7 @@ def _solve_linear(lin, hessians: _Hessians, qtype, settings: Settings, dev):
         with phase("gptq hessian-reg cross-validation"):
             a = choose_regularisation(W, hessians.fit, hessians.held, new_grid, **solve_kw).a
     grid = new_grid()
-    res = gptq_solve(W, regularise(hessians.full, a), grid, **solve_kw)
+    res = gptq_solve(W, _hessian_for_solve(hessians, a, last_user), grid, **solve_kw)
     lin.weight.data.copy_(res.Q.to(lin.weight.device, lin.weight.dtype))
     if qtype is None:
         rec = {"qint": grid.qint.cpu().numpy(), "scales": grid.scales.cpu().numpy(),
@@ -952,6 +956,17 @@ def _solve_linear(lin, hessians: _Hessians, qtype, settings: Settings, dev):
     else:
         rec = {"blocks": grid.to_bytes(), "qtype": np.array([int(qtype)], dtype=np.int32)}
     return rec, res.damp, a
+
+
+def _hessian_for_solve(hessians: _Hessians, a, last_user: bool):
+    """The Hessian to solve with. When no other Linear shares it, the holder lets go first,
+    so once the solve has its permuted copy the original is freed: for a 1.1B model's
+    down_proj that is 121 MiB less at the solve's peak. (Passed straight into the call:
+    no name in the caller keeps it alive.)"""
+    full = hessians.full
+    if last_user:
+        hessians.full = hessians.fit = hessians.held = None
+    return regularise(full, a)
 
 
 def _save_block(path: Path, records: dict[str, np.ndarray]) -> None:
@@ -1014,7 +1029,10 @@ def _write_gptq_dir(model, family, src: Path, out: Path, work: Path, s: Settings
 
         def f16(key):  # unquantized tensors: the source (fp32 as loaded) stored in fp16
             v = state[key]
-            if v.device.type == "meta" or weights.source(key) is not None:
+            t = weights.source(key)
+            if t is not None and t.dtype == "F16" and tuple(t.shape) == tuple(v.shape):
+                return np.array(t.load())  # already fp16: the same values, without a float32 copy in between
+            if v.device.type == "meta" or t is not None:
                 v = weights.load_f32_view(key, v.shape)
             return v.detach().cpu().to(dtype=_f16()).numpy()
 
