@@ -28,16 +28,12 @@ from smolq.lazy import lazy_module
 
 torch = lazy_module("torch")  # bound at first use: importing this module must not start OpenMP
 
-# MKL_DISABLE_FAST_MM: MKL's own memory manager keeps the work buffers of its large
-# factorisations and products for reuse; in a 1.1B GPTQ run they were ~270 MiB of the
-# peak resident memory (RssAnon 1163 -> 890 MiB without it), for no measured speed.
-YIELDING_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "MKL_DISABLE_FAST_MM": "1"}
+YIELDING_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def yielding_defaults() -> None:
-    """Put the yielding OpenMP policy (and MKL's plain allocator) in the environment unless
-    the user chose otherwise. Effective only while torch is not imported yet (see the module
-    docstring)."""
+    """Put the yielding OpenMP policy in the environment unless the user chose one.
+    Effective only while torch is not imported yet (see the module docstring)."""
     for key, value in YIELDING_ENV.items():
         os.environ.setdefault(key, value)
 
