@@ -445,21 +445,28 @@ static inline void asym_v3_fast(const float *restrict x, uint8_t *restrict y, in
     }
 
 #if SMOLQ_X86
+/* A 32-element block's |x| as integer bits (into a[0..3]) and their maximum in
+ * every lane: block_absmax_bits, eight lanes at a time (Q4_0 and Q8_0 below). */
+__attribute__((target("avx2"))) static inline __m256i block_absmax_bits_avx2(const float *restrict x, __m256i a[4]) {
+    const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
+    for (int k = 0; k < 4; k++) a[k] = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + 8 * k)), magnitude);
+    __m256i m = _mm256_max_epu32(_mm256_max_epu32(a[0], a[1]), _mm256_max_epu32(a[2], a[3]));
+    m = _mm256_max_epu32(m, _mm256_permute2x128_si256(m, m, 1));
+    m = _mm256_max_epu32(m, _mm256_shuffle_epi32(m, 0x4e));
+    return _mm256_max_epu32(m, _mm256_shuffle_epi32(m, 0xb1));
+}
+
 /* Q4_0 eight lanes at a time: sym_v3_fast's operations exactly (the |x| maximum
  * compared as integer bits, the first element at it, x*id then + 8.5 with no
  * FMA, truncation, the signed clamp at 15), so the bytes are the same; the
  * auto-vectorised loop above manages ~0.7 G weights/s, this one several times
  * that, and Q4_0 requantization is otherwise bound by it (#18). */
 __attribute__((target("avx2,f16c"))) static void q4_0_v3_avx2(const float *restrict x, uint8_t *restrict y, int64_t n) {
-    const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), fifteen = _mm256_set1_epi32(15);
+    const __m256i fifteen = _mm256_set1_epi32(15);
     const __m256 bias = _mm256_set1_ps(8.5f);
     for (int64_t i = 0; i < n / 32; i++, x += 32, y += 18) {
         __m256i a[4];
-        for (int k = 0; k < 4; k++) a[k] = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + 8 * k)), magnitude);
-        __m256i m = _mm256_max_epu32(_mm256_max_epu32(a[0], a[1]), _mm256_max_epu32(a[2], a[3]));
-        m = _mm256_max_epu32(m, _mm256_permute2x128_si256(m, m, 1));
-        m = _mm256_max_epu32(m, _mm256_shuffle_epi32(m, 0x4e));
-        m = _mm256_max_epu32(m, _mm256_shuffle_epi32(m, 0xb1));
+        const __m256i m = block_absmax_bits_avx2(x, a);
         const uint32_t am = (uint32_t)_mm256_cvtsi256_si32(m);
         uint32_t hits = 0;
         for (int k = 0; k < 4; k++)
@@ -489,16 +496,11 @@ __attribute__((target("avx2,f16c"))) static void q4_0_v3_avx2(const float *restr
  * one half: v - trunc(v) is exact for every float, so this is roundf itself,
  * not an approximation of it. */
 __attribute__((target("avx2,f16c"))) static void q8_0_v3_avx2(const float *restrict x, uint8_t *restrict y, int64_t n) {
-    const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
     const __m256i lane_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7), low_byte = _mm256_set1_epi32(0xff);
     const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
     for (int64_t i = 0; i < n / 32; i++, x += 32, y += 34) {
         __m256i a[4];
-        for (int k = 0; k < 4; k++) a[k] = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + 8 * k)), magnitude);
-        __m256i m = _mm256_max_epu32(_mm256_max_epu32(a[0], a[1]), _mm256_max_epu32(a[2], a[3]));
-        m = _mm256_max_epu32(m, _mm256_permute2x128_si256(m, m, 1));
-        m = _mm256_max_epu32(m, _mm256_shuffle_epi32(m, 0x4e));
-        m = _mm256_max_epu32(m, _mm256_shuffle_epi32(m, 0xb1));
+        const __m256i m = block_absmax_bits_avx2(x, a);
         const float d = smolq_bits_f32((uint32_t)_mm256_cvtsi256_si32(m)) / 127;
         const float id = d ? 1.0f / d : 0.0f;
         wr16(y, (uint16_t)_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(d), _MM_FROUND_TO_NEAREST_INT), 0));
