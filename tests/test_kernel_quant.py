@@ -227,5 +227,7 @@ def test_portable_fast_paths_equal_the_reference_where_avx2_is_turned_off():
     proc = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], capture_output=True, text=True, env=env,
                           cwd=repo, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:] or proc.stdout[-2000:]
-    has_avx2 = " avx2 " in Path("/proc/cpuinfo").read_text().replace("\n", " ") if Path("/proc/cpuinfo").exists() else False
-    assert K._lib.smolq_use_avx2() == int(has_avx2 and os.environ.get("SMOLQ_NO_AVX2", "") in ("", "0"))
+    # Here (not turned off) the AVX2 paths may run only on a CPU that has AVX2; a kernel built
+    # by another compiler than GCC has none, so 0 is always allowed.
+    has_avx2 = Path("/proc/cpuinfo").exists() and " avx2 " in Path("/proc/cpuinfo").read_text().replace("\n", " ")
+    assert K._lib.smolq_use_avx2() in (0, int(has_avx2))
