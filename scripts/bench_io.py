@@ -108,16 +108,21 @@ def converter_cmd(ckpt: Path, out: Path) -> tuple[list[str], dict]:
 
 
 def pair(name: str, ours: tuple[list[str], dict], peer: tuple[list[str], dict] | None, outs: list[Path],
-         repeat: int) -> dict:
-    """Warm each once, then alternate `repeat` times; medians of each side and the ratio."""
+         repeat: int, warmup: int = 1) -> dict:
+    """Warm each `warmup` times, then alternate `repeat` times; medians of each side and the ratio.
+
+    Each side deletes only its own output before it runs, so smolq's last output (outs[0]) is
+    still there afterwards for the floor measurement."""
     sides = {"smolq": ours, **({"peer": peer} if peer else {})}
+    side_out = {"smolq": outs[:1], "peer": outs[1:]}
     runs: dict[str, list[dict]] = {k: [] for k in sides}
-    for k, (cmd, env) in sides.items():
-        drop(outs)
-        measure(cmd, env)
+    for _ in range(warmup):
+        for k, (cmd, env) in sides.items():
+            drop(side_out[k])
+            measure(cmd, env)
     for _ in range(repeat):
         for k, (cmd, env) in sides.items():
-            drop(outs)
+            drop(side_out[k])
             runs[k].append(measure(cmd, env))
     row = {"job": name, **{k: median_runs(v) for k, v in runs.items()}}
     if peer:
@@ -175,6 +180,11 @@ def main() -> int:
     ap.add_argument("--size", choices=("1b", "small"), default="1b")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--types", nargs="+", default=["q4_0", "q4_k"])
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="runs of each command before the timed ones (0 for long compute-bound jobs: "
+                         "the f16 input is read into the page cache first either way)")
+    ap.add_argument("--no-convert", action="store_true",
+                    help="skip the convert pair; reuse the f16 GGUF already in --workdir")
     ap.add_argument("--workdir", type=Path, help="keep the model here between runs (default: a temp dir)")
     ap.add_argument("--profile", action="store_true", help="also print smolq's time per phase")
     ap.add_argument("--rss-13b", action="store_true", help="also convert LLaMA-13B shapes and report peak RSS")
@@ -195,12 +205,14 @@ def main() -> int:
 
     rows, profiles = [], {}
     ours = (smolq_cmd("convert", str(ckpt), str(f16), "--outtype", "f16"), {})
-    peer = converter_cmd(ckpt, f16_peer) if have_conv else None
-    rows.append(pair("convert f16", ours, peer, [f16, f16_peer], args.repeat))
-    if args.profile:
-        profiles["convert f16"] = profile(ours[0], [f16], work)
-    measure(ours[0])  # keep smolq's f16 GGUF as the quantize input
-    rows[-1]["floor"] = disk_floor(shards, f16.stat().st_size, work)
+    if args.no_convert and f16.is_file():
+        measure(["cat", str(f16)])  # into the page cache, as the warm-up of convert would
+    else:
+        peer = converter_cmd(ckpt, f16_peer) if have_conv else None
+        rows.append(pair("convert f16", ours, peer, [f16, f16_peer], args.repeat, args.warmup))
+        if args.profile:
+            profiles["convert f16"] = profile(ours[0], [f16], work)
+        rows[-1]["floor"] = disk_floor(shards, f16.stat().st_size, work)  # smolq's f16 GGUF is kept
     synthetic = None  # written once, at the first type that takes it
     for qtype in (t.lower() for t in args.types):
         out, out_peer = work / f"smolq-{qtype}.gguf", work / f"llama-{qtype}.gguf"
@@ -209,10 +221,9 @@ def main() -> int:
         imatrix = synthetic if qtype in IMATRIX_TYPES else None
         cmd, peer_cmd = quantize_cmds(f16, qtype, out, out_peer, imatrix)
         ours, peer = (cmd, {}), ((peer_cmd, {}) if have_quant else None)
-        rows.append(pair(f"quantize {qtype}", ours, peer, [out, out_peer], args.repeat))
+        rows.append(pair(f"quantize {qtype}", ours, peer, [out, out_peer], args.repeat, args.warmup))
         if args.profile:
             profiles[f"quantize {qtype}"] = profile(ours[0], [out], work)
-        measure(ours[0])
         rows[-1]["floor"] = disk_floor([f16], out.stat().st_size, work)
         drop([out, out_peer])
     print_table(rows)
@@ -226,7 +237,7 @@ def main() -> int:
         print(f"{r['job']:32} wall {r['wall_s']:.1f} s, peak RSS {r['peak_rss_MiB']:.0f} MiB, "
               f"output {r['out_GiB']} GiB")
     record = {"bench": "io", "size": args.size, "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "repeat": args.repeat, "rows": rows, "profiles": profiles, "rss_13b": big}
+              "repeat": args.repeat, "warmup": args.warmup, "rows": rows, "profiles": profiles, "rss_13b": big}
     path = write_json(args.results / f"io-{args.size}-{time.strftime('%Y%m%d-%H%M%S')}.json", record)
     print(f"wrote {path}", file=sys.stderr)
     if tmp:
