@@ -537,3 +537,25 @@ def test_mix_rules_that_look_at_the_imatrix(deep, preset):
     assert ours == theirs
     if preset in ("Q4_0", "Q5_0"):
         assert theirs["blk.0.ffn_down.weight"][0] == int(T.Q4_1 if preset == "Q4_0" else T.Q5_1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_leading_tokens_are_the_whole_texts_first_tokens(tmp_path, family):
+    """A few chunks of a long text tokenize only its beginning: the ids must be those of the
+    whole text's tokenization (the oracle: the tokenizer run on all of it)."""
+    from transformers import AutoTokenizer
+
+    from smolq.pipeline.imatrix import leading_tokens
+    from smolq.tiny import make_tiny_model
+
+    make_tiny_model(family, tmp_path / "hf", hidden_size=64, n_layers=1)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = _text(5, lines=2000).replace("fox", "fox,  \t").replace("dog", "dog...\n\n")
+    full = tok(text, add_special_tokens=True)["input_ids"]
+    for need in (64, 384, 1000):
+        ids, whole = leading_tokens(tok, text, need)
+        assert not whole and len(ids) >= need and ids == full[:len(ids)], need
+    ids, whole = leading_tokens(tok, text, len(full))  # more than a prefix gives: the whole text
+    assert whole and ids == full
+    ids, whole = leading_tokens(tok, text, None)
+    assert whole and ids == full
