@@ -1,4 +1,6 @@
-"""Causal self-attention in query blocks, for the forwards smolq runs itself (imatrix).
+"""Faster equal pieces of transformers' forward, for the forwards smolq runs itself (imatrix).
+
+Attention: causal self-attention in query blocks.
 
 transformers' SDPA path hands torch the whole L x L score matrix with `is_causal`, and torch's
 CPU kernel does not skip the masked half: on TinyLlama shapes (32 heads of 64, 512 tokens, one
@@ -6,7 +8,12 @@ thread) `is_causal=True` costs the same 33 ms per layer as a full mask. Cut into
 blocks of queries, block j needs only the keys up to its last query: eight blocks do 56 % of
 the products and take 22 ms. The values are the same up to float rounding.
 
-`use_blocked_causal(model)` sets this on a transformers model: the function is registered in
+MLP: the gated SiLU MLP of LLaMA-like blocks (gate, up, down, SiLU) computed in place:
+silu and the product write into the gate projection's output instead of two fresh
+[tokens, ffn] tensors (two allocations and their page faults per block; the same values, bit
+for bit). The Linears are still called as modules, so their hooks see the same inputs.
+
+`use_fast_paths(model)` sets both on a transformers model. The attention function is registered in
 transformers' AttentionInterface under NAME (its masks are made by transformers' own sdpa mask
 function, registered under NAME too). Whatever it does not cover (an explicit mask, padding,
 sliding windows that produce a mask, a cache longer than the queries, short sequences) goes to
@@ -17,6 +24,10 @@ from __future__ import annotations
 NAME = "smolq_causal_blocks"
 QUERY_BLOCKS = 8
 MIN_BLOCK = 16  # shorter sequences are not worth cutting (and stay one SDPA call)
+# transformers' MLP classes whose forward is down(act(gate(x)) * up(x)) (checked against their
+# sources; the act must also be SiLU at run time: torch's, or transformers' ACT2FN["silu"]).
+GATED_SILU_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+SILU = frozenset({"SiLU", "SiLUActivation"})
 
 
 def blocked_causal_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -63,12 +74,36 @@ def block_bounds(length: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def use_blocked_causal(model) -> None:
-    """Run `model`'s attention through blocked_causal_attention (where it applies)."""
+def use_fast_paths(model) -> None:
+    """Run `model`'s attention and gated SiLU MLPs through the functions above (where they apply)."""
+    _use_blocked_causal(model)
+    _use_inplace_mlp(model)
+
+
+def inplace_silu_mlp(self, x):
+    """LlamaMLP.forward's down(silu(gate(x)) * up(x)), with silu and * in place."""
+    import torch
+
+    gate = self.gate_proj(x)
+    torch.nn.functional.silu(gate, inplace=True)
+    gate.mul_(self.up_proj(x))
+    return self.down_proj(gate)
+
+
+def _use_inplace_mlp(model) -> None:
+    import types
+
+    for module in model.modules():
+        if type(module).__name__ in GATED_SILU_MLPS and type(getattr(module, "act_fn", None)).__name__ in SILU:
+            module.forward = types.MethodType(inplace_silu_mlp, module)
+
+
+def _use_blocked_causal(model) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
         return  # eager or another kernel chosen on purpose: left as it is
     AttentionInterface.register(NAME, blocked_causal_attention)
     AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])

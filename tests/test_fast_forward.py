@@ -1,10 +1,10 @@
-"""Blocked causal attention (smolq/pipeline/attention.py) against torch's own causal SDPA and
+"""Blocked causal attention and the in-place MLP (smolq/pipeline/fast_forward.py) against torch's own causal SDPA and
 transformers' sdpa function, which it replaces where it applies."""
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from smolq.pipeline.attention import block_bounds, blocked_causal_attention  # noqa: E402
+from smolq.pipeline.fast_forward import block_bounds, blocked_causal_attention  # noqa: E402
 
 
 class _Module(torch.nn.Module):
@@ -54,3 +54,27 @@ def test_a_mask_goes_to_transformers_sdpa_unchanged():
     ours, _ = blocked_causal_attention(_Module(4), q, k, v, mask, scaling=0.25)
     theirs, _ = sdpa_attention_forward(_Module(4), q, k, v, mask, scaling=0.25)
     assert torch.equal(ours, theirs)  # the same call, not a recomputation
+
+
+def test_inplace_mlp_is_bit_identical_and_only_where_it_applies():
+    from transformers import Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP
+
+    from smolq.pipeline.fast_forward import NAME, use_fast_paths
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=128, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 48))
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 48, 64)
+    with torch.no_grad():
+        ref_mlp, ref_logits = mlp(x), model(ids).logits
+        use_fast_paths(model)
+        assert model.config._attn_implementation == NAME and "forward" in vars(mlp)
+        assert torch.equal(mlp(x), ref_mlp)
+        torch.testing.assert_close(model(ids).logits, ref_logits, rtol=1e-5, atol=1e-5)
+    gemma = Gemma3MLP(Gemma3TextConfig(hidden_size=64, intermediate_size=176))
+    use_fast_paths(torch.nn.Sequential(gemma))  # GELU: left as it is (no config: no attention either)
+    assert "forward" not in vars(gemma)
