@@ -46,6 +46,7 @@ from smolq.formats import gptq_ckpt
 from smolq.formats.base import TensorEntry
 from smolq.formats.gptq_ckpt import GPTQLayer
 from smolq.ggml_types import GGMLType
+from smolq.pipeline.fast_forward import use_fast_paths
 from smolq.lazy import lazy_module
 from smolq.pipeline import convert as cp
 from smolq.pipeline.convert import build_steps
@@ -188,6 +189,7 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
         hf_logging.disable_progress_bar()
 
     model, tokenizer, family = _load_model(src)
+    use_fast_paths(model)  # attention without its masked half, MLPs in place
     plan = _plan_types(src, out, fmt, qtype, model, family)
     _check_scale_rule(scale_rule, plan, out)
     _check_static_groups(static_groups, plan, out)
