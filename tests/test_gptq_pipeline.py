@@ -287,3 +287,34 @@ def test_shared_input_hessians_give_the_same_bytes(tiny, monkeypatch, reg):
     quantize_hf_gptq(hf, plain, format="gguf", qtype="q4_0", calib=root / "calib.txt", hessian_reg=reg, **FAST)
     assert shared.read_bytes() == plain.read_bytes()
     assert n_shared * 7 == len(adds) * 4, (n_shared, len(adds))  # 4 distinct inputs of 7 Linears per block
+
+
+def test_hessian_forwards_stop_before_products_nobody_needs(tiny, monkeypatch):
+    """Each true-sequential group's forward stops at the input of its last Linear (sample 0),
+    and, once sample 0 has shown which Linears share an input, at the first one's (later
+    samples): counted as the Linear products actually run while Hessians are collected."""
+    import torch
+
+    root, hf = tiny
+    order = [n for group in gptq_pipeline.FAMILIES["llama"].groups for n in group]
+    runs, counted = [], [0]
+    real = gptq_pipeline._collect_hessians
+
+    def counting(block, names, acts, dev, kind=None, parts=None):
+        before = counted[0]
+        out = real(block, names, acts, dev, kind, parts)
+        runs.append((tuple(names), len(acts), counted[0] - before))
+        return out
+
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, a, o: counted.__setitem__(0, counted[0] + isinstance(m, torch.nn.Linear)))
+    monkeypatch.setattr(gptq_pipeline, "_collect_hessians", counting)
+    try:
+        quantize_hf_gptq(hf, root / "stops.gguf", format="gguf", qtype="q4_0", calib=root / "calib.txt",
+                         hessian_reg="0", **FAST)
+    finally:
+        handle.remove()
+    assert runs and {names for names, _, _ in runs} == set(gptq_pipeline.FAMILIES["llama"].groups)
+    for names, n, products in runs:
+        first, last = order.index(names[0]), order.index(names[-1])
+        assert products == last + (n - 1) * first, (names, n, products)

@@ -885,9 +885,13 @@ def _collect_hessians(block, names, acts: _Activations, dev, kind=None, parts=No
     # them accumulates it, the others share its accumulators (one matmul, not three).
     last: list = [None, None]  # (the latest input tensor, the Linear that accumulated it)
     # True-sequential groups come in forward order, so a sample's forward stops once every
-    # Linear of this group has seen its input: the q/k/v group runs only the first norm.
+    # Linear of this group has seen its input (pre-hooks: the last one's product is not
+    # computed). After sample 0 has shown which Linears share an input, a sample stops once
+    # each accumulating Linear has its input: the q/k/v group runs only the first norm, and
+    # gate/up's group stops before the gate product.
     fired: set[str] = set()
     owner: dict[str, str] = {}  # Linear -> the one whose accumulators it shares (set by sample 0)
+    owners: set[str] = set()  # the accumulating Linears, once every Linear has fired once
 
     def new_acc(n_in):
         return {p: HessianAccumulator(n_in, device=dev) for p in ((None, FIT, HELD) if parts else (None,))}
@@ -896,7 +900,7 @@ def _collect_hessians(block, names, acts: _Activations, dev, kind=None, parts=No
         lin = block.get_submodule(name)
         accs[name] = new_acc(lin.weight.shape[1])
 
-        def hook(_m, args, _out, name=name):
+        def hook(_m, args, name=name):
             x = args[0]
             shares = last[0] is x
             if name not in owner:
@@ -912,9 +916,12 @@ def _collect_hessians(block, names, acts: _Activations, dev, kind=None, parts=No
                 if current[0] is not None:
                     acc[current[0]].add(x)
             if len(fired) == len(names):
+                owners.update(owner.values())
                 raise _StopForward  # the rest of the block does not feed these Linears
+            if owners and owners <= fired:
+                raise _StopForward  # the Linears still to come share inputs already counted
 
-        handles.append(lin.register_forward_hook(hook))
+        handles.append(lin.register_forward_pre_hook(hook))
 
     def before(i):
         current[0] = parts[i] if parts else None
