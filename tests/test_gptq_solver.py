@@ -158,3 +158,41 @@ def test_hessian_accumulator_matches_direct_formula_and_masks():
     acc.add(x, mask)
     kept = x[mask]
     torch.testing.assert_close(acc.H, 2 * kept.T @ kept / 3)
+
+
+def _spd(n, seed, deficient=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n + 8 - deficient, generator=g)
+    return (A @ A.T / n).contiguous()
+
+
+@pytest.mark.parametrize("n", [64, 176, 700])
+def test_in_place_factor_is_torchs_bit_for_bit(n):
+    """The factor computed in H's own memory (MKL's LAPACK called directly) against torch's
+    own chain, cholesky -> cholesky_inverse -> cholesky(upper): the same bits."""
+    from smolq.transforms import lapack_inplace
+
+    if not lapack_inplace.usable(torch.zeros(2, 2)):
+        pytest.skip("this torch exports no LAPACK symbols: the solver uses torch's calls")
+    H = _spd(n, n)
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    B = H.clone()
+    U, damp = inverse_cholesky_upper(B, 0.0, consume=True)
+    assert damp == 0.0 and U.data_ptr() == B.data_ptr()  # a view of H's memory
+    assert torch.equal(U, ref)
+
+
+def test_in_place_retry_undoes_a_failed_factor(caplog):
+    """A factor that fails part-way is undone in place from the untouched triangle: the retry
+    sees H + λI exactly, and its result equals the copying path's."""
+    from smolq.transforms import lapack_inplace
+
+    if not lapack_inplace.usable(torch.zeros(2, 2)):
+        pytest.skip("this torch exports no LAPACK symbols: the solver uses torch's calls")
+    H = _spd(300, 1, deficient=80)  # rank 228 of 300
+    H.diagonal().sub_(0.02 * H.diagonal().mean())  # and indefinite: needs damp > 0.02
+    with caplog.at_level(logging.WARNING, logger="smolq.gptq"):
+        copied, damp_a = inverse_cholesky_upper(H.clone(), 0.0)
+        in_place, damp_b = inverse_cholesky_upper(H.clone(), 0.0, consume=True)
+    assert damp_a == damp_b > 0 and caplog.text.count("retrying") >= 2
+    assert torch.equal(in_place, copied)

@@ -18,13 +18,13 @@ import os
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from smolq.formats import safetensors_file
 from smolq.lazy import lazy_module
 
 np = lazy_module("numpy")
 
 NESTED_BLOCKSIZE = 256
 BNB_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-_ST_DTYPES = {"float32": "F32", "float16": "F16", "uint8": "U8", "uint16": "BF16"}  # uint16 carries bf16 bits
 
 
 def quant_state_blob(quant_type: str, blocksize: int, dtype: str, shape: tuple[int, ...],
@@ -54,28 +54,26 @@ class SafetensorsStream:
     def __init__(self, spool: Path):
         self._spool_path = spool
         self._spool: BinaryIO = open(spool, "wb")
-        self._header: dict[str, Any] = {}
+        self._entries: list[tuple[str, str, tuple[int, ...], int]] = []
         self._at = 0
 
     def add(self, name: str, array: np.ndarray, dtype: str | None = None) -> int:
         a = np.ascontiguousarray(array)
-        st = dtype or _ST_DTYPES[a.dtype.name]
-        self._header[name] = {"dtype": st, "shape": list(a.shape), "data_offsets": [self._at, self._at + a.nbytes]}
+        st = dtype or safetensors_file.ST_DTYPES[a.dtype.name]  # uint16 carries bf16 bits
+        self._entries.append((name, st, a.shape, a.nbytes))
         self._spool.write(a.tobytes())
         self._at += a.nbytes
         return a.nbytes
 
     def finish(self, fh: BinaryIO) -> int:
         self._spool.close()
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)
-        fh.write(len(header).to_bytes(8, "little"))
+        header = safetensors_file.header(self._entries, {"format": "pt"})
         fh.write(header)
         with open(self._spool_path, "rb") as src:
             while chunk := src.read(1 << 24):
                 fh.write(chunk)
         os.unlink(self._spool_path)
-        return 8 + len(header) + self._at
+        return len(header) + self._at
 
     def discard(self) -> None:
         self._spool.close()

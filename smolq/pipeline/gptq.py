@@ -42,7 +42,7 @@ from smolq import kernels
 from smolq.errors import InputError
 from smolq.fileio import phase
 from smolq.threads import set_threads
-from smolq.formats import gptq_ckpt
+from smolq.formats import gptq_ckpt, safetensors_file
 from smolq.formats.base import TensorEntry
 from smolq.formats.gptq_ckpt import GPTQLayer
 from smolq.ggml_types import GGMLType
@@ -823,6 +823,7 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
                         continue
                     with phase("gptq forward for hessians"):
                         hessians = _collect_hessians(block, todo, acts, dev, kinds[i], parts)
+                    _trim_heap()  # the forward's freed activations back to the OS before the solve's peak
                     for name in todo:
                         h = hessians.pop(name)
                         last_user = all(other.full is not h.full for other in hessians.values())
@@ -957,7 +958,10 @@ def _solve_linear(lin, hessians: _Hessians, qtype, settings: Settings, dev, last
         with phase("gptq hessian-reg cross-validation"):
             a = choose_regularisation(W, hessians.fit, hessians.held, new_grid, **solve_kw).a
     grid = new_grid()
-    res = gptq_solve(W, _hessian_for_solve(hessians, a, last_user), grid, **solve_kw)
+    # Given up by its last user (or a regularised copy), the Hessian is the solve's to permute and
+    # factor in place (no second n x n copy at the solve's peak).
+    res = gptq_solve(W, _hessian_for_solve(hessians, a, last_user), grid, consume_h=last_user or a != 0,
+                     **solve_kw)
     lin.weight.data.copy_(res.Q.to(lin.weight.device, lin.weight.dtype))
     if qtype is None:
         rec = {"qint": grid.qint.cpu().numpy(), "scales": grid.scales.cpu().numpy(),
@@ -979,11 +983,10 @@ def _hessian_for_solve(hessians: _Hessians, a, last_user: bool):
 
 
 def _save_block(path: Path, records: dict[str, np.ndarray]) -> None:
-    from safetensors.numpy import save
-
-
+    """The block's records, each array written from its own memory (no serialized copy: at
+    the end of a 1.1B block that copy was the process's peak)."""
     with atomic_output(path) as fh:
-        fh.write(save({k: np.ascontiguousarray(v) for k, v in records.items()}))
+        safetensors_file.write_arrays(fh, {k: np.ascontiguousarray(v) for k, v in records.items()})
 
 
 def _load_records(path: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -1040,7 +1043,7 @@ def _write_gptq_dir(model, family, src: Path, out: Path, work: Path, s: Settings
             v = state[key]
             t = weights.source(key)
             if t is not None and t.dtype == "F16" and tuple(t.shape) == tuple(v.shape):
-                return np.array(t.load())  # already fp16: the same values, without a float32 copy in between
+                return np.asarray(t.load())  # already fp16: written from the mapped file, no copy
             if v.device.type == "meta" or t is not None:
                 v = weights.load_f32_view(key, v.shape)
             return v.detach().cpu().to(dtype=_f16()).numpy()

@@ -15,13 +15,13 @@ The directory appears only when complete (atomic.atomic_directory).
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from smolq.atomic import atomic_directory
 from smolq.errors import InputError
+from smolq.formats import safetensors_file
 from smolq.ggml_types import GGMLType
 from smolq.kernels import quantize
 from smolq.lazy import lazy_module
@@ -98,15 +98,7 @@ def _encode(x: Any, dtype: str, shape: tuple[int, ...], name: str) -> Any:
 
 def _header(tensors: list[HFTensor], dtype: str) -> bytes:
     st_dtype = DTYPES[dtype][0]
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for t in tensors:
-        n = t.nbytes(dtype)
-        header[t.name] = {"dtype": st_dtype, "shape": [int(d) for d in t.shape], "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
+    return safetensors_file.header(((t.name, st_dtype, t.shape, t.nbytes(dtype)) for t in tensors), {"format": "pt"})
 
 
 def write_safetensors(path: Path, tensors: list[HFTensor], dtype: str,
