@@ -1,4 +1,4 @@
-"""Faster equal pieces of transformers' forward, for the forwards smolq runs itself (imatrix).
+"""Faster equal pieces of transformers' forward, for the forwards smolq runs itself (imatrix, GPTQ).
 
 Attention: causal self-attention in query blocks.
 
