@@ -7,6 +7,7 @@
     .venv/bin/python scripts/bench_gptq.py --under-load --blocks 4  # idle vs beside a busy program
     .venv/bin/python scripts/bench_gptq.py --peers [--group-size 64]  # vs llm-compressor, GPTQModel
     .venv/bin/python scripts/bench_gptq.py --scaling [--blocks 2]     # SmolLM2 and a random 1.1B
+    .venv/bin/python scripts/bench_gptq.py --defaults   # a 35 KB text and no other option vs 64x512
 
 --peers (needs `make bench-peers`): SmolLM2-135M, int4, --group-size (128), sym, act-order,
 dampening 0.01, --threads (2) CPU threads for every tool, each tool in a child process from
@@ -17,7 +18,9 @@ llm-compressor 0.14 (GPTQModifier, CPU) vs GPTQModel 7.6 (CPU). PEERS holds each
 version and settings (also in the JSON), and why llm-compressor cannot take every setting.
 Per row: the child's wall time and peak RSS (benchlib.measure: wait4 of the child), the load
 average around it, and the perplexity of the result measured one way for all: its dequantized
-Linear weights in the same transformers model on the evaluation text. Runs are kept per
+Linear weights in the same transformers model on the evaluation text (with --blocks N, the
+tools quantize a copy cut to N blocks and the perplexity is the whole model's with those N
+blocks replaced, the others unquantized). Runs are kept per
 setting in --work (rerun to re-evaluate, --force to quantize again); a tool that is not
 installed or fails gets a row saying why. Results: bench-results/gptq_peers_g<G>.{json,md}.
 
@@ -26,6 +29,13 @@ LLaMA of TinyLlama-1.1B's shapes (scripts/bench_convert.py's writer; random toke
 tokenizer being a placeholder): wall time and peak RSS of the child, next to the bound "one
 block's weights (f32) + calibration activations (f32) + 1 GiB". --blocks N keeps N blocks of
 each (same shapes) for a short run. Results: bench-results/gptq_scaling.json.
+
+--defaults: what a new user gets. The first 35 KB of the calibration text (cut at a line end),
+then, each in a measured child process on the whole SmolLM2-135M, `smolq quantize HF out.gguf
+--method gptq --type q4_0 --calib TEXT35K` with no other option (the windows and threads are
+smolq's defaults; its printed plan is kept), and the same with `--nsamples 64 --seqlen 512`;
+wall time, peak RSS, and the perplexity of each (the Evaluator below) with their ratio.
+Results: bench-results/gptq_defaults.json.
 
 --profile and --under-load run GPTQ (GGUF Q4_0, act-order) in a fresh child process per
 setting (so OMP_WAIT_POLICY and the thread count apply from torch's start), on SmolLM2-135M
@@ -271,13 +281,14 @@ def main(argv=None) -> int:
     p.add_argument("--damp", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--only", default="", help="comma-separated substrings of row keys to run")
+    p.add_argument("--only", default="", help="comma-separated substrings of row keys to run (also --peers)")
     p.add_argument("--force", action="store_true", help="re-quantize even when outputs exist")
     p.add_argument("--quantize-only", action="store_true", help="make the GPTQ outputs, evaluate nothing")
     p.add_argument("--profile", action="store_true", help="time per GPTQ phase (see the docstring)")
     p.add_argument("--under-load", action="store_true", help="GPTQ time alone vs beside a busy program")
     p.add_argument("--peers", action="store_true", help="smolq vs llm-compressor vs GPTQModel (see the docstring)")
     p.add_argument("--group-size", type=int, default=128, help="--peers: columns per group, for every tool")
+    p.add_argument("--defaults", action="store_true", help="a 35 KB text and no other option vs 64x512 (Q4_0)")
     p.add_argument("--scaling", action="store_true", help="time and peak RSS, SmolLM2-135M and a random 1.1B LLaMA")
     p.add_argument("--blocks", type=int, default=0, help="--profile/--under-load/--peers/--scaling: first N blocks "
                    "only (0: all)")
@@ -291,6 +302,8 @@ def main(argv=None) -> int:
         return peers_main(args)
     if args.scaling:
         return scaling_main(args)
+    if args.defaults:
+        return defaults_main(args)
 
     import torch
 
@@ -771,13 +784,20 @@ def peers_main(args) -> int:
     work.mkdir(parents=True, exist_ok=True)
     calib, ev = write_texts(args.work)
     threads = args.threads or 2
-    E = Evaluator(hf, ev, args.ctx, args.windows)
+    # Perplexity always in the whole model: with --blocks N its first N blocks take each result's
+    # weights and the rest stay unquantized (a model cut to N blocks is no language model).
+    E = Evaluator(hf_full, ev, args.ctx, args.windows)
     tokens = work / "calib-tokens.jsonl"
     n_tokens = write_token_windows(E, hf, calib, args, tokens)
     env = {**thread_env(threads), "PYTHONPATH": str(ROOT)}
     rows = []
+    only = [x for x in args.only.lower().split(",") if x]
+    want = lambda key: not only or any(x in key.lower() for x in only)  # noqa: E731
 
     def smolq_row(key, out, fmt_args, state_of):
+        if not want(key):
+            return
+
         def run():
             shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
             return BL.measure(smolq_cmd(hf, out, tokens, args.nsamples, args.seqlen, threads, *fmt_args), env=env)
@@ -789,6 +809,8 @@ def peers_main(args) -> int:
               ["--format", "gptq", "--bits", "4", "--group-size", str(G), "--static-groups"], gptq_dir_state)
     smolq_row("smolq gptq gguf q4_k_m", work / "smolq-q4_k_m.gguf", ["--type", "q4_k_m"], gguf_state)
     for name, peer in PEERS.items():
+        if not want(f"{name} int4 g{G}"):
+            continue
         py = peer_python(peer["venv"])
         out = work / f"{peer['venv']}-int4-g{G}"
         req = {"model": str(hf), "tokens": str(tokens), "out": str(out), "threads": threads, "group_size": G,
@@ -813,6 +835,9 @@ def peers_main(args) -> int:
                                                    "seqlen": args.seqlen, "seed": args.seed, "n_tokens": n_tokens},
                "settings": {**PEER_SETTINGS, "group_size": G}, "peers": PEERS,
                "evaluation": {"text": str(ev), "ctx": args.ctx, "windows": len(E.windows),
+                              "model": "the whole model" if hf == hf_full else
+                                       f"the whole model, its first {args.blocks} blocks from each result, the "
+                                       "rest unquantized",
                               "method": "each result's dequantized Linear weights (GPTQ dirs: smolq's GPTQ reader; "
                                         "GGUF: smolq's kernel; llm-compressor: its own weights before compression, "
                                         "checked on the int4 grid) in one transformers float32 model, exp(mean NLL)"},
@@ -860,7 +885,7 @@ def peers_markdown(r: dict) -> str:
              f"({r['calibration']['n_tokens']}), the same token ids for every tool ({r['calibration']['tokens_file']})",
              f"- settings: {r['settings']}",
              *[f"- {name}: {p['pins']}; {p['settings']}" for name, p in r["peers"].items()],
-             f"- evaluation: {r['evaluation']['method']}; ctx {r['evaluation']['ctx']}, {r['evaluation']['windows']} "
+             f"- evaluation: {r['evaluation'].get('model', 'the whole model')}; {r['evaluation']['method']}; ctx {r['evaluation']['ctx']}, {r['evaluation']['windows']} "
              f"windows; unquantized reference ppl {r['reference_ppl']}", "",
              "CPU s is user + system time of the child: on a shared machine it moves less than wall time, "
              "though a tool whose threads spin while waiting pays for that in it too.", "",
@@ -875,6 +900,58 @@ def peers_markdown(r: dict) -> str:
                      f"{row['ppl']:.4f} | {row['load_before'][0]:.1f} / {row['load_after'][0]:.1f} | "
                      f"{' '.join(f'{k} {v}' for k, v in row.get('versions', {}).items())} |")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- --defaults
+
+DEFAULTS_TEXT_BYTES = 35_000
+
+
+def text_prefix(src: Path, out: Path, n_bytes: int) -> Path:
+    """The first n_bytes of src, cut back to its last line end."""
+    head = src.read_bytes()[:n_bytes]
+    out.write_bytes(head[: head.rfind(b"\n") + 1])
+    return out
+
+
+def defaults_main(args) -> int:
+    BL = load_script("benchlib")
+    work = args.work / "defaults"
+    work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    src = smollm2_gguf()
+    hf = args.work / "smollm2-hf"
+    if not (hf / "config.json").is_file():
+        HF.hf_from_gguf(src, hf)
+    calib, ev = write_texts(args.work)
+    text = text_prefix(calib, work / "calib-35k.txt", DEFAULTS_TEXT_BYTES)
+    E = Evaluator(hf, ev, args.ctx, args.windows)
+    env = {"PYTHONPATH": str(ROOT)}
+    results = {"model": src.name, "text": {"path": str(text), "bytes": text.stat().st_size,
+                                            "tokens": int(len(E.tokenizer(text.read_text())["input_ids"]))},
+               "evaluation": {"text": str(ev), "ctx": args.ctx, "windows": len(E.windows)},
+               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus", "rows": []}
+    E.load(None)
+    results["reference_ppl"] = round(E.ppl(), 4)
+    for key, extra in (("defaults", []), ("64x512", ["--nsamples", "64", "--seqlen", "512"])):
+        out, log = work / f"q4_0-{key}.gguf", work / f"q4_0-{key}.log"
+        load_before = os.getloadavg()
+        rec = BL.measure([sys.executable, "-m", "smolq", "quantize", str(hf), str(out), "--method", "gptq",
+                          "--type", "q4_0", "--calib", str(text), *extra], env=env, log=log)
+        plan = [ln for ln in log.read_text(errors="replace").splitlines() if "plan" in ln.lower()][:3]
+        E.load(gguf_state(out))
+        row = {"key": key, "options": extra, **rec, "load_before": load_before, "load_after": os.getloadavg(),
+               "plan": plan, "ppl": round(E.ppl(), 4), "bytes": out.stat().st_size}
+        results["rows"].append(row)
+        print(f"{key:9s} wall {rec['wall_s']:7.1f} s  peak RSS {rec['peak_rss_MiB']:6.0f} MiB  ppl {row['ppl']:.4f}"
+              f"  load {load_before[0]:.1f}->{row['load_after'][0]:.1f}  {' | '.join(plan)}", flush=True)
+    a, b = results["rows"]
+    results["ppl_ratio"] = round(a["ppl"] / b["ppl"], 5)
+    print(f"text {results['text']['bytes']} bytes, {results['text']['tokens']} tokens; reference ppl "
+          f"{results['reference_ppl']}; defaults / 64x512 ppl {results['ppl_ratio']:.4f}, time "
+          f"{a['wall_s'] / b['wall_s']:.2f}")
+    BL.write_json(args.out / "gptq_defaults.json", results)
+    return 0
 
 
 # --------------------------------------------------------------------------- --scaling

@@ -238,9 +238,10 @@ def test_calibration_token_id_records(tiny, tmp_path):
         load_calibration(model, tok, big, nsamples=1, seqlen=12)
 
 
-def _hessians_one_per_linear(block, names, acts, dev, kind=None, parts=None):
+def _hessians_one_per_linear(block, names, acts, dev, kind=None, parts=None, stages=None):
     """The plain way: every Linear accumulates its own input Hessian (what GPTQ did before q/k/v
-    and gate/up shared theirs), over all samples and over the cross-validation parts."""
+    and gate/up shared theirs), over all samples and over the cross-validation parts, and every
+    forward runs the whole block (no module answered from kept inputs: `stages` is ignored)."""
     from smolq.transforms.gptq import HessianAccumulator
 
     keys = (None, "fit", "held") if parts else (None,)
@@ -292,29 +293,72 @@ def test_shared_input_hessians_give_the_same_bytes(tiny, monkeypatch, reg):
 def test_hessian_forwards_stop_before_products_nobody_needs(tiny, monkeypatch):
     """Each true-sequential group's forward stops at the input of its last Linear (sample 0),
     and, once sample 0 has shown which Linears share an input, at the first one's (later
-    samples): counted as the Linear products actually run while Hessians are collected."""
+    samples); modules whose Linears are all quantized answer from kept inputs (the attention
+    from the gate/up group on, the MLP in the output pass), so no product runs twice. Counted
+    as the Linear products actually run, per forward over the block, sample 0 and later ones:
+    - q/k/v: q, k (v's input is q's: later samples stop at q);
+    - o: q, k, v;
+    - gate/up: sample 0 runs the attention for real to check the answer (q, k, v, o) and o on
+      the kept input, then gate (up shares its input); later samples: o on the kept input;
+    - down: gate, up (the attention answers from its kept output);
+    - the output pass: sample 0 checks the MLP (gate, up, down) and runs down on the kept
+      input; later samples: down."""
     import torch
 
     root, hf = tiny
-    order = [n for group in gptq_pipeline.FAMILIES["llama"].groups for n in group]
-    runs, counted = [], [0]
-    real = gptq_pipeline._collect_hessians
+    groups = gptq_pipeline.FAMILIES["llama"].groups
+    expected = dict(zip(groups, [(2, 0), (3, 3), (6, 1), (2, 2)]))
+    runs, outputs, counted = [], [], [0]
+    real_collect, real_run = gptq_pipeline._collect_hessians, gptq_pipeline._run_block
 
-    def counting(block, names, acts, dev, kind=None, parts=None):
+    def counting(block, names, acts, *args, **kwargs):
         before = counted[0]
-        out = real(block, names, acts, dev, kind, parts)
+        out = real_collect(block, names, acts, *args, **kwargs)
         runs.append((tuple(names), len(acts), counted[0] - before))
         return out
+
+    def counting_run(block, acts, dev, replace=False, **kwargs):
+        before = counted[0]
+        real_run(block, acts, dev, replace=replace, **kwargs)
+        if replace:
+            outputs.append((len(acts), counted[0] - before))
 
     handle = torch.nn.modules.module.register_module_forward_hook(
         lambda m, a, o: counted.__setitem__(0, counted[0] + isinstance(m, torch.nn.Linear)))
     monkeypatch.setattr(gptq_pipeline, "_collect_hessians", counting)
+    monkeypatch.setattr(gptq_pipeline, "_run_block", counting_run)
     try:
         quantize_hf_gptq(hf, root / "stops.gguf", format="gguf", qtype="q4_0", calib=root / "calib.txt",
                          hessian_reg="0", **FAST)
     finally:
         handle.remove()
-    assert runs and {names for names, _, _ in runs} == set(gptq_pipeline.FAMILIES["llama"].groups)
+    assert runs and {names for names, _, _ in runs} == set(groups)
     for names, n, products in runs:
-        first, last = order.index(names[0]), order.index(names[-1])
-        assert products == last + (n - 1) * first, (names, n, products)
+        first, later = expected[names]
+        assert products == first + (n - 1) * later, (names, n, products)
+    assert outputs and all(products == 4 + (n - 1) for n, products in outputs), outputs
+
+
+@pytest.mark.parametrize("fmt, qtype, budget", [("gguf", "q4_0", None), ("gptq", None, None), ("gguf", "q4_k", 0)])
+def test_answered_modules_give_the_same_bytes(tiny, monkeypatch, fmt, qtype, budget):
+    """Modules answered from kept inputs (the attention and the MLP; with budget 0 only what
+    fits the block inputs' size, the attention) give the bytes of running every forward whole."""
+    import dataclasses
+
+    root, hf = tiny
+    kw = dict(format=fmt, qtype=qtype, calib=root / "calib.txt", **FAST)
+    if budget is not None:
+        monkeypatch.setattr(gptq_pipeline, "STAGE_REUSE_MIN_BUDGET", budget)
+    reused = root / f"reused-{fmt}-{qtype}-{budget}"
+    quantize_hf_gptq(hf, reused, **kw)
+    layout = gptq_pipeline.FAMILIES["llama"]
+    monkeypatch.setitem(gptq_pipeline.FAMILIES, "llama", dataclasses.replace(layout, stages=()))
+    whole = root / f"whole-{fmt}-{qtype}-{budget}"
+    quantize_hf_gptq(hf, whole, **kw)
+    assert _tree_bytes(reused) == _tree_bytes(whole)
+
+
+def _tree_bytes(path: Path) -> dict[str, bytes]:
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}

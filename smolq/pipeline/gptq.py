@@ -79,20 +79,29 @@ class FamilyLayout:
     # call arguments (Gemma 3's layer_types: sliding-window layers get the local RoPE table and a
     # windowed mask, global ones the global table and the causal mask); None: all blocks alike.
     kinds: str | None = None
+    # Sub-modules whose output is their last Linear applied to that Linear's input (attention:
+    # o_proj of the heads' output; the MLP: down_proj of the gated product): (module, last Linear).
+    # Once that input is seen with every earlier Linear of the module quantized, later forwards
+    # of the block take the module's output from it instead of running the module again.
+    stages: tuple[tuple[str, str], ...] = ()
 
 
 # AutoGPTQ's per-architecture lists (gptq.md 1.9).
 FAMILIES = {
     "llama": FamilyLayout("model.layers", (
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))),
+        ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+        stages=(("self_attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj"))),
     "gptj": FamilyLayout("transformer.h", (
-        ("attn.q_proj", "attn.k_proj", "attn.v_proj"), ("attn.out_proj",), ("mlp.fc_in",), ("mlp.fc_out",))),
+        ("attn.q_proj", "attn.k_proj", "attn.v_proj"), ("attn.out_proj",), ("mlp.fc_in",), ("mlp.fc_out",)),
+        stages=(("attn", "attn.out_proj"), ("mlp", "mlp.fc_out"))),
     "mpt": FamilyLayout("transformer.blocks", (
-        ("attn.Wqkv",), ("attn.out_proj",), ("ffn.up_proj",), ("ffn.down_proj",))),
+        ("attn.Wqkv",), ("attn.out_proj",), ("ffn.up_proj",), ("ffn.down_proj",)),
+        stages=(("attn", "attn.out_proj"), ("ffn", "ffn.down_proj"))),
     "gemma3": FamilyLayout("model.layers", (
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)), kinds="layer_types"),
+        ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)), kinds="layer_types",
+        stages=(("self_attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj"))),
 }
 # model_type -> layout; Mistral, Qwen2 and Qwen3 blocks have LLaMA's Linears under the same names.
 MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gptj": "gptj", "mpt": "mpt",
@@ -815,17 +824,20 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
                 weights.materialize(block, prefix + ".")
                 block.to(dev)
             saved = work / f"block-{i:04d}.safetensors"
+            stages = _StageReuse(block, (), len(acts), budget=0)  # a restored block keeps nothing
             if saved.is_file():
                 _restore_block(block, saved)
                 what = "restored"
             else:
                 records = {}
+                stages = _StageReuse(block, FAMILIES[family].stages if settings.true_sequential else (),
+                                     len(acts), budget=max(acts.nbytes, STAGE_REUSE_MIN_BUDGET))
                 for group in groups:
                     todo = [n for n in group if plan.get(f"{prefix}.{n}.weight") != "skip"]
                     if not todo:
                         continue
                     with phase("gptq forward for hessians"):
-                        hessians = _collect_hessians(block, todo, acts, dev, kinds[i], parts)
+                        hessians = _collect_hessians(block, todo, acts, dev, kinds[i], parts, stages)
                     _trim_heap()  # the forward's freed activations back to the OS before the solve's peak
                     for name in todo:
                         h = hessians.pop(name)
@@ -842,7 +854,9 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
                     _save_block(saved, records)
                 what = "quantized"
             with phase("gptq recompute outputs"):
-                _run_block(block, acts, dev, replace=True, kind=kinds[i])
+                with stages.in_use():
+                    _run_block(block, acts, dev, replace=True, kind=kinds[i], before=stages.at)
+            stages.close()
             weights.release(block)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -873,6 +887,126 @@ def _cv_parts(cal, settings: Settings, notes: list) -> list | None:
     return None
 
 
+STAGE_REUSE_MIN_BUDGET = 64 << 20  # kept module inputs/outputs may take max(this, the block inputs' bytes)
+
+
+class _StageReuse:
+    """Forwards of one block that are not run twice (issue #19: a true-sequential block ran its
+    attention four times per sample, once per group and once more for its outputs).
+
+    For each stage (module, last Linear) of the family, the group holding the last Linear keeps
+    that Linear's input per sample, provided no other Linear of the module is in that group (so
+    all of them are quantized already). From then on the module is answered instead of run: the
+    first time per sample as last(kept input), which is then kept in its place as the module's
+    output, later times a copy of that output. Those are the module's own bits: it would apply
+    the same Linear to the same input. The first answer is also checked against the module run
+    for real, and a module whose bits differ, or whose output is a tuple carrying tensors, is
+    run as before. Kept tensors are held while all of them fit `budget` bytes; a stage that
+    would not fit is not kept.
+    """
+
+    def __init__(self, block, stages, n_samples: int, budget: int):
+        self.block, self.n, self.budget = block, n_samples, budget
+        self.stages = [(mod, last) for mod, last in stages if _has_submodule(block, mod)]
+        self.kept: dict[str, list | None] = {}  # module -> per sample [tensor, is_output]; None: not kept
+        self.rest: dict[str, tuple | None] = {}  # module -> the rest of its tuple output, once checked
+        self.bytes = 0
+        self.i = 0
+
+    def at(self, i: int) -> None:
+        self.i = i
+
+    def keep_inputs_of(self, names) -> set[str]:
+        """The Linears among `names` (one group, quantized after this forward) whose inputs
+        to keep: last Linears whose module has no other Linear in this group."""
+        out = set()
+        for mod, last in self.stages:
+            others = [n for n in names if n.startswith(mod + ".") and n != last]
+            if last in names and not others and mod not in self.kept:
+                out.add(last)
+                self.kept[mod] = [None] * self.n
+        return out
+
+    def keep(self, linear: str, x) -> None:
+        mod = next(m for m, last in self.stages if last == linear)
+        entries = self.kept.get(mod)
+        if entries is None:
+            return
+        if self.bytes + _nbytes(x) > self.budget:
+            self._drop(mod)
+            return
+        entries[self.i] = [x.detach().clone(), False]
+        self.bytes += _nbytes(x)
+
+    def _drop(self, mod: str) -> None:
+        self.bytes -= sum(_nbytes(e[0]) for e in self.kept.get(mod) or () if e is not None)
+        self.kept[mod] = None  # not kept for this block: the module runs as before
+
+    @contextmanager
+    def in_use(self):
+        """Within: the modules whose inputs are all kept answer from them."""
+        patched = []
+        for mod, last in self.stages:
+            entries = self.kept.get(mod)
+            if entries is not None and all(e is not None for e in entries):
+                module = self.block.get_submodule(mod)
+                module.forward = self._answer(mod, module, self.block.get_submodule(last))
+                patched.append(module)
+        try:
+            yield
+        finally:
+            for module in patched:
+                del module.forward
+
+    def _answer(self, mod, module, last):
+        real = type(module).forward
+
+        def forward(*args, **kwargs):
+            entries = self.kept[mod]
+            if entries is None:  # dropped by the check
+                return real(module, *args, **kwargs)
+            entry = entries[self.i]
+            if not entry[1]:
+                y = last(entry[0])
+                if mod not in self.rest:
+                    result = real(module, *args, **kwargs)
+                    if not self._check(mod, y, result):
+                        return result
+                self.bytes += _nbytes(y) - _nbytes(entry[0])
+                entry[:] = [y, True]
+            out = entry[0].clone()  # the block may add to it in place
+            rest = self.rest[mod]
+            return out if rest is None else (out, *rest)
+
+        return forward
+
+    def _check(self, mod, y, result) -> bool:
+        import torch
+
+        first, rest = (result[0], tuple(result[1:])) if isinstance(result, tuple) else (result, None)
+        if (rest is not None and any(r is not None for r in rest)) or not torch.equal(first, y):
+            self._drop(mod)
+            return False
+        self.rest[mod] = rest
+        return True
+
+    def close(self) -> None:
+        self.kept.clear()
+        self.bytes = 0
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def _has_submodule(block, name: str) -> bool:
+    try:
+        block.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
 @dataclass
 class _Hessians:
     full: Any  # every sample's, exactly as without cross-validation
@@ -880,9 +1014,13 @@ class _Hessians:
     held: Any = None
 
 
-def _collect_hessians(block, names, acts: _Activations, dev, kind=None, parts=None) -> dict[str, _Hessians]:
+def _collect_hessians(block, names, acts: _Activations, dev, kind=None, parts=None,
+                      stages: "_StageReuse | None" = None) -> dict[str, _Hessians]:
     """Each Linear's input Hessian over all samples, and over the fit and held-out parts
-    when `parts` (one of FIT / HELD / None per sample) is given."""
+    when `parts` (one of FIT / HELD / None per sample) is given. `stages` keeps the inputs it
+    wants (of a module's last Linear) and answers for the modules it already can."""
+    stages = stages or _StageReuse(block, (), len(acts), budget=0)
+    keep = stages.keep_inputs_of(names)
     accs, handles = {}, []
     current = [None]  # the part of the sample being run
     # Linears fed the very same tensor (q/k/v, gate/up) have the same Hessian: the first of
@@ -913,6 +1051,8 @@ def _collect_hessians(block, names, acts: _Activations, dev, kind=None, parts=No
                 raise RuntimeError(f"{name}: its input changed between calibration samples")
             last[0], last[1] = x, name
             fired.add(name)
+            if name in keep:
+                stages.keep(name, x)
             if owner[name] == name:
                 acc = accs[name]
                 x = x.detach()
@@ -930,9 +1070,11 @@ def _collect_hessians(block, names, acts: _Activations, dev, kind=None, parts=No
     def before(i):
         current[0] = parts[i] if parts else None
         fired.clear()
+        stages.at(i)
 
     try:
-        _run_block(block, acts, dev, kind=kind, before=before)
+        with stages.in_use():
+            _run_block(block, acts, dev, kind=kind, before=before)
     finally:
         for h in handles:
             h.remove()
