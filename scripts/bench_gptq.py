@@ -938,7 +938,8 @@ def defaults_main(args) -> int:
         load_before = os.getloadavg()
         rec = BL.measure([sys.executable, "-m", "smolq", "quantize", str(hf), str(out), "--method", "gptq",
                           "--type", "q4_0", "--calib", str(text), *extra], env=env, log=log)
-        plan = [ln for ln in log.read_text(errors="replace").splitlines() if "plan" in ln.lower()][:3]
+        said = " ".join(log.read_text(errors="replace").split())  # the CLI wraps its lines
+        plan = re.findall(r"GPTQ plan: .*?each block\)", said)[:1]
         E.load(gguf_state(out))
         row = {"key": key, "options": extra, **rec, "load_before": load_before, "load_after": os.getloadavg(),
                "plan": plan, "ppl": round(E.ppl(), 4), "bytes": out.stat().st_size}

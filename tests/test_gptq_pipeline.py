@@ -341,16 +341,22 @@ def test_hessian_forwards_stop_before_products_nobody_needs(tiny, monkeypatch):
 
 @pytest.mark.parametrize("fmt, qtype, budget", [("gguf", "q4_0", None), ("gptq", None, None), ("gguf", "q4_k", 0)])
 def test_answered_modules_give_the_same_bytes(tiny, monkeypatch, fmt, qtype, budget):
-    """Modules answered from kept inputs (the attention and the MLP; with budget 0 only what
-    fits the block inputs' size, the attention) give the bytes of running every forward whole."""
+    """Modules answered from kept inputs (the attention and the MLP, in RAM; with budget 0 the
+    RAM holds only the block inputs' size, the attention's, and the MLP's wider inputs go to
+    the scratch file) give the bytes of running every forward whole."""
     import dataclasses
 
     root, hf = tiny
     kw = dict(format=fmt, qtype=qtype, calib=root / "calib.txt", **FAST)
+    spilled = []
+    real_put = gptq_pipeline._KeptFile.put
+    monkeypatch.setattr(gptq_pipeline._KeptFile, "put", lambda self, t: (spilled.append(1), real_put(self, t))[1])
     if budget is not None:
         monkeypatch.setattr(gptq_pipeline, "STAGE_REUSE_MIN_BUDGET", budget)
     reused = root / f"reused-{fmt}-{qtype}-{budget}"
     quantize_hf_gptq(hf, reused, **kw)
+    assert bool(spilled) == (budget is not None)
+    assert not list(root.rglob("kept.f32"))
     layout = gptq_pipeline.FAMILIES["llama"]
     monkeypatch.setitem(gptq_pipeline.FAMILIES, "llama", dataclasses.replace(layout, stages=()))
     whole = root / f"whole-{fmt}-{qtype}-{budget}"

@@ -816,6 +816,7 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
     n_linears, damp_raised, notes = 0, [], []
     parts, reg_chosen = _cv_parts(cal, settings, notes), {}
     spent: list[float] = []  # seconds per block so far, for the ETA
+    spill = _KeptFile(work / "kept.f32")  # module inputs kept past the RAM budget (_StageReuse)
     try:
         for i, block in enumerate(blocks):
             t0 = time.perf_counter()
@@ -831,7 +832,7 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
             else:
                 records = {}
                 stages = _StageReuse(block, FAMILIES[family].stages if settings.true_sequential else (),
-                                     len(acts), budget=max(acts.nbytes, STAGE_REUSE_MIN_BUDGET))
+                                     len(acts), budget=max(acts.nbytes, STAGE_REUSE_MIN_BUDGET), spill=spill)
                 for group in groups:
                     todo = [n for n in group if plan.get(f"{prefix}.{n}.weight") != "skip"]
                     if not todo:
@@ -865,6 +866,7 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
             note(f"block {i + 1}/{len(blocks)} {what} in {spent[-1]:.1f}s, ETA {_minutes(eta)}", quiet=quiet)
     finally:
         acts.close()
+        spill.close()
     if damp_raised:
         notes.append("dampening raised for " + ", ".join(damp_raised))
     if parts is not None and reg_chosen:
@@ -901,12 +903,13 @@ class _StageReuse:
     output, later times a copy of that output. Those are the module's own bits: it would apply
     the same Linear to the same input. The first answer is also checked against the module run
     for real, and a module whose bits differ, or whose output is a tuple carrying tensors, is
-    run as before. Kept tensors are held while all of them fit `budget` bytes; a stage that
-    would not fit is not kept.
+    run as before. Kept tensors are held in RAM while all of them fit `budget` bytes; past it
+    they go to `spill` (a scratch file: the page cache holds them, not the process), or, without
+    one, the stage is not kept.
     """
 
-    def __init__(self, block, stages, n_samples: int, budget: int):
-        self.block, self.n, self.budget = block, n_samples, budget
+    def __init__(self, block, stages, n_samples: int, budget: int, spill: "_KeptFile | None" = None):
+        self.block, self.n, self.budget, self.spill = block, n_samples, budget, spill
         self.stages = [(mod, last) for mod, last in stages if _has_submodule(block, mod)]
         self.kept: dict[str, list | None] = {}  # module -> per sample [tensor, is_output]; None: not kept
         self.rest: dict[str, tuple | None] = {}  # module -> the rest of its tuple output, once checked
@@ -932,14 +935,32 @@ class _StageReuse:
         entries = self.kept.get(mod)
         if entries is None:
             return
-        if self.bytes + _nbytes(x) > self.budget:
+        held = self._hold(x.detach())
+        if held is None:
             self._drop(mod)
             return
-        entries[self.i] = [x.detach().clone(), False]
-        self.bytes += _nbytes(x)
+        entries[self.i] = [held, False]
+
+    def _hold(self, t):
+        """t kept: a copy in RAM within the budget, else its place in the spill file, else None."""
+        if self.bytes + _nbytes(t) <= self.budget:
+            self.bytes += _nbytes(t)
+            return t.clone()
+        if self.spill is not None and self.spill.holds(t):
+            return self.spill.put(t)
+        return None
+
+    def _get(self, held):
+        return self.spill.get(held) if isinstance(held, _KeptFile.Ref) else held
+
+    def _let_go(self, held) -> None:
+        if not isinstance(held, _KeptFile.Ref):
+            self.bytes -= _nbytes(held)
 
     def _drop(self, mod: str) -> None:
-        self.bytes -= sum(_nbytes(e[0]) for e in self.kept.get(mod) or () if e is not None)
+        for e in self.kept.get(mod) or ():
+            if e is not None:
+                self._let_go(e[0])
         self.kept[mod] = None  # not kept for this block: the module runs as before
 
     @contextmanager
@@ -967,18 +988,26 @@ class _StageReuse:
                 return real(module, *args, **kwargs)
             entry = entries[self.i]
             if not entry[1]:
-                y = last(entry[0])
+                y = last(self._get(entry[0]))
                 if mod not in self.rest:
                     result = real(module, *args, **kwargs)
                     if not self._check(mod, y, result):
                         return result
-                self.bytes += _nbytes(y) - _nbytes(entry[0])
-                entry[:] = [y, True]
-            out = entry[0].clone()  # the block may add to it in place
-            rest = self.rest[mod]
-            return out if rest is None else (out, *rest)
+                self._let_go(entry[0])
+                held = self._hold(y)
+                if held is None:  # no room for the output: this answer is the last one
+                    entries[self.i] = None
+                    self.kept[mod] = None
+                    return self._shaped(mod, y)
+                entry[:] = [held, True]
+            return self._shaped(mod, self._get(entry[0]).clone())  # the block may add to it in place
 
         return forward
+
+    def _shaped(self, mod, out):
+        rest = self.rest[mod]
+        return out if rest is None else (out, *rest)
+
 
     def _check(self, mod, y, result) -> bool:
         import torch
@@ -993,6 +1022,53 @@ class _StageReuse:
     def close(self) -> None:
         self.kept.clear()
         self.bytes = 0
+        if self.spill is not None:
+            self.spill.reset()
+
+
+class _KeptFile:
+    """Kept tensors past the RAM budget, in a scratch file of the work directory, rewritten
+    from its start for every block (read back exactly: float32 bytes)."""
+
+    @dataclass(frozen=True)
+    class Ref:
+        offset: int
+        shape: tuple
+        device: Any
+
+    def __init__(self, path: Path):
+        self.path, self._fh, self._end = path, None, 0
+
+    def holds(self, t) -> bool:
+        import torch
+
+        return t.dtype == torch.float32
+
+    def put(self, t) -> "_KeptFile.Ref":
+        if self._fh is None:
+            self._fh = open(self.path, "w+b")
+        a = np.ascontiguousarray(t.detach().cpu().numpy())
+        self._fh.seek(self._end)
+        self._fh.write(memoryview(a).cast("B"))
+        ref = _KeptFile.Ref(self._end, tuple(a.shape), t.device)
+        self._end += a.nbytes
+        return ref
+
+    def get(self, ref: "_KeptFile.Ref"):
+        import torch
+
+        self._fh.seek(ref.offset)
+        a = np.fromfile(self._fh, dtype=np.float32, count=int(np.prod(ref.shape))).reshape(ref.shape)
+        return torch.from_numpy(a).to(ref.device)
+
+    def reset(self) -> None:
+        self._end = 0
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        self.path.unlink(missing_ok=True)
 
 
 def _nbytes(t) -> int:
