@@ -368,3 +368,57 @@ def _tree_bytes(path: Path) -> dict[str, bytes]:
     if path.is_file():
         return {"": path.read_bytes()}
     return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+class _ToyMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(4, 6)
+        self.down = torch.nn.Linear(6, 8)  # the output is wider than the kept input
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class _ToyBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = _ToyMLP()
+
+    def forward(self, x):
+        return self.mlp(x) + 1
+
+
+@pytest.mark.parametrize("room", ["outputs", "inputs only", "spill", "nothing"])
+def test_answered_module_equals_the_module_whatever_room_is_left(tmp_path, room):
+    """_StageReuse on its own: inputs kept in RAM, or in the scratch file, or not at all, and
+    outputs (wider than the inputs here) kept or not; every answer equals the module's own
+    output, pass after pass, and nothing is counted as held once the block is done."""
+    torch.manual_seed(0)
+    block, n = _ToyBlock(), 3
+    xs = [torch.randn(5, 4) for _ in range(n)]
+    want = [block(x) for x in xs]
+    kept_in = 5 * 6 * 4 * n  # the down Linear's inputs, float32
+    budget = {"outputs": 10**6, "inputs only": kept_in, "spill": 0, "nothing": 0}[room]
+    spill = gptq_pipeline._KeptFile(tmp_path / "kept.f32") if room == "spill" else None
+    stages = gptq_pipeline._StageReuse(block, (("mlp", "mlp.down"),), n, budget=budget, spill=spill)
+    assert stages.keep_inputs_of(["mlp.down"]) == {"mlp.down"}
+    hook = block.mlp.down.register_forward_pre_hook(lambda m, a: stages.keep("mlp.down", a[0]))
+    with torch.no_grad():
+        for i, x in enumerate(xs):
+            stages.at(i)
+            block(x)
+    hook.remove()
+    assert (stages.kept["mlp"] is None) == (room == "nothing")
+    for _ in range(3):  # later forwards of the block
+        with torch.no_grad(), stages.in_use():
+            for i, x in enumerate(xs):
+                stages.at(i)
+                assert torch.equal(block(x), want[i])
+    assert "forward" not in vars(block.mlp)
+    assert (stages.kept["mlp"] is None) == (room in ("inputs only", "nothing"))
+    assert stages.bytes == (5 * 8 * 4 * n if room == "outputs" else 0)  # what RAM still holds
+    stages.close()
+    if spill is not None:
+        spill.close()
+        assert not (tmp_path / "kept.f32").exists()

@@ -996,8 +996,8 @@ class _StageReuse:
                 self._let_go(entry[0])
                 held = self._hold(y)
                 if held is None:  # no room for the output: this answer is the last one
-                    entries[self.i] = None
-                    self.kept[mod] = None
+                    entries[self.i] = None  # its input is let go of already
+                    self._drop(mod)
                     return self._shaped(mod, y)
                 entry[:] = [held, True]
             return self._shaped(mod, self._get(entry[0]).clone())  # the block may add to it in place
@@ -1007,7 +1007,6 @@ class _StageReuse:
     def _shaped(self, mod, out):
         rest = self.rest[mod]
         return out if rest is None else (out, *rest)
-
 
     def _check(self, mod, y, result) -> bool:
         import torch
