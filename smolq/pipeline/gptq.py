@@ -669,8 +669,7 @@ class _Activations:
         if self._fh is None:
             return h
         offset, shape = h
-        self._fh.seek(offset)
-        return torch.from_numpy(np.fromfile(self._fh, dtype=np.float32, count=int(np.prod(shape))).reshape(shape))
+        return torch.from_numpy(_read_f32(self._fh, offset, shape))
 
     def replace(self, i: int, hidden) -> None:
         hidden = hidden.detach().cpu()
@@ -679,8 +678,7 @@ class _Activations:
             return
         offset, shape = self._hidden[i]
         assert tuple(hidden.shape) == shape
-        self._fh.seek(offset)
-        self._fh.write(memoryview(np.ascontiguousarray(hidden.numpy(), dtype=np.float32)).cast("B"))
+        _write_f32(self._fh, offset, hidden.numpy())
 
     def other_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._pool)
@@ -707,6 +705,20 @@ class _Activations:
         if isinstance(obj, dict):
             return {k: self._dedupe(v) for k, v in obj.items()}
         return obj
+
+
+def _read_f32(fh, offset: int, shape) -> "np.ndarray":
+    """float32 values of `shape` at `offset` of a scratch file (_Activations, _KeptFile)."""
+    fh.seek(offset)
+    return np.fromfile(fh, dtype=np.float32, count=int(np.prod(shape))).reshape(shape)
+
+
+def _write_f32(fh, offset: int, a) -> int:
+    """`a` as float32 bytes at `offset` of a scratch file; returns the bytes written."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    fh.seek(offset)
+    fh.write(memoryview(a).cast("B"))
+    return a.nbytes
 
 
 def _capture_block_inputs(model, family, cal, weights: "_Weights", work: Path, quiet: bool) -> _Activations:
@@ -1046,19 +1058,14 @@ class _KeptFile:
     def put(self, t) -> "_KeptFile.Ref":
         if self._fh is None:
             self._fh = open(self.path, "w+b")
-        a = np.ascontiguousarray(t.detach().cpu().numpy())
-        self._fh.seek(self._end)
-        self._fh.write(memoryview(a).cast("B"))
-        ref = _KeptFile.Ref(self._end, tuple(a.shape), t.device)
-        self._end += a.nbytes
+        ref = _KeptFile.Ref(self._end, tuple(t.shape), t.device)
+        self._end += _write_f32(self._fh, self._end, t.detach().cpu().numpy())
         return ref
 
     def get(self, ref: "_KeptFile.Ref"):
         import torch
 
-        self._fh.seek(ref.offset)
-        a = np.fromfile(self._fh, dtype=np.float32, count=int(np.prod(ref.shape))).reshape(ref.shape)
-        return torch.from_numpy(a).to(ref.device)
+        return torch.from_numpy(_read_f32(self._fh, ref.offset, ref.shape)).to(ref.device)
 
     def reset(self) -> None:
         self._end = 0
