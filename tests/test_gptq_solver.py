@@ -196,3 +196,66 @@ def test_in_place_retry_undoes_a_failed_factor(caplog):
         in_place, damp_b = inverse_cholesky_upper(H.clone(), 0.0, consume=True)
     assert damp_a == damp_b > 0 and caplog.text.count("retrying") >= 2
     assert torch.equal(in_place, copied)
+
+
+KERNEL_GRIDS = {
+    **GRIDS,
+    "int8-sym-g64": dict(bits=8, group_size=64, sym=True),
+    "int2-asym-g32": dict(bits=2, group_size=32, sym=False),
+    "int4-sym-g128-mse": dict(bits=4, group_size=128, sym=True, mse=2.4),
+    "Q4_0-plain": dict(qtype=GGMLType.Q4_0, rule="plain"),
+    "Q4_1-plain": dict(qtype=GGMLType.Q4_1, rule="plain"),
+    "Q8_0-plain": dict(qtype=GGMLType.Q8_0, rule="plain"),
+    "Q5_1": dict(qtype=GGMLType.Q5_1),
+    "Q6_K-imatrix": dict(qtype=GGMLType.Q6_K, rule="imatrix"),
+    "Q2_K": dict(qtype=GGMLType.Q2_K),
+    "Q5_K-imatrix": dict(qtype=GGMLType.Q5_K, rule="imatrix"),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("order", ["natural", "act-order", "static-groups"])
+@pytest.mark.parametrize("name", list(KERNEL_GRIDS))
+def test_kernel_column_loop_is_the_torch_loop_bit_for_bit(name, order, threads):
+    """The C kernel's column loop against the torch loop it replaces (the reference): the same
+    dequantized weights, the same stored levels and parameters, bit for bit, for every grid with
+    a kernel rounding rule, every processing order, and rows split over threads or not."""
+    W, H = _layer(rows=37, cols=512, seed=len(name) + len(order))
+    W[:, 7] = 0  # ties and zeros on the grid's edges
+    W[3, :64] = 0
+    kw = dict(act_order=order != "natural", static_groups=order == "static-groups", blocksize=128)
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ref_grid, fast_grid = make_grid(37, 512, **KERNEL_GRIDS[name]), make_grid(37, 512, **KERNEL_GRIDS[name])
+        assert fast_grid.column_rounding(torch.arange(4)) is not None
+        ref = gptq_solve(W, H, ref_grid, column_kernel=False, **kw)
+        fast = gptq_solve(W, H, fast_grid, column_kernel=True, **kw)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(ref.Q, fast.Q)
+    assert torch.equal(ref.perm, fast.perm)
+    for field in ("qint", "scales", "zeros", "g_idx", "q", "mul", "sub", "sc", "mn", "d", "dmin"):
+        if hasattr(ref_grid, field):
+            assert torch.equal(getattr(ref_grid, field), getattr(fast_grid, field)), field
+    assert fast.loss == pytest.approx(ref.loss, rel=1e-4)
+
+
+def test_kernel_column_loop_is_the_default_on_cpu_grids_that_have_it():
+    """gptq_solve takes the kernel where the grid has a rounding rule, the torch loop elsewhere
+    (the i-quant grids)."""
+    from smolq.transforms import gptq as G
+    from smolq.transforms.iq_grids import grid_for
+
+    calls = []
+    real = G._KernelColumns.batch
+    G._KernelColumns.batch = lambda self, *a: (calls.append(1), real(self, *a))[1]
+    try:
+        W, H = _layer(rows=8, cols=256, seed=1)
+        gptq_solve(W, H, make_grid(8, 256, qtype=GGMLType.Q4_K), act_order=True)
+        assert calls
+        calls.clear()
+        gptq_solve(W, H, grid_for(8, 256, qtype=GGMLType.IQ4_NL), act_order=True)
+        assert not calls
+    finally:
+        G._KernelColumns.batch = real

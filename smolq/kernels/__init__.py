@@ -22,11 +22,11 @@ np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
 __all__ = [
     "KERNEL_TYPES", "QUANTIZE_TYPES", "DEQUANTIZE_TYPES", "NEEDS_IMATRIX", "quantize", "dequantize", "requantize", "row_size", "relayout",
-    "iq4_rounding_scales", "LATTICE_GROUPS", "lattice_rounding_plan", "lattice_round_groups", "gptq_pack", "gptq_unpack", "error_stats", "checksum", "count_nonfinite",
+    "iq4_rounding_scales", "LATTICE_GROUPS", "lattice_rounding_plan", "lattice_round_groups", "gptq_pack", "gptq_unpack", "GPTQ_ROUNDING", "gptq_columns", "error_stats", "checksum", "count_nonfinite",
     "BNB_QUANT_TYPES", "bnb_code", "bnb4_quantize", "bnb4_dequantize", "bnb8_quantize", "bnb8_dequantize", "bnb_mean",
 ]
 
-_ABI_VERSION = 5
+_ABI_VERSION = 6
 _ERRORS = {-1: "type/layout not supported", -2: "row length not a multiple of the block size", -3: "bad argument",
            -4: "the type needs an importance matrix",
            -5: "values too large for the type's search (llama.cpp aborts on them)",
@@ -55,6 +55,8 @@ _SIGNATURES = {
     "smolq_relayout": (_i64, [_int, _int, _int, _vp, _vp, _i64, ctypes.POINTER(_int)]),
     "smolq_gptq_pack": (_i64, [_vp, _vp, _i64, _i64, _int, _int]),
     "smolq_gptq_unpack": (_i64, [_vp, _vp, _i64, _i64, _int, _int]),
+    "smolq_gptq_columns": (_int, [_vp, _i64, _vp, _i64, _vp, _vp, _i64, _i64, _i64, _i64, _i64, _int, _vp, _vp, _vp,
+                                  _vp, ctypes.c_float, ctypes.c_float, _vp, _vp, _int]),
     "smolq_error_stats": (_int, [_vp, _vp, _i64, _int, ctypes.POINTER(ctypes.c_double)]),
     "smolq_checksum": (_u64, [_vp, _i64, _int]),
     "smolq_count_nonfinite": (_i64, [_vp, _i64, _int]),
@@ -544,6 +546,54 @@ def bnb_mean(x: np.ndarray, lanes: int = 8, threads: int = 1) -> float:
     out = ctypes.c_float()
     _raise_on(_lib.smolq_bnb_mean(_ptr(a), a.size, int(lanes), max(int(threads), 1), ctypes.byref(out)), "bnb_mean")
     return out.value
+
+
+# The GPTQ column loop's rounding rules (smolq_kernel.h, smolq_gptq_columns): "int" is the GPTQ
+# integer grid (params scale, zero), the others a ggml block grid's (params roff, rid, mul, sub).
+GPTQ_ROUNDING = {"int": 0, "nearest": 1, "floor": 2, "half_away": 3}
+
+
+def _rows_f32(a: np.ndarray, name: str, rows: int, min_cols: int) -> int:
+    """Row stride (in floats) of a float32 [rows, >= min_cols] array whose columns are adjacent."""
+    if a.dtype != np.float32 or a.ndim != 2 or a.shape[0] != rows or a.shape[1] < min_cols or \
+            (a.shape[1] > 1 and a.strides[1] != 4) or a.strides[0] % 4 or a.strides[0] < 0:
+        raise ValueError(f"gptq_columns: {name} must be float32 [{rows}, >= {min_cols}] with adjacent columns")
+    return a.strides[0] // 4 if rows > 1 else a.shape[1]
+
+
+def gptq_columns(w: np.ndarray, q: np.ndarray, err: np.ndarray, hinv: np.ndarray, start: int, stop: int,
+                 rounding: str, params: Sequence[np.ndarray], lo: float, hi: float, levels: np.ndarray,
+                 row_loss: np.ndarray, threads: int = 0) -> None:
+    """GPTQ's column loop over columns [start, stop) of one lazy batch, in place (see
+    smolq_kernel.h): w and err [rows, end], q [rows, >= end] (the batch's first column at
+    q[:, 0]), hinv [end, end] (views of larger arrays allowed: rows may be strided, columns
+    adjacent), params [stop - start, rows] C-contiguous float32 each (2 for "int", else 4),
+    levels [rows, stop - start] float32 and row_loss [rows] float64 outputs."""
+    if rounding not in GPTQ_ROUNDING:
+        raise ValueError(f"gptq_columns: rounding must be one of {', '.join(GPTQ_ROUNDING)}, not {rounding!r}")
+    rows, end = w.shape if w.ndim == 2 else (-1, -1)
+    if rows < 0 or not 0 <= start <= stop <= end:
+        raise ValueError(f"gptq_columns: columns [{start}, {stop}) outside a batch of {end}")
+    ldw = _rows_f32(w, "w", rows, end)
+    if err.shape != w.shape or _rows_f32(err, "err", rows, end) != ldw:
+        raise ValueError("gptq_columns: err must have w's shape and row stride")
+    ldq = _rows_f32(q, "q", rows, end)
+    ldh = _rows_f32(hinv, "hinv", end, end)
+    span = stop - start
+    need = 2 if rounding == "int" else 4
+    if len(params) != need or any(p.dtype != np.float32 or p.shape != (span, rows) or not p.flags.c_contiguous
+                                  for p in params):
+        raise ValueError(f"gptq_columns: {rounding!r} takes {need} C-contiguous float32 [{span}, {rows}] params")
+    if levels.dtype != np.float32 or levels.shape != (rows, span) or not levels.flags.c_contiguous:
+        raise ValueError(f"gptq_columns: levels must be C-contiguous float32 [{rows}, {span}]")
+    if row_loss.dtype != np.float64 or row_loss.shape != (rows,) or not row_loss.flags.c_contiguous:
+        raise ValueError(f"gptq_columns: row_loss must be C-contiguous float64 [{rows}]")
+    if rows == 0 or span == 0:
+        return
+    p = [_ptr(x) for x in params] + [None] * (4 - need)
+    _raise_on(_lib.smolq_gptq_columns(_ptr(w), ldw, _ptr(q), ldq, _ptr(err), _ptr(hinv), ldh, rows, start, stop,
+                                      end, GPTQ_ROUNDING[rounding], *p, float(lo), float(hi), _ptr(levels),
+                                      _ptr(row_loss), _threads(threads)), "gptq_columns")
 
 
 # --------------------------------------------------------------------------- verification

@@ -10,7 +10,7 @@
 #include "kernel_internal.h"
 #include "quants_iq12.h"
 
-#define ABI_VERSION 5
+#define ABI_VERSION 6
 
 int smolq_kernel_abi_version(void) { return ABI_VERSION; }
 
@@ -564,4 +564,86 @@ int64_t smolq_bnb4_dequantize(int quant_type, const uint8_t *packed, const float
     const int64_t nblocks = (n + blocksize - 1) / blocksize;
     parallel_for(nblocks, MIN_ELEMS_PER_THREAD / blocksize, nthreads, bnb4_dequantize_range, &j);
     return n;
+}
+
+/* ------------------------------------------------------------------------ */
+/* GPTQ column loop (smolq/transforms/gptq.py, _solve_columns): columns
+ * [start, stop) of one lazy batch, each rounded with its own per-row
+ * parameters and its error pushed onto the batch's later columns. Rows are
+ * independent, so they are split across threads. Every float operation is the
+ * torch loop's, one rounding each, in its order (no contraction: -std=c99
+ * turns it off in GCC, and the pragma in clang), so the results are the
+ * same bits.                                                                 */
+#ifdef __clang__
+#pragma STDC FP_CONTRACT OFF
+#endif
+
+typedef struct {
+    float *w, *q, *err, *levels;
+    const float *hinv, *p0, *p1, *p2, *p3;
+    double *row_loss;
+    int64_t rows, ldw, ldq, ldh, start, stop, end;
+    int mode;
+    float lo, hi;
+} gptq_cols_job;
+
+static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+static inline float gptq_round_one(const gptq_cols_job *j, float x, int64_t at, float *deq) {
+    float r;
+    if (j->mode == SMOLQ_GPTQ_INT) { /* clamp(round(w / scale) + zero, lo, hi); scale * (q - zero) */
+        r = clampf(rintf(x / j->p0[at]) + j->p1[at], j->lo, j->hi);
+        *deq = j->p0[at] * (r - j->p1[at]);
+        return r;
+    }
+    const float t = (x - j->p0[at]) * j->p1[at]; /* (w - roff) * rid */
+    if (j->mode == SMOLQ_GPTQ_NEAREST)
+        r = rintf(t);
+    else if (j->mode == SMOLQ_GPTQ_FLOOR) /* gguf.quants' trunc(x*id + 8.5) - 8 for Q4_0 */
+        r = floorf((t + 0.5f) - j->lo) + j->lo;
+    else /* SMOLQ_GPTQ_HALF_AWAY: sign(t) * floor(|t| + 0.5), C's roundf as torch spells it */
+        r = (float)((t > 0.0f) - (t < 0.0f)) * floorf(fabsf(t) + 0.5f);
+    r = clampf(r, j->lo, j->hi);
+    *deq = j->p2[at] * r - j->p3[at]; /* mul * q - sub */
+    return r;
+}
+
+static void gptq_cols_rows(void *ctx, int64_t begin, int64_t end) {
+    const gptq_cols_job *j = ctx;
+    const int64_t span = j->stop - j->start;
+    for (int64_t r = begin; r < end; r++) {
+        float *w = j->w + r * j->ldw;
+        double loss = 0.0;
+        for (int64_t k = j->start; k < j->stop; k++) {
+            const int64_t at = (k - j->start) * j->rows + r;
+            const float x = w[k];
+            float deq;
+            j->levels[r * span + (k - j->start)] = gptq_round_one(j, x, at, &deq);
+            j->q[r * j->ldq + k] = deq;
+            const float *h = j->hinv + k * j->ldh;
+            const float e = (x - deq) / h[k];
+            loss += (double)e * (double)e;
+            for (int64_t c = k; c < j->end; c++) w[c] -= e * h[c];
+            j->err[r * j->ldw + k] = e;
+        }
+        j->row_loss[r] += loss / 2;
+    }
+}
+
+int smolq_gptq_columns(float *w, int64_t ldw, float *q, int64_t ldq, float *err, const float *hinv, int64_t ldh,
+                       int64_t rows, int64_t start, int64_t stop, int64_t end, int mode, const float *p0,
+                       const float *p1, const float *p2, const float *p3, float lo, float hi, float *levels,
+                       double *row_loss, int nthreads) {
+    if (mode < SMOLQ_GPTQ_INT || mode > SMOLQ_GPTQ_HALF_AWAY) return SMOLQ_ERR_ARG;
+    if (rows < 0 || start < 0 || stop < start || end < stop || ldw < end || ldh < end || !(lo <= hi))
+        return SMOLQ_ERR_ARG;
+    if (rows == 0 || stop == start) return 0;
+    if (!w || !q || !err || !hinv || !p0 || !p1 || !levels || !row_loss) return SMOLQ_ERR_ARG;
+    if (mode != SMOLQ_GPTQ_INT && (!p2 || !p3)) return SMOLQ_ERR_ARG;
+    gptq_cols_job j = {w, q, err, levels, hinv, p0, p1, p2, p3, row_loss, rows, ldw, ldq, ldh, start, stop, end,
+                       mode, lo, hi};
+    /* a row's work is (stop - start) columns of up to `end` updates each */
+    const int64_t per_row = (stop - start) * (end - start) + 1;
+    parallel_for(rows, MIN_ELEMS_PER_THREAD / per_row + 1, nthreads, gptq_cols_rows, &j);
+    return 0;
 }

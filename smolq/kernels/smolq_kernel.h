@@ -86,6 +86,22 @@ int64_t smolq_relayout(int type, int src_layout, int dst_layout, const void *src
 int64_t smolq_gptq_pack(const int32_t *values, int32_t *packed, int64_t rows, int64_t cols, int bits, int axis);
 int64_t smolq_gptq_unpack(const int32_t *packed, int32_t *values, int64_t rows, int64_t cols, int bits, int axis);
 
+/* GPTQ's column loop over columns [start, stop) of a lazy batch of `end`
+ * columns (smolq/transforms/gptq.py): row r of w (stride ldw) is rounded one
+ * column k at a time with parameters p*[(k - start) * rows + r], the level goes
+ * to levels[r * (stop - start) + k - start], the dequantized value to
+ * q[r * ldq + k], e = (w - deq) / hinv[k, k] to err[r * ldw + k], and
+ * w[r, k:end] -= e * hinv[k, k:end] (hinv row stride ldh). row_loss[r] += sum
+ * e^2 / 2. Modes: INT  q = clamp(rint(w / p0) + p1, lo, hi), deq = p0 (q - p1);
+ * NEAREST / FLOOR / HALF_AWAY: t = (w - p0) p1, q = clamp(rint(t) |
+ * floor(t + 0.5 - lo) + lo | sign(t) floor(|t| + 0.5), lo, hi), deq = p2 q - p3.
+ * Rows are split across nthreads (0: all cores). Returns 0 or < 0. */
+enum { SMOLQ_GPTQ_INT = 0, SMOLQ_GPTQ_NEAREST = 1, SMOLQ_GPTQ_FLOOR = 2, SMOLQ_GPTQ_HALF_AWAY = 3 };
+int smolq_gptq_columns(float *w, int64_t ldw, float *q, int64_t ldq, float *err, const float *hinv, int64_t ldh,
+                       int64_t rows, int64_t start, int64_t stop, int64_t end, int mode, const float *p0,
+                       const float *p1, const float *p2, const float *p3, float lo, float hi, float *levels,
+                       double *row_loss, int nthreads);
+
 /* Round-trip error of `test` against `ref` (n floats), in double precision:
  * out[0] rmse, out[1] max |ref - test|, out[2] SNR dB = 10 log10(sum ref^2 /
  * sum err^2) (+inf when err is 0), out[3] cosine similarity (1 when both are

@@ -162,7 +162,8 @@ def _block_size(grid: Grid, blocksize: int, n_cols: int) -> int:
 
 
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int = 128, damp: float = 0.01,
-               act_order: bool = False, static_groups: bool = False, consume_h: bool = False) -> SolveResult:
+               act_order: bool = False, static_groups: bool = False, consume_h: bool = False,
+               column_kernel: bool | None = None) -> SolveResult:
     """Quantize W onto `grid` minimising tr((W−Ŵ)H(W−Ŵ)ᵀ) the GPTQ way.
 
     act_order: process columns by decreasing diag(H) (block grids keep whole
@@ -172,6 +173,9 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int =
     to use up (the caller holds no other reference), and it is permuted and
     factored in its own memory instead of in a copy (121 MiB less for a
     5632-wide down_proj).
+    column_kernel: run the column loop in the C kernel (the same bits as the torch loop, which
+    stays the reference; tests/test_gptq_solver.py holds them equal). None: where it can, that is
+    on CPU for a grid with a kernel rounding rule (Grid.column_rounding).
     """
     W = W.to(torch.float32).clone()
     n_cols = W.shape[1]
@@ -206,19 +210,67 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int =
     loss = torch.zeros((), dtype=torch.float32, device=W.device)
     B = _block_size(grid, blocksize, n_cols)
     levels = [s if s > 0 else n_cols for s in grid.levels]
+    if column_kernel is None:
+        column_kernel = W.device.type == "cpu" and grid.column_rounding(perm[:1]) is not None
+    if column_kernel:
+        columns = _KernelColumns(grid, W, Q, torch.get_num_threads())
     for i1 in range(0, n_cols, B):
         i2 = min(i1 + B, n_cols)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         with one_thread():  # ops of one column: too small for threads (smolq/threads.py)
-            _solve_columns(grid, levels, perm, perm_list, static_groups, W, W1, Err1, Hinv1, Q, loss, i1, i2, hp,
-                           n_cols)
+            if column_kernel:
+                columns.batch(levels, perm, static_groups, W, W1, Err1, Hinv1, i1, i2, hp, n_cols)
+            else:
+                _solve_columns(grid, levels, perm, perm_list, static_groups, W, W1, Err1, Hinv1, Q, loss, i1, i2,
+                               hp, n_cols)
         with phase("gptq column solve"):
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
+    if column_kernel:
+        loss += columns.loss()
     inv = torch.argsort(perm)
     return SolveResult(Q=Q[:, inv], loss=float(loss), damp=damp_used, perm=perm)
+
+
+class _KernelColumns:
+    """The column loop of each lazy batch in the C kernel (smolq.kernels.gptq_columns), one call
+    per run of columns between group starts: the groups are still chosen here (torch), at the
+    same columns and from the same error-updated weights as in _solve_columns, which the kernel
+    reproduces bit for bit, with rows split over `threads`."""
+
+    def __init__(self, grid, W, Q, threads: int):
+        import numpy as np
+
+        from smolq import kernels
+
+        self.grid, self.Q, self.threads, self.kernels = grid, Q, threads, kernels
+        self.row_loss = np.zeros(W.shape[0], dtype=np.float64)
+
+    def batch(self, levels, perm, static_groups, W, W1, Err1, Hinv1, i1, i2, hp, n_cols):
+        Hinv1 = Hinv1.contiguous().numpy()  # the factor may be a transposed view; 64 KiB a batch
+        w, err, q = W1.numpy(), Err1.numpy(), self.Q[:, i1:].numpy()
+        cuts = [i for i in range(i1, i2) if not static_groups and any(i % size == 0 for size in levels)]
+        for a, b in zip([i1] + cuts, cuts + [i2]):
+            if a == b:
+                continue
+            with phase("gptq grid rounding"):
+                if not static_groups:
+                    for level, size in enumerate(levels):
+                        if a % size == 0:
+                            _choose_group(self.grid, level, perm, a, min(a + size, n_cols), W, W1, i1, i2, hp)
+                cols = perm[a:b]
+                rule, params, lo, hi = self.grid.column_rounding(cols)
+                out = torch.empty(W1.shape[0], b - a)
+            with phase("gptq column solve"):
+                self.kernels.gptq_columns(w, q, err, Hinv1, a - i1, b - i1, rule, [p.numpy() for p in params], lo,
+                                          hi, out.numpy(), self.row_loss, self.threads)
+            with phase("gptq grid rounding"):
+                self.grid.store_levels(cols, out)
+
+    def loss(self) -> float:
+        return float(self.row_loss.sum())
 
 
 def _solve_columns(grid, levels, perm, perm_list, static_groups, W, W1, Err1, Hinv1, Q, loss, i1, i2, hp, n_cols):

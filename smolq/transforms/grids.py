@@ -71,6 +71,16 @@ class Grid:
     def quantize(self, col: int, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def column_rounding(self, cols: torch.Tensor) -> tuple[str, list[torch.Tensor], float, float] | None:
+        """What `quantize` does to the original columns `cols`, for the C kernel's column loop:
+        (rule of smolq.kernels.GPTQ_ROUNDING, params [len(cols), rows] each, lo, hi), or None
+        where the grid has no such rule (the solver then calls quantize column by column)."""
+        return None
+
+    def store_levels(self, cols: torch.Tensor, levels: torch.Tensor) -> None:
+        """Keep the kernel's levels [rows, len(cols)] as `quantize` keeps its own."""
+        raise NotImplementedError
+
     def choose_static(self, W: torch.Tensor, hdiag: torch.Tensor) -> None:
         """Choose every group up front from W on contiguous original columns."""
         self._choose_range(0, 0, self.cols, W, hdiag)
@@ -167,6 +177,13 @@ class IntGrid(Grid):
         q, deq = self._round(w, self.scales[g], self.zeros[g])
         self.qint[:, col] = q.to(torch.uint8)
         return deq
+
+    def column_rounding(self, cols):
+        g = self.g_idx[cols]
+        return "int", [self.scales[g], self.zeros[g]], 0.0, float(self.maxq)
+
+    def store_levels(self, cols, levels):
+        self.qint[:, cols] = levels.to(torch.uint8)
 
     def dequantized(self) -> torch.Tensor:
         s = self.scales[self.g_idx].T
@@ -481,6 +498,19 @@ class BlockGrid(Grid):
         q = torch.clamp(q, spec.qmin, spec.qmax)
         self.q[:, col] = q.to(torch.int16)
         return self.mul[:, b] * q - self.sub[:, b]
+
+    def column_rounding(self, cols):
+        spec = self.spec
+        if self.rule != "plain":
+            rule = "nearest"
+        else:
+            rule = "half_away" if self.qtype == T.Q8_0 else "floor"
+        b = cols // spec.sub
+        params = [a[:, b].T.contiguous() for a in (self.roff, self.rid, self.mul, self.sub)]
+        return rule, params, float(spec.qmin), float(spec.qmax)
+
+    def store_levels(self, cols, levels):
+        self.q[:, cols] = levels.to(torch.int16)
 
     def dequantized(self) -> torch.Tensor:
         spec = self.spec
