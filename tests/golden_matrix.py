@@ -37,7 +37,6 @@ file's stem) are fixed and WORKDIR itself never matters.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os

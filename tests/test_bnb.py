@@ -6,7 +6,6 @@ bitsandbytes spec, and vs the unquantized model), and for refusals."""
 from __future__ import annotations
 
 import json
-import struct
 
 import numpy as np
 import pytest

@@ -160,6 +160,35 @@ def test_hessian_accumulator_matches_direct_formula_and_masks():
     torch.testing.assert_close(acc.H, 2 * kept.T @ kept / 3)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_hessian_bands_are_the_whole_product_bit_for_bit(threads):
+    """The accumulator builds H's upper bands only and mirrors them: exactly symmetric, and equal
+    to H = Σ (scaled x)ᵀx as one whole product per add (the formula it replaces). Here MKL gives
+    the same bits; the tolerance is for a BLAS that blocks the two shapes differently (the golden
+    matrix pins GPTQ's bytes in its fixed float environment)."""
+    from smolq.transforms.gptq import HESSIAN_BAND
+
+    n = 2 * HESSIAN_BAND + 77  # three bands, the last one short
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(2, 300, n, generator=g) * (0.1 + 3 * torch.rand(n, generator=g)) for _ in range(3)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        acc = HessianAccumulator(n)
+        whole, seen = torch.zeros(n, n), 0
+        for x in xs:
+            acc.add(x)
+            whole *= seen / (seen + x.shape[0])
+            seen += x.shape[0]
+            flat = x.reshape(-1, n) * (2.0 / seen) ** 0.5
+            whole.addmm_(flat.T, flat)
+        H = acc.H
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(H, H.T)
+    torch.testing.assert_close(H, whole, rtol=1e-6, atol=0)
+
+
 def _spd(n, seed, deficient=0):
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(n, n + 8 - deficient, generator=g)

@@ -23,15 +23,23 @@ log = logging.getLogger("smolq.gptq")
 MAX_DAMP = 1.0  # relative to mean(diag H); past this the layer's Hessian is hopeless
 
 
+HESSIAN_BAND = 256  # rows of H per product: the upper triangle is built band by band
+
+
 class HessianAccumulator:
     """Running H = (2/n_seq) Σ x xᵀ in float32, n counting sequences (gptq.md 1.1).
 
     `add(x)` takes inputs [batch, tokens, in] (or [tokens, in] as one
     sequence); an optional mask [batch, tokens] drops padding tokens.
+    H is symmetric, so each add computes only the bands of rows on and above the diagonal
+    blocks (about half the products); reading `H` mirrors them below once. Each element is the
+    same dot product over the same tokens as in one whole product xᵀx, and with MKL it comes
+    out in the same bits (tests/test_gptq_solver.py).
     """
 
     def __init__(self, n_in: int, device="cpu"):
-        self.H = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
+        self._H = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
+        self._mirrored = True
         self.n = 0
 
     def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -39,15 +47,30 @@ class HessianAccumulator:
             x = x[None]
             mask = None if mask is None else mask.reshape(1, -1)
         b = x.shape[0]
-        x = x.to(self.H.device, torch.float32)
+        x = x.to(self._H.device, torch.float32)
         if mask is not None:
-            x = x[mask.to(self.H.device).bool()]
+            x = x[mask.to(self._H.device).bool()]
         x = x.reshape(-1, x.shape[-1])
         with phase("gptq hessian accumulate"):
-            self.H *= self.n / (self.n + b)
+            H = self._H
+            H *= self.n / (self.n + b)
             self.n += b
             x = x * (2.0 / self.n) ** 0.5
-            self.H.addmm_(x.T, x)
+            for i0 in range(0, H.shape[0], HESSIAN_BAND):
+                i1 = min(i0 + HESSIAN_BAND, H.shape[0])
+                H[i0:i1, i0:].addmm_(x[:, i0:i1].T, x[:, i0:])
+            self._mirrored = False
+
+    @property
+    def H(self) -> torch.Tensor:
+        """The Hessian, whole (its lower triangle filled in from the upper on first read)."""
+        if not self._mirrored:
+            H = self._H
+            for i0 in range(0, H.shape[0], HESSIAN_BAND):
+                i1 = min(i0 + HESSIAN_BAND, H.shape[0])
+                H[i1:, i0:i1].copy_(H[i0:i1, i1:].T)
+            self._mirrored = True
+        return self._H
 
 
 @dataclass
