@@ -303,7 +303,7 @@ def _refit(x, h, q, spec: BlockSpec, nonpos_min: bool):
     return mul, -m
 
 
-SEARCH_CHUNK = 1 << 22  # candidate-values per chunk: bounds the search's memory
+SEARCH_CHUNK = 1 << 18  # candidate-values per chunk: temporaries of 1 MiB, which stay in cache (1 << 22: 3-7x slower)
 
 
 def search_block_params(x, h, spec: BlockSpec, snap, nonpos_min: bool, ctx=()):
