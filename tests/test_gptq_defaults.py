@@ -111,6 +111,6 @@ def test_the_column_loop_on_one_thread_gives_the_same_weights():
 
 def test_estimate_grows_with_tokens_and_width():
     cpu = torch.device("cpu")
-    small = estimate_seconds([(576, 576)] * 4, 8192, 5, 80, cpu)
-    assert 0 < small < estimate_seconds([(576, 576)] * 4, 32768, 5, 320, cpu)
-    assert small < estimate_seconds([(2048, 2048)] * 4, 8192, 5, 80, cpu)
+    small = estimate_seconds([(576, 576)] * 4, 8192, 80, cpu)
+    assert 0 < small < estimate_seconds([(576, 576)] * 4, 32768, 320, cpu)
+    assert small < estimate_seconds([(2048, 2048)] * 4, 8192, 80, cpu)

@@ -239,32 +239,40 @@ def _plan_line(model, family, cal, plan, dev) -> str:
     blocks = _blocks(model, family)
     linears = [(f"{FAMILIES[family].blocks}.{i}.{n}", block.get_submodule(n))
                for i, block in enumerate(blocks) for n in _linears(family)]
-    linears = [lin for name, lin in linears if plan.get(f"{name}.weight") != "skip"]
+    linears = [(name, lin) for name, lin in linears if plan.get(f"{name}.weight") != "skip"]
     passes = len(FAMILIES[family].groups) + 1  # one block run per true-sequential group, one to pass outputs on
-    seconds = estimate_seconds([tuple(lin.weight.shape) for lin in linears], cal.n_tokens, passes,
-                               len(cal.samples) * len(blocks) * passes, dev)
+    seconds = estimate_seconds([tuple(lin.weight.shape) for _, lin in linears], cal.n_tokens,
+                               len(cal.samples) * len(blocks) * passes, dev,
+                               [plan.get(f"{name}.weight") in BLOCK_SPECS for name, _ in linears])
     return (f"GPTQ plan: {len(cal.samples)} x {cal.seqlen} = {cal.n_tokens} calibration tokens, {len(blocks)} blocks "
             f"({len(linears)} linears), {torch.get_num_threads()} threads on {dev}; estimated {_minutes(seconds)} "
             f"(rough; an ETA follows each block)")
 
 
-def estimate_seconds(shapes: list[tuple[int, int]], n_tokens: int, passes: int, block_calls: int, dev) -> float:
+def estimate_seconds(shapes: list[tuple[int, int]], n_tokens: int, block_calls: int, dev,
+                     searched: list[bool] | None = None) -> float:
     """A rough time for GPTQ of Linears of `shapes` ([out, in]) on `n_tokens` calibration tokens,
-    each block run `passes` times, `block_calls` calls of a block on one sample in all:
-    floating-point work (block runs, Hessians, Cholesky, the lazy-batch updates) at the rate a
-    short matmul probe measures here, plus a fixed cost per column of the solve and per block
-    call for their small ops."""
+    with `block_calls` calls of a block on one sample in all: the start-up, floating-point work
+    (each Linear's product once per token, as the true-sequential groups answer modules already
+    quantized from kept inputs; the Hessian's upper bands; Cholesky and inverse; the lazy-batch
+    updates) at the rate a short matmul probe measures here, and a fixed cost per column of the
+    solve (more where a ggml block grid searches each group's scales: `searched`) and per block
+    call for their small ops. Fitted to SmolLM2-135M runs on 2 cores (README, Benchmarks)."""
     rate, op_seconds = _probe_speed(dev)
     flops = 0.0
     for rows, cols in shapes:
-        flops += 2.0 * rows * cols * n_tokens * passes  # the Linear inside every block run
-        flops += 2.0 * cols * cols * n_tokens  # its Hessian
+        flops += 2.0 * rows * cols * n_tokens  # the Linear's product
+        flops += HESSIAN_SHARE * 2.0 * cols * cols * n_tokens  # its Hessian
         flops += 2.0 * cols ** 3 + 2.0 * rows * cols * (cols + 128)  # Cholesky and inverse; updates
-    columns = sum(cols for _, cols in shapes)
-    return flops / rate + (columns * COLUMN_OPS + block_calls * BLOCK_CALL_OPS) * op_seconds
+    searched = searched or [False] * len(shapes)
+    column_ops = sum(cols * (SEARCHED_COLUMN_OPS if s else COLUMN_OPS) for (_, cols), s in zip(shapes, searched))
+    return START_UP_SECONDS + flops / rate + (column_ops + block_calls * BLOCK_CALL_OPS) * op_seconds
 
 
-COLUMN_OPS = 12  # small torch ops per column of the solve (rounding, error, the in-batch update)
+START_UP_SECONDS = 5.0  # imports of torch and transformers, the model skeleton, the calibration
+HESSIAN_SHARE = 0.65  # of a whole xᵀx product: its upper bands (HessianAccumulator)
+COLUMN_OPS = 40  # small-op times per column of the solve: the loop, each Linear's set-up and saving
+SEARCHED_COLUMN_OPS = 100  # the same where each group's scales are searched (ggml block grids)
 BLOCK_CALL_OPS = 150  # small ops (norms, RoPE, reshapes, hooks) per call of a block on one sample
 
 

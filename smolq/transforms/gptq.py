@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from smolq import kernels
 from smolq.fileio import phase
 from smolq.lazy import lazy_module
 from smolq.threads import one_thread
@@ -17,6 +18,7 @@ from smolq.transforms import lapack_inplace
 from smolq.transforms.grids import Grid
 
 torch = lazy_module("torch")  # imported at first use: `smolq --help` stays fast
+np = lazy_module("numpy")
 
 log = logging.getLogger("smolq.gptq")
 
@@ -264,11 +266,7 @@ class _KernelColumns:
     reproduces bit for bit, with rows split over `threads`."""
 
     def __init__(self, grid, W, Q, threads: int):
-        import numpy as np
-
-        from smolq import kernels
-
-        self.grid, self.Q, self.threads, self.kernels = grid, Q, threads, kernels
+        self.grid, self.Q, self.threads = grid, Q, threads
         self.row_loss = np.zeros(W.shape[0], dtype=np.float64)
 
     def batch(self, levels, perm, static_groups, W, W1, Err1, Hinv1, i1, i2, hp, n_cols):
@@ -287,7 +285,7 @@ class _KernelColumns:
                 rule, params, lo, hi = self.grid.column_rounding(cols)
                 out = torch.empty(W1.shape[0], b - a)
             with phase("gptq column solve"):
-                self.kernels.gptq_columns(w, q, err, Hinv1, a - i1, b - i1, rule, [p.numpy() for p in params], lo,
+                kernels.gptq_columns(w, q, err, Hinv1, a - i1, b - i1, rule, [p.numpy() for p in params], lo,
                                           hi, out.numpy(), self.row_loss, self.threads)
             with phase("gptq grid rounding"):
                 self.grid.store_levels(cols, out)
