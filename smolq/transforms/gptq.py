@@ -200,7 +200,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int =
     5632-wide down_proj).
     column_kernel: run the column loop in the C kernel (the same bits as the torch loop, which
     stays the reference; tests/test_gptq_solver.py holds them equal). None: where it can, that is
-    on CPU for a grid with a kernel rounding rule (Grid.column_rounding).
+    on CPU for a grid with a kernel rounding rule (Grid.kernel_rounding, Grid.column_rounding).
     """
     W = W.to(torch.float32).clone()
     n_cols = W.shape[1]
@@ -236,7 +236,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int =
     B = _block_size(grid, blocksize, n_cols)
     levels = [s if s > 0 else n_cols for s in grid.levels]
     if column_kernel is None:
-        column_kernel = W.device.type == "cpu" and grid.column_rounding(perm[:1]) is not None
+        column_kernel = W.device.type == "cpu" and grid.kernel_rounding
     if column_kernel:
         columns = _KernelColumns(grid, W, Q, torch.get_num_threads())
     for i1 in range(0, n_cols, B):

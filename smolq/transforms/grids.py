@@ -55,6 +55,7 @@ class Grid:
     cols: int
     levels: tuple[int, ...]
     supports_static = True  # choose_static works (all scales before any rounding)
+    kernel_rounding = False  # column_rounding describes quantize for the C kernel's column loop
 
     def order(self, hdiag: torch.Tensor, act_order: bool) -> torch.Tensor:
         """Processing order of the columns (a permutation of range(cols))."""
@@ -74,7 +75,8 @@ class Grid:
     def column_rounding(self, cols: torch.Tensor) -> tuple[str, list[torch.Tensor], float, float] | None:
         """What `quantize` does to the original columns `cols`, for the C kernel's column loop:
         (rule of smolq.kernels.GPTQ_ROUNDING, params [len(cols), rows] each, lo, hi), or None
-        where the grid has no such rule (the solver then calls quantize column by column)."""
+        where the grid has no such rule (kernel_rounding False: the solver then calls quantize
+        column by column)."""
         return None
 
     def store_levels(self, cols: torch.Tensor, levels: torch.Tensor) -> None:
@@ -177,6 +179,8 @@ class IntGrid(Grid):
         q, deq = self._round(w, self.scales[g], self.zeros[g])
         self.qint[:, col] = q.to(torch.uint8)
         return deq
+
+    kernel_rounding = True
 
     def column_rounding(self, cols):
         g = self.g_idx[cols]
@@ -498,6 +502,8 @@ class BlockGrid(Grid):
         q = torch.clamp(q, spec.qmin, spec.qmax)
         self.q[:, col] = q.to(torch.int16)
         return self.mul[:, b] * q - self.sub[:, b]
+
+    kernel_rounding = True
 
     def column_rounding(self, cols):
         spec = self.spec
