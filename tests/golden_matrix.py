@@ -24,7 +24,8 @@ told so apart from a change in smolq's outputs.
 
 Determinism: torch and MKL pick float kernels by CPU ISA and thread count, so
 the matrix must run in a process whose environment pins them (ATEN_CPU_CAPABILITY,
-MKL_CBWR, OMP/MKL threads = 1; see DETERMINISTIC_ENV). Run as a script, this
+MKL_CBWR, ONEDNN_MAX_CPU_ISA, OMP/MKL threads = 1; see DETERMINISTIC_ENV), to
+branches that give the same bits on Intel and AMD CPUs alike. Run as a script, this
 file re-executes itself with that environment when it is not already set;
 `run_in_child()` starts such a child for the test. Commands that take
 `--threads` get `--threads 1`.
@@ -104,7 +105,12 @@ DETERMINISTIC_ENV = {
     "CUDA_VISIBLE_DEVICES": "",
 }
 if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
-    DETERMINISTIC_ENV.update({"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"})
+    # Code paths that every x86-64 CPU with AVX2 runs alike: torch's AVX2 kernels (its own
+    # machine code: the same bits on Intel and AMD), MKL's COMPATIBLE branch (Intel's mode for
+    # equal results on Intel and non-Intel CPUs; its AVX2 branch gave GPTQ outputs in other bits
+    # on an AMD EPYC than on a Xeon with AVX-512), oneDNN capped at SSE4.1.
+    DETERMINISTIC_ENV.update({"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE",
+                              "ONEDNN_MAX_CPU_ISA": "SSE41"})
 
 
 # ---------------------------------------------------------------- cases
@@ -391,6 +397,33 @@ def _files_fingerprint(model_dir: Path) -> str:
 
 # ---------------------------------------------------------------- running
 
+FLOAT_ENV_KEY = "float-env/blas-lapack"
+FLOAT_ENV_GROUPS = ("gptq", "gptq-import")  # cases whose bytes follow BLAS/LAPACK sums (GPTQ's Hessian, Cholesky)
+
+
+def float_env_fingerprint() -> str:
+    """sha256 of the BLAS/LAPACK calls GPTQ makes (Hessian bands, matmul, Cholesky, its inverse),
+    on fixed numpy data in this process's pinned environment. Two machines with the same value
+    sum GPTQ's floats alike; where it differs from the recorded one, the FLOAT_ENV_GROUPS cases
+    cannot be compared there (tests/test_golden_outputs.py says so)."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(1234)
+    x = torch.from_numpy(rng.standard_normal((96, 320), dtype=np.float32))
+    w = torch.from_numpy(rng.standard_normal((320, 200), dtype=np.float32))
+    h = torch.zeros(320, 320)
+    for i0 in range(0, 320, 256):
+        h[i0:i0 + 256, i0:].addmm_(x[:, i0:i0 + 256].T, x[:, i0:])
+    h = torch.triu(h) + torch.triu(h, 1).T + 320 * torch.eye(320)
+    L = torch.linalg.cholesky(h)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    digest = hashlib.sha256()
+    for t in (h, x @ w, L, U):
+        digest.update(t.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def build_inputs(workdir: Path) -> dict[str, str]:
     from smolq.tiny import make_tiny_model
 
@@ -437,6 +470,7 @@ def run_matrix(workdir: str | os.PathLike, only: set[str] | None = None, log=sys
     print(f"[golden] smolq from {Path(smolq.__file__).parent}; torch {torch.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s)", file=log)
     results = build_inputs(workdir)
+    results[FLOAT_ENV_KEY] = float_env_fingerprint()
     print(f"[golden] inputs built in {time.perf_counter() - t0:.1f} s", file=log)
     cases = build_cases()
     ok_outputs: dict[str, bool] = {}

@@ -139,6 +139,17 @@ def _decode_spec(t: dict, prefix: str) -> np.ndarray:
     return vals.reshape(shape)
 
 
+def _bnb_logit_tolerance() -> float:
+    """How far bitsandbytes' CPU forward may be from the float32 spec decoder's. On CPUs with
+    AVX512-BF16 its fused 4-bit kernel rounds each Linear's input and the block scales to bf16
+    (bitsandbytes/backends/cpu/ops.py: "cpu fused op only support bf16"): on the tiny model that
+    moved logits of magnitude ~4 by up to 0.041, against 1.55 between NF4 and the unquantized
+    model, so 0.1 still tells a right decoding from a wrong one. Elsewhere it runs float32."""
+    import bitsandbytes.functional as F
+
+    return 0.1 if getattr(F, "has_avx512bf16", lambda: False)() else 2e-2
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
@@ -165,7 +176,7 @@ def test_transformers_loads_and_logits_match(tiny, tmp_path):
         if name + ".quant_state.bitsandbytes__nf4" in t:
             sd[name].copy_(torch.from_numpy(_decode_spec(t, name)).to(sd[name].dtype))
     spec = _logits(plain, ids)
-    np.testing.assert_allclose(got, spec, atol=2e-2, rtol=0)
+    np.testing.assert_allclose(got, spec, atol=_bnb_logit_tolerance(), rtol=0)
     # NF4 vs unquantized: close, not equal
     cos = (got * want_fp).sum() / np.linalg.norm(got) / np.linalg.norm(want_fp)
     assert cos > 0.9 and not np.allclose(got, want_fp, atol=1e-4)  # random tiny weights: NF4 costs ~5% here

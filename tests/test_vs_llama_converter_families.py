@@ -146,6 +146,13 @@ def test_same_tensors(families, model, outtype):
     for name, (t_ours, shape_ours, data_ours) in ours.items():
         t_theirs, shape_theirs, data_theirs = theirs[name]
         assert (t_ours, shape_ours) == (t_theirs, shape_theirs), name
+        if name == "rope_freqs.weight" and data_ours != data_theirs:
+            # Llama 3 RoPE factors: the converter takes a float32 power with torch (Sleef, not
+            # correctly rounded), smolq the correctly rounded one (the same on every machine):
+            # 1 ULP apart on some frequencies, and only there.
+            a, b = np.frombuffer(data_ours, np.float32), np.frombuffer(data_theirs, np.float32)
+            np.testing.assert_array_max_ulp(a, b, maxulp=1)
+            continue
         assert data_ours == data_theirs, f"{name}: tensor bytes differ"
 
 

@@ -240,15 +240,20 @@ class Llama(Arch):
     def llama3_rope_factors(self) -> np.ndarray:
         """rope_freqs for Llama 3.1 RoPE scaling (rope_type llama3): per rotary pair, the factor llama.cpp
         divides its frequency by. Computed in float32 with the operations llama.cpp's converter's torch
-        code performs (torch turns `scalar / tensor` into reciprocal-then-multiply), so the tensor is
-        the bytes it writes; the defaults are the converter's for keys a config leaves out."""
+        code performs (torch turns `scalar / tensor` into reciprocal-then-multiply); the defaults
+        are the converter's for keys a config leaves out. The power alone is the float32 nearest
+        the exact value, from float64: numpy's float32 power calls libm on some CPUs and SVML on
+        those with AVX-512 (1 ULP apart on some frequencies), and the converter's torch power
+        (Sleef) is itself within 1 ULP of it, so this tensor is the same on every machine and
+        within 1 ULP of the converter's (tests/test_vs_llama_converter_families.py)."""
         p = self.rope_scaling
         f32 = np.float32
         factor = f32(p.get("factor", 8.0))
         low, high = float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0))
         old_ctx = float(p.get("original_max_position_embeddings", 8192))
         dim = self.head_dim
-        freqs = f32(1.0) / (f32(self.rope_theta) ** (np.arange(0, dim, 2, dtype=f32) / f32(dim)))
+        exponents = (np.arange(0, dim, 2, dtype=f32) / f32(dim)).astype(np.float64)
+        freqs = f32(1.0) / (np.float64(f32(self.rope_theta)) ** exponents).astype(f32)
         wavelen = (f32(1.0) / freqs) * f32(2 * math.pi)
         smooth = ((f32(1.0) / wavelen) * f32(old_ctx) - f32(low)) / f32(high - low)
         blended = f32(1.0) / ((f32(1.0) - smooth) / factor + smooth)
