@@ -101,16 +101,20 @@ def test_a_transformed_tensor_is_never_copied_raw(source_gguf, tmp_path):
 
 
 def test_write_behind_asks_for_every_finished_window_in_order(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(fileio, "_START_WRITEBACK", lambda fd, off, n: calls.append((off, n)))
+    calls, waits = [], []
+
+    def writeback(fd, off, n, wait=False):
+        (waits if wait else calls).append((off, n))
+
+    monkeypatch.setattr(fileio, "_START_WRITEBACK", writeback)
     with open(tmp_path / "f", "wb") as raw:
         out = OutputFile(raw, write_behind=1000)
         for _ in range(10):
             out.write(b"x" * 450)
         out.settle()
-    assert calls and calls[0][0] == 0
-    assert all(a[0] + a[1] == b[0] for a, b in zip(calls, calls[1:]))  # contiguous, no gaps, no overlap
-    assert all(n >= 1000 for _, n in calls) and calls[-1][0] + calls[-1][1] <= 4500
+    # windows end where a write first takes the unrequested bytes to 1000 or more: 1350, 2700, 4050
+    assert calls == [(0, 1350), (1350, 1350), (2700, 1350)]
+    assert waits == calls[:-1]  # each window is waited for once the next one has started
     assert (tmp_path / "f").stat().st_size == 4500
 
 
