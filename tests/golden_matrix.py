@@ -103,6 +103,7 @@ DETERMINISTIC_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "CUDA_VISIBLE_DEVICES": "",
+    "SMOLQ_GPTQ_FORWARD": "float32",  # not bf16 where the CPU has it (pipeline/gptq.py forward_dtype)
 }
 if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
     # Code paths that every x86-64 CPU with AVX2 runs alike: torch's AVX2 kernels (its own

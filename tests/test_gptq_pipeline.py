@@ -419,3 +419,84 @@ def test_answered_module_equals_the_module_whatever_room_is_left(tmp_path, room)
     if spill is not None:
         spill.close()
         assert not (tmp_path / "kept.f32").exists()
+
+
+# ---------------------------------------------------------------- bf16 products (forward_dtype)
+
+def test_forward_dtype_follows_the_cpu_and_the_environment(monkeypatch):
+    from smolq.pipeline.gptq import FORWARD_DTYPE_ENV, forward_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv(FORWARD_DTYPE_ENV, raising=False)
+    monkeypatch.setattr(gptq_pipeline, "_cpu_multiplies_bf16", lambda: True)
+    assert forward_dtype(cpu) == "bfloat16" and forward_dtype(cuda) == "float32"
+    monkeypatch.setattr(gptq_pipeline, "_cpu_multiplies_bf16", lambda: False)
+    assert forward_dtype(cpu) == "float32"
+    monkeypatch.setenv(FORWARD_DTYPE_ENV, "bfloat16")
+    assert forward_dtype(cpu) == "bfloat16"
+    monkeypatch.setattr(gptq_pipeline, "_cpu_multiplies_bf16", lambda: True)
+    monkeypatch.setenv(FORWARD_DTYPE_ENV, "float32")
+    assert forward_dtype(cpu) == "float32"
+    monkeypatch.setenv(FORWARD_DTYPE_ENV, "fp8")
+    with pytest.raises(InputError, match="SMOLQ_GPTQ_FORWARD"):
+        forward_dtype(cpu)
+
+
+def test_bf16_linear_is_the_bf16_product_and_follows_weight_changes():
+    from smolq.pipeline.fast_forward import drop_bf16_products, forget_bf16_weight, use_bf16_products
+
+    g = torch.Generator().manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(48, 40, bias=True))
+    lin = block[0]
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 48, generator=g))
+        lin.bias.copy_(torch.randn(40, generator=g))
+    x = torch.randn(5, 48, generator=g)
+    exact = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    by_hand = torch.nn.functional.linear(x.bfloat16(), lin.weight.bfloat16()).float() + lin.bias
+    use_bf16_products(block)
+    with torch.no_grad():
+        y = block(x)
+    assert y.dtype == torch.float32 and torch.equal(y, by_hand) and not torch.equal(y, exact)
+    assert (y - exact).abs().max() < 0.02 * exact.abs().max()
+    with torch.no_grad():
+        lin.weight.data.mul_(2)  # as the solve writes its result: in place, through .data
+        forget_bf16_weight(lin)
+        y2 = block(x)
+    assert torch.equal(y2, torch.nn.functional.linear(x.bfloat16(), lin.weight.bfloat16()).float() + lin.bias)
+    drop_bf16_products(block)
+    with torch.no_grad():
+        assert torch.equal(block(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+
+
+def test_bf16_products_run_and_cost_no_quality(tiny, monkeypatch):
+    """SMOLQ_GPTQ_FORWARD=bfloat16 (the default on CPUs with AMX / AVX512-BF16): every Linear
+    product of the calibration forwards runs in bf16, the file differs from the float32 run's,
+    and its KL to the unquantized model is about the float32 run's (both far below RTN's)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smolq.pipeline import fast_forward
+    from smolq.pipeline.convert import convert
+    from smolq.sources.reference import hf_hparams, logits_from_file
+
+    root, hf = tiny
+    calls = []
+    real = fast_forward.bf16_linear
+    monkeypatch.setattr(fast_forward, "bf16_linear", lambda self, x: (calls.append(1), real(self, x))[1])
+    outs = {}
+    for dtype in ("float32", "bfloat16"):
+        monkeypatch.setenv("SMOLQ_GPTQ_FORWARD", dtype)
+        outs[dtype] = root / f"fwd-{dtype}.gguf"
+        s = quantize_hf_gptq(hf, outs[dtype], format="gguf", qtype="q4_0", calib=root / "calib.txt", **FAST)
+        assert s["forward_dtype"] == dtype
+        assert bool(calls) == (dtype == "bfloat16")
+    assert outs["float32"].read_bytes() != outs["bfloat16"].read_bytes()
+    rtn = root / "fwd-rtn.gguf"
+    convert(hf, rtn, outtype="q4_0")
+    text = (root / "calib.txt").read_text()
+    tokens = np.array(AutoTokenizer.from_pretrained(hf)(text)["input_ids"][100:164])
+    ref = _hf_logits(AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32), tokens)
+    kl = {p: _kl(ref, logits_from_file(p, tokens[None], hparams_override=hf_hparams(hf))[0])
+          for p in (outs["float32"], outs["bfloat16"], rtn)}
+    f32, bf16 = kl[outs["float32"]], kl[outs["bfloat16"]]
+    assert bf16 < 1.25 * f32 and f32 < 1.25 * bf16 and max(f32, bf16) < 0.8 * kl[rtn], kl

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -46,7 +47,7 @@ from smolq.formats import gptq_ckpt, safetensors_file
 from smolq.formats.base import TensorEntry
 from smolq.formats.gptq_ckpt import GPTQLayer
 from smolq.ggml_types import GGMLType
-from smolq.pipeline.fast_forward import use_fast_paths
+from smolq.pipeline.fast_forward import drop_bf16_products, forget_bf16_weight, use_bf16_products, use_fast_paths
 from smolq.lazy import lazy_module
 from smolq.pipeline import convert as cp
 from smolq.pipeline.convert import build_steps
@@ -126,6 +127,7 @@ class Settings:
     scale_rule: str = "weighted"
     mse: float = 0.0
     hessian_reg: str | float = 0.0  # "auto" (cross-validated per Linear) or a fixed amount
+    forward_dtype: str = "float32"  # the calibration forwards' Linear products (forward_dtype())
 
     def fingerprint(self, src: Path) -> str:
         d = dict(self.__dict__, src=str(src.resolve()))
@@ -188,7 +190,7 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
     dev = _device(device)
     settings = Settings(fmt, qtype, bits, group_size, act_order, sym, true_sequential, damp,
                         None if calib is None else str(Path(calib).resolve()), nsamples, seqlen, seed,
-                        static_groups, scale_rule, mse, hessian_reg)
+                        static_groups, scale_rule, mse, hessian_reg, forward_dtype(dev))
 
     torch.manual_seed(seed)
     if quiet:
@@ -206,7 +208,7 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
         weights = _Weights(ckpt, model)
         cal = _calibration(model, tokenizer, weights, calib, nsamples, seqlen, seed, quiet)
         if not quiet:
-            note(_plan_line(model, family, cal, plan, dev))
+            note(_plan_line(model, family, cal, plan, dev, settings))
         work = _work_dir(out, settings, src, resume)
         try:
             stats = _quantize_blocks(model, family, cal, plan, settings, dev, work, quiet, weights)
@@ -228,11 +230,36 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
         "seqlen": cal.seqlen, "notes": cal.notes + stats["notes"], "n_layers_quantized": stats["n_linears"],
         "damp_raised": stats["damp_raised"], "hessian_reg": stats["hessian_reg"], "bytes": size,
         "seconds": round(time.perf_counter() - started, 3),
-        "device": str(dev),
+        "device": str(dev), "forward_dtype": settings.forward_dtype,
     }
 
 
-def _plan_line(model, family, cal, plan, dev) -> str:
+FORWARD_DTYPE_ENV = "SMOLQ_GPTQ_FORWARD"  # float32 / bfloat16: overrides forward_dtype()'s choice
+
+
+def forward_dtype(dev) -> str:
+    """The dtype of the Linear products in the calibration forwards: "bfloat16" on a CPU that
+    multiplies it natively (AMX or AVX512-BF16 in /proc/cpuinfo; fast_forward says what it
+    costs and gains), else "float32"; SMOLQ_GPTQ_FORWARD=float32|bfloat16 decides instead.
+    GPUs keep float32 (the reference's choice, like TF32 off)."""
+    asked = os.environ.get(FORWARD_DTYPE_ENV, "").strip().lower()
+    if asked in ("float32", "bfloat16"):
+        return asked
+    if asked:
+        raise InputError(None, f"{FORWARD_DTYPE_ENV}={asked!r}: use float32 or bfloat16")
+    return "bfloat16" if dev.type == "cpu" and _cpu_multiplies_bf16() else "float32"
+
+
+def _cpu_multiplies_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _plan_line(model, family, cal, plan, dev, settings=None) -> str:
     """What the run will do and about how long it takes, printed before it starts."""
     import torch
 
@@ -245,7 +272,9 @@ def _plan_line(model, family, cal, plan, dev) -> str:
                                len(cal.samples) * len(blocks) * passes, dev,
                                [plan.get(f"{name}.weight") in BLOCK_SPECS for name, _ in linears])
     return (f"GPTQ plan: {len(cal.samples)} x {cal.seqlen} = {cal.n_tokens} calibration tokens, {len(blocks)} blocks "
-            f"({len(linears)} linears), {torch.get_num_threads()} threads on {dev}; estimated {_minutes(seconds)} "
+            f"({len(linears)} linears), {torch.get_num_threads()} threads on {dev}"
+            f"{', bf16 products' if settings is not None and settings.forward_dtype == 'bfloat16' else ''}; "
+            f"estimated {_minutes(seconds)} "
             f"(rough; an ETA follows each block)")
 
 
@@ -844,6 +873,8 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
             with phase("gptq load block"):
                 weights.materialize(block, prefix + ".")
                 block.to(dev)
+            if settings.forward_dtype == "bfloat16":
+                use_bf16_products(block)
             saved = work / f"block-{i:04d}.safetensors"
             stages = _StageReuse(block, (), len(acts), budget=0)  # a restored block keeps nothing
             if saved.is_file():
@@ -878,6 +909,7 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
                 with stages.in_use():
                     _run_block(block, acts, dev, replace=True, kind=kinds[i], before=stages.at)
             stages.close()
+            drop_bf16_products(block)
             weights.release(block)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -1198,6 +1230,7 @@ def _solve_linear(lin, hessians: _Hessians, qtype, settings: Settings, dev, last
     res = gptq_solve(W, _hessian_for_solve(hessians, a, last_user), grid, consume_h=last_user or a != 0,
                      **solve_kw)
     lin.weight.data.copy_(res.Q.to(lin.weight.device, lin.weight.dtype))
+    forget_bf16_weight(lin)
     if qtype is None:
         rec = {"qint": grid.qint.cpu().numpy(), "scales": grid.scales.cpu().numpy(),
                "zeros": grid.zeros.cpu().numpy().astype(np.int32), "g_idx": grid.g_idx.cpu().numpy().astype(np.int32)}
