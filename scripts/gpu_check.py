@@ -90,7 +90,10 @@ def quantize(hf: Path, out: Path, device: str, calib: Path, args) -> dict:
     if device == "cpu" and args.cpu_threads:
         cmd += ["--threads", str(args.cpu_threads)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    # float32 forwards on both devices (a CPU with AMX would otherwise multiply in bf16): the
+    # comparison is of the same arithmetic, summed in another order
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SMOLQ_GPTQ_FORWARD=os.environ.get("SMOLQ_GPTQ_FORWARD", "float32"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         fail(f"smolq quantize --device {device} failed ({proc.returncode}):\n{proc.stderr[-3000:]}", 1)
