@@ -259,7 +259,7 @@ def _cpu_multiplies_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def _plan_line(model, family, cal, plan, dev, settings=None) -> str:
+def _plan_line(model, family, cal, plan, dev, settings: Settings) -> str:
     """What the run will do and about how long it takes, printed before it starts."""
     import torch
 
@@ -273,7 +273,7 @@ def _plan_line(model, family, cal, plan, dev, settings=None) -> str:
                                [plan.get(f"{name}.weight") in BLOCK_SPECS for name, _ in linears])
     return (f"GPTQ plan: {len(cal.samples)} x {cal.seqlen} = {cal.n_tokens} calibration tokens, {len(blocks)} blocks "
             f"({len(linears)} linears), {torch.get_num_threads()} threads on {dev}"
-            f"{', bf16 products' if settings is not None and settings.forward_dtype == 'bfloat16' else ''}; "
+            f"{', bf16 products' if settings.forward_dtype == 'bfloat16' else ''}; "
             f"estimated {_minutes(seconds)} "
             f"(rough; an ETA follows each block)")
 
