@@ -21,9 +21,10 @@ Rows, for each type (a llama.cpp preset name):
 - smolq imatrix RTN: `smolq imatrix` on the same text and windows, then
   `smolq quantize --imatrix` (smolq's RTN is llama.cpp's, byte for byte; the importance
   matrix is smolq's own);
-- smolq GPTQ: `smolq quantize --method gptq --calib` with its defaults, one row per
-  --hessian-reg value given (default: only smolq's default); types GPTQ has no grid
-  for yet are n/a, with the reason smolq gives;
+- smolq GPTQ: `smolq quantize --calib` with its defaults (GPTQ onto the type's grid, Hessian
+  regularisation 0.5, attention-aware value Hessians), one row per --hessian-reg value given
+  (default: only smolq's default); types GPTQ has no grid for yet are n/a, with the reason
+  smolq gives;
 - AutoRound (--autoround): the `auto-round` command of the peer venv
   .venv/peers/autoround (`make bench-peers`: auto-round 0.16.1), GGUF export of the same
   type, --iters 0 (its recommendation for GGUF), same calibration text (as the JSON list of
@@ -94,9 +95,9 @@ def write_eval2(work: Path) -> Path:
 def gptq_has_grid(qtype: str) -> bool:
     """Whether smolq's GPTQ rounds the preset's main type (others are left to RTN, no imatrix)."""
     from smolq.plan.mix import resolve_preset
-    from smolq.transforms.grids import BLOCK_SPECS
+    from smolq.transforms.iq_grids import GPTQ_GRID_TYPES
 
-    return resolve_preset(qtype.lower(), None).default_type in BLOCK_SPECS
+    return resolve_preset(qtype.lower(), None).default_type in GPTQ_GRID_TYPES
 
 
 def n_weights(gguf_path: Path) -> int:
@@ -159,7 +160,8 @@ class Bench:
     def make(self, method: str, qtype: str, theirs: Path, ours: Path) -> dict:
         """One quantized file (cached by name): {"file"} or {"na": reason}, with "seconds"."""
         t = qtype.lower()
-        tag = f"{t}-{method}" + (f"-n{self.args.nsamples}" if method.startswith("smolq-gptq") and self.args.nsamples
+        calibrated = method == "smolq-calib" or method.startswith("smolq-gptq")
+        tag = f"{t}-{method}" + (f"-n{self.args.nsamples}" if calibrated and self.args.nsamples
                                  else "")
         out = self.work / f"{tag}.gguf"
         row = {"method": method, "type": qtype, "file": str(out)}
@@ -170,11 +172,11 @@ class Bench:
         elif method == "smolq-imatrix":
             cmd = smolq("quantize", self.hf, out, "--type", t, "--imatrix", ours, "--threads", str(self.args.threads),
                         "-q")
-        elif method.startswith("smolq-gptq"):
+        elif calibrated:
             if not gptq_has_grid(qtype):
                 return dict(row, file=None, na=f"GPTQ has no grid for {qtype}'s main type yet (its tensors would be "
                                                 f"plain RTN)")
-            cmd = smolq("quantize", self.hf, out, "--method", "gptq", "--type", t, "--calib", self.calib,
+            cmd = smolq("quantize", self.hf, out, "--type", t, "--calib", self.calib,
                         "--threads", str(self.args.threads), "-q", *self._gptq_options(method))
         elif method == "autoround":
             return dict(row, **self._autoround(t, out))
@@ -234,7 +236,7 @@ class Bench:
 def methods(args) -> list[str]:
     out = ["llama-imatrix", "smolq-imatrix"]
     regs = args.hessian_reg.split(",") if args.hessian_reg else [""]
-    out += [f"smolq-gptq-reg-{r}" if r else "smolq-gptq" for r in regs]
+    out += [f"smolq-gptq-reg-{r}" if r else "smolq-calib" for r in regs]
     if args.autoround:
         out.append("autoround")
     return out

@@ -91,7 +91,7 @@ def convert(src: PathLike, out: PathLike, *, format: str | None = None, outtype:
 
 
 def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int | None = None,
-             method: Literal["rtn", "gptq"] = "rtn", format: str | None = None,
+             method: Literal["rtn", "gptq"] | None = None, format: str | None = None,
              pure: bool = False, leave_output_tensor: bool = False, output_tensor_type: str | None = None,
              token_embedding_type: str | None = None, tensor_types: Iterable[str] | Mapping[str, str] = (),
              allow_requantize: bool = False, threads: int = 0,
@@ -99,7 +99,8 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
              damp: float = 0.01, nsamples: int | None = None, seqlen: int | None = None, device: str = "cpu",
              true_sequential: bool = True, static_groups: bool = False, mse: float = 0.0,
              scale_rule: str = "weighted", seed: int = 0, resume: bool = False,
-             hessian_reg: str | float = HESSIAN_REG_DEFAULT, double_quant: bool = True, blocksize: int = 64,
+             hessian_reg: str | float = HESSIAN_REG_DEFAULT, attention_aware: bool | None = None,
+             double_quant: bool = True, blocksize: int = 64,
              split_max_size: int | str | None = None, split_max_tensors: int | None = None,
              imatrix: PathLike | None = None, include_weights: Iterable[str] = (),
              exclude_weights: Iterable[str] = (),
@@ -116,7 +117,7 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     "tq2_0", "f16" ...; IQ1/IQ2 mixes, iq3_xxs, iq3_xs and q2_k_s need an importance matrix) or a plain
     type; bits: 2, 3, 4, 5, 6 or 8 for that width's default preset.
     method: "rtn" or "gptq" (needs an HF checkpoint; the GPTQ options below
-    apply to it only). format "gptq" (or an OUT without suffix) with method
+    apply to it only); None: "gptq" when `calib` is given, else "rtn". format "gptq" (or an OUT without suffix) with method
     "gptq" writes an HF GPTQ directory (bits 2/3/4/8). format "mlc" writes
     MLC-LLM weights from an HF checkpoint, type q4f16_1, q4f16_0, q3f16_1 or
     q0f16 (bits 4 -> q4f16_1, 3 -> q3f16_1).
@@ -126,6 +127,8 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     tensor_types: "REGEX=TYPE" strings, or a {regex: type} mapping (wins over the mix).
     quiet=False shows progress bars on stderr (the CLI's default).
     split_max_size / split_max_tensors: a GGUF output in shards, as in convert().
+    hessian_reg / attention_aware (GPTQ): by default 0.5 and on when rounding onto ggml types,
+    0 and off for format "gptq" (the reference GPTQ); README: GPTQ, the measurements.
     imatrix: an importance matrix file (llama.cpp's GGUF or .dat; smolq.imatrix writes both)
     used as llama-quantize --imatrix uses it (method "rtn"); include_weights /
     exclude_weights: substrings of entry names to keep / drop (not both).
@@ -137,7 +140,7 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     Returns the summary; with dry_run=True nothing is written (but save_recipe).
     """
     src, out = Path(src), Path(out)
-    method = method.lower()
+    method = ("gptq" if calib is not None else "rtn") if method is None else method.lower()
     if is_mlc_format(format):
         given = {"pure": pure, "leave_output_tensor": leave_output_tensor, "output_tensor_type": output_tensor_type,
                  "token_embedding_type": token_embedding_type, "tensor_type": list(tensor_types),
@@ -145,7 +148,7 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
                  "asym": not sym, "damp": damp != 0.01, "nsamples": nsamples is not None, "seqlen": seqlen is not None,
                  "static_groups": static_groups, "mse": mse != 0.0, "resume": resume, "device": device != "cpu",
                  "true_sequential": not true_sequential, "scale_rule": scale_rule != "weighted", "seed": seed != 0,
-                 "hessian_reg": str(hessian_reg) != HESSIAN_REG_DEFAULT}
+                 "hessian_reg": str(hessian_reg) != HESSIAN_REG_DEFAULT, "attention_aware": attention_aware is not None}
         return common_summary(_requantize.run_mlc(src, out, type, bits, method=method, calib=calib and Path(calib),
                                                   changed=[k for k, v in given.items() if v], dry_run=dry_run,
                                                   quiet=quiet))
@@ -162,7 +165,8 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     )
     gptq = {"group_size": group_size, "act_order": act_order, "sym": sym, "damp": damp, "nsamples": nsamples,
             "seqlen": seqlen, "device": device, "true_sequential": true_sequential, "static_groups": static_groups,
-            "mse": mse, "scale_rule": scale_rule, "seed": seed, "resume": resume, "hessian_reg": hessian_reg}
+            "mse": mse, "scale_rule": scale_rule, "seed": seed, "resume": resume, "hessian_reg": hessian_reg,
+            "attention_aware": attention_aware}
     if (format or "").lower() in _requantize.BNB_FORMATS:  # bitsandbytes: its own type, no ggml preset
         if type is not None or bits is not None:
             raise InputError(None, f"--type/--bits do not apply to --format {format.lower()} (4-bit by definition)")

@@ -92,7 +92,11 @@ CALIB_TEXT = (
     "are a few dozen tokens each. Quantization rounds each weight to a grid;\n"
     "GPTQ spreads the rounding error over the columns not yet quantized.\n"
 ) * 6
-GPTQ_COMMON = ["--method", "gptq", "--nsamples", "8", "--seqlen", "32", "--seed", "1", "--threads", "1"]
+# --hessian-reg 0 --no-attention-aware: the plain GPTQ these cases were recorded with (since 2026-12-06 the
+# defaults onto ggml grids are 0.5 and attention-aware; tests/test_gptq_regularise.py and
+# tests/test_gptq_attention_aware.py check those defaults).
+GPTQ_COMMON = ["--method", "gptq", "--nsamples", "8", "--seqlen", "32", "--seed", "1", "--threads", "1",
+               "--hessian-reg", "0", "--no-attention-aware"]
 
 DETERMINISTIC_ENV = {
     "OMP_NUM_THREADS": "1",

@@ -240,11 +240,13 @@ def test_calibration_token_id_records(tiny, tmp_path):
         load_calibration(model, tok, big, nsamples=1, seqlen=12)
 
 
-def _hessians_one_per_linear(block, names, acts, dev, kind=None, parts=None, stages=None):
+def _hessians_one_per_linear(block, names, acts, dev, kind=None, parts=None, stages=None, value=None):
     """The plain way: every Linear accumulates its own input Hessian (what GPTQ did before q/k/v
     and gate/up shared theirs), over all samples and over the cross-validation parts, and every
     forward runs the whole block (no module answered from kept inputs: `stages` is ignored)."""
     from smolq.transforms.gptq import HessianAccumulator
+
+    assert value is None, "input Hessians only"
 
     keys = (None, "fit", "held") if parts else (None,)
     accs = {n: {k: HessianAccumulator(block.get_submodule(n).weight.shape[1]) for k in keys} for n in names}
@@ -274,7 +276,8 @@ def _hessians_one_per_linear(block, names, acts, dev, kind=None, parts=None, sta
 @pytest.mark.parametrize("reg", ["0", "auto"])
 def test_shared_input_hessians_give_the_same_bytes(tiny, monkeypatch, reg):
     """q/k/v (and gate/up) take the same tensor, so GPTQ accumulates its Hessian once; the
-    file must be byte-identical to one made with a Hessian accumulated per Linear."""
+    file must be byte-identical to one made with a Hessian accumulated per Linear. (Input
+    Hessians only: the attention-aware value Hessian has its own tests below.)"""
     from smolq.transforms.gptq import HessianAccumulator
 
     root, hf = tiny
@@ -282,12 +285,14 @@ def test_shared_input_hessians_give_the_same_bytes(tiny, monkeypatch, reg):
     real_add = HessianAccumulator.add
     monkeypatch.setattr(HessianAccumulator, "add", lambda self, x, mask=None: (adds.append(1), real_add(self, x, mask)))
     shared = root / f"shared-{reg}.gguf"
-    quantize_hf_gptq(hf, shared, format="gguf", qtype="q4_0", calib=root / "calib.txt", hessian_reg=reg, **FAST)
+    quantize_hf_gptq(hf, shared, format="gguf", qtype="q4_0", calib=root / "calib.txt", hessian_reg=reg,
+                     attention_aware=False, **FAST)
     n_shared = len(adds)
     monkeypatch.setattr(gptq_pipeline, "_collect_hessians", _hessians_one_per_linear)
     adds.clear()
     plain = root / f"plain-{reg}.gguf"
-    quantize_hf_gptq(hf, plain, format="gguf", qtype="q4_0", calib=root / "calib.txt", hessian_reg=reg, **FAST)
+    quantize_hf_gptq(hf, plain, format="gguf", qtype="q4_0", calib=root / "calib.txt", hessian_reg=reg,
+                     attention_aware=False, **FAST)
     assert shared.read_bytes() == plain.read_bytes()
     assert n_shared * 7 == len(adds) * 4, (n_shared, len(adds))  # 4 distinct inputs of 7 Linears per block
 
@@ -331,7 +336,7 @@ def test_hessian_forwards_stop_before_products_nobody_needs(tiny, monkeypatch):
     monkeypatch.setattr(gptq_pipeline, "_run_block", counting_run)
     try:
         quantize_hf_gptq(hf, root / "stops.gguf", format="gguf", qtype="q4_0", calib=root / "calib.txt",
-                         hessian_reg="0", **FAST)
+                         hessian_reg="0", attention_aware=False, **FAST)
     finally:
         handle.remove()
     assert runs and {names for names, _, _ in runs} == set(groups)

@@ -169,11 +169,15 @@ def test_pipeline_auto_chooses_per_linear_by_the_held_out_part(tiny, monkeypatch
 def test_pipeline_fixed_amount_is_gptq_on_the_regularised_hessian(tiny):
     root, hf = tiny
     kw = dict(format="gguf", qtype="q4_0", calib=root / "calib.txt", nsamples=4, seqlen=32, quiet=True)
-    quantize_hf_gptq(hf, root / "zero.gguf", **kw)
-    quantize_hf_gptq(hf, root / "zero2.gguf", hessian_reg="0", **kw)
-    quantize_hf_gptq(hf, root / "half.gguf", hessian_reg=0.5, **kw)
-    assert (root / "zero.gguf").read_bytes() == (root / "zero2.gguf").read_bytes()
+    default = quantize_hf_gptq(hf, root / "default.gguf", **kw)
+    quantize_hf_gptq(hf, root / "zero.gguf", hessian_reg="0", **kw)
+    quantize_hf_gptq(hf, root / "half.gguf", hessian_reg=0.5, attention_aware=True, **kw)
+    # onto a ggml grid the default is 0.5 (README: GPTQ, the measurements)
+    assert set(default["hessian_reg"]["chosen"].values()) == {0.5} and default["attention_aware"]
+    assert (root / "default.gguf").read_bytes() == (root / "half.gguf").read_bytes()
     assert (root / "zero.gguf").read_bytes() != (root / "half.gguf").read_bytes()
+    gptq_dir = quantize_hf_gptq(hf, root / "default-gptq", **dict(kw, format="gptq", qtype=None))
+    assert set(gptq_dir["hessian_reg"]["chosen"].values()) == {0.0} and not gptq_dir["attention_aware"]
 
 
 def test_pipeline_auto_without_a_split_falls_back_to_plain_gptq(tiny):
@@ -181,7 +185,7 @@ def test_pipeline_auto_without_a_split_falls_back_to_plain_gptq(tiny):
     (root / "short.txt").write_text("the cat sat on the mat")  # one short window: nothing to hold out
     kw = dict(format="gguf", qtype="q4_0", calib=root / "short.txt", quiet=True)
     s = quantize_hf_gptq(hf, root / "short-auto.gguf", hessian_reg="auto", **kw)
-    quantize_hf_gptq(hf, root / "short-zero.gguf", **kw)
+    quantize_hf_gptq(hf, root / "short-zero.gguf", hessian_reg="0", **kw)
     assert any("too small to hold a part out" in n for n in s["notes"])
     assert set(s["hessian_reg"]["chosen"].values()) == {0.0}
     assert (root / "short-auto.gguf").read_bytes() == (root / "short-zero.gguf").read_bytes()

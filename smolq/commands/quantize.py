@@ -22,7 +22,7 @@ EPILOG = (
     "  smolq quantize model-f16.gguf model-q4_k_m.gguf --type q4_k_m --imatrix model.imatrix\n\n"
     "  smolq quantize model-f16.gguf model-80m.gguf --target-size 80MiB --imatrix model.imatrix --dry-run\n\n"
     "  smolq quantize finetune-f16.gguf finetune.gguf --recipe base.recipe.json\n\n"
-    "  smolq quantize ./hf-model out.gguf --bits 4 --method gptq --calib text.txt\n\n"
+    "  smolq quantize ./hf-model out.gguf --type q4_0 --calib text.txt   (GPTQ, calibrated on the text)\n\n"
     "  smolq quantize ./hf-model out-gptq --method gptq --format gptq --bits 3 --act-order --calib text.txt\n\n"
     "  smolq quantize ./hf-model out.gguf --type q3_k_m --method gptq --calib text.txt --resume   (after Ctrl-C)\n\n"
     "  smolq quantize ./hf-model out-mlc/ --format mlc --type q4f16_1   (MLC-LLM weights)\n\n"
@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Argument(..., metavar="OUT", help="Output file (written atomically)."),
         type_name: Optional[str] = typer.Option(None, "--type", "-t", help="Preset, as llama-quantize names them (q4_0 q4_1 q5_0 q5_1 q8_0, q2_k q2_k_s q3_k_s/m/l q4_k_s/m q5_k_s/m q6_k, iq1_s/m iq2_xxs/xs/s/m iq3_xxs/xs/s/m iq4_nl/xs, mxfp4_moe, tq1_0 tq2_0, f16 bf16 f32; case-insensitive), or a plain type. IQ1/IQ2 mixes, iq3_xxs, iq3_xs and q2_k_s need an importance matrix.", rich_help_panel="Types and mix"),
         bits: Optional[int] = typer.Option(None, "--bits", "-b", help="2, 3, 4, 5, 6 or 8: the default preset for that width (4 -> q4_k_m).", rich_help_panel="Types and mix"),
-        method: str = typer.Option("rtn", "--method", help="rtn (round to nearest, C kernel) or gptq (needs the HF checkpoint).", rich_help_panel="Types and mix"),
+        method: Optional[str] = typer.Option(None, "--method", help="rtn (round to nearest, C kernel) or gptq (needs the HF checkpoint); default: gptq with --calib, else rtn.", rich_help_panel="Types and mix"),
         fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Output container: gguf, gguf-v1..v3, ggml, ggmf, ggjt-v1..v3, ggmm (default: the input's); mlc: MLC-LLM weights from an HF checkpoint (--type q4f16_1, q4f16_0, q3f16_1, q0f16); nf4, fp4: a bitsandbytes 4-bit directory from an HF checkpoint.", rich_help_panel="Input/output"),
         pure: bool = typer.Option(False, "--pure", help="No mixture: every quantizable tensor gets the base type.", rich_help_panel="Types and mix"),
         leave_output: bool = typer.Option(False, "--leave-output-tensor", help="Keep output.weight as it is.", rich_help_panel="Types and mix"),
@@ -61,7 +61,8 @@ def register(app: typer.Typer) -> None:
         static_groups: bool = typer.Option(False, "--static-groups", help="Choose every group's scale up front from the original weights (with --act-order).", rich_help_panel="GPTQ"),
         mse: float = typer.Option(0.0, "--mse", help="Int grid: clipping search with |err|^p, p = this value (2.4 in the reference); 0 = off.", rich_help_panel="GPTQ"),
         scale_rule: str = typer.Option("weighted", "--scale-rule", help="On ggml grids: how block scales are chosen (weighted, imatrix, plain).", rich_help_panel="GPTQ"),
-        hessian_reg: str = typer.Option(HESSIAN_REG_DEFAULT, "--hessian-reg", metavar="auto|A", help="Shrink the Hessian toward its diagonal by A in [0, 1] (0: plain GPTQ, 1: weighted RTN); auto: chosen per linear by cross-validation on a held-out quarter of the calibration set.", rich_help_panel="GPTQ"),
+        hessian_reg: str = typer.Option(HESSIAN_REG_DEFAULT, "--hessian-reg", metavar="auto|A", help="Shrink the Hessian toward its diagonal by A in [0, 1] (0: plain GPTQ, 1: weighted RTN); auto: chosen per linear by cross-validation on a held-out quarter of the calibration set; default: 0.5 onto ggml types (GGUF / legacy out), 0 for --format gptq.", rich_help_panel="GPTQ"),
+        attention_aware: Optional[bool] = typer.Option(None, "--attention-aware/--no-attention-aware", help="The value projection's Hessian through the attention probabilities (LLaMA-like blocks); default: on for ggml types, off for --format gptq.", rich_help_panel="GPTQ"),
         seed: int = typer.Option(0, "--seed", help="Seed of the calibration sampling (same seed, same output).", rich_help_panel="GPTQ"),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its saved blocks (same settings).", rich_help_panel="GPTQ"),
         double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="nf4/fp4: quantize the absmax values again (8-bit, blocks of 256), as bnb_4bit_use_double_quant=True.", rich_help_panel="bitsandbytes"),
@@ -86,7 +87,7 @@ def register(app: typer.Typer) -> None:
             allow_requantize=allow_requantize, threads=threads, calib=calib, group_size=group_size,
             act_order=act_order, sym=not asym, damp=damp, nsamples=nsamples, seqlen=seqlen, device=device,
             true_sequential=true_sequential, static_groups=static_groups, mse=mse, scale_rule=scale_rule,
-            hessian_reg=hessian_reg, seed=seed, resume=resume, double_quant=double_quant, blocksize=blocksize,
+            hessian_reg=hessian_reg, attention_aware=attention_aware, seed=seed, resume=resume, double_quant=double_quant, blocksize=blocksize,
             split_max_size=split_max_size, split_max_tensors=split_max_tensors, imatrix=imatrix,
             include_weights=include_weights or [], exclude_weights=exclude_weights or [],
             target_bpw=target_bpw, target_size=target_size, candidates=candidates, recipe=recipe,

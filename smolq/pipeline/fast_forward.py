@@ -18,6 +18,11 @@ transformers' AttentionInterface under NAME (its masks are made by transformers'
 function, registered under NAME too). Whatever it does not cover (an explicit mask, padding,
 sliding windows that produce a mask, a cache longer than the queries, short sequences) goes to
 transformers' sdpa function unchanged, so a model computes what it computed before.
+
+Attention capture: while `capture_attention(fn)` is active, every call of the attention function
+first calls fn(module, query, key, attention_mask, scaling, causal), so GPTQ can take what it
+needs of the attention probabilities (the value projection's attention-aware Hessian,
+pipeline/gptq.py) in the forward it runs anyway. `attention_mix` is that computation.
 """
 from __future__ import annotations
 
@@ -30,6 +35,50 @@ GATED_SILU_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 SILU = frozenset({"SiLU", "SiLUActivation"})
 
 
+_capture: list = [None]  # the active capture_attention function, if any
+
+
+class capture_attention:
+    """Context manager: `fn` sees every attention call's queries and keys (module docstring)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __enter__(self):
+        _capture[0] = self.fn
+        return self
+
+    def __exit__(self, *exc):
+        _capture[0] = None
+        return False
+
+
+def attention_mix(query, key, x, attention_mask, scaling: float | None, causal: bool):
+    """Σ_h (A_h x)ᵀ(A_h x) over the query heads h, A_h = the attention probabilities of head h.
+
+    x [batch, L, d] is the value projection's input. The attention output of head h is
+    A_h x W_hᵀ, so an error Δ in the value weights moves it by A_h x Δ_hᵀ: this is the Hessian
+    of that output error, where x alone (xᵀx) would weigh each token by 1 instead of by the
+    attention it receives (the first tokens of a window, which every later token attends to,
+    count for far more). One head at a time keeps the temporaries at [batch, L, d].
+    """
+    import torch
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    heads, kv_heads = query.shape[1], key.shape[1]
+    mask = attention_mask[..., : key.shape[2]] if attention_mask is not None else None
+    d = x.shape[-1]
+    H = torch.zeros(d, d, dtype=torch.float32, device=x.device)
+    xv = x[:, None].to(query.dtype)  # [batch, 1, L, d]: the "values" of one head
+    for h in range(heads):
+        g = h // (heads // kv_heads)
+        y = sdpa(query[:, h:h + 1], key[:, g:g + 1], xv, attn_mask=mask,
+                 is_causal=causal and mask is None and query.shape[2] > 1, scale=scaling)
+        y = y.reshape(-1, d).to(torch.float32)
+        H.addmm_(y.T, y)
+    return H
+
+
 def blocked_causal_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers' attention-function signature: (query, key, value [batch, heads, L, dim]) ->
@@ -38,6 +87,8 @@ def blocked_causal_attention(module, query, key, value, attention_mask, dropout:
 
     length = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if _capture[0] is not None:
+        _capture[0](module, query, key, attention_mask, scaling, causal)
     if (attention_mask is not None or not causal or dropout or key.shape[2] != length
             or length < 2 * MIN_BLOCK or kwargs.get("position_bias") is not None
             or kwargs.get("softcap") is not None or kwargs.get("output_attentions")):
@@ -96,6 +147,11 @@ def _use_inplace_mlp(model) -> None:
     for module in model.modules():
         if type(module).__name__ in GATED_SILU_MLPS and type(getattr(module, "act_fn", None)).__name__ in SILU:
             module.forward = types.MethodType(inplace_silu_mlp, module)
+
+
+def uses_fast_attention(model) -> bool:
+    """Whether `model`'s attention calls go through blocked_causal_attention (and capture_attention)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME
 
 
 def _use_blocked_causal(model) -> None:

@@ -47,7 +47,8 @@ from smolq.formats import gptq_ckpt, safetensors_file
 from smolq.formats.base import TensorEntry
 from smolq.formats.gptq_ckpt import GPTQLayer
 from smolq.ggml_types import GGMLType
-from smolq.pipeline.fast_forward import drop_bf16_products, forget_bf16_weight, use_bf16_products, use_fast_paths
+from smolq.pipeline.fast_forward import (attention_mix, capture_attention, drop_bf16_products, forget_bf16_weight,
+                                         use_bf16_products, use_fast_paths, uses_fast_attention)
 from smolq.lazy import lazy_module
 from smolq.pipeline import convert as cp
 from smolq.pipeline.convert import build_steps
@@ -61,8 +62,8 @@ from smolq.sources.checkpoint import open_checkpoint
 from smolq.sources.gptq import looks_like_gptq
 from smolq.sources.vocab import load_vocab
 from smolq.transforms.calib import FIT, HELD, load_calibration
-from smolq.transforms.gptq import (HESSIAN_REG_DEFAULT, HessianAccumulator, choose_regularisation, gptq_solve,
-                                   parse_hessian_reg, regularise)
+from smolq.transforms.gptq import (HESSIAN_REG_DEFAULT, HessianAccumulator, choose_regularisation,
+                                   default_hessian_reg, gptq_solve, parse_hessian_reg, regularise)
 from smolq.transforms.grids import BLOCK_SPECS, SCALE_RULES
 from smolq.transforms.iq_grids import GPTQ_GRID_TYPES, JOINT_GRID_TYPES, grid_for
 
@@ -85,6 +86,9 @@ class FamilyLayout:
     # Once that input is seen with every earlier Linear of the module quantized, later forwards
     # of the block take the module's output from it instead of running the module again.
     stages: tuple[tuple[str, str], ...] = ()
+    # The attention's value Linear, for its attention-aware Hessian (--attention-aware): its
+    # output reaches the block only mixed by the attention probabilities. None: not available.
+    value: str | None = None
 
 
 # AutoGPTQ's per-architecture lists (gptq.md 1.9).
@@ -92,7 +96,7 @@ FAMILIES = {
     "llama": FamilyLayout("model.layers", (
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
         ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
-        stages=(("self_attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj"))),
+        stages=(("self_attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj")), value="self_attn.v_proj"),
     "gptj": FamilyLayout("transformer.h", (
         ("attn.q_proj", "attn.k_proj", "attn.v_proj"), ("attn.out_proj",), ("mlp.fc_in",), ("mlp.fc_out",)),
         stages=(("attn", "attn.out_proj"), ("mlp", "mlp.fc_out"))),
@@ -128,6 +132,7 @@ class Settings:
     mse: float = 0.0
     hessian_reg: str | float = 0.0  # "auto" (cross-validated per Linear) or a fixed amount
     forward_dtype: str = "float32"  # the calibration forwards' Linear products (forward_dtype())
+    attention_aware: bool = False  # the value Linear's Hessian through the attention probabilities
 
     def fingerprint(self, src: Path) -> str:
         d = dict(self.__dict__, src=str(src.resolve()))
@@ -148,7 +153,8 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
                      damp: float = 0.01, calib=None, nsamples: int | None = None, seqlen: int | None = None,
                      device: str = "cpu",
                      seed: int = 0, resume: bool = False, quiet: bool = False, static_groups: bool = False,
-                     scale_rule: str = "weighted", mse: float = 0.0, hessian_reg=HESSIAN_REG_DEFAULT) -> dict[str, Any]:
+                     scale_rule: str = "weighted", mse: float = 0.0, hessian_reg=HESSIAN_REG_DEFAULT,
+                     attention_aware: bool | None = None) -> dict[str, Any]:
     """GPTQ-quantize the HF checkpoint `src_dir` into `out_path`; returns a summary.
 
     format "gptq": HF GPTQ directory with `bits` 2/3/4/8 and `group_size`.
@@ -159,7 +165,9 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
     None: chosen from the calibration text's length (transforms/calib.py).
     `hessian_reg`: "auto" chooses each Linear's Hessian regularisation toward its
     diagonal by cross-validation on a held-out part of the calibration set; a
-    number in [0, 1] fixes it (0: plain GPTQ).
+    number in [0, 1] fixes it (0: plain GPTQ); HESSIAN_REG_DEFAULT: 0.5 onto ggml grids, 0 for
+    format "gptq". `attention_aware`: the value Linear's Hessian through the attention
+    probabilities (LLaMA-like blocks); None: on for ggml grids, off for format "gptq".
     """
     import torch
 
@@ -181,7 +189,7 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
     if mse < 0:
         raise InputError(out, f"--mse must be 0 (off) or a positive exponent, not {mse}")
     try:
-        hessian_reg = parse_hessian_reg(hessian_reg)
+        hessian_reg = parse_hessian_reg(default_hessian_reg(hessian_reg, fmt == "gptq"))
     except ValueError:
         raise InputError(out, f"--hessian-reg must be auto or a number in [0, 1], not {hessian_reg}") from None
 
@@ -190,7 +198,8 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
     dev = _device(device)
     settings = Settings(fmt, qtype, bits, group_size, act_order, sym, true_sequential, damp,
                         None if calib is None else str(Path(calib).resolve()), nsamples, seqlen, seed,
-                        static_groups, scale_rule, mse, hessian_reg, forward_dtype(dev))
+                        static_groups, scale_rule, mse, hessian_reg, forward_dtype(dev),
+                        fmt != "gptq" if attention_aware is None else bool(attention_aware))
 
     torch.manual_seed(seed)
     if quiet:
@@ -201,6 +210,10 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
 
     model, tokenizer, family = _load_model(src)
     use_fast_paths(model)  # attention without its masked half, MLPs in place
+    if settings.attention_aware and not (FAMILIES[family].value and uses_fast_attention(model)):
+        settings.attention_aware = False  # the family's attention does not go through fast_forward
+        note(f"--attention-aware: not available for {family} blocks; the value Linears' Hessians are their "
+             f"inputs'", quiet=quiet)
     plan = _plan_types(src, out, fmt, qtype, model, family)
     _check_scale_rule(scale_rule, plan, out)
     _check_static_groups(static_groups, plan, out)
@@ -230,7 +243,7 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
         "seqlen": cal.seqlen, "notes": cal.notes + stats["notes"], "n_layers_quantized": stats["n_linears"],
         "damp_raised": stats["damp_raised"], "hessian_reg": stats["hessian_reg"], "bytes": size,
         "seconds": round(time.perf_counter() - started, 3),
-        "device": str(dev), "forward_dtype": settings.forward_dtype,
+        "device": str(dev), "forward_dtype": settings.forward_dtype, "attention_aware": settings.attention_aware,
     }
 
 
@@ -273,7 +286,9 @@ def _plan_line(model, family, cal, plan, dev, settings: Settings) -> str:
                                [plan.get(f"{name}.weight") in BLOCK_SPECS for name, _ in linears])
     return (f"GPTQ plan: {len(cal.samples)} x {cal.seqlen} = {cal.n_tokens} calibration tokens, {len(blocks)} blocks "
             f"({len(linears)} linears), {torch.get_num_threads()} threads on {dev}"
-            f"{', bf16 products' if settings.forward_dtype == 'bfloat16' else ''}; "
+            f"{', bf16 products' if settings.forward_dtype == 'bfloat16' else ''}"
+            f"{', attention-aware values' if settings.attention_aware else ''}"
+            f", hessian-reg {settings.hessian_reg}; "
             f"estimated {_minutes(seconds)} "
             f"(rough; an ETA follows each block)")
 
@@ -889,7 +904,8 @@ def _quantize_blocks(model, family, cal, plan, settings: Settings, dev, work: Pa
                     if not todo:
                         continue
                     with phase("gptq forward for hessians"):
-                        hessians = _collect_hessians(block, todo, acts, dev, kinds[i], parts, stages)
+                        hessians = _collect_hessians(block, todo, acts, dev, kinds[i], parts, stages,
+                                                     FAMILIES[family].value if settings.attention_aware else None)
                     _trim_heap()  # the forward's freed activations back to the OS before the solve's peak
                     for name in todo:
                         h = hessians.pop(name)
@@ -1137,11 +1153,17 @@ class _Hessians:
 
 
 def _collect_hessians(block, names, acts: _Activations, dev, kind=None, parts=None,
-                      stages: "_StageReuse | None" = None) -> dict[str, _Hessians]:
+                      stages: "_StageReuse | None" = None, value: str | None = None) -> dict[str, _Hessians]:
     """Each Linear's input Hessian over all samples, and over the fit and held-out parts
     when `parts` (one of FIT / HELD / None per sample) is given. `stages` keeps the inputs it
-    wants (of a module's last Linear) and answers for the modules it already can."""
+    wants (of a module's last Linear) and answers for the modules it already can.
+    value: the attention's value Linear, whose Hessian is taken through the attention
+    probabilities instead (fast_forward.attention_mix): each sample's forward then runs on
+    to the attention call, which adds it and stops the forward."""
     stages = stages or _StageReuse(block, (), len(acts), budget=0)
+    value = value if value in names else None
+    value_input = [None]  # the value Linear's input in the running sample
+    value_samples = [0]  # samples whose attention call added to the value Hessian
     keep = stages.keep_inputs_of(names)
     accs, handles = {}, []
     current = [None]  # the part of the sample being run
@@ -1166,6 +1188,12 @@ def _collect_hessians(block, names, acts: _Activations, dev, kind=None, parts=No
 
         def hook(_m, args, name=name):
             x = args[0]
+            if name == value:
+                value_input[0] = x.detach()
+                fired.add(name)
+                if name in keep:
+                    stages.keep(name, x)
+                return  # its Hessian comes from the attention call (add_value_hessian)
             shares = last[0] is x
             if name not in owner:
                 owner[name] = owner[last[1]] if shares else name
@@ -1181,6 +1209,8 @@ def _collect_hessians(block, names, acts: _Activations, dev, kind=None, parts=No
                 acc[None].add(x)
                 if current[0] is not None:
                     acc[current[0]].add(x)
+            if value is not None:
+                return  # the forward runs on to the attention call
             if len(fired) == len(names):
                 owners.update(owner.values())
                 raise _StopForward  # the rest of the block does not feed these Linears
@@ -1189,14 +1219,29 @@ def _collect_hessians(block, names, acts: _Activations, dev, kind=None, parts=No
 
         handles.append(lin.register_forward_pre_hook(hook))
 
+    def add_value_hessian(_module, query, key, mask, scaling, causal):
+        x = value_input[0]
+        if x is None:
+            return
+        value_input[0] = None
+        value_samples[0] += 1
+        G = attention_mix(query, key, x.to(query.device), mask, scaling, causal)
+        for p in (None, current[0]) if current[0] is not None else (None,):
+            accs[value][p].add_gram(G, x.shape[0] if x.dim() == 3 else 1)
+        if fired >= set(names):
+            raise _StopForward  # q, k and v have their inputs; the attention output is not needed
+
     def before(i):
         current[0] = parts[i] if parts else None
         fired.clear()
         stages.at(i)
 
     try:
-        with stages.in_use():
+        with stages.in_use(), capture_attention(add_value_hessian if value else None):
             _run_block(block, acts, dev, kind=kind, before=before)
+        if value is not None and value_samples[0] != len(acts):
+            raise RuntimeError(f"{value}: the attention-aware Hessian saw {value_samples[0]} of {len(acts)} "
+                               f"samples (the attention did not run through smolq's function)")
     finally:
         for h in handles:
             h.remove()

@@ -85,7 +85,7 @@ class Request:
 GPTQ_DEFAULTS = {"group_size": 128, "act_order": False, "sym": True, "damp": 0.01, "nsamples": None,
                  "seqlen": None, "device": "cpu", "true_sequential": True, "static_groups": False, "mse": 0.0,
                  "scale_rule": "weighted", "seed": 0, "resume": False,
-                 "hessian_reg": HESSIAN_REG_DEFAULT}
+                 "hessian_reg": HESSIAN_REG_DEFAULT, "attention_aware": None}
 
 
 def run(req: Request) -> dict[str, Any]:
