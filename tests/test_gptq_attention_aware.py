@@ -37,10 +37,12 @@ def _by_hand(q, k, x, mask, scale):
     return H
 
 
+# (L, d): 40 tokens of 12 take the head-by-head way, 16 of 48 the one through Σ_h A_hᵀA_h
+@pytest.mark.parametrize("L, d", [(40, 12), (16, 48)])
 @pytest.mark.parametrize("heads, kv, batch", [(4, 4, 1), (6, 2, 1), (4, 2, 2)])
-def test_attention_mix_is_the_hand_written_sum(heads, kv, batch):
+def test_attention_mix_is_the_hand_written_sum(heads, kv, batch, L, d, monkeypatch):
     g = torch.Generator().manual_seed(heads * 10 + kv)
-    L, hd, d = 40, 8, 12
+    hd = 8
     q, k = torch.randn(batch, heads, L, hd, generator=g), torch.randn(batch, kv, L, hd, generator=g)
     x = torch.randn(batch, L, d, generator=g)
     causal = torch.ones(L, L, dtype=torch.bool).tril()
@@ -50,6 +52,16 @@ def test_attention_mix_is_the_hand_written_sum(heads, kv, batch):
     window = causal & ~torch.ones(L, L, dtype=torch.bool).tril(-5)
     got = attention_mix(q, k, x, window[None, None].expand(batch, 1, L, L), 0.3, causal=True)
     assert torch.allclose(got.double(), _by_hand(q, k, x, window, 0.3), rtol=1e-5, atol=1e-5)
+    # the same window as an additive float mask (transformers' eager convention)
+    additive = torch.zeros(L, L).masked_fill(~window, torch.finfo(torch.float32).min)
+    got = attention_mix(q, k, x, additive[None, None].expand(batch, 1, L, L), 0.3, causal=True)
+    assert torch.allclose(got.double(), _by_hand(q, k, x, window, 0.3), rtol=1e-5, atol=1e-5)
+    # one head at a time (the temporaries' bound) is the same sum
+    from smolq.pipeline import fast_forward
+
+    monkeypatch.setattr(fast_forward, "MIX_CHUNK_BYTES", 1)
+    got = attention_mix(q, k, x, None, 0.3, causal=True)
+    assert torch.allclose(got.double(), _by_hand(q, k, x, causal, 0.3), rtol=1e-5, atol=1e-5)
     # and it is not xᵀx: the first tokens, which every later one attends to, weigh more
     assert not torch.allclose(got, sum(x[b].T @ x[b] for b in range(batch)), rtol=0.1)
 
