@@ -22,7 +22,7 @@ Rows, for each type (a llama.cpp preset name):
   `smolq quantize --imatrix` (smolq's RTN is llama.cpp's, byte for byte; the importance
   matrix is smolq's own);
 - smolq GPTQ: `smolq quantize --calib` with its defaults (GPTQ onto the type's grid, Hessian
-  regularisation 0.5, attention-aware value Hessians), one row per --hessian-reg value given
+  regularisation 0.75, attention-aware value Hessians), one row per --hessian-reg value given
   (default: only smolq's default); types GPTQ has no grid for yet are n/a, with the reason
   smolq gives;
 - AutoRound (--autoround): the `auto-round` command of the peer venv

@@ -127,7 +127,7 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     tensor_types: "REGEX=TYPE" strings, or a {regex: type} mapping (wins over the mix).
     quiet=False shows progress bars on stderr (the CLI's default).
     split_max_size / split_max_tensors: a GGUF output in shards, as in convert().
-    hessian_reg / attention_aware (GPTQ): by default 0.5 and on when rounding onto ggml types,
+    hessian_reg / attention_aware (GPTQ): by default 0.75 and on when rounding onto ggml types,
     0 and off for format "gptq" (the reference GPTQ); README: GPTQ, the measurements.
     imatrix: an importance matrix file (llama.cpp's GGUF or .dat; smolq.imatrix writes both)
     used as llama-quantize --imatrix uses it (method "rtn"); include_weights /

@@ -192,4 +192,4 @@ def test_cli_option_and_calib_alone_means_gptq(tiny, capsys):
     assert rc in (0, None)
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == "gptq" and summary["attention_aware"] is False
-    assert set(summary["hessian_reg"]["chosen"].values()) == {0.5}
+    assert set(summary["hessian_reg"]["chosen"].values()) == {0.75}

@@ -171,11 +171,11 @@ def test_pipeline_fixed_amount_is_gptq_on_the_regularised_hessian(tiny):
     kw = dict(format="gguf", qtype="q4_0", calib=root / "calib.txt", nsamples=4, seqlen=32, quiet=True)
     default = quantize_hf_gptq(hf, root / "default.gguf", **kw)
     quantize_hf_gptq(hf, root / "zero.gguf", hessian_reg="0", **kw)
-    quantize_hf_gptq(hf, root / "half.gguf", hessian_reg=0.5, attention_aware=True, **kw)
-    # onto a ggml grid the default is 0.5 (README: GPTQ, the measurements)
-    assert set(default["hessian_reg"]["chosen"].values()) == {0.5} and default["attention_aware"]
-    assert (root / "default.gguf").read_bytes() == (root / "half.gguf").read_bytes()
-    assert (root / "zero.gguf").read_bytes() != (root / "half.gguf").read_bytes()
+    quantize_hf_gptq(hf, root / "three-quarters.gguf", hessian_reg=0.75, attention_aware=True, **kw)
+    # onto a ggml grid the default is 0.75 (README: GPTQ, the measurements)
+    assert set(default["hessian_reg"]["chosen"].values()) == {0.75} and default["attention_aware"]
+    assert (root / "default.gguf").read_bytes() == (root / "three-quarters.gguf").read_bytes()
+    assert (root / "zero.gguf").read_bytes() != (root / "three-quarters.gguf").read_bytes()
     gptq_dir = quantize_hf_gptq(hf, root / "default-gptq", **dict(kw, format="gptq", qtype=None))
     assert set(gptq_dir["hessian_reg"]["chosen"].values()) == {0.0} and not gptq_dir["attention_aware"]
 

@@ -165,7 +165,7 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
     None: chosen from the calibration text's length (transforms/calib.py).
     `hessian_reg`: "auto" chooses each Linear's Hessian regularisation toward its
     diagonal by cross-validation on a held-out part of the calibration set; a
-    number in [0, 1] fixes it (0: plain GPTQ); HESSIAN_REG_DEFAULT: 0.5 onto ggml grids, 0 for
+    number in [0, 1] fixes it (0: plain GPTQ); HESSIAN_REG_DEFAULT: 0.75 onto ggml grids, 0 for
     format "gptq". `attention_aware`: the value Linear's Hessian through the attention
     probabilities (LLaMA-like blocks); None: on for ggml grids, off for format "gptq".
     """

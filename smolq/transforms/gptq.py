@@ -358,10 +358,10 @@ def layer_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
 # 1 drops every correlation: Hessian-weighted RTN, no error feedback.
 REG_CANDIDATES = (0.0, 0.05, 0.2, 1.0)
 # --hessian-reg when not given: GGML_GRID_HESSIAN_REG onto ggml grids (GGUF / legacy files), 0 (the
-# reference GPTQ that GPTQModel and AutoGPTQ run) for --format gptq. 0.5 was chosen on a text of a
+# reference GPTQ that GPTQModel and AutoGPTQ run) for --format gptq. 0.75 was chosen on a text of a
 # third domain, neither the calibration's nor the evaluation's (README: GPTQ, the measurements).
 HESSIAN_REG_DEFAULT = "default"
-GGML_GRID_HESSIAN_REG = 0.5
+GGML_GRID_HESSIAN_REG = 0.75
 
 
 def default_hessian_reg(value, gptq_format: bool):
