@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 from smolq.pipeline import gptq as gptq_pipeline  # noqa: E402
 from smolq.pipeline.fast_forward import attention_mix  # noqa: E402
 from smolq.pipeline.gptq import quantize_hf_gptq  # noqa: E402
+from test_gptq_pipeline import tiny  # noqa: E402,F401 - the same tiny LLaMA and calibration text (a fixture)
 
 FAST = dict(nsamples=3, seqlen=24, quiet=True)
 
@@ -64,17 +65,6 @@ def test_attention_mix_is_the_hand_written_sum(heads, kv, batch, L, d, monkeypat
     assert torch.allclose(got.double(), _by_hand(q, k, x, causal, 0.3), rtol=1e-5, atol=1e-5)
     # and it is not xᵀx: the first tokens, which every later one attends to, weigh more
     assert not torch.allclose(got, sum(x[b].T @ x[b] for b in range(batch)), rtol=0.1)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from smolq.tiny import make_tiny_model
-
-    root = tmp_path_factory.mktemp("gptq-aware")
-    hf = make_tiny_model("llama", root / "hf", hidden_size=64, n_layers=2, seed=5)
-    text = " ".join(f"a {w} ran past tree {i % 13}" for i, w in enumerate(["fox", "hen", "owl"] * 120))
-    (root / "calib.txt").write_text(text)
-    return root, hf
 
 
 def _record_solver_hessians(monkeypatch):
