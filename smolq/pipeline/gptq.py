@@ -51,8 +51,10 @@ from smolq.pipeline.fast_forward import (attention_mix, capture_attention, drop_
                                          use_bf16_products, use_fast_paths, uses_fast_attention)
 from smolq.lazy import lazy_module
 from smolq.pipeline import convert as cp
+from smolq.pipeline.allocate import allocation_metadata
 from smolq.pipeline.convert import build_steps
-from smolq.plan.mix import BITS_PRESETS
+from smolq.plan.budget import recipe_json
+from smolq.plan.mix import BITS_PRESETS, is_quantizable
 from smolq.plan.targets import resolve_target
 from smolq.progress import note
 from smolq.sinks import gguf as gguf_sink
@@ -63,7 +65,8 @@ from smolq.sources.gptq import looks_like_gptq
 from smolq.sources.vocab import load_vocab
 from smolq.transforms.calib import FIT, HELD, load_calibration
 from smolq.transforms.gptq import (HESSIAN_REG_DEFAULT, HessianAccumulator, choose_regularisation,
-                                   default_hessian_reg, gptq_solve, parse_hessian_reg, regularise)
+                                   default_hessian_reg, default_refit, gptq_solve, parse_hessian_reg,
+                                   refit_scales, regularise)
 from smolq.transforms.grids import BLOCK_SPECS, SCALE_RULES
 from smolq.transforms.iq_grids import GPTQ_GRID_TYPES, JOINT_GRID_TYPES, grid_for
 
@@ -106,7 +109,7 @@ FAMILIES = {
     "gemma3": FamilyLayout("model.layers", (
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
         ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)), kinds="layer_types",
-        stages=(("self_attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj"))),
+        stages=(("self_attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj")), value="self_attn.v_proj"),
 }
 # model_type -> layout; Mistral, Qwen2 and Qwen3 blocks have LLaMA's Linears under the same names.
 MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gptj": "gptj", "mpt": "mpt",
@@ -133,6 +136,8 @@ class Settings:
     hessian_reg: str | float = 0.0  # "auto" (cross-validated per Linear) or a fixed amount
     forward_dtype: str = "float32"  # the calibration forwards' Linear products (forward_dtype())
     attention_aware: bool = False  # the value Linear's Hessian through the attention probabilities
+    recipe: str | None = None  # the per-tensor types of --target-*/--recipe (compact JSON), else None
+    refit_scales: bool = False  # scale re-fitting after rounding (transforms/gptq.refit_scales)
 
     def fingerprint(self, src: Path) -> str:
         d = dict(self.__dict__, src=str(src.resolve()))
@@ -154,7 +159,8 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
                      device: str = "cpu",
                      seed: int = 0, resume: bool = False, quiet: bool = False, static_groups: bool = False,
                      scale_rule: str = "weighted", mse: float = 0.0, hessian_reg=HESSIAN_REG_DEFAULT,
-                     attention_aware: bool | None = None) -> dict[str, Any]:
+                     attention_aware: bool | None = None, recipe=None,
+                     refit_scales: bool | None = None) -> dict[str, Any]:
     """GPTQ-quantize the HF checkpoint `src_dir` into `out_path`; returns a summary.
 
     format "gptq": HF GPTQ directory with `bits` 2/3/4/8 and `group_size`.
@@ -168,6 +174,8 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
     number in [0, 1] fixes it (0: plain GPTQ); HESSIAN_REG_DEFAULT: 0.75 onto ggml grids, 0 for
     format "gptq". `attention_aware`: the value Linear's Hessian through the attention
     probabilities (LLaMA-like blocks); None: on for ggml grids, off for format "gptq".
+    `recipe`: ({GGUF tensor name: type}, its file) sets every tensor's type instead of `qtype`'s mix
+    (a GGUF output; the Linears are GPTQ-rounded onto the types it names).
     """
     import torch
 
@@ -199,7 +207,9 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
     settings = Settings(fmt, qtype, bits, group_size, act_order, sym, true_sequential, damp,
                         None if calib is None else str(Path(calib).resolve()), nsamples, seqlen, seed,
                         static_groups, scale_rule, mse, hessian_reg, forward_dtype(dev),
-                        fmt != "gptq" if attention_aware is None else bool(attention_aware))
+                        fmt != "gptq" if attention_aware is None else bool(attention_aware),
+                        None if recipe is None else recipe_json(recipe[0]),
+                        default_refit(fmt == "gptq") if refit_scales is None else bool(refit_scales))
 
     torch.manual_seed(seed)
     if quiet:
@@ -214,7 +224,7 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
         settings.attention_aware = False  # the family's attention does not go through fast_forward
         note(f"--attention-aware: not available for {family} blocks; the value Linears' Hessians are their "
              f"inputs'", quiet=quiet)
-    plan = _plan_types(src, out, fmt, qtype, model, family)
+    plan = _plan_types(src, out, fmt, qtype, model, family, recipe)
     _check_scale_rule(scale_rule, plan, out)
     _check_static_groups(static_groups, plan, out)
     with open_checkpoint(src) as ckpt:
@@ -233,7 +243,7 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
         if fmt == "gptq":
             size = _write_gptq_dir(model, family, src, out, work, settings)
         else:
-            size = _write_ggml_file(src, out, fmt, qtype, model, family, work)
+            size = _write_ggml_file(src, out, fmt, qtype, model, family, work, recipe)
     shutil.rmtree(work, ignore_errors=True)
     return {
         "source": str(src), "output": str(out), "format": fmt, "method": "gptq", "family": family,
@@ -244,6 +254,7 @@ def quantize_hf_gptq(src_dir, out_path, *, format: str = "gptq", qtype: str | No
         "damp_raised": stats["damp_raised"], "hessian_reg": stats["hessian_reg"], "bytes": size,
         "seconds": round(time.perf_counter() - started, 3),
         "device": str(dev), "forward_dtype": settings.forward_dtype, "attention_aware": settings.attention_aware,
+        "refit_scales": settings.refit_scales,
     }
 
 
@@ -584,7 +595,7 @@ def _linears(family):
     return [name for group in FAMILIES[family].groups for name in group]
 
 
-def _plan_types(src, out, fmt, qtype, model, family) -> dict[str, GGMLType | None]:
+def _plan_types(src, out, fmt, qtype, model, family, recipe=None) -> dict[str, GGMLType | None]:
     """HF Linear weight name -> ggml block type to GPTQ onto (None: GPTQ int grid / not GPTQ'd)."""
     names = [f"{FAMILIES[family].blocks}.{i}.{lin}.weight"
              for i in range(len(_blocks(model, family))) for lin in _linears(family)]
@@ -594,7 +605,7 @@ def _plan_types(src, out, fmt, qtype, model, family) -> dict[str, GGMLType | Non
     with open_checkpoint(src) as ckpt:
         arch = arch_for_config(ckpt.config, ckpt.path / "config.json")
         target = resolve_target(fmt, out, arch)
-        steps, _ = build_steps(arch, ckpt, target, qtype, out, calibrated=_calibrated(names))
+        steps, _ = build_steps(arch, ckpt, target, qtype, out, calibrated=_calibrated(names), recipe=recipe)
     by_source = {s.map.source: s.type for s in steps}
     return {n: by_source.get(n) if by_source.get(n) in GPTQ_GRID_TYPES else "skip" for n in names}
 
@@ -1272,9 +1283,17 @@ def _solve_linear(lin, hessians: _Hessians, qtype, settings: Settings, dev, last
     grid = new_grid()
     # Given up by its last user (or a regularised copy), the Hessian is the solve's to permute and
     # factor in place (no second n x n copy at the solve's peak).
+    # the refit needs the Hessian the solve uses up: a copy, only where the grid refits
+    kept = _hessian_for_solve(hessians, a, False).clone() if settings.refit_scales and grid.refits_scales else None
     res = gptq_solve(W, _hessian_for_solve(hessians, a, last_user), grid, consume_h=last_user or a != 0,
                      **solve_kw)
-    lin.weight.data.copy_(res.Q.to(lin.weight.device, lin.weight.dtype))
+    Q = res.Q
+    if kept is not None:
+        with phase("gptq scale refit"):
+            refit_scales(W, kept, grid)
+        Q = grid.dequantized()
+        del kept
+    lin.weight.data.copy_(Q.to(lin.weight.device, lin.weight.dtype))
     forget_bf16_weight(lin)
     if qtype is None:
         rec = {"qint": grid.qint.cpu().numpy(), "scales": grid.scales.cpu().numpy(),
@@ -1388,7 +1407,7 @@ def _f16():
     return torch.float16
 
 
-def _write_ggml_file(src: Path, out: Path, fmt: str, qtype: str, model, family, work: Path) -> int:
+def _write_ggml_file(src: Path, out: Path, fmt: str, qtype: str, model, family, work: Path, recipe=None) -> int:
 
     blocks = _blocks(model, family)
     records: dict[str, tuple[Path, str]] = {}
@@ -1413,7 +1432,7 @@ def _write_ggml_file(src: Path, out: Path, fmt: str, qtype: str, model, family, 
     with open_checkpoint(src) as ckpt:
         arch = arch_for_config(ckpt.config, ckpt.path / "config.json")
         target = resolve_target(fmt, out, arch)
-        steps, preset = build_steps(arch, ckpt, target, qtype, out, calibrated=_calibrated(records))
+        steps, preset = build_steps(arch, ckpt, target, qtype, out, calibrated=_calibrated(records), recipe=recipe)
         entries = []
         for st in steps:
             e = cp._entries([st], target.layout)[0]
@@ -1424,7 +1443,11 @@ def _write_ggml_file(src: Path, out: Path, fmt: str, qtype: str, model, family, 
             entries.append(e)
         vocab = load_vocab(ckpt.path, arch.n_vocab, arch.family, ckpt.config)
         if target.is_gguf:
-            return gguf_sink.write(out, target.version, gguf_metadata(arch, vocab, ckpt, preset.ftype), entries)
+            meta = gguf_metadata(arch, vocab, ckpt, preset.ftype)
+            if recipe is not None:  # quantize.recipe: the chosen types of the tensors llama.cpp quantizes
+                meta.update(allocation_metadata({e.name: e.type for e in entries
+                                                 if is_quantizable(e.name, e.shape, False, arch.gguf_arch)}))
+            return gguf_sink.write(out, target.version, meta, entries)
         lt = target.legacy
         tokens = vocab.legacy_tokens(arch.family, lt.container, lt.dialect)
         ftype = preset.ftype if arch.family == "llama" and preset.ftype is not None else None

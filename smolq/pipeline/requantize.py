@@ -25,7 +25,9 @@ from smolq.pipeline.allocate import Chosen, allocation_metadata, choose_types
 from smolq.pipeline.bnb import BNB_FORMATS, quantize_hf_bnb
 from smolq.pipeline.convert import add_shards, check_split, convert
 from smolq.pipeline.gptq import quantize_hf
-from smolq.plan.budget import DEFAULT_CANDIDATES, RECIPE_KEY, SizeTarget, read_recipe, recipe_for, write_recipe
+from smolq.pipeline.imatrix import compute_imatrix
+from smolq.plan.budget import (DEFAULT_CANDIDATES, RECIPE_KEY, SizeTarget, checked_recipe_types, read_recipe,
+                               write_recipe)
 from smolq.plan.imatrix import ImatrixChoice, check_required, choose_imatrix, imatrix_metadata, record_use
 from smolq.plan.mix import (
     ModelInfo,
@@ -42,6 +44,7 @@ from smolq.plan.targets import Target, resolve_target, target_types
 from smolq.progress import WorkProgress, event_progress
 from smolq.sinks import gguf as gguf_sink
 from smolq.sinks import legacy as legacy_sink
+from smolq.transforms.calib import AUTO_MAX_SAMPLES, AUTO_SEQLEN
 from smolq.transforms.gptq import HESSIAN_REG_DEFAULT
 from smolq.transforms.rtn import quantize_entries
 
@@ -85,7 +88,8 @@ class Request:
 GPTQ_DEFAULTS = {"group_size": 128, "act_order": False, "sym": True, "damp": 0.01, "nsamples": None,
                  "seqlen": None, "device": "cpu", "true_sequential": True, "static_groups": False, "mse": 0.0,
                  "scale_rule": "weighted", "seed": 0, "resume": False,
-                 "hessian_reg": HESSIAN_REG_DEFAULT, "attention_aware": None}
+                 "hessian_reg": HESSIAN_REG_DEFAULT, "attention_aware": None,
+                 "refit_scales": None}
 
 
 def run(req: Request) -> dict[str, Any]:
@@ -94,8 +98,10 @@ def run(req: Request) -> dict[str, Any]:
         raise InputError(None, f"unknown --method {req.method!r}; choose rtn or gptq")
     if not req.src.exists():
         raise InputError(req.src, "no such file or directory")
-    if req.method != "rtn" and (req.imatrix is not None or req.include_weights or req.exclude_weights):
-        raise InputError(None, "--imatrix applies to --method rtn (GPTQ computes its own Hessians)")
+    if req.method != "rtn" and (req.include_weights or req.exclude_weights
+                                or (req.imatrix is not None and req.target is None)):
+        raise InputError(None, "--imatrix applies to --method rtn, or to the loss pass of --target-* with GPTQ "
+                               "(GPTQ computes its own Hessians)")
     if req.method == "rtn" and (req.calib is not None or _changed_gptq_options(req)):
         names = ", ".join(["--calib"] * (req.calib is not None) + [f"--{k.replace('_', '-')}" for k in _changed_gptq_options(req)])
         raise InputError(None, f"{names} apply to --method gptq only")
@@ -120,14 +126,17 @@ def run(req: Request) -> dict[str, Any]:
 
 
 def _check_chooser(req: Request) -> None:
-    """--target-bpw / --target-size / --recipe: RTN of a GGUF file, one output file."""
+    """--target-bpw / --target-size / --recipe: RTN of a GGUF file or GPTQ of a checkpoint, one GGUF file."""
     if not req.chooses_types:
         return
     what = req.target.what() if req.target is not None else "--recipe"
     if req.target is not None and req.recipe is not None:
         raise InputError(None, f"{what} and --recipe both choose the types; give one")
-    if req.method != "rtn":
-        raise InputError(None, f"{what} applies to --method rtn for now (GPTQ's layer error as the loss is to come)")
+    if req.method == "gptq" and not req.src.is_dir():
+        raise InputError(req.src, f"GPTQ needs the HF checkpoint (calibration runs the model); got a "
+                                  f"{sniff_container(req.src)} file")
+    if req.method == "gptq" and (_writes_directory(req) or not (req.fmt or "gguf").lower().startswith("gguf")):
+        raise InputError(req.out, f"{what} writes GGUF")
     if req.split:
         raise InputError(None, f"{what} sizes one file: quantize unsplit, then `smolq split` the output")
     o = req.opts
@@ -255,10 +264,50 @@ def _bnb_from_hf(req: Request, fmt: str) -> dict[str, Any]:
 
 
 def _gptq_from_hf(req: Request) -> dict[str, Any]:
+    chosen = _gptq_types(req) if req.chooses_types else None
+    if chosen is not None and req.dry_run:
+        return chosen[1]
     summary = quantize_hf(src=req.src, out=req.out, preset=req.preset.name, fmt=req.fmt, calib=req.calib,
-                          threads=req.threads, dry_run=req.dry_run, quiet=req.quiet, **(req.gptq or {}))
+                          threads=req.threads, dry_run=req.dry_run, quiet=req.quiet, **(req.gptq or {}),
+                          recipe=None if chosen is None else chosen[0])
     summary.setdefault("preset", req.preset.name if summary.get("format") != "gptq" else f"int{summary['bits']}")
+    if chosen is not None:
+        summary["allocation"] = chosen[1].get("allocation")
     return summary
+
+
+def _gptq_types(req: Request) -> tuple[tuple[dict[str, GGMLType], Path], dict[str, Any]]:
+    """((recipe, its file), the plan's summary) for GPTQ with --recipe or --target-*.
+
+    --target-*: the allocator's loss pass (RTN's imatrix-weighted error of each candidate type,
+    the diagonal of GPTQ's layer error) on an F32 conversion in a temporary directory beside OUT,
+    with --imatrix or one computed on the calibration text (the GPTQ windows' count and length);
+    GPTQ then rounds each Linear onto the type chosen for it. Its file's header is the plan's
+    less the imatrix keys, so it is never larger than the size the allocator fitted."""
+    if req.recipe is not None:
+        recipe = read_recipe(req.recipe)
+        return (recipe, req.recipe), {"recipe": str(req.recipe)}
+    gptq = req.gptq or {}
+    if req.imatrix is None and (req.calib is None or req.calib.suffix.lower() == ".jsonl"):
+        raise InputError(None, f"{req.target.what()} with GPTQ measures each candidate's loss with an importance "
+                               f"matrix: give --calib TEXT (a plain text) or --imatrix FILE")
+    parent = req.out.parent if str(req.out.parent) else Path(".")
+    with tempfile.TemporaryDirectory(prefix=".smolq-", dir=parent) as tmp:
+        mid, recipe_file = Path(tmp) / "f32.gguf", Path(tmp) / "recipe.json"
+        with event_progress("convert", quiet=req.quiet) as on_progress:
+            convert(req.src, mid, format="gguf", outtype="f32", on_progress=on_progress)
+        imatrix = req.imatrix
+        if imatrix is None:
+            imatrix = Path(tmp) / "calib.imatrix"
+            compute_imatrix(req.src, imatrix, req.calib, ctx=gptq.get("seqlen") or AUTO_SEQLEN,
+                            chunks=gptq.get("nsamples") or AUTO_MAX_SAMPLES, threads=req.threads, quiet=True)
+        plan = quantize_file(replace(req, src=mid, method="rtn", calib=None, gptq=None, imatrix=imatrix,
+                                     dry_run=True, save_recipe=recipe_file))
+        recipe = read_recipe(recipe_file)
+    if req.save_recipe is not None:
+        write_recipe(req.save_recipe, recipe)
+    plan.update(source=str(req.src), method="gptq", dry_run=req.dry_run)
+    return (recipe, req.save_recipe or Path("the allocation")), plan
 
 
 # --- GGUF / legacy files ---------------------------------------------------------------------
@@ -425,17 +474,12 @@ def _choose(mf: ModelFile, req: Request, target: Target, plan: QuantPlan, choice
 
 
 def _apply_recipe(plan: QuantPlan, req: Request, arch: str) -> None:
-    recipe = read_recipe(req.recipe)
-    for tp, t in zip(plan.tensors, recipe_for([tp.name for tp in plan.tensors], recipe, req.recipe)):
-        if t == tp.dst_type:
-            continue
-        if not tensor_fits(t, tp.shape):
-            raise InputError(req.recipe, f"tensor {tp.name}: {t.name} does not fit its rows of {tp.shape[-1]}: "
-                                         f"a recipe of another model?")
-        if is_quantized(t) and not is_quantizable(tp.name, tp.shape, req.opts.leave_output_tensor, arch):
-            raise InputError(req.recipe, f"tensor {tp.name}: {t.name}, but llama.cpp never quantizes this tensor")
-        tp.dst_type, tp.fallback = t, False
-        tp.needs_imatrix = requires_imatrix(canonical_name(tp.name), t, plan.preset)
+    rows = [(tp.name, tuple(tp.shape)) for tp in plan.tensors]
+    types = checked_recipe_types(rows, read_recipe(req.recipe), req.recipe, arch, req.opts.leave_output_tensor)
+    for tp, t in zip(plan.tensors, types):
+        if t != tp.dst_type:
+            tp.dst_type, tp.fallback = t, False
+            tp.needs_imatrix = requires_imatrix(canonical_name(tp.name), t, plan.preset)
 
 
 def _recipe_of(plan: QuantPlan, mf: ModelFile, req: Request) -> dict[str, GGMLType]:

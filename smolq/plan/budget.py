@@ -25,9 +25,10 @@ from typing import Mapping, Sequence
 
 from smolq.atomic import atomic_output
 from smolq.errors import InputError
-from smolq.ggml_types import GGMLType, is_quantized
+from smolq.ggml_types import GGMLType, block_size, is_quantized
 from smolq.lazy import lazy_module
-from smolq.plan.mix import NEEDS_IMATRIX, PLAN_TYPES, Preset, canonical_name, parse_type, with_shape_fallback
+from smolq.plan.mix import (NEEDS_IMATRIX, PLAN_TYPES, Preset, canonical_name, is_quantizable, parse_type,
+                            with_shape_fallback)
 from smolq.kernels import NEEDS_IMATRIX as KERNEL_NEEDS_IMATRIX
 
 np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
@@ -300,3 +301,18 @@ def recipe_for(names: Sequence[str], recipe: Mapping[str, GGMLType], path: str |
         raise InputError(Path(path), f"names {len(extra)} tensors the model does not have (e.g. {extra[0]}): "
                                      f"a recipe of another model?")
     return out
+
+
+def checked_recipe_types(rows: Sequence[tuple[str, tuple[int, ...]]], recipe: Mapping[str, GGMLType],
+                         path: str | os.PathLike, arch: str, leave_output: bool = False) -> list[GGMLType]:
+    """recipe_for on (name, shape) rows, each type checked against its tensor: it must fit the
+    row length, and only tensors llama.cpp quantizes may get a quantized type. One piece for
+    the RTN path (a GGUF in) and the GPTQ path (a checkpoint in)."""
+    types = recipe_for([name for name, _ in rows], recipe, path)
+    for (name, shape), t in zip(rows, types):
+        if not shape or shape[-1] % block_size(t):
+            raise InputError(Path(path), f"tensor {name}: {t.name} does not fit its rows of "
+                                         f"{shape[-1] if shape else 0}: a recipe of another model?")
+        if is_quantized(t) and not is_quantizable(name, tuple(shape), leave_output, arch):
+            raise InputError(Path(path), f"tensor {name}: {t.name}, but llama.cpp never quantizes this tensor")
+    return types

@@ -15,7 +15,7 @@ from smolq.fileio import phase
 from smolq.lazy import lazy_module
 from smolq.threads import one_thread
 from smolq.transforms import lapack_inplace
-from smolq.transforms.grids import Grid
+from smolq.transforms.grids import Grid, fp16_round
 
 torch = lazy_module("torch")  # imported at first use: `smolq --help` stays fast
 np = lazy_module("numpy")
@@ -343,6 +343,54 @@ def rtn_solve(W: torch.Tensor, grid: Grid, hdiag: torch.Tensor | None = None) ->
     return torch.stack([grid.quantize(c, W[:, c]) for c in range(W.shape[1])], dim=1)
 
 
+REFIT_CHUNK_BYTES = 64 << 20  # refit_scales' [rows, cols, p] temporary per step of rows
+
+
+def refit_scales(W: torch.Tensor, H: torch.Tensor, grid: Grid) -> int:
+    """Scale re-fitting after rounding: the codes stay, the per-group scales (and offsets) become
+    the ones that minimise the layer error tr((W−Q)H(W−Q)ᵀ) row by row.
+
+    With the codes fixed, Q is linear in the grid's free parameters (Grid.scale_basis), so each
+    row's best parameters solve a small least squares, A θ = b with A = Zᵀ H Z and b = Zᵀ H w,
+    Z the row's basis (one column per parameter, nonzero on its group only). GPTQ chose each
+    group's scale before the error feedback of the group's own columns arrived; this takes the
+    whole row's rounding into account. The new parameters are rounded to fp16 as stored, and a
+    row keeps its old ones unless the rounded new ones lower its error (θᵀAθ − 2bᵀθ, in float64).
+    Returns the number of rows changed.
+    """
+    basis = grid.scale_basis()
+    if basis is None:
+        return 0
+    Z, group, theta0 = basis  # [rows, p, g], [p], [rows, p]
+    rows, p, g = Z.shape
+    cols = W.shape[1]
+    W, H = W.to(torch.float32), H.to(device=W.device, dtype=torch.float32)
+    Hg = H.reshape(cols, cols // g, g)[:, group, :]  # [cols, p, g]: H's columns of each parameter's group
+    step = max(1, REFIT_CHUNK_BYTES // (4 * cols * p))
+    theta = theta0.clone()
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        z = Z[r0:r1]
+        HZ = torch.einsum("kpj,rpj->rkp", Hg, z)  # [r, cols, p]: H times each basis column
+        A = torch.einsum("rpi,rpiq->rpq", z, HZ.reshape(r1 - r0, cols // g, g, p)[:, group]).to(torch.float64)
+        b = torch.einsum("rpi,rpi->rp", z, (W[r0:r1] @ H).reshape(r1 - r0, cols // g, g)[:, group]).to(torch.float64)
+        # solved relative to the current parameters, with a tiny ridge: a group whose codes are
+        # all zero (a zero basis column) keeps its parameter
+        t0 = theta0[r0:r1].to(torch.float64)
+        ridge = 1e-9 * A.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-300)
+        delta = torch.linalg.solve(A + ridge[:, None, None] * torch.eye(p, dtype=A.dtype, device=A.device),
+                                   b - torch.einsum("rpq,rq->rp", A, t0))
+        t1 = fp16_round((t0 + delta).to(torch.float32)).to(torch.float64)
+
+        def error(t):  # the row's error less its constant wᵀHw
+            return torch.einsum("rp,rpq,rq->r", t, A, t) - 2 * (t * b).sum(1)
+
+        better = error(t1) < error(t0)
+        theta[r0:r1] = torch.where(better[:, None], t1.to(torch.float32), theta0[r0:r1])
+    grid.set_scales(theta)
+    return int((theta != theta0).any(1).sum())
+
+
 def layer_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
     """tr((W−Q) H (W−Q)ᵀ): the layer's output error on the calibration inputs."""
     D = (W - Q).to(torch.float64)
@@ -369,6 +417,15 @@ def default_hessian_reg(value, gptq_format: bool):
     if isinstance(value, str) and value.strip().lower() == HESSIAN_REG_DEFAULT:
         return 0.0 if gptq_format else GGML_GRID_HESSIAN_REG
     return value
+
+
+# Scale re-fitting after rounding (refit_scales) when --refit-scales is not given: onto ggml grids
+# GGML_GRID_REFIT, never for --format gptq (the reference GPTQ).
+GGML_GRID_REFIT = False
+
+
+def default_refit(gptq_format: bool) -> bool:
+    return GGML_GRID_REFIT and not gptq_format
 
 
 def regularise(H: torch.Tensor, a: float) -> torch.Tensor:

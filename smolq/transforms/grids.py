@@ -83,6 +83,21 @@ class Grid:
         """Keep the kernel's levels [rows, len(cols)] as `quantize` keeps its own."""
         raise NotImplementedError
 
+    refits_scales = False  # scale_basis gives free parameters (after rounding)
+
+    def scale_basis(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """For scale re-fitting after rounding (transforms/gptq.refit_scales), where the decoded
+        weights are linear in free per-group parameters once the codes are fixed: (Z [rows, p, g],
+        group [p], theta [rows, p]) with Q[r, group j's g columns] = sum over the p of Z[r, p] *
+        theta[r, p], each parameter acting on one group of g consecutive columns. None: the grid's
+        parameters are not free (integer sub-scales under a super-block scale, GPTQ's integer
+        zero points) or must stay the reference rule's."""
+        return None
+
+    def set_scales(self, theta: torch.Tensor) -> None:
+        """Take new parameters [rows, p] (scale_basis' order), fp16-exact (stored as fp16)."""
+        raise NotImplementedError
+
     def choose_static(self, W: torch.Tensor, hdiag: torch.Tensor) -> None:
         """Choose every group up front from W on contiguous original columns."""
         self._choose_range(0, 0, self.cols, W, hdiag)
@@ -517,6 +532,27 @@ class BlockGrid(Grid):
 
     def store_levels(self, cols, levels):
         self.q[:, cols] = levels.to(torch.int16)
+
+    @property
+    def refits_scales(self) -> bool:
+        return not self.spec.kquant and self.rule != "plain"
+
+    def scale_basis(self):
+        """Legacy 32-blocks (not the "plain" rule: llama.cpp's reference bytes): Q = d*q (+ m)."""
+        if not self.refits_scales:
+            return None
+        q = self.q.float().reshape(self.rows, -1, self.spec.sub)
+        group = torch.arange(q.shape[1], device=q.device)
+        if not self.spec.affine:
+            return q, group, self.mul.clone()
+        return (torch.cat([q, -torch.ones_like(q)], 1), torch.cat([group, group]),
+                torch.cat([self.mul, self.sub], 1))
+
+    def set_scales(self, theta):
+        nb = self.mul.shape[1]
+        self.mul = theta[:, :nb].clone()
+        if self.spec.affine:
+            self.sub = theta[:, nb:].clone()
 
     def dequantized(self) -> torch.Tensor:
         spec = self.spec

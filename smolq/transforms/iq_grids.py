@@ -127,6 +127,21 @@ class IQ4Grid(Grid):
         self.codes[:, col] = idx.to(torch.uint8)
         return self.mul[:, sb] * self.values[idx]
 
+    @property
+    def refits_scales(self) -> bool:
+        return self.qtype == T.IQ4_NL
+
+    def scale_basis(self):
+        """IQ4_NL: Q = d * kvalue, one free fp16 d per 32. IQ4_XS's are 6-bit multiples of one d."""
+        if not self.refits_scales:
+            return None
+        v = self.values[self.codes.long()].reshape(self.rows, -1, 32)
+        return v, torch.arange(v.shape[1], device=v.device), self.mul.clone()
+
+    def set_scales(self, theta):
+        self.mul = theta.clone()
+        self.blocks[:, :, 0:2] = self.mul.cpu().numpy().astype("<f2").view(np.uint8).reshape(self.rows, -1, 2)
+
     def dequantized(self) -> torch.Tensor:
         v = self.values[self.codes.long()].reshape(self.rows, -1, 32)
         return (self.mul[..., None] * v).reshape(self.rows, self.cols)
