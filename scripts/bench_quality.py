@@ -27,10 +27,14 @@ Rows, for each type (a llama.cpp preset name):
   (default: only smolq's default); types GPTQ has no grid for yet are n/a, with the reason
   smolq gives;
 - smolq budget (`smolq-target`, for the --target-types): `smolq quantize --calib
-  --target-size <bytes of llama.cpp's imatrix file of that type>`: each tensor's type
-  chosen by the allocator (imatrix-weighted loss of every candidate, the importance
-  matrix computed on the same calibration text), then GPTQ onto those types; so at
-  most the competitor's size, against llama.cpp's file and smolq's own fixed mix;
+  --target-size <bytes of llama.cpp's imatrix file of that type> --candidates
+  TARGET_CANDIDATES`: each tensor's type chosen by the allocator (imatrix-weighted loss
+  of every candidate times the tensor's measured KL factor, both on the same calibration
+  text), then GPTQ onto those types; so at most the competitor's size, against llama.cpp's
+  file and smolq's own fixed mix. The candidates leave out the affine 32-blocks (Q4_1,
+  Q5_1, and Q5_K, which falls back to Q5_1 on SmolLM2's 576-wide rows): SmolLM2 is
+  rebuilt from a Q4_1 GGUF, so its weights lie exactly on a Q4_1 grid and those types
+  hold them losslessly, an artifact no real checkpoint has;
 - AutoRound (--autoround): the `auto-round` command of the peer venv
   .venv/peers/autoround (`make bench-peers`: auto-round 0.16.1), GGUF export of the same
   type, --iters 0 (its recommendation for GGUF), same calibration text (as the JSON list of
@@ -60,6 +64,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ALL_TYPES = ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS", "IQ3_S")
 QUICK_TYPES = ("Q4_0", "Q3_K_M")
 TARGET_TYPES = ("Q4_K_M", "IQ3_S")  # the budget rows: smolq --target-size at llama.cpp's file size
+# The budget rows' candidates: the defaults less the affine 32-blocks (module docstring).
+TARGET_CANDIDATES = "q2_k,q3_k,q4_k,q6_k,q8_0,q4_0,q5_0,iq4_nl,iq4_xs,iq3_s,iq3_xxs,iq2_s"
 LICENSES = ("GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "Artistic", "LGPL-2.1", "CC0-1.0", "BSD")
 AUTOROUND_VENV = Path(sys.prefix) / "peers" / "autoround"  # beside the venv running this script
 
@@ -196,7 +202,8 @@ class Bench:
             if not (self.llama_bytes.get(qtype)):
                 return dict(row, file=None, na="llama.cpp's imatrix file of this type is missing")
             cmd = smolq("quantize", self.hf, out, "--target-size", str(self.llama_bytes[qtype]), "--calib",
-                        self.calib, "--threads", str(self.args.threads), "-q", *self._gptq_options(method))
+                        self.calib, "--candidates", TARGET_CANDIDATES, "--threads", str(self.args.threads), "-q",
+                        *self._gptq_options(method))
         elif method == "autoround":
             return dict(row, **self._autoround(t, out))
         log = self.work / f"{tag}.log"

@@ -96,7 +96,7 @@ CALIB_TEXT = (
 # defaults onto ggml grids are 0.5 and attention-aware; tests/test_gptq_regularise.py and
 # tests/test_gptq_attention_aware.py check those defaults).
 GPTQ_COMMON = ["--method", "gptq", "--nsamples", "8", "--seqlen", "32", "--seed", "1", "--threads", "1",
-               "--hessian-reg", "0", "--no-attention-aware"]
+               "--hessian-reg", "0", "--no-attention-aware", "--no-refit-scales"]
 
 DETERMINISTIC_ENV = {
     "OMP_NUM_THREADS": "1",

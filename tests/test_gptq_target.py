@@ -1,11 +1,12 @@
 """--target-bpw / --target-size / --recipe with GPTQ (issue 15, item 3).
 
 The allocator chooses each tensor's type from the imatrix-weighted RTN loss (its
-own tests: tests/test_target_bpw.py); GPTQ then rounds each Linear onto the type
-chosen for it. Checked here on a tiny LLaMA whose rows fit every block: the
-written file against the budget (gguf-py reads the sizes and types), the same
-types as the RTN route given the same importance matrix, the types recorded in
-quantize.recipe, a saved recipe reapplied byte for byte without the loss pass,
+own tests: tests/test_target_bpw.py) scaled by the tensor's measured KL factor
+(pipeline/sensitivity.py); GPTQ then rounds each Linear onto the type chosen for
+it. Checked here on a tiny LLaMA whose rows fit every block: the written file
+against the budget (gguf-py reads the sizes and types), each chosen loss against
+the RTN loss times the factor, the factor against a KL recomputed with gguf-py's
+Q4_0 and transformers' forward, the types recorded in quantize.recipe, a saved recipe reapplied byte for byte without the loss pass,
 the output against transformers' forward pass (closer than the RTN file of the
 same recipe), and bad requests refused in one line with nothing written.
 """
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from smolq import api
+from smolq.ggml_types import GGMLType
 from smolq.tiny import make_tiny_model
 
 gguf = pytest.importorskip("gguf")
@@ -47,23 +49,61 @@ def _recipe_key(path):
     return json.loads(str(gguf.GGUFReader(str(path)).fields["quantize.recipe"].contents()))
 
 
-def test_budget_is_kept_and_types_are_the_rtn_allocations(model, tmp_path):
+def test_budget_is_kept_and_losses_are_the_rtn_losses_times_the_kl_probe(model, tmp_path):
+    from smolq.pipeline.allocate import rtn_loss
+
     d, hf = model
     out = tmp_path / "g.gguf"
     s = api.quantize(hf, out, target_size=BUDGET, candidates=CANDIDATES, calib=d / "calib.txt", **FAST)
     assert s["method"] == "gptq" and s["preset"] == "MIXED"
     written = out.stat().st_size
     assert written == s["bytes"] and written <= BUDGET
-    rtn = api.quantize(d / "f32.gguf", tmp_path / "r.gguf", target_size=BUDGET, candidates=CANDIDATES,
-                       imatrix=d / "calib.imatrix")
-    largest_tensor = max(r["bytes"] for r in rtn["tensors"])
+    # the header is the plan's less its imatrix keys: never larger than the size the allocator fitted
+    assert written <= s["allocation"]["file_bytes"]
+    f32 = {t.name: t for t in gguf.GGUFReader(str(d / "f32.gguf")).tensors}
+    largest_tensor = max(int(t.n_elements) for t in f32.values()) * 34 // 32  # Q8_0, the largest candidate
     assert BUDGET - written < largest_tensor, (written, BUDGET)
-    types, rtn_types = _types(out), _types(tmp_path / "r.gguf")
-    assert types == rtn_types  # the same importance matrix, the same choice
+    types = _types(out)
     quantized = {n: t for n, t in types.items() if t != "F32"}
     assert len(set(quantized.values())) > 1 and _recipe_key(out) == quantized
-    # the header is the RTN plan's less its imatrix keys: never larger than the size the allocator fitted
-    assert written <= s["allocation"]["file_bytes"]
+    # each chosen loss is the tensor's RTN loss at its type (tests/test_target_bpw.py checks those
+    # against gguf-py) times its measured KL factor
+    sens, losses = s["allocation"]["sensitivity"], s["allocation"]["losses"]
+    imatrix = api.read_imatrix(d / "calib.imatrix")  # the same windows as the one computed in the run
+    assert set(sens) == set(quantized) and all(v > 0 for v in sens.values())
+    for name, t in quantized.items():
+        w = np.asarray(f32[name].data, dtype=np.float32).reshape(-1, int(f32[name].shape[0]))
+        expected = sens[name] * rtn_loss(w, GGMLType[t], imatrix.importance(name))
+        assert losses[name] == pytest.approx(expected, rel=1e-6), name
+
+
+def test_kl_probe_is_the_kl_of_one_quantized_tensor(model):
+    """s_t = KL(model || model with only t at Q4_0) / loss_t(Q4_0), recomputed here: gguf-py's Q4_0
+    quantizer and decoder, numpy's loss, transformers' forward (no importance vector)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smolq.pipeline.sensitivity import kl_sensitivities
+
+    d, hf = model
+    names = ["blk.0.attn_v.weight", "blk.1.ffn_down.weight"]
+    got = kl_sensitivities(hf, d / "calib.txt", names, lambda name, shape: None, ctx=64)
+    m = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    tokens = torch.tensor(AutoTokenizer.from_pretrained(hf)((d / "calib.txt").read_text())["input_ids"][:64])[None]
+    sources = {"blk.0.attn_v.weight": m.model.layers[0].self_attn.v_proj,
+               "blk.1.ffn_down.weight": m.model.layers[1].mlp.down_proj}
+    with torch.no_grad():
+        ref = torch.log_softmax(m(input_ids=tokens).logits.double(), -1)
+        for name, lin in sources.items():
+            w = lin.weight.data.clone()
+            x = w.numpy()
+            q = gguf.quants.dequantize(gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q4_0),
+                                       gguf.GGMLQuantizationType.Q4_0).reshape(x.shape)
+            loss = float(((x.astype(np.float64) - q) ** 2).sum() / (x.astype(np.float64) ** 2).sum())
+            lin.weight.data.copy_(torch.from_numpy(q))
+            lq = torch.log_softmax(m(input_ids=tokens).logits.double(), -1)
+            lin.weight.data.copy_(w)
+            kl = float((ref.exp() * (ref - lq)).sum(-1).mean())
+            assert got[name] == pytest.approx(kl / loss, rel=2e-3), name
 
 
 def test_gptq_budget_file_is_closer_to_the_model_than_rtn_of_the_same_recipe(model, tmp_path):

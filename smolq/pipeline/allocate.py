@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from smolq import kernels
 from smolq.errors import InputError
@@ -108,11 +108,13 @@ def allocation_metadata(recipe: dict[str, GGMLType]) -> list[tuple[str, MetaValu
 def choose_types(tensors: Sequence[TensorEntry], plan: QuantPlan, arch: str, choice: ImatrixChoice | None,
                  target: SizeTarget, candidates: Sequence[GGMLType], metadata: Metadata, *, version: int = 3,
                  leave_output: bool = False, loss: LossFn = rtn_loss, threads: int = 0,
-                 quiet: bool = True) -> Chosen:
+                 quiet: bool = True, sensitivity: Mapping[str, float] | None = None) -> Chosen:
     """Set the type of every quantizable tensor of `plan` for the least predicted loss within `target`.
 
     `metadata` is the output's metadata without quantize.recipe: its header (with the longest recipe
-    the candidates allow) is counted against a --target-size, so the file never exceeds it."""
+    the candidates allow) is counted against a --target-size, so the file never exceeds it.
+    `sensitivity` ({name: KL per unit of loss}, pipeline/sensitivity.py) scales each tensor's
+    losses (the median where a tensor has none); without it a tied embedding counts twice."""
     chosen = [i for i, tp in enumerate(plan.tensors) if is_quantizable(tp.name, tp.shape, leave_output, arch)]
     vectors = [choice.vector(plan.tensors[i].name, plan.tensors[i].shape) if choice else None for i in chosen]
     writable = frozenset(t for t, layout in kernels.QUANTIZE_TYPES if layout == "v3")
@@ -124,7 +126,7 @@ def choose_types(tensors: Sequence[TensorEntry], plan: QuantPlan, arch: str, cho
     n_elements = sum(int(np.prod(tp.shape)) for tp in plan.tensors)
     budget = target.data_budget(n_elements, head) - fixed
     _check_floor(target, plan, chosen, types, budget, head, fixed, alignment)
-    choices = _measure(tensors, plan, chosen, types, vectors, alignment, loss, threads, quiet)
+    choices = _measure(tensors, plan, chosen, types, vectors, alignment, loss, threads, quiet, sensitivity)
     result = allocate(choices, budget)
     for i, t in zip(chosen, result.types):
         tp = plan.tensors[i]
@@ -163,9 +165,12 @@ def _check_floor(target: SizeTarget, plan: QuantPlan, chosen: list[int], types: 
 
 
 def _measure(tensors: Sequence[TensorEntry], plan: QuantPlan, chosen: list[int], types: list[list[GGMLType]],
-             vectors: list, alignment: int, loss: LossFn, threads: int, quiet: bool) -> list[Choices]:
+             vectors: list, alignment: int, loss: LossFn, threads: int, quiet: bool,
+             sensitivity: Mapping[str, float] | None = None) -> list[Choices]:
     """The loss pass: one tensor decoded at a time, each candidate quantized, decoded and compared."""
     tied = not any(canonical_name(tp.name) == "output.weight" for tp in plan.tensors)
+    measured = sorted(sensitivity.values()) if sensitivity else []
+    median = measured[len(measured) // 2] if measured else 1.0
     out = []
     total = sum(tensor_nbytes(plan.tensors[i].src_type, plan.tensors[i].shape) for i in chosen)
     with WorkProgress(len(chosen), total, "measure", quiet=quiet) as bar:
@@ -173,7 +178,10 @@ def _measure(tensors: Sequence[TensorEntry], plan: QuantPlan, chosen: list[int],
             tp = plan.tensors[i]
             bar.start(tp.name)
             x = to_float32(tensors[i], threads)
-            weight = 2.0 if tied and canonical_name(tp.name) == "token_embd.weight" else 1.0
+            if sensitivity is not None:  # measured: a tied embedding's two roles are both in its KL
+                weight = sensitivity.get(canonical_name(tp.name), median)
+            else:
+                weight = 2.0 if tied and canonical_name(tp.name) == "token_embd.weight" else 1.0
             options = []
             for t in ts:
                 try:

@@ -26,6 +26,7 @@ from smolq.pipeline.bnb import BNB_FORMATS, quantize_hf_bnb
 from smolq.pipeline.convert import add_shards, check_split, convert
 from smolq.pipeline.gptq import quantize_hf
 from smolq.pipeline.imatrix import compute_imatrix
+from smolq.pipeline.sensitivity import kl_sensitivities
 from smolq.plan.budget import (DEFAULT_CANDIDATES, RECIPE_KEY, SizeTarget, checked_recipe_types, read_recipe,
                                write_recipe)
 from smolq.plan.imatrix import ImatrixChoice, check_required, choose_imatrix, imatrix_metadata, record_use
@@ -77,6 +78,7 @@ class Request:
     candidates: tuple[GGMLType, ...] = DEFAULT_CANDIDATES  # --candidates: the types it chooses from
     recipe: Path | None = None  # --recipe FILE: tensor -> type, applied without the loss pass
     save_recipe: Path | None = None  # --save-recipe FILE: the run's tensor -> type, as JSON
+    sensitivity: dict[str, float] | None = None  # the allocator's per-tensor KL factors (GPTQ's loss pass)
 
     @property
     def chooses_types(self) -> bool:
@@ -276,6 +278,18 @@ def _gptq_from_hf(req: Request) -> dict[str, Any]:
     return summary
 
 
+def _kl_sensitivities(req: Request, f32: Path, imatrix: Path) -> dict[str, float] | None:
+    """The KL probe's per-tensor factors (pipeline/sensitivity.py) on the calibration text; None
+    without a text (an --imatrix given with data-free calibration)."""
+    if req.calib is None or req.calib.suffix.lower() == ".jsonl":
+        return None
+    choice = choose_imatrix(imatrix, [], [])
+    with open_model(f32) as mf:
+        names = [t.name for t in mf.tensors if len(t.shape) == 2]
+    return kl_sensitivities(req.src, req.calib, names, choice.vector,
+                            ctx=(req.gptq or {}).get("seqlen") or AUTO_SEQLEN, threads=req.threads)
+
+
 def _gptq_types(req: Request) -> tuple[tuple[dict[str, GGMLType], Path], dict[str, Any]]:
     """((recipe, its file), the plan's summary) for GPTQ with --recipe or --target-*.
 
@@ -301,8 +315,12 @@ def _gptq_types(req: Request) -> tuple[tuple[dict[str, GGMLType], Path], dict[st
             imatrix = Path(tmp) / "calib.imatrix"
             compute_imatrix(req.src, imatrix, req.calib, ctx=gptq.get("seqlen") or AUTO_SEQLEN,
                             chunks=gptq.get("nsamples") or AUTO_MAX_SAMPLES, threads=req.threads, quiet=True)
+        sensitivity = _kl_sensitivities(req, mid, imatrix)
         plan = quantize_file(replace(req, src=mid, method="rtn", calib=None, gptq=None, imatrix=imatrix,
-                                     dry_run=True, save_recipe=recipe_file))
+                                     dry_run=True, save_recipe=recipe_file, sensitivity=sensitivity))
+        if imatrix != req.imatrix:
+            plan.get("imatrix", {})["file"] = f"computed on {req.calib}"
+        plan.setdefault("allocation", {})["sensitivity"] = sensitivity
         recipe = read_recipe(recipe_file)
     if req.save_recipe is not None:
         write_recipe(req.save_recipe, recipe)
@@ -470,7 +488,8 @@ def _choose(mf: ModelFile, req: Request, target: Target, plan: QuantPlan, choice
         return None
     return choose_types(mf.tensors, plan, mf.architecture, choice, req.target, req.candidates,
                         requantized_metadata(mf, plan.preset, choice), version=target.version,
-                        leave_output=req.opts.leave_output_tensor, threads=req.threads, quiet=req.quiet)
+                        leave_output=req.opts.leave_output_tensor, threads=req.threads, quiet=req.quiet,
+                        sensitivity=req.sensitivity)
 
 
 def _apply_recipe(plan: QuantPlan, req: Request, arch: str) -> None:
