@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 from smolq.pipeline import gptq as gptq_pipeline  # noqa: E402
 from smolq.pipeline.fast_forward import attention_mix  # noqa: E402
 from smolq.pipeline.gptq import quantize_hf_gptq  # noqa: E402
-from test_gptq_pipeline import tiny  # noqa: E402,F401 - the same tiny LLaMA and calibration text (a fixture)
+from test_gptq_pipeline import tiny, tiny_with_text  # noqa: E402,F401 - the same tiny LLaMA and calibration text
 
 FAST = dict(nsamples=3, seqlen=24, quiet=True)
 
@@ -137,13 +137,7 @@ def _eager_value_hessians(block, names, acts, dev, kind=None, parts=None, stages
 @pytest.fixture(scope="module")
 def tiny_gemma3(tmp_path_factory):
     """A tiny Gemma 3 (its first layers slide a window of 5 tokens) and the same calibration text."""
-    from smolq.tiny import make_tiny_model
-
-    root = tmp_path_factory.mktemp("gemma3-aware")
-    hf = make_tiny_model("gemma3", root / "hf", hidden_size=64, n_layers=2, seed=4)
-    text = " ".join(f"the {w} sat on mat {i % 17}" for i, w in enumerate(["cat", "dog", "bird"] * 150))
-    (root / "calib.txt").write_text(text)
-    return root, hf
+    return tiny_with_text(tmp_path_factory.mktemp("gemma3-aware"), "gemma3", seed=4)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

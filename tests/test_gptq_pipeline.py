@@ -22,15 +22,19 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 FAST = dict(nsamples=4, seqlen=32, quiet=True)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_with_text(root, family: str = "llama", seed: int = 3):
+    """(root, HF dir): a tiny 2-block model of `family` (width 64) and root/calib.txt."""
     from smolq.tiny import make_tiny_model
 
-    root = tmp_path_factory.mktemp("gptq")
-    hf = make_tiny_model("llama", root / "hf", hidden_size=64, n_layers=2, seed=3)
+    hf = make_tiny_model(family, root / "hf", hidden_size=64, n_layers=2, seed=seed)
     text = " ".join(f"the {w} sat on mat {i % 17}" for i, w in enumerate(["cat", "dog", "bird"] * 150))
     (root / "calib.txt").write_text(text)
     return root, hf
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_with_text(tmp_path_factory.mktemp("gptq"))
 
 
 def _hf_logits(model, tokens):

@@ -93,11 +93,9 @@ def test_grids_whose_scales_are_not_free_are_untouched(qtype, rule):
 def test_the_pipeline_option_changes_only_refittable_tensors(tmp_path):
     """--refit-scales on a tiny LLaMA: Q4_0 Linears move, and the file's layer errors drop."""
     from smolq.pipeline.gptq import quantize_hf_gptq
-    from smolq.tiny import make_tiny_model
+    from test_gptq_pipeline import tiny_with_text
 
-    hf = make_tiny_model("llama", tmp_path / "hf", hidden_size=64, n_layers=2, seed=3)
-    (tmp_path / "calib.txt").write_text(" ".join(f"the {w} sat on mat {i % 17}"
-                                                for i, w in enumerate(["cat", "dog", "bird"] * 150)))
+    _, hf = tiny_with_text(tmp_path)
     kw = dict(format="gguf", qtype="q4_0", calib=tmp_path / "calib.txt", nsamples=3, seqlen=24, quiet=True)
     on = quantize_hf_gptq(hf, tmp_path / "on.gguf", refit_scales=True, **kw)
     off = quantize_hf_gptq(hf, tmp_path / "off.gguf", refit_scales=False, **kw)
