@@ -64,8 +64,10 @@ def allocation_line(a: dict[str, Any]) -> str:
     """What a --target-* or --recipe run chose, in one line: the file's size and bpw, the loss."""
     line = f"file {a['file_bytes']:,} bytes ({human_bytes(a['file_bytes'])}), {a['bpw']:.4f} bpw"
     if "target" in a:
+        what = ("each tensor's importance-weighted relative error times its measured KL factor, in nats"
+                if a.get("sensitivity") else "sum of each tensor's importance-weighted error / its weighted energy")
         line = (f"target {a['target']}: {line}; predicted loss {a['predicted_loss']:.6g} over {a['n_tensors']} "
-                f"tensors (sum of each tensor's importance-weighted error / its weighted energy)")
+                f"tensors ({what})")
     else:
         line = f"recipe {a['recipe']}: {line}"
     return line
