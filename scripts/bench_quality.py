@@ -192,18 +192,18 @@ class Bench:
         elif method == "smolq-imatrix":
             cmd = smolq("quantize", self.hf, out, "--type", t, "--imatrix", ours, "--threads", str(self.args.threads),
                         "-q")
-        elif calibrated:
-            if not gptq_has_grid(qtype):
-                return dict(row, file=None, na=f"GPTQ has no grid for {qtype}'s main type yet (its tensors would be "
-                                                f"plain RTN)")
-            cmd = smolq("quantize", self.hf, out, "--type", t, "--calib", self.calib,
-                        "--threads", str(self.args.threads), "-q", *self._gptq_options(method))
         elif method == "smolq-target":
             if not (self.llama_bytes.get(qtype)):
                 return dict(row, file=None, na="llama.cpp's imatrix file of this type is missing")
             cmd = smolq("quantize", self.hf, out, "--target-size", str(self.llama_bytes[qtype]), "--calib",
                         self.calib, "--candidates", TARGET_CANDIDATES, "--threads", str(self.args.threads), "-q",
                         *self._gptq_options(method))
+        elif calibrated:
+            if not gptq_has_grid(qtype):
+                return dict(row, file=None, na=f"GPTQ has no grid for {qtype}'s main type yet (its tensors would be "
+                                                f"plain RTN)")
+            cmd = smolq("quantize", self.hf, out, "--type", t, "--calib", self.calib,
+                        "--threads", str(self.args.threads), "-q", *self._gptq_options(method))
         elif method == "autoround":
             return dict(row, **self._autoround(t, out))
         log = self.work / f"{tag}.log"
