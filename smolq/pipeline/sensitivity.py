@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from smolq import kernels
+from smolq.arch import arch_for_config
 from smolq.errors import InputError
 from smolq.ggml_types import GGMLType, block_size
 from smolq.pipeline.allocate import rtn_loss
 from smolq.pipeline.imatrix import read_text
+from smolq.sources.checkpoint import open_checkpoint
 
 PROBE_TYPE = GGMLType.Q4_0  # the probe's quantization: fits any row of a multiple of 32
 
@@ -37,9 +39,6 @@ def kl_sensitivities(src: Path, calib: Path, names: Sequence[str],
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from smolq.arch import arch_for_config
-    from smolq.sources.checkpoint import open_checkpoint
 
     if threads and threads > 0:
         torch.set_num_threads(threads)
