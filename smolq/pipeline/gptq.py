@@ -1283,8 +1283,12 @@ def _solve_linear(lin, hessians: _Hessians, qtype, settings: Settings, dev, last
     grid = new_grid()
     # Given up by its last user (or a regularised copy), the Hessian is the solve's to permute and
     # factor in place (no second n x n copy at the solve's peak).
-    # the refit needs the Hessian the solve uses up: a copy, only where the grid refits
-    kept = _hessian_for_solve(hessians, a, False).clone() if settings.refit_scales and grid.refits_scales else None
+    # the refit needs the Hessian the solve uses up: its own one, only where the grid refits
+    # (regularise makes a new tensor unless a is 0)
+    kept = None
+    if settings.refit_scales and grid.refits_scales:
+        kept = regularise(hessians.full, a)
+        kept = kept.clone() if kept is hessians.full else kept
     res = gptq_solve(W, _hessian_for_solve(hessians, a, last_user), grid, consume_h=last_user or a != 0,
                      **solve_kw)
     Q = res.Q
