@@ -137,7 +137,8 @@ def quantize(src: PathLike, out: PathLike, *, type: str | None = None, bits: int
     exclude_weights: substrings of entry names to keep / drop (not both).
     target_bpw (bits per weight of the tensor data) / target_size (file bytes: 80_000_000, "80MiB",
     "1.2G"): instead of a type, choose each tensor's type from `candidates` ("q4_k,q6_k,...";
-    default: Q2_K..Q8_0 and the i-quants) for the least predicted loss that fits (a GGUF file in;
+    default: Q2_K..Q8_0 and the i-quants) for the least predicted loss that fits (a GGUF file in, or
+    an HF checkpoint: with calib, GPTQ onto the chosen types, the losses scaled by a KL probe;
     summary["allocation"] says what was chosen); recipe: a JSON {tensor: type} file applied
     instead (save_recipe writes the run's one).
     Returns the summary; with dry_run=True nothing is written (but save_recipe).
