@@ -35,6 +35,9 @@ Rows, for each type (a llama.cpp preset name):
   Q5_1, and Q5_K, which falls back to Q5_1 on SmolLM2's 576-wide rows): SmolLM2 is
   rebuilt from a Q4_1 GGUF, so its weights lie exactly on a Q4_1 grid and those types
   hold them losslessly, an artifact no real checkpoint has;
+- smolq budget at AutoRound's size (`smolq-target-autoround`, for the
+  --autoround-target-types, with --autoround): the same at the size of AutoRound's file of
+  that type, where AutoRound's recommended mix is larger than llama.cpp's (Q3_K_M);
 - AutoRound (--autoround): the `auto-round` command of the peer venv
   .venv/peers/autoround (`make bench-peers`: auto-round 0.16.1), GGUF export of the same
   type, --iters 0 (its recommendation for GGUF), same calibration text (as the JSON list of
@@ -64,6 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ALL_TYPES = ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS", "IQ3_S")
 QUICK_TYPES = ("Q4_0", "Q3_K_M")
 TARGET_TYPES = ("Q4_K_M", "IQ3_S")  # the budget rows: smolq --target-size at llama.cpp's file size
+AUTOROUND_TARGET_TYPES = ("Q3_K_M",)  # and at AutoRound's file size (its Q3_K_M mix is 9 % larger)
 # The budget rows' candidates: the defaults less the affine 32-blocks (module docstring).
 TARGET_CANDIDATES = "q2_k,q3_k,q4_k,q6_k,q8_0,q4_0,q5_0,iq4_nl,iq4_xs,iq3_s,iq3_xxs,iq2_s"
 LICENSES = ("GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "Artistic", "LGPL-2.1", "CC0-1.0", "BSD")
@@ -146,6 +150,7 @@ class Bench:
             self._must(smolq("convert", self.hf, self.f32, "--outtype", "f32", "-q"), "convert-f32")
         self.n_weights = n_weights(self.f32)
         self.llama_bytes: dict[str, int | None] = {}  # type -> llama.cpp's imatrix file's size (the budget)
+        self.autoround_bytes: dict[str, int] = {}  # type -> AutoRound's file's size
 
     def _rebuilt_hf(self) -> Path:
         """The real model's HF directory, rebuilt from its PyPI GGUF (cached in the work directory)."""
@@ -177,7 +182,7 @@ class Bench:
     def make(self, method: str, qtype: str, theirs: Path, ours: Path) -> dict:
         """One quantized file (cached by name): {"file"} or {"na": reason}, with "seconds"."""
         t = qtype.lower()
-        calibrated = method in ("smolq-calib", "smolq-target") or method.startswith("smolq-gptq")
+        calibrated = method == "smolq-calib" or method.startswith(("smolq-target", "smolq-gptq"))
         tag = f"{t}-{method}" + (f"-n{self.args.nsamples}" if calibrated and self.args.nsamples
                                  else "")
         out = self.work / f"{tag}.gguf"
@@ -185,6 +190,8 @@ class Bench:
         if out.is_file():
             if method == "llama-imatrix":
                 self.llama_bytes[qtype] = out.stat().st_size
+            if method == "autoround":
+                self.autoround_bytes[qtype] = out.stat().st_size
             return row
         if method == "llama-imatrix":
             self.llama_bytes[qtype] = None
@@ -192,10 +199,12 @@ class Bench:
         elif method == "smolq-imatrix":
             cmd = smolq("quantize", self.hf, out, "--type", t, "--imatrix", ours, "--threads", str(self.args.threads),
                         "-q")
-        elif method == "smolq-target":
-            if not (self.llama_bytes.get(qtype)):
-                return dict(row, file=None, na="llama.cpp's imatrix file of this type is missing")
-            cmd = smolq("quantize", self.hf, out, "--target-size", str(self.llama_bytes[qtype]), "--calib",
+        elif method.startswith("smolq-target"):
+            peer = "llama.cpp's imatrix" if method == "smolq-target" else "AutoRound's"
+            budget = (self.llama_bytes if method == "smolq-target" else self.autoround_bytes).get(qtype)
+            if not budget:
+                return dict(row, file=None, na=f"{peer} file of this type is missing")
+            cmd = smolq("quantize", self.hf, out, "--target-size", str(budget), "--calib",
                         self.calib, "--candidates", TARGET_CANDIDATES, "--threads", str(self.args.threads), "-q",
                         *self._gptq_options(method))
         elif calibrated:
@@ -236,6 +245,7 @@ class Bench:
         if rc != 0 or not found:
             return {"file": None, "na": last_line(log)}
         found[0].rename(out)
+        self.autoround_bytes[t.upper()] = out.stat().st_size
         return {"seconds": round(seconds, 1)}
 
     def _autoround_dataset(self) -> Path:
@@ -269,6 +279,8 @@ def methods(args, qtype: str) -> list[str]:
         out.append("smolq-target")
     if args.autoround:
         out.append("autoround")
+        if qtype in args.autoround_target_types:
+            out.append("smolq-target-autoround")
     return out
 
 
@@ -309,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-types", default=",".join(TARGET_TYPES),
                    help=f"types with a smolq --target-size row at llama.cpp's file size (default "
                         f"{','.join(TARGET_TYPES)}; '' for none)")
+    p.add_argument("--autoround-target-types", default=",".join(AUTOROUND_TARGET_TYPES),
+                   help=f"types with a smolq --target-size row at AutoRound's file size, with --autoround "
+                        f"(default {','.join(AUTOROUND_TARGET_TYPES)}; '' for none)")
     p.add_argument("--types", help=f"comma-separated llama.cpp type names (default: {','.join(ALL_TYPES)})")
     p.add_argument("--chunks", type=int, help="evaluation windows of 512 tokens (default 40; --quick 8)")
     p.add_argument("--quick", action="store_true", help=f"{','.join(QUICK_TYPES)}, 8 windows, GPTQ on 32 windows")
@@ -322,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="JSON path (default bench-results/quality-<time>.json)")
     args = p.parse_args(argv)
     args.target_types = {t.strip().upper() for t in args.target_types.split(",") if t.strip()}
+    args.autoround_target_types = {t.strip().upper() for t in args.autoround_target_types.split(",") if t.strip()}
     if args.quick:
         args.chunks = args.chunks or 8
         args.nsamples = args.nsamples or 32

@@ -343,52 +343,121 @@ def rtn_solve(W: torch.Tensor, grid: Grid, hdiag: torch.Tensor | None = None) ->
     return torch.stack([grid.quantize(c, W[:, c]) for c in range(W.shape[1])], dim=1)
 
 
-REFIT_CHUNK_BYTES = 64 << 20  # refit_scales' [rows, cols, p] temporary per step of rows
+REFIT_CHUNK_BYTES = 8 << 20  # refit_scales' [p, cols, rows] temporary per step of rows (cache-sized)
+# Rounds of (free scales, then integer sub-scales) where a grid has both (K-quants, IQ4_XS);
+# one more free-scale solve follows the last. Each step can only lower a row's error.
+REFIT_ROUNDS = 2
 
 
 def refit_scales(W: torch.Tensor, H: torch.Tensor, grid: Grid) -> int:
-    """Scale re-fitting after rounding: the codes stay, the per-group scales (and offsets) become
-    the ones that minimise the layer error tr((W−Q)H(W−Q)ᵀ) row by row.
+    """Scale re-fitting after rounding: the codes stay, the scales (and offsets) become the ones
+    that minimise the layer error tr((W−Q)H(W−Q)ᵀ) row by row.
 
-    With the codes fixed, Q is linear in the grid's free parameters (Grid.scale_basis), so each
-    row's best parameters solve a small least squares, A θ = b with A = Zᵀ H Z and b = Zᵀ H w,
-    Z the row's basis (one column per parameter, nonzero on its group only). GPTQ chose each
-    group's scale before the error feedback of the group's own columns arrived; this takes the
-    whole row's rounding into account. The new parameters are rounded to fp16 as stored, and a
-    row keeps its old ones unless the rounded new ones lower its error (θᵀAθ − 2bᵀθ, in float64).
-    Returns the number of rows changed.
+    With the codes fixed, Q is linear in the grid's sub-parameters θ (Grid.scale_basis), so a
+    row's error is θᵀAθ − 2bᵀθ + wᵀHw with A = Zᵀ H Z and b = Zᵀ H w, Z the row's basis (one
+    column per parameter, nonzero on its group only). GPTQ chose each group's scale before the
+    error feedback of the group's own columns arrived; this takes the whole row's rounding into
+    account. Where θ is free fp16 (legacy 32-blocks, IQ4_NL) one least squares solves it. Where
+    θ = k·d, an integer sub-scale k under a free fp16 super-block scale d (K-quants, IQ4_XS),
+    the d's are solved with the k's fixed, then each k in turn moves to its best integer with
+    the rest fixed (exact for one coordinate), REFIT_ROUNDS times, and the d's once more.
+    New d's are rounded to fp16 as stored, and every step, and the whole, is kept for a row only
+    where it lowers that row's error (float64). Returns the number of rows changed.
     """
     basis = grid.scale_basis()
     if basis is None:
         return 0
-    Z, group, theta0 = basis  # [rows, p, g], [p], [rows, p]
-    rows, p, g = Z.shape
+    rows, p, g = basis.Z.shape
     cols = W.shape[1]
     W, H = W.to(torch.float32), H.to(device=W.device, dtype=torch.float32)
-    Hg = H.reshape(cols, cols // g, g)[:, group, :]  # [cols, p, g]: H's columns of each parameter's group
+    Hg = _group_columns(H, basis.group, g)
+    # θ = k·d[owner] as a product with a one-hot [p, n]; None where θ = d (free parameters)
+    owner = None if basis.k_lo is None else \
+        torch.nn.functional.one_hot(basis.owner, basis.scales.shape[1]).to(torch.float64)
+    theta0 = basis.theta
+    scales, k = basis.scales.clone(), basis.k.clone()
     step = max(1, REFIT_CHUNK_BYTES // (4 * cols * p))
-    theta = theta0.clone()
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        z = Z[r0:r1]
-        HZ = torch.einsum("kpj,rpj->rkp", Hg, z)  # [r, cols, p]: H times each basis column
-        A = torch.einsum("rpi,rpiq->rpq", z, HZ.reshape(r1 - r0, cols // g, g, p)[:, group]).to(torch.float64)
-        b = torch.einsum("rpi,rpi->rp", z, (W[r0:r1] @ H).reshape(r1 - r0, cols // g, g)[:, group]).to(torch.float64)
-        # solved relative to the current parameters, with a tiny ridge: a group whose codes are
-        # all zero (a zero basis column) keeps its parameter
+        A, b = _row_systems(basis.Z[r0:r1], basis.group, Hg, W[r0:r1] @ H, g)
+        d, kk = scales[r0:r1].to(torch.float64), k[r0:r1].to(torch.float64)
+        for _ in range(REFIT_ROUNDS if basis.k_lo is not None else 1):
+            d = _refit_free(A, b, kk, owner, d)
+            if basis.k_lo is not None:
+                kk = _refit_integers(A, b, kk, basis.owner, d, basis)
+        if basis.k_lo is not None:
+            d = _refit_free(A, b, kk, owner, d)
         t0 = theta0[r0:r1].to(torch.float64)
-        ridge = 1e-9 * A.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-300)
-        delta = torch.linalg.solve(A + ridge[:, None, None] * torch.eye(p, dtype=A.dtype, device=A.device),
-                                   b - torch.einsum("rpq,rq->rp", A, t0))
-        t1 = fp16_round((t0 + delta).to(torch.float32)).to(torch.float64)
+        better = _row_error(A, b, kk * d[:, basis.owner]) < _row_error(A, b, t0)
+        scales[r0:r1] = torch.where(better[:, None], d.to(torch.float32), scales[r0:r1])
+        k[r0:r1] = torch.where(better[:, None], kk.to(torch.float32), k[r0:r1])
+    basis.scales, basis.k = scales, k
+    grid.set_scales(basis)
+    return int((basis.theta != theta0).any(1).sum())
 
-        def error(t):  # the row's error less its constant wᵀHw
-            return torch.einsum("rp,rpq,rq->r", t, A, t) - 2 * (t * b).sum(1)
 
-        better = error(t1) < error(t0)
-        theta[r0:r1] = torch.where(better[:, None], t1.to(torch.float32), theta0[r0:r1])
-    grid.set_scales(theta)
-    return int((theta != theta0).any(1).sum())
+def _group_columns(H, group, g):
+    """[p, cols, g]: H's columns of each parameter's group, for one batched product per step of rows."""
+    cols = H.shape[0]
+    return H.reshape(cols, cols // g, g)[:, group, :].permute(1, 0, 2).contiguous()
+
+
+def _row_systems(z, group, Hg, WH, g):
+    """(A [r, p, p], b [r, p]) in float64 for rows with basis z [r, p, g] and W·H rows WH."""
+    r, p, _ = z.shape
+    HZ = torch.bmm(Hg, z.permute(1, 2, 0))  # [p, cols, r]: H times each basis column
+    HZ = HZ.reshape(p, -1, g, r)[:, group]  # [q, p, g, r]: its entries on parameter p's group
+    A = torch.einsum("qpir,pir->rpq", HZ, z.permute(1, 2, 0)).to(torch.float64)
+    b = torch.einsum("rpi,rpi->rp", z, WH.reshape(r, -1, g)[:, group]).to(torch.float64)
+    return A, b
+
+
+def _row_error(A, b, theta):
+    """Each row's error less its constant wᵀHw."""
+    return torch.einsum("rp,rpq,rq->r", theta, A, theta) - 2 * (theta * b).sum(1)
+
+
+def _refit_free(A, b, k, owner, d):
+    """The free fp16 scales d [r, n] re-solved with the integer multipliers k fixed (θ = k·d[owner],
+    owner as a one-hot [p, n], or None where θ = d); a row keeps its d unless the fp16-rounded
+    solution is better."""
+    if owner is None:  # free parameters: θ = d
+        As, bs = A, b
+    else:
+        As = owner.T @ (A * k[:, :, None] * k[:, None, :]) @ owner
+        bs = (b * k) @ owner
+    # solved relative to the current scales, with a tiny ridge: a scale whose codes are all zero
+    # (a zero column) keeps its value
+    n = d.shape[1]
+    ridge = 1e-9 * As.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-300)
+    delta = torch.linalg.solve(As + ridge[:, None, None] * torch.eye(n, dtype=As.dtype, device=As.device),
+                               bs - torch.einsum("rij,rj->ri", As, d))
+    d1 = fp16_round((d + delta).to(torch.float32)).to(torch.float64)
+    theta = (lambda s: s) if owner is None else (lambda s: k * (s @ owner.T))  # noqa: E731
+    better = _row_error(A, b, theta(d1)) < _row_error(A, b, theta(d))
+    return torch.where(better[:, None], d1, d)
+
+
+def _refit_integers(A, b, k, owner, d, basis):
+    """One sweep over the integer multipliers: each moves to the integer of its range (k_lo +
+    k_step·i ≤ k_hi) that minimises the row's error with all others fixed. The error is a
+    parabola in that one k, so the best integer is the one nearest its vertex."""
+    k = k.clone()
+    scale = d[:, owner]  # [r, p]
+    theta = k * scale
+    grad = torch.einsum("rpq,rq->rp", A, theta)
+    lo, hi, step = basis.k_lo.to(k), basis.k_hi.to(k), basis.k_step
+    for j in range(k.shape[1]):
+        a, s = A[:, j, j], scale[:, j]
+        usable = (a > 0) & (s != 0)
+        vertex = (b[:, j] - grad[:, j] + a * theta[:, j]) / torch.where(usable, a * s, torch.ones_like(a))
+        best = lo[j] + step * torch.round((vertex - lo[j]) / step)
+        best = torch.where(usable, torch.minimum(torch.maximum(best, lo[j]), hi[j]), k[:, j])
+        moved = (best - k[:, j]) * s
+        grad += A[:, :, j] * moved[:, None]
+        theta[:, j] += moved
+        k[:, j] = best
+    return k
 
 
 def layer_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:

@@ -48,6 +48,37 @@ def safe_reciprocal(t: torch.Tensor) -> torch.Tensor:
     return torch.where(t != 0, 1.0 / torch.where(t != 0, t, torch.ones_like(t)), torch.zeros_like(t))
 
 
+@dataclass
+class ScaleBasis:
+    """A grid's scales, once the codes are fixed: the decoded weights are linear in them.
+
+    Each of a row's p sub-parameters acts on one group of g consecutive columns:
+    Q[r, group[j]'s columns] += Z[r, j] * theta[r, j], with theta[r, j] = k[r, j] *
+    scales[r, owner[j]]: an integer multiplier (a K-quant's 6-bit sub-scale or min, IQ4_XS's
+    ls - 32) of a free fp16 scale (the super-block's d or dmin). Where the parameters are
+    free fp16 values themselves (the legacy 32-blocks, IQ4_NL), k is 1 and owner the
+    identity, and k_lo is None (no integer to move).
+    """
+
+    Z: torch.Tensor  # [rows, p, g] what each sub-parameter decodes to per unit
+    group: torch.Tensor  # [p] the column group (of g) each acts on
+    k: torch.Tensor  # [rows, p] integer multipliers, as floats
+    owner: torch.Tensor  # [p] the free scale (column of `scales`) each is a multiple of
+    scales: torch.Tensor  # [rows, n] the free fp16 scales
+    k_lo: torch.Tensor | None = None  # [p] the integers' ranges: k_lo + k_step * i <= k_hi
+    k_hi: torch.Tensor | None = None
+    k_step: int = 1
+
+    @classmethod
+    def free(cls, Z: torch.Tensor, group: torch.Tensor, theta: torch.Tensor) -> ScaleBasis:
+        """Free fp16 parameters, one per group (no integer sub-scales)."""
+        return cls(Z, group, torch.ones_like(theta), torch.arange(theta.shape[1], device=theta.device), theta)
+
+    @property
+    def theta(self) -> torch.Tensor:
+        return self.k * self.scales[:, self.owner]
+
+
 class Grid:
     """What the solver needs from a grid (see module docstring)."""
 
@@ -83,19 +114,16 @@ class Grid:
         """Keep the kernel's levels [rows, len(cols)] as `quantize` keeps its own."""
         raise NotImplementedError
 
-    refits_scales = False  # scale_basis gives free parameters (after rounding)
+    refits_scales = False  # scale_basis describes the scales (for re-fitting after rounding)
 
-    def scale_basis(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """For scale re-fitting after rounding (transforms/gptq.refit_scales), where the decoded
-        weights are linear in free per-group parameters once the codes are fixed: (Z [rows, p, g],
-        group [p], theta [rows, p]) with Q[r, group j's g columns] = sum over the p of Z[r, p] *
-        theta[r, p], each parameter acting on one group of g consecutive columns. None: the grid's
-        parameters are not free (integer sub-scales under a super-block scale, GPTQ's integer
-        zero points) or must stay the reference rule's."""
+    def scale_basis(self) -> ScaleBasis | None:
+        """The grid's scales as transforms/gptq.refit_scales re-fits them with the codes fixed
+        (ScaleBasis). None: the parameters are not re-fitted (GPTQ's integer zero points, or
+        llama.cpp's reference "plain" rule, whose bytes must stay the reference's)."""
         return None
 
-    def set_scales(self, theta: torch.Tensor) -> None:
-        """Take new parameters [rows, p] (scale_basis' order), fp16-exact (stored as fp16)."""
+    def set_scales(self, basis: ScaleBasis) -> None:
+        """Take the re-fitted scales (basis.scales fp16-exact, basis.k integers in range)."""
         raise NotImplementedError
 
     def choose_static(self, W: torch.Tensor, hdiag: torch.Tensor) -> None:
@@ -535,24 +563,44 @@ class BlockGrid(Grid):
 
     @property
     def refits_scales(self) -> bool:
-        return not self.spec.kquant and self.rule != "plain"
+        return self.rule != "plain"
 
     def scale_basis(self):
-        """Legacy 32-blocks (not the "plain" rule: llama.cpp's reference bytes): Q = d*q (+ m)."""
+        """Legacy 32-blocks: Q = d*q (- m), d and m free fp16. K-quants: Q = d*sc*q (- dmin*mn),
+        sc and mn integer sub-scales of the super-block's fp16 d and dmin. Not the "plain" rule
+        (llama.cpp's reference bytes)."""
         if not self.refits_scales:
             return None
-        q = self.q.float().reshape(self.rows, -1, self.spec.sub)
-        group = torch.arange(q.shape[1], device=q.device)
-        if not self.spec.affine:
-            return q, group, self.mul.clone()
-        return (torch.cat([q, -torch.ones_like(q)], 1), torch.cat([group, group]),
-                torch.cat([self.mul, self.sub], 1))
+        spec = self.spec
+        q = self.q.float().reshape(self.rows, -1, spec.sub)
+        n_sub = q.shape[1]
+        group = torch.arange(n_sub, device=q.device)
+        Z, groups = (torch.cat([q, -torch.ones_like(q)], 1), torch.cat([group, group])) if spec.affine else (q, group)
+        if not spec.kquant:
+            theta = torch.cat([self.mul, self.sub], 1) if spec.affine else self.mul.clone()
+            return ScaleBasis.free(Z, groups, theta)
+        per = spec.outer // spec.sub
+        n_outer = self.d.shape[1]
+        owner, lo, hi = group // per, torch.full((n_sub,), float(spec.sc_lo)), torch.full((n_sub,), float(spec.sc_hi))
+        k, scales = self.sc.float(), self.d.clone()
+        if spec.affine:
+            owner, k, scales = torch.cat([owner, owner + n_outer]), torch.cat([k, self.mn.float()], 1), \
+                torch.cat([scales, self.dmin], 1)
+            lo, hi = torch.cat([lo, torch.zeros(n_sub)]), torch.cat([hi, torch.full((n_sub,), float(spec.mn_hi))])
+        return ScaleBasis(Z, groups, k, owner, scales, lo, hi)
 
-    def set_scales(self, theta):
+    def set_scales(self, basis):
+        spec = self.spec
+        theta = basis.theta
         nb = self.mul.shape[1]
         self.mul = theta[:, :nb].clone()
-        if self.spec.affine:
+        if spec.affine:
             self.sub = theta[:, nb:].clone()
+        if spec.kquant:
+            n_outer = self.d.shape[1]
+            self.d, self.sc = basis.scales[:, :n_outer].clone(), basis.k[:, :nb].to(torch.int32)
+            if spec.affine:
+                self.dmin, self.mn = basis.scales[:, n_outer:].clone(), basis.k[:, nb:].to(torch.int32)
 
     def dequantized(self) -> torch.Tensor:
         spec = self.spec

@@ -27,8 +27,8 @@ from __future__ import annotations
 from smolq import kernels
 from smolq.ggml_types import GGMLType, type_size
 from smolq.lazy import lazy_module
-from smolq.transforms.grids import (BLOCK_SPECS, Grid, fp16_round, make_grid, round_half_away, safe_reciprocal,
-                                    whole_block_order)
+from smolq.transforms.grids import (BLOCK_SPECS, Grid, ScaleBasis, fp16_round, make_grid, round_half_away,
+                                    safe_reciprocal, whole_block_order)
 
 np = lazy_module("numpy")  # imported at first use: `smolq --help` stays fast
 
@@ -115,11 +115,16 @@ class IQ4Grid(Grid):
         d = block[:, 0:2].copy().view("<f2").astype(np.float32)  # [rows, 1]
         if self.qtype == T.IQ4_NL:
             return d
-        scales_h = block[:, 2:4].copy().view("<u2").astype(np.int32)  # [rows, 1]
+        return d * (self._sub_scales(block) - 32).astype(np.float32)
+
+    @staticmethod
+    def _sub_scales(block: np.ndarray) -> np.ndarray:
+        """IQ4_XS: [blocks, block bytes] -> the 6-bit ls of each 32 values [blocks, 8] (int32)."""
+        scales_h = block[:, 2:4].copy().view("<u2").astype(np.int32)  # [blocks, 1]
         ib = np.arange(8)
         low = (block[:, 4 + ib // 2] >> (4 * (ib % 2))) & 15
         high = (scales_h >> (2 * ib)) & 3
-        return d * ((low | (high << 4)).astype(np.int32) - 32).astype(np.float32)
+        return (low | (high << 4)).astype(np.int32)
 
     def quantize(self, col, w):
         sb = col // 32
@@ -127,20 +132,30 @@ class IQ4Grid(Grid):
         self.codes[:, col] = idx.to(torch.uint8)
         return self.mul[:, sb] * self.values[idx]
 
-    @property
-    def refits_scales(self) -> bool:
-        return self.qtype == T.IQ4_NL
+    refits_scales = True
 
     def scale_basis(self):
-        """IQ4_NL: Q = d * kvalue, one free fp16 d per 32. IQ4_XS's are 6-bit multiples of one d."""
-        if not self.refits_scales:
-            return None
+        """Q = scale * kvalue per 32: IQ4_NL's scale is its free fp16 d; IQ4_XS's is d * (ls - 32),
+        ls a 6-bit integer under the super-block's fp16 d."""
         v = self.values[self.codes.long()].reshape(self.rows, -1, 32)
-        return v, torch.arange(v.shape[1], device=v.device), self.mul.clone()
+        group = torch.arange(v.shape[1], device=v.device)
+        if self.qtype == T.IQ4_NL:
+            return ScaleBasis.free(v, group, self.mul.clone())
+        d = torch.from_numpy(self.blocks[:, :, 0:2].copy().view("<f2").astype(np.float32)[..., 0]).to(v.device)
+        k = torch.from_numpy(self._sub_scales(self.blocks.reshape(-1, self.bpb)).reshape(self.rows, -1)).to(v.device)
+        per = self.block // 32
+        return ScaleBasis(v, group, k.float() - 32, group // per, d, torch.full((v.shape[1],), -32.0),
+                          torch.full((v.shape[1],), 31.0))
 
-    def set_scales(self, theta):
-        self.mul = theta.clone()
-        self.blocks[:, :, 0:2] = self.mul.cpu().numpy().astype("<f2").view(np.uint8).reshape(self.rows, -1, 2)
+    def set_scales(self, basis):
+        self.mul = basis.theta.clone()
+        self.blocks[:, :, 0:2] = basis.scales.cpu().numpy().astype("<f2").view(np.uint8).reshape(self.rows, -1, 2)
+        if self.qtype == T.IQ4_XS:
+            ls = (basis.k.cpu().numpy().astype(np.int32) + 32).reshape(self.rows, -1, self.block // 32)
+            high = ((ls >> 4) << (2 * np.arange(ls.shape[-1]))).sum(-1).astype("<u2")
+            self.blocks[:, :, 2:4] = high[..., None].view(np.uint8).reshape(self.rows, -1, 2)
+            low = ls & 15
+            self.blocks[:, :, 4:8] = (low[..., 0::2] | (low[..., 1::2] << 4)).astype(np.uint8)
 
     def dequantized(self) -> torch.Tensor:
         v = self.values[self.codes.long()].reshape(self.rows, -1, 32)
