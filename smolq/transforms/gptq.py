@@ -343,8 +343,7 @@ def rtn_solve(W: torch.Tensor, grid: Grid, hdiag: torch.Tensor | None = None) ->
     return torch.stack([grid.quantize(c, W[:, c]) for c in range(W.shape[1])], dim=1)
 
 
-REFIT_CHUNK_BYTES = 8 << 20  # refit_scales' [rows, cols, p] product per step of rows (cache-sized)
-REFIT_SYSTEM_BYTES = 256 << 20  # its float64 row systems [rows, p, p] per sweep (fewer, larger sweeps)
+REFIT_CHUNK_BYTES = 8 << 20  # refit_scales' [p, cols, rows] temporary per step of rows (cache-sized)
 # Rounds of (free scales, then integer sub-scales) where a grid has both (K-quants, IQ4_XS);
 # one more free-scale solve follows the last. Each step can only lower a row's error.
 REFIT_ROUNDS = 2
@@ -369,6 +368,7 @@ def refit_scales(W: torch.Tensor, H: torch.Tensor, grid: Grid) -> int:
     if basis is None:
         return 0
     rows, p, g = basis.Z.shape
+    cols = W.shape[1]
     W, H = W.to(torch.float32), H.to(device=W.device, dtype=torch.float32)
     Hg = _group_columns(H, basis.group, g)
     # θ = k·d[owner] as a product with a one-hot [p, n]; None where θ = d (free parameters)
@@ -376,7 +376,7 @@ def refit_scales(W: torch.Tensor, H: torch.Tensor, grid: Grid) -> int:
         torch.nn.functional.one_hot(basis.owner, basis.scales.shape[1]).to(torch.float64)
     theta0 = basis.theta
     scales, k = basis.scales.clone(), basis.k.clone()
-    step = max(1, REFIT_SYSTEM_BYTES // (8 * p * p))
+    step = max(1, REFIT_CHUNK_BYTES // (4 * cols * p))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         A, b = _row_systems(basis.Z[r0:r1], basis.group, Hg, W[r0:r1] @ H, g)
@@ -397,22 +397,17 @@ def refit_scales(W: torch.Tensor, H: torch.Tensor, grid: Grid) -> int:
 
 
 def _group_columns(H, group, g):
-    """[cols, p, g]: H's columns of each parameter's group."""
+    """[p, cols, g]: H's columns of each parameter's group, for one batched product per step of rows."""
     cols = H.shape[0]
-    return H.reshape(cols, cols // g, g)[:, group, :]
+    return H.reshape(cols, cols // g, g)[:, group, :].permute(1, 0, 2).contiguous()
 
 
 def _row_systems(z, group, Hg, WH, g):
-    """(A [r, p, p], b [r, p]) in float64 for rows with basis z [r, p, g] and W·H rows WH; the
-    products in steps of REFIT_CHUNK_BYTES (larger temporaries cost page faults, measured)."""
+    """(A [r, p, p], b [r, p]) in float64 for rows with basis z [r, p, g] and W·H rows WH."""
     r, p, _ = z.shape
-    cols = Hg.shape[0]
-    A = torch.empty(r, p, p, dtype=torch.float64, device=z.device)
-    step = max(1, REFIT_CHUNK_BYTES // (4 * cols * p))
-    for a in range(0, r, step):
-        zz = z[a:a + step]
-        HZ = torch.einsum("kpj,rpj->rkp", Hg, zz)  # [r, cols, p]: H times each basis column
-        A[a:a + step] = torch.einsum("rpi,rpiq->rpq", zz, HZ.reshape(len(zz), cols // g, g, p)[:, group])
+    HZ = torch.bmm(Hg, z.permute(1, 2, 0))  # [p, cols, r]: H times each basis column
+    HZ = HZ.reshape(p, -1, g, r)[:, group]  # [q, p, g, r]: its entries on parameter p's group
+    A = torch.einsum("qpir,pir->rpq", HZ, z.permute(1, 2, 0)).to(torch.float64)
     b = torch.einsum("rpi,rpi->rp", z, WH.reshape(r, -1, g)[:, group]).to(torch.float64)
     return A, b
 
