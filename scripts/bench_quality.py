@@ -72,6 +72,12 @@ AUTOROUND_TARGET_TYPES = ("Q3_K_M",)  # and at AutoRound's file size (its Q3_K_M
 TARGET_CANDIDATES = "q2_k,q3_k,q4_k,q6_k,q8_0,q4_0,q5_0,iq4_nl,iq4_xs,iq3_s,iq3_xxs,iq2_s"
 LICENSES = ("GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "Artistic", "LGPL-2.1", "CC0-1.0", "BSD")
 AUTOROUND_VENV = Path(sys.prefix) / "peers" / "autoround"  # beside the venv running this script
+# AutoRound 0.16.1's bundled llama.cpp conversion fails on Gemma 3: its conversion/gemma.py names
+# gguf.MODEL_ARCH.GEMMA4_ASSISTANT, which the gguf 0.19.0 it installs does not have. It takes a
+# llama.cpp checkout instead (LLAMA_CPP_ROOT): the converter of the llama-cpp-python sdist
+# (scripts/fetch_llama_converter.py), with that sdist's own gguf-py first on the path.
+LLAMA_CONVERTER = Path(sys.prefix) / "real" / "llama.cpp-converter"
+AUTOROUND_OWN_CONVERTER_FAILS = {"Gemma3ForCausalLM"}
 
 
 def _load_script(name: str):
@@ -90,7 +96,7 @@ def run(cmd: list, log: Path, env: dict | None = None) -> tuple[int, float]:
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         rc = subprocess.run([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))).returncode
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}).returncode
     return rc, time.perf_counter() - t0
 
 
@@ -240,13 +246,20 @@ class Bench:
         log = self.work / f"{t}-autoround.log"
         rc, seconds = run([exe, "--model", self.hf, "--format", f"gguf:{t}", "--iters", "0",
                            "--dataset", self._autoround_dataset(), "--seqlen", "512", "--device", "cpu",
-                           "--output_dir", outdir], log)
+                           "--output_dir", outdir], log, self._autoround_env())
         found = sorted(outdir.rglob("*.gguf")) if outdir.is_dir() else []
         if rc != 0 or not found:
             return {"file": None, "na": last_line(log)}
         found[0].rename(out)
         self.autoround_bytes[t.upper()] = out.stat().st_size
         return {"seconds": round(seconds, 1)}
+
+    def _autoround_env(self) -> dict | None:
+        """LLAMA_CPP_ROOT for the architectures AUTOROUND_OWN_CONVERTER_FAILS (None: its own)."""
+        archs = set(json.loads((Path(self.hf) / "config.json").read_text()).get("architectures") or [])
+        if not archs & AUTOROUND_OWN_CONVERTER_FAILS or not (LLAMA_CONVERTER / "conversion").is_dir():
+            return None
+        return {"LLAMA_CPP_ROOT": str(LLAMA_CONVERTER), "PYTHONPATH": str(LLAMA_CONVERTER / "gguf-py")}
 
     def _autoround_dataset(self) -> Path:
         """The calibration text as AutoRound takes a local dataset: a JSON list of strings. Pieces
