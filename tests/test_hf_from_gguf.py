@@ -1,7 +1,6 @@
 """scripts/hf_from_gguf.py: GGUF -> HF LLaMA directory (weights, config, tokenizer)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,15 +8,11 @@ import numpy as np
 import pytest
 
 from tests.gptq_spec import load_dir as _tensors
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.script_module import load_script
 
 
 def _helper():
-    spec = importlib.util.spec_from_file_location("hf_from_gguf", ROOT / "scripts" / "hf_from_gguf.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("hf_from_gguf")
 
 
 @pytest.mark.parametrize("gqa,tied", [(True, True), (False, False)])

@@ -490,15 +490,12 @@ def test_a_model_is_not_an_imatrix_and_back(tiny, smolq_imatrix, tmp_path, cli):
 @pytest.mark.slow
 def test_smollm2_imatrix_matches_llama_imatrix(smollm2_gguf, tmp_path):
     """SmolLM2-135M rebuilt as an HF directory; llama-imatrix on its f16 GGUF; same text, ctx, chunks."""
-    import importlib.util
     import sysconfig
 
+    from tests.script_module import load_script
+
     tool = require_llama_tool("llama-imatrix")
-    spec = importlib.util.spec_from_file_location("hf_from_gguf", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "hf_from_gguf.py")
-    helper = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helper)
-    hf = helper.hf_from_gguf(smollm2_gguf, tmp_path / "hf")
+    hf = load_script("hf_from_gguf").hf_from_gguf(smollm2_gguf, tmp_path / "hf")
     smolq.convert(hf, tmp_path / "f16.gguf", outtype="f16")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     (tmp_path / "calib.txt").write_text((stdlib / "argparse.py").read_text() + (stdlib / "textwrap.py").read_text())

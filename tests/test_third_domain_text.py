@@ -1,15 +1,11 @@
 """scripts/third_domain_text.py: the package descriptions GPTQ's defaults are chosen on."""
-import importlib.util
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.script_module import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("third_domain_text", ROOT / "scripts" / "third_domain_text.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("third_domain_text")
 
 
 def _package(site: Path, dist: str, body: str) -> None:
