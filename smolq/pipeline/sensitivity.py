@@ -31,8 +31,8 @@ from smolq.arch import arch_for_config
 from smolq.errors import InputError
 from smolq.ggml_types import GGMLType, block_size
 from smolq.pipeline.allocate import rtn_loss
-from smolq.pipeline.gptq import FAMILIES, _block_kinds, _blocks, _capture_block_inputs, _load_model, _Weights, \
-    _with_hidden
+from smolq.pipeline.gptq import (FAMILIES, _block_kinds, _blocks, _capture_block_inputs, _load_model, _Weights,
+                                 _with_hidden)
 from smolq.pipeline.imatrix import FINAL_NORM, read_text
 from smolq.sources.checkpoint import open_checkpoint
 from smolq.transforms.calib import Calibration
