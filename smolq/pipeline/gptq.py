@@ -852,6 +852,14 @@ def _to(obj, dev):
     return obj
 
 
+def block_kwargs(kwargs: dict) -> dict:
+    """A block's captured keyword arguments for a call of its own: no cache (the captured
+    forward's cache objects would be written to), use_cache off."""
+    k = {key: v for key, v in kwargs.items() if key not in ("past_key_values", "past_key_value", "layer_past")}
+    k["use_cache"] = False
+    return k
+
+
 def _run_block(block, acts: _Activations, dev, replace: bool = False, kind=None, before=None) -> None:
     """Run `block` (of `kind`) on every sample's inputs (moved to `dev` for the call); with
     `replace`, its outputs become the inputs of the next block; `before(i)` is called
@@ -863,9 +871,7 @@ def _run_block(block, acts: _Activations, dev, replace: bool = False, kind=None,
             if before is not None:
                 before(i)
             args, kwargs = acts.call(i, kind)
-            a, k = _to(args, dev), _to(kwargs, dev)
-            k = {key: v for key, v in k.items() if key not in ("past_key_values", "past_key_value", "layer_past")}
-            k["use_cache"] = False
+            a, k = _to(args, dev), block_kwargs(_to(kwargs, dev))
             try:
                 res = block(*a, **k)
             except _StopForward:

@@ -32,7 +32,7 @@ from smolq.errors import InputError
 from smolq.ggml_types import GGMLType, block_size
 from smolq.pipeline.allocate import rtn_loss
 from smolq.pipeline.gptq import (FAMILIES, _block_kinds, _blocks, _capture_block_inputs, _load_model, _Weights,
-                                 _with_hidden)
+                                 _with_hidden, block_kwargs)
 from smolq.pipeline.imatrix import FINAL_NORM, read_text
 from smolq.sources.checkpoint import open_checkpoint
 from smolq.transforms.calib import Calibration
@@ -158,9 +158,7 @@ class _Probe:
     def _call(block, acts, i: int, kind, hidden):
         """The block's output for window i's call arguments with `hidden` as its input."""
         args, kwargs = _with_hidden(*acts.call(i, kind), hidden)
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
-        kwargs["use_cache"] = False
-        res = block(*args, **kwargs)
+        res = block(*args, **block_kwargs(kwargs))
         return (res[0] if isinstance(res, (tuple, list)) else res).detach()
 
     @contextmanager
