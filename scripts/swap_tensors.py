@@ -47,7 +47,7 @@ def donor_tensor(donor, donor_path: Path, t, same_type: bool):
     return u
 
 
-def swap_bytes(base_path: Path, base, donor, donor_path: Path, chosen: list, tmp: Path) -> None:
+def swap_bytes(base_path: Path, donor, donor_path: Path, chosen: list, tmp: Path) -> None:
     """BASE copied to tmp, the chosen tensors' data overwritten in place with DONOR's."""
     pairs = [(t, donor_tensor(donor, donor_path, t, same_type=True)) for t in chosen]
     shutil.copyfile(base_path, tmp)
@@ -59,23 +59,31 @@ def swap_bytes(base_path: Path, base, donor, donor_path: Path, chosen: list, tmp
         os.fsync(fh.fileno())
 
 
-def swap_float(base, donor, donor_path: Path, chosen: list, tmp: Path) -> None:
-    """BASE written again to tmp with the chosen tensors as F32 values decoded from DONOR."""
-    import numpy as np
-    from gguf import GGUFValueType, GGUFWriter
-    from gguf.quants import dequantize
+def copy_keys(reader, writer) -> None:
+    """Every metadata key of a gguf-py reader into a gguf-py writer, with its type (the GGUF.*
+    keys and general.architecture, which the writer sets itself, left out)."""
+    from gguf import GGUFValueType
 
-    values = {t.name: np.ascontiguousarray(dequantize(u.data, u.tensor_type), dtype=np.float32)
-              for t in chosen for u in [donor_tensor(donor, donor_path, t, same_type=False)]}
-    writer = GGUFWriter(str(tmp), base.fields["general.architecture"].contents())
-    for name, field in base.fields.items():
+    for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":
-            continue  # the writer sets these itself
+            continue
         kind = field.types[0]
         if kind == GGUFValueType.ARRAY:
             writer.add_key_value(name, field.contents(), kind, sub_type=field.types[-1])
         else:
             writer.add_key_value(name, field.contents(), kind)
+
+
+def swap_float(base, donor, donor_path: Path, chosen: list, tmp: Path) -> None:
+    """BASE written again to tmp with the chosen tensors as F32 values decoded from DONOR."""
+    import numpy as np
+    from gguf import GGUFWriter
+    from gguf.quants import dequantize
+
+    values = {t.name: np.ascontiguousarray(dequantize(u.data, u.tensor_type), dtype=np.float32)
+              for t in chosen for u in [donor_tensor(donor, donor_path, t, same_type=False)]}
+    writer = GGUFWriter(str(tmp), base.fields["general.architecture"].contents())
+    copy_keys(base, writer)
     for t in base.tensors:
         if t.name in values:
             writer.add_tensor(t.name, values[t.name])
@@ -111,7 +119,7 @@ def swap(base_path: Path, donor_path: Path, out: Path, pattern: str, as_float: b
         if as_float:
             swap_float(base, donor, donor_path, chosen, tmp)
         else:
-            swap_bytes(base_path, base, donor, donor_path, chosen, tmp)
+            swap_bytes(base_path, donor, donor_path, chosen, tmp)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -22,6 +22,7 @@ import smolq
 from real_loaders import llama_cpp_logits, open_llama, require_llama_cpp
 from smolq.formats.gguf import parse_size
 from smolq.tiny import make_tiny_model
+from tests.script_module import load_script
 from tests.test_vs_llama_converter import converter_dir, run_llama_converter
 
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
@@ -157,14 +158,7 @@ def _gguf_py_split(src: Path, out: Path, max_tensors: int) -> Path:
     reader = GGUFReader(str(src))
     arch = reader.fields["general.architecture"].contents()
     w = GGUFWriter(out, arch, split_max_tensors=max_tensors)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        vtype = field.types[0]
-        if vtype == GGUFValueType.ARRAY:
-            w.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
-        else:
-            w.add_key_value(key, field.contents(), vtype)
+    load_script("swap_tensors").copy_keys(reader, w)
     for t in reader.tensors:
         w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
     w.write_header_to_file()
