@@ -107,8 +107,10 @@ def swap(base_path: Path, donor_path: Path, out: Path, pattern: str, as_float: b
     for path in (base_path, donor_path):
         try:
             readers.append(GGUFReader(path))
-        except (OSError, ValueError) as e:
-            raise SwapError(f"{path}: not a GGUF file this gguf-py reads ({e})") from None
+        except OSError as e:
+            raise SwapError(f"{path}: {e.strerror or e}") from None
+        except Exception as e:  # gguf-py's reader fails on a cut or foreign file with whatever it hits
+            raise SwapError(f"{path}: not a GGUF file gguf-py can read ({type(e).__name__}: {e})") from None
     base, donor_reader = readers
     chosen = matching(base, rx)
     if not chosen:

@@ -67,6 +67,17 @@ def test_float_swap_decodes_the_donor_and_copies_the_rest(files, tmp_path):
     assert _fields(out) == _fields(files["q_0"])
 
 
+@pytest.mark.parametrize("cut", [6, 100, 1000])
+def test_a_cut_base_file_is_one_line_exit_2(files, tmp_path, capsys, cut):
+    cut_file = tmp_path / "cut.gguf"
+    cut_file.write_bytes(files["q_0"].read_bytes()[:cut])
+    out = tmp_path / "never.gguf"
+    rc = load_script("swap_tensors").main([str(cut_file), str(files["q_1"]), str(out), "--match", "attn"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and str(cut_file) in err[0] and "gguf-py can read" in err[0]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("donor,regex,problem", [
     ("f32_1", V_OR_DOWN, "is F32, the base file's is Q4_0"),
     ("q_1", "no_such_tensor", "no tensor name matches"),
