@@ -93,6 +93,8 @@ def swap_float(base, donor, donor_path: Path, chosen: list, tmp: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    with open(tmp, "rb") as fh:  # on disk before the rename, as the byte swap's copy is
+        os.fsync(fh.fileno())
 
 
 def swap(base_path: Path, donor_path: Path, out: Path, pattern: str, as_float: bool = False) -> list[str]:
