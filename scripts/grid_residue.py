@@ -11,8 +11,8 @@ RTN, byte for byte) twice, without an importance matrix and with an all-ones one
 scale search), decoded, and compared; the smaller of the two is kept:
 relerr = ||W - deq(q(W))||^2 / ||W||^2. The table gives, per type, how many tensors come back
 within ON_GRID of exact, the median relerr, and the median of relerr over the same tensor's relerr
-at Q4_0 (on continuous weights, e.g. normal random ones, Q4_1 is about 0.83 of Q4_0, Q5_0 0.25,
-Q4_K 0.69, Q5_K 0.18, Q6_K 0.043; a ratio far below that says the weights sit on that type's
+at Q4_0 (on continuous weights, e.g. normal random ones, Q4_1 is about 0.74 of Q4_0, Q5_0 0.25,
+Q4_K 0.75, Q5_K 0.19, Q6_K 0.045; a ratio far below that says the weights sit on that type's
 grid, or on one it nearly contains).
 
 Why it exists: the benchmark models of issue #15 are rebuilt from quantized GGUF files
@@ -33,9 +33,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from smolq import kernels  # noqa: E402
 from smolq.errors import SmolqError  # noqa: E402
 from smolq.ggml_types import GGMLType, block_size  # noqa: E402
+from smolq.pipeline.allocate import rtn_loss  # noqa: E402
 
 DEFAULT_TYPES = "q4_0,q4_1,q5_0,q5_1,q8_0,q2_k,q3_k,q4_k,q5_k,q6_k,iq4_nl"
 BLOCK_WEIGHTS = r"(^|\.)(layers|h|blocks|blk)\.\d+\..*weight$"
@@ -44,15 +44,11 @@ REFERENCE = GGMLType.Q4_0
 
 
 def relative_error(x: np.ndarray, t: GGMLType, search: bool = False) -> float:
-    """||x - deq(quant_t(x))||^2 / ||x||^2 (0 for an all-zero tensor). search: quantized with an
-    all-ones importance vector, which takes llama.cpp's weighted scale search (the path an imatrix
-    file takes) instead of the plain formula: it finds some grids the formula misses (Q5_1 holding
-    Q4_1 weights)."""
-    imp = np.ones(x.shape[-1], dtype=np.float32) if search else None
-    y = kernels.dequantize(kernels.quantize(x, t, imatrix=imp), t, x.shape)
-    energy = float(np.dot(x.ravel().astype(np.float64), x.ravel().astype(np.float64)))
-    d = (x - y).ravel().astype(np.float64)
-    return float(np.dot(d, d)) / energy if energy > 0 else 0.0
+    """||x - deq(quant_t(x))||^2 / ||x||^2 (0 for an all-zero tensor): the allocator's rtn_loss
+    with equal weights. search: quantized with an all-ones importance vector, which takes
+    llama.cpp's weighted scale search (the path an imatrix file takes) instead of the plain
+    formula: it finds some grids the formula misses (Q5_1 holding Q4_1 weights)."""
+    return rtn_loss(x, t, np.ones(x.shape[-1], dtype=np.float32) if search else None)
 
 
 def float_tensors(path: Path, match: re.Pattern):
