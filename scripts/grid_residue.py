@@ -33,8 +33,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from smolq import kernels  # noqa: E402
+from smolq.atomic import atomic_output  # noqa: E402
 from smolq.errors import SmolqError  # noqa: E402
-from smolq.ggml_types import GGMLType, block_size  # noqa: E402
+from smolq.ggml_types import GGMLType, block_size, is_quantized  # noqa: E402
 from smolq.pipeline.allocate import rtn_loss  # noqa: E402
 
 DEFAULT_TYPES = "q4_0,q4_1,q5_0,q5_1,q8_0,q2_k,q3_k,q4_k,q5_k,q6_k,iq4_nl"
@@ -49,6 +51,13 @@ def relative_error(x: np.ndarray, t: GGMLType, search: bool = False) -> float:
     llama.cpp's weighted scale search (the path an imatrix file takes) instead of the plain
     formula: it finds some grids the formula misses (Q5_1 holding Q4_1 weights)."""
     return rtn_loss(x, t, np.ones(x.shape[-1], dtype=np.float32) if search else None)
+
+
+def best_relative_error(x: np.ndarray, t: GGMLType) -> float:
+    """The smaller of the plain and the searched RTN's relative error (searched only for the types
+    llama.cpp refuses to quantize without an importance matrix)."""
+    searched = relative_error(x, t, search=True)
+    return searched if t in kernels.NEEDS_IMATRIX else min(relative_error(x, t), searched)
 
 
 def float_tensors(path: Path, match: re.Pattern):
@@ -77,7 +86,7 @@ def measure(path: Path, types: list[GGMLType], match: re.Pattern) -> dict:
     per_tensor: dict[str, dict[str, float]] = {}
     for name, x in float_tensors(path, match):
         fits = [t for t in dict.fromkeys(types + [REFERENCE]) if x.shape[-1] % block_size(t) == 0]
-        per_tensor[name] = {t.name: min(relative_error(x, t), relative_error(x, t, search=True)) for t in fits}
+        per_tensor[name] = {t.name: best_relative_error(x, t) for t in fits}
     if not per_tensor:
         raise SmolqError(path, f"no 2-D tensor matches {match.pattern!r}")
     summary = {}
@@ -97,9 +106,12 @@ def parse_types(text: str) -> list[GGMLType]:
     out = []
     for word in filter(None, (w.strip() for w in text.split(","))):
         try:
-            out.append(GGMLType[word.upper()])
+            t = GGMLType[word.upper()]
         except KeyError:
             raise SmolqError(None, f"--types: unknown ggml type {word!r}") from None
+        if (t, "v3") not in kernels.QUANTIZE_TYPES or not is_quantized(t):
+            raise SmolqError(None, f"--types: {t.name} is not a quantized type smolq writes")
+        out.append(t)
     return out
 
 
@@ -126,13 +138,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.model.exists():
             raise SmolqError(args.model, "no such file or directory")
-        result = measure(args.model, parse_types(args.types), re.compile(args.match))
+        try:
+            match = re.compile(args.match)
+        except re.error as e:
+            raise SmolqError(None, f"--match {args.match!r}: {e}") from None
+        result = measure(args.model, parse_types(args.types), match)
     except (SmolqError, OSError, ValueError) as e:
         print(f"grid_residue: {e}", file=sys.stderr)
         return 2
     print_table(result)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        try:
+            with atomic_output(args.json) as fh:
+                fh.write((json.dumps(result, indent=1) + "\n").encode())
+        except SmolqError as e:
+            print(f"grid_residue: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

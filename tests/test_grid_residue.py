@@ -84,3 +84,21 @@ def test_bad_input_is_one_line_exit_2(model, tmp_path, capsys, args, words):
     assert grid_residue.main([a.format(**paths) for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err
+
+
+def test_types_needing_an_imatrix_take_the_searched_rtn(model, tmp_path):
+    path, _ = model
+    out = tmp_path / "r.json"
+    assert grid_residue.main([str(path), "--types", "iq2_xxs,q4_k", "--json", str(out)]) == 0
+    per = json.loads(out.read_text())["per_tensor"]
+    assert 0 < per["blk.0.attn_q.weight"]["IQ2_XXS"] < 1
+
+
+@pytest.mark.parametrize("args, words", [
+    (["{model}", "--match", "("], "--match"),
+    (["{model}", "--types", "f16"], "F16"),
+])
+def test_bad_options_are_one_line_exit_2(model, capsys, args, words):
+    assert grid_residue.main([a.format(model=model[0]) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err
