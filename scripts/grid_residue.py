@@ -143,19 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         except re.error as e:
             raise SmolqError(None, f"--match {args.match!r}: {e}") from None
         result = measure(args.model, parse_types(args.types), match)
+        print_table(result)
+        if args.json:
+            with atomic_output(args.json) as fh:
+                fh.write((json.dumps(result, indent=1) + "\n").encode())
     except (SmolqError, OSError, ValueError) as e:
         print(f"grid_residue: {e}", file=sys.stderr)
         return 2
-    print_table(result)
-    if args.json:
-        try:
-            with atomic_output(args.json) as fh:
-                fh.write((json.dumps(result, indent=1) + "\n").encode())
-        except SmolqError as e:
-            print(f"grid_residue: {e}", file=sys.stderr)
-            return 2
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -64,11 +64,23 @@ def test_relative_error_is_gguf_py_round_trip(model):
     assert 0.2 < ratio < 0.3  # the docstring's "about 0.25" on continuous weights
 
 
-def test_hf_directory(tmp_path, capsys):
+def test_hf_directory(tmp_path):
+    """An HF checkpoint: every layer's 2-D weight (read here by safetensors itself), each at
+    gguf-py's Q8_0 round-trip error."""
+    from safetensors.numpy import load_file
+
     hf = make_tiny_model("llama", tmp_path / "hf", seed=3)
-    assert grid_residue.main([str(hf), "--types", "q4_0,q8_0"]) == 0
-    table = capsys.readouterr().out
-    assert "| Q8_0 |" in table and "| Q4_0 |" in table
+    out = tmp_path / "r.json"
+    assert grid_residue.main([str(hf), "--types", "q4_0,q8_0", "--json", str(out)]) == 0
+    per = json.loads(out.read_text())["per_tensor"]
+    weights = {k: v for f in sorted(hf.glob("*.safetensors")) for k, v in load_file(f).items()
+               if ".layers." in k and v.ndim == 2}
+    assert weights and set(per) == set(weights)
+    for name, w in weights.items():
+        x = w.astype(np.float32)
+        y = _gguf_roundtrip(x, GGMLQuantizationType.Q8_0)
+        expected = float(((x.astype(np.float64) - y) ** 2).sum() / (x.astype(np.float64) ** 2).sum())
+        assert per[name]["Q8_0"] == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("args, words", [
